@@ -1,0 +1,46 @@
+# TradeWatch — every command sets up what it needs on a fresh machine (Python venv, jars).
+# Main targets: make demo | make test. See README.md.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+JARS := .tradewatch/jars
+
+.PHONY: demo test services stop status bench setup venv jars clean
+
+demo: setup                 ## the whole pipeline + dashboard; Ctrl-C stops everything it started
+	$(PY) -m tradewatch.demo
+
+test: setup                 ## the full test suite (starts and stops its own services)
+	$(PY) -m pytest
+
+services: setup             ## start Kafka and PostgreSQL (harmless when running)
+	$(PY) -m tradewatch.stack start
+
+stop:                       ## stop Kafka and PostgreSQL
+	$(PY) -m tradewatch.stack stop
+
+status:
+	$(PY) -m tradewatch.stack status
+
+bench: setup                ## benchmarks; each prints JSON
+	$(PY) bench/ingest.py
+
+setup: venv jars
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+jars: $(JARS)/.fetched
+$(JARS)/.fetched: infra/pom.xml
+	rm -rf $(JARS) && mkdir -p $(JARS)
+	mvn -q -B -f infra/pom.xml -P kafka dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(JARS)/kafka
+	mvn -q -B -f infra/pom.xml -P flink dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(JARS)/flink
+	touch $@
+
+clean: stop                 ## remove local data (keeps the venv and jars)
+	rm -rf .tradewatch/demo .tradewatch/test

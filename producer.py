@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Produce trades into Kafka: simulated (GBM with labelled anomalies) or replayed from a CSV file."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from tradewatch import bus
+from tradewatch.cli import StopFlag, setup_logging
+from tradewatch.config import Settings
+from tradewatch.events import Trade
+from tradewatch.market import replay
+from tradewatch.market.simulator import DEFAULT_SYMBOLS, MarketSimulator
+from tradewatch.publish import PublishStats, publish
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Send trades to the Kafka topic `trades` (key = symbol). By default it simulates "
+                    "a market; with --replay it sends the trades of a recorded CSV file.",
+        epilog="examples:\n"
+               "  python producer.py --rate 50 --anomaly-rate 0.01\n"
+               "  python producer.py --count 10000 --rate max --seed 7\n"
+               "  python producer.py --replay ../shared/data/lean/spy_20131007_trades.csv.gz --speed 60",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sim = parser.add_argument_group("simulator")
+    sim.add_argument("--rate", default="10", help="trades per second, e.g. 0.5, 200, or 'max' (default 10)")
+    sim.add_argument("--symbols", default=",".join(DEFAULT_SYMBOLS), help="comma-separated symbols")
+    sim.add_argument("--seed", type=int, help="random seed: the same seed gives the same stream")
+    sim.add_argument("--anomaly-rate", type=float, default=0.0,
+                     help="share of trades that are injected anomalies, 0..1 (default 0)")
+    sim.add_argument("--start", help="event time of the first trade, ISO-8601 (default: now)")
+    rep = parser.add_argument_group("replay")
+    rep.add_argument("--replay", metavar="FILE", help="CSV (or .csv.gz) of trades or 1-minute bars")
+    rep.add_argument("--speed", default="1", help="1 = real pace, N = N times faster, 'max' = no waiting")
+    rep.add_argument("--symbol", help="symbol for files without a symbol column")
+    for name, default in vars(replay.ColumnMap()).items():
+        rep.add_argument(f"--{name.replace('_', '-')}-column", dest=f"{name}_column", default=default,
+                         help=f"column holding the {name.replace('_', ' ')} (default {default!r})")
+    stop = parser.add_argument_group("when to stop (default: never, or at the end of the file)")
+    stop.add_argument("--count", type=int, help="stop after this many trades")
+    stop.add_argument("--duration", type=float, help="stop after this many seconds")
+    parser.add_argument("--topic", help="topic (default: TRADES_TOPIC from .env)")
+    return parser.parse_args(argv)
+
+
+def _positive_or_max(text: str, name: str) -> float | None:
+    if text.lower() == "max":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise SystemExit(f"error: {name} must be a number or 'max', got {text!r}")
+    if value <= 0:
+        raise SystemExit(f"error: {name} must be > 0, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    settings = Settings.load()
+    topic = args.topic or settings.trades_topic
+    stop = StopFlag()
+
+    if args.replay:
+        speed = _positive_or_max(args.speed, "--speed")
+        columns = replay.ColumnMap(**{name: getattr(args, f"{name}_column") for name in vars(replay.ColumnMap())})
+        try:
+            loaded = replay.load(args.replay, columns, symbol=args.symbol)
+        except (OSError, ValueError) as error:
+            print(f"error: cannot replay {args.replay}: {error}", file=sys.stderr)
+            return 2
+        trades: object = loaded.trades
+        print(f"replaying {len(loaded.trades):,} trades from {args.replay}"
+              + (f" ({len(loaded.skipped_rows)} unreadable rows skipped)" if loaded.skipped_rows else ""),
+              file=sys.stderr)
+    else:
+        rate = _positive_or_max(args.rate, "--rate")
+        start_ms = int(time.time() * 1000)
+        if args.start:
+            start_ms = replay.parse_time_ms(args.start)
+        symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
+        try:
+            # With --rate max, event time still advances 1 ms per trade on average.
+            trades = MarketSimulator(symbols, rate or 1000.0, args.seed, args.anomaly_rate, start_ms)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        speed = None if rate is None else 1.0
+
+    try:
+        bus.ensure_topic(settings, topic, settings.trades_partitions)
+        publisher = bus.Publisher(settings, stop=stop)
+    except bus.KafkaUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+    def send(trade: Trade) -> bool:
+        return publisher.send(topic, trade.symbol.encode(), trade.to_json_bytes())
+
+    def progress(stats: PublishStats) -> None:
+        print(f"sent {stats.sent:,} trades ({stats.rate:,.0f}/s)"
+              + (f", injected {stats.injected}" if stats.injected else ""), file=sys.stderr, flush=True)
+
+    stats = publish(send, trades, speed=speed, count=args.count, duration_s=args.duration,
+                    stop=stop, progress=progress)
+    publisher.flush()
+    publisher.close()
+    print(f"done: sent {stats.sent:,} trades in {stats.elapsed_s:.1f}s ({stats.rate:,.0f}/s)"
+          + (f", injected anomalies {stats.injected}" if stats.injected else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

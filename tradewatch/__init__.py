@@ -1,0 +1,1 @@
+"""TradeWatch: real-time market-trade surveillance on Kafka, PostgreSQL and Flink."""

@@ -1,0 +1,188 @@
+"""All Kafka client code: producer, consumer and admin construction, topic creation.
+
+Keeping the client library (kafka-python) behind this small surface lets it be swapped for a
+faster one (e.g. confluent-kafka) without touching the stages.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from tradewatch.config import Settings
+
+log = logging.getLogger(__name__)
+
+# kafka-python logs every failed reconnect; our stages log one clear line instead.
+logging.getLogger("kafka").setLevel(logging.CRITICAL)
+
+
+class KafkaUnavailable(RuntimeError):
+    pass
+
+
+def unavailable_message(settings: Settings) -> str:
+    return (f"cannot reach Kafka at {settings.kafka_bootstrap_servers} — "
+            "start it with `make services` (or check KAFKA_BOOTSTRAP_SERVERS)")
+
+
+def kafka_reachable(settings: Settings, timeout_s: float = 1.0) -> bool:
+    """A cheap TCP probe of the first bootstrap server (no Kafka protocol)."""
+    host, port = settings.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _require_reachable(settings: Settings) -> None:
+    # kafka-python blocks for up to 30 s on an unreachable bootstrap server; fail fast instead.
+    if not kafka_reachable(settings):
+        raise KafkaUnavailable(unavailable_message(settings))
+
+
+def make_producer(settings: Settings, **config: object) -> KafkaProducer:
+    options: dict[str, object] = dict(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        acks="all",
+        linger_ms=5,
+        batch_size=256 * 1024,
+        max_block_ms=10_000,
+        retries=2**31 - 1,
+        max_in_flight_requests_per_connection=1,  # keeps per-symbol order across retries
+    )
+    options.update(config)
+    _require_reachable(settings)
+    try:
+        return KafkaProducer(**options)
+    except KafkaError:
+        raise KafkaUnavailable(unavailable_message(settings)) from None
+
+
+@dataclass(slots=True)
+class Message:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class BusConsumer:
+    """A consumer-group member that polls batches and commits explicit offsets."""
+
+    def __init__(self, settings: Settings, group_id: str, topics: Iterable[str], **config: object):
+        options: dict[str, object] = dict(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=3_000,
+            max_poll_interval_ms=300_000,
+        )
+        options.update(config)
+        _require_reachable(settings)
+        try:
+            self._consumer = KafkaConsumer(*topics, **options)
+        except KafkaError:
+            raise KafkaUnavailable(unavailable_message(settings)) from None
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        return [
+            Message(record.topic, record.partition, record.offset, record.key, record.value)
+            for records in batches.values()
+            for record in records
+        ]
+
+    def commit(self, messages: list[Message]) -> None:
+        """Commit, per partition, the offset after the last message handled."""
+        next_offsets: dict[TopicPartition, int] = {}
+        for message in messages:
+            partition = TopicPartition(message.topic, message.partition)
+            next_offsets[partition] = max(next_offsets.get(partition, 0), message.offset + 1)
+        if next_offsets:
+            self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()})
+
+    def assignment(self) -> set[tuple[str, int]]:
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
+    """Create `topic` with `partitions` partitions when it does not exist yet."""
+    _require_reachable(settings)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000)
+    except KafkaError:
+        raise KafkaUnavailable(unavailable_message(settings)) from None
+    try:
+        if topic in admin.list_topics():
+            return
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        log.info("created topic %s with %d partitions", topic, partitions)
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+
+
+def wait_for_kafka(settings: Settings, timeout_s: float = 60.0) -> None:
+    """Block until the broker answers a metadata request, or raise KafkaUnavailable."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _require_reachable(settings)
+            admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=5_000)
+            try:
+                admin.list_topics()
+                return
+            finally:
+                admin.close()
+        except (KafkaError, KafkaUnavailable, OSError):
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(unavailable_message(settings)) from None
+            time.sleep(0.5)
+
+
+class Publisher:
+    """Sends keyed messages; while Kafka is unreachable it logs one line and keeps retrying."""
+
+    def __init__(self, settings: Settings, stop: Callable[[], bool] = lambda: False, **config: object):
+        self._settings = settings
+        self._stop = stop
+        self._producer = make_producer(settings, **config)
+
+    def send(self, topic: str, key: bytes, value: bytes) -> bool:
+        """Queue one message; False only when asked to stop while Kafka was unreachable."""
+        waiting = False
+        while True:
+            try:
+                self._producer.send(topic, key=key, value=value)
+                if waiting:
+                    log.info("Kafka reachable again, sending resumed")
+                return True
+            except KafkaTimeoutError:
+                if not waiting:
+                    log.warning("%s; retrying until it is back", unavailable_message(self._settings))
+                    waiting = True
+                if self._stop():
+                    return False
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self._producer.flush(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._producer.close()

