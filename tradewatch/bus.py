@@ -186,3 +186,17 @@ class Publisher:
 
     def close(self) -> None:
         self._producer.close()
+
+
+def group_lag(settings: Settings, group_id: str, topic: str) -> dict[int, tuple[int, int]]:
+    """Per partition of `topic`: (committed offset of `group_id`, end offset). Missing commit = 0."""
+    _require_reachable(settings)
+    # Reading committed offsets does not join the group, so this never disturbs its members.
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group_id,
+                             enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        ends = consumer.end_offsets(partitions)
+        return {tp.partition: (consumer.committed(tp) or 0, ends[tp]) for tp in partitions}
+    finally:
+        consumer.close(autocommit=False)

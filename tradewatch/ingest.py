@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from kafka.errors import KafkaError
@@ -30,6 +30,7 @@ class IngestStats:
     duplicates_skipped: int = 0
     dead_letters: int = 0
     batches: int = 0
+    partitions: set[int] = field(default_factory=set)
 
 
 def classify(messages: list[bus.Message], now_ms: int) -> tuple[list[StoredTrade], list[DeadLetter]]:
@@ -147,6 +148,7 @@ class Ingestor:
         self.stats.duplicates_skipped += result.duplicates_skipped
         self.stats.dead_letters += result.dead_letters
         self.stats.batches += 1
+        self.stats.partitions.update(m.partition for m in messages)
         return True
 
     def _drop_connection(self) -> None:
@@ -167,5 +169,6 @@ class Ingestor:
 
     def _report(self) -> None:
         s = self.stats
-        log.info("stored %d trades (%d duplicates skipped, %d dead letters) from %d messages in %d batches",
-                 s.trades_inserted, s.duplicates_skipped, s.dead_letters, s.messages, s.batches)
+        log.info("stored %d trades (%d duplicates skipped, %d dead letters) from %d messages in %d batches; "
+                 "partitions %s", s.trades_inserted, s.duplicates_skipped, s.dead_letters, s.messages, s.batches,
+                 sorted(s.partitions))

@@ -1,0 +1,194 @@
+"""Producer → real Kafka → consumer → real PostgreSQL."""
+from __future__ import annotations
+
+import gzip
+import json
+import signal
+import time
+from itertools import islice
+
+import pytest
+
+from tests.conftest import SHARED_DATA, query, run_script, start_script, wait_for
+from tradewatch import bus, stack
+from tradewatch.events import iso_to_ms
+from tradewatch.market.simulator import MarketSimulator
+
+START = "2026-01-01T00:00:00Z"
+
+
+def count(settings) -> int:
+    return query(settings, "SELECT count(*) FROM trades")[0][0]
+
+
+def stop_gracefully(process, timeout=30) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=timeout)
+
+
+def test_round_trip_field_for_field(settings, tmp_path):
+    run_script(settings, "producer.py", "--count", "3000", "--rate", "max", "--seed", "11",
+               "--anomaly-rate", "0.02", "--start", START)
+    consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
+    wait_for(lambda: count(settings) == 3000, message="3000 rows")
+    assert stop_gracefully(consumer) == 0
+
+    expected = list(islice(MarketSimulator(seed=11, rate=1000.0, anomaly_rate=0.02, start_ms=iso_to_ms(START)), 3000))
+    rows = query(settings, """
+        SELECT trade_id, symbol, (extract(epoch FROM ts) * 1000)::bigint, price, quantity, side, exchange,
+               bid, ask, condition, injected_anomaly, schema_version
+        FROM trades ORDER BY trade_id""")
+    assert rows == [(t.trade_id, t.symbol, t.timestamp_ms, t.price, t.quantity, t.side, t.exchange, t.bid,
+                     t.ask, t.condition, t.injected_anomaly, t.schema_version)
+                    for t in sorted(expected, key=lambda t: t.trade_id)]
+    assert any(r[10] for r in rows), "some injected anomalies carry their label"
+
+
+def test_exactly_once_when_the_consumer_is_killed_repeatedly(settings, tmp_path):
+    total = 20_000
+    producer = start_script(settings, "producer.py", "--count", str(total), "--rate", "2500", "--seed", "5",
+                            "--start", START, log=tmp_path / "producer.log")
+    log = tmp_path / "consumer.log"
+    for kill in range(4):
+        consumer = start_script(settings, "consumer.py", "--batch-size", "500", log=log)
+        before = count(settings)
+        wait_for(lambda: count(settings) > before, timeout=60, message="progress after restart")
+        time.sleep(0.3 + 0.4 * kill)
+        consumer.kill()  # SIGKILL: no flush, no commit
+        consumer.wait()
+    assert producer.wait(timeout=120) == 0
+    consumer = start_script(settings, "consumer.py", log=log)
+    wait_for(lambda: count(settings) == total, timeout=120, message=f"{total} rows")
+    time.sleep(2)  # nothing more arrives: no doubles
+    assert stop_gracefully(consumer) == 0
+    expected = {t.trade_id for t in islice(MarketSimulator(seed=5, rate=2500, start_ms=iso_to_ms(START)), total)}
+    stored = query(settings, "SELECT trade_id, count(*) FROM trades GROUP BY trade_id")
+    assert {trade_id for trade_id, _ in stored} == expected
+    assert all(n == 1 for _, n in stored)
+    assert query(settings, "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM trades")[0][0] == total
+
+
+def good(n: int) -> bytes:
+    return json.dumps({"schema_version": 1, "trade_id": f"good-{n}", "symbol": "AAPL",
+                       "timestamp_ms": iso_to_ms(START) + n, "price": 100.0 + n, "quantity": 10,
+                       "side": "buy", "exchange": "NASDAQ"}).encode()
+
+
+BAD_MESSAGES = {
+    b"this is not json": "not JSON",
+    b"\xc3\x28\xa0\xa1": "not UTF-8",
+    b'{"schema_version": 1, "trade_id": "x1", "symbol": "AAPL"}': "missing field 'timestamp_ms'",
+    good(0).replace(b'"price": 100.0', b'"price": "100"'): "field 'price' must be a number, got str",
+    good(0).replace(b'"quantity": 10', b'"quantity": 0'): "field 'quantity' must be > 0",
+    good(0).replace(b'"price": 100.0', b'"price": -3'): "field 'price' must be > 0",
+    good(0).replace(b'"price": 100.0', b'"price": NaN'): "field 'price' must be finite",
+    good(0).replace(b'"quantity": 10', b'"quantity": Infinity'): "field 'quantity' must be finite",
+    good(0).replace(b'"schema_version": 1', b'"schema_version": 99'): "unknown schema_version 99",
+    good(0).replace(b"1767225600000", b"1767225600"): "before 1990-01-01",
+    good(0).replace(b"1767225600000", b"1767225600000000"): "more than a day in the future",
+    b'{"padding": "' + b"x" * 20_000 + b'"}': "exceeds the 16384-byte limit",
+    b"[]": "expected a JSON object",
+}
+
+
+def test_bad_messages_land_in_dead_letters_and_good_ones_around_them_are_stored(settings, tmp_path):
+    publisher = bus.Publisher(settings)
+    sent_bad = []
+    for n, raw in enumerate(BAD_MESSAGES, start=1):
+        publisher.send(settings.trades_topic, b"AAPL", good(n))
+        publisher.send(settings.trades_topic, b"AAPL", raw)
+        sent_bad.append(raw)
+    publisher.send(settings.trades_topic, b"AAPL", good(999))
+    publisher.flush()
+    publisher.close()
+
+    consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
+    wait_for(lambda: query(settings, "SELECT count(*) FROM dead_letters")[0][0] == len(BAD_MESSAGES),
+             message="all dead letters")
+    wait_for(lambda: count(settings) == len(BAD_MESSAGES) + 1, message="good rows")
+    assert consumer.poll() is None, "the consumer keeps running after bad input"
+    assert stop_gracefully(consumer) == 0
+
+    letters = {bytes(raw): (reason, topic, partition, offset) for raw, reason, topic, partition, offset in query(
+        settings, "SELECT raw, reason, topic, kafka_partition, kafka_offset FROM dead_letters")}
+    for raw, reason in BAD_MESSAGES.items():
+        assert reason in letters[raw][0], (raw[:40], letters[raw][0])
+        assert letters[raw][1] == settings.trades_topic and letters[raw][3] >= 0
+    stored = {r[0] for r in query(settings, "SELECT trade_id FROM trades")}
+    assert stored == {f"good-{n}" for n in range(1, len(BAD_MESSAGES) + 1)} | {"good-999"}
+
+
+def test_spy_replay_stores_every_trade_with_its_event_timestamp(settings, tmp_path):
+    spy = SHARED_DATA / "lean" / "spy_20131007_trades.csv.gz"
+    consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
+    run_script(settings, "producer.py", "--replay", str(spy), "--speed", "max", timeout=600)
+    wait_for(lambda: count(settings) == 250_601, timeout=300, message="all SPY trades")
+    assert stop_gracefully(consumer) == 0
+    with gzip.open(spy, "rt") as handle:
+        next(handle)
+        rows = [line.split(",") for line in handle]
+    expected_ms = sum(iso_to_ms(r[1]) for r in rows)
+    (n, ms_sum, qty, first_ts), = query(settings, """
+        SELECT count(*), sum((extract(epoch FROM ts) * 1000)::bigint), sum(quantity),
+               min(ts) FILTER (WHERE trade_id = 'SPY-20131007-0000001')
+        FROM trades WHERE symbol = 'SPY'""")
+    assert n == len(rows) and int(ms_sum) == expected_ms
+    assert qty == sum(float(r[4]) for r in rows)
+    assert first_ts.isoformat() == "2013-10-07T08:00:00.464000+00:00"
+
+
+def test_two_consumers_in_one_group_share_the_partitions(settings, tmp_path):
+    total = 12_000
+    logs = [tmp_path / "c1.log", tmp_path / "c2.log"]
+    consumers = [start_script(settings, "consumer.py", log=path) for path in logs]
+    time.sleep(3)  # both join before the data arrives
+    run_script(settings, "producer.py", "--count", str(total), "--rate", "max", "--seed", "9")
+    wait_for(lambda: count(settings) == total, timeout=120, message=f"{total} rows")
+    assert [stop_gracefully(c) for c in consumers] == [0, 0]
+    handled = []
+    for path in logs:
+        last = [line for line in path.read_text().splitlines() if "partitions [" in line][-1]
+        handled.append(set(json.loads(last.split("partitions ")[1])))
+    assert all(handled), f"each consumer handled some partitions: {handled}"
+    # key = symbol, so only the partitions that some symbol hashes to carry data
+    with_data = {p for (p,) in query(settings, "SELECT DISTINCT kafka_partition FROM trades")}
+    assert len(with_data) >= 3
+    assert handled[0] | handled[1] == with_data
+
+
+def test_sigterm_flushes_and_commits_what_was_stored(settings, tmp_path):
+    producer = start_script(settings, "producer.py", "--rate", "1000", "--duration", "20", "--seed", "2")
+    consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
+    wait_for(lambda: count(settings) > 2000, message="rows flowing")
+    assert stop_gracefully(consumer) == 0
+    stored = count(settings)
+    committed = sum(c for c, _ in bus.group_lag(settings, settings.consumer_group, settings.trades_topic).values())
+    assert committed == stored
+    producer.send_signal(signal.SIGINT)
+    assert producer.wait(timeout=30) == 0
+
+
+def test_consumer_rides_out_a_postgres_outage_and_a_kafka_outage(settings, tmp_path):
+    log = tmp_path / "consumer.log"
+    consumer = start_script(settings, "consumer.py", log=log)
+    run_script(settings, "producer.py", "--count", "2000", "--rate", "max", "--seed", "21")
+    wait_for(lambda: count(settings) == 2000, message="first 2000")
+
+    stack.stop_postgres(settings)
+    run_script(settings, "producer.py", "--count", "2000", "--rate", "max", "--seed", "22")
+    time.sleep(4)
+    stack.start_postgres(settings)
+    wait_for(lambda: count(settings) == 4000, timeout=60, message="rows after the PostgreSQL outage")
+
+    stack.stop_kafka(settings)
+    time.sleep(7)
+    stack.start_kafka(settings)
+    bus.wait_for_kafka(settings, 60)
+    run_script(settings, "producer.py", "--count", "2000", "--rate", "max", "--seed", "23")
+    wait_for(lambda: count(settings) == 6000, timeout=120, message="rows after the Kafka outage")
+    assert consumer.poll() is None
+    assert stop_gracefully(consumer) == 0
+    text = log.read_text()
+    assert text.count("PostgreSQL unavailable") == 1
+    assert "cannot reach Kafka" in text
+    assert "Traceback" not in text
