@@ -24,7 +24,7 @@ status:
 	$(PY) -m tradewatch.stack status
 
 bench: setup                ## benchmarks; each prints JSON
-	$(PY) bench/ingest.py
+	cd bench && ../$(PY) ingest.py
 
 setup: venv jars
 

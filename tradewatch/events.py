@@ -25,7 +25,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 SCHEMA_VERSION = 1
@@ -62,7 +62,12 @@ class Trade:
         return datetime.fromtimestamp(self.timestamp_ms / 1000, tz=timezone.utc)
 
     def to_json_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False).encode()
+        return json.dumps({
+            "schema_version": self.schema_version, "trade_id": self.trade_id, "symbol": self.symbol,
+            "timestamp_ms": self.timestamp_ms, "price": self.price, "quantity": self.quantity,
+            "side": self.side, "exchange": self.exchange, "bid": self.bid, "ask": self.ask,
+            "condition": self.condition, "injected_anomaly": self.injected_anomaly,
+        }, separators=(",", ":"), allow_nan=False).encode()
 
 
 def parse_trade(raw: bytes | None, now_ms: int | None = None) -> Trade:

@@ -1,0 +1,38 @@
+"""Shared by the benchmarks: a private stack (own ports and data directory) and small helpers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tradewatch import stack  # noqa: E402
+from tradewatch.config import PROJECT_ROOT, Settings  # noqa: E402
+
+
+def bench_settings(**overrides: object) -> Settings:
+    settings = Settings.load(tradewatch_home=".tradewatch/bench", kafka_bootstrap_servers="127.0.0.1:39092",
+                             kafka_controller_port=39093, postgres_port=35432, **overrides)
+    stack.start(settings)
+    return settings
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def start_stage(settings: Settings, script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / script), *args], cwd=PROJECT_ROOT,
+                            env={**os.environ, **settings.as_env()},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def report(result: dict) -> None:
+    print(json.dumps(result, indent=2))

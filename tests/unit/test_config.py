@@ -1,0 +1,50 @@
+import re
+
+import yaml
+from dotenv import dotenv_values
+
+from tradewatch.config import PROJECT_ROOT, Settings
+
+
+def test_environment_overrides_env_file(monkeypatch, tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("POSTGRES_PORT=6000\nTRADES_TOPIC=from-file\n")
+    monkeypatch.setenv("TRADES_TOPIC", "from-env")
+    settings = Settings.load(env_file)
+    assert settings.postgres_port == 6000 and settings.trades_topic == "from-env"
+    assert Settings.load(env_file, trades_topic="explicit").trades_topic == "explicit"
+
+
+def test_bad_numbers_in_settings_are_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("POSTGRES_PORT", "fivefourthreetwo")
+    try:
+        Settings.load(tmp_path / "missing.env")
+    except ValueError as error:
+        assert "POSTGRES_PORT must be a whole number" in str(error)
+    else:
+        raise AssertionError("a non-numeric port must be refused")
+
+
+def test_docker_compose_agrees_with_env_file():
+    env = dotenv_values(PROJECT_ROOT / ".env")
+    compose_text = (PROJECT_ROOT / "docker-compose.yml").read_text()
+    # every ${VAR} the compose file uses is defined in .env, so `docker compose` fills the same values
+    used = set(re.findall(r"\$\{(\w+)\}", compose_text))
+    assert used and used <= set(env), used - set(env)
+    compose = yaml.safe_load(compose_text)
+    services = compose["services"]
+    settings = Settings.load()
+    kafka_host_port = settings.kafka_bootstrap_servers.rsplit(":", 1)[1]
+    assert f"{kafka_host_port}:9092" in services["kafka"]["ports"]
+    assert "HOST://127.0.0.1:9092" in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert "${POSTGRES_PORT}:5432" in services["postgres"]["ports"]
+    pg_env = services["postgres"]["environment"]
+    assert (pg_env["POSTGRES_DB"], pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"]) == (
+        "${POSTGRES_DB}", "${POSTGRES_USER}", "${POSTGRES_PASSWORD}")
+    apps = [name for name, spec in services.items() if "build" in spec]
+    assert {"producer", "consumer"} <= set(apps)
+    for name in apps:
+        spec = services[name]
+        assert spec["env_file"] == ".env"
+        assert set(spec["environment"]) == {"KAFKA_BOOTSTRAP_SERVERS", "POSTGRES_HOST", "POSTGRES_PORT"}
+        assert spec["environment"]["KAFKA_BOOTSTRAP_SERVERS"].split(":")[0] == "kafka"
