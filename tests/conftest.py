@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tradewatch.config import PROJECT_ROOT, Settings
+from tradewatch.config import PROJECT_ROOT, Settings, shared_data_dir
 
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+SHARED_DATA = shared_data_dir()
 
 
 def make_test_settings() -> Settings:

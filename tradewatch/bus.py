@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
@@ -79,7 +80,10 @@ class Message:
 class BusConsumer:
     """A consumer-group member that polls batches and commits explicit offsets."""
 
-    def __init__(self, settings: Settings, group_id: str, topics: Iterable[str], **config: object):
+    def __init__(self, settings: Settings, group_id: str, topics: Iterable[str],
+                 on_assign: Callable[[list[int]], None] | None = None,
+                 on_revoke: Callable[[list[int]], None] | None = None, **config: object):
+        """on_assign/on_revoke get the partition numbers gained/lost in a rebalance."""
         options: dict[str, object] = dict(
             bootstrap_servers=settings.kafka_bootstrap_servers,
             group_id=group_id,
@@ -93,9 +97,10 @@ class BusConsumer:
         options.update(config)
         _require_reachable(settings)
         try:
-            self._consumer = KafkaConsumer(*topics, **options)
+            self._consumer = KafkaConsumer(**options)
         except KafkaError:
             raise KafkaUnavailable(unavailable_message(settings)) from None
+        self._consumer.subscribe(topics=list(topics), listener=_Listener(on_assign, on_revoke))
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
@@ -114,11 +119,41 @@ class BusConsumer:
         if next_offsets:
             self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()})
 
+    def seek(self, topic: str, partition: int, offset: int | None) -> None:
+        """Continue `partition` at `offset` (None = from the beginning)."""
+        tp = TopicPartition(topic, partition)
+        if offset is None:
+            self._consumer.seek_to_beginning(tp)
+        else:
+            self._consumer.seek(tp, offset)
+
     def assignment(self) -> set[tuple[str, int]]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, on_assign, on_revoke):
+        self._on_assign, self._on_revoke = on_assign, on_revoke
+
+    # kafka-python swallows exceptions raised here; log them where they will be seen.
+    def on_partitions_revoked(self, revoked):
+        if self._on_revoke and revoked:
+            _logged(self._on_revoke, sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned):
+        if self._on_assign and assigned:
+            _logged(self._on_assign, sorted(tp.partition for tp in assigned))
+
+
+def _logged(callback: Callable[[list[int]], None], partitions: list[int]) -> None:
+    try:
+        callback(partitions)
+    except Exception:
+        log.exception("rebalance callback failed for partitions %s", partitions)
+        raise
 
 
 def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:

@@ -13,6 +13,16 @@ from dotenv import dotenv_values
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def shared_data_dir() -> Path:
+    """The recorded market data (../shared/data); TRADEWATCH_SHARED_DATA overrides the location."""
+    candidates = [os.environ.get("TRADEWATCH_SHARED_DATA"), PROJECT_ROOT.parent / "shared" / "data",
+                  Path("/work/shared/data")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return PROJECT_ROOT.parent / "shared" / "data"
+
+
 @dataclass(frozen=True)
 class Settings:
     tradewatch_home: str = ".tradewatch/demo"
@@ -29,6 +39,12 @@ class Settings:
     consumer_group: str = "tradewatch-consumer"
     consumer_batch_size: int = 2000
     consumer_batch_wait_ms: int = 200
+    aggregator_group: str = "tradewatch-aggregator"
+    window_sizes: str = "1m,5m,15m"
+    allowed_lateness_seconds: float = 5.0
+    idle_timeout_seconds: float = 10.0
+    aggregator_flush_ms: int = 500
+    ohlc_exclude_conditions: str = ""
 
     @classmethod
     def load(cls, env_file: Path | None = None, **overrides: object) -> "Settings":

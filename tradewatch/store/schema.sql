@@ -39,3 +39,85 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason           text NOT NULL,
     UNIQUE (topic, kafka_partition, kafka_offset)
 );
+
+-- Windowed metrics from aggregator.py: one row per symbol × window size × window start.
+CREATE TABLE IF NOT EXISTS stock_metrics (
+    symbol           text NOT NULL,
+    window_size      text NOT NULL,                 -- '1m', '5m', '15m', '1h', …
+    window_start     timestamptz NOT NULL,          -- windows are [window_start, window_end)
+    window_end       timestamptz NOT NULL,
+    open             double precision,              -- NULL when every trade had an excluded condition
+    high             double precision,
+    low              double precision,
+    close            double precision,
+    volume           double precision NOT NULL,     -- sum of quantity
+    traded_value     double precision NOT NULL,     -- sum of price × quantity
+    vwap             double precision,
+    trade_count      bigint NOT NULL,
+    avg_price        double precision NOT NULL,
+    min_price        double precision NOT NULL,
+    max_price        double precision NOT NULL,
+    sum_price        double precision NOT NULL,
+    avg_quantity     double precision NOT NULL,
+    min_quantity     double precision NOT NULL,
+    max_quantity     double precision NOT NULL,
+    sum_quantity     double precision NOT NULL,
+    buy_volume       double precision NOT NULL,
+    sell_volume      double precision NOT NULL,
+    is_final         boolean NOT NULL,              -- the watermark has passed window_end
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    -- aggregator state for a restart (where open/close came from, the source partition)
+    open_ts_ms       bigint,
+    open_seq         bigint,
+    close_ts_ms      bigint,
+    close_seq        bigint,
+    kafka_partition  integer,
+    PRIMARY KEY (symbol, window_size, window_start)
+);
+CREATE INDEX IF NOT EXISTS stock_metrics_size_start ON stock_metrics (window_size, window_start);
+CREATE INDEX IF NOT EXISTS stock_metrics_open_windows ON stock_metrics (kafka_partition) WHERE NOT is_final;
+
+-- Trades that arrived after their window was final (beyond the allowed lateness): kept for audit.
+CREATE TABLE IF NOT EXISTS late_trades (
+    trade_id      text NOT NULL,
+    window_size   text NOT NULL,
+    symbol        text NOT NULL,
+    ts            timestamptz NOT NULL,
+    window_start  timestamptz NOT NULL,
+    watermark     timestamptz NOT NULL,
+    recorded_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (trade_id, window_size)
+);
+
+-- Where the aggregator is, per partition: written in the same transaction as the windows, so a
+-- restart resumes exactly after the last trade folded into the table.
+CREATE TABLE IF NOT EXISTS aggregator_offsets (
+    consumer_group  text NOT NULL,
+    topic           text NOT NULL,
+    kafka_partition integer NOT NULL,
+    next_offset     bigint NOT NULL,
+    max_event_ms    bigint,
+    watermark_ms    bigint,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer_group, topic, kafka_partition)
+);
+
+-- Technical indicators over final candles (see tradewatch/indicators.py).
+CREATE TABLE IF NOT EXISTS indicators (
+    symbol           text NOT NULL,
+    window_size      text NOT NULL,
+    window_start     timestamptz NOT NULL,
+    close            double precision NOT NULL,
+    sma_20           double precision,
+    sma_50           double precision,
+    ema_12           double precision,
+    ema_26           double precision,
+    rsi_14           double precision,
+    macd             double precision,
+    macd_signal      double precision,
+    macd_histogram   double precision,
+    bollinger_mid    double precision,
+    bollinger_upper  double precision,
+    bollinger_lower  double precision,
+    PRIMARY KEY (symbol, window_size, window_start)
+);

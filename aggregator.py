@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Maintain windowed market metrics (table stock_metrics) and indicators from the Kafka topic `trades`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+
+from tradewatch.aggregate import Aggregator, excluded_conditions, sizes_from
+from tradewatch.cli import StopFlag, setup_logging
+from tradewatch.config import Settings
+from tradewatch.store import db
+from tradewatch.store.metrics import backfill
+
+
+def when(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r} (e.g. 2013-10-07T13:30:00Z)")
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Event-time tumbling windows (WINDOW_SIZES, default 1m,5m,15m) per symbol: OHLC, volume, "
+                    "VWAP, counts, buy/sell volume, and SMA/EMA/RSI/MACD/Bollinger over final candles. "
+                    "Restart-safe: kill it at any time and start it again.")
+    parser.add_argument("--windows", help="comma-separated sizes, e.g. 1m,5m,15m,1h,1d")
+    parser.add_argument("--lateness", type=float, help="allowed lateness in seconds")
+    parser.add_argument("--backfill", action="store_true",
+                        help="rebuild the windows of --since/--until from the trades table, then exit")
+    parser.add_argument("--since", type=when, help="backfill start (ISO-8601, UTC if no offset)")
+    parser.add_argument("--until", type=when, help="backfill end (default: now)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    overrides = {k: v for k, v in {"window_sizes": args.windows, "allowed_lateness_seconds": args.lateness}.items()
+                 if v is not None}
+    try:
+        settings = Settings.load(**overrides)
+        sizes_from(settings)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        db.apply_schema(settings)
+    except db.DatabaseUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.backfill:
+        if not args.since:
+            print("error: --backfill needs --since", file=sys.stderr)
+            return 2
+        until = args.until or datetime.now(timezone.utc)
+        conn = db.connect(settings)
+        written = backfill(conn, args.since, until, sizes_from(settings), excluded_conditions(settings))
+        conn.close()
+        print(f"backfilled {written} windows from {args.since.isoformat()} to {until.isoformat()}")
+        return 0
+    Aggregator(settings, StopFlag()).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

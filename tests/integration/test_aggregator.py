@@ -1,0 +1,162 @@
+"""aggregator.py against real Kafka and PostgreSQL, on recorded SPY trades and on crafted streams."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import time
+
+import pytest
+
+from tests.conftest import SHARED_DATA, query, run_script, start_script, wait_for
+from tradewatch import bus
+from tradewatch.events import Trade, iso_to_ms
+from tradewatch.store import db
+
+SPY_TRADES = SHARED_DATA / "lean" / "spy_20131007_trades.csv.gz"
+SPY_BARS = SHARED_DATA / "lean" / "spy_20131007_bars_1m.csv"
+SPY_COUNT = 250_601
+METRIC_COLUMNS = ("symbol, window_size, window_start, window_end, open, high, low, close, volume, traded_value, "
+                  "vwap, trade_count, avg_price, min_price, max_price, sum_price, avg_quantity, min_quantity, "
+                  "max_quantity, sum_quantity, buy_volume, sell_volume")
+
+
+@pytest.fixture(scope="module")
+def spy_topic(services):
+    """The SPY day replayed once into its own topic, shared by this module's tests."""
+    topic = f"spy-{int(time.time())}"
+    settings = services.with_overrides(trades_topic=topic)
+    run_script(settings, "producer.py", "--replay", str(SPY_TRADES), "--speed", "max", timeout=600)
+    return topic
+
+
+def folded(settings) -> int:
+    return query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+                 (settings.aggregator_group,))[0][0]
+
+
+def run_aggregator_to_end(settings, total: int, log) -> None:
+    aggregator = start_script(settings, "aggregator.py", log=log)
+    wait_for(lambda: folded(settings) >= total, timeout=300, message=f"aggregator folded {total} trades")
+    aggregator.send_signal(signal.SIGTERM)
+    assert aggregator.wait(timeout=60) == 0
+
+
+def metrics(settings, size="1m") -> list[tuple]:
+    return query(settings, f"SELECT {METRIC_COLUMNS} FROM stock_metrics WHERE window_size = %s "
+                           "ORDER BY symbol, window_start", (size,))
+
+
+def vendor_bars() -> dict[int, tuple]:
+    with open(SPY_BARS) as handle:
+        return {iso_to_ms(r["window_start"]): (float(r["open"]), float(r["high"]), float(r["low"]),
+                                               float(r["close"]), float(r["volume"])) for r in csv.DictReader(handle)}
+
+
+def compare_with_vendor(settings) -> tuple[float, float, list[str]]:
+    bars = vendor_bars()
+    rows = {int(ms): r for ms, *r in query(settings, """
+        SELECT (extract(epoch FROM window_start) * 1000)::bigint, open, high, low, close, volume
+        FROM stock_metrics WHERE window_size = '1m' AND symbol = 'SPY'""")}
+    assert set(rows) == set(bars), "one window per vendor minute"
+    volume_equal = sum(rows[m][4] == bars[m][4] for m in bars) / len(bars)
+    ohlc_equal = [m for m in bars if tuple(round(v, 4) for v in rows[m][:4]) == bars[m][:4]]
+    differing = [f"{time.strftime('%H:%M', time.gmtime(m / 1000))} ours {rows[m][:4]} vendor {bars[m][:4]}"
+                 for m in sorted(set(bars) - set(ohlc_equal))]
+    return volume_equal, len(ohlc_equal) / len(bars), differing
+
+
+def test_spy_minutes_match_the_vendor_bars_and_backfill_agrees(services, spy_topic, tmp_path):
+    settings = services.with_overrides(trades_topic=spy_topic, aggregator_group=f"agg-{spy_topic}",
+                                       consumer_group=f"cons-{spy_topic}")
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.execute("TRUNCATE trades, stock_metrics, indicators, late_trades, aggregator_offsets")
+    consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
+    run_aggregator_to_end(settings, SPY_COUNT, tmp_path / "aggregator.log")
+
+    volume_equal, ohlc_equal, differing = compare_with_vendor(settings)
+    print(json.dumps({"volume_equal": volume_equal, "ohlc_equal_with_filter": ohlc_equal, "differing": differing}))
+    assert volume_equal >= 0.99
+    assert ohlc_equal >= 0.99, differing            # the condition filter (OHLC_EXCLUDE_CONDITIONS)
+    streamed = metrics(settings)
+    assert sum(r[11] for r in streamed) == SPY_COUNT
+    assert query(settings, "SELECT count(*) FROM indicators WHERE window_size = '1m' AND rsi_14 IS NOT NULL")[0][0] > 700
+
+    # the same windows rebuilt straight from the trades table
+    wait_for(lambda: query(settings, "SELECT count(*) FROM trades")[0][0] == SPY_COUNT, timeout=300,
+             message="consumer stored the day")
+    consumer.send_signal(signal.SIGTERM)
+    assert consumer.wait(timeout=60) == 0
+    since, until = "2013-10-07T00:00:00Z", "2013-10-08T00:00:00Z"
+    run_script(settings, "aggregator.py", "--backfill", "--since", since, "--until", until)
+    rebuilt = metrics(settings)
+    assert [r[:4] + (r[11],) for r in rebuilt] == [r[:4] + (r[11],) for r in streamed]
+    for got, want in zip(rebuilt, streamed):
+        assert got[4:] == pytest.approx(want[4:], rel=1e-9, abs=1e-9)
+
+    # without the filter the gap is wide: every trade sets OHLC
+    unfiltered = settings.with_overrides(ohlc_exclude_conditions="")
+    run_script(unfiltered, "aggregator.py", "--backfill", "--since", since, "--until", until)
+    _, ohlc_unfiltered, _ = compare_with_vendor(settings)
+    print(json.dumps({"ohlc_equal_without_filter": ohlc_unfiltered}))
+    assert ohlc_unfiltered < 0.9
+    assert (ohlc_equal - ohlc_unfiltered) / (1 - ohlc_unfiltered) >= 0.9, "the filter closes >= 90% of the gap"
+
+
+def test_kill_9_mid_replay_ends_identical_to_an_uninterrupted_run(services, spy_topic, tmp_path):
+    base = services.with_overrides(trades_topic=spy_topic)
+    with db.connect(base) as conn, conn.cursor() as cur:
+        cur.execute("TRUNCATE stock_metrics, indicators, late_trades, aggregator_offsets")
+    calm = base.with_overrides(aggregator_group=f"calm-{spy_topic}")
+    run_aggregator_to_end(calm, SPY_COUNT, tmp_path / "calm.log")
+    expected = {size: metrics(calm, size) for size in ("1m", "5m", "15m")}
+
+    with db.connect(base) as conn, conn.cursor() as cur:
+        cur.execute("TRUNCATE stock_metrics, indicators, late_trades, aggregator_offsets")
+    crashy = base.with_overrides(aggregator_group=f"crashy-{spy_topic}")
+    log = tmp_path / "crashy.log"
+    kills = 0
+    for delay in (1.0, 2.0, 1.5):
+        aggregator = start_script(crashy, "aggregator.py", log=log)
+        before = folded(crashy)
+        wait_for(lambda: folded(crashy) > before, timeout=120, message="aggregator progress")
+        time.sleep(delay)
+        if folded(crashy) >= SPY_COUNT:
+            aggregator.kill()
+            break
+        aggregator.kill()
+        aggregator.wait()
+        kills += 1
+    assert kills >= 2, "the aggregator was killed mid-replay at least twice"
+    assert "resuming at offset" in log.read_text()
+    run_aggregator_to_end(crashy, SPY_COUNT, log)
+    for size, rows in expected.items():
+        assert metrics(crashy, size) == rows, f"{size} windows differ after kill -9"
+
+
+def test_late_trades_within_lateness_update_and_beyond_are_kept_for_audit(settings, tmp_path):
+    t0 = iso_to_ms("2026-01-01T00:00:00Z")
+    settings = settings.with_overrides(allowed_lateness_seconds=5.0, window_sizes="1m")
+
+    def trade(n: int, offset_ms: int, price: float) -> Trade:
+        return Trade(f"late-{n}", "AAPL", t0 + offset_ms, price, 10.0, "buy", "X")
+
+    stream = [trade(1, 10_000, 100.0), trade(2, 62_000, 101.0),    # watermark 57 s: minute 0 open
+              trade(3, 20_000, 99.0),                              # late by 42 s, but its window is open
+              trade(4, 70_000, 102.0),                             # watermark 65 s: minute 0 final
+              trade(5, 30_000, 98.0)]                              # too late: audit only
+    publisher = bus.Publisher(settings)
+    for t in stream:
+        publisher.send(settings.trades_topic, b"AAPL", t.to_json_bytes())
+    publisher.flush()
+    aggregator = start_script(settings, "aggregator.py", log=tmp_path / "aggregator.log")
+    wait_for(lambda: folded(settings) >= len(stream), message="all folded")
+    aggregator.send_signal(signal.SIGTERM)
+    assert aggregator.wait(timeout=60) == 0
+    rows = query(settings, "SELECT (extract(epoch FROM window_start) * 1000)::bigint - %s, open, low, trade_count,"
+                           " is_final FROM stock_metrics ORDER BY window_start", (t0,))
+    assert rows[0] == (0, 100.0, 99.0, 2, True)
+    assert rows[1][0] == 60_000 and rows[1][3] == 2
+    late = query(settings, "SELECT trade_id, window_size, (extract(epoch FROM watermark) * 1000)::bigint - %s"
+                           " FROM late_trades", (t0,))
+    assert late == [("late-5", "1m", 65_000)]

@@ -1,0 +1,166 @@
+"""Writes and restart state of the window tables (stock_metrics, late_trades, indicators,
+aggregator_offsets), and the backfill that rebuilds windows straight from `trades`."""
+from __future__ import annotations
+
+from datetime import datetime
+
+import psycopg2.extensions
+from psycopg2.extras import execute_values
+
+from tradewatch.indicators import INDICATOR_COLUMNS, Indicators, IndicatorState
+from tradewatch.windows import LateTrade, PartitionClock, Window, size_label
+
+Cursor = psycopg2.extensions.cursor
+_MS = "timestamptz 'epoch' + %s * interval '1 millisecond'"
+
+_WINDOW_COLUMNS = (
+    "symbol, window_size, window_start, window_end, open, high, low, close, volume, traded_value, vwap, "
+    "trade_count, avg_price, min_price, max_price, sum_price, avg_quantity, min_quantity, max_quantity, "
+    "sum_quantity, buy_volume, sell_volume, is_final, open_ts_ms, open_seq, close_ts_ms, close_seq, kafka_partition")
+_UPDATABLE = [c.strip() for c in _WINDOW_COLUMNS.split(",")[3:]]
+UPSERT_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATABLE) + ", updated_at = now()"
+
+
+def write_windows(cur: Cursor, windows: list[Window]) -> None:
+    if not windows:
+        return
+    execute_values(
+        cur,
+        f"INSERT INTO stock_metrics ({_WINDOW_COLUMNS}) VALUES %s "
+        f"ON CONFLICT (symbol, window_size, window_start) DO UPDATE SET {UPSERT_SET}",
+        [_window_row(w) for w in windows],
+        template=f"(%s, %s, {_MS}, {_MS}, " + ", ".join(["%s"] * 24) + ")",
+        page_size=1000,
+    )
+
+
+def _window_row(w: Window) -> tuple:
+    n = w.trade_count
+    return (w.symbol, size_label(w.size_ms), w.start_ms, w.end_ms, w.open, w.high, w.low, w.close,
+            w.sum_quantity, w.traded_value, w.vwap, n, w.sum_price / n, w.min_price, w.max_price, w.sum_price,
+            w.sum_quantity / n, w.min_quantity, w.max_quantity, w.sum_quantity, w.buy_volume, w.sell_volume,
+            w.is_final, *(w.open_key or (None, None)), *(w.close_key or (None, None)), w.partition)
+
+
+def write_late(cur: Cursor, late: list[LateTrade]) -> None:
+    if late:
+        execute_values(
+            cur,
+            "INSERT INTO late_trades (trade_id, window_size, symbol, ts, window_start, watermark) VALUES %s "
+            "ON CONFLICT DO NOTHING",
+            [(t.trade_id, size_label(t.size_ms), t.symbol, t.timestamp_ms, t.window_start_ms, t.watermark_ms)
+             for t in late],
+            template=f"(%s, %s, %s, {_MS}, {_MS}, {_MS})",
+        )
+
+
+def write_offsets(cur: Cursor, group: str, topic: str, positions: dict[int, tuple[int, PartitionClock]]) -> None:
+    if positions:
+        execute_values(
+            cur,
+            "INSERT INTO aggregator_offsets (consumer_group, topic, kafka_partition, next_offset, max_event_ms,"
+            " watermark_ms) VALUES %s ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE SET"
+            " next_offset = EXCLUDED.next_offset, max_event_ms = EXCLUDED.max_event_ms,"
+            " watermark_ms = EXCLUDED.watermark_ms, updated_at = now()",
+            [(group, topic, p, offset, clock.max_event_ms, clock.watermark_ms)
+             for p, (offset, clock) in positions.items()],
+        )
+
+
+def write_indicators(cur: Cursor, rows: list[tuple[str, str, int, float, Indicators]]) -> None:
+    if rows:
+        execute_values(
+            cur,
+            f"INSERT INTO indicators (symbol, window_size, window_start, close, {', '.join(INDICATOR_COLUMNS)}) "
+            f"VALUES %s ON CONFLICT (symbol, window_size, window_start) DO UPDATE SET "
+            + ", ".join(f"{c} = EXCLUDED.{c}" for c in ("close", *INDICATOR_COLUMNS)),
+            [(s, size, start, close, *(getattr(ind, c) for c in INDICATOR_COLUMNS))
+             for s, size, start, close, ind in rows],
+            template=f"(%s, %s, {_MS}, " + ", ".join(["%s"] * (1 + len(INDICATOR_COLUMNS))) + ")",
+        )
+
+
+def load_partition(conn: psycopg2.extensions.connection, group: str, topic: str, partition: int,
+                   sizes_ms: tuple[int, ...]) -> tuple[int | None, PartitionClock, list[Window]]:
+    """The stored position, watermark and open windows of one partition (None offset = never started)."""
+    labels = {size_label(s): s for s in sizes_ms}
+    with conn.cursor() as cur:
+        cur.execute("SELECT next_offset, max_event_ms, watermark_ms FROM aggregator_offsets "
+                    "WHERE consumer_group = %s AND topic = %s AND kafka_partition = %s", (group, topic, partition))
+        row = cur.fetchone()
+        if row is None:
+            return None, PartitionClock(), []
+        cur.execute(
+            "SELECT symbol, window_size, (extract(epoch FROM window_start) * 1000)::bigint, open, high, low, close,"
+            " trade_count, sum_price, min_price, max_price, sum_quantity, min_quantity, max_quantity, traded_value,"
+            " buy_volume, sell_volume, open_ts_ms, open_seq, close_ts_ms, close_seq"
+            " FROM stock_metrics WHERE kafka_partition = %s AND NOT is_final", (partition,))
+        windows = []
+        for r in cur.fetchall():
+            if r[1] not in labels:
+                continue
+            w = Window(r[0], labels[r[1]], int(r[2]), partition, r[3], None, r[6], None, r[4], r[5], r[7], r[8],
+                       r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16])
+            w.open_key = (r[17], r[18]) if r[17] is not None else None
+            w.close_key = (r[19], r[20]) if r[19] is not None else None
+            windows.append(w)
+    return row[0], PartitionClock(row[1], row[2]), windows
+
+
+def load_indicator_state(conn: psycopg2.extensions.connection, symbol: str, label: str) -> IndicatorState:
+    """Replay the stored final candles of one series into a fresh indicator state."""
+    state = IndicatorState()
+    with conn.cursor() as cur:
+        cur.execute("SELECT close FROM stock_metrics WHERE symbol = %s AND window_size = %s AND is_final"
+                    " AND close IS NOT NULL ORDER BY window_start", (symbol, label))
+        for (close,) in cur:
+            state.update(close)
+    return state
+
+
+def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datetime,
+             sizes_ms: tuple[int, ...], ohlc_exclude_conditions: frozenset[str]) -> int:
+    """Rebuild every window of [since, until) straight from `trades` (final rows), then recompute
+    the indicators of every series touched. Returns the number of windows written."""
+    written = 0
+    excluded = sorted(ohlc_exclude_conditions)
+    with conn.cursor() as cur:
+        for size in sizes_ms:
+            label = size_label(size)
+            sets_price = "(condition IS NULL OR NOT condition = ANY(%(excluded)s))"
+            cur.execute(f"""
+                WITH binned AS (
+                    SELECT *, date_bin(%(step)s * interval '1 millisecond', ts, timestamptz 'epoch') AS bin
+                    FROM trades
+                    WHERE ts >= date_bin(%(step)s * interval '1 millisecond', %(since)s, timestamptz 'epoch')
+                      AND ts < %(until)s)
+                INSERT INTO stock_metrics ({_WINDOW_COLUMNS})
+                SELECT symbol, %(label)s, bin, bin + %(step)s * interval '1 millisecond',
+                    (array_agg(price ORDER BY ts, kafka_offset) FILTER (WHERE {sets_price}))[1],
+                    max(price) FILTER (WHERE {sets_price}), min(price) FILTER (WHERE {sets_price}),
+                    (array_agg(price ORDER BY ts DESC, kafka_offset DESC) FILTER (WHERE {sets_price}))[1],
+                    sum(quantity), sum(price * quantity), sum(price * quantity) / sum(quantity), count(*),
+                    avg(price), min(price), max(price), sum(price), avg(quantity), min(quantity), max(quantity),
+                    sum(quantity), coalesce(sum(quantity) FILTER (WHERE side = 'buy'), 0),
+                    coalesce(sum(quantity) FILTER (WHERE side = 'sell'), 0), true,
+                    NULL, NULL, NULL, NULL, min(kafka_partition)
+                FROM binned GROUP BY symbol, bin
+                ON CONFLICT (symbol, window_size, window_start) DO UPDATE SET {UPSERT_SET}
+                RETURNING symbol""",
+                dict(step=size, since=since, until=until, label=label, excluded=excluded))
+            symbols = {r[0] for r in cur.fetchall()}
+            written += cur.rowcount
+            for symbol in symbols:
+                recompute_indicators(cur, symbol, label)
+    conn.commit()
+    return written
+
+
+def recompute_indicators(cur: Cursor, symbol: str, label: str) -> None:
+    cur.execute("SELECT (extract(epoch FROM window_start) * 1000)::bigint, close FROM stock_metrics"
+                " WHERE symbol = %s AND window_size = %s AND is_final AND close IS NOT NULL"
+                " ORDER BY window_start", (symbol, label))
+    state = IndicatorState()
+    rows = [(symbol, label, int(start), close, state.update(close)) for start, close in cur.fetchall()]
+    cur.execute("DELETE FROM indicators WHERE symbol = %s AND window_size = %s", (symbol, label))
+    write_indicators(cur, rows)
