@@ -24,7 +24,7 @@ status:
 	$(PY) -m tradewatch.stack status
 
 bench: setup                ## benchmarks; each prints JSON
-	cd bench && ../$(PY) ingest.py
+	cd bench && ../$(PY) ingest.py && ../$(PY) aggregate.py
 
 setup: venv jars
 

@@ -26,6 +26,7 @@ def stages(settings: Settings) -> list[tuple[str, list[str]]]:
     return [
         ("consumer", [python, "consumer.py"]),
         ("producer", [python, "producer.py", "--rate", rate, "--anomaly-rate", anomaly_rate]),
+        ("aggregator", [python, "aggregator.py"]),
     ]
 
 
