@@ -1,0 +1,127 @@
+"""Scores detectors against ground truth: the simulator's injected labels, and NAB's windows.
+
+Simulated data: for each injected kind, precision/recall/F1 of the detector types meant for it.
+A trade of another injected kind flagged with that type is not counted against precision (it is a
+real anomaly, named differently, e.g. a flash crash's −9 % trade flagged PRICE_DROP); flags on
+unlabelled trades are false alerts, reported per 10,000 normal trades.
+
+NAB: per file, the anomaly windows detected (at least one detection inside), the delay of the
+first detection from the window start, and the detections outside every window, after NAB's
+probation (the first 15 % of each file is ignored, and so are the 4 windows that lie inside it).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tradewatch.detect import forest
+from tradewatch.detect.pipeline import DetectionPipeline
+from tradewatch.detect.rules import DetectorConfig, RuleDetector
+from tradewatch.detect.series import SERIES_DETECTORS
+from tradewatch.market.simulator import MarketSimulator
+
+LABEL_TYPES = {
+    "price_spike": {"PRICE_SPIKE"},
+    "price_drop": {"PRICE_DROP"},
+    "volume_spike": {"VOLUME_SPIKE"},
+    "flash_crash": {"CIRCUIT_BREAKER", "PRICE_DROP"},
+}
+NAB_PROBATION = 0.15
+
+
+def simulated_stream(seed: int, count: int, anomaly_rate: float, rate: float = 50.0):
+    return list(islice(MarketSimulator(seed=seed, rate=rate, anomaly_rate=anomaly_rate,
+                                       start_ms=1_767_225_600_000), count))
+
+
+def train_on_simulation(seed: int, count: int, anomaly_rate: float, config: DetectorConfig) -> forest.ForestModel:
+    rules = RuleDetector(config)
+    detections = [rules.process(t) for t in simulated_stream(seed, count, anomaly_rate)]
+    rows = np.array([d.features.vector() for d in detections if d.features.history >= config.min_history])
+    return forest.train(rows, {"source": "simulator", "seed": seed, "trades": count})
+
+
+def score_simulated(seeds: list[int], count: int = 50_000, anomaly_rate: float = 0.005,
+                    config: DetectorConfig = DetectorConfig(), model: forest.ForestModel | None = None) -> dict:
+    totals = {label: Counter() for label in LABEL_TYPES}
+    per_type_normal: Counter = Counter()
+    per_type_anomalous: Counter = Counter()
+    normal = flagged_normal = 0
+    labelled: Counter = Counter()
+    for seed in seeds:
+        pipeline = DetectionPipeline(RuleDetector(config), model)
+        for d in pipeline.process(simulated_stream(seed, count, anomaly_rate)):
+            label = d.trade.injected_anomaly
+            types = set(d.types)
+            for t in types:
+                (per_type_anomalous if label else per_type_normal)[t] += 1
+            if label is None:
+                normal += 1
+                flagged_normal += bool(types)
+            else:
+                labelled[label] += 1
+            for kind, wanted in LABEL_TYPES.items():
+                hit = bool(types & wanted)
+                if label == kind:
+                    totals[kind]["tp" if hit else "fn"] += 1
+                elif label is None and hit:
+                    totals[kind]["fp"] += 1
+    result = {"seeds": seeds, "trades_per_seed": count, "anomaly_rate": anomaly_rate, "per_type": {}}
+    for kind, c in totals.items():
+        precision = c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else 0.0
+        recall = c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        result["per_type"][kind] = {"injected": labelled[kind], "precision": round(precision, 4),
+                                    "recall": round(recall, 4), "f1": round(f1, 4)}
+    result["normal_trades"] = normal
+    result["false_alerts_per_10k_normal"] = round(flagged_normal / normal * 1e4, 3) if normal else 0.0
+    result["per_detector"] = {t: {"on_anomalies": per_type_anomalous[t], "on_normal": per_type_normal[t]}
+                              for t in sorted(set(per_type_anomalous) | set(per_type_normal))}
+    return result
+
+
+def load_nab(data_dir: Path) -> dict[str, tuple[pd.Series, list[tuple[pd.Timestamp, pd.Timestamp]]]]:
+    windows = json.loads((data_dir / "combined_windows.json").read_text())
+    files = {}
+    for path in sorted((data_dir / "realTweets").glob("*.csv")):
+        frame = pd.read_csv(path, parse_dates=["timestamp"])
+        series = pd.Series(frame["value"].to_numpy(dtype=float), index=frame["timestamp"])
+        spans = [(pd.Timestamp(a), pd.Timestamp(b)) for a, b in windows.get(f"realTweets/{path.name}", [])]
+        files[path.stem] = (series, spans)
+    return files
+
+
+def score_nab_file(detections: pd.Series, series: pd.Series, spans) -> dict:
+    start = series.index[int(len(series) * NAB_PROBATION)]
+    times = [t for t in detections.index if t >= start]
+    detected, delays = 0, []
+    inside = set()
+    spans = [(a, b) for a, b in spans if b >= start]  # windows inside the probation cannot be scored
+    for a, b in spans:
+        hits = [t for t in times if a <= t <= b]
+        inside.update(hits)
+        if hits:
+            detected += 1
+            delays.append((min(hits) - a).total_seconds() / 3600)
+    return {"windows": len(spans), "detected": detected, "outside": len([t for t in times if t not in inside]),
+            "mean_delay_h": round(float(np.mean(delays)), 2) if delays else None}
+
+
+def score_nab(data_dir: Path) -> dict:
+    files = load_nab(data_dir)
+    result: dict = {"files": {}, "totals": {}}
+    for name, (series, spans) in files.items():
+        result["files"][name] = {det: score_nab_file(fn(series), series, spans)
+                                 for det, fn in SERIES_DETECTORS.items()}
+    for det in SERIES_DETECTORS:
+        rows = [f[det] for f in result["files"].values()]
+        windows = sum(r["windows"] for r in rows)
+        result["totals"][det] = {"windows": windows, "detected": sum(r["detected"] for r in rows),
+                                 "window_recall": round(sum(r["detected"] for r in rows) / windows, 3),
+                                 "outside": sum(r["outside"] for r in rows)}
+    return result

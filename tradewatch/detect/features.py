@@ -1,0 +1,140 @@
+"""Per-symbol rolling state and the engineered features of each trade.
+
+The rolling statistics are kept over *normal* trades only, so an anomaly does not hide the next
+one; a level shift that persists for `LEVEL_SHIFT_TRADES` trades is accepted as the new normal.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from tradewatch.events import Trade
+
+FEATURE_NAMES = ("return_1", "return_5", "return_20", "price_z", "deviation", "volume_log_z",
+                 "volume_ratio", "gap_log_ratio", "spread_bps", "signed_run")
+LEVEL_SHIFT_TRADES = 10
+
+
+@dataclass(slots=True)
+class TradeFeatures:
+    history: int                 # normal trades of this symbol seen before (warm-up guard)
+    return_1: float
+    return_5: float
+    return_20: float
+    price_z: float               # (price - rolling mean) / rolling std
+    deviation: float             # price / rolling mean - 1
+    volume_log_z: float          # z-score of log(quantity)
+    volume_ratio: float          # quantity / rolling mean quantity
+    gap_log_ratio: float         # log(time since previous trade / typical gap)
+    spread_bps: float
+    run_length: int              # consecutive same-direction moves, including this one
+    run_move: float              # relative price change over that run
+    signed_run: float
+
+    def vector(self) -> list[float]:
+        return [getattr(self, name) for name in FEATURE_NAMES]
+
+
+class _Rolling:
+    """Mean and standard deviation over the last n values."""
+
+    def __init__(self, n: int):
+        self.values: deque[float] = deque(maxlen=n)
+        self.total = 0.0
+        self.total_sq = 0.0
+
+    def push(self, value: float) -> None:
+        if len(self.values) == self.values.maxlen:
+            old = self.values[0]
+            self.total -= old
+            self.total_sq -= old * old
+        self.values.append(value)
+        self.total += value
+        self.total_sq += value * value
+
+    @property
+    def mean(self) -> float:
+        return self.total / len(self.values) if self.values else 0.0
+
+    @property
+    def std(self) -> float:
+        n = len(self.values)
+        if n < 2:
+            return 0.0
+        return math.sqrt(max(self.total_sq / n - (self.total / n) ** 2, 0.0))
+
+
+class SymbolState:
+    def __init__(self, price_window: int, volume_window: int):
+        self.prices = _Rolling(price_window)
+        self.log_quantities = _Rolling(volume_window)
+        self.quantities = _Rolling(volume_window)
+        self.gaps = _Rolling(volume_window)
+        self.recent: deque[float] = deque(maxlen=21)   # last normal prices, for returns
+        self.last_ts: int | None = None
+        self.last_price: float | None = None
+        self.run_direction = 0
+        self.run_length = 0
+        self.run_start_price: float | None = None
+        self.shift_streak = 0
+
+    def features(self, trade: Trade) -> TradeFeatures:
+        price = trade.price
+        mean, std = self.prices.mean, self.prices.std
+        recent = self.recent
+
+        def back(k: int) -> float:
+            return price / recent[-k] - 1 if len(recent) >= k else 0.0
+
+        log_q = math.log(trade.quantity)
+        q_std = self.log_quantities.std
+        gap = (trade.timestamp_ms - self.last_ts) if self.last_ts is not None else 0
+        typical_gap = self.gaps.mean
+        direction = 0 if self.last_price is None or price == self.last_price else (1 if price > self.last_price else -1)
+        run_length = self.run_length + 1 if direction and direction == self.run_direction else (1 if direction else 0)
+        run_start = self.run_start_price if direction and direction == self.run_direction else self.last_price
+        spread = ((trade.ask - trade.bid) / ((trade.ask + trade.bid) / 2) * 1e4
+                  if trade.bid is not None and trade.ask is not None else 0.0)
+        return TradeFeatures(
+            history=len(self.prices.values),
+            return_1=back(1), return_5=back(5), return_20=back(20),
+            price_z=(price - mean) / std if std > 0 else 0.0,
+            deviation=price / mean - 1 if mean else 0.0,
+            volume_log_z=(log_q - self.log_quantities.mean) / q_std if q_std > 0 else 0.0,
+            volume_ratio=trade.quantity / self.quantities.mean if self.quantities.mean else 1.0,
+            gap_log_ratio=math.log((gap + 1) / (typical_gap + 1)) if self.last_ts is not None else 0.0,
+            spread_bps=spread, run_length=run_length,
+            run_move=price / run_start - 1 if run_start else 0.0,
+            signed_run=float(direction * run_length),
+        )
+
+    def update(self, trade: Trade, features: TradeFeatures, price_is_normal: bool, volume_is_normal: bool) -> None:
+        """Fold the trade into the rolling state (anomalous values stay out)."""
+        if self.last_ts is not None:
+            self.gaps.push(float(max(trade.timestamp_ms - self.last_ts, 0)))
+        self.last_ts = trade.timestamp_ms
+        if price_is_normal:
+            self.shift_streak = 0
+            self._take_price(trade.price, features)
+        else:
+            self.shift_streak += 1
+            if self.shift_streak >= LEVEL_SHIFT_TRADES:  # the market really moved: accept the new level
+                self.prices = _Rolling(self.prices.values.maxlen or 50)
+                self.recent.clear()
+                self.shift_streak = 0
+                self._take_price(trade.price, features)
+        if volume_is_normal:
+            self.quantities.push(trade.quantity)
+            self.log_quantities.push(math.log(trade.quantity))
+
+    def _take_price(self, price: float, features: TradeFeatures) -> None:
+        self.prices.push(price)
+        self.recent.append(price)
+        direction = 0 if self.last_price is None or price == self.last_price else (1 if price > self.last_price else -1)
+        if direction:
+            if direction != self.run_direction:
+                self.run_start_price = self.last_price
+            self.run_direction = direction
+            self.run_length = features.run_length
+        self.last_price = price

@@ -1,0 +1,149 @@
+"""Rule detectors and the per-trade detection pipeline.
+
+    PRICE_SPIKE / PRICE_DROP   price more than `spike_pct` above / below the rolling average (HIGH)
+    CIRCUIT_BREAKER            more than `circuit_pct` away (CRITICAL); per-symbol breaker
+                               CLOSED → OPEN (on the move) → HALF_OPEN (after `cool_off_s` of event
+                               time) → CLOSED (at the first normal price; another big move re-opens)
+    VOLUME_SPIKE               quantity > `volume_ratio` × rolling average AND log-quantity z-score
+                               > `volume_z` — a whale trade (MEDIUM)
+    PRICE_ZSCORE               |rolling z-score of price| > `zscore_threshold` (MEDIUM)
+    MOMENTUM_RUN               `run_length` same-direction moves in a row adding up to > `run_move_pct`
+                               (MEDIUM)
+    ISOLATION_FOREST           the model's score beyond its calibrated threshold (MEDIUM)
+
+Rules stay silent until a symbol has `min_history` normal trades.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tradewatch.detect.features import SymbolState, TradeFeatures
+from tradewatch.events import Trade
+
+DETECTOR_VERSION = "rules-1"
+SEVERITY_RANK = {"LOW": 0, "MEDIUM": 1, "HIGH": 2, "CRITICAL": 3}
+TYPE_SEVERITY = {"CIRCUIT_BREAKER": "CRITICAL", "PRICE_SPIKE": "HIGH", "PRICE_DROP": "HIGH",
+                 "VOLUME_SPIKE": "MEDIUM", "PRICE_ZSCORE": "MEDIUM", "MOMENTUM_RUN": "MEDIUM",
+                 "ISOLATION_FOREST": "MEDIUM"}
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    price_window: int = 50
+    volume_window: int = 200
+    min_history: int = 20
+    spike_pct: float = 0.05
+    circuit_pct: float = 0.10
+    cool_off_s: float = 300.0
+    volume_ratio: float = 3.0
+    volume_z: float = 4.0
+    zscore_threshold: float = 8.0
+    run_length: int = 5
+    run_move_pct: float = 0.02
+
+
+@dataclass
+class Detection:
+    trade: Trade
+    features: TradeFeatures
+    types: list[str] = field(default_factory=list)
+    score: float = 0.0          # strength: max over fired rules of observed / threshold (>= 1 when flagged)
+    details: dict = field(default_factory=dict)
+
+    @property
+    def is_anomaly(self) -> bool:
+        return bool(self.types)
+
+    @property
+    def severity(self) -> str | None:
+        if not self.types:
+            return None
+        return max((TYPE_SEVERITY[t] for t in self.types), key=SEVERITY_RANK.__getitem__)
+
+    def flag(self, kind: str, strength: float, **details: object) -> None:
+        if kind not in self.types:
+            self.types.append(kind)
+        self.score = max(self.score, strength)
+        self.details.update(details)
+
+
+@dataclass
+class BreakerTransition:
+    symbol: str
+    state: str
+    timestamp_ms: int
+
+
+class CircuitBreaker:
+    def __init__(self, symbol: str, cool_off_s: float, state: str = "CLOSED", since_ms: int = 0):
+        self.symbol, self.cool_off_ms = symbol, int(cool_off_s * 1000)
+        self.state, self.since_ms = state, since_ms
+
+    def observe(self, ts: int, big_move: bool, normal: bool) -> BreakerTransition | None:
+        if self.state == "OPEN" and ts - self.since_ms >= self.cool_off_ms:
+            self._go("HALF_OPEN", ts)
+        if big_move and self.state != "OPEN":
+            return self._go("OPEN", ts)
+        if self.state == "HALF_OPEN" and normal:
+            return self._go("CLOSED", ts)
+        return None
+
+    def _go(self, state: str, ts: int) -> BreakerTransition:
+        self.state, self.since_ms = state, ts
+        return BreakerTransition(self.symbol, state, ts)
+
+
+class RuleDetector:
+    """Feeds trades one by one (per symbol in event order) and returns a Detection for each."""
+
+    def __init__(self, config: DetectorConfig = DetectorConfig()):
+        self.config = config
+        self.symbols: dict[str, SymbolState] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.transitions: list[BreakerTransition] = []
+
+    def state_for(self, symbol: str) -> SymbolState:
+        state = self.symbols.get(symbol)
+        if state is None:
+            state = self.symbols[symbol] = SymbolState(self.config.price_window, self.config.volume_window)
+        return state
+
+    def breaker_for(self, symbol: str) -> CircuitBreaker:
+        breaker = self.breakers.get(symbol)
+        if breaker is None:
+            breaker = self.breakers[symbol] = CircuitBreaker(symbol, self.config.cool_off_s)
+        return breaker
+
+    def process(self, trade: Trade) -> Detection:
+        c = self.config
+        state = self.state_for(trade.symbol)
+        f = state.features(trade)
+        d = Detection(trade, f)
+        warm = f.history >= c.min_history
+        move = abs(f.deviation)
+        if warm:
+            if move > c.circuit_pct:
+                d.flag("CIRCUIT_BREAKER", move / c.circuit_pct, move_pct=round(f.deviation * 100, 3))
+            if move > c.spike_pct:
+                d.flag("PRICE_SPIKE" if f.deviation > 0 else "PRICE_DROP", move / c.spike_pct,
+                       move_pct=round(f.deviation * 100, 3))
+            if f.volume_ratio > c.volume_ratio and f.volume_log_z > c.volume_z:
+                d.flag("VOLUME_SPIKE", max(f.volume_ratio / c.volume_ratio, f.volume_log_z / c.volume_z),
+                       volume_ratio=round(f.volume_ratio, 2))
+            if abs(f.price_z) > c.zscore_threshold:
+                d.flag("PRICE_ZSCORE", abs(f.price_z) / c.zscore_threshold, price_z=round(f.price_z, 2))
+            if f.run_length >= c.run_length and abs(f.run_move) > c.run_move_pct:
+                d.flag("MOMENTUM_RUN", abs(f.run_move) / c.run_move_pct, run_length=f.run_length,
+                       run_move_pct=round(f.run_move * 100, 3))
+            transition = self.breaker_for(trade.symbol).observe(trade.timestamp_ms, move > c.circuit_pct,
+                                                                move <= c.spike_pct)
+            if transition:
+                self.transitions.append(transition)
+        price_normal = not warm or move <= c.spike_pct
+        volume_normal = "VOLUME_SPIKE" not in d.types
+        state.update(trade, f, price_normal, volume_normal)
+        return d
+
+    def take_transitions(self) -> list[BreakerTransition]:
+        done, self.transitions = self.transitions, []
+        return done
