@@ -46,7 +46,8 @@ def settings(services: Settings) -> Settings:
 
     tag = uuid.uuid4().hex[:8]
     fresh = services.with_overrides(trades_topic=f"trades-{tag}", alerts_topic=f"alerts-{tag}",
-                                    consumer_group=f"group-{tag}")
+                                    consumer_group=f"group-{tag}", aggregator_group=f"aggregator-{tag}",
+                                    detector_group=f"detector-{tag}")
     bus.ensure_topic(fresh, fresh.trades_topic, fresh.trades_partitions)
     with db.connect(fresh) as conn, conn.cursor() as cur:
         cur.execute("SELECT string_agg(format('%I', tablename), ', ') FROM pg_tables WHERE schemaname = 'public'")

@@ -100,7 +100,12 @@ class BusConsumer:
             self._consumer = KafkaConsumer(**options)
         except KafkaError:
             raise KafkaUnavailable(unavailable_message(settings)) from None
-        self._consumer.subscribe(topics=list(topics), listener=_Listener(on_assign, on_revoke))
+        topics = list(topics)
+        # Load the topics' metadata before joining the group: a group join without it can leave
+        # kafka-python with an empty assignment that it does not always repair.
+        for topic in topics:
+            self._consumer.partitions_for_topic(topic)
+        self._consumer.subscribe(topics=topics, listener=_Listener(on_assign, on_revoke))
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
@@ -126,6 +131,9 @@ class BusConsumer:
             self._consumer.seek_to_beginning(tp)
         else:
             self._consumer.seek(tp, offset)
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        return self._consumer.committed(TopicPartition(topic, partition))
 
     def assignment(self) -> set[tuple[str, int]]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}

@@ -45,6 +45,15 @@ class Settings:
     idle_timeout_seconds: float = 10.0
     aggregator_flush_ms: int = 500
     ohlc_exclude_conditions: str = ""
+    detector_group: str = "tradewatch-detector"
+    model_dir: str = "models"
+    zscore_window: int = 50
+    zscore_threshold: float = 8.0
+    breaker_cool_off_seconds: float = 300.0
+    alert_webhook_url: str = ""
+    alert_cooldown_critical_seconds: float = 300.0
+    alert_cooldown_high_seconds: float = 60.0
+    alert_cooldown_medium_seconds: float = 30.0
 
     @classmethod
     def load(cls, env_file: Path | None = None, **overrides: object) -> "Settings":
@@ -71,6 +80,11 @@ class Settings:
     @property
     def home(self) -> Path:
         path = Path(self.tradewatch_home)
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+    @property
+    def model_path(self) -> Path:
+        path = Path(self.model_dir)
         return path if path.is_absolute() else PROJECT_ROOT / path
 
     @property

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS trades (
 );
 CREATE INDEX IF NOT EXISTS trades_symbol_ts ON trades (symbol, ts);
 CREATE INDEX IF NOT EXISTS trades_ts ON trades (ts);
+CREATE INDEX IF NOT EXISTS trades_anomalies ON trades (ts) WHERE is_anomaly;
 
 -- Every message that is not a valid trade, with the raw bytes and the reason.
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -120,4 +121,28 @@ CREATE TABLE IF NOT EXISTS indicators (
     bollinger_upper  double precision,
     bollinger_lower  double precision,
     PRIMARY KEY (symbol, window_size, window_start)
+);
+
+-- Alerts raised by anomaly_detector.py (also published on the Kafka topic `alerts`).
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id         text PRIMARY KEY,              -- '<trade_id>:<type>', so a replay never doubles it
+    ts               timestamptz NOT NULL,          -- event time of the trade
+    symbol           text NOT NULL,
+    alert_type       text NOT NULL,
+    severity         text NOT NULL,                 -- LOW | MEDIUM | HIGH | CRITICAL
+    message          text NOT NULL,
+    details          jsonb NOT NULL DEFAULT '{}',
+    trade_id         text,
+    acknowledged     boolean NOT NULL DEFAULT false,
+    acknowledged_at  timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS alerts_ts ON alerts (ts DESC);
+
+-- Current circuit-breaker state per symbol: CLOSED | OPEN | HALF_OPEN.
+CREATE TABLE IF NOT EXISTS circuit_breakers (
+    symbol      text PRIMARY KEY,
+    state       text NOT NULL,
+    since       timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
 );

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Anomaly detection: train the Isolation Forest, analyze trades or any CSV series, run live, evaluate."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tradewatch.cli import StopFlag, setup_logging
+from tradewatch.config import Settings, shared_data_dir
+from tradewatch.detect import evaluate, forest
+from tradewatch.detect.pipeline import DetectionPipeline
+from tradewatch.detect.rules import RuleDetector
+from tradewatch.detect.series import SERIES_DETECTORS
+from tradewatch.detect_stream import DetectorService, detector_config, load_model
+from tradewatch.store import db, queries
+
+
+def when(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}")
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def symbols_arg(text: str) -> list[str]:
+    return [s.strip().upper() for s in text.split(",") if s.strip()]
+
+
+def cmd_train(args, settings: Settings) -> int:
+    conn = db.connect(settings)
+    counts = queries.trade_counts(conn, args.symbols, args.since, args.until)
+    need = forest.MIN_TRAIN_TRADES
+    for symbol in args.symbols or []:
+        if counts.get(symbol, 0) < need:
+            print(f"error: {symbol} has {counts.get(symbol, 0)} trades in that range, training needs at least {need}",
+                  file=sys.stderr)
+            return 2
+    usable = sorted(s for s, n in counts.items() if n >= need)
+    skipped = {s: n for s, n in counts.items() if n < need}
+    if skipped:
+        print(f"skipping symbols with fewer than {need} trades: {skipped}", file=sys.stderr)
+    if not usable:
+        print(f"error: not enough data: {sum(counts.values())} trades in that range "
+              f"(best symbol: {max(counts.values(), default=0)}), training needs at least {need} for a symbol",
+              file=sys.stderr)
+        return 2
+    rules = RuleDetector(detector_config(settings))
+    rows, first, last = [], None, None
+    for trade in queries.iter_trades(conn, usable, args.since, args.until):
+        d = rules.process(trade)
+        first = first if first is not None else trade.timestamp_ms
+        last = trade.timestamp_ms
+        if d.features.history >= rules.config.min_history:
+            rows.append(d.features.vector())
+    conn.close()
+    training = {"symbols": {s: counts[s] for s in usable}, "rows": len(rows), "pooled": True,
+                "from": datetime.fromtimestamp(first / 1000, timezone.utc).isoformat(),
+                "until": datetime.fromtimestamp(last / 1000, timezone.utc).isoformat()}
+    try:
+        model = forest.train(np.array(rows), training)
+    except forest.NotEnoughData as error:
+        print(f"error: not enough data: {error}", file=sys.stderr)
+        return 2
+    path = forest.save(model, settings.model_path)
+    print(json.dumps({"model": str(path), "version": model.version, **training}, indent=2))
+    return 0
+
+
+def cmd_analyze(args, settings: Settings) -> int:
+    if args.csv:
+        return analyze_csv(args)
+    conn = db.connect(settings)
+    pipeline = DetectionPipeline(RuleDetector(detector_config(settings)), load_model(settings))
+    per_symbol: dict[str, dict] = {}
+    top = []
+    batch = []
+    symbols = [args.symbol.upper()] if args.symbol else None
+
+    def flush():
+        for d in pipeline.process(batch):
+            stats = per_symbol.setdefault(d.trade.symbol, {"trades": 0, "anomalies": 0, "by_type": Counter(),
+                                                            "by_severity": Counter()})
+            stats["trades"] += 1
+            if d.is_anomaly:
+                stats["anomalies"] += 1
+                stats["by_type"].update(d.types)
+                stats["by_severity"][d.severity] += 1
+                top.append(d)
+        batch.clear()
+
+    for trade in queries.iter_trades(conn, symbols, args.since, args.until):
+        batch.append(trade)
+        if len(batch) >= 5000:
+            flush()
+    flush()
+    conn.close()
+    top.sort(key=lambda d: d.score, reverse=True)
+    report = {"symbols": {s: {**v, "by_type": dict(v["by_type"]), "by_severity": dict(v["by_severity"])}
+                          for s, v in sorted(per_symbol.items())},
+              "top_anomalies": [{"time": d.trade.event_time.isoformat(), "symbol": d.trade.symbol,
+                                 "price": d.trade.price, "quantity": d.trade.quantity,
+                                 "move_pct": round(d.features.deviation * 100, 3), "score": round(d.score, 3),
+                                 "severity": d.severity, "types": d.types} for d in top[:args.top]]}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if not per_symbol:
+        print("no trades in that range")
+        return 0
+    print(f"{'symbol':10} {'trades':>9} {'anomalies':>9}  by type / severity")
+    for symbol, s in report["symbols"].items():
+        print(f"{symbol:10} {s['trades']:>9,} {s['anomalies']:>9,}  {s['by_type'] or '-'} {s['by_severity'] or ''}")
+    print(f"\ntop {len(report['top_anomalies'])} anomalies by score:")
+    for a in report["top_anomalies"]:
+        print(f"  {a['time']}  {a['symbol']:8} price {a['price']:>12,.4f}  move {a['move_pct']:+7.2f}%  "
+              f"score {a['score']:6.2f}  {a['severity']:8} {','.join(a['types'])}")
+    return 0
+
+
+def analyze_csv(args) -> int:
+    try:
+        frame = pd.read_csv(args.csv)
+        times = pd.to_datetime(frame[args.time_column])
+        values = pd.to_numeric(frame[args.value_column], errors="coerce")
+    except (OSError, KeyError, ValueError) as error:
+        print(f"error: cannot read {args.csv}: {error!r} (columns: --time-column / --value-column)", file=sys.stderr)
+        return 2
+    series = pd.Series(values.to_numpy(dtype=float), index=times).dropna()
+    detectors = [args.detector] if args.detector else [d for d in SERIES_DETECTORS if d != "zscore_baseline"]
+    out = {"file": str(args.csv), "points": len(series), "detectors": {}}
+    for name in detectors:
+        flags = SERIES_DETECTORS[name](series)
+        out["detectors"][name] = [{"timestamp": t.isoformat(), "value": float(series[t]), "score": round(float(s), 3)}
+                                  for t, s in flags.items()]
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_evaluate(args, settings: Settings) -> int:
+    config = detector_config(settings)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    model = evaluate.train_on_simulation(args.train_seed, args.trades, args.anomaly_rate, config)
+    result = {
+        "simulated_rules": evaluate.score_simulated(seeds, args.trades, args.anomaly_rate, config),
+        "simulated_rules_and_forest": evaluate.score_simulated(seeds, args.trades, args.anomaly_rate, config, model),
+        "nab": evaluate.score_nab(Path(args.nab_dir)) if Path(args.nab_dir).is_dir() else "NAB data not found",
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Detect unusual trades: rules (price move, circuit breaker, "
+                                     "whale volume, z-score, momentum runs) and an Isolation Forest.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train the Isolation Forest from the trades table and save a new version")
+    train.add_argument("--symbols", type=symbols_arg, help="comma-separated (default: every symbol with enough data)")
+    train.add_argument("--since", type=when)
+    train.add_argument("--until", type=when)
+    analyze = sub.add_parser("analyze", help="report anomalies per symbol, or flag points of a CSV series")
+    analyze.add_argument("symbol", nargs="?")
+    analyze.add_argument("--since", type=when)
+    analyze.add_argument("--until", type=when)
+    analyze.add_argument("--top", type=int, default=10)
+    analyze.add_argument("--json", action="store_true", help="machine-readable output")
+    analyze.add_argument("--csv", type=Path, help="any CSV time series instead of the trades table")
+    analyze.add_argument("--time-column", default="timestamp")
+    analyze.add_argument("--value-column", default="value")
+    analyze.add_argument("--detector", choices=sorted(SERIES_DETECTORS))
+    sub.add_parser("run", help="consume `trades` live: flag trades, raise alerts")
+    ev = sub.add_parser("evaluate", help="precision/recall/F1 on simulated data; NAB window scores")
+    ev.add_argument("--seeds", default="101,102,103", help="simulator seeds to score on")
+    ev.add_argument("--train-seed", type=int, default=1, help="seed of the Isolation Forest's training stream")
+    ev.add_argument("--trades", type=int, default=50_000, help="trades per seed")
+    ev.add_argument("--anomaly-rate", type=float, default=0.005)
+    ev.add_argument("--nab-dir", default=str(shared_data_dir() / "nab"))
+    args = parser.parse_args(argv)
+    setup_logging()
+    settings = Settings.load()
+    try:
+        if args.command == "train":
+            return cmd_train(args, settings)
+        if args.command == "analyze":
+            return cmd_analyze(args, settings)
+        if args.command == "evaluate":
+            return cmd_evaluate(args, settings)
+        db.apply_schema(settings)
+        DetectorService(settings, StopFlag()).run()
+        return 0
+    except db.DatabaseUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""anomaly_detector.py end to end through the real Kafka and PostgreSQL, with a local webhook."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from kafka import KafkaConsumer
+
+from tests.conftest import query, run_script, start_script, wait_for
+from tradewatch import bus
+from tradewatch.config import PROJECT_ROOT
+
+
+@pytest.fixture
+def webhook():
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", received
+    server.shutdown()
+
+
+def test_train_with_too_little_data_stops_with_a_clear_message(settings, tmp_path):
+    run_script(settings, "producer.py", "--count", "300", "--rate", "max", "--seed", "3", "--symbols", "AAPL")
+    consumer = start_script(settings, "consumer.py")
+    wait_for(lambda: query(settings, "SELECT count(*) FROM trades")[0][0] == 300, message="300 rows")
+    consumer.send_signal(signal.SIGTERM)
+    consumer.wait(timeout=30)
+    env = {**settings.as_env(), "MODEL_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "anomaly_detector.py", "train"], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, env={**__import__("os").environ, **env})
+    assert out.returncode == 2
+    assert "300 trades" in out.stderr and "at least 1000" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "anomaly_detector.py", "train", "--symbols", "AAPL"], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, env={**__import__("os").environ, **env})
+    assert out.returncode == 2 and "AAPL has 300 trades" in out.stderr
+    assert not list(tmp_path.glob("*.joblib"))
+
+
+def test_stream_with_injected_anomalies_gives_flags_alerts_topic_and_webhook(settings, webhook, tmp_path):
+    url, received = webhook
+    settings = settings.with_overrides(alert_webhook_url=url, model_dir=str(tmp_path / "models"))
+    run_script(settings, "producer.py", "--count", "20000", "--rate", "max", "--seed", "77",
+               "--anomaly-rate", "0.004", "--start", "2026-01-01T00:00:00Z")
+    consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
+    wait_for(lambda: query(settings, "SELECT count(*) FROM trades")[0][0] == 20000, timeout=120, message="stored")
+    # a model trained on the stored trades, then live detection with it
+    run_script(settings, "anomaly_detector.py", "train")
+    assert list((tmp_path / "models").glob("model-v1.joblib"))
+    detector = start_script(settings, "anomaly_detector.py", "run", log=tmp_path / "detector.log")
+    wait_for(lambda: sum(c for c, _ in bus.group_lag(settings, settings.detector_group,
+                                                     settings.trades_topic).values()) == 20000,
+             timeout=180, message="detector examined every trade")
+    wait_for(lambda: len(received) >= 5, timeout=60, message="webhook posts")
+    detector.send_signal(signal.SIGTERM)
+    assert detector.wait(timeout=60) == 0
+    consumer.send_signal(signal.SIGTERM)
+    consumer.wait(timeout=30)
+
+    labelled, caught, false_flags = query(settings, """
+        SELECT count(*) FILTER (WHERE injected_anomaly IN ('price_spike', 'price_drop', 'volume_spike')),
+               count(*) FILTER (WHERE injected_anomaly IN ('price_spike', 'price_drop', 'volume_spike') AND is_anomaly),
+               count(*) FILTER (WHERE injected_anomaly IS NULL AND is_anomaly)
+        FROM trades""")[0]
+    assert labelled > 30 and caught / labelled >= 0.9
+    assert false_flags <= 5
+    row = query(settings, "SELECT anomaly_types, anomaly_score, anomaly_severity, detector_version FROM trades"
+                          " WHERE injected_anomaly = 'price_spike' AND is_anomaly LIMIT 1")[0]
+    assert "PRICE_SPIKE" in row[0] and row[1] > 1 and row[2] in ("HIGH", "CRITICAL") and "forest-v1" in row[3]
+    assert query(settings, "SELECT count(*) FROM trades")[0][0] == 20000, "flags never add rows"
+
+    alerts = query(settings, "SELECT alert_id, alert_type, severity, message, acknowledged FROM alerts")
+    assert {a[1] for a in alerts} >= {"PRICE_SPIKE", "PRICE_DROP", "VOLUME_SPIKE"}
+    assert all(not a[4] and a[3] for a in alerts)
+    states = dict(query(settings, "SELECT symbol, state FROM circuit_breakers"))
+    assert set(states.values()) <= {"OPEN", "HALF_OPEN", "CLOSED"}
+
+    consumer_of_alerts = KafkaConsumer(settings.alerts_topic, bootstrap_servers=settings.kafka_bootstrap_servers,
+                                       auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    published = [json.loads(m.value) for m in consumer_of_alerts]
+    consumer_of_alerts.close()
+    assert {p["alert_id"] for p in published} == {a[0] for a in alerts}
+    assert all("text" in post and post["alert"]["alert_id"] for post in received)
+
+    report = json.loads(run_script(settings, "anomaly_detector.py", "analyze", "--json").stdout)
+    assert sum(s["trades"] for s in report["symbols"].values()) == 20000
+    assert report["top_anomalies"][0]["score"] >= report["top_anomalies"][-1]["score"]
+    text = run_script(settings, "anomaly_detector.py", "analyze", "AAPL").stdout
+    assert "AAPL" in text and "top" in text

@@ -1,0 +1,114 @@
+"""Alerts: one per anomaly type of a flagged trade, deduplicated per (symbol, type) with cooldowns
+in event time, delivered to the log, the `alerts` table, the Kafka topic `alerts`, and optionally
+a Slack-compatible webhook on a background thread (timeout and retries; never blocks detection)."""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import requests
+
+from tradewatch.config import Settings
+from tradewatch.detect.rules import TYPE_SEVERITY, Detection
+
+log = logging.getLogger("tradewatch.alerts")
+
+
+@dataclass
+class Alert:
+    alert_id: str
+    timestamp_ms: int
+    symbol: str
+    alert_type: str
+    severity: str
+    message: str
+    trade_id: str
+    details: dict = field(default_factory=dict)
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), default=str).encode()
+
+
+def alerts_for(detection: Detection) -> list[Alert]:
+    t = detection.trade
+    when = datetime.fromtimestamp(t.timestamp_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    alerts = []
+    for kind in detection.types:
+        details = {"price": t.price, "quantity": t.quantity, "side": t.side, "score": round(detection.score, 3),
+                   "types": detection.types, **detection.details}
+        message = f"{TYPE_SEVERITY[kind]} {kind} {t.symbol} at {when} UTC: price {t.price:g}, quantity {t.quantity:g}"
+        if "move_pct" in detection.details:
+            message += f", move {detection.details['move_pct']:+.2f}% vs rolling average"
+        alerts.append(Alert(f"{t.trade_id}:{kind}", t.timestamp_ms, t.symbol, kind, TYPE_SEVERITY[kind],
+                            message, t.trade_id, details))
+    return alerts
+
+
+class Deduplicator:
+    """At most one alert per (symbol, type) within the cooldown of its severity (event time)."""
+
+    def __init__(self, cooldowns_s: dict[str, float]):
+        self.cooldowns_ms = {severity: int(seconds * 1000) for severity, seconds in cooldowns_s.items()}
+        self.last_ms: dict[tuple[str, str], int] = {}
+        self.suppressed = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Deduplicator":
+        return cls({"CRITICAL": settings.alert_cooldown_critical_seconds, "HIGH": settings.alert_cooldown_high_seconds,
+                    "MEDIUM": settings.alert_cooldown_medium_seconds, "LOW": settings.alert_cooldown_medium_seconds})
+
+    def allow(self, alert: Alert) -> bool:
+        key = (alert.symbol, alert.alert_type)
+        last = self.last_ms.get(key)
+        if last is not None and alert.timestamp_ms - last < self.cooldowns_ms.get(alert.severity, 0):
+            self.suppressed += 1
+            return False
+        self.last_ms[key] = alert.timestamp_ms if last is None else max(last, alert.timestamp_ms)
+        return True
+
+
+class WebhookSink:
+    """Posts alerts as Slack-compatible JSON ({"text": …}) from a background thread."""
+
+    def __init__(self, url: str, timeout_s: float = 3.0, retries: int = 3, capacity: int = 1000):
+        self.url, self.timeout_s, self.retries = url, timeout_s, retries
+        self.delivered = self.failed = self.dropped = 0
+        self._queue: queue.Queue[Alert | None] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._work, name="webhook", daemon=True)
+        self._thread.start()
+
+    def send(self, alert: Alert) -> None:
+        try:
+            self._queue.put_nowait(alert)
+        except queue.Full:
+            self.dropped += 1
+            log.warning("webhook queue full, alert %s not posted (it is in the alerts table)", alert.alert_id)
+
+    def _work(self) -> None:
+        session = requests.Session()
+        while (alert := self._queue.get()) is not None:
+            payload = {"text": f":rotating_light: {alert.message}", "alert": asdict(alert)}
+            for attempt in range(1, self.retries + 1):
+                try:
+                    response = session.post(self.url, json=payload, timeout=self.timeout_s)
+                    if response.status_code < 300:
+                        self.delivered += 1
+                        break
+                    problem = f"HTTP {response.status_code}"
+                except requests.RequestException as error:
+                    problem = type(error).__name__
+                if attempt == self.retries:
+                    self.failed += 1
+                    log.warning("webhook %s failed %d times (%s); alert %s stays in the alerts table",
+                                self.url, attempt, problem, alert.alert_id)
+                else:
+                    time.sleep(0.5 * attempt)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)

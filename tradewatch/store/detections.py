@@ -1,0 +1,70 @@
+"""Writes of the detector: flags on trade rows, alerts, circuit-breaker states; and their reads at start."""
+from __future__ import annotations
+
+import json
+
+import psycopg2.extensions
+from psycopg2.extras import execute_values
+
+from tradewatch.alerts import Alert
+from tradewatch.detect.rules import BreakerTransition, Detection
+
+Cursor = psycopg2.extensions.cursor
+_MS = "timestamptz 'epoch' + %s * interval '1 millisecond'"
+
+
+def write_flags(cur: Cursor, flagged: list[tuple[Detection, int | None, int | None]], version: str) -> None:
+    """Upsert the trade rows with their flags. Inserting the whole row (the same data the consumer
+    stores) means the order of consumer and detector does not matter: whoever comes second
+    either skips the row (consumer) or sets the flags on it (detector)."""
+    if not flagged:
+        return
+    rows = []
+    for d, partition, offset in flagged:
+        t = d.trade
+        rows.append((t.trade_id, t.symbol, t.timestamp_ms, t.price, t.quantity, t.side, t.exchange, t.bid, t.ask,
+                     t.condition, t.schema_version, t.injected_anomaly, partition, offset,
+                     True, d.types, d.score, d.severity, version))
+    execute_values(
+        cur,
+        "INSERT INTO trades (trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition,"
+        " schema_version, injected_anomaly, kafka_partition, kafka_offset, is_anomaly, anomaly_types,"
+        " anomaly_score, anomaly_severity, detector_version) VALUES %s"
+        " ON CONFLICT (trade_id) DO UPDATE SET is_anomaly = true, anomaly_types = EXCLUDED.anomaly_types,"
+        " anomaly_score = EXCLUDED.anomaly_score, anomaly_severity = EXCLUDED.anomaly_severity,"
+        " detector_version = EXCLUDED.detector_version",
+        rows, template=f"(%s, %s, {_MS}, " + ", ".join(["%s"] * 16) + ")")
+
+
+def write_alerts(cur: Cursor, alerts: list[Alert]) -> None:
+    if alerts:
+        execute_values(
+            cur,
+            "INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, details, trade_id)"
+            " VALUES %s ON CONFLICT (alert_id) DO NOTHING",
+            [(a.alert_id, a.timestamp_ms, a.symbol, a.alert_type, a.severity, a.message,
+              json.dumps(a.details, default=str), a.trade_id) for a in alerts],
+            template=f"(%s, {_MS}, %s, %s, %s, %s, %s::jsonb, %s)")
+
+
+def write_breakers(cur: Cursor, transitions: list[BreakerTransition]) -> None:
+    latest = {t.symbol: t for t in transitions}  # the last transition of each symbol is its state
+    if latest:
+        execute_values(
+            cur,
+            "INSERT INTO circuit_breakers (symbol, state, since) VALUES %s ON CONFLICT (symbol) DO UPDATE"
+            " SET state = EXCLUDED.state, since = EXCLUDED.since, updated_at = now()",
+            [(t.symbol, t.state, t.timestamp_ms) for t in latest.values()], template=f"(%s, %s, {_MS})")
+
+
+def load_breakers(conn: psycopg2.extensions.connection) -> list[tuple[str, str, int]]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT symbol, state, (extract(epoch FROM since) * 1000)::bigint FROM circuit_breakers")
+        return [(s, st, int(ms)) for s, st, ms in cur.fetchall()]
+
+
+def load_last_alerts(conn: psycopg2.extensions.connection) -> dict[tuple[str, str], int]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT symbol, alert_type, (extract(epoch FROM max(ts)) * 1000)::bigint FROM alerts"
+                    " GROUP BY symbol, alert_type")
+        return {(s, t): int(ms) for s, t, ms in cur.fetchall()}
