@@ -27,6 +27,7 @@ def stages(settings: Settings) -> list[tuple[str, list[str]]]:
         ("consumer", [python, "consumer.py"]),
         ("producer", [python, "producer.py", "--rate", rate, "--anomaly-rate", anomaly_rate]),
         ("aggregator", [python, "aggregator.py"]),
+        ("detector", [python, "anomaly_detector.py", "run"]),
     ]
 
 
