@@ -6,12 +6,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 JARS := .tradewatch/jars
 
-.PHONY: demo test services stop status bench setup venv jars clean
+.PHONY: demo test services stop status bench setup venv jars browser clean
 
 demo: setup                 ## the whole pipeline + dashboard; Ctrl-C stops everything it started
 	$(PY) -m tradewatch.demo
 
-test: setup                 ## the full test suite (starts and stops its own services)
+test: setup browser         ## the full test suite (starts and stops its own services)
 	$(PY) -m pytest
 
 services: setup             ## start Kafka and PostgreSQL (harmless when running)
@@ -41,6 +41,11 @@ $(JARS)/.fetched: infra/pom.xml
 	mvn -q -B -f infra/pom.xml -P kafka dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(JARS)/kafka
 	mvn -q -B -f infra/pom.xml -P flink dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(JARS)/flink
 	touch $@
+
+browser:                    ## headless Chromium for the dashboard's browser test (Debian package)
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: sudo apt-get install chromium (needed by tests/e2e)"; exit 1; fi; }
 
 clean: stop                 ## remove local data (keeps the venv and jars)
 	rm -rf .tradewatch/demo .tradewatch/test

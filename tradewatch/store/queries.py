@@ -4,7 +4,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Iterator
 
+import pandas as pd
 import psycopg2.extensions
+from sqlalchemy import Engine, create_engine, text
 
 from tradewatch.events import Trade
 
@@ -38,3 +40,142 @@ def trade_counts(conn: Connection, symbols: list[str] | None = None, since: date
             " AND (%(until)s::timestamptz IS NULL OR ts < %(until)s) GROUP BY symbol",
             {"symbols": symbols, "since": since, "until": until})
         return dict(cur.fetchall())
+
+
+# ---------------------------------------------------------------- dashboard (SQLAlchemy + pandas)
+# Every query is parameterised; the only identifier spliced in is the metrics table, and only
+# from METRICS_TABLES. Range aggregates read the 1-minute windows, trade-level panels read the
+# (partially) indexed trades table with a LIMIT, so a refresh stays fast as `trades` grows.
+
+METRICS_TABLES = {"Python aggregator": "stock_metrics", "Flink job": "flink_metrics"}
+_SYMBOLS = "(CAST(:symbols AS text[]) IS NULL OR symbol = ANY(CAST(:symbols AS text[])))"
+
+
+def engine_for(dsn_url: str) -> Engine:
+    return create_engine(dsn_url, pool_pre_ping=True, pool_size=5, connect_args={"connect_timeout": 3})
+
+
+def _table(source: str) -> str:
+    if source not in METRICS_TABLES.values():
+        raise ValueError(f"unknown metrics table {source!r}")
+    return source
+
+
+def _frame(engine: Engine, sql: str, **params: object) -> pd.DataFrame:
+    with engine.connect() as conn:
+        return pd.read_sql(text(sql), conn, params=params)
+
+
+def data_anchor(engine: Engine) -> pd.Timestamp | None:
+    """Time of the newest trade: ranges are 'the last N minutes of data', so replays of old days show too."""
+    frame = _frame(engine, "SELECT max(ts) AS newest FROM trades")
+    value = frame["newest"].iloc[0]
+    return None if pd.isna(value) else pd.Timestamp(value)
+
+
+def table_exists(engine: Engine, table: str) -> bool:
+    return bool(_frame(engine, "SELECT to_regclass(:name) IS NOT NULL AS present", name=table)["present"].iloc[0])
+
+
+def symbols(engine: Engine, source: str = "stock_metrics") -> list[str]:
+    return _frame(engine, f"SELECT DISTINCT symbol FROM {_table(source)} WHERE window_size = '1m' ORDER BY 1")[
+        "symbol"].tolist()
+
+
+def kpis(engine: Engine, source: str, symbols: list[str] | None, since, until) -> dict:
+    frame = _frame(engine, f"""
+        SELECT coalesce(sum(trade_count), 0) AS trades, coalesce(sum(volume), 0) AS volume,
+               coalesce(sum(traded_value), 0) AS traded_value, count(DISTINCT symbol) AS active_symbols,
+               (SELECT count(*) FROM trades WHERE is_anomaly AND ts >= :since AND ts < :until AND {_SYMBOLS})
+                   AS anomalies
+        FROM {_table(source)}
+        WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}""",
+                   symbols=symbols, since=since, until=until)
+    return {k: float(v) for k, v in frame.iloc[0].items()}
+
+
+def candles(engine: Engine, source: str, symbol: str, size: str, since, until) -> pd.DataFrame:
+    return _frame(engine, f"""
+        SELECT m.window_start, m.open, m.high, m.low, m.close, m.volume, m.vwap, m.trade_count, m.is_final,
+               i.sma_20, i.sma_50, i.bollinger_upper, i.bollinger_lower
+        FROM {_table(source)} m
+        LEFT JOIN indicators i ON i.symbol = m.symbol AND i.window_size = m.window_size
+                              AND i.window_start = m.window_start
+        WHERE m.symbol = :symbol AND m.window_size = :size AND m.window_start >= :since AND m.window_start < :until
+        ORDER BY m.window_start""", symbol=symbol, size=size, since=since, until=until)
+
+
+def price_series(engine: Engine, source: str, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    return _frame(engine, f"""
+        SELECT symbol, window_start AS ts, close AS price FROM {_table(source)}
+        WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}
+          AND close IS NOT NULL
+        ORDER BY symbol, window_start""", symbols=symbols, since=since, until=until)
+
+
+def anomaly_points(engine: Engine, symbols: list[str] | None, since, until, limit: int = 500) -> pd.DataFrame:
+    return _frame(engine, f"""
+        SELECT ts, symbol, price, quantity, anomaly_severity AS severity,
+               array_to_string(anomaly_types, ', ') AS types, anomaly_score AS score
+        FROM trades WHERE is_anomaly AND ts >= :since AND ts < :until AND {_SYMBOLS}
+        ORDER BY ts DESC LIMIT :limit""", symbols=symbols, since=since, until=until, limit=limit)
+
+
+def per_symbol(engine: Engine, source: str, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    return _frame(engine, f"""
+        SELECT symbol, sum(volume) AS volume, sum(traded_value) AS traded_value, sum(trade_count) AS trades
+        FROM {_table(source)}
+        WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}
+        GROUP BY symbol ORDER BY volume DESC""", symbols=symbols, since=since, until=until)
+
+
+def scanner(engine: Engine, source: str, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    """Per symbol: last price, % change over the range, VWAP, volume, buy share, and a signal:
+    BUY when buyers dominate (> 55 % of signed volume) and price is above VWAP, SELL for the
+    mirror image, NEUTRAL otherwise."""
+    return _frame(engine, f"""
+        WITH w AS (
+            SELECT symbol, window_start, open, close, volume, traded_value, buy_volume, sell_volume
+            FROM {_table(source)}
+            WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}),
+        s AS (
+            SELECT symbol,
+                   (array_agg(close ORDER BY window_start DESC) FILTER (WHERE close IS NOT NULL))[1] AS last,
+                   (array_agg(open ORDER BY window_start) FILTER (WHERE open IS NOT NULL))[1] AS first_open,
+                   sum(traded_value) / nullif(sum(volume), 0) AS vwap, sum(volume) AS volume,
+                   sum(buy_volume) / nullif(sum(buy_volume) + sum(sell_volume), 0) AS buy_share
+            FROM w GROUP BY symbol)
+        SELECT symbol, last, round(((last / first_open - 1) * 100)::numeric, 3)::float8 AS change_pct,
+               vwap, volume, buy_share,
+               CASE WHEN buy_share > 0.55 AND last > vwap THEN 'BUY'
+                    WHEN buy_share < 0.45 AND last < vwap THEN 'SELL' ELSE 'NEUTRAL' END AS signal
+        FROM s ORDER BY symbol""", symbols=symbols, since=since, until=until)
+
+
+def whale_trades(engine: Engine, symbols: list[str] | None, since, until, limit: int = 6) -> pd.DataFrame:
+    return _frame(engine, f"""
+        SELECT ts, symbol, price, quantity, price * quantity AS value, side, anomaly_score AS score
+        FROM trades WHERE is_anomaly AND 'VOLUME_SPIKE' = ANY(anomaly_types)
+          AND ts >= :since AND ts < :until AND {_SYMBOLS}
+        ORDER BY ts DESC LIMIT :limit""", symbols=symbols, since=since, until=until, limit=limit)
+
+
+def trade_tape(engine: Engine, symbols: list[str] | None, anomalies_only: bool, limit: int = 25) -> pd.DataFrame:
+    return _frame(engine, f"""
+        SELECT ts, symbol, side, price, quantity, exchange, anomaly_severity AS severity
+        FROM trades WHERE {_SYMBOLS} AND (NOT :anomalies_only OR is_anomaly)
+        ORDER BY ts DESC LIMIT :limit""", symbols=symbols, anomalies_only=anomalies_only, limit=limit)
+
+
+def alerts_feed(engine: Engine, severities: list[str], symbols: list[str] | None, limit: int = 50) -> pd.DataFrame:
+    return _frame(engine, f"""
+        SELECT alert_id, ts, symbol, alert_type, severity, message, acknowledged
+        FROM alerts WHERE severity = ANY(CAST(:severities AS text[])) AND {_SYMBOLS}
+        ORDER BY ts DESC LIMIT :limit""", severities=severities, symbols=symbols, limit=limit)
+
+
+def acknowledge_alert(engine: Engine, alert_id: str) -> bool:
+    with engine.begin() as conn:
+        result = conn.execute(text("UPDATE alerts SET acknowledged = true, acknowledged_at = now()"
+                                   " WHERE alert_id = :alert_id AND NOT acknowledged"), {"alert_id": alert_id})
+        return result.rowcount == 1

@@ -1,0 +1,226 @@
+"""TradeWatch live dashboard: `streamlit run dashboard.py`. Reads PostgreSQL only (tradewatch/store/queries.py)."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+from sqlalchemy.exc import DBAPIError
+
+from tradewatch.config import Settings
+from tradewatch.store import queries
+
+RANGES = {"Last 15 minutes": 15, "Last hour": 60, "Last 6 hours": 360, "Last 24 hours": 1440, "Last 7 days": 10080}
+SEVERITY_COLORS = {"CRITICAL": "#d62728", "HIGH": "#ff7f0e", "MEDIUM": "#e6c229", "LOW": "#1f77b4"}
+SEVERITIES = list(SEVERITY_COLORS)
+
+st.set_page_config(page_title="TradeWatch", page_icon="📈", layout="wide")
+settings = Settings.load()
+
+
+@st.cache_resource
+def engine():
+    return queries.engine_for(settings.sqlalchemy_url)
+
+
+# Results are shared by every open page for one second (the shortest refresh interval) and the
+# cache is bounded, so memory stays flat however long the page refreshes.
+cached = st.cache_data(ttl=1, max_entries=256, show_spinner=False)
+
+
+@cached
+def q(name: str, *args):
+    return getattr(queries, name)(engine(), *args)
+
+
+def database_down(error: Exception) -> None:
+    st.error(f"Database unavailable at {settings.postgres_host}:{settings.postgres_port} — retrying "
+             f"automatically. Start it with `make services`. ({type(error).__name__})", icon="🛑")
+
+
+st.title("TradeWatch — live market surveillance")
+
+with st.sidebar:
+    st.header("Controls")
+    refresh = st.slider("Refresh every (seconds)", 1, 10, 3, key="refresh")
+    range_name = st.selectbox("Time range", list(RANGES), index=1, key="range")
+    try:
+        has_flink = q("table_exists", "flink_metrics")
+        sources = {k: v for k, v in queries.METRICS_TABLES.items() if v != "flink_metrics" or has_flink}
+        source_name = st.selectbox("Metrics from", list(sources), key="source")
+        source = sources[source_name]
+        all_symbols = q("symbols", source)
+    except DBAPIError as error:
+        database_down(error)
+        source, all_symbols = "stock_metrics", []
+    chosen = st.multiselect("Symbols", all_symbols, placeholder="all symbols", key="symbols")
+    anomalies_only = st.checkbox("Anomalies only", key="anomalies_only")
+    candle_size = st.radio("Candle size", ["1m", "5m", "15m"], horizontal=True, key="candle_size")
+
+
+def no_data(what: str) -> None:
+    st.info(f"No data yet: {what} appear once trades flow (`make demo`).", icon="⏳")
+
+
+def kpi_row(symbols, since, until, previous_since) -> None:
+    now = q("kpis", source, symbols, since, until)
+    before = q("kpis", source, symbols, previous_since, since)
+    labels = [("Trades", "trades", "{:,.0f}"), ("Volume", "volume", "{:,.0f}"),
+              ("Traded value", "traded_value", "${:,.0f}"), ("Active symbols", "active_symbols", "{:,.0f}"),
+              ("Anomalies", "anomalies", "{:,.0f}")]
+    for column, (label, key, fmt) in zip(st.columns(len(labels)), labels):
+        delta = now[key] - before[key]
+        column.metric(label, fmt.format(now[key]), delta=f"{delta:+,.0f} vs previous", delta_color="off"
+                      if key == "anomalies" else "normal")
+
+
+def candle_panel(symbols, since, until) -> None:
+    options = symbols or all_symbols
+    if not options:
+        no_data("candles")
+        return
+    symbol = st.selectbox("Candles for", options, key="candle_symbol")
+    size = candle_size if source == "stock_metrics" else "1m"
+    frame = q("candles", source, symbol, size, since, until)
+    if frame.empty:
+        no_data(f"{size} candles of {symbol}")
+        return
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.75, 0.25], vertical_spacing=0.03)
+    figure.add_trace(go.Candlestick(x=frame.window_start, open=frame.open, high=frame.high, low=frame.low,
+                                    close=frame.close, name=symbol), row=1, col=1)
+    figure.add_trace(go.Scatter(x=frame.window_start, y=frame.vwap, name="VWAP", line=dict(color="#9467bd")), 1, 1)
+    for column, name, dash in (("sma_20", "SMA 20", "dot"), ("sma_50", "SMA 50", "dash"),
+                               ("bollinger_upper", "Bollinger upper", "dot"),
+                               ("bollinger_lower", "Bollinger lower", "dot")):
+        if frame[column].notna().any():
+            figure.add_trace(go.Scatter(x=frame.window_start, y=frame[column], name=name,
+                                        line=dict(dash=dash, width=1)), 1, 1)
+    figure.add_trace(go.Bar(x=frame.window_start, y=frame.volume, name="Volume", marker_color="#7f7f7f"), 2, 1)
+    figure.update_layout(height=480, margin=dict(l=10, r=10, t=30, b=10), xaxis_rangeslider_visible=False,
+                         title=f"{symbol} {size} candles", uirevision=f"{symbol}-{size}")
+    st.plotly_chart(figure, width="stretch", key="candles")
+
+
+def price_panel(symbols, since, until) -> None:
+    prices = q("price_series", source, symbols, since, until)
+    marks = q("anomaly_points", symbols, since, until)
+    if prices.empty and marks.empty:
+        no_data("prices")
+        return
+    figure = go.Figure()
+    if not anomalies_only:
+        for symbol, rows in prices.groupby("symbol"):
+            base = rows.price.iloc[0]
+            figure.add_trace(go.Scatter(x=rows.ts, y=(rows.price / base - 1) * 100, name=symbol, mode="lines"))
+    for severity, rows in marks.groupby("severity"):
+        first = prices.groupby("symbol").price.first()
+        y = [(p / first.get(s, p) - 1) * 100 for s, p in zip(rows.symbol, rows.price)]
+        figure.add_trace(go.Scatter(x=rows.ts, y=y, mode="markers", name=f"{severity} anomaly",
+                                    marker=dict(color=SEVERITY_COLORS.get(severity, "#000"), size=10,
+                                                symbol="x"), text=rows.symbol + " " + rows.types))
+    figure.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="% vs range start",
+                         title="Price (1-minute closes) with anomalies", uirevision="prices")
+    st.plotly_chart(figure, width="stretch", key="prices")
+
+
+def share_panels(symbols, since, until) -> None:
+    frame = q("per_symbol", source, symbols, since, until)
+    left, right = st.columns(2)
+    if frame.empty:
+        with left:
+            no_data("per-symbol volumes")
+        return
+    bars = go.Figure([go.Bar(x=frame.symbol, y=frame.volume, name="Volume", offsetgroup=1),
+                      go.Bar(x=frame.symbol, y=frame.traded_value, name="Traded value", yaxis="y2", offsetgroup=2)])
+    bars.update_layout(height=340, barmode="group", title="Volume and traded value per symbol",
+                       yaxis2=dict(overlaying="y", side="right"), margin=dict(l=10, r=10, t=30, b=10))
+    left.plotly_chart(bars, width="stretch", key="per_symbol")
+    pie = go.Figure([go.Pie(labels=frame.symbol, values=frame.volume, hole=0.4)])
+    pie.update_layout(height=340, title="Share of volume", margin=dict(l=10, r=10, t=30, b=10))
+    right.plotly_chart(pie, width="stretch", key="share")
+
+
+def scanner_panel(symbols, since, until) -> None:
+    st.subheader("Market scanner")
+    frame = q("scanner", source, symbols, since, until)
+    if frame.empty:
+        no_data("scanner rows")
+        return
+    st.dataframe(frame, hide_index=True, width="stretch", key="scanner", column_config={
+        "last": st.column_config.NumberColumn("Last", format="%.4f"),
+        "change_pct": st.column_config.NumberColumn("% change", format="%.3f%%"),
+        "vwap": st.column_config.NumberColumn("VWAP", format="%.4f"),
+        "volume": st.column_config.NumberColumn("Volume", format="%.0f"),
+        "buy_share": st.column_config.ProgressColumn("Buy pressure", min_value=0.0, max_value=1.0, format="%.2f"),
+        "signal": st.column_config.TextColumn("Signal")})
+
+
+def whales_and_tape(symbols, since, until) -> None:
+    left, right = st.columns([1, 1])
+    with left:
+        st.subheader("Whale trades")
+        whales = q("whale_trades", symbols, since, until)
+        if whales.empty:
+            no_data("whale trades")
+        for row in whales.itertuples():
+            with st.container(border=True):
+                st.markdown(f"🐋 **{row.symbol}** {row.side} **{row.quantity:,.4g}** @ {row.price:,.4f} "
+                            f"= ${row.value:,.0f}  \n{pd.Timestamp(row.ts):%Y-%m-%d %H:%M:%S} UTC · score {row.score:.1f}")
+    with right:
+        st.subheader("Trade tape")
+        tape = q("trade_tape", symbols, anomalies_only)
+        if tape.empty:
+            no_data("trades")
+        else:
+            st.dataframe(tape, hide_index=True, width="stretch", key="tape")
+
+
+def acknowledge(alert_id: str) -> None:
+    """Button callback: runs before the rerun, so the feed redraws with the alert acknowledged."""
+    queries.acknowledge_alert(engine(), alert_id)
+    q.clear()
+
+
+def alert_feed(symbols) -> None:
+    st.subheader("Alerts")
+    severities = st.multiselect("Severity", SEVERITIES, default=SEVERITIES, key="alert_severities")
+    alerts = q("alerts_feed", severities, symbols)
+    if alerts.empty:
+        no_data("alerts")
+        return
+    for row in alerts.head(20).itertuples():
+        text, button = st.columns([6, 1])
+        mark = "✅" if row.acknowledged else "🔔"
+        text.markdown(f"{mark} :{'red' if row.severity == 'CRITICAL' else 'orange' if row.severity == 'HIGH' else 'blue'}"
+                      f"[**{row.severity}**] {row.message}")
+        if not row.acknowledged:
+            button.button("Acknowledge", key=f"ack-{row.alert_id}", on_click=acknowledge, args=(row.alert_id,))
+
+
+@st.fragment(run_every=timedelta(seconds=refresh))
+def live() -> None:
+    try:
+        anchor = q("data_anchor")
+        if anchor is None:
+            st.info("No data yet — start the pipeline with `make demo` (or producer.py + consumer.py).", icon="⏳")
+            return
+        symbols = chosen or None
+        span = timedelta(minutes=RANGES[range_name])
+        until = anchor + timedelta(milliseconds=1)
+        since = until - span
+        st.caption(f"{range_name} of data, up to {anchor:%Y-%m-%d %H:%M:%S} UTC · refreshing every {refresh} s · "
+                   f"metrics from `{source}`")
+        kpi_row(symbols, since, until, since - span)
+        candle_panel(symbols, since, until)
+        price_panel(symbols, since, until)
+        share_panels(symbols, since, until)
+        scanner_panel(symbols, since, until)
+        whales_and_tape(symbols, since, until)
+        alert_feed(symbols)
+    except DBAPIError as error:
+        database_down(error)
+
+
+live()

@@ -1,0 +1,35 @@
+"""A known market written straight into PostgreSQL: trades (COPY path), windows (backfill),
+indicators, flags and alerts (the detector's own code), for tests that read the tables."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from itertools import islice
+
+from tradewatch.alerts import Deduplicator, alerts_for
+from tradewatch.detect.pipeline import DetectionPipeline
+from tradewatch.market.simulator import MarketSimulator
+from tradewatch.store import db
+from tradewatch.store import detections as flags
+from tradewatch.store.metrics import backfill
+from tradewatch.store.writer import StoredTrade, write_batch
+from tradewatch.windows import parse_size
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def load_known_market(settings, count: int = 6000, seed: int = 8) -> int:
+    trades = list(islice(MarketSimulator(seed=seed, rate=20.0, anomaly_rate=0.01,
+                                         start_ms=int(T0.timestamp() * 1000)), count))
+    conn = db.connect(settings)
+    write_batch(conn, [StoredTrade(t, 0, i) for i, t in enumerate(trades)], [])
+    backfill(conn, T0, T0 + timedelta(days=1), tuple(parse_size(s) for s in ("1m", "5m", "15m")), frozenset())
+    pipeline = DetectionPipeline()
+    detections = pipeline.process(trades)
+    dedup = Deduplicator({"CRITICAL": 300, "HIGH": 60, "MEDIUM": 30})
+    flagged = [(d, 0, i) for i, d in enumerate(detections) if d.is_anomaly]
+    with conn.cursor() as cur:
+        flags.write_flags(cur, flagged, pipeline.version)
+        flags.write_alerts(cur, [a for d, _, _ in flagged for a in alerts_for(d) if dedup.allow(a)])
+    conn.commit()
+    conn.close()
+    return len(trades)
