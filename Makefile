@@ -24,7 +24,7 @@ status:
 	$(PY) -m tradewatch.stack status
 
 bench: setup                ## benchmarks; each prints JSON
-	cd bench && ../$(PY) ingest.py && ../$(PY) aggregate.py && ../$(PY) detect.py
+	cd bench && ../$(PY) ingest.py && ../$(PY) aggregate.py && ../$(PY) detect.py && ../$(PY) dashboard.py
 
 setup: venv jars
 

@@ -46,6 +46,9 @@ class Settings:
     aggregator_flush_ms: int = 500
     ohlc_exclude_conditions: str = ""
     detector_group: str = "tradewatch-detector"
+    flink_group: str = "tradewatch-flink"
+    flink_checkpoint_seconds: int = 10
+    run_flink_in_demo: str = "false"
     model_dir: str = "models"
     zscore_window: int = 50
     zscore_threshold: float = 8.0

@@ -146,3 +146,32 @@ CREATE TABLE IF NOT EXISTS circuit_breakers (
     since       timestamptz NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
+
+-- 1-minute metrics from flink_job.sql (same columns as stock_metrics; Flink writes final windows).
+CREATE TABLE IF NOT EXISTS flink_metrics (
+    symbol        text NOT NULL,
+    window_size   text NOT NULL,
+    window_start  timestamptz NOT NULL,
+    window_end    timestamptz NOT NULL,
+    open          double precision,
+    high          double precision,
+    low           double precision,
+    close         double precision,
+    volume        double precision NOT NULL,
+    traded_value  double precision NOT NULL,
+    vwap          double precision,
+    trade_count   bigint NOT NULL,
+    avg_price     double precision NOT NULL,
+    min_price     double precision NOT NULL,
+    max_price     double precision NOT NULL,
+    sum_price     double precision NOT NULL,
+    avg_quantity  double precision NOT NULL,
+    min_quantity  double precision NOT NULL,
+    max_quantity  double precision NOT NULL,
+    sum_quantity  double precision NOT NULL,
+    buy_volume    double precision NOT NULL,
+    sell_volume   double precision NOT NULL,
+    is_final      boolean NOT NULL DEFAULT true,
+    PRIMARY KEY (symbol, window_size, window_start)
+);
+CREATE INDEX IF NOT EXISTS flink_metrics_size_start ON flink_metrics (window_size, window_start);

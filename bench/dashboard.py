@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Dashboard benchmark: load N trades (default 10 million) with COPY, build their windows and
+indicators (the aggregator's backfill), flag the injected anomalies and raise their alerts, then
+time every query of one dashboard refresh (p50/p95 per query and for the whole refresh).
+Target: p95 of a whole refresh <= 250 ms. The loaded data stays in .tradewatch/bench for reruns
+(pass --reload to rebuild it)."""
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import timedelta
+
+from common import bench_settings, percentile, report
+
+from tradewatch.market.simulator import MarketSimulator
+from tradewatch.store import db, queries
+from tradewatch.store.metrics import backfill
+from tradewatch.store.writer import _CREATE_STAGE, _STAGE_COLUMNS, StoredTrade, _copy_buffer
+from tradewatch.windows import parse_size
+
+START_MS = 1_767_225_600_000
+
+
+def load(settings, count: int) -> dict:
+    conn = db.connect(settings)
+    cur = conn.cursor()
+    cur.execute("TRUNCATE trades, stock_metrics, indicators, alerts, late_trades, aggregator_offsets")
+    sim = MarketSimulator(seed=42, rate=1000.0, anomaly_rate=0.001, start_ms=START_MS)
+    started = time.perf_counter()
+    chunk = 200_000
+    cur.execute(_CREATE_STAGE.replace("ON COMMIT DELETE ROWS", ""))  # the consumer's staging table
+    for offset in range(0, count, chunk):
+        rows = [StoredTrade(sim.next_trade(), 0, offset + i) for i in range(min(chunk, count - offset))]
+        cur.copy_expert(f"COPY trades_incoming ({_STAGE_COLUMNS}) FROM STDIN", _copy_buffer(rows))
+    generated = time.perf_counter() - started
+    cur.execute("""
+        INSERT INTO trades (trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition,
+                            schema_version, injected_anomaly, kafka_partition, kafka_offset, is_anomaly,
+                            anomaly_types, anomaly_score, anomaly_severity, detector_version)
+        SELECT trade_id, symbol, timestamptz 'epoch' + timestamp_ms * interval '1 millisecond', price, quantity,
+               side, exchange, bid, ask, condition, schema_version, injected_anomaly, kafka_partition, kafka_offset,
+               injected_anomaly IS NOT NULL,
+               CASE injected_anomaly WHEN 'price_spike' THEN ARRAY['PRICE_SPIKE'] WHEN 'price_drop' THEN ARRAY['PRICE_DROP']
+                    WHEN 'volume_spike' THEN ARRAY['VOLUME_SPIKE'] WHEN 'flash_crash' THEN ARRAY['CIRCUIT_BREAKER'] END,
+               CASE WHEN injected_anomaly IS NOT NULL THEN 2.0 END,
+               CASE injected_anomaly WHEN 'flash_crash' THEN 'CRITICAL' WHEN 'volume_spike' THEN 'MEDIUM'
+                    WHEN NULL THEN NULL ELSE 'HIGH' END, 'bench'
+        FROM trades_incoming""")
+    cur.execute("""
+        INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, trade_id)
+        SELECT trade_id || ':' || anomaly_types[1], ts, symbol, anomaly_types[1], anomaly_severity,
+               anomaly_severity || ' ' || anomaly_types[1] || ' ' || symbol, trade_id
+        FROM trades WHERE is_anomaly""")
+    cur.execute("DROP TABLE trades_incoming")
+    conn.commit()
+    loaded = time.perf_counter() - started
+    cur.execute("SELECT min(ts), max(ts) FROM trades")
+    first, last = cur.fetchone()
+    backfill(conn, first, last + timedelta(seconds=1), tuple(parse_size(s) for s in ("1m", "5m", "15m")),
+             frozenset())
+    conn.autocommit = True
+    conn.cursor().execute("VACUUM ANALYZE")
+    conn.close()
+    return {"generate_and_copy_s": round(generated, 1), "load_s": round(loaded, 1),
+            "windows_s": round(time.perf_counter() - started - loaded, 1)}
+
+
+def refresh_queries(engine, anchor, symbols):
+    until = anchor + timedelta(milliseconds=1)
+    since = until - timedelta(hours=1)
+    previous = since - timedelta(hours=1)
+    first = symbols[0]
+    return [
+        ("data_anchor", lambda: queries.data_anchor(engine)),
+        ("kpis", lambda: queries.kpis(engine, "stock_metrics", None, since, until)),
+        ("kpis_previous", lambda: queries.kpis(engine, "stock_metrics", None, previous, since)),
+        ("candles", lambda: queries.candles(engine, "stock_metrics", first, "1m", since, until)),
+        ("price_series", lambda: queries.price_series(engine, "stock_metrics", None, since, until)),
+        ("anomaly_points", lambda: queries.anomaly_points(engine, None, since, until)),
+        ("per_symbol", lambda: queries.per_symbol(engine, "stock_metrics", None, since, until)),
+        ("scanner", lambda: queries.scanner(engine, "stock_metrics", None, since, until)),
+        ("whale_trades", lambda: queries.whale_trades(engine, None, since, until)),
+        ("trade_tape", lambda: queries.trade_tape(engine, None, False)),
+        ("trade_tape_anomalies", lambda: queries.trade_tape(engine, None, True)),
+        ("alerts_feed", lambda: queries.alerts_feed(engine, ["CRITICAL", "HIGH", "MEDIUM", "LOW"], None)),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trades", type=int, default=10_000_000)
+    parser.add_argument("--refreshes", type=int, default=30)
+    parser.add_argument("--reload", action="store_true")
+    args = parser.parse_args()
+    settings = bench_settings()
+    conn = db.connect(settings)
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM trades")
+        present = cur.fetchone()[0]
+    conn.close()
+    loading = load(settings, args.trades) if args.reload or present != args.trades else {"reused": present}
+    engine = queries.engine_for(settings.sqlalchemy_url)
+    anchor = queries.data_anchor(engine)
+    symbols = queries.symbols(engine)
+    timings: dict[str, list[float]] = {}
+    totals = []
+    for _ in range(args.refreshes):
+        total = 0.0
+        for name, run in refresh_queries(engine, anchor, symbols):
+            started = time.perf_counter()
+            run()
+            elapsed = (time.perf_counter() - started) * 1000
+            timings.setdefault(name, []).append(elapsed)
+            total += elapsed
+        totals.append(total)
+    report({
+        "benchmark": "dashboard",
+        "trades": args.trades, "loading": loading,
+        "per_query_ms": {n: {"p50": round(percentile(v, 50), 1), "p95": round(percentile(v, 95), 1)}
+                         for n, v in timings.items()},
+        "refresh_ms": {"p50": round(percentile(totals, 50), 1), "p95": round(percentile(totals, 95), 1)},
+        "target_refresh_p95_ms": 250,
+    })
+
+
+if __name__ == "__main__":
+    main()

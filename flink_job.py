@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Run flink_job.sql with PyFlink: locally in a mini-cluster (default) or on a Flink cluster."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from tradewatch.cli import setup_logging
+from tradewatch.config import PROJECT_ROOT, Settings
+from tradewatch.stack import JARS_DIR
+from tradewatch.store import db
+
+SQL_FILE = PROJECT_ROOT / "flink_job.sql"
+log = logging.getLogger("tradewatch.flink")
+
+
+def placeholders(settings: Settings) -> dict[str, str]:
+    codes = [c.strip() for c in settings.ohlc_exclude_conditions.split(",") if c.strip()]
+    values = {k: v for k, v in settings.as_env().items()}
+    values["IDLE_TIMEOUT_SECONDS"] = f"{settings.idle_timeout_seconds:g}"
+    # NOT IN needs at least one item; '' is never a real condition code
+    values["OHLC_EXCLUDE_SQL_LIST"] = ", ".join("'" + c.replace("'", "''") + "'" for c in codes) or "''"
+    return values
+
+
+def render(settings: Settings, sql: str | None = None) -> str:
+    values = placeholders(settings)
+    sql = sql if sql is not None else SQL_FILE.read_text()
+
+    def fill(match: re.Match) -> str:
+        if match.group(1) not in values:
+            raise KeyError(f"flink_job.sql uses ${{{match.group(1)}}}, which is not a setting")
+        return values[match.group(1)]
+    return re.sub(r"\$\{(\w+)\}", fill, sql)
+
+
+def statements(sql: str) -> list[str]:
+    without_comments = "\n".join(line.split("--")[0] if not line.strip().startswith("--") else ""
+                                 for line in sql.splitlines())
+    return [s.strip() for s in without_comments.split(";") if s.strip()]
+
+
+def jar_urls() -> list[str]:
+    jars = sorted((JARS_DIR / "flink").glob("*.jar"))
+    if not jars:
+        raise SystemExit(f"error: no connector jars in {JARS_DIR / 'flink'} — run `make jars`")
+    return [jar.resolve().as_uri() for jar in jars]
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = [p.parent for p in directory.glob("*/chk-*/_metadata")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compute 1-minute metrics with Flink SQL from the Kafka topic "
+                                     "`trades` into the PostgreSQL table flink_metrics. Runs until Ctrl-C.")
+    parser.add_argument("--print-sql", action="store_true", help="print the filled-in SQL (for the SQL client)")
+    parser.add_argument("--jobmanager", metavar="HOST:PORT", help="submit to a Flink cluster instead of locally")
+    parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints, start from the topic's start")
+    args = parser.parse_args(argv)
+    settings = Settings.load()
+    sql = render(settings)
+    if args.print_sql:
+        print(sql)
+        return 0
+    setup_logging()
+    try:
+        db.apply_schema(settings)
+    except db.DatabaseUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    os.environ.setdefault("JAVA_TOOL_OPTIONS", "-Duser.timezone=UTC")  # JDBC timestamps are UTC
+    from pyflink.table import EnvironmentSettings, TableEnvironment
+
+    env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
+    logging.getLogger().setLevel(logging.INFO)  # PyFlink lowers the root logger to WARNING
+    config = env.get_config()
+    config.set("pipeline.jars", ";".join(jar_urls()))
+    config.set("parallelism.default", "1")
+    checkpoints = settings.home / "flink" / "checkpoints" / settings.flink_group
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    config.set("execution.checkpointing.dir", checkpoints.resolve().as_uri())
+    config.set("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
+    restore = None if args.fresh else latest_checkpoint(checkpoints)
+    if restore:
+        config.set("execution.state-recovery.path", restore.resolve().as_uri())
+        log.info("resuming from checkpoint %s", restore)
+    if args.jobmanager:
+        host, port = args.jobmanager.rsplit(":", 1)
+        config.set("execution.target", "remote")
+        config.set("rest.address", host)
+        config.set("rest.port", port)
+    insert = None
+    for statement in statements(sql):
+        match = re.match(r"SET\s+'([^']+)'\s*=\s*'([^']*)'$", statement, re.IGNORECASE)
+        if match:
+            config.set(match.group(1), match.group(2))
+        elif statement.upper().startswith("INSERT"):
+            insert = statement
+        else:
+            env.execute_sql(statement)
+    log.info("submitting the job: topic %s -> flink_metrics at %s:%s", settings.trades_topic,
+             settings.postgres_host, settings.postgres_port)
+    result = env.execute_sql(insert)
+    try:
+        result.wait()
+    except KeyboardInterrupt:
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+-- TradeWatch 1-minute metrics computed by Flink from the Kafka topic `trades` into PostgreSQL.
+-- The same windows as aggregator.py (see tradewatch/windows.py); `python flink_job.py` fills the
+-- ${…} placeholders from .env / the environment and runs it (locally or on a cluster);
+-- `python flink_job.py --print-sql` prints the filled-in SQL for Flink's SQL client.
+
+SET 'table.local-time-zone' = 'UTC';
+-- A partition with no new trades stops holding the watermark back after this long.
+SET 'table.exec.source.idle-timeout' = '${IDLE_TIMEOUT_SECONDS} s';
+SET 'execution.checkpointing.interval' = '${FLINK_CHECKPOINT_SECONDS} s';
+SET 'pipeline.name' = 'tradewatch-1m-metrics';
+
+CREATE TABLE trades_source (
+    trade_id      STRING,
+    symbol        STRING,
+    timestamp_ms  BIGINT,
+    price         DOUBLE,
+    quantity      DOUBLE,
+    side          STRING,
+    `condition`   STRING,
+    kafka_offset  BIGINT METADATA FROM 'offset' VIRTUAL,
+    event_time    AS TO_TIMESTAMP_LTZ(timestamp_ms, 3),
+    -- the aggregator's allowed lateness: windows close when the watermark passes their end
+    WATERMARK FOR event_time AS event_time - INTERVAL '${ALLOWED_LATENESS_SECONDS}' SECOND
+) WITH (
+    'connector' = 'kafka',
+    'topic' = '${TRADES_TOPIC}',
+    'properties.bootstrap.servers' = '${KAFKA_BOOTSTRAP_SERVERS}',
+    'properties.group.id' = '${FLINK_GROUP}',
+    'scan.startup.mode' = 'earliest-offset',
+    'format' = 'json',
+    -- malformed messages are the consumer's business (dead_letters); here they are skipped
+    'json.ignore-parse-errors' = 'true'
+);
+
+CREATE TABLE flink_metrics_sink (
+    symbol        STRING,
+    window_size   STRING,
+    window_start  TIMESTAMP(3),
+    window_end    TIMESTAMP(3),
+    `open`        DOUBLE,
+    high          DOUBLE,
+    low           DOUBLE,
+    `close`       DOUBLE,
+    volume        DOUBLE,
+    traded_value  DOUBLE,
+    vwap          DOUBLE,
+    trade_count   BIGINT,
+    avg_price     DOUBLE,
+    min_price     DOUBLE,
+    max_price     DOUBLE,
+    sum_price     DOUBLE,
+    avg_quantity  DOUBLE,
+    min_quantity  DOUBLE,
+    max_quantity  DOUBLE,
+    sum_quantity  DOUBLE,
+    buy_volume    DOUBLE,
+    sell_volume   DOUBLE,
+    PRIMARY KEY (symbol, window_size, window_start) NOT ENFORCED   -- rows are upserted
+) WITH (
+    'connector' = 'jdbc',
+    'url' = 'jdbc:postgresql://${POSTGRES_HOST}:${POSTGRES_PORT}/${POSTGRES_DB}',
+    'table-name' = 'flink_metrics',
+    'username' = '${POSTGRES_USER}',
+    'password' = '${POSTGRES_PASSWORD}',
+    'sink.buffer-flush.interval' = '1 s',
+    'sink.buffer-flush.max-rows' = '1000'
+);
+
+-- The valid trades (the consumer's rules for the numeric fields).
+CREATE TEMPORARY VIEW valid_trades AS
+SELECT *,
+       -- open/close = price of the first/last trade by (event time, offset), as in aggregator.py,
+       -- whatever the arrival order: a sortable key with the price appended, min/max, then split
+       LPAD(CAST(timestamp_ms AS STRING), 15, '0') || LPAD(CAST(kafka_offset AS STRING), 19, '0')
+           || '|' || CAST(price AS STRING) AS order_key,
+       (`condition` IS NULL OR `condition` NOT IN (${OHLC_EXCLUDE_SQL_LIST})) AS sets_price
+FROM trades_source
+WHERE trade_id IS NOT NULL AND symbol IS NOT NULL AND timestamp_ms IS NOT NULL
+  AND price > 0 AND quantity > 0;
+
+INSERT INTO flink_metrics_sink
+SELECT symbol, '1m', window_start, window_end,
+       CAST(SPLIT_INDEX(MIN(order_key) FILTER (WHERE sets_price), '|', 1) AS DOUBLE),
+       MAX(price) FILTER (WHERE sets_price),
+       MIN(price) FILTER (WHERE sets_price),
+       CAST(SPLIT_INDEX(MAX(order_key) FILTER (WHERE sets_price), '|', 1) AS DOUBLE),
+       SUM(quantity), SUM(price * quantity), SUM(price * quantity) / SUM(quantity), COUNT(*),
+       AVG(price), MIN(price), MAX(price), SUM(price),
+       AVG(quantity), MIN(quantity), MAX(quantity), SUM(quantity),
+       COALESCE(SUM(quantity) FILTER (WHERE side = 'buy'), 0.0),
+       COALESCE(SUM(quantity) FILTER (WHERE side = 'sell'), 0.0)
+FROM TABLE(TUMBLE(TABLE valid_trades, DESCRIPTOR(event_time), INTERVAL '1' MINUTE))
+GROUP BY symbol, window_start, window_end;

@@ -1,0 +1,116 @@
+"""flink_job.sql on a real Kafka topic and real PostgreSQL: its 1-minute windows equal aggregator.py's.
+All Flink tests share one running job (one JVM start): the `flink` session fixture."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import SHARED_DATA, query, run_script, start_script, wait_for
+from tradewatch import bus
+from tradewatch.events import Trade, iso_to_ms
+
+COLUMNS = ("open, high, low, close, volume, traded_value, vwap, trade_count, avg_price, min_price, max_price, "
+           "sum_price, avg_quantity, min_quantity, max_quantity, sum_quantity, buy_volume, sell_volume")
+
+
+@pytest.fixture(scope="session")
+def flink(services, tmp_path_factory):
+    tag = uuid.uuid4().hex[:6]
+    settings = services.with_overrides(trades_topic=f"flink-{tag}", flink_group=f"flink-{tag}",
+                                       idle_timeout_seconds=1.0)
+    bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
+    log = tmp_path_factory.mktemp("flink") / "flink_job.log"
+    job = start_script(settings, "flink_job.py", "--fresh", log=log)
+    wait_for(lambda: "submitting the job" in log.read_text() or job.poll() is not None, timeout=180,
+             message="Flink job submitted")
+    assert job.poll() is None, log.read_text()[-3000:]
+    yield settings
+    job.send_signal(signal.SIGINT)
+    try:
+        job.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        job.kill()
+
+
+def rows(settings, table: str, symbol: str, before_ms: int | None = None) -> list[tuple]:
+    return query(settings, f"SELECT (extract(epoch FROM window_start) * 1000)::bigint, {COLUMNS} FROM {table}"
+                           " WHERE symbol = %s AND window_size = '1m' AND (%s::bigint IS NULL OR"
+                           " window_start < timestamptz 'epoch' + %s::bigint * interval '1 millisecond')"
+                           " ORDER BY window_start", (symbol, before_ms, before_ms))
+
+
+def assert_same_windows(flink_rows, python_rows):
+    assert [r[0] for r in flink_rows] == [r[0] for r in python_rows]
+    for f, p in zip(flink_rows, python_rows):
+        assert f[8] == p[8], f"trade count differs at {f[0]}"
+        assert f[1:] == pytest.approx(p[1:], rel=1e-9, abs=1e-12), f"window {f[0]} differs"
+
+
+def folded(settings) -> int:
+    return query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+                 (settings.aggregator_group,))[0][0]
+
+
+def test_ibm_day_windows_equal_the_python_aggregator(flink, tmp_path):
+    settings = flink.with_overrides(aggregator_group=f"agg-{uuid.uuid4().hex[:6]}")
+    run_script(settings, "producer.py", "--replay", str(SHARED_DATA / "lean" / "ibm_20131007_trades.csv.gz"),
+               "--speed", "max")
+    # one trade ten minutes after the day's last lets Flink's watermark pass every window of the day
+    sentinel_ms = iso_to_ms("2013-10-08T00:10:00Z")
+    publisher = bus.Publisher(settings)
+    publisher.send(settings.trades_topic, b"IBM",
+                   Trade("IBM-sentinel", "IBM", sentinel_ms, 180.0, 1.0, "buy", "X").to_json_bytes())
+    publisher.flush()
+    publisher.close()
+    aggregator = start_script(settings, "aggregator.py", log=tmp_path / "aggregator.log")
+    end = sum(e for _, e in bus.group_lag(settings, settings.aggregator_group, settings.trades_topic).values())
+    wait_for(lambda: folded(settings) >= end, timeout=180, message="aggregator caught up")
+    aggregator.send_signal(signal.SIGTERM)
+    assert aggregator.wait(timeout=60) == 0
+    python_rows = rows(settings, "stock_metrics", "IBM", sentinel_ms - 60_000)
+    assert len(python_rows) == 453 and sum(r[8] for r in python_rows) == 24_293
+    wait_for(lambda: len(rows(settings, "flink_metrics", "IBM", sentinel_ms - 60_000)) == len(python_rows),
+             timeout=240, message="Flink emitted every IBM minute")
+    assert_same_windows(rows(settings, "flink_metrics", "IBM", sentinel_ms - 60_000), python_rows)
+
+
+def test_out_of_order_and_late_trades_are_treated_alike(flink, tmp_path):
+    settings = flink.with_overrides(aggregator_group=f"agg-{uuid.uuid4().hex[:6]}", allowed_lateness_seconds=5.0)
+    symbol = f"OOO{uuid.uuid4().hex[:4].upper()}"
+    t0 = iso_to_ms("2026-03-02T10:00:00Z")
+    publisher = bus.Publisher(settings)
+
+    def send(*trades: tuple[int, float, float, str]) -> None:
+        for n, (offset_ms, price, qty, side) in enumerate(trades):
+            trade = Trade(f"{symbol}-{offset_ms}-{n}", symbol, t0 + offset_ms, price, qty, side, "X")
+            publisher.send(settings.trades_topic, symbol.encode(), trade.to_json_bytes())
+        publisher.flush()
+
+    aggregator = start_script(settings, "aggregator.py", log=tmp_path / "aggregator.log")
+    # minute 0 arrives out of order: the first trade by event time comes third, the last comes first
+    send((50_000, 10.5, 3, "buy"), (20_000, 10.2, 5, "sell"), (1_000, 10.0, 7, "buy"), (30_000, 10.9, 1, "sell"),
+         (58_000, 10.4, 2, "buy"), (61_000, 11.0, 4, "buy"),
+         (56_000, 10.1, 6, "sell"),                  # late, but within the 5 s lateness: counts in both
+         (66_000, 11.2, 1, "sell"))                  # watermark 61 s: minute 0 closes in both
+    minute0 = t0 // 60_000 * 60_000
+    wait_for(lambda: rows(settings, "flink_metrics", symbol) and
+             query(settings, "SELECT bool_and(is_final) FROM stock_metrics WHERE symbol = %s AND window_start ="
+                             " timestamptz 'epoch' + %s * interval '1 millisecond' AND window_size = '1m'",
+                   (symbol, minute0))[0][0], timeout=120, message="minute 0 final in both")
+    send((40_000, 99.0, 100, "buy"))                 # beyond the lateness: dropped by both, audited by Python
+    send((600_000, 11.5, 1, "buy"))                  # closes minute 1
+    wait_for(lambda: len(rows(settings, "flink_metrics", symbol)) == 2, timeout=120, message="Flink minute 1")
+    wait_for(lambda: len(rows(settings, "stock_metrics", symbol, t0 + 600_000)) == 2 and
+             query(settings, "SELECT count(*) FROM late_trades WHERE symbol = %s", (symbol,))[0][0] == 1,
+             timeout=60, message="Python minute 1 and the late trade")
+    aggregator.send_signal(signal.SIGTERM)
+    assert aggregator.wait(timeout=60) == 0
+    publisher.close()
+    python_rows = rows(settings, "stock_metrics", symbol, t0 + 600_000)
+    assert_same_windows(rows(settings, "flink_metrics", symbol), python_rows)
+    first = python_rows[0]
+    assert (first[1], first[4], first[8]) == (10.0, 10.4, 6)   # open/close by event time; the late trade left out
