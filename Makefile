@@ -24,7 +24,7 @@ status:
 	$(PY) -m tradewatch.stack status
 
 bench: setup                ## benchmarks; each prints JSON
-	cd bench && ../$(PY) ingest.py && ../$(PY) aggregate.py && ../$(PY) detect.py && ../$(PY) dashboard.py
+	cd bench && ../$(PY) ingest.py && ../$(PY) aggregate.py && ../$(PY) detect.py && ../$(PY) dashboard.py && ../$(PY) flink.py
 
 setup: venv jars
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from tradewatch.cli import StopFlag, setup_logging
 from tradewatch.config import Settings
@@ -32,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
             break
         except db.DatabaseUnavailable as error:
             print(f"waiting: {error}", file=sys.stderr)
-            import time
             time.sleep(2)
     Ingestor(settings, stop, args.group).run()
     return 0

@@ -28,7 +28,9 @@ def stages(settings: Settings) -> list[tuple[str, list[str]]]:
         ("producer", [python, "producer.py", "--rate", rate, "--anomaly-rate", anomaly_rate]),
         ("aggregator", [python, "aggregator.py"]),
         ("detector", [python, "anomaly_detector.py", "run"]),
-    ]
+        ("dashboard", [python, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
+                       "--browser.gatherUsageStats", "false"]),
+    ] + ([("flink", [python, "flink_job.py"])] if settings.run_flink_in_demo.lower() == "true" else [])
 
 
 def main() -> int:
@@ -47,7 +49,7 @@ def main() -> int:
         for name, command in stages(settings):
             log.info("starting %s: %s", name, " ".join(command[1:]))
             processes.append((name, subprocess.Popen(command, cwd=PROJECT_ROOT)))
-        log.info("demo running — press Ctrl-C to stop everything")
+        log.info("demo running — dashboard at http://localhost:8501 — press Ctrl-C to stop everything")
         while True:
             for name, process in processes:
                 if process.poll() is not None:

@@ -42,7 +42,9 @@ def test_docker_compose_agrees_with_env_file():
     assert (pg_env["POSTGRES_DB"], pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"]) == (
         "${POSTGRES_DB}", "${POSTGRES_USER}", "${POSTGRES_PASSWORD}")
     apps = [name for name, spec in services.items() if "build" in spec]
-    assert {"producer", "consumer"} <= set(apps)
+    assert {"producer", "consumer", "aggregator", "detector", "dashboard", "flink-job"} <= set(apps)
+    assert {"jobmanager", "taskmanager"} <= set(services)
+    assert services["flink-job"]["command"].endswith("--jobmanager jobmanager:8081")
     for name in apps:
         spec = services[name]
         assert spec["env_file"] == ".env"
