@@ -45,23 +45,26 @@ def test_round_trip_field_for_field(settings, tmp_path):
 
 
 def test_exactly_once_when_the_consumer_is_killed_repeatedly(settings, tmp_path):
-    total = 20_000
-    producer = start_script(settings, "producer.py", "--count", str(total), "--rate", "2500", "--seed", "5",
+    total = 30_000
+    producer = start_script(settings, "producer.py", "--count", str(total), "--rate", "1000", "--seed", "5",
                             "--start", START, log=tmp_path / "producer.log")
     log = tmp_path / "consumer.log"
-    for kill in range(4):
+    kills = 0
+    while kills < 4 and count(settings) < total:
         consumer = start_script(settings, "consumer.py", "--batch-size", "500", log=log)
         before = count(settings)
-        wait_for(lambda: count(settings) > before, timeout=60, message="progress after restart")
-        time.sleep(0.3 + 0.4 * kill)
+        wait_for(lambda: count(settings) > before, timeout=90, message="progress after restart")
+        time.sleep(0.3 + 0.4 * kills)
         consumer.kill()  # SIGKILL: no flush, no commit
         consumer.wait()
+        kills += 1
+    assert kills >= 3, "killed mid-stream at least three times"
     assert producer.wait(timeout=120) == 0
     consumer = start_script(settings, "consumer.py", log=log)
     wait_for(lambda: count(settings) == total, timeout=120, message=f"{total} rows")
     time.sleep(2)  # nothing more arrives: no doubles
     assert stop_gracefully(consumer) == 0
-    expected = {t.trade_id for t in islice(MarketSimulator(seed=5, rate=2500, start_ms=iso_to_ms(START)), total)}
+    expected = {t.trade_id for t in islice(MarketSimulator(seed=5, rate=1000, start_ms=iso_to_ms(START)), total)}
     stored = query(settings, "SELECT trade_id, count(*) FROM trades GROUP BY trade_id")
     assert {trade_id for trade_id, _ in stored} == expected
     assert all(n == 1 for _, n in stored)
