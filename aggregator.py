@@ -7,18 +7,12 @@ import sys
 from datetime import datetime, timezone
 
 from tradewatch.aggregate import Aggregator, excluded_conditions, sizes_from
-from tradewatch.cli import StopFlag, setup_logging
+from tradewatch.cli import StopFlag, iso_time, setup_logging
 from tradewatch.config import Settings
 from tradewatch.store import db
 from tradewatch.store.metrics import backfill
 
 
-def when(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r} (e.g. 2013-10-07T13:30:00Z)")
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lateness", type=float, help="allowed lateness in seconds")
     parser.add_argument("--backfill", action="store_true",
                         help="rebuild the windows of --since/--until from the trades table, then exit")
-    parser.add_argument("--since", type=when, help="backfill start (ISO-8601, UTC if no offset)")
-    parser.add_argument("--until", type=when, help="backfill end (default: now)")
+    parser.add_argument("--since", type=iso_time, help="backfill start (ISO-8601, UTC if no offset)")
+    parser.add_argument("--until", type=iso_time, help="backfill end (default: now)")
     args = parser.parse_args(argv)
     setup_logging()
     overrides = {k: v for k, v in {"window_sizes": args.windows, "allowed_lateness_seconds": args.lateness}.items()

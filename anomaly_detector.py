@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tradewatch.cli import StopFlag, setup_logging
+from tradewatch.cli import StopFlag, iso_time, setup_logging
 from tradewatch.config import Settings, shared_data_dir
 from tradewatch.detect import evaluate, forest
 from tradewatch.detect.pipeline import DetectionPipeline
@@ -22,12 +22,6 @@ from tradewatch.detect_stream import DetectorService, detector_config, load_mode
 from tradewatch.store import db, queries
 
 
-def when(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}")
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def symbols_arg(text: str) -> list[str]:
@@ -163,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the Isolation Forest from the trades table and save a new version")
     train.add_argument("--symbols", type=symbols_arg, help="comma-separated (default: every symbol with enough data)")
-    train.add_argument("--since", type=when)
-    train.add_argument("--until", type=when)
+    train.add_argument("--since", type=iso_time)
+    train.add_argument("--until", type=iso_time)
     analyze = sub.add_parser("analyze", help="report anomalies per symbol, or flag points of a CSV series")
     analyze.add_argument("symbol", nargs="?")
-    analyze.add_argument("--since", type=when)
-    analyze.add_argument("--until", type=when)
+    analyze.add_argument("--since", type=iso_time)
+    analyze.add_argument("--until", type=iso_time)
     analyze.add_argument("--top", type=int, default=10)
     analyze.add_argument("--json", action="store_true", help="machine-readable output")
     analyze.add_argument("--csv", type=Path, help="any CSV time series instead of the trades table")

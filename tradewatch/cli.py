@@ -1,10 +1,12 @@
 """What every stage's command line shares: logging and a graceful stop on SIGINT/SIGTERM."""
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
 import time
+from datetime import datetime, timezone
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -37,3 +39,12 @@ class StopFlag:
 
     def __call__(self) -> bool:
         return self.requested
+
+
+def iso_time(text: str) -> datetime:
+    """argparse type: ISO-8601 time, UTC when it has no offset (e.g. 2013-10-07T13:30:00Z)."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r} (e.g. 2013-10-07T13:30:00Z)")
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -59,12 +59,8 @@ class DetectorService:
         self._conn = None
 
     def _db(self):
-        while self._conn is None:
-            try:
-                self._conn = db.connect(self.settings)
-            except db.DatabaseUnavailable as error:
-                log.warning("%s; retrying every %.0fs", error, RETRY_SECONDS)
-                time.sleep(RETRY_SECONDS)
+        if self._conn is None:
+            self._conn = db.connect_waiting(self.settings, log, RETRY_SECONDS)
         return self._conn
 
     def _restore(self) -> None:

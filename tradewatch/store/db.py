@@ -1,6 +1,8 @@
 """Connections and schema. Every process connects through here."""
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import psycopg2
@@ -31,6 +33,22 @@ def connect(settings: Settings, database: str | None = None) -> psycopg2.extensi
     except psycopg2.OperationalError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise DatabaseUnavailable(f"{unavailable_message(settings)}: {first_line}") from None
+
+
+def connect_waiting(settings: Settings, log: logging.Logger, retry_s: float = 2.0) -> psycopg2.extensions.connection:
+    """Connect, or log one line and keep retrying until the server answers."""
+    waiting = False
+    while True:
+        try:
+            conn = connect(settings)
+            if waiting:
+                log.info("PostgreSQL reachable again")
+            return conn
+        except DatabaseUnavailable as error:
+            if not waiting:
+                log.warning("%s; retrying every %.0fs", error, retry_s)
+                waiting = True
+            time.sleep(retry_s)
 
 
 def apply_schema(settings: Settings) -> None:
