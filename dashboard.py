@@ -44,7 +44,8 @@ st.title("TradeWatch — live market surveillance")
 
 with st.sidebar:
     st.header("Controls")
-    refresh = st.slider("Refresh every (seconds)", 1, 10, 3, key="refresh")
+    refresh = st.slider("Refresh every (seconds)", 1, 10, min(max(settings.dashboard_refresh_seconds, 1), 10),
+                        key="refresh")
     range_name = st.selectbox("Time range", list(RANGES), index=1, key="range")
     try:
         has_flink = q("table_exists", "flink_metrics")

@@ -46,6 +46,7 @@ class Settings:
     aggregator_flush_ms: int = 500
     ohlc_exclude_conditions: str = ""
     detector_group: str = "tradewatch-detector"
+    dashboard_refresh_seconds: int = 3
     flink_group: str = "tradewatch-flink"
     flink_checkpoint_seconds: int = 10
     run_flink_in_demo: str = "false"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -44,11 +45,11 @@ def test_train_with_too_little_data_stops_with_a_clear_message(settings, tmp_pat
     consumer.wait(timeout=30)
     env = {**settings.as_env(), "MODEL_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "anomaly_detector.py", "train"], cwd=PROJECT_ROOT, capture_output=True,
-                         text=True, env={**__import__("os").environ, **env})
+                         text=True, env={**os.environ, **env})
     assert out.returncode == 2
     assert "300 trades" in out.stderr and "at least 1000" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run([sys.executable, "anomaly_detector.py", "train", "--symbols", "AAPL"], cwd=PROJECT_ROOT,
-                         capture_output=True, text=True, env={**__import__("os").environ, **env})
+                         capture_output=True, text=True, env={**os.environ, **env})
     assert out.returncode == 2 and "AAPL has 300 trades" in out.stderr
     assert not list(tmp_path.glob("*.joblib"))
 

@@ -114,3 +114,35 @@ def test_out_of_order_and_late_trades_are_treated_alike(flink, tmp_path):
     assert_same_windows(rows(settings, "flink_metrics", symbol), python_rows)
     first = python_rows[0]
     assert (first[1], first[4], first[8]) == (10.0, 10.4, 6)   # open/close by event time; the late trade left out
+
+
+def test_killed_job_resumes_from_its_checkpoint_without_double_counting(services, tmp_path):
+    """Necessarily two JVM starts of its own (kill -9, then restart), so not the shared job."""
+    tag = uuid.uuid4().hex[:6]
+    settings = services.with_overrides(trades_topic=f"flinkkill-{tag}", flink_group=f"flinkkill-{tag}",
+                                       idle_timeout_seconds=1.0, flink_checkpoint_seconds=2)
+    bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
+    producer = start_script(settings, "producer.py", "--replay",
+                            str(SHARED_DATA / "lean" / "ibm_20131007_trades.csv.gz"), "--speed", "1200")
+    job = start_script(settings, "flink_job.py", "--fresh", log=tmp_path / "first.log")
+    wait_for(lambda: len(rows(settings, "flink_metrics", "IBM")) > 100, timeout=180, message="first windows")
+    checkpoints = settings.home / "flink" / "checkpoints" / settings.flink_group
+    wait_for(lambda: list(checkpoints.glob("*/chk-*/_metadata")), timeout=60, message="a checkpoint")
+    subprocess.run(["pkill", "-9", "-P", str(job.pid)])
+    job.kill()
+    job.wait()
+    written_before = len(rows(settings, "flink_metrics", "IBM"))
+    assert producer.wait(timeout=180) == 0 and written_before < 452, "killed mid-stream"
+    job = start_script(settings, "flink_job.py", log=tmp_path / "second.log")
+    try:
+        wait_for(lambda: len(rows(settings, "flink_metrics", "IBM")) == 452, timeout=240, message="all windows")
+        assert "resuming from checkpoint" in (tmp_path / "second.log").read_text()
+        windows = rows(settings, "flink_metrics", "IBM")
+        # every trade of the day counted once: the 452 closed minutes hold all but the last minute's trade
+        assert sum(r[8] for r in windows) == 24_292
+    finally:
+        job.send_signal(signal.SIGINT)
+        try:
+            job.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            job.kill()
