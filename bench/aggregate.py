@@ -14,13 +14,12 @@ import signal
 import time
 import uuid
 
-from common import bench_settings, percentile, report, start_stage
+from common import bench_settings, percentile, query, report, start_stage
 
 from tradewatch import bus
 from tradewatch.config import shared_data_dir
 from tradewatch.events import parse_trade
 from tradewatch.market import replay
-from tradewatch.store import db
 from tradewatch.windows import WindowSet, parse_size
 
 
@@ -36,15 +35,6 @@ def core_rate(trades, decode: bool) -> float:
             windows.pop_final()
     return len(trades) / (time.perf_counter() - started)
 
-
-def aggregator_position(settings) -> int:
-    conn = db.connect(settings)
-    with conn.cursor() as cur:
-        cur.execute("SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
-                    (settings.aggregator_group,))
-        value = int(cur.fetchone()[0])
-    conn.close()
-    return value
 
 
 def main() -> None:
@@ -69,7 +59,8 @@ def main() -> None:
         positions = bus.group_lag(settings, settings.consumer_group, settings.trades_topic)
         end = sum(e for _, e in positions.values())
         consumer_lag.append(end - sum(c for c, _ in positions.values()))
-        aggregator_lag.append(end - aggregator_position(settings))
+        aggregator_lag.append(end - int(query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets"
+                                                      " WHERE consumer_group = %s", settings.aggregator_group)[0][0]))
     for stage in stages:
         stage.send_signal(signal.SIGTERM)
         stage.wait(timeout=60)

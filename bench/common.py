@@ -20,6 +20,18 @@ def bench_settings(**overrides: object) -> Settings:
     return settings
 
 
+def query(settings: Settings, sql: str, *params: object) -> list[tuple]:
+    from tradewatch.store import db
+
+    conn = db.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:

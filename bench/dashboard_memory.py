@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 from common import bench_settings, report
+from playwright.sync_api import sync_playwright
 
 from tradewatch.config import PROJECT_ROOT
 
@@ -29,7 +31,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60)
     args = parser.parse_args()
     settings = bench_settings()
-    port = 8599
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "dashboard.py"),
                                "--server.headless", "true", "--server.port", str(port),
                                "--browser.gatherUsageStats", "false"], cwd=PROJECT_ROOT,
@@ -41,8 +45,20 @@ def main() -> None:
             break
         except OSError:
             time.sleep(0.5)
-    from playwright.sync_api import sync_playwright
+    try:
+        samples = watch(port, server.pid, args.minutes)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    half = len(samples) // 2
+    report({"benchmark": "dashboard_memory", "minutes": args.minutes, "refresh_s": 1,
+            "rss_mb": {"start": round(samples[0], 1), "end": round(samples[-1], 1), "peak": round(max(samples), 1),
+                       "first_half_mean": round(sum(samples[:half]) / max(half, 1), 1),
+                       "second_half_mean": round(sum(samples[half:]) / max(len(samples) - half, 1), 1)}})
 
+
+def watch(port: int, pid: int, minutes: float) -> list[float]:
+    """Open the page in headless Chromium and sample the server's RSS every 10 s."""
     samples = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
@@ -51,18 +67,12 @@ def main() -> None:
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{port}")
         page.wait_for_selector('[data-testid="stMetricValue"]', timeout=120_000)
-        end = time.monotonic() + args.minutes * 60
+        end = time.monotonic() + minutes * 60
         while time.monotonic() < end:
-            samples.append(rss_mb(server.pid))
+            samples.append(rss_mb(pid))
             time.sleep(10)
         browser.close()
-    server.terminate()
-    server.wait(timeout=30)
-    half = len(samples) // 2
-    report({"benchmark": "dashboard_memory", "minutes": args.minutes, "refresh_s": 1,
-            "rss_mb": {"start": round(samples[0], 1), "end": round(samples[-1], 1), "peak": round(max(samples), 1),
-                       "first_half_mean": round(sum(samples[:half]) / max(half, 1), 1),
-                       "second_half_mean": round(sum(samples[half:]) / max(len(samples) - half, 1), 1)}})
+    return samples
 
 
 if __name__ == "__main__":

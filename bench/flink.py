@@ -14,7 +14,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from common import bench_settings, percentile, report, start_stage
+from common import bench_settings, percentile, query, report, start_stage
 
 from tradewatch import bus
 from tradewatch.config import shared_data_dir
@@ -23,14 +23,6 @@ from tradewatch.store import db
 
 SPY = shared_data_dir() / "lean" / "spy_20131007_trades.csv.gz"
 
-
-def scalar(settings, sql: str, *params):
-    conn = db.connect(settings)
-    with conn.cursor() as cur:
-        cur.execute(sql, params)
-        value = cur.fetchone()[0]
-    conn.close()
-    return value
 
 
 def run_until(settings, script: str, done, *args: str) -> float:
@@ -66,15 +58,15 @@ def main() -> None:
     publisher.flush()
     count = 250_602
 
-    python_s = run_until(settings, "aggregator.py", lambda: (scalar(
+    python_s = run_until(settings, "aggregator.py", lambda: query(
         settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
-        settings.aggregator_group) or 0) >= count)
-    minutes = scalar(settings, "SELECT count(*) FROM stock_metrics WHERE symbol = 'SPY' AND window_size = '1m'"
-                               " AND window_start < '2013-10-08'")
+        settings.aggregator_group)[0][0] >= count)
+    minutes = query(settings, "SELECT count(*) FROM stock_metrics WHERE symbol = 'SPY' AND window_size = '1m'"
+                               " AND window_start < '2013-10-08'")[0][0]
     flink = start_stage(settings, "flink_job.py", "--fresh")
     started = time.perf_counter()
-    while (scalar(settings, "SELECT count(*) FROM flink_metrics WHERE symbol = 'SPY' AND window_start < '2013-10-08'")
-           or 0) < minutes:
+    while query(settings, "SELECT count(*) FROM flink_metrics WHERE symbol = 'SPY'"
+                          " AND window_start < '2013-10-08'")[0][0] < minutes:
         time.sleep(0.2)
     flink_with_startup_s = time.perf_counter() - started
 

@@ -14,22 +14,13 @@ import time
 import uuid
 from itertools import islice
 
-from common import bench_settings, percentile, report, start_stage
+from common import bench_settings, percentile, query, report, start_stage
 
 from tradewatch import bus
 from tradewatch.market.simulator import MarketSimulator
 from tradewatch.store import db
 from tradewatch.store.writer import StoredTrade, _copy_buffer
 
-
-def rows(settings, sql: str):
-    conn = db.connect(settings)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 def raw_copy_rate(settings, trades) -> float:
@@ -57,7 +48,6 @@ def main() -> None:
     tag = uuid.uuid4().hex[:6]
     settings = bench_settings(trades_topic=f"bench-{tag}", consumer_group=f"bench-{tag}")
     bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
-    rows(settings, "SELECT 1")
     conn = db.connect(settings)
     with conn.cursor() as cur:
         cur.execute("TRUNCATE trades, dead_letters")
@@ -87,7 +77,7 @@ def main() -> None:
     for key, value in blobs:
         publisher.send(settings.trades_topic, key, value)
     publisher.flush()
-    while rows(settings, "SELECT count(*) FROM trades")[0][0] < len(trades):
+    while query(settings, "SELECT count(*) FROM trades")[0][0] < len(trades):
         time.sleep(0.05)
     throughput = len(trades) / (time.perf_counter() - started)
 
@@ -107,9 +97,9 @@ def main() -> None:
         publisher.send(settings.trades_topic, trade.symbol.encode(), trade.to_json_bytes())
         sent += 1
     publisher.flush()
-    while rows(settings, f"SELECT count(*) FROM trades WHERE trade_id LIKE 'lat-{tag}-%'")[0][0] < sent:
+    while query(settings, f"SELECT count(*) FROM trades WHERE trade_id LIKE 'lat-{tag}-%'")[0][0] < sent:
         time.sleep(0.05)
-    latencies = [float(r[0]) for r in rows(settings, f"""
+    latencies = [float(r[0]) for r in query(settings, f"""
         SELECT extract(epoch FROM ingested_at - ts) * 1000 FROM trades WHERE trade_id LIKE 'lat-{tag}-%'""")]
     consumer.send_signal(signal.SIGTERM)
     consumer.wait(timeout=30)

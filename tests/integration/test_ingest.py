@@ -7,8 +7,6 @@ import signal
 import time
 from itertools import islice
 
-import pytest
-
 from tests.conftest import SHARED_DATA, query, run_script, start_script, wait_for
 from tradewatch import bus, stack
 from tradewatch.events import iso_to_ms

@@ -15,7 +15,7 @@ from tradewatch.events import Trade
 
 _STAGE_COLUMNS = ("trade_id, symbol, timestamp_ms, price, quantity, side, exchange, bid, ask, "
                   "condition, schema_version, injected_anomaly, kafka_partition, kafka_offset")
-_CREATE_STAGE = f"""
+_CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS trades_incoming (
     trade_id text, symbol text, timestamp_ms bigint, price float8, quantity float8, side text,
     exchange text, bid float8, ask float8, condition text, schema_version smallint,
