@@ -83,12 +83,15 @@ def wait_for(condition, timeout: float = 60, interval: float = 0.2, message: str
 
 
 def query(settings: Settings, sql: str, params: tuple = ()) -> list[tuple]:
+    """Run one statement in its own committed transaction; rows if it returns any."""
     from tradewatch.store import db
 
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
             cur.execute(sql, params)
-            return cur.fetchall()
+            result = cur.fetchall() if cur.description else []
+        conn.commit()
+        return result
     finally:
         conn.close()
