@@ -144,22 +144,17 @@ class Aggregator:
             return
         positions = {p: (offset, self.partitions[p].clock) for p, offset in self.next_offsets.items()
                      if p in self.partitions}
-        while True:
-            conn = self._db()
-            try:
-                with conn.cursor() as cur:
-                    store.write_windows(cur, list(self.dirty.values()) + final)
-                    store.write_late(cur, late)
-                    store.write_indicators(cur, self._indicator_rows(conn, final))
-                    store.write_offsets(cur, self.group, self.topic, positions)
-                conn.commit()
-                break
-            except db.CONNECTION_ERRORS as error:
-                log.warning("PostgreSQL unavailable (%s); retrying every %.0fs",
-                            str(error).strip().splitlines()[0], RETRY_SECONDS)
-                self._conn = None
-                self.indicator_states.clear()  # reloaded from committed candles
-                time.sleep(RETRY_SECONDS)
+        def write(conn, cur) -> None:
+            store.write_windows(cur, list(self.dirty.values()) + final)
+            store.write_late(cur, late)
+            store.write_indicators(cur, self._indicator_rows(conn, final))
+            store.write_offsets(cur, self.group, self.topic, positions)
+
+        def lost() -> None:
+            self._conn = None
+            self.indicator_states.clear()  # reloaded from committed candles
+
+        db.commit_retrying(self._db, write, log, lost, RETRY_SECONDS)
         self.late_total += len(late)
         self.dirty.clear()
         if self._consumer is not None and positions:

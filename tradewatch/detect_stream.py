@@ -137,20 +137,12 @@ class DetectorService:
             flagged.append((d, m.partition, m.offset))
             alerts.extend(a for a in alerts_for(d) if self.dedup.allow(a))
         transitions = self.pipeline.rules.take_transitions()
-        while True:
-            conn = self._db()
-            try:
-                with conn.cursor() as cur:
-                    store.write_flags(cur, flagged, self.pipeline.version)
-                    store.write_alerts(cur, alerts)
-                    store.write_breakers(cur, transitions)
-                conn.commit()
-                break
-            except db.CONNECTION_ERRORS as error:
-                log.warning("PostgreSQL unavailable (%s); retrying every %.0fs",
-                            str(error).strip().splitlines()[0], RETRY_SECONDS)
-                self._conn = None
-                time.sleep(RETRY_SECONDS)
+        def write(_conn, cur) -> None:
+            store.write_flags(cur, flagged, self.pipeline.version)
+            store.write_alerts(cur, alerts)
+            store.write_breakers(cur, transitions)
+
+        db.commit_retrying(self._db, write, log, lambda: setattr(self, "_conn", None), RETRY_SECONDS)
         self._deliver(alerts)
         try:
             self._consumer.commit(messages)
