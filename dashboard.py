@@ -10,6 +10,8 @@ from plotly.subplots import make_subplots
 from sqlalchemy.exc import DBAPIError
 
 from tradewatch.config import Settings
+from tradewatch.formatting import compact, exact
+from tradewatch.runtime import stage_statuses
 from tradewatch.store import queries
 
 RANGES = {"Last 15 minutes": 15, "Last hour": 60, "Last 6 hours": 360, "Last 24 hours": 1440, "Last 7 days": 10080}
@@ -65,16 +67,30 @@ def no_data(what: str) -> None:
     st.info(f"No data yet: {what} appear once trades flow (`make demo`).", icon="⏳")
 
 
+def health_strip() -> None:
+    """One badge per stage from its heartbeat: green up, orange late, red down, grey stopped."""
+    if not q("table_exists", "stage_health"):
+        return
+    statuses = stage_statuses(q("stage_health").to_dict("records"))
+    badges = " ".join(f":{s.color}-badge[{s.stage} {s.status} · {s.detail}]" for s in statuses)
+    st.markdown(f"**Pipeline** {badges}")
+
+
 def kpi_row(symbols, since, until, previous_since) -> None:
     now = q("kpis", source, symbols, since, until)
     before = q("kpis", source, symbols, previous_since, since)
-    labels = [("Trades", "trades", "{:,.0f}"), ("Volume", "volume", "{:,.0f}"),
-              ("Traded value", "traded_value", "${:,.0f}"), ("Active symbols", "active_symbols", "{:,.0f}"),
-              ("Anomalies", "anomalies", "{:,.0f}")]
-    for column, (label, key, fmt) in zip(st.columns(len(labels)), labels):
+    # (label, key, short form for the tile, exact form for the tooltip)
+    labels = [("Trades", "trades", lambda v: f"{v:,.0f}", None),
+              ("Volume", "volume", compact, lambda v: exact(v, 0)),
+              ("Traded value", "traded_value", lambda v: compact(v, "$"), lambda v: "$" + exact(v)),
+              ("Active symbols", "active_symbols", lambda v: f"{v:,.0f}", None),
+              ("Anomalies", "anomalies", lambda v: f"{v:,.0f}", None)]
+    for column, (label, key, short, full) in zip(st.columns(len(labels)), labels):
         delta = now[key] - before[key]
-        column.metric(label, fmt.format(now[key]), delta=f"{delta:+,.0f} vs previous", delta_color="off"
-                      if key == "anomalies" else "normal")
+        column.metric(label, short(now[key]), delta=f"{delta:+,.0f} vs previous" if full is None
+                      else f"{'+' if delta >= 0 else ''}{short(delta)} vs previous",
+                      delta_color="off" if key == "anomalies" else "normal",
+                      help=f"exactly {full(now[key])}" if full else None)
 
 
 def candle_panel(symbols, since, until) -> None:
@@ -115,14 +131,19 @@ def price_panel(symbols, since, until) -> None:
         for symbol, rows in prices.groupby("symbol"):
             base = rows.price.iloc[0]
             figure.add_trace(go.Scatter(x=rows.ts, y=(rows.price / base - 1) * 100, name=symbol, mode="lines"))
+    first = prices.groupby("symbol").price.first()
     for severity, rows in marks.groupby("severity"):
-        first = prices.groupby("symbol").price.first()
         y = [(p / first.get(s, p) - 1) * 100 for s, p in zip(rows.symbol, rows.price)]
         figure.add_trace(go.Scatter(x=rows.ts, y=y, mode="markers", name=f"{severity} anomaly",
                                     marker=dict(color=SEVERITY_COLORS.get(severity, "#000"), size=10,
-                                                symbol="x"), text=rows.symbol + " " + rows.types))
+                                                symbol="x"),
+                                    text=rows.symbol + " " + rows.types + " (" + rows.in_minute.astype(str)
+                                    + " in that minute)"))
+    flagged = int(marks.in_minute.sum()) if not marks.empty else 0
+    shown = (f"{len(marks):,} markers for {flagged:,} flagged trades (the strongest per minute and symbol)"
+             if flagged else "no anomalies in range")
     figure.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="% vs range start",
-                         title="Price (1-minute closes) with anomalies", uirevision="prices")
+                         title=f"Price (1-minute closes) with anomalies — {shown}", uirevision="prices")
     st.plotly_chart(figure, width="stretch", key="prices")
 
 
@@ -167,7 +188,7 @@ def whales_and_tape(symbols, since, until) -> None:
             no_data("whale trades")
         for row in whales.itertuples():
             with st.container(border=True):
-                st.markdown(f"🐋 **{row.symbol}** {row.side} **{row.quantity:,.4g}** @ {row.price:,.4f} "
+                st.markdown(f"🐋 **{row.symbol}** {row.side} **{exact(row.quantity, 0)}** @ {exact(row.price)} "
                             f"= ${row.value:,.0f}  \n{pd.Timestamp(row.ts):%Y-%m-%d %H:%M:%S} UTC · score {row.score:.1f}")
     with right:
         st.subheader("Trade tape")
@@ -175,7 +196,12 @@ def whales_and_tape(symbols, since, until) -> None:
         if tape.empty:
             no_data("trades")
         else:
-            st.dataframe(tape, hide_index=True, width="stretch", key="tape")
+            # a static table: cells grow with their text, so no digit is ever clipped
+            st.table(pd.DataFrame({
+                "Time (UTC)": [f"{pd.Timestamp(t):%H:%M:%S.%f}"[:-3] for t in tape.ts],
+                "Symbol": tape.symbol, "Side": tape.side,
+                "Price": [exact(p) for p in tape.price], "Quantity": [exact(v, 0) for v in tape.quantity],
+                "Exchange": tape.exchange, "Anomaly": tape.severity.fillna("")}).set_index("Time (UTC)"))
 
 
 def acknowledge(alert_id: str) -> None:
@@ -203,6 +229,7 @@ def alert_feed(symbols) -> None:
 @st.fragment(run_every=timedelta(seconds=refresh))
 def live() -> None:
     try:
+        health_strip()
         anchor = q("data_anchor")
         if anchor is None:
             st.info("No data yet — start the pipeline with `make demo` (or producer.py + consumer.py).", icon="⏳")

@@ -108,10 +108,39 @@ def main(argv: list[str] | None = None) -> int:
              settings.postgres_host, settings.postgres_port)
     result = env.execute_sql(insert)
     try:
-        result.wait()
+        return watch(settings, result)
     except KeyboardInterrupt:
         log.info("stopped")
     return 0
+
+
+def watch(settings: Settings, result) -> int:
+    """Beat the `flink` heartbeat while the job runs; its lag is the Flink group's committed offsets
+    (committed at each checkpoint) behind the end of the topic."""
+    import time
+
+    from tradewatch import bus, runtime
+
+    heartbeat = runtime.Heartbeat(settings, "flink")
+    client = result.get_job_client()
+    processed, lag, last_lag_check = 0, None, 0.0
+    while True:
+        status = str(client.get_job_status().result())
+        if status.rsplit(".", 1)[-1] in ("FINISHED", "FAILED", "CANCELED"):
+            log.error("the Flink job ended: %s", status)
+            heartbeat.error(f"job {status}")
+            heartbeat.stopped(processed)
+            return 1
+        if time.monotonic() - last_lag_check >= 5:
+            last_lag_check = time.monotonic()
+            try:
+                offsets = bus.group_lag(settings, settings.flink_group, settings.trades_topic)
+                processed = sum(committed for committed, _ in offsets.values())
+                lag = sum(end - committed for committed, end in offsets.values())
+            except bus.KafkaUnavailable:
+                lag = None
+        heartbeat.beat(processed, lag, state="running")
+        time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ START_MS = 1_767_225_600_000
 def load(settings, count: int) -> dict:
     conn = db.connect(settings)
     cur = conn.cursor()
-    cur.execute("TRUNCATE trades, stock_metrics, indicators, alerts, late_trades, aggregator_offsets")
+    cur.execute("TRUNCATE trades, trade_flags, stock_metrics, indicators, alerts, late_trades, aggregator_offsets")
     sim = MarketSimulator(seed=42, rate=1000.0, anomaly_rate=0.001, start_ms=START_MS)
     started = time.perf_counter()
     chunk = 200_000
@@ -35,22 +35,23 @@ def load(settings, count: int) -> dict:
     generated = time.perf_counter() - started
     cur.execute("""
         INSERT INTO trades (trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition,
-                            schema_version, injected_anomaly, kafka_partition, kafka_offset, is_anomaly,
-                            anomaly_types, anomaly_score, anomaly_severity, detector_version)
+                            schema_version, injected_anomaly, kafka_partition, kafka_offset)
         SELECT trade_id, symbol, timestamptz 'epoch' + timestamp_ms * interval '1 millisecond', price, quantity,
-               side, exchange, bid, ask, condition, schema_version, injected_anomaly, kafka_partition, kafka_offset,
-               injected_anomaly IS NOT NULL,
-               CASE injected_anomaly WHEN 'price_spike' THEN ARRAY['PRICE_SPIKE'] WHEN 'price_drop' THEN ARRAY['PRICE_DROP']
-                    WHEN 'volume_spike' THEN ARRAY['VOLUME_SPIKE'] WHEN 'flash_crash' THEN ARRAY['CIRCUIT_BREAKER'] END,
-               CASE WHEN injected_anomaly IS NOT NULL THEN 2.0 END,
-               CASE injected_anomaly WHEN 'flash_crash' THEN 'CRITICAL' WHEN 'volume_spike' THEN 'MEDIUM'
-                    WHEN NULL THEN NULL ELSE 'HIGH' END, 'bench'
+               side, exchange, bid, ask, condition, schema_version, injected_anomaly, kafka_partition, kafka_offset
         FROM trades_incoming""")
+    cur.execute("""
+        INSERT INTO trade_flags (trade_id, symbol, ts, anomaly_types, anomaly_score, anomaly_severity, detector_version)
+        SELECT trade_id, symbol, timestamptz 'epoch' + timestamp_ms * interval '1 millisecond',
+               CASE injected_anomaly WHEN 'price_spike' THEN ARRAY['PRICE_SPIKE'] WHEN 'price_drop' THEN ARRAY['PRICE_DROP']
+                    WHEN 'volume_spike' THEN ARRAY['VOLUME_SPIKE'] ELSE ARRAY['CIRCUIT_BREAKER'] END, 2.0,
+               CASE injected_anomaly WHEN 'flash_crash' THEN 'CRITICAL' WHEN 'volume_spike' THEN 'MEDIUM'
+                    ELSE 'HIGH' END, 'bench'
+        FROM trades_incoming WHERE injected_anomaly IS NOT NULL""")
     cur.execute("""
         INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, trade_id)
         SELECT trade_id || ':' || anomaly_types[1], ts, symbol, anomaly_types[1], anomaly_severity,
                anomaly_severity || ' ' || anomaly_types[1] || ' ' || symbol, trade_id
-        FROM trades WHERE is_anomaly""")
+        FROM trade_flags""")
     cur.execute("DROP TABLE trades_incoming")
     conn.commit()
     loaded = time.perf_counter() - started
@@ -82,6 +83,7 @@ def refresh_queries(engine, anchor, symbols):
         ("whale_trades", lambda: queries.whale_trades(engine, None, since, until)),
         ("trade_tape", lambda: queries.trade_tape(engine, None, False)),
         ("trade_tape_anomalies", lambda: queries.trade_tape(engine, None, True)),
+        ("stage_health", lambda: queries.stage_health(engine)),
         ("alerts_feed", lambda: queries.alerts_feed(engine, ["CRITICAL", "HIGH", "MEDIUM", "LOW"], None)),
     ]
 

@@ -26,10 +26,10 @@ def load_known_market(settings, count: int = 6000, seed: int = 8) -> int:
     pipeline = DetectionPipeline()
     detections = pipeline.process(trades)
     dedup = Deduplicator({"CRITICAL": 300, "HIGH": 60, "MEDIUM": 30})
-    flagged = [(d, 0, i) for i, d in enumerate(detections) if d.is_anomaly]
+    flagged = [d for d in detections if d.is_anomaly]
     with conn.cursor() as cur:
         flags.write_flags(cur, flagged, pipeline.version)
-        flags.write_alerts(cur, [a for d, _, _ in flagged for a in alerts_for(d) if dedup.allow(a)])
+        flags.write_alerts(cur, [a for d in flagged for a in alerts_for(d) if dedup.allow(a)])
     conn.commit()
     conn.close()
     return len(trades)

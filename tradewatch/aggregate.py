@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Callable
 
-from tradewatch import bus
+from tradewatch import bus, runtime
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, parse_trade
 from tradewatch.indicators import IndicatorState
@@ -51,6 +51,7 @@ class Aggregator:
         self.late_total = 0
         self._conn = None
         self._consumer: bus.BusConsumer | None = None
+        self.heartbeat = runtime.Heartbeat(settings, "aggregator")
 
     # -- database ---------------------------------------------------------------
     def _db(self):
@@ -108,8 +109,10 @@ class Aggregator:
                 if now - last_report >= 10:
                     self._report()
                     last_report = now
+                self.heartbeat.beat(self.trades_folded, self._consumer.lag(), sorted(self.partitions))
             self._flush()
         finally:
+            self.heartbeat.stopped(self.trades_folded)
             self._consumer.close()
             if self._conn is not None:
                 self._conn.close()

@@ -78,7 +78,16 @@ class Message:
 
 
 class BusConsumer:
-    """A consumer-group member that polls batches and commits explicit offsets."""
+    """A consumer-group member that polls batches and commits explicit offsets.
+
+    It never sits in a group without work while its topics have partitions: when the assignment
+    stays empty for `EMPTY_ASSIGNMENT_GRACE_S` (a join that went wrong on a brand-new broker, or a
+    topic created after the subscription), it logs it and rejoins the group, then checks again
+    with a growing interval (a group with more members than partitions leaves some idle for real).
+    """
+
+    EMPTY_ASSIGNMENT_GRACE_S = 10.0
+    MAX_REJOIN_INTERVAL_S = 300.0
 
     def __init__(self, settings: Settings, group_id: str, topics: Iterable[str],
                  on_assign: Callable[[list[int]], None] | None = None,
@@ -93,6 +102,7 @@ class BusConsumer:
             session_timeout_ms=10_000,
             heartbeat_interval_ms=3_000,
             max_poll_interval_ms=300_000,
+            metadata_max_age_ms=30_000,   # notice new partitions / topics within 30 s, not 5 min
         )
         options.update(config)
         _require_reachable(settings)
@@ -100,20 +110,71 @@ class BusConsumer:
             self._consumer = KafkaConsumer(**options)
         except KafkaError:
             raise KafkaUnavailable(unavailable_message(settings)) from None
-        topics = list(topics)
+        self.group_id = group_id
+        self._topics = list(topics)
+        self._listener = _Listener(on_assign, on_revoke)
+        self._next_offsets: dict[int, int] = {}
+        self._empty_since: float | None = None
+        self._rejoin_interval = self.EMPTY_ASSIGNMENT_GRACE_S
+        self.rejoins = 0
         # Load the topics' metadata before joining the group: a group join without it can leave
-        # kafka-python with an empty assignment that it does not always repair.
-        for topic in topics:
+        # kafka-python with an empty assignment.
+        for topic in self._topics:
             self._consumer.partitions_for_topic(topic)
-        self._consumer.subscribe(topics=topics, listener=_Listener(on_assign, on_revoke))
+        self._consumer.subscribe(topics=self._topics, listener=self._listener)
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        """Up to `max_records` messages, waiting at most `timeout_ms` — also when nothing is
+        assigned (kafka-python then returns at once, which would make a caller's loop spin)."""
+        started = time.monotonic()
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        return [
+        messages = [
             Message(record.topic, record.partition, record.offset, record.key, record.value)
             for records in batches.values()
             for record in records
         ]
+        for message in messages:
+            self._next_offsets[message.partition] = message.offset + 1
+        if not messages:
+            self._watch_empty_assignment()
+            left = timeout_ms / 1000.0 - (time.monotonic() - started)
+            if left > 0:
+                time.sleep(left)
+        return messages
+
+    def _watch_empty_assignment(self) -> None:
+        if self._consumer.assignment():
+            self._empty_since, self._rejoin_interval = None, self.EMPTY_ASSIGNMENT_GRACE_S
+            return
+        now = time.monotonic()
+        if self._empty_since is None:
+            self._empty_since = now
+            return
+        if now - self._empty_since < self._rejoin_interval:
+            return
+        available = {t: len(self._consumer.partitions_for_topic(t) or ()) for t in self._topics}
+        if any(available.values()):
+            log.warning("group %s gave this consumer no partitions for %.0fs while %s has %s; rejoining the group",
+                        self.group_id, now - self._empty_since, ", ".join(self._topics),
+                        ", ".join(f"{n} partitions" for n in available.values()))
+            self._consumer.unsubscribe()
+            self._consumer.subscribe(topics=self._topics, listener=self._listener)
+            self.rejoins += 1
+            self._rejoin_interval = min(self._rejoin_interval * 2, self.MAX_REJOIN_INTERVAL_S)
+        self._empty_since = now
+
+    def lag(self) -> int | None:
+        """Messages between what this consumer has fetched and the end of its partitions' logs
+        (from the broker's last fetch answers, no extra request); None before the first answer."""
+        total, known = 0, False
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)
+            if end is None:
+                continue
+            known = True
+            # a fetch answer with no records for this partition means it is at the end
+            total += max(end - self._next_offsets.get(tp.partition, end), 0)
+        return total if known else None
 
     def commit(self, messages: list[Message]) -> None:
         """Commit, per partition, the offset after the last message handled."""
@@ -127,6 +188,7 @@ class BusConsumer:
     def seek(self, topic: str, partition: int, offset: int | None) -> None:
         """Continue `partition` at `offset` (None = from the beginning)."""
         tp = TopicPartition(topic, partition)
+        self._next_offsets.pop(partition, None)
         if offset is None:
             self._consumer.seek_to_beginning(tp)
         else:

@@ -47,9 +47,11 @@ class Settings:
     ohlc_exclude_conditions: str = ""
     detector_group: str = "tradewatch-detector"
     dashboard_refresh_seconds: int = 3
+    dashboard_address: str = "127.0.0.1"
+    dashboard_port: int = 8501
     flink_group: str = "tradewatch-flink"
     flink_checkpoint_seconds: int = 10
-    run_flink_in_demo: str = "false"
+    run_flink_in_demo: bool = False
     model_dir: str = "models"
     zscore_window: int = 50
     zscore_threshold: float = 8.0
@@ -111,6 +113,13 @@ class Settings:
 
 
 def _coerce(raw: str, kind: type, key: str) -> object:
+    if kind is bool:
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"setting {key} must be true or false, got {raw!r}")
     if kind is int:
         try:
             return int(raw)

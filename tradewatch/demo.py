@@ -1,7 +1,16 @@
-"""`make demo`: the whole pipeline in one terminal. Ctrl-C stops every process it started.
+"""`make demo`: the whole pipeline in one terminal, supervised. Ctrl-C stops every process it started.
 
 Starts Kafka and PostgreSQL (unless already running), then each stage as its own process, exactly
-as the four-terminal walkthrough in the README does by hand.
+as the four-terminal walkthrough in the README does by hand. The supervisor keeps them alive:
+
+- a stage that exits unexpectedly is restarted after 1 s, 2 s, 4 s … (at most `MAX_BACKOFF_S`;
+  back to 1 s once it has run for `STABLE_AFTER_S`), and its last output lines are logged in one
+  block so the cause is readable;
+- a stage that died `LOUD_AFTER_DEATHS` times within `LOUD_WINDOW_S` is reported in a banner;
+- Ctrl-C (SIGINT) or SIGTERM stops every stage (SIGINT, then SIGKILL after `STOP_GRACE_S`) and
+  the services when this run started them, all within about 10 s.
+
+Each stage's own heartbeat (tradewatch/runtime.py) is what the dashboard's health strip shows.
 """
 from __future__ import annotations
 
@@ -10,7 +19,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 
 from tradewatch import stack
 from tradewatch.cli import setup_logging
@@ -18,19 +30,121 @@ from tradewatch.config import PROJECT_ROOT, Settings
 
 log = logging.getLogger("tradewatch.demo")
 
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+STABLE_AFTER_S = 60.0
+LOUD_AFTER_DEATHS = 3
+LOUD_WINDOW_S = 300.0
+STOP_GRACE_S = 6.0
+TAIL_LINES = 25
 
-def stages(settings: Settings) -> list[tuple[str, list[str]]]:
+
+@dataclass
+class Stage:
+    name: str
+    command: list[str]
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restart_at: float | None = None
+    backoff_s: float = FIRST_BACKOFF_S
+    deaths: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+
+    def start(self) -> None:
+        self.tail.clear()
+        self.process = subprocess.Popen(self.command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+        threading.Thread(target=self._relay, args=(self.process,), daemon=True, name=f"out-{self.name}").start()
+
+    def _relay(self, process: subprocess.Popen) -> None:
+        """Copy the stage's output to ours, prefixed with its name, keeping the last lines."""
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.tail.append(line)
+            sys.stdout.write(f"[{self.name}] {line}\n")
+            sys.stdout.flush()
+
+
+def stages(settings: Settings) -> list[Stage]:
     python = sys.executable
     rate = os.environ.get("DEMO_RATE", "20")
     anomaly_rate = os.environ.get("DEMO_ANOMALY_RATE", "0.005")
-    return [
+    commands = [
         ("consumer", [python, "consumer.py"]),
         ("producer", [python, "producer.py", "--rate", rate, "--anomaly-rate", anomaly_rate]),
         ("aggregator", [python, "aggregator.py"]),
         ("detector", [python, "anomaly_detector.py", "run"]),
         ("dashboard", [python, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
+                       "--server.address", settings.dashboard_address, "--server.port", str(settings.dashboard_port),
                        "--browser.gatherUsageStats", "false"]),
-    ] + ([("flink", [python, "flink_job.py"])] if settings.run_flink_in_demo.lower() == "true" else [])
+    ]
+    if settings.run_flink_in_demo:
+        commands.append(("flink", [python, "flink_job.py"]))
+    return [Stage(name, command) for name, command in commands]
+
+
+class Supervisor:
+    def __init__(self, stages: list[Stage]):
+        self.stages = stages
+        self.stopping = False
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def start_all(self) -> None:
+        for stage in self.stages:
+            log.info("starting %s: %s", stage.name, " ".join(stage.command[1:]))
+            stage.start()
+
+    def watch(self) -> None:
+        """Until asked to stop: restart what died, with backoff."""
+        while not self.stopping:
+            now = time.monotonic()
+            for stage in self.stages:
+                if stage.process is not None and stage.process.poll() is not None and not self.stopping:
+                    self._died(stage, now)
+                elif stage.process is None and stage.restart_at is not None and now >= stage.restart_at:
+                    log.info("restarting %s", stage.name)
+                    stage.start()
+            time.sleep(0.2)
+
+    def _died(self, stage: Stage, now: float) -> None:
+        assert stage.process is not None
+        code = stage.process.returncode
+        ran_s = now - stage.started_at
+        stage.process.wait()
+        time.sleep(0.1)  # let the relay thread take the last lines
+        stage.process = None
+        stage.deaths.append(now)
+        if ran_s >= STABLE_AFTER_S:
+            stage.backoff_s = FIRST_BACKOFF_S
+        lines = "\n".join(f"    | {line}" for line in stage.tail) or "    | (no output)"
+        log.error("%s exited with code %s after %.0fs; restarting in %.0fs. Its last lines:\n%s",
+                  stage.name, code, ran_s, stage.backoff_s, lines)
+        recent = [t for t in stage.deaths if now - t <= LOUD_WINDOW_S]
+        if len(recent) >= LOUD_AFTER_DEATHS:
+            banner = "!" * 78
+            log.error("\n%s\n!!  %s KEEPS DYING: %d exits in the last %.0f minutes — it is shown down on the\n"
+                      "!!  dashboard's health strip; read its last lines above and fix the cause.\n%s",
+                      banner, stage.name.upper(), len(recent), LOUD_WINDOW_S / 60, banner)
+        stage.restart_at = now + stage.backoff_s
+        stage.backoff_s = min(stage.backoff_s * 2, MAX_BACKOFF_S)
+
+    def stop_all(self) -> None:
+        running = [s for s in self.stages if s.process is not None and s.process.poll() is None]
+        for stage in running:
+            stage.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for stage in running:
+            try:
+                stage.process.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs, killing it", stage.name, STOP_GRACE_S)
+                stage.process.kill()
+                stage.process.wait()
 
 
 def main() -> int:
@@ -38,39 +152,26 @@ def main() -> int:
     settings = Settings.load()
     already_up = stack.status(settings)
     we_started_services = not (already_up["kafka"].startswith("up") and already_up["postgres"].startswith("up"))
+    supervisor = Supervisor(stages(settings))
+    signal.signal(signal.SIGINT, supervisor.request_stop)
+    signal.signal(signal.SIGTERM, supervisor.request_stop)
     try:
         stack.start(settings)
     except stack.StackError as error:
         log.error("%s", error)
         return 1
-    processes: list[tuple[str, subprocess.Popen]] = []
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
-        for name, command in stages(settings):
-            log.info("starting %s: %s", name, " ".join(command[1:]))
-            processes.append((name, subprocess.Popen(command, cwd=PROJECT_ROOT)))
-        log.info("demo running — dashboard at http://localhost:8501 — press Ctrl-C to stop everything")
-        while True:
-            for name, process in processes:
-                if process.poll() is not None:
-                    log.warning("%s exited with code %s", name, process.returncode)
-                    processes.remove((name, process))
-                    break
-            time.sleep(1)
-    except KeyboardInterrupt:
-        log.info("stopping the demo")
+        if not supervisor.stopping:
+            supervisor.start_all()
+            log.info("demo running — dashboard at http://%s:%d — press Ctrl-C to stop everything",
+                     settings.dashboard_address, settings.dashboard_port)
+            supervisor.watch()
     finally:
-        for _, process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        for name, process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in 20 s, killing it", name)
-                process.kill()
+        log.info("stopping the demo")
+        supervisor.stop_all()
         if we_started_services:
             stack.stop(settings)
+        log.info("demo stopped")
     return 0
 
 

@@ -1,10 +1,13 @@
 """`anomaly_detector.py run`: flag trades live from Kafka, store flags and alerts, publish alerts.
 
-Per batch: detect → one database transaction (flags on trade rows, alerts, breaker states) →
+Per batch: detect → one database transaction (trade_flags, alerts, breaker states) →
 alerts to the Kafka topic `alerts` → webhook (background) → Kafka offsets committed.
 Restart-safe: on assignment each partition is re-read from `WARMUP_TRADES` before its committed
-offset to rebuild the rolling state silently; everything written is keyed (trade_id, alert_id),
-so work redone after a crash is never doubled. Breaker states and alert cooldowns are reloaded.
+offset to rebuild the rolling state silently. The state of the symbols on that partition is
+dropped first, so a re-read after a rebalance starts from scratch and time never runs backwards
+inside a symbol's state. Warm-up trades raise no flag, alert or breaker transition; everything
+written is keyed (trade_id, alert_id), so work redone after a crash is never doubled. Breaker
+states and alert cooldowns are reloaded from the database.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import logging
 import time
 from typing import Callable
 
-from tradewatch import bus
+from tradewatch import bus, runtime
 from tradewatch.alerts import Alert, Deduplicator, WebhookSink, alerts_for
 from tradewatch.config import Settings
 from tradewatch.detect import forest
@@ -52,6 +55,8 @@ class DetectorService:
         self.dedup = Deduplicator.from_settings(settings)
         self.live_from: dict[int, int] = {}   # partition -> first offset not seen before (earlier = warm-up)
         self.rewind: set[int] = set()          # newly assigned partitions, to rewind for warm-up
+        self.symbol_partition: dict[str, int] = {}   # where each symbol's trades come from (key = symbol)
+        self.heartbeat = runtime.Heartbeat(settings, "detector")
         self.webhook = WebhookSink(settings.alert_webhook_url) if settings.alert_webhook_url else None
         self.flagged = self.alerts_sent = self.processed = 0
         self._consumer: bus.BusConsumer | None = None
@@ -77,6 +82,8 @@ class DetectorService:
 
     def _rewind(self) -> None:
         assert self._consumer is not None
+        stale = {s for s, p in self.symbol_partition.items() if p in self.rewind}
+        self.pipeline.rules.forget(stale)   # rebuilt from the warm-up re-read, never extended backwards
         for p in sorted(self.rewind):
             committed = self._consumer.committed(self.topic, p) or 0
             self.live_from[p] = committed
@@ -108,10 +115,12 @@ class DetectorService:
                     self.rewind.clear()
                 if messages:
                     self._handle(messages)
+                self.heartbeat.beat(self.processed, self._consumer.lag(), sorted(p for _, p in self._consumer.assignment()))
                 if time.monotonic() - last_report >= 10:
                     self._report()
                     last_report = time.monotonic()
         finally:
+            self.heartbeat.stopped(self.processed)
             self._consumer.close()
             self._publisher.flush()
             self._publisher.close()
@@ -129,13 +138,15 @@ class DetectorService:
                 origins.append(m)
             except InvalidTrade:
                 continue  # dead-lettered by the consumer
-        detections = self.pipeline.process(trades)
+        warmup = [m.offset < self.live_from.get(m.partition, 0) for m in origins]
+        for t, m in zip(trades, origins):
+            self.symbol_partition[t.symbol] = m.partition
+        detections = self.pipeline.process(trades, warmup)
         flagged, alerts = [], []
-        for d, m in zip(detections, origins):
-            if not d.is_anomaly or m.offset < self.live_from.get(m.partition, 0):
-                continue
-            flagged.append((d, m.partition, m.offset))
-            alerts.extend(a for a in alerts_for(d) if self.dedup.allow(a))
+        for d, is_warmup in zip(detections, warmup):
+            if d.is_anomaly and not is_warmup:
+                flagged.append(d)
+                alerts.extend(a for a in alerts_for(d) if self.dedup.allow(a))
         transitions = self.pipeline.rules.take_transitions()
         def write(_conn, cur) -> None:
             store.write_flags(cur, flagged, self.pipeline.version)

@@ -12,7 +12,7 @@ from typing import Callable
 
 from kafka.errors import KafkaError
 
-from tradewatch import bus
+from tradewatch import bus, runtime
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, parse_trade
 from tradewatch.store import db
@@ -54,6 +54,7 @@ class Ingestor:
         self.stats = IngestStats()
         self._consumer: bus.BusConsumer | None = None
         self._conn = None
+        self.heartbeat = runtime.Heartbeat(settings, "consumer")
 
     def run(self) -> IngestStats:
         self._consumer = self._connect_kafka()
@@ -64,6 +65,7 @@ class Ingestor:
         try:
             while not self.stop():
                 messages = self._collect_batch()
+                self._beat()
                 if not messages:
                     quiet_since = self._check_kafka_when_quiet(quiet_since)
                     continue
@@ -75,11 +77,17 @@ class Ingestor:
                     self._report()
                     last_report = time.monotonic()
         finally:
+            self.heartbeat.stopped(self.stats.messages)
             self._consumer.close()
             if self._conn is not None:
                 self._conn.close()
         self._report()
         return self.stats
+
+    def _beat(self) -> None:
+        assert self._consumer is not None
+        self.heartbeat.beat(self.stats.messages, self._consumer.lag(),
+                            sorted(p for _, p in self._consumer.assignment()))
 
     def _connect_kafka(self) -> bus.BusConsumer | None:
         waiting = False

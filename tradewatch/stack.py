@@ -204,6 +204,15 @@ def _java_classpath() -> str:
     return f"{jars}/*"
 
 
+def _new_cluster_id() -> str:
+    """A random KRaft cluster id that the storage tool cannot mistake for an option: like Kafka's
+    own Uuid.randomUuid, never one whose base64 form starts with '-'."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def start_kafka(settings: Settings) -> None:
     if _kafka_pid(settings):
         log.info("Kafka already running")
@@ -214,7 +223,7 @@ def start_kafka(settings: Settings) -> None:
     classpath = _java_classpath()
     log4j = f"-Dlog4j2.configurationFile={PROJECT_ROOT / 'infra' / 'kafka-log4j2.properties'}"
     if not (data / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = _new_cluster_id()
         result = subprocess.run([java, log4j, "-cp", classpath, "kafka.tools.StorageTool", "format",
                                  "-t", cluster_id, "-c", str(config)], capture_output=True, text=True)
         if result.returncode != 0:

@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 from tests.conftest import query
 from tests.market_fixture import load_known_market
 from tradewatch.config import PROJECT_ROOT
+from tradewatch.formatting import compact, exact
 
 APP = str(PROJECT_ROOT / "dashboard.py")
 
@@ -41,12 +42,14 @@ def test_empty_database_shows_no_data_yet(app):
 def test_kpis_equal_the_sql_truth(settings, app):
     load_known_market(settings)
     at = app()
-    trades, volume, value, symbols, anomalies = query(settings, """
-        SELECT count(*), sum(quantity), sum(price * quantity), count(DISTINCT symbol),
-               count(*) FILTER (WHERE is_anomaly) FROM trades""")[0]
+    trades, volume, value, symbols = query(settings, """
+        SELECT count(*), sum(quantity), sum(price * quantity), count(DISTINCT symbol) FROM trades""")[0]
+    anomalies = query(settings, "SELECT count(*) FROM trade_flags f JOIN trades USING (trade_id)")[0][0]
     assert metric(at, "Trades") == f"{trades:,.0f}"
-    assert metric(at, "Volume") == f"{volume:,.0f}"
-    assert metric(at, "Traded value") == f"${value:,.0f}"
+    assert metric(at, "Volume") == compact(volume)
+    assert metric(at, "Traded value") == compact(value, "$")
+    value_tile = next(m for m in at.metric if m.label == "Traded value")
+    assert value_tile.help == f"exactly ${exact(value)}"
     assert metric(at, "Active symbols") == f"{symbols:,.0f}"
     assert metric(at, "Anomalies") == f"{anomalies:,.0f}" and anomalies > 10
 
@@ -73,16 +76,17 @@ def test_scanner_equals_the_sql_truth(settings, app):
 def test_tape_whales_and_anomalies_only(settings, app):
     load_known_market(settings)
     at = app()
-    tape = next(d.value for d in at.dataframe if "exchange" in d.value.columns)
+    tape = next(t.value for t in at.table if "Exchange" in t.value.columns)
     latest = query(settings, "SELECT symbol, price FROM trades ORDER BY ts DESC LIMIT 25")
-    assert sorted(zip(tape.symbol, tape.price)) == sorted(latest)
+    # every digit shown, thousands separated (BTC-USD at 95,002.79 is never '5002.79')
+    assert sorted(zip(tape.Symbol, tape.Price)) == sorted((s, exact(p)) for s, p in latest)
     whales = [m.value for m in at.markdown if m.value.startswith("🐋")]
-    expected_whales = query(settings, "SELECT count(*) FROM trades WHERE 'VOLUME_SPIKE' = ANY(anomaly_types)")[0][0]
+    expected_whales = query(settings, "SELECT count(*) FROM trade_flags WHERE 'VOLUME_SPIKE' = ANY(anomaly_types)")[0][0]
     assert len(whales) == min(6, expected_whales) and expected_whales > 0
     at.checkbox(key="anomalies_only").check()
     at = app(at)
-    tape = next(d.value for d in at.dataframe if "exchange" in d.value.columns)
-    assert len(tape) > 0 and tape.severity.notna().all()
+    tape = next(t.value for t in at.table if "Exchange" in t.value.columns)
+    assert len(tape) > 0 and (tape.Anomaly != "").all()
 
 
 def test_alert_feed_filter_and_acknowledge(settings, app):

@@ -76,15 +76,19 @@ def test_stream_with_injected_anomalies_gives_flags_alerts_topic_and_webhook(set
 
     labelled, caught, false_flags = query(settings, """
         SELECT count(*) FILTER (WHERE injected_anomaly IN ('price_spike', 'price_drop', 'volume_spike')),
-               count(*) FILTER (WHERE injected_anomaly IN ('price_spike', 'price_drop', 'volume_spike') AND is_anomaly),
-               count(*) FILTER (WHERE injected_anomaly IS NULL AND is_anomaly)
-        FROM trades""")[0]
+               count(*) FILTER (WHERE injected_anomaly IN ('price_spike', 'price_drop', 'volume_spike')
+                                AND f.trade_id IS NOT NULL),
+               count(*) FILTER (WHERE injected_anomaly IS NULL AND f.trade_id IS NOT NULL)
+        FROM trades t LEFT JOIN trade_flags f USING (trade_id)""")[0]
     assert labelled > 30 and caught / labelled >= 0.9
     assert false_flags <= 5
-    row = query(settings, "SELECT anomaly_types, anomaly_score, anomaly_severity, detector_version FROM trades"
-                          " WHERE injected_anomaly = 'price_spike' AND is_anomaly LIMIT 1")[0]
+    row = query(settings, "SELECT anomaly_types, anomaly_score, anomaly_severity, detector_version"
+                          " FROM trade_flags JOIN trades USING (trade_id)"
+                          " WHERE injected_anomaly = 'price_spike' LIMIT 1")[0]
     assert "PRICE_SPIKE" in row[0] and row[1] > 1 and row[2] in ("HIGH", "CRITICAL") and "forest-v1" in row[3]
     assert query(settings, "SELECT count(*) FROM trades")[0][0] == 20000, "flags never add rows"
+    assert query(settings, "SELECT count(*) FROM trade_flags LEFT JOIN trades t USING (trade_id)"
+                           " WHERE t.trade_id IS NULL")[0][0] == 0, "every flag is on a stored trade"
 
     alerts = query(settings, "SELECT alert_id, alert_type, severity, message, acknowledged FROM alerts")
     assert {a[1] for a in alerts} >= {"PRICE_SPIKE", "PRICE_DROP", "VOLUME_SPIKE"}

@@ -50,3 +50,12 @@ def test_docker_compose_agrees_with_env_file():
         assert spec["env_file"] == ".env"
         assert set(spec["environment"]) == {"KAFKA_BOOTSTRAP_SERVERS", "POSTGRES_HOST", "POSTGRES_PORT"}
         assert spec["environment"]["KAFKA_BOOTSTRAP_SERVERS"].split(":")[0] == "kafka"
+
+
+def test_kafka_cluster_ids_never_look_like_an_option():
+    # 1 in 64 random ids starts with '-', which kafka-storage's parser took for an option
+    from tradewatch.stack import _new_cluster_id
+
+    ids = [_new_cluster_id() for _ in range(5000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)

@@ -89,7 +89,8 @@ class SymbolState:
 
         log_q = math.log(trade.quantity)
         q_std = self.log_quantities.std
-        gap = (trade.timestamp_ms - self.last_ts) if self.last_ts is not None else 0
+        # Out-of-order or equal timestamps (another venue's clock, a re-read) count as no gap.
+        gap = max(trade.timestamp_ms - self.last_ts, 0) if self.last_ts is not None else 0
         typical_gap = self.gaps.mean
         direction = 0 if self.last_price is None or price == self.last_price else (1 if price > self.last_price else -1)
         run_length = self.run_length + 1 if direction and direction == self.run_direction else (1 if direction else 0)

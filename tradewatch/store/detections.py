@@ -1,4 +1,4 @@
-"""Writes of the detector: flags on trade rows, alerts, circuit-breaker states; and their reads at start."""
+"""Writes of the detector: trade flags, alerts, circuit-breaker states; and their reads at start."""
 from __future__ import annotations
 
 import json
@@ -13,27 +13,21 @@ Cursor = psycopg2.extensions.cursor
 _MS = "timestamptz 'epoch' + %s * interval '1 millisecond'"
 
 
-def write_flags(cur: Cursor, flagged: list[tuple[Detection, int | None, int | None]], version: str) -> None:
-    """Upsert the trade rows with their flags. Inserting the whole row (the same data the consumer
-    stores) means the order of consumer and detector does not matter: whoever comes second
-    either skips the row (consumer) or sets the flags on it (detector)."""
+def write_flags(cur: Cursor, flagged: list[Detection], version: str) -> None:
+    """Upsert the detector's verdict per flagged trade into `trade_flags` (never into `trades`:
+    only the consumer stores trades, so a flag cannot stand in for a trade that was never stored)."""
     if not flagged:
         return
-    rows = []
-    for d, partition, offset in flagged:
-        t = d.trade
-        rows.append((t.trade_id, t.symbol, t.timestamp_ms, t.price, t.quantity, t.side, t.exchange, t.bid, t.ask,
-                     t.condition, t.schema_version, t.injected_anomaly, partition, offset,
-                     True, d.types, d.score, d.severity, version))
     execute_values(
         cur,
-        "INSERT INTO trades (trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition,"
-        " schema_version, injected_anomaly, kafka_partition, kafka_offset, is_anomaly, anomaly_types,"
-        " anomaly_score, anomaly_severity, detector_version) VALUES %s"
-        " ON CONFLICT (trade_id) DO UPDATE SET is_anomaly = true, anomaly_types = EXCLUDED.anomaly_types,"
+        "INSERT INTO trade_flags (trade_id, symbol, ts, anomaly_types, anomaly_score, anomaly_severity,"
+        " detector_version) VALUES %s"
+        " ON CONFLICT (trade_id) DO UPDATE SET anomaly_types = EXCLUDED.anomaly_types,"
         " anomaly_score = EXCLUDED.anomaly_score, anomaly_severity = EXCLUDED.anomaly_severity,"
         " detector_version = EXCLUDED.detector_version",
-        rows, template=f"(%s, %s, {_MS}, " + ", ".join(["%s"] * 16) + ")")
+        [(d.trade.trade_id, d.trade.symbol, d.trade.timestamp_ms, d.types, d.score, d.severity, version)
+         for d in flagged],
+        template=f"(%s, %s, {_MS}, %s, %s, %s, %s)")
 
 
 def write_alerts(cur: Cursor, alerts: list[Alert]) -> None:

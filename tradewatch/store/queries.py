@@ -86,7 +86,7 @@ def kpis(engine: Engine, source: str, symbols: list[str] | None, since, until) -
     frame = _frame(engine, f"""
         SELECT coalesce(sum(trade_count), 0) AS trades, coalesce(sum(volume), 0) AS volume,
                coalesce(sum(traded_value), 0) AS traded_value, count(DISTINCT symbol) AS active_symbols,
-               (SELECT count(*) FROM trades WHERE is_anomaly AND ts >= :since AND ts < :until AND {_SYMBOLS})
+               (SELECT count(*) FROM trade_flags WHERE ts >= :since AND ts < :until AND {_SYMBOLS})
                    AS anomalies
         FROM {_table(source)}
         WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}""",
@@ -113,12 +113,21 @@ def price_series(engine: Engine, source: str, symbols: list[str] | None, since, 
         ORDER BY symbol, window_start""", symbols=symbols, since=since, until=until)
 
 
-def anomaly_points(engine: Engine, symbols: list[str] | None, since, until, limit: int = 500) -> pd.DataFrame:
+def anomaly_points(engine: Engine, symbols: list[str] | None, since, until, limit: int = 2000) -> pd.DataFrame:
+    """One marker per minute and symbol that had anomalies (its highest-scoring flagged trade), so
+    markers cover the whole range however many flags there are; `in_minute` says how many it stands
+    for. At most `limit` markers, the strongest first."""
     return _frame(engine, f"""
-        SELECT ts, symbol, price, quantity, anomaly_severity AS severity,
-               array_to_string(anomaly_types, ', ') AS types, anomaly_score AS score
-        FROM trades WHERE is_anomaly AND ts >= :since AND ts < :until AND {_SYMBOLS}
-        ORDER BY ts DESC LIMIT :limit""", symbols=symbols, since=since, until=until, limit=limit)
+        WITH best AS (
+            SELECT DISTINCT ON (symbol, date_trunc('minute', ts))
+                   trade_id, ts, symbol, anomaly_severity, anomaly_types, anomaly_score,
+                   count(*) OVER (PARTITION BY symbol, date_trunc('minute', ts)) AS in_minute
+            FROM trade_flags WHERE ts >= :since AND ts < :until AND {_SYMBOLS}
+            ORDER BY symbol, date_trunc('minute', ts), anomaly_score DESC)
+        SELECT b.ts, b.symbol, t.price, t.quantity, b.anomaly_severity AS severity,
+               array_to_string(b.anomaly_types, ', ') AS types, b.anomaly_score AS score, b.in_minute
+        FROM best b JOIN trades t USING (trade_id)
+        ORDER BY b.anomaly_score DESC LIMIT :limit""", symbols=symbols, since=since, until=until, limit=limit)
 
 
 def per_symbol(engine: Engine, source: str, symbols: list[str] | None, since, until) -> pd.DataFrame:
@@ -154,17 +163,33 @@ def scanner(engine: Engine, source: str, symbols: list[str] | None, since, until
 
 def whale_trades(engine: Engine, symbols: list[str] | None, since, until, limit: int = 6) -> pd.DataFrame:
     return _frame(engine, f"""
-        SELECT ts, symbol, price, quantity, price * quantity AS value, side, anomaly_score AS score
-        FROM trades WHERE is_anomaly AND 'VOLUME_SPIKE' = ANY(anomaly_types)
-          AND ts >= :since AND ts < :until AND {_SYMBOLS}
-        ORDER BY ts DESC LIMIT :limit""", symbols=symbols, since=since, until=until, limit=limit)
+        SELECT t.ts, t.symbol, t.price, t.quantity, t.price * t.quantity AS value, t.side, f.anomaly_score AS score
+        FROM trade_flags f JOIN trades t USING (trade_id)
+        WHERE 'VOLUME_SPIKE' = ANY(f.anomaly_types) AND f.ts >= :since AND f.ts < :until
+          AND (CAST(:symbols AS text[]) IS NULL OR f.symbol = ANY(CAST(:symbols AS text[])))
+        ORDER BY f.ts DESC LIMIT :limit""", symbols=symbols, since=since, until=until, limit=limit)
 
 
 def trade_tape(engine: Engine, symbols: list[str] | None, anomalies_only: bool, limit: int = 25) -> pd.DataFrame:
+    """The newest trades (or the newest flagged ones), each with its flag's severity if any."""
+    symbol_filter = "(CAST(:symbols AS text[]) IS NULL OR t.symbol = ANY(CAST(:symbols AS text[])))"
+    if anomalies_only:   # walk the flags' index, not every trade
+        source, newest_first = "trade_flags f JOIN trades t USING (trade_id)", "f.ts DESC"
+    else:
+        source, newest_first = "trades t LEFT JOIN trade_flags f USING (trade_id)", "t.ts DESC"
     return _frame(engine, f"""
-        SELECT ts, symbol, side, price, quantity, exchange, anomaly_severity AS severity
-        FROM trades WHERE {_SYMBOLS} AND (NOT :anomalies_only OR is_anomaly)
-        ORDER BY ts DESC LIMIT :limit""", symbols=symbols, anomalies_only=anomalies_only, limit=limit)
+        SELECT t.ts, t.symbol, t.side, t.price, t.quantity, t.exchange, f.anomaly_severity AS severity
+        FROM {source} WHERE {symbol_filter}
+        ORDER BY {newest_first} LIMIT :limit""", symbols=symbols, limit=limit)
+
+
+def stage_health(engine: Engine) -> pd.DataFrame:
+    """Per stage process: seconds since its last heartbeat, what it handled, its lag and partitions.
+    Rows of processes that are gone stay until the stage's next start, so a crash stays visible."""
+    return _frame(engine, """
+        SELECT stage, host, pid, state, extract(epoch FROM now() - last_beat)::float8 AS beat_age_s,
+               processed, lag, coalesce(cardinality(partitions), 0) AS partitions, last_error, started_at
+        FROM stage_health ORDER BY stage, started_at DESC""")
 
 
 def alerts_feed(engine: Engine, severities: list[str], symbols: list[str] | None, limit: int = 50) -> pd.DataFrame:

@@ -16,17 +16,39 @@ CREATE TABLE IF NOT EXISTS trades (
     injected_anomaly  text,                          -- simulator ground truth; detectors never read it
     kafka_partition   integer,
     kafka_offset      bigint,
-    ingested_at       timestamptz NOT NULL DEFAULT now(),
-    -- written by anomaly_detector.py
-    is_anomaly        boolean NOT NULL DEFAULT false,
-    anomaly_types     text[],
-    anomaly_score     double precision,
-    anomaly_severity  text,
-    detector_version  text
+    ingested_at       timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS trades_symbol_ts ON trades (symbol, ts);
 CREATE INDEX IF NOT EXISTS trades_ts ON trades (ts);
-CREATE INDEX IF NOT EXISTS trades_anomalies ON trades (ts) WHERE is_anomaly;
+
+-- The detector's verdict on a trade: one row per flagged trade, written only by
+-- anomaly_detector.py (consumer.py is the only writer of `trades`, so a flag can never fake a
+-- stored trade). Readers join it to `trades` on trade_id.
+CREATE TABLE IF NOT EXISTS trade_flags (
+    trade_id          text PRIMARY KEY,
+    symbol            text NOT NULL,
+    ts                timestamptz NOT NULL,          -- event time of the trade
+    anomaly_types     text[] NOT NULL,
+    anomaly_score     double precision NOT NULL,
+    anomaly_severity  text NOT NULL,
+    detector_version  text NOT NULL,
+    flagged_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS trade_flags_ts ON trade_flags (ts);
+CREATE INDEX IF NOT EXISTS trade_flags_symbol_ts ON trade_flags (symbol, ts);
+
+-- Databases made before trade_flags kept the flags on the trade rows: move them, once.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'trades' AND column_name = 'is_anomaly') THEN
+        INSERT INTO trade_flags (trade_id, symbol, ts, anomaly_types, anomaly_score, anomaly_severity, detector_version)
+        SELECT trade_id, symbol, ts, anomaly_types, coalesce(anomaly_score, 0), coalesce(anomaly_severity, 'MEDIUM'),
+               coalesce(detector_version, 'unknown')
+        FROM trades WHERE is_anomaly ON CONFLICT (trade_id) DO NOTHING;
+        ALTER TABLE trades DROP COLUMN is_anomaly, DROP COLUMN anomaly_types, DROP COLUMN anomaly_score,
+                           DROP COLUMN anomaly_severity, DROP COLUMN detector_version;
+    END IF;
+END $$;
 
 -- Every message that is not a valid trade, with the raw bytes and the reason.
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -175,3 +197,19 @@ CREATE TABLE IF NOT EXISTS flink_metrics (
     PRIMARY KEY (symbol, window_size, window_start)
 );
 CREATE INDEX IF NOT EXISTS flink_metrics_size_start ON flink_metrics (window_size, window_start);
+
+-- Liveness of every stage process (written only by tradewatch/runtime.py, at most once a second
+-- per process): the dashboard's health strip reads it.
+CREATE TABLE IF NOT EXISTS stage_health (
+    stage        text NOT NULL,                     -- consumer | aggregator | detector | flink
+    host         text NOT NULL,
+    pid          integer NOT NULL,
+    started_at   timestamptz NOT NULL,
+    last_beat    timestamptz NOT NULL,
+    processed    bigint NOT NULL DEFAULT 0,         -- records handled since the process started
+    lag          bigint,                            -- records behind the end of the Kafka log
+    partitions   integer[],                         -- Kafka partitions held
+    state        text NOT NULL,                     -- running | stopped
+    last_error   text,
+    PRIMARY KEY (stage, host, pid)
+);
