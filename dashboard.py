@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 
 from tradewatch.config import Settings
 from tradewatch.formatting import compact, exact
-from tradewatch.runtime import stage_statuses
+from tradewatch.runtime import gone_from_this_host, stage_statuses
 from tradewatch.store import queries
 
 RANGES = {"Last 15 minutes": 15, "Last hour": 60, "Last 6 hours": 360, "Last 24 hours": 1440, "Last 7 days": 10080}
@@ -71,7 +71,7 @@ def health_strip() -> None:
     """One badge per stage from its heartbeat: green up, orange late, red down, grey stopped."""
     if not q("table_exists", "stage_health"):
         return
-    statuses = stage_statuses(q("stage_health").to_dict("records"))
+    statuses = stage_statuses(q("stage_health").to_dict("records"), gone_from_this_host)
     badges = " ".join(f":{s.color}-badge[{s.stage} {s.status} · {s.detail}]" for s in statuses)
     st.markdown(f"**Pipeline** {badges}")
 
@@ -81,8 +81,8 @@ def kpi_row(symbols, since, until, previous_since) -> None:
     before = q("kpis", source, symbols, previous_since, since)
     # (label, key, short form for the tile, exact form for the tooltip)
     labels = [("Trades", "trades", lambda v: f"{v:,.0f}", None),
-              ("Volume", "volume", compact, lambda v: exact(v, 0)),
-              ("Traded value", "traded_value", lambda v: compact(v, "$"), lambda v: "$" + exact(v)),
+              ("Volume", "volume", compact, lambda v: exact(v, 0, 4)),
+              ("Traded value", "traded_value", lambda v: compact(v, "$"), lambda v: f"${v:,.2f}"),
               ("Active symbols", "active_symbols", lambda v: f"{v:,.0f}", None),
               ("Anomalies", "anomalies", lambda v: f"{v:,.0f}", None)]
     for column, (label, key, short, full) in zip(st.columns(len(labels)), labels):

@@ -6,8 +6,10 @@ faster one (e.g. confluent-kafka) without touching the stages.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -80,18 +82,20 @@ class Message:
 class BusConsumer:
     """A consumer-group member that polls batches and commits explicit offsets.
 
-    It never sits in a group without work while its topics have partitions: when the assignment
-    stays empty for `EMPTY_ASSIGNMENT_GRACE_S` (a join that went wrong on a brand-new broker, or a
-    topic created after the subscription), it logs it and rejoins the group, then checks again
-    with a growing interval (a group with more members than partitions leaves some idle for real).
+    It never sits in a group without work while its topics have partitions that nobody else
+    holds: when its assignment stays empty for `rejoin_after_s`, it asks the group coordinator who
+    holds what. If other members hold every partition (more members than partitions), being idle is
+    right and it says so once; otherwise (a join that went wrong, the group believing this member
+    holds partitions it never received) it logs a warning and rejoins, then checks again with a
+    doubling interval.
     """
 
-    EMPTY_ASSIGNMENT_GRACE_S = 10.0
     MAX_REJOIN_INTERVAL_S = 300.0
 
     def __init__(self, settings: Settings, group_id: str, topics: Iterable[str],
                  on_assign: Callable[[list[int]], None] | None = None,
-                 on_revoke: Callable[[list[int]], None] | None = None, **config: object):
+                 on_revoke: Callable[[list[int]], None] | None = None, rejoin_after_s: float = 10.0,
+                 **config: object):
         """on_assign/on_revoke get the partition numbers gained/lost in a rebalance."""
         options: dict[str, object] = dict(
             bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -103,6 +107,8 @@ class BusConsumer:
             heartbeat_interval_ms=3_000,
             max_poll_interval_ms=300_000,
             metadata_max_age_ms=30_000,   # notice new partitions / topics within 30 s, not 5 min
+            # unique per member, so the group description tells this member from the others
+            client_id=f"tradewatch-{group_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         )
         options.update(config)
         _require_reachable(settings)
@@ -115,7 +121,8 @@ class BusConsumer:
         self._listener = _Listener(on_assign, on_revoke)
         self._next_offsets: dict[int, int] = {}
         self._empty_since: float | None = None
-        self._rejoin_interval = self.EMPTY_ASSIGNMENT_GRACE_S
+        self._rejoin_after_s = rejoin_after_s
+        self._rejoin_interval = rejoin_after_s
         self.rejoins = 0
         # Load the topics' metadata before joining the group: a group join without it can leave
         # kafka-python with an empty assignment.
@@ -144,7 +151,7 @@ class BusConsumer:
 
     def _watch_empty_assignment(self) -> None:
         if self._consumer.assignment():
-            self._empty_since, self._rejoin_interval = None, self.EMPTY_ASSIGNMENT_GRACE_S
+            self._empty_since, self._rejoin_interval = None, self._rejoin_after_s
             return
         now = time.monotonic()
         if self._empty_since is None:
@@ -152,16 +159,47 @@ class BusConsumer:
             return
         if now - self._empty_since < self._rejoin_interval:
             return
-        available = {t: len(self._consumer.partitions_for_topic(t) or ()) for t in self._topics}
-        if any(available.values()):
-            log.warning("group %s gave this consumer no partitions for %.0fs while %s has %s; rejoining the group",
-                        self.group_id, now - self._empty_since, ", ".join(self._topics),
-                        ", ".join(f"{n} partitions" for n in available.values()))
-            self._consumer.unsubscribe()
-            self._consumer.subscribe(topics=self._topics, listener=self._listener)
-            self.rejoins += 1
-            self._rejoin_interval = min(self._rejoin_interval * 2, self.MAX_REJOIN_INTERVAL_S)
+        verdict = self.unowned_partitions()
+        if verdict is None:          # the group is rebalancing right now: look again later
+            return
+        if verdict:
+            log.warning("group %s gave this consumer no partitions for %.0fs while nobody holds %s; "
+                        "rejoining the group", self.group_id, now - self._empty_since,
+                        ", ".join(f"{t}[{p}]" for t, p in sorted(verdict)))
+            self.rejoin()
+        elif self._rejoin_interval == self._rejoin_after_s:
+            log.info("group %s: other members hold every partition of %s; this one stays idle as a spare",
+                     self.group_id, ", ".join(self._topics))
+        self._rejoin_interval = min(self._rejoin_interval * 2, self.MAX_REJOIN_INTERVAL_S)
         self._empty_since = now
+
+    def rejoin(self) -> None:
+        """Leave and join the group again: the coordinator hands out the partitions afresh."""
+        self._consumer.unsubscribe()
+        self._consumer.subscribe(topics=self._topics, listener=self._listener)
+        self.rejoins += 1
+
+    def unowned_partitions(self) -> set[tuple[str, int]] | None:
+        """Partitions of our topics that no *other* group member holds; None while rebalancing."""
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=self._consumer.config["bootstrap_servers"],
+                                     request_timeout_ms=5_000)
+            try:
+                group = admin.describe_groups([self.group_id])[self.group_id]
+            finally:
+                admin.close()
+        except KafkaError as error:
+            log.debug("cannot describe group %s: %s", self.group_id, error)
+            return None
+        if group.get("group_state") != "Stable":
+            return None
+        me = self._consumer.config["client_id"]
+        held = {(a["topic"], p)
+                for member in group.get("members", []) if member.get("client_id") != me
+                for a in (member.get("member_assignment") or {}).get("assigned_partitions", [])
+                for p in a["partitions"]}
+        every = {(t, p) for t in self._topics for p in (self._consumer.partitions_for_topic(t) or ())}
+        return every - held
 
     def lag(self) -> int | None:
         """Messages between what this consumer has fetched and the end of its partitions' logs
@@ -199,6 +237,10 @@ class BusConsumer:
 
     def assignment(self) -> set[tuple[str, int]]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def partitions(self) -> list[int]:
+        """The partition numbers held now, sorted (for the heartbeat)."""
+        return sorted(tp.partition for tp in self._consumer.assignment())
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)

@@ -115,7 +115,7 @@ class DetectorService:
                     self.rewind.clear()
                 if messages:
                     self._handle(messages)
-                self.heartbeat.beat(self.processed, self._consumer.lag(), sorted(p for _, p in self._consumer.assignment()))
+                self.heartbeat.beat(self.processed, self._consumer.lag(), self._consumer.partitions())
                 if time.monotonic() - last_report >= 10:
                     self._report()
                     last_report = time.monotonic()

@@ -86,8 +86,7 @@ class Ingestor:
 
     def _beat(self) -> None:
         assert self._consumer is not None
-        self.heartbeat.beat(self.stats.messages, self._consumer.lag(),
-                            sorted(p for _, p in self._consumer.assignment()))
+        self.heartbeat.beat(self.stats.messages, self._consumer.lag(), self._consumer.partitions())
 
     def _connect_kafka(self) -> bus.BusConsumer | None:
         waiting = False

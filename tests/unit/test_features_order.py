@@ -49,3 +49,36 @@ def test_any_sequence_of_valid_trades_gives_finite_features(rows):
     for i, (ts, price, qty, symbol) in enumerate(rows):
         d = detector.process(Trade(f"t{i}", symbol, ts, price, qty, "sell", "X"))
         assert all(math.isfinite(v) for v in d.features.vector()), d.features
+
+
+def market(n: int, start: int = 0) -> list[Trade]:
+    prices = [100 + ((i * 37) % 11 - 5) * 0.01 for i in range(n)]
+    prices[start + n // 2] = 113.0          # one crash-sized move in the middle
+    return [trade(start + i, T0 + (start + i) * 1000, p, 100 + (i * 13) % 50) for i, p in enumerate(prices)]
+
+
+def test_a_reread_after_forget_rebuilds_exactly_the_state_of_a_fresh_detector():
+    trades = market(300)
+    reader = RuleDetector()
+    for t in trades[:200]:
+        reader.process(t)
+    # rebalance: the partition is re-read from offset 100 (warm-up) while the state holds 0..199
+    reader.forget({"AAPL"})
+    fresh = RuleDetector()
+    for t in trades[100:200]:
+        assert reader.process(t, warmup=True).features == fresh.process(t, warmup=True).features
+    for t in trades[200:]:
+        a, b = reader.process(t), fresh.process(t)
+        assert (a.features, a.types) == (b.features, b.types)
+
+
+def test_warmup_trades_never_move_a_circuit_breaker():
+    trades = market(200)
+    detector = RuleDetector()
+    for t in trades:
+        detector.process(t, warmup=True)
+    assert detector.take_transitions() == []
+    live = RuleDetector()
+    for t in trades:
+        live.process(t)
+    assert [tr.state for tr in live.take_transitions()][:1] == ["OPEN"]

@@ -1,9 +1,14 @@
-from tradewatch.runtime import DOWN_AFTER_S, stage_statuses
+import os
+import socket
+import subprocess
+import sys
+
+from tradewatch.runtime import DOWN_AFTER_S, gone_from_this_host, stage_statuses
 
 
-def row(stage, age, state="running", lag=0, partitions=6, error=None):
+def row(stage, age, state="running", lag=0, partitions=6, error=None, pid=1):
     return {"stage": stage, "beat_age_s": age, "state": state, "lag": lag, "partitions": partitions,
-            "last_error": error}
+            "last_error": error, "host": socket.gethostname(), "pid": pid}
 
 
 def by_stage(rows):
@@ -34,3 +39,23 @@ def test_slow_beats_or_a_big_lag_are_late_and_a_clean_exit_is_stopped():
 def test_several_consumers_add_up():
     s = by_stage([row("consumer", 0.1, lag=5, partitions=3), row("consumer", 0.3, lag=7, partitions=3)])
     assert s["consumer"].detail == "2 processes · lag 12 · 6 partitions"
+
+
+def test_a_stage_without_partitions_is_late_and_unknown_partitions_are_not_shown():
+    assert by_stage([row("consumer", 0.2, partitions=0)])["consumer"].status == "late"
+    flink = by_stage([row("flink", 0.5, partitions=float("nan"), lag=None)])["flink"]
+    assert flink.status == "up" and flink.detail == "lag 0"
+
+
+def test_a_process_gone_from_this_host_is_down_at_once_and_its_restart_is_noted():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = row("detector", 0.5, pid=dead.pid)
+    assert gone_from_this_host(killed) and not gone_from_this_host(row("detector", 0.5, pid=os.getpid()))
+    assert stage_statuses([killed], gone_from_this_host)[2].status == "down"
+    back = by_stage_with_probe([killed, row("detector", 0.2, pid=os.getpid())])["detector"]
+    assert back.status == "up" and "restarted, a process died" in back.detail
+
+
+def by_stage_with_probe(rows):
+    return {s.stage: s for s in stage_statuses(rows, gone_from_this_host)}

@@ -188,7 +188,7 @@ def stage_health(engine: Engine) -> pd.DataFrame:
     Rows of processes that are gone stay until the stage's next start, so a crash stays visible."""
     return _frame(engine, """
         SELECT stage, host, pid, state, extract(epoch FROM now() - last_beat)::float8 AS beat_age_s,
-               processed, lag, coalesce(cardinality(partitions), 0) AS partitions, last_error, started_at
+               processed, lag, cardinality(partitions) AS partitions, last_error, started_at
         FROM stage_health ORDER BY stage, started_at DESC""")
 
 

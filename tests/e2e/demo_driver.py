@@ -1,0 +1,183 @@
+"""Drives `python -m tradewatch.demo` (what `make demo` runs) the way a user does, and reads the
+dashboard the way a user sees it, in headless Chromium. Shared by tests/e2e/test_demo.py and
+bench/demo_start.py."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from playwright.sync_api import Page
+
+from tests.conftest import wait_for
+from tradewatch.config import PROJECT_ROOT, Settings
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FIRST_ANOMALY_BUDGET_S = 60
+STOP_BUDGET_S = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Demo:
+    """One `python -m tradewatch.demo` (what `make demo` runs) in its own process group."""
+
+    def __init__(self, name: str):
+        self.home = PROJECT_ROOT / ".tradewatch" / f"e2e-{name}"
+        self.settings = Settings.load(
+            tradewatch_home=str(self.home), kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
+            kafka_controller_port=free_port(), postgres_port=free_port(), dashboard_port=free_port(),
+            dashboard_refresh_seconds=1, run_flink_in_demo=False)
+        self.url = f"http://127.0.0.1:{self.settings.dashboard_port}"
+        self.log = PROJECT_ROOT / ".tradewatch" / f"e2e-{name}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)   # an empty data folder, as on a fresh clone
+        env = {**os.environ, **self.settings.as_env(), "DEMO_RATE": "100", "DEMO_ANOMALY_RATE": "0.01"}
+        self.started_at = time.monotonic()
+        self.process = subprocess.Popen([sys.executable, "-m", "tradewatch.demo"], cwd=PROJECT_ROOT, env=env,
+                                        stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def pids(self) -> set[int]:
+        """The demo, every stage it started, and the services' processes."""
+        assert self.process is not None
+        found = {self.process.pid} | children(self.process.pid)
+        kafka_pid = self.home / "kafka" / "kafka.pid"
+        if kafka_pid.exists():
+            found.add(int(kafka_pid.read_text()))
+        postmaster = self.home / "postgres" / "data" / "postmaster.pid"
+        if postmaster.exists():
+            found.add(int(postmaster.read_text().split()[0]))
+        return found
+
+    def stage_pid(self, command_part: str) -> int:
+        for pid in children(self.process.pid):
+            if command_part in cmdline(pid):
+                return pid
+        raise AssertionError(f"no running stage matching {command_part!r}")
+
+    def interrupt_and_wait(self) -> float:
+        """Ctrl-C in the terminal: SIGINT to the whole process group. Seconds until all are gone."""
+        pids = self.pids()
+        began = time.monotonic()
+        os.killpg(self.process.pid, signal.SIGINT)
+        deadline = began + STOP_BUDGET_S
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            self.process.poll()
+            time.sleep(0.1)
+        left = {p: cmdline(p) for p in pids if alive(p)}
+        if left:   # clean up before failing so later tests get their ports
+            for p in left:
+                os.kill(p, signal.SIGKILL)
+        assert not left, f"still running {STOP_BUDGET_S}s after Ctrl-C: {left}\n{self.output()[-3000:]}"
+        return time.monotonic() - began
+
+    def kill_everything(self) -> None:
+        if self.process is None:
+            return
+        for p in self.pids():
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def launch_browser(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+
+
+def open_dashboard(page: Page, demo: Demo) -> None:
+    def served() -> bool:
+        try:
+            page.goto(demo.url, timeout=5_000)
+            return True
+        except Exception:  # noqa: BLE001 - not listening yet
+            assert demo.process.poll() is None, f"the demo exited:\n{demo.output()[-3000:]}"
+            return False
+    wait_for(served, timeout=FIRST_ANOMALY_BUDGET_S, interval=0.5, message="the dashboard to answer")
+
+
+def page_state(page: Page) -> dict:
+    """What a user sees: the health strip, charts with their traces, the trades tile, alerts."""
+    return page.evaluate("""() => {
+        const plots = [...document.querySelectorAll('.js-plotly-plot')];
+        const traces = plots.flatMap(p => (p.data || []).map(t => ({type: t.type, name: t.name || '',
+                                                                      points: (t.x || []).length})));
+        const text = document.body.innerText;
+        const tile = [...document.querySelectorAll('[data-testid="stMetric"]')]
+            .find(m => m.innerText.startsWith('Trades'));
+        const trades = tile ? parseInt(tile.querySelector('[data-testid="stMetricValue"]').innerText.replace(/,/g, '')) : 0;
+        return {text, traces, trades};
+    }""")
+
+
+def stage_shown(state: dict, stage: str, status: str) -> bool:
+    return f"{stage} {status}" in state["text"]
+
+
+def everything_on_the_page(state: dict) -> bool:
+    traces = state["traces"]
+    return (state["trades"] > 0
+            and any(t["type"] == "candlestick" and t["points"] > 0 for t in traces)
+            and any(t["name"].endswith("anomaly") and t["points"] > 0 for t in traces)
+            and "🔔" in state["text"]
+            and all(stage_shown(state, s, "up") for s in ("consumer", "aggregator", "detector")))
+
+
+def wait_for_everything(page: Page, demo: Demo, budget_s: float) -> dict:
+    """Wait until the page shows everything a user expects; fail with what it showed and the log."""
+    last: dict = {}
+
+    def complete() -> bool:
+        nonlocal last
+        assert demo.process.poll() is None, f"the demo exited:\n{demo.output()[-3000:]}"
+        last = page_state(page)
+        return everything_on_the_page(last)
+    try:
+        wait_for(complete, timeout=budget_s, interval=0.5,
+                 message="trades, candles, an anomaly marker, an alert and a green health strip")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\ntraces: {last.get('traces')}\npage: {last.get('text', '')[:1500]}\n"
+                             f"--- demo log ---\n{demo.output()[-5000:]}") from None
+    return last
