@@ -95,7 +95,7 @@ class BusConsumer:
     def __init__(self, settings: Settings, group_id: str, topics: Iterable[str],
                  on_assign: Callable[[list[int]], None] | None = None,
                  on_revoke: Callable[[list[int]], None] | None = None, rejoin_after_s: float = 10.0,
-                 **config: object):
+                 stall_after_s: float = 15.0, **config: object):
         """on_assign/on_revoke get the partition numbers gained/lost in a rebalance."""
         options: dict[str, object] = dict(
             bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -111,19 +111,29 @@ class BusConsumer:
             client_id=f"tradewatch-{group_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         )
         options.update(config)
-        _require_reachable(settings)
-        try:
-            self._consumer = KafkaConsumer(**options)
-        except KafkaError:
-            raise KafkaUnavailable(unavailable_message(settings)) from None
+        self._settings = settings
+        self._options = options
         self.group_id = group_id
         self._topics = list(topics)
         self._listener = _Listener(on_assign, on_revoke)
+        self._stall_after_s = stall_after_s
+        self._quiet_since: float | None = None
+        self._waiting_records: int | None = None   # from the stall check, when fetches tell nothing
+        self.rebuilds = 0
+        self._join()
         self._next_offsets: dict[int, int] = {}
         self._empty_since: float | None = None
         self._rejoin_after_s = rejoin_after_s
         self._rejoin_interval = rejoin_after_s
         self.rejoins = 0
+
+    def _join(self) -> None:
+        """Create the client and subscribe (the group join itself happens in the next polls)."""
+        _require_reachable(self._settings)
+        try:
+            self._consumer = KafkaConsumer(**self._options)
+        except KafkaError:
+            raise KafkaUnavailable(unavailable_message(self._settings)) from None
         # Load the topics' metadata before joining the group: a group join without it can leave
         # kafka-python with an empty assignment.
         for topic in self._topics:
@@ -142,8 +152,11 @@ class BusConsumer:
         ]
         for message in messages:
             self._next_offsets[message.partition] = message.offset + 1
-        if not messages:
+        if messages:
+            self._quiet_since, self._waiting_records = None, None
+        else:
             self._watch_empty_assignment()
+            self._watch_stall()
             left = timeout_ms / 1000.0 - (time.monotonic() - started)
             if left > 0:
                 time.sleep(left)
@@ -172,6 +185,42 @@ class BusConsumer:
                      self.group_id, ", ".join(self._topics))
         self._rejoin_interval = min(self._rejoin_interval * 2, self.MAX_REJOIN_INTERVAL_S)
         self._empty_since = now
+
+    def _watch_stall(self) -> None:
+        """Partitions held, nothing fetched for `stall_after_s`, yet records wait in the log: the
+        client is stuck (seen with kafka-python on a brand-new broker: fetching, never receiving).
+        Say so and replace the client with a fresh one, which rejoins the group."""
+        assigned = self._consumer.assignment()
+        now = time.monotonic()
+        if not assigned:
+            self._quiet_since = None
+            return
+        if self._quiet_since is None:
+            self._quiet_since = now
+            return
+        if now - self._quiet_since < self._stall_after_s:
+            return
+        self._quiet_since = now
+        try:
+            ends = self._consumer.end_offsets(list(assigned))
+            starts = self._consumer.beginning_offsets(list(assigned))
+        except KafkaError as error:
+            log.debug("stall check skipped: %s", error)
+            return
+        waiting = 0
+        for tp in assigned:
+            position = self._next_offsets.get(tp.partition)
+            if position is None:
+                position = self._consumer.committed(tp)
+            waiting += max(ends[tp] - max(position or 0, starts[tp]), 0)
+        self._waiting_records = waiting
+        if waiting:
+            log.warning("group %s: holding partitions %s but nothing fetched for %.0fs while %d records wait; "
+                        "replacing the Kafka client", self.group_id, self.partitions(), self._stall_after_s, waiting)
+            self._consumer.close(autocommit=False)
+            self._next_offsets.clear()
+            self.rebuilds += 1
+            self._join()
 
     def rejoin(self) -> None:
         """Leave and join the group again: the coordinator hands out the partitions afresh."""
@@ -204,6 +253,8 @@ class BusConsumer:
     def lag(self) -> int | None:
         """Messages between what this consumer has fetched and the end of its partitions' logs
         (from the broker's last fetch answers, no extra request); None before the first answer."""
+        if self._waiting_records is not None:   # a stall check counted them
+            return self._waiting_records
         total, known = 0, False
         for tp in self._consumer.assignment():
             end = self._consumer.highwater(tp)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -10,6 +11,8 @@ from datetime import datetime, timezone
 
 
 def setup_logging(verbose: bool = False) -> None:
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a stuck stage is
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -76,3 +76,16 @@ def test_consumer_started_before_its_topic_exists_gets_every_partition(settings)
     assert read_all(consumer, 100) == list(range(100))
     assert len(consumer.assignment()) == settings.trades_partitions
     consumer.close()
+
+
+def test_member_that_stops_fetching_notices_records_waiting_and_replaces_its_client(settings):
+    consumer = bus.BusConsumer(settings, f"g-{uuid.uuid4().hex[:6]}", [settings.trades_topic], stall_after_s=2.0)
+    wait_for(lambda: consumer.poll(10, 100) is not None and len(consumer.assignment()) == 6, timeout=30,
+             message="all six partitions assigned")
+    # Emulate the stuck client seen on fresh brokers: partitions held, fetches that bring nothing.
+    consumer._consumer.pause(*consumer._consumer.assignment())
+    publish(settings, settings.trades_topic, 50)
+    wait_for(lambda: consumer.poll(10, 100) is not None and consumer.rebuilds == 1, timeout=30,
+             message="the stall to be noticed")
+    assert read_all(consumer, 50) == list(range(50))
+    consumer.close()
