@@ -23,8 +23,8 @@ stop:                       ## stop Kafka and PostgreSQL
 status:
 	$(PY) -m tradewatch.stack status
 
-bench: setup                ## benchmarks; each prints JSON
-	cd bench && ../$(PY) ingest.py && ../$(PY) aggregate.py && ../$(PY) detect.py && ../$(PY) dashboard.py && ../$(PY) flink.py
+bench: setup browser        ## benchmarks; each prints JSON
+	cd bench && ../$(PY) ingest.py && ../$(PY) aggregate.py && ../$(PY) detect.py && ../$(PY) dashboard.py && ../$(PY) flink.py && ../$(PY) demo_start.py
 
 setup: venv jars
 
@@ -48,4 +48,4 @@ browser:                    ## headless Chromium for the dashboard's browser tes
 	  else echo "chromium is missing: sudo apt-get install chromium (needed by tests/e2e)"; exit 1; fi; }
 
 clean: stop                 ## remove local data (keeps the venv and jars)
-	rm -rf .tradewatch/demo .tradewatch/test
+	rm -rf .tradewatch/demo .tradewatch/test .tradewatch/e2e-* .tradewatch/bench

@@ -7,8 +7,10 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
+from tradewatch import bus, runtime
 from tradewatch.cli import setup_logging
 from tradewatch.config import PROJECT_ROOT, Settings
 from tradewatch.stack import JARS_DIR
@@ -117,10 +119,6 @@ def main(argv: list[str] | None = None) -> int:
 def watch(settings: Settings, result) -> int:
     """Beat the `flink` heartbeat while the job runs; its lag is the Flink group's committed offsets
     (committed at each checkpoint) behind the end of the topic."""
-    import time
-
-    from tradewatch import bus, runtime
-
     heartbeat = runtime.Heartbeat(settings, "flink")
     client = result.get_job_client()
     processed, lag, last_lag_check = 0, None, 0.0

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import psycopg2
+
 from tradewatch.config import Settings
 from tradewatch.store import db
 
@@ -58,7 +60,8 @@ class Heartbeat:
                 self._conn = db.connect(self.settings)
                 self._conn.autocommit = True
                 self._forget_dead_instances()
-            except db.DatabaseUnavailable:
+            except (db.DatabaseUnavailable, psycopg2.Error):
+                self._drop()
                 self._say_down()
                 return
         try:
@@ -73,7 +76,7 @@ class Heartbeat:
                      self.last_error))
             self._last_beat = now
             self._down_logged = False
-        except db.CONNECTION_ERRORS:
+        except psycopg2.Error:   # server gone, or anything else: never the stage's problem
             self._drop()
             self._say_down()
 
@@ -93,7 +96,7 @@ class Heartbeat:
 
     def _say_down(self) -> None:
         if not self._down_logged:
-            log.warning("%s: heartbeat paused, PostgreSQL unreachable", self.stage)
+            log.warning("%s: heartbeat paused, cannot write stage_health in PostgreSQL", self.stage)
             self._down_logged = True
 
     def _drop(self) -> None:

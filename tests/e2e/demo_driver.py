@@ -87,11 +87,13 @@ class Demo:
         return time.monotonic() - began
 
     def kill_everything(self) -> None:
+        """Whatever is left: killed; then the data folder goes (the log stays for a post-mortem)."""
         if self.process is None:
             return
         for p in self.pids():
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 def children(pid: int) -> set[int]:

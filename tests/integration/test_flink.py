@@ -28,6 +28,10 @@ def flink(services, tmp_path_factory):
     wait_for(lambda: "submitting the job" in log.read_text() or job.poll() is not None, timeout=180,
              message="Flink job submitted")
     assert job.poll() is None, log.read_text()[-3000:]
+    # the running job beats for the dashboard's health strip
+    wait_for(lambda: query(settings, "SELECT 1 FROM stage_health WHERE stage = 'flink' AND state = 'running'"
+                                     " AND last_beat > now() - interval '3 seconds'"), timeout=60,
+             message="the Flink job's heartbeat")
     yield settings
     job.send_signal(signal.SIGINT)
     try:
