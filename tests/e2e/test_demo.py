@@ -38,7 +38,8 @@ def test_fresh_demo_shows_an_anomaly_within_a_minute_and_stops_cleanly(attempt, 
     demo.start()
     try:
         open_dashboard(browser_page, demo)
-        wait_for_everything(browser_page, demo, FIRST_ANOMALY_BUDGET_S - (time.monotonic() - demo.started_at))
+        shown = wait_for_everything(browser_page, demo, FIRST_ANOMALY_BUDGET_S - (time.monotonic() - demo.started_at))
+        assert "Deploy" not in shown["text"], "Streamlit's Deploy menu is hidden"
         first_anomaly_s = time.monotonic() - demo.started_at
         print(f"fresh start {attempt}: everything on the page {first_anomaly_s:.1f}s after `make demo`")
 

@@ -1,0 +1,32 @@
+"""The demo's supervisor with real child processes: a stage that exits is restarted with a
+doubling backoff, its last lines are logged in one block, a stage that keeps dying gets a banner,
+and a stop request ends every child."""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+from tradewatch.demo import Stage, Supervisor
+
+
+def test_dying_stage_is_restarted_with_backoff_and_reported_loudly(caplog):
+    crasher = Stage("crasher", [sys.executable, "-c", "print('boom: no such table'); raise SystemExit(3)"])
+    sleeper = Stage("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    supervisor = Supervisor([crasher, sleeper])
+    caplog.set_level(logging.INFO, logger="tradewatch.demo")
+    supervisor.start_all()
+    watcher = threading.Thread(target=supervisor.watch)
+    watcher.start()
+    time.sleep(4.5)          # deaths at ~0 s, ~1 s (1 s backoff), ~3 s (2 s backoff); next after 4 s more
+    supervisor.request_stop()
+    watcher.join(timeout=5)
+    supervisor.stop_all()
+    log = caplog.text
+    assert log.count("crasher exited with code 3") == 3
+    assert "restarting in 1s" in log and "restarting in 2s" in log and "restarting in 4s" in log
+    assert "    | boom: no such table" in log
+    assert "CRASHER KEEPS DYING: 3 exits" in log
+    assert "sleeper exited" not in log
+    assert sleeper.process.poll() is not None, "stop_all ends the stages"
