@@ -94,7 +94,9 @@ def kpi_row(symbols, since, until, previous_since) -> None:
 
 
 def candle_panel(symbols, since, until) -> None:
-    options = symbols or all_symbols
+    # read again on every refresh: a page opened before the first window was written must not
+    # keep the empty list it started with
+    options = symbols or q("symbols", source)
     if not options:
         no_data("candles")
         return

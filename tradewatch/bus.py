@@ -95,7 +95,7 @@ class BusConsumer:
     def __init__(self, settings: Settings, group_id: str, topics: Iterable[str],
                  on_assign: Callable[[list[int]], None] | None = None,
                  on_revoke: Callable[[list[int]], None] | None = None, rejoin_after_s: float = 10.0,
-                 stall_after_s: float = 15.0, **config: object):
+                 stall_after_s: float = 8.0, **config: object):
         """on_assign/on_revoke get the partition numbers gained/lost in a rebalance."""
         options: dict[str, object] = dict(
             bootstrap_servers=settings.kafka_bootstrap_servers,

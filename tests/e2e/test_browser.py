@@ -28,6 +28,15 @@ def free_port() -> int:
 @pytest.fixture
 def dashboard(settings, tmp_path):
     load_known_market(settings)
+    yield from serve_dashboard(settings, tmp_path)
+
+
+@pytest.fixture
+def empty_dashboard(settings, tmp_path):
+    yield from serve_dashboard(settings.with_overrides(dashboard_refresh_seconds=1), tmp_path)
+
+
+def serve_dashboard(settings, tmp_path):
     port = free_port()
     log = open(tmp_path / "streamlit.log", "wb")
     process = subprocess.Popen(
@@ -54,9 +63,7 @@ def test_dashboard_renders_charts_and_reacts_to_controls(settings, dashboard, tm
     assert os.path.exists(CHROMIUM), "chromium missing: `make browser` installs it"
     trades = query(settings, "SELECT count(*) FROM trades")[0][0]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1600, "height": 2400})
         page.goto(dashboard)
         expect(page.get_by_text("TradeWatch — live market surveillance")).to_be_visible(timeout=60_000)
@@ -77,3 +84,24 @@ def test_dashboard_renders_charts_and_reacts_to_controls(settings, dashboard, tm
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 20_000
+
+
+def launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+
+
+@pytest.mark.browser
+def test_page_opened_before_any_data_shows_candles_once_they_exist(settings, empty_dashboard):
+    """A user opens the page before the aggregator has written a window: the live panels must pick
+    up the symbols when they appear, without a reload."""
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1600, "height": 2400})
+        page.goto(empty_dashboard)
+        expect(page.get_by_text("No data yet", exact=False).first).to_be_visible(timeout=60_000)
+        load_known_market(settings)
+        page.wait_for_function("[...document.querySelectorAll('.js-plotly-plot')]"
+                               ".some(d => d.data && d.data[0].type === 'candlestick')", timeout=30_000)
+        browser.close()
