@@ -6,7 +6,7 @@ import argparse
 import sys
 from datetime import datetime, timezone
 
-from tradewatch.aggregate import Aggregator, excluded_conditions, sizes_from
+from tradewatch.aggregate import excluded_conditions, run, sizes_from
 from tradewatch.cli import StopFlag, iso_time, setup_logging
 from tradewatch.config import Settings
 from tradewatch.store import db
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         conn.close()
         print(f"backfilled {written} windows from {args.since.isoformat()} to {until.isoformat()}")
         return 0
-    Aggregator(settings, StopFlag()).run()
+    run(settings, StopFlag())
     return 0
 
 

@@ -18,7 +18,8 @@ from tradewatch.detect import evaluate, forest
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
-from tradewatch.detect_stream import DetectorService, detector_config, load_model
+from tradewatch import detect_stream
+from tradewatch.detect_stream import detector_config, load_model
 from tradewatch.store import db, queries
 
 
@@ -186,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_analyze(args, settings)
         if args.command == "evaluate":
             return cmd_evaluate(args, settings)
-        db.apply_schema(settings)
-        DetectorService(settings, StopFlag()).run()
+        detect_stream.run(settings, StopFlag())
         return 0
     except db.DatabaseUnavailable as error:
         print(f"error: {error}", file=sys.stderr)

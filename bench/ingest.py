@@ -116,7 +116,7 @@ def main() -> None:
                         "p99_ms": round(percentile(latencies, 99), 1),
                         "max_ms": round(max(latencies), 1)},
         "consumer_batch_size": settings.consumer_batch_size,
-        "consumer_batch_wait_ms": settings.consumer_batch_wait_ms,
+        "kafka_client": settings.kafka_client,
     })
 
 

@@ -21,7 +21,9 @@ def load_known_market(settings, count: int = 6000, seed: int = 8) -> int:
     trades = list(islice(MarketSimulator(seed=seed, rate=20.0, anomaly_rate=0.01,
                                          start_ms=int(T0.timestamp() * 1000)), count))
     conn = db.connect(settings)
-    write_batch(conn, [StoredTrade(t, 0, i) for i, t in enumerate(trades)], [])
+    with conn.cursor() as cur:
+        write_batch(cur, [StoredTrade(t, 0, i) for i, t in enumerate(trades)], [])
+    conn.commit()
     backfill(conn, T0, T0 + timedelta(days=1), tuple(parse_size(s) for s in ("1m", "5m", "15m")), frozenset())
     pipeline = DetectionPipeline()
     detections = pipeline.process(trades)

@@ -1,7 +1,15 @@
-"""All Kafka client code: producer, consumer and admin construction, topic creation.
+"""The Kafka layer: the only module that imports a Kafka client library.
 
-Keeping the client library (kafka-python) behind this small surface lets it be swapped for a
-faster one (e.g. confluent-kafka) without touching the stages.
+Two clients behind one small interface, chosen by KAFKA_CLIENT:
+- `confluent` (default): confluent-kafka, i.e. librdkafka — ~50× the consume rate of kafka-python
+  on the same broker, an idempotent producer, real *lost* vs *revoked* rebalance events.
+- `kafka-python`: the pure-Python client the project card names, kept selectable. It has two
+  known faults on a brand-new broker (an empty assignment after a join; a fetcher that holds its
+  partitions and never receives), each worked around below by a watchdog that notices and rejoins.
+
+Stages get `Message`s, partition numbers and offsets; no library type or exception leaves here.
+Keys are partitioned with murmur2 by both clients (Java's default), so a symbol lands on the same
+partition whichever client — or Flink — wrote it.
 """
 from __future__ import annotations
 
@@ -11,24 +19,35 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable
-
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
-from kafka.structs import OffsetAndMetadata
+from typing import Callable, Protocol
 
 from tradewatch.config import Settings
 
 log = logging.getLogger(__name__)
+# librdkafka logs every failed reconnect (many a second); the stages log one line per outage instead
+logging.getLogger("tradewatch.librdkafka").setLevel(logging.CRITICAL)
 
-# kafka-python logs every failed reconnect; our stages log one clear line instead.
-logging.getLogger("kafka").setLevel(logging.CRITICAL)
+CLIENTS = ("confluent", "kafka-python")
+BEGINNING = -2          # a start offset meaning "the oldest record kept" (librdkafka's OFFSET_BEGINNING)
+SESSION_TIMEOUT_MS = 10_000
+
+# on_assign(partitions) may return start offsets: {partition: offset}; a partition it leaves out
+# (or maps to None) starts at the group's committed offset, or at the beginning without one.
+AssignCallback = Callable[[list[int]], "dict[int, int | None] | None"]
+PartitionsCallback = Callable[[list[int]], None]
 
 
 class KafkaUnavailable(RuntimeError):
     pass
+
+
+@dataclass(slots=True)
+class Message:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
 
 
 def unavailable_message(settings: Settings) -> str:
@@ -47,119 +66,343 @@ def kafka_reachable(settings: Settings, timeout_s: float = 1.0) -> bool:
 
 
 def _require_reachable(settings: Settings) -> None:
-    # kafka-python blocks for up to 30 s on an unreachable bootstrap server; fail fast instead.
+    # Both clients wait (kafka-python up to 30 s, librdkafka forever) on an unreachable
+    # bootstrap server; fail fast with a message a person can act on instead.
     if not kafka_reachable(settings):
         raise KafkaUnavailable(unavailable_message(settings))
 
 
-def make_producer(settings: Settings, **config: object) -> KafkaProducer:
-    options: dict[str, object] = dict(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        acks="all",
-        linger_ms=5,
-        batch_size=256 * 1024,
-        max_block_ms=10_000,
-        retries=2**31 - 1,
-        max_in_flight_requests_per_connection=1,  # keeps per-symbol order across retries
-    )
-    options.update(config)
-    _require_reachable(settings)
-    try:
-        return KafkaProducer(**options)
-    except KafkaError:
-        raise KafkaUnavailable(unavailable_message(settings)) from None
+def client_of(settings: Settings) -> str:
+    if settings.kafka_client not in CLIENTS:
+        raise ValueError(f"KAFKA_CLIENT must be one of {', '.join(CLIENTS)}; got {settings.kafka_client!r}")
+    return settings.kafka_client
 
 
-@dataclass(slots=True)
-class Message:
+def _member_id(group_id: str) -> str:
+    # unique per member, so a group description tells this member from the others
+    return f"tradewatch-{group_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def murmur2_partition(key: bytes, partitions: int) -> int:
+    """The partition the Java client (and both clients here) choose for `key`."""
+    seed, m, r = 0x9747B28C, 0x5BD1E995, 24
+    length = len(key)
+    h = (seed ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(key[i:i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = length % 4
+    if tail:
+        rest = key[length - tail:]
+        if tail >= 3:
+            h ^= rest[2] << 16
+        if tail >= 2:
+            h ^= rest[1] << 8
+        h ^= rest[0]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return (h & 0x7FFFFFFF) % partitions
+
+
+# ------------------------------------------------------------------------------------- consumer
+
+class BusConsumer(Protocol):
+    """A consumer-group member on one topic that polls batches and commits explicit offsets."""
+
     topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
+    group_id: str
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        """Up to `max_records` messages; returns as soon as some are there, else after `timeout_ms`."""
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Commit {partition: next offset to read}; raises KafkaUnavailable when it cannot."""
+
+    def committed(self, partitions: list[int]) -> dict[int, int | None]:
+        """The group's committed offsets (None: nothing committed yet)."""
+
+    def partitions(self) -> list[int]:
+        """The partition numbers held now, sorted."""
+
+    def lag(self) -> int | None:
+        """Records between this member's positions and the log ends (None before it knows)."""
+
+    def close(self) -> None: ...
 
 
-class BusConsumer:
-    """A consumer-group member that polls batches and commits explicit offsets.
+def consumer(settings: Settings, group_id: str, topic: str, on_assign: AssignCallback | None = None,
+             on_revoke: PartitionsCallback | None = None, on_lost: PartitionsCallback | None = None,
+             client: str | None = None, **options: object) -> BusConsumer:
+    """A group member of `group_id` on `topic`, with the client KAFKA_CLIENT names.
 
-    It never sits in a group without work while its topics have partitions that nobody else
-    holds: when its assignment stays empty for `rejoin_after_s`, it asks the group coordinator who
-    holds what. If other members hold every partition (more members than partitions), being idle is
-    right and it says so once; otherwise (a join that went wrong, the group believing this member
-    holds partitions it never received) it logs a warning and rejoins, then checks again with a
-    doubling interval.
-    """
+    Rebalance callbacks run inside `poll`: on_assign with the partitions gained (it may return
+    start offsets), on_revoke with those taken away in an orderly rebalance (finish and commit
+    them), on_lost with those lost without one, e.g. after a session timeout (drop their state;
+    another member may own them already, so nothing of them may be committed).
+    Raises KafkaUnavailable when the broker cannot be reached."""
+    client = client or client_of(settings)
+    _require_reachable(settings)
+    cls = _ConfluentConsumer if client == "confluent" else _KafkaPythonConsumer
+    return cls(settings, group_id, topic, on_assign, on_revoke, on_lost, **options)
+
+
+class _OutageLog:
+    """One warning when the broker goes away, one info line when it is back."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.down_since: float | None = None
+        self._last_probe = 0.0
+
+    def failed(self, reason: str) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("%s (%s); retrying until it is back", unavailable_message(self.settings), reason)
+
+    def check(self, got_data: bool) -> None:
+        if self.down_since is None:
+            return
+        now = time.monotonic()
+        if got_data or (now - self._last_probe > 2.0 and kafka_reachable(self.settings)):
+            log.info("Kafka reachable again after %.0fs", now - self.down_since)
+            self.down_since = None
+        self._last_probe = now
+
+
+class _ConfluentConsumer:
+    def __init__(self, settings: Settings, group_id: str, topic: str, on_assign, on_revoke, on_lost,
+                 **options: object):
+        from confluent_kafka import Consumer, KafkaError, TopicPartition
+        self._TopicPartition, self._KafkaError = TopicPartition, KafkaError
+        self.topic, self.group_id = topic, group_id
+        self._on_assign, self._on_revoke, self._on_lost = on_assign, on_revoke, on_lost
+        self._outage = _OutageLog(settings)
+        config = {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": group_id,
+            "client.id": _member_id(group_id),
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": SESSION_TIMEOUT_MS,
+            "heartbeat.interval.ms": 3_000,
+            "max.poll.interval.ms": 300_000,
+            "topic.metadata.refresh.interval.ms": 5_000,  # a topic created after the consumer: seen in 5 s
+            "fetch.wait.max.ms": 100,
+            "error_cb": self._error,
+            "logger": logging.getLogger("tradewatch.librdkafka"),
+        }
+        config.update(options)
+        self._consumer = Consumer(config)
+        self._held: list[int] = []
+        self._next: dict[int, int] = {}
+        self._consumer.subscribe([topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
+
+    def _error(self, error) -> None:
+        if error.code() in (self._KafkaError._ALL_BROKERS_DOWN, self._KafkaError._TRANSPORT):
+            self._outage.failed(error.str())
+        else:
+            log.debug("librdkafka: %s", error.str())
+
+    def _assigned(self, _consumer, tps) -> None:
+        partitions = sorted(tp.partition for tp in tps)
+        starts = _called(self._on_assign, partitions) or {}
+        for tp in tps:
+            if starts.get(tp.partition) is not None:
+                tp.offset = starts[tp.partition]
+        self._consumer.assign(tps)
+        self._held = partitions
+
+    def _revoked(self, _consumer, tps) -> None:
+        partitions = sorted(tp.partition for tp in tps)
+        _called(self._on_revoke, partitions)
+        self._forget(partitions)
+        self._consumer.unassign()
+
+    def _lost(self, _consumer, tps) -> None:
+        partitions = sorted(tp.partition for tp in tps)
+        log.warning("group %s: partitions %s lost (this member was evicted); their state is dropped",
+                    self.group_id, partitions)
+        _called(self._on_lost, partitions)
+        self._forget(partitions)
+        self._consumer.unassign()
+
+    def _forget(self, partitions: list[int]) -> None:
+        for p in partitions:
+            self._next.pop(p, None)
+        self._held = [p for p in self._held if p not in partitions]
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        # consume(n, t) waits for n messages or t; poll(t) returns at the first one. So: take
+        # what is already fetched; when nothing is, wait for the first, then take what followed.
+        raw = self._consumer.consume(max_records, 0)
+        if not raw:
+            first = self._consumer.poll(timeout_ms / 1000.0)
+            if first is not None:
+                raw = [first, *self._consumer.consume(max_records - 1, 0)] if max_records > 1 else [first]
+        messages = []
+        for m in raw:
+            error = m.error()
+            if error is not None:
+                if not error.retriable() and error.code() != self._KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    log.warning("Kafka: %s", error.str())
+                continue
+            messages.append(Message(m.topic(), m.partition(), m.offset(), m.key(), m.value()))
+        for message in messages:
+            self._next[message.partition] = message.offset + 1
+        self._outage.check(bool(messages))
+        return messages
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        if not offsets:
+            return
+        from confluent_kafka import KafkaException
+        try:
+            self._consumer.commit(offsets=[self._TopicPartition(self.topic, p, o) for p, o in offsets.items()],
+                                  asynchronous=False)
+        except KafkaException as error:
+            raise KafkaUnavailable(f"offset commit failed: {error.args[0].str()}") from None
+
+    def committed(self, partitions: list[int]) -> dict[int, int | None]:
+        from confluent_kafka import KafkaException
+        try:
+            tps = self._consumer.committed([self._TopicPartition(self.topic, p) for p in partitions], timeout=10)
+        except KafkaException as error:
+            raise KafkaUnavailable(f"cannot read committed offsets: {error.args[0].str()}") from None
+        return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in tps}
+
+    def partitions(self) -> list[int]:
+        return list(self._held)
+
+    def lag(self) -> int | None:
+        total, known = 0, False
+        for p in self._held:
+            try:
+                low, high = self._consumer.get_watermark_offsets(self._TopicPartition(self.topic, p), cached=True)
+            except Exception:  # noqa: BLE001 - no fetch answer yet
+                continue
+            if high < 0:
+                continue
+            known = True
+            total += max(high - max(self._next.get(p, high), low), 0)
+        return total if known else None
+
+    def close(self) -> None:
+        # leaves the group at once (no session-timeout wait for the others); nothing is committed
+        self._consumer.close()
+
+
+class _KafkaPythonConsumer:
+    """kafka-python behind the interface, with its two watchdogs.
+
+    It never sits in a group without work while the topic has partitions nobody else holds: when
+    its assignment stays empty for `rejoin_after_s`, it asks the coordinator who holds what and
+    rejoins when nobody does (a spare beside members holding everything stays idle and says so).
+    And when it holds partitions but fetches nothing for `stall_after_s` while records wait in the
+    log, it replaces its client with a fresh one."""
 
     MAX_REJOIN_INTERVAL_S = 300.0
 
-    def __init__(self, settings: Settings, group_id: str, topics: Iterable[str],
-                 on_assign: Callable[[list[int]], None] | None = None,
-                 on_revoke: Callable[[list[int]], None] | None = None, rejoin_after_s: float = 10.0,
-                 stall_after_s: float = 8.0, **config: object):
-        """on_assign/on_revoke get the partition numbers gained/lost in a rebalance."""
-        options: dict[str, object] = dict(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            group_id=group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=3_000,
-            max_poll_interval_ms=300_000,
-            metadata_max_age_ms=30_000,   # notice new partitions / topics within 30 s, not 5 min
-            # unique per member, so the group description tells this member from the others
-            client_id=f"tradewatch-{group_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
-        )
-        options.update(config)
+    def __init__(self, settings: Settings, group_id: str, topic: str, on_assign, on_revoke, on_lost,
+                 rejoin_after_s: float = 10.0, stall_after_s: float = 8.0, **options: object):
+        import kafka
+        self._kafka = kafka
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)  # it logs every failed reconnect
+        self.topic, self.group_id = topic, group_id
         self._settings = settings
-        self._options = options
-        self.group_id = group_id
-        self._topics = list(topics)
-        self._listener = _Listener(on_assign, on_revoke)
+        self._callbacks = (on_assign, on_revoke, on_lost)
+        self._options = dict(
+            bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024,
+            session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=3_000, max_poll_interval_ms=300_000,
+            metadata_max_age_ms=5_000, client_id=_member_id(group_id))
+        self._options.update(options)
+        self._outage = _OutageLog(settings)
+        self._gained: list[int] = []
+        self._next: dict[int, int] = {}
         self._stall_after_s = stall_after_s
         self._quiet_since: float | None = None
-        self._waiting_records: int | None = None   # from the stall check, when fetches tell nothing
-        self.rebuilds = 0
-        self._join()
-        self._next_offsets: dict[int, int] = {}
+        self._waiting_records: int | None = None
         self._empty_since: float | None = None
-        self._rejoin_after_s = rejoin_after_s
-        self._rejoin_interval = rejoin_after_s
-        self.rejoins = 0
+        self._rejoin_after_s = self._rejoin_interval = rejoin_after_s
+        self.rejoins = self.rebuilds = 0
+        self._join()
 
     def _join(self) -> None:
-        """Create the client and subscribe (the group join itself happens in the next polls)."""
-        _require_reachable(self._settings)
+        from kafka.errors import KafkaError
         try:
-            self._consumer = KafkaConsumer(**self._options)
+            self._consumer = self._kafka.KafkaConsumer(**self._options)
         except KafkaError:
             raise KafkaUnavailable(unavailable_message(self._settings)) from None
-        # Load the topics' metadata before joining the group: a group join without it can leave
-        # kafka-python with an empty assignment.
-        for topic in self._topics:
-            self._consumer.partitions_for_topic(topic)
-        self._consumer.subscribe(topics=self._topics, listener=self._listener)
+        # topic metadata before the join: a join without it can leave kafka-python with nothing
+        self._consumer.partitions_for_topic(self.topic)
+        self._consumer.subscribe(topics=[self.topic], listener=self._listener())
+
+    def _listener(self):
+        member = self
+
+        class Listener(self._kafka.ConsumerRebalanceListener):
+            # kafka-python forbids Kafka calls inside the assign callback (the stage's on_assign
+            # may read committed offsets): note the gain and hand it over after the poll.
+            def on_partitions_assigned(self, assigned):
+                member._gained.extend(tp.partition for tp in assigned)
+
+            def on_partitions_revoked(self, revoked):
+                partitions = sorted(tp.partition for tp in revoked)
+                if partitions:
+                    _called(member._callbacks[1], partitions)
+                member._forget(partitions)
+
+            def on_partitions_lost(self, lost):
+                partitions = sorted(tp.partition for tp in lost)
+                if partitions:
+                    log.warning("group %s: partitions %s lost; their state is dropped", member.group_id, partitions)
+                    _called(member._callbacks[2], partitions)
+                member._forget(partitions)
+
+        return Listener()
+
+    def _forget(self, partitions: list[int]) -> None:
+        for p in partitions:
+            self._next.pop(p, None)
+        self._gained = [p for p in self._gained if p not in partitions]
+
+    def _tp(self, partition: int):
+        return self._kafka.TopicPartition(self.topic, partition)
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
-        """Up to `max_records` messages, waiting at most `timeout_ms` — also when nothing is
-        assigned (kafka-python then returns at once, which would make a caller's loop spin)."""
         started = time.monotonic()
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        messages = [
-            Message(record.topic, record.partition, record.offset, record.key, record.value)
-            for records in batches.values()
-            for record in records
-        ]
+        messages = [Message(r.topic, r.partition, r.offset, r.key, r.value)
+                    for records in batches.values() for r in records]
+        if self._gained:
+            gained, self._gained = sorted(set(self._gained)), []
+            # records fetched before the stage chose where to start are read again from there
+            messages = [m for m in messages if m.partition not in gained]
+            starts = _called(self._callbacks[0], gained) or {}
+            committed = self.committed([p for p in gained if starts.get(p) is None])
+            for p in gained:
+                start = starts.get(p) if starts.get(p) is not None else committed.get(p)
+                if start is None or start == BEGINNING:
+                    self._consumer.seek_to_beginning(self._tp(p))
+                else:
+                    self._consumer.seek(self._tp(p), start)
         for message in messages:
-            self._next_offsets[message.partition] = message.offset + 1
+            self._next[message.partition] = message.offset + 1
         if messages:
             self._quiet_since, self._waiting_records = None, None
         else:
             self._watch_empty_assignment()
             self._watch_stall()
             left = timeout_ms / 1000.0 - (time.monotonic() - started)
-            if left > 0:
+            if left > 0:  # kafka-python returns at once when nothing is assigned: never spin
                 time.sleep(left)
+        self._outage.check(bool(messages))
         return messages
 
     def _watch_empty_assignment(self) -> None:
@@ -182,14 +425,12 @@ class BusConsumer:
             self.rejoin()
         elif self._rejoin_interval == self._rejoin_after_s:
             log.info("group %s: other members hold every partition of %s; this one stays idle as a spare",
-                     self.group_id, ", ".join(self._topics))
+                     self.group_id, self.topic)
         self._rejoin_interval = min(self._rejoin_interval * 2, self.MAX_REJOIN_INTERVAL_S)
         self._empty_since = now
 
     def _watch_stall(self) -> None:
-        """Partitions held, nothing fetched for `stall_after_s`, yet records wait in the log: the
-        client is stuck (seen with kafka-python on a brand-new broker: fetching, never receiving).
-        Say so and replace the client with a fresh one, which rejoins the group."""
+        from kafka.errors import KafkaError
         assigned = self._consumer.assignment()
         now = time.monotonic()
         if not assigned:
@@ -206,10 +447,11 @@ class BusConsumer:
             starts = self._consumer.beginning_offsets(list(assigned))
         except KafkaError as error:
             log.debug("stall check skipped: %s", error)
+            self._outage.failed(str(error))
             return
         waiting = 0
         for tp in assigned:
-            position = self._next_offsets.get(tp.partition)
+            position = self._next.get(tp.partition)
             if position is None:
                 position = self._consumer.committed(tp)
             waiting += max(ends[tp] - max(position or 0, starts[tp]), 0)
@@ -218,21 +460,22 @@ class BusConsumer:
             log.warning("group %s: holding partitions %s but nothing fetched for %.0fs while %d records wait; "
                         "replacing the Kafka client", self.group_id, self.partitions(), self._stall_after_s, waiting)
             self._consumer.close(autocommit=False)
-            self._next_offsets.clear()
+            self._next.clear()
             self.rebuilds += 1
             self._join()
 
     def rejoin(self) -> None:
         """Leave and join the group again: the coordinator hands out the partitions afresh."""
         self._consumer.unsubscribe()
-        self._consumer.subscribe(topics=self._topics, listener=self._listener)
+        self._consumer.subscribe(topics=[self.topic], listener=self._listener())
         self.rejoins += 1
 
     def unowned_partitions(self) -> set[tuple[str, int]] | None:
-        """Partitions of our topics that no *other* group member holds; None while rebalancing."""
+        """Partitions of the topic that no *other* group member holds; None while rebalancing."""
+        from kafka.errors import KafkaError
         try:
-            admin = KafkaAdminClient(bootstrap_servers=self._consumer.config["bootstrap_servers"],
-                                     request_timeout_ms=5_000)
+            admin = self._kafka.KafkaAdminClient(bootstrap_servers=self._options["bootstrap_servers"],
+                                                 request_timeout_ms=5_000)
             try:
                 group = admin.describe_groups([self.group_id])[self.group_id]
             finally:
@@ -242,17 +485,35 @@ class BusConsumer:
             return None
         if group.get("group_state") != "Stable":
             return None
-        me = self._consumer.config["client_id"]
+        me = self._options["client_id"]
         held = {(a["topic"], p)
                 for member in group.get("members", []) if member.get("client_id") != me
                 for a in (member.get("member_assignment") or {}).get("assigned_partitions", [])
                 for p in a["partitions"]}
-        every = {(t, p) for t in self._topics for p in (self._consumer.partitions_for_topic(t) or ())}
+        every = {(self.topic, p) for p in (self._consumer.partitions_for_topic(self.topic) or ())}
         return every - held
 
+    def commit(self, offsets: dict[int, int]) -> None:
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+        if not offsets:
+            return
+        try:
+            self._consumer.commit({self._tp(p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+        except KafkaError as error:
+            raise KafkaUnavailable(f"offset commit failed: {error}") from None
+
+    def committed(self, partitions: list[int]) -> dict[int, int | None]:
+        from kafka.errors import KafkaError
+        try:
+            return {p: self._consumer.committed(self._tp(p)) for p in partitions}
+        except KafkaError as error:
+            raise KafkaUnavailable(f"cannot read committed offsets: {error}") from None
+
+    def partitions(self) -> list[int]:
+        return sorted(tp.partition for tp in self._consumer.assignment())
+
     def lag(self) -> int | None:
-        """Messages between what this consumer has fetched and the end of its partitions' logs
-        (from the broker's last fetch answers, no extra request); None before the first answer."""
         if self._waiting_records is not None:   # a stall check counted them
             return self._waiting_records
         total, known = 0, False
@@ -261,140 +522,225 @@ class BusConsumer:
             if end is None:
                 continue
             known = True
-            # a fetch answer with no records for this partition means it is at the end
-            total += max(end - self._next_offsets.get(tp.partition, end), 0)
+            total += max(end - self._next.get(tp.partition, end), 0)
         return total if known else None
-
-    def commit(self, messages: list[Message]) -> None:
-        """Commit, per partition, the offset after the last message handled."""
-        next_offsets: dict[TopicPartition, int] = {}
-        for message in messages:
-            partition = TopicPartition(message.topic, message.partition)
-            next_offsets[partition] = max(next_offsets.get(partition, 0), message.offset + 1)
-        if next_offsets:
-            self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()})
-
-    def seek(self, topic: str, partition: int, offset: int | None) -> None:
-        """Continue `partition` at `offset` (None = from the beginning)."""
-        tp = TopicPartition(topic, partition)
-        self._next_offsets.pop(partition, None)
-        if offset is None:
-            self._consumer.seek_to_beginning(tp)
-        else:
-            self._consumer.seek(tp, offset)
-
-    def committed(self, topic: str, partition: int) -> int | None:
-        return self._consumer.committed(TopicPartition(topic, partition))
-
-    def assignment(self) -> set[tuple[str, int]]:
-        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
-
-    def partitions(self) -> list[int]:
-        """The partition numbers held now, sorted (for the heartbeat)."""
-        return sorted(tp.partition for tp in self._consumer.assignment())
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
 
 
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, on_assign, on_revoke):
-        self._on_assign, self._on_revoke = on_assign, on_revoke
-
-    # kafka-python swallows exceptions raised here; log them where they will be seen.
-    def on_partitions_revoked(self, revoked):
-        if self._on_revoke and revoked:
-            _logged(self._on_revoke, sorted(tp.partition for tp in revoked))
-
-    def on_partitions_assigned(self, assigned):
-        if self._on_assign and assigned:
-            _logged(self._on_assign, sorted(tp.partition for tp in assigned))
-
-
-def _logged(callback: Callable[[list[int]], None], partitions: list[int]) -> None:
+def _called(callback, partitions: list[int]):
+    """Run a stage's rebalance callback; the clients swallow exceptions raised there, so log them."""
+    if callback is None:
+        return None
     try:
-        callback(partitions)
+        return callback(partitions)
     except Exception:
         log.exception("rebalance callback failed for partitions %s", partitions)
         raise
 
 
+# ------------------------------------------------------------------------------------- producer
+
+class Publisher:
+    """Sends keyed messages. Idempotent (enable.idempotence): a retry never writes a duplicate
+    and per-key order holds. While Kafka is unreachable it logs one line and keeps the messages
+    queued (no delivery timeout): nothing sent is dropped, and `send` blocks once the queue is
+    full until Kafka is back or `stop()` says to give up."""
+
+    def __init__(self, settings: Settings, stop: Callable[[], bool] = lambda: False, client: str | None = None):
+        self._settings = settings
+        self._stop = stop
+        self.client = client or client_of(settings)
+        self.failed = 0
+        self._outage = _OutageLog(settings)
+        _require_reachable(settings)
+        if self.client == "confluent":
+            from confluent_kafka import Producer
+            self._producer = Producer({
+                "bootstrap.servers": settings.kafka_bootstrap_servers,
+                "enable.idempotence": True,            # implies acks=all, in-order retries
+                "partitioner": "murmur2_random",       # the Java client's, as Flink uses
+                "linger.ms": 5,
+                "batch.size": 1_000_000,
+                "queue.buffering.max.messages": 1_000_000,
+                "message.timeout.ms": 0,               # keep retrying while Kafka is down
+                "error_cb": self._error,
+                "logger": logging.getLogger("tradewatch.librdkafka"),
+            })
+        else:
+            import kafka
+            from kafka.errors import KafkaError
+            try:
+                self._producer = kafka.KafkaProducer(
+                    bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True, acks="all",
+                    linger_ms=5, batch_size=256 * 1024, max_block_ms=10_000, retries=2**31 - 1)
+            except KafkaError:
+                raise KafkaUnavailable(unavailable_message(settings)) from None
+
+    def _error(self, error) -> None:
+        from confluent_kafka import KafkaError
+        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self._outage.failed(error.str())
+        elif error.fatal():
+            log.error("Kafka producer: %s", error.str())
+
+    def _delivered(self, error, _message) -> None:
+        if error is not None:
+            self.failed += 1
+            if self.failed == 1:
+                log.error("Kafka did not accept a message: %s", error.str())
+        else:
+            self._outage.check(True)
+
+    def send(self, topic: str, key: bytes | None, value: bytes) -> bool:
+        """Queue one message; False only when asked to stop while Kafka could not take it."""
+        if self.client == "confluent":
+            while True:
+                try:
+                    self._producer.produce(topic, value, key, on_delivery=self._delivered)
+                    self._producer.poll(0)
+                    return True
+                except BufferError:       # queue full: Kafka slow or away; wait for room
+                    self._producer.poll(0.1)
+                    if self._stop():
+                        return False
+        from kafka.errors import KafkaTimeoutError
+        while True:
+            try:
+                self._producer.send(topic, key=key, value=value)
+                self._outage.check(True)
+                return True
+            except KafkaTimeoutError:
+                self._outage.failed("metadata or buffer timeout")
+                if self._stop():
+                    return False
+
+    def send_many(self, topic: str, items) -> int:
+        """Queue (key, value) pairs; the number queued (fewer only when asked to stop)."""
+        sent = 0
+        send = self.send
+        for key, value in items:
+            if not send(topic, key, value):
+                break
+            sent += 1
+        return sent
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued message is acknowledged; False if `timeout_s` or stop came first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if self.client != "confluent":
+            self._producer.flush(timeout=timeout_s)
+            return True
+        while self._producer.flush(1.0) > 0:
+            if self._stop() or (deadline is not None and time.monotonic() > deadline):
+                return False
+        return True
+
+    def close(self) -> None:
+        if self.client == "confluent":
+            self.flush(10.0)
+        else:
+            self._producer.close()
+
+
+# ---------------------------------------------------------------------------------------- admin
+
+def _admin(settings: Settings):
+    from confluent_kafka.admin import AdminClient
+    _require_reachable(settings)
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                        "logger": logging.getLogger("tradewatch.librdkafka")})
+
+
 def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
     """Create `topic` with `partitions` partitions when it does not exist yet."""
-    _require_reachable(settings)
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import NewTopic
+    admin = _admin(settings)
     try:
-        admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000)
-    except KafkaError:
+        metadata = admin.list_topics(timeout=10)
+    except KafkaException:
         raise KafkaUnavailable(unavailable_message(settings)) from None
+    if topic in metadata.topics and metadata.topics[topic].error is None:
+        return
+    future = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic]
     try:
-        if topic in admin.list_topics():
-            return
-        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        future.result(timeout=10)
         log.info("created topic %s with %d partitions", topic, partitions)
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        admin.close()
+    except KafkaException as error:
+        if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise KafkaUnavailable(f"cannot create topic {topic}: {error.args[0].str()}") from None
+    # the broker answers before every partition has a leader; wait until they do
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        described = admin.list_topics(topic, timeout=5).topics.get(topic)
+        if described and described.error is None and len(described.partitions) == partitions \
+                and all(p.leader >= 0 for p in described.partitions.values()):
+            return
+        time.sleep(0.1)
 
 
 def wait_for_kafka(settings: Settings, timeout_s: float = 60.0) -> None:
     """Block until the broker answers a metadata request, or raise KafkaUnavailable."""
+    from confluent_kafka import KafkaException
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            _require_reachable(settings)
-            admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=5_000)
-            try:
-                admin.list_topics()
+            metadata = _admin(settings).list_topics(timeout=5)
+            if metadata.brokers:
                 return
-            finally:
-                admin.close()
-        except (KafkaError, KafkaUnavailable, OSError):
-            if time.monotonic() > deadline:
-                raise KafkaUnavailable(unavailable_message(settings)) from None
-            time.sleep(0.5)
-
-
-class Publisher:
-    """Sends keyed messages; while Kafka is unreachable it logs one line and keeps retrying."""
-
-    def __init__(self, settings: Settings, stop: Callable[[], bool] = lambda: False, **config: object):
-        self._settings = settings
-        self._stop = stop
-        self._producer = make_producer(settings, **config)
-
-    def send(self, topic: str, key: bytes, value: bytes) -> bool:
-        """Queue one message; False only when asked to stop while Kafka was unreachable."""
-        waiting = False
-        while True:
-            try:
-                self._producer.send(topic, key=key, value=value)
-                if waiting:
-                    log.info("Kafka reachable again, sending resumed")
-                return True
-            except KafkaTimeoutError:
-                if not waiting:
-                    log.warning("%s; retrying until it is back", unavailable_message(self._settings))
-                    waiting = True
-                if self._stop():
-                    return False
-
-    def flush(self, timeout_s: float | None = None) -> None:
-        self._producer.flush(timeout=timeout_s)
-
-    def close(self) -> None:
-        self._producer.close()
+        except (KafkaException, KafkaUnavailable):
+            pass
+        if time.monotonic() > deadline:
+            raise KafkaUnavailable(unavailable_message(settings))
+        time.sleep(0.5)
 
 
 def group_lag(settings: Settings, group_id: str, topic: str) -> dict[int, tuple[int, int]]:
-    """Per partition of `topic`: (committed offset of `group_id`, end offset). Missing commit = 0."""
+    """Per partition of `topic`: (committed offset of `group_id`, end offset). Missing commit = 0.
+    Reading committed offsets does not join the group, so this never disturbs its members."""
+    from confluent_kafka import Consumer, TopicPartition
     _require_reachable(settings)
-    # Reading committed offsets does not join the group, so this never disturbs its members.
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group_id,
-                             enable_auto_commit=False)
+    reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group_id,
+                       "enable.auto.commit": False, "logger": logging.getLogger("tradewatch.librdkafka")})
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        ends = consumer.end_offsets(partitions)
-        return {tp.partition: (consumer.committed(tp) or 0, ends[tp]) for tp in partitions}
+        described = reader.list_topics(topic, timeout=10).topics.get(topic)
+        partitions = sorted(described.partitions) if described and described.error is None else []
+        committed = reader.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        result = {}
+        for tp in committed:
+            _, end = reader.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+            result[tp.partition] = (max(tp.offset, 0), end)
+        return result
     finally:
-        consumer.close(autocommit=False)
+        reader.close()
+
+
+def read_topic(settings: Settings, topic: str, until: Callable[[list[Message]], bool],
+               timeout_s: float = 30.0) -> list[Message]:
+    """Every message of `topic` from the beginning, read without a group, until `until(messages)`
+    or `timeout_s` (for tests and tools that check what a topic holds)."""
+    from confluent_kafka import Consumer, TopicPartition
+    _require_reachable(settings)
+    reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "tradewatch-reader",
+                       "enable.auto.commit": False, "logger": logging.getLogger("tradewatch.librdkafka")})
+    messages: list[Message] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        described = None
+        while time.monotonic() < deadline:
+            described = reader.list_topics(topic, timeout=5).topics.get(topic)
+            if described and described.error is None:
+                break
+            time.sleep(0.2)
+        if described is None or described.error is not None:
+            return messages
+        reader.assign([TopicPartition(topic, p, BEGINNING) for p in described.partitions])
+        while not until(messages) and time.monotonic() < deadline:
+            for m in reader.consume(1000, 0.2):
+                if m.error() is None:
+                    messages.append(Message(m.topic(), m.partition(), m.offset(), m.key(), m.value()))
+        return messages
+    finally:
+        reader.close()

@@ -28,6 +28,7 @@ class Settings:
     tradewatch_home: str = ".tradewatch/demo"
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_controller_port: int = 9093
+    kafka_client: str = "confluent"
     trades_topic: str = "trades"
     alerts_topic: str = "alerts"
     trades_partitions: int = 6
@@ -38,7 +39,6 @@ class Settings:
     postgres_password: str = "tradewatch"
     consumer_group: str = "tradewatch-consumer"
     consumer_batch_size: int = 2000
-    consumer_batch_wait_ms: int = 200
     aggregator_group: str = "tradewatch-aggregator"
     window_sizes: str = "1m,5m,15m"
     allowed_lateness_seconds: float = 5.0

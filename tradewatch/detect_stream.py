@@ -1,7 +1,9 @@
-"""`anomaly_detector.py run`: flag trades live from Kafka, store flags and alerts, publish alerts.
+"""`anomaly_detector.py run`: the detector stage — flag trades live from Kafka, store flags and
+alerts, publish alerts.
 
-Per batch: detect → one database transaction (trade_flags, alerts, breaker states) →
-alerts to the Kafka topic `alerts` → webhook (background) → Kafka offsets committed.
+On the stage runtime's commit protocol (tradewatch/runtime.py): per checkpoint one fenced
+transaction writes trade_flags, alerts (unpublished) and breaker states; then the alert outbox is
+sent to the Kafka topic `alerts` (and the webhook) and marked published; then Kafka offsets.
 Restart-safe: on assignment each partition is re-read from `WARMUP_TRADES` before its committed
 offset to rebuild the rolling state silently. The state of the symbols on that partition is
 dropped first, so a re-read after a rebalance starts from scratch and time never runs backwards
@@ -11,8 +13,8 @@ states and alert cooldowns are reloaded from the database.
 """
 from __future__ import annotations
 
+import json
 import logging
-import time
 from typing import Callable
 
 from tradewatch import bus, runtime
@@ -22,12 +24,11 @@ from tradewatch.detect import forest
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import CircuitBreaker, DetectorConfig, RuleDetector
 from tradewatch.events import InvalidTrade, parse_trade
-from tradewatch.store import db
 from tradewatch.store import detections as store
 
 log = logging.getLogger("tradewatch.detector")
 WARMUP_TRADES = 500
-RETRY_SECONDS = 2.0
+OUTBOX_BATCH = 1000
 
 
 def detector_config(settings: Settings) -> DetectorConfig:
@@ -46,91 +47,44 @@ def load_model(settings: Settings) -> forest.ForestModel | None:
     return model
 
 
-class DetectorService:
-    def __init__(self, settings: Settings, stop: Callable[[], bool]):
+class Detect(runtime.Stage):
+    name = "detector"
+
+    def __init__(self, settings: Settings):
+        super().__init__()
         self.settings = settings
-        self.stop = stop
-        self.topic = settings.trades_topic
         self.pipeline = DetectionPipeline(RuleDetector(detector_config(settings)), load_model(settings))
         self.dedup = Deduplicator.from_settings(settings)
-        self.live_from: dict[int, int] = {}   # partition -> first offset not seen before (earlier = warm-up)
-        self.rewind: set[int] = set()          # newly assigned partitions, to rewind for warm-up
-        self.symbol_partition: dict[str, int] = {}   # where each symbol's trades come from (key = symbol)
-        self.heartbeat = runtime.Heartbeat(settings, "detector")
         self.webhook = WebhookSink(settings.alert_webhook_url) if settings.alert_webhook_url else None
-        self.flagged = self.alerts_sent = self.processed = 0
-        self._consumer: bus.BusConsumer | None = None
-        self._publisher: bus.Publisher | None = None
-        self._conn = None
+        self.live_from: dict[int, int] = {}   # partition -> first offset not seen before (earlier = warm-up)
+        self.symbol_partition: dict[str, int] = {}   # where each symbol's trades come from (key = symbol)
+        self.restored = False
+        self.outbox_waiting = True            # alerts a previous run stored but never published
+        self.flagged_pending: list[tuple[int, object]] = []
+        self.alerts_pending: list[tuple[int, Alert]] = []
+        self.transitions: list[tuple[int, object]] = []
+        self.read = 0
+        self.flagged = self.alerts_sent = 0
 
-    def _db(self):
-        if self._conn is None:
-            self._conn = db.connect_waiting(self.settings, log, RETRY_SECONDS)
-        return self._conn
+    def assigned(self, cur, partitions: list[int], rt: runtime.Runtime) -> dict[int, int | None]:
+        if not self.restored:
+            for symbol, state, since_ms in store.load_breakers(cur):
+                self.pipeline.rules.breakers[symbol] = CircuitBreaker(
+                    symbol, self.settings.breaker_cool_off_seconds, state, since_ms)
+            self.dedup.last_ms.update(store.load_last_alerts(cur))
+            self.restored = True
+        gained = set(partitions)
+        # rebuilt from the warm-up re-read, never extended backwards
+        self.pipeline.rules.forget({s for s, p in self.symbol_partition.items() if p in gained})
+        committed = rt.consumer.committed(partitions)
+        starts = {}
+        for p in partitions:
+            self.live_from[p] = committed.get(p) or 0
+            starts[p] = max(self.live_from[p] - WARMUP_TRADES, 0)
+            log.info("partition %d: warming up from offset %d, live from %d", p, starts[p], self.live_from[p])
+        return starts
 
-    def _restore(self) -> None:
-        conn = self._db()
-        for symbol, state, since_ms in store.load_breakers(conn):
-            self.pipeline.rules.breakers[symbol] = CircuitBreaker(symbol, self.settings.breaker_cool_off_seconds,
-                                                                  state, since_ms)
-        self.dedup.last_ms.update(store.load_last_alerts(conn))
-        conn.rollback()
-
-    def _on_assign(self, partitions: list[int]) -> None:
-        # Kafka calls may not be made inside the rebalance callback; rewind after the poll.
-        self.rewind.update(partitions)
-
-    def _rewind(self) -> None:
-        assert self._consumer is not None
-        stale = {s for s, p in self.symbol_partition.items() if p in self.rewind}
-        self.pipeline.rules.forget(stale)   # rebuilt from the warm-up re-read, never extended backwards
-        for p in sorted(self.rewind):
-            committed = self._consumer.committed(self.topic, p) or 0
-            self.live_from[p] = committed
-            start = max(committed - WARMUP_TRADES, 0)
-            self._consumer.seek(self.topic, p, start)
-            log.info("partition %d: warming up from offset %d, live from %d", p, start, committed)
-
-    def run(self) -> None:
-        self._restore()
-        while not self.stop():
-            try:
-                self._publisher = bus.Publisher(self.settings, stop=self.stop)
-                self._consumer = bus.BusConsumer(self.settings, self.settings.detector_group, [self.topic],
-                                                 on_assign=self._on_assign)
-                break
-            except bus.KafkaUnavailable as error:
-                log.warning("%s; retrying every %.0fs", error, RETRY_SECONDS)
-                time.sleep(RETRY_SECONDS)
-        if self._consumer is None:
-            return
-        last_report = time.monotonic()
-        try:
-            while not self.stop():
-                messages = self._consumer.poll(2000, 100)
-                if self.rewind:
-                    # records fetched before the rewind are read again after it
-                    messages = [m for m in messages if m.partition not in self.rewind]
-                    self._rewind()
-                    self.rewind.clear()
-                if messages:
-                    self._handle(messages)
-                self.heartbeat.beat(self.processed, self._consumer.lag(), self._consumer.partitions())
-                if time.monotonic() - last_report >= 10:
-                    self._report()
-                    last_report = time.monotonic()
-        finally:
-            self.heartbeat.stopped(self.processed)
-            self._consumer.close()
-            self._publisher.flush()
-            self._publisher.close()
-            if self.webhook:
-                self.webhook.close()
-            if self._conn is not None:
-                self._conn.close()
-        self._report()
-
-    def _handle(self, messages: list[bus.Message]) -> None:
+    def take(self, messages: list[bus.Message]) -> None:
         trades, origins = [], []
         for m in messages:
             try:
@@ -138,41 +92,72 @@ class DetectorService:
                 origins.append(m)
             except InvalidTrade:
                 continue  # dead-lettered by the consumer
+        self.read += len(messages)
         warmup = [m.offset < self.live_from.get(m.partition, 0) for m in origins]
         for t, m in zip(trades, origins):
             self.symbol_partition[t.symbol] = m.partition
-        detections = self.pipeline.process(trades, warmup)
-        flagged, alerts = [], []
-        for d, is_warmup in zip(detections, warmup):
+        for d, m, is_warmup in zip(self.pipeline.process(trades, warmup), origins, warmup):
             if d.is_anomaly and not is_warmup:
-                flagged.append(d)
-                alerts.extend(a for a in alerts_for(d) if self.dedup.allow(a))
-        transitions = self.pipeline.rules.take_transitions()
-        def write(_conn, cur) -> None:
-            store.write_flags(cur, flagged, self.pipeline.version)
-            store.write_alerts(cur, alerts)
-            store.write_breakers(cur, transitions)
-
-        db.commit_retrying(self._db, write, log, lambda: setattr(self, "_conn", None), RETRY_SECONDS)
-        self._deliver(alerts)
-        try:
-            self._consumer.commit(messages)
-        except Exception as error:  # noqa: BLE001 - redone idempotently after a rebalance
-            log.warning("offset commit failed (%s); the batch may be re-examined", error)
+                self.flagged_pending.append((m.partition, d))
+                self.alerts_pending.extend((m.partition, a) for a in alerts_for(d) if self.dedup.allow(a))
+        self.transitions.extend((self.symbol_partition.get(t.symbol, -1), t)
+                                for t in self.pipeline.rules.take_transitions())
         self.processed += len(trades)
-        self.flagged += len(flagged)
 
-    def _deliver(self, alerts: list[Alert]) -> None:
-        assert self._publisher is not None
-        for alert in alerts:
-            log.warning("ALERT %s", alert.message)
-            self._publisher.send(self.settings.alerts_topic, alert.symbol.encode(), alert.to_json_bytes())
-            if self.webhook:
-                self.webhook.send(alert)
-        if alerts:
-            self._publisher.flush()
-        self.alerts_sent += len(alerts)
+    def pending(self) -> int:
+        return self.read + (1 if self.outbox_waiting else 0)
 
-    def _report(self) -> None:
-        log.info("examined %d trades, flagged %d, alerts %d (%d suppressed by cooldown)",
-                 self.processed, self.flagged, self.alerts_sent, self.dedup.suppressed)
+    def write(self, conn, cur) -> None:
+        store.write_flags(cur, [d for _, d in self.flagged_pending], self.pipeline.version)
+        store.write_alerts(cur, [a for _, a in self.alerts_pending])
+        store.write_breakers(cur, [t for _, t in self.transitions])
+
+    def written(self) -> None:
+        self.flagged += len(self.flagged_pending)
+        self.outbox_waiting = self.outbox_waiting or bool(self.alerts_pending)
+        self.flagged_pending, self.alerts_pending, self.transitions = [], [], []
+        self.read = 0
+
+    def publish(self, conn, rt: runtime.Runtime) -> None:
+        """The outbox: alerts stored but not yet acknowledged by Kafka, oldest first."""
+        if not self.outbox_waiting:
+            return
+        if rt.publisher is None:
+            rt.publisher = rt.wait_for("Kafka", lambda: bus.Publisher(self.settings, stop=rt.stop))
+        while True:
+            alerts = rt.transaction(lambda _conn, cur: store.unpublished_alerts(cur, OUTBOX_BATCH))
+            for alert in alerts:
+                log.warning("ALERT %s", alert.message)
+                rt.publisher.send(self.settings.alerts_topic, alert.symbol.encode(), alert.to_json_bytes())
+                if self.webhook:
+                    self.webhook.send(alert)
+            if alerts and not rt.publisher.flush():
+                return          # asked to stop while Kafka was away: they stay in the outbox
+            if alerts:
+                rt.transaction(lambda _conn, cur: store.mark_published(cur, [a.alert_id for a in alerts]))
+            self.alerts_sent += len(alerts)
+            if len(alerts) < OUTBOX_BATCH:
+                self.outbox_waiting = False
+                return
+
+    def drop(self, partitions: list[int]) -> None:
+        gone = set(partitions)
+        self.flagged_pending = [(p, d) for p, d in self.flagged_pending if p not in gone]
+        self.alerts_pending = [(p, a) for p, a in self.alerts_pending if p not in gone]
+        self.transitions = [(p, t) for p, t in self.transitions if p not in gone]
+        for p in gone:
+            self.live_from.pop(p, None)
+
+    def close(self) -> None:
+        if self.webhook:
+            self.webhook.close()
+
+    def report(self) -> str:
+        return (f"examined {self.processed} trades, flagged {self.flagged}, alerts {self.alerts_sent} "
+                f"({self.dedup.suppressed} suppressed by cooldown)")
+
+
+def run(settings: Settings, stop: Callable[[], bool]) -> Detect:
+    stage = Detect(settings)
+    runtime.Runtime(settings, stage, settings.detector_group, settings.trades_topic, stop).run()
+    return stage

@@ -1,12 +1,34 @@
-"""What every stage process shares: the heartbeat, and how the heartbeats are read.
+"""The stage runtime: the one loop every Kafka-reading stage (consumer, aggregator, detector) runs on.
 
-A stage (consumer, aggregator, detector, Flink job) calls `Heartbeat.beat()` from its main loop.
-The heartbeat writes one row per running process into `stage_health` (this module is that table's
-only writer) at most once a second: when it last beat, how many records it handled, how far it is
-behind the end of the Kafka log and which partitions it holds. A process that dies stops beating,
-so the dashboard's health strip turns it red within seconds; nothing has to report the death.
+A stage supplies its logic (a `Stage`: what to do with messages, what to write, what to load on
+assignment); the runtime does everything else the same way for all of them: connecting to Kafka
+and PostgreSQL and retrying with one log line per outage, a stop on SIGINT/SIGTERM honoured within
+seconds even while a service is down, rebalances, the heartbeat for the health strip, counters.
 
-The heartbeat never stops the stage: when PostgreSQL is down it skips beats (and says so once).
+The commit protocol (one for every stage). A *checkpoint* makes everything the stage has read
+durable, in this order:
+
+1. **One PostgreSQL transaction** holds the stage's effects for the partitions it owns (rows it
+   derived, dead letters, and — for a stage that keeps its position in the database — that position).
+   It begins by checking the stage's *fencing epoch* for each of those partitions in
+   `partition_owners` (row lock, FOR SHARE): on every assignment the new owner increments the epoch
+   of the partitions it gets (and loads its state in that same transaction). A stalled instance
+   that was evicted from the group and wakes up finds a newer epoch: its transaction is rolled back
+   and it drops those partitions as *lost*. So a stale owner can never overwrite a newer owner's rows.
+2. **Side effects outside the database** are published from an outbox after that commit: the rows
+   written in (1) are marked unpublished (e.g. `alerts.published_at IS NULL`); the stage sends them
+   (Kafka topic `alerts`, webhook), waits for Kafka's acknowledgement and marks them published. A
+   crash in between publishes them again on the next checkpoint: delivered at least once (readers
+   dedupe by id).
+3. **Kafka offsets are committed last.** A crash before this re-delivers messages whose effects
+   are already stored; every write is keyed (trade_id, window, alert_id), so redoing it changes
+   nothing. A checkpoint that cannot finish (database down while asked to stop) commits nothing.
+
+Rebalances: partitions *revoked* in an orderly rebalance are checkpointed, then their state is
+dropped; partitions *lost* (session timeout, fenced) are dropped without writing anything.
+
+Also here: the heartbeat (`stage_health`, at most once a second: alive, records handled, lag,
+partitions held) and how the dashboard reads the heartbeats.
 """
 from __future__ import annotations
 
@@ -21,6 +43,7 @@ from typing import Callable
 
 import psycopg2
 
+from tradewatch import bus
 from tradewatch.config import Settings
 from tradewatch.store import db
 
@@ -106,6 +129,250 @@ class Heartbeat:
             except Exception:  # noqa: BLE001 - already broken
                 pass
             self._conn = None
+
+
+# ---------------------------------------------------------------- the stage loop
+
+RETRY_S = 2.0
+
+
+class Stopping(Exception):
+    """Raised inside the runtime when a stop was requested while it waited for a service."""
+
+
+class Stage:
+    """What a stage supplies to the runtime. Override what the stage needs; defaults do nothing.
+
+    Pending effects are kept per partition, so the runtime can drop a lost partition's share."""
+
+    name = "stage"            # heartbeat name: consumer | aggregator | detector
+    flush_interval_s: float | None = None   # None: checkpoint when a poll runs dry or the batch is full
+    batch_size = 2000
+
+    def __init__(self) -> None:
+        self.processed = 0
+
+    def assigned(self, cur, partitions: list[int], runtime: "Runtime") -> dict[int, int | None]:
+        """Gained `partitions` (inside the transaction that claims them): load their state and
+        return where to start reading each (None / left out: the group's committed offset)."""
+        return {}
+
+    def take(self, messages: list) -> None:
+        """Fold a polled batch into pending effects (no I/O)."""
+
+    def pending(self) -> int:
+        """How many records await the next checkpoint."""
+        return 0
+
+    def write(self, conn, cur) -> None:
+        """Write the pending effects (step 1 of the protocol, inside the fenced transaction)."""
+
+    def written(self) -> None:
+        """The transaction committed: pending effects are durable."""
+
+    def publish(self, conn, runtime: "Runtime") -> None:
+        """Step 2: send what the outbox holds (after the commit, before the offsets)."""
+
+    def drop(self, partitions: list[int]) -> None:
+        """Forget all state of `partitions` (revoked after a checkpoint, or lost)."""
+
+    def database_lost(self) -> None:
+        """The connection broke: forget anything derived from uncommitted reads."""
+
+    def report(self) -> str:
+        return f"handled {self.processed} records"
+
+    def close(self) -> None:
+        """The stage is stopping, after its last checkpoint."""
+
+
+class Runtime:
+    """Runs one `Stage` in consumer group `group` on `topic` until `stop()`."""
+
+    def __init__(self, settings: Settings, stage: Stage, group: str, topic: str, stop: Callable[[], bool],
+                 client: str | None = None):
+        self.settings, self.stage, self.group, self.topic = settings, stage, group, topic
+        self.stop = stop
+        self.client = client
+        self.log = logging.getLogger(f"tradewatch.{stage.name}")
+        self.heartbeat = Heartbeat(settings, stage.name)
+        self.conn = None
+        self.consumer = None
+        self.epochs: dict[int, int] = {}       # partition -> our fencing epoch
+        self.offsets: dict[int, int] = {}      # partition -> next offset, read but not yet committed
+        self.publisher = None                  # created by stages that publish (bus.Publisher)
+        self.checkpoints = self.fenced = 0
+
+    # -- services, each waited for without ignoring a stop -------------------------------
+    def wait_for(self, what: str, attempt: Callable[[], object]):
+        """`attempt()` until it stops failing for want of `what`: one warning per outage, one line
+        when it is back; raises Stopping when a stop is requested meanwhile."""
+        waiting = False
+        while True:
+            try:
+                value = attempt()
+                if waiting:
+                    self.log.info("%s reachable again", what)
+                    self.heartbeat.last_error = None
+                return value
+            except (bus.KafkaUnavailable, db.DatabaseUnavailable, *db.CONNECTION_ERRORS) as error:
+                self._drop_db()
+                if not waiting:
+                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    self.log.warning("%s unavailable (%s); retrying every %.0fs", what, reason, RETRY_S)
+                    self.heartbeat.error(f"{what} unavailable: {reason}")
+                    waiting = True
+                deadline = time.monotonic() + RETRY_S
+                while time.monotonic() < deadline:
+                    if self.stop():
+                        raise Stopping() from None
+                    time.sleep(0.1)
+
+    def db(self):
+        if self.conn is None:
+            self.conn = self.wait_for("PostgreSQL", lambda: db.connect(self.settings))
+        return self.conn
+
+    def _drop_db(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            self.conn = None
+            self.stage.database_lost()
+
+    def transaction(self, work: Callable[[object, object], object]):
+        """Run `work(conn, cur)` and commit; retried on a new connection while the server is away."""
+        def attempt():
+            if self.conn is None:
+                self.conn = db.connect(self.settings)
+            conn = self.conn
+            try:
+                with conn.cursor() as cur:
+                    result = work(conn, cur)
+                conn.commit()
+                return result
+            except db.CONNECTION_ERRORS:
+                raise
+            except Exception:
+                if not conn.closed:
+                    conn.rollback()
+                raise
+        return self.wait_for("PostgreSQL", attempt)
+
+    # -- rebalances ----------------------------------------------------------------------
+    def _assigned(self, partitions: list[int]) -> dict[int, int | None]:
+        def claim(_conn, cur):
+            cur.execute(
+                "INSERT INTO partition_owners (consumer_group, topic, kafka_partition, epoch, owner)"
+                " SELECT %s, %s, p, 1, %s FROM unnest(%s::int[]) AS p ORDER BY p"
+                " ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE"
+                " SET epoch = partition_owners.epoch + 1, owner = EXCLUDED.owner, claimed_at = now()"
+                " RETURNING kafka_partition, epoch",
+                (self.group, self.topic, f"{self.heartbeat.host}:{self.heartbeat.pid}", partitions))
+            epochs = dict(cur.fetchall())
+            return epochs, self.stage.assigned(cur, partitions, self)
+        epochs, starts = self.transaction(claim)
+        self.epochs.update(epochs)
+        self.log.info("assigned partitions %s (epochs %s)", partitions, [epochs[p] for p in partitions])
+        return starts
+
+    def _revoked(self, partitions: list[int]) -> None:
+        self.checkpoint()
+        self._forget(partitions)
+        self.log.info("partitions %s revoked after a checkpoint", partitions)
+
+    def _lost(self, partitions: list[int]) -> None:
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[int]) -> None:
+        self.stage.drop(partitions)
+        for p in partitions:
+            self.epochs.pop(p, None)
+            self.offsets.pop(p, None)
+
+    # -- the commit protocol (see the module docstring) ----------------------------------
+    def checkpoint(self) -> None:
+        if not self.stage.pending() and not self.offsets:
+            return
+
+        def write(conn, cur):
+            stale = self._fence(cur)
+            if stale:
+                return stale
+            self.stage.write(conn, cur)
+            return []
+
+        stale = self.transaction(write)
+        if stale:   # the transaction wrote nothing; drop those partitions and write the rest
+            self.fenced += len(stale)
+            self.log.warning("partitions %s now belong to a newer owner (fenced); dropping their state", stale)
+            self._forget(stale)
+            return self.checkpoint()
+        self.stage.written()
+        self.stage.publish(self.db(), self)
+        offsets, self.offsets = self.offsets, {}
+        try:
+            self.consumer.commit(offsets)
+        except bus.KafkaUnavailable as error:
+            # Effects are stored; a re-delivery is redone idempotently.
+            self.log.warning("%s; those messages may be read again (their writes are idempotent)", error)
+        self.checkpoints += 1
+
+    def _fence(self, cur) -> list[int]:
+        """Partitions whose epoch moved on (a newer owner claimed them); locks the rest until commit."""
+        held = sorted(self.epochs)
+        if not held:
+            return []
+        cur.execute("SELECT kafka_partition, epoch FROM partition_owners WHERE consumer_group = %s AND topic = %s"
+                    " AND kafka_partition = ANY(%s) ORDER BY kafka_partition FOR SHARE",
+                    (self.group, self.topic, held))
+        now = dict(cur.fetchall())
+        return [p for p in held if now.get(p) != self.epochs[p]]
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        stage = self.stage
+        try:
+            self.wait_for("PostgreSQL", lambda: db.apply_schema(self.settings))
+            self.consumer = self.wait_for("Kafka", lambda: bus.consumer(
+                self.settings, self.group, self.topic, on_assign=self._assigned, on_revoke=self._revoked,
+                on_lost=self._lost, client=self.client))
+            last_checkpoint = last_report = time.monotonic()
+            while not self.stop():
+                room = max(stage.batch_size - stage.pending(), 1)
+                messages = self.consumer.poll(room, 0 if stage.pending() else 200)
+                messages = [m for m in messages if m.partition in self.epochs]
+                if messages:
+                    stage.take(messages)
+                    for m in messages:
+                        self.offsets[m.partition] = m.offset + 1
+                now = time.monotonic()
+                if stage.flush_interval_s is None:
+                    due = stage.pending() >= stage.batch_size or (not messages and bool(self.offsets))
+                else:
+                    due = now - last_checkpoint >= stage.flush_interval_s
+                if due:
+                    self.checkpoint()
+                    last_checkpoint = now
+                self.heartbeat.beat(stage.processed, self.consumer.lag(), self.consumer.partitions())
+                if now - last_report >= 10:
+                    self.log.info("%s", stage.report())
+                    last_report = now
+            self.checkpoint()
+        except Stopping:
+            self.log.info("stopped while waiting for a service; nothing uncommitted was acknowledged")
+        finally:
+            self.heartbeat.stopped(stage.processed)
+            if self.consumer is not None:
+                self.consumer.close()
+            stage.close()
+            if self.publisher is not None:
+                self.publisher.close()
+            if self.conn is not None:
+                self.conn.close()
+        self.log.info("%s", stage.report())
 
 
 # ---------------------------------------------------------------- reading the heartbeats

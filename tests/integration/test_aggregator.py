@@ -116,17 +116,13 @@ def test_kill_9_mid_replay_ends_identical_to_an_uninterrupted_run(services, spy_
     crashy = base.with_overrides(aggregator_group=f"crashy-{spy_topic}")
     log = tmp_path / "crashy.log"
     kills = 0
-    for delay in (1.0, 2.0, 1.5):
+    for quarter in (1, 2, 3):    # kill -9 as soon as a quarter, half, three quarters are folded
         aggregator = start_script(crashy, "aggregator.py", log=log)
-        before = folded(crashy)
-        wait_for(lambda: folded(crashy) > before, timeout=120, message="aggregator progress")
-        time.sleep(delay)
-        if folded(crashy) >= SPY_COUNT:
-            aggregator.kill()
-            break
+        wait_for(lambda: folded(crashy) >= SPY_COUNT * quarter // 4, timeout=120, interval=0.02,
+                 message="aggregator progress")
         aggregator.kill()
         aggregator.wait()
-        kills += 1
+        kills += folded(crashy) < SPY_COUNT
     assert kills >= 2, "the aggregator was killed mid-replay at least twice"
     assert "resuming at offset" in log.read_text()
     run_aggregator_to_end(crashy, SPY_COUNT, log)

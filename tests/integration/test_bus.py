@@ -1,86 +1,103 @@
-"""The Kafka layer against the real broker: a group member left without partitions tells a
-spare (others hold everything) from a broken assignment (nobody holds them), rejoins only in the
-second case, and never spins while idle."""
+"""The Kafka layer against the real broker, with both clients: a spare group member stays idle
+without spinning and takes over; a consumer started before its topic gets every partition; and
+kafka-python's two watchdogs (lost assignment, stalled fetcher) notice and recover."""
 from __future__ import annotations
 
 import time
 import uuid
 
+import pytest
+
 from tests.conftest import wait_for
 from tradewatch import bus
 
+CLIENTS = pytest.mark.parametrize("client", bus.CLIENTS)
 
-def publish(settings, topic: str, count: int) -> None:
-    publisher = bus.Publisher(settings)
+
+def publish(settings, topic: str, count: int, client: str = "confluent") -> None:
+    publisher = bus.Publisher(settings, client=client)
     for i in range(count):
         publisher.send(topic, str(i % 10).encode(), str(i).encode())
-    publisher.flush()
+    assert publisher.flush(30)
     publisher.close()
 
 
-def read_all(consumer: bus.BusConsumer, count: int) -> list[int]:
+def read_all(consumer, count: int) -> list[int]:
     got: list[bus.Message] = []
     wait_for(lambda: got.extend(consumer.poll(500, 200)) or len(got) >= count, timeout=60, message="messages read")
     return sorted(int(m.value) for m in got)
 
 
-def test_spare_member_stays_idle_without_spinning_then_takes_over(settings):
+@CLIENTS
+def test_spare_member_stays_idle_without_spinning_then_takes_over(settings, client):
     topic = f"one-{uuid.uuid4().hex[:6]}"
     bus.ensure_topic(settings, topic, 1)
     group = f"g-{uuid.uuid4().hex[:6]}"
-    first = bus.BusConsumer(settings, group, [topic], rejoin_after_s=1.0)
-    wait_for(lambda: first.poll(10, 100) is not None and first.assignment(), timeout=30, message="first assigned")
-    second = bus.BusConsumer(settings, group, [topic], rejoin_after_s=1.0)
+    options = {"rejoin_after_s": 1.0} if client == "kafka-python" else {}
+    first = bus.consumer(settings, group, topic, client=client, **options)
+    wait_for(lambda: first.poll(10, 100) is not None and first.partitions(), timeout=30, message="first assigned")
+    second = bus.consumer(settings, group, topic, client=client, **options)
+
+    def settled() -> bool:
+        first.poll(10, 50)
+        second.poll(10, 100)
+        return len(first.partitions()) + len(second.partitions()) == 1 and second_seen.append(1) is None \
+            and len(second_seen) > 20      # one owner, and it stays so for a while
+    second_seen: list[int] = []
+    wait_for(lambda: settled() or (first.partitions() and second.partitions() and second_seen.clear()),
+             timeout=60, interval=0, message="exactly one owner of the one partition")
     started, cpu_started = time.monotonic(), time.process_time()
-    while time.monotonic() - started < 8:
+    while time.monotonic() - started < 4:
         first.poll(10, 50)
         second.poll(10, 100)
     cpu_share = (time.process_time() - cpu_started) / (time.monotonic() - started)
-    # the assignor gives the one partition to one of them; the other is a spare
-    owners = [c for c in (first, second) if c.assignment()]
-    assert len(owners) == 1
+    owners = [c for c in (first, second) if c.partitions()]
+    assert len(owners) == 1, "the one partition has exactly one owner"
     owner, spare = owners[0], (second if owners[0] is first else first)
-    assert first.rejoins == second.rejoins == 0, "a spare must not churn a group that has every partition held"
-    assert spare.unowned_partitions() == set()
+    if client == "kafka-python":
+        assert first.rejoins == second.rejoins == 0, "a spare must not churn a group that has every partition held"
+        assert spare.unowned_partitions() == set()
     assert cpu_share < 0.25, f"idle polling used {cpu_share:.0%} of a core"
 
     owner.close()          # the spare takes the partition and reads what is there
-    publish(settings, topic, 20)
+    publish(settings, topic, 20, client)
     assert read_all(spare, 20) == list(range(20))
     spare.close()
 
 
-def test_member_that_lost_its_assignment_sees_it_and_rejoins(settings):
-    consumer = bus.BusConsumer(settings, f"g-{uuid.uuid4().hex[:6]}", [settings.trades_topic])
-    wait_for(lambda: consumer.poll(10, 100) is not None and len(consumer.assignment()) == 6, timeout=30,
+@CLIENTS
+def test_consumer_started_before_its_topic_exists_gets_every_partition(settings, client):
+    topic = f"later-{uuid.uuid4().hex[:6]}"      # not created: the consumer comes first
+    consumer = bus.consumer(settings, f"g-{uuid.uuid4().hex[:6]}", topic, client=client)
+    consumer.poll(10, 500)
+    bus.ensure_topic(settings, topic, settings.trades_partitions)
+    publish(settings, topic, 100, client)
+    assert read_all(consumer, 100) == list(range(100))
+    assert len(consumer.partitions()) == settings.trades_partitions
+    consumer.close()
+
+
+def test_kafka_python_member_that_lost_its_assignment_sees_it_and_rejoins(settings):
+    consumer = bus.consumer(settings, f"g-{uuid.uuid4().hex[:6]}", settings.trades_topic, client="kafka-python")
+    wait_for(lambda: consumer.poll(10, 100) is not None and len(consumer.partitions()) == 6, timeout=30,
              message="all six partitions assigned")
     # Emulate kafka-python's lost assignment: the group still believes this member holds the six
     # partitions, but the client has none, so it would sit idle.
     consumer._consumer._subscription.assign_from_subscribed([])
-    assert not consumer.assignment()
+    assert not consumer.partitions()
     assert consumer.unowned_partitions() == {(settings.trades_topic, p) for p in range(6)}
     consumer.rejoin()
-    wait_for(lambda: consumer.poll(10, 100) is not None and len(consumer.assignment()) == 6, timeout=30,
+    wait_for(lambda: consumer.poll(10, 100) is not None and len(consumer.partitions()) == 6, timeout=30,
              message="the partitions back after the rejoin")
     publish(settings, settings.trades_topic, 50)
     assert read_all(consumer, 50) == list(range(50))
     consumer.close()
 
 
-def test_consumer_started_before_its_topic_exists_gets_every_partition(settings):
-    topic = f"later-{uuid.uuid4().hex[:6]}"      # not created: the consumer comes first
-    consumer = bus.BusConsumer(settings, f"g-{uuid.uuid4().hex[:6]}", [topic])
-    consumer.poll(10, 500)
-    bus.ensure_topic(settings, topic, settings.trades_partitions)
-    publish(settings, topic, 100)
-    assert read_all(consumer, 100) == list(range(100))
-    assert len(consumer.assignment()) == settings.trades_partitions
-    consumer.close()
-
-
-def test_member_that_stops_fetching_notices_records_waiting_and_replaces_its_client(settings):
-    consumer = bus.BusConsumer(settings, f"g-{uuid.uuid4().hex[:6]}", [settings.trades_topic], stall_after_s=2.0)
-    wait_for(lambda: consumer.poll(10, 100) is not None and len(consumer.assignment()) == 6, timeout=30,
+def test_kafka_python_member_that_stops_fetching_replaces_its_client(settings):
+    consumer = bus.consumer(settings, f"g-{uuid.uuid4().hex[:6]}", settings.trades_topic, client="kafka-python",
+                            stall_after_s=2.0)
+    wait_for(lambda: consumer.poll(10, 100) is not None and len(consumer.partitions()) == 6, timeout=30,
              message="all six partitions assigned")
     # Emulate the stuck client seen on fresh brokers: partitions held, fetches that bring nothing.
     consumer._consumer.pause(*consumer._consumer.assignment())
@@ -89,3 +106,18 @@ def test_member_that_stops_fetching_notices_records_waiting_and_replaces_its_cli
              message="the stall to be noticed")
     assert read_all(consumer, 50) == list(range(50))
     consumer.close()
+
+
+def test_both_clients_put_a_key_on_the_partition_java_would(settings):
+    topic = f"keys-{uuid.uuid4().hex[:6]}"
+    bus.ensure_topic(settings, topic, 6)
+    keys = [f"SYM{i}".encode() for i in range(30)]
+    for client in bus.CLIENTS:
+        publisher = bus.Publisher(settings, client=client)
+        for key in keys:
+            publisher.send(topic, key, client.encode())
+        assert publisher.flush(30)
+        publisher.close()
+    messages = bus.read_topic(settings, topic, lambda got: len(got) >= 60)
+    assert len(messages) == 60
+    assert all(m.partition == bus.murmur2_partition(m.key, 6) for m in messages)

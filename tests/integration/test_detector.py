@@ -10,8 +10,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from kafka import KafkaConsumer
-
 from tests.conftest import query, run_script, start_script, wait_for
 from tradewatch import bus
 from tradewatch.config import PROJECT_ROOT
@@ -96,10 +94,8 @@ def test_stream_with_injected_anomalies_gives_flags_alerts_topic_and_webhook(set
     states = dict(query(settings, "SELECT symbol, state FROM circuit_breakers"))
     assert set(states.values()) <= {"OPEN", "HALF_OPEN", "CLOSED"}
 
-    consumer_of_alerts = KafkaConsumer(settings.alerts_topic, bootstrap_servers=settings.kafka_bootstrap_servers,
-                                       auto_offset_reset="earliest", consumer_timeout_ms=5000)
-    published = [json.loads(m.value) for m in consumer_of_alerts]
-    consumer_of_alerts.close()
+    published = [json.loads(m.value) for m in bus.read_topic(
+        settings, settings.alerts_topic, lambda got: len(got) >= len(alerts), timeout_s=30)]
     assert {p["alert_id"] for p in published} == {a[0] for a in alerts}
     assert all("text" in post and post["alert"]["alert_id"] for post in received)
 

@@ -7,8 +7,6 @@ import subprocess
 import uuid
 
 import pytest
-from kafka.partitioner.default import murmur2
-
 from tests.conftest import SHARED_DATA, query, run_script, start_script, wait_for
 from tradewatch import bus
 from tradewatch.events import Trade, iso_to_ms
@@ -56,7 +54,7 @@ def assert_same_windows(flink_rows, python_rows):
 
 def same_partition_symbol(other: str, partitions: int) -> str:
     def partition(key: str) -> int:
-        return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions   # Kafka's default partitioner
+        return bus.murmur2_partition(key.encode(), partitions)   # Kafka's default partitioner
     while partition(symbol := f"OOO{uuid.uuid4().hex[:4].upper()}") != partition(other):
         pass
     return symbol

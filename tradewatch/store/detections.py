@@ -51,14 +51,26 @@ def write_breakers(cur: Cursor, transitions: list[BreakerTransition]) -> None:
             [(t.symbol, t.state, t.timestamp_ms) for t in latest.values()], template=f"(%s, %s, {_MS})")
 
 
-def load_breakers(conn: psycopg2.extensions.connection) -> list[tuple[str, str, int]]:
-    with conn.cursor() as cur:
-        cur.execute("SELECT symbol, state, (extract(epoch FROM since) * 1000)::bigint FROM circuit_breakers")
-        return [(s, st, int(ms)) for s, st, ms in cur.fetchall()]
+def load_breakers(cur: Cursor) -> list[tuple[str, str, int]]:
+    cur.execute("SELECT symbol, state, (extract(epoch FROM since) * 1000)::bigint FROM circuit_breakers")
+    return [(s, st, int(ms)) for s, st, ms in cur.fetchall()]
 
 
-def load_last_alerts(conn: psycopg2.extensions.connection) -> dict[tuple[str, str], int]:
-    with conn.cursor() as cur:
-        cur.execute("SELECT symbol, alert_type, (extract(epoch FROM max(ts)) * 1000)::bigint FROM alerts"
-                    " GROUP BY symbol, alert_type")
-        return {(s, t): int(ms) for s, t, ms in cur.fetchall()}
+def load_last_alerts(cur: Cursor) -> dict[tuple[str, str], int]:
+    cur.execute("SELECT symbol, alert_type, (extract(epoch FROM max(ts)) * 1000)::bigint FROM alerts"
+                " GROUP BY symbol, alert_type")
+    return {(s, t): int(ms) for s, t, ms in cur.fetchall()}
+
+
+def unpublished_alerts(cur: Cursor, limit: int) -> list[Alert]:
+    """The outbox: alerts not yet acknowledged on the Kafka topic, oldest first."""
+    cur.execute("SELECT alert_id, (extract(epoch FROM ts) * 1000)::bigint, symbol, alert_type, severity, message,"
+                " trade_id, details FROM alerts WHERE published_at IS NULL ORDER BY created_at, alert_id LIMIT %s",
+                (limit,))
+    return [Alert(alert_id, int(ms), symbol, kind, severity, message, trade_id or "", details or {})
+            for alert_id, ms, symbol, kind, severity, message, trade_id, details in cur.fetchall()]
+
+
+def mark_published(cur: Cursor, alert_ids: list[str]) -> None:
+    cur.execute("UPDATE alerts SET published_at = now() WHERE alert_id = ANY(%s) AND published_at IS NULL",
+                (alert_ids,))

@@ -80,41 +80,39 @@ def write_indicators(cur: Cursor, rows: list[tuple[str, str, int, float, Indicat
         )
 
 
-def load_partition(conn: psycopg2.extensions.connection, group: str, topic: str, partition: int,
+def load_partition(cur: Cursor, group: str, topic: str, partition: int,
                    sizes_ms: tuple[int, ...]) -> tuple[int | None, PartitionClock, list[Window]]:
     """The stored position, watermark and open windows of one partition (None offset = never started)."""
     labels = {size_label(s): s for s in sizes_ms}
-    with conn.cursor() as cur:
-        cur.execute("SELECT next_offset, max_event_ms, watermark_ms FROM aggregator_offsets "
-                    "WHERE consumer_group = %s AND topic = %s AND kafka_partition = %s", (group, topic, partition))
-        row = cur.fetchone()
-        if row is None:
-            return None, PartitionClock(), []
-        cur.execute(
-            "SELECT symbol, window_size, (extract(epoch FROM window_start) * 1000)::bigint, open, high, low, close,"
-            " trade_count, sum_price, min_price, max_price, sum_quantity, min_quantity, max_quantity, traded_value,"
-            " buy_volume, sell_volume, open_ts_ms, open_seq, close_ts_ms, close_seq"
-            " FROM stock_metrics WHERE kafka_partition = %s AND NOT is_final", (partition,))
-        windows = []
-        for r in cur.fetchall():
-            if r[1] not in labels:
-                continue
-            w = Window(r[0], labels[r[1]], int(r[2]), partition, r[3], None, r[6], None, r[4], r[5], r[7], r[8],
-                       r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16])
-            w.open_key = (r[17], r[18]) if r[17] is not None else None
-            w.close_key = (r[19], r[20]) if r[19] is not None else None
-            windows.append(w)
+    cur.execute("SELECT next_offset, max_event_ms, watermark_ms FROM aggregator_offsets "
+                "WHERE consumer_group = %s AND topic = %s AND kafka_partition = %s", (group, topic, partition))
+    row = cur.fetchone()
+    if row is None:
+        return None, PartitionClock(), []
+    cur.execute(
+        "SELECT symbol, window_size, (extract(epoch FROM window_start) * 1000)::bigint, open, high, low, close,"
+        " trade_count, sum_price, min_price, max_price, sum_quantity, min_quantity, max_quantity, traded_value,"
+        " buy_volume, sell_volume, open_ts_ms, open_seq, close_ts_ms, close_seq"
+        " FROM stock_metrics WHERE kafka_partition = %s AND NOT is_final", (partition,))
+    windows = []
+    for r in cur.fetchall():
+        if r[1] not in labels:
+            continue
+        w = Window(r[0], labels[r[1]], int(r[2]), partition, r[3], None, r[6], None, r[4], r[5], r[7], r[8],
+                   r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16])
+        w.open_key = (r[17], r[18]) if r[17] is not None else None
+        w.close_key = (r[19], r[20]) if r[19] is not None else None
+        windows.append(w)
     return row[0], PartitionClock(row[1], row[2]), windows
 
 
-def load_indicator_state(conn: psycopg2.extensions.connection, symbol: str, label: str) -> IndicatorState:
+def load_indicator_state(cur: Cursor, symbol: str, label: str) -> IndicatorState:
     """Replay the stored final candles of one series into a fresh indicator state."""
     state = IndicatorState()
-    with conn.cursor() as cur:
-        cur.execute("SELECT close FROM stock_metrics WHERE symbol = %s AND window_size = %s AND is_final"
-                    " AND close IS NOT NULL ORDER BY window_start", (symbol, label))
-        for (close,) in cur:
-            state.update(close)
+    cur.execute("SELECT close FROM stock_metrics WHERE symbol = %s AND window_size = %s AND is_final"
+                " AND close IS NOT NULL ORDER BY window_start", (symbol, label))
+    for (close,) in cur:
+        state.update(close)
     return state
 
 

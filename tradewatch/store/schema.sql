@@ -125,6 +125,18 @@ CREATE TABLE IF NOT EXISTS aggregator_offsets (
     PRIMARY KEY (consumer_group, topic, kafka_partition)
 );
 
+-- Who owns which partition, per consumer group (the stage runtime's fencing, tradewatch/runtime.py):
+-- every assignment increments `epoch`; a checkpoint writes only while its epoch is the current one.
+CREATE TABLE IF NOT EXISTS partition_owners (
+    consumer_group  text NOT NULL,
+    topic           text NOT NULL,
+    kafka_partition integer NOT NULL,
+    epoch           bigint NOT NULL,
+    owner           text NOT NULL,                 -- host:pid of the owning process
+    claimed_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer_group, topic, kafka_partition)
+);
+
 -- Technical indicators over final candles (see tradewatch/indicators.py).
 CREATE TABLE IF NOT EXISTS indicators (
     symbol           text NOT NULL,
@@ -160,6 +172,11 @@ CREATE TABLE IF NOT EXISTS alerts (
     created_at       timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS alerts_ts ON alerts (ts DESC);
+-- The outbox: an alert is written with published_at NULL in the detector's transaction and marked
+-- once Kafka acknowledged it on the `alerts` topic (alerts that predate the column count as sent).
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS published_at timestamptz DEFAULT now();
+ALTER TABLE alerts ALTER COLUMN published_at DROP DEFAULT;
+CREATE INDEX IF NOT EXISTS alerts_unpublished ON alerts (created_at) WHERE published_at IS NULL;
 
 -- Current circuit-breaker state per symbol: CLOSED | OPEN | HALF_OPEN.
 CREATE TABLE IF NOT EXISTS circuit_breakers (

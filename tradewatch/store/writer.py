@@ -59,24 +59,23 @@ class BatchResult:
     dead_letters: int
 
 
-def write_batch(conn: psycopg2.extensions.connection, trades: list[StoredTrade],
+def write_batch(cur: psycopg2.extensions.cursor, trades: list[StoredTrade],
                 dead_letters: list[DeadLetter]) -> BatchResult:
-    """Write one batch in one transaction; the caller commits Kafka offsets only after this returns."""
+    """Write one batch inside the caller's transaction (the stage runtime commits it, then the
+    Kafka offsets)."""
     inserted = 0
-    with conn.cursor() as cur:
-        if trades:
-            cur.execute(_CREATE_STAGE)
-            cur.copy_expert(f"COPY trades_incoming ({_STAGE_COLUMNS}) FROM STDIN", _copy_buffer(trades))
-            cur.execute(_MERGE)
-            inserted = cur.rowcount
-        if dead_letters:
-            execute_values(
-                cur,
-                "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, message_key, raw, reason) "
-                "VALUES %s ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
-                [(d.topic, d.partition, d.offset, d.key, d.raw, d.reason) for d in dead_letters],
-            )
-    conn.commit()
+    if trades:
+        cur.execute(_CREATE_STAGE)
+        cur.copy_expert(f"COPY trades_incoming ({_STAGE_COLUMNS}) FROM STDIN", _copy_buffer(trades))
+        cur.execute(_MERGE)
+        inserted = cur.rowcount
+    if dead_letters:
+        execute_values(
+            cur,
+            "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, message_key, raw, reason) "
+            "VALUES %s ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
+            [(d.topic, d.partition, d.offset, d.key, d.raw, d.reason) for d in dead_letters],
+        )
     return BatchResult(inserted, len(trades) - inserted, len(dead_letters))
 
 
