@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,6 +45,25 @@ def start_stage(settings: Settings, script: str, *args: str) -> subprocess.Popen
     return subprocess.Popen([sys.executable, str(PROJECT_ROOT / script), *args], cwd=PROJECT_ROOT,
                             env={**os.environ, **settings.as_env()},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def raw_copy_rate(settings: Settings, trades) -> float:
+    """PostgreSQL COPY rows/s into a temp table of the trades shape: the database ceiling."""
+    from tradewatch.store import db
+    from tradewatch.store.writer import StoredTrade, _copy_buffer
+
+    conn = db.connect(settings)
+    with conn.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE copy_ceiling (trade_id text, symbol text, timestamp_ms bigint, price float8,"
+                    " quantity float8, side text, exchange text, bid float8, ask float8, condition text,"
+                    " schema_version smallint, injected_anomaly text, kafka_partition int, kafka_offset bigint)")
+        buffer = _copy_buffer([StoredTrade(t, 0, i) for i, t in enumerate(trades)])
+        started = time.perf_counter()
+        cur.copy_expert("COPY copy_ceiling FROM STDIN", buffer)
+        conn.commit()
+        elapsed = time.perf_counter() - started
+    conn.close()
+    return len(trades) / elapsed
 
 
 def report(result: dict) -> None:

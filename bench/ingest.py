@@ -14,28 +14,12 @@ import time
 import uuid
 from itertools import islice
 
-from common import bench_settings, percentile, query, report, start_stage
+from common import bench_settings, percentile, query, raw_copy_rate, report, start_stage
 
 from tradewatch import bus
 from tradewatch.market.simulator import MarketSimulator
 from tradewatch.store import db
-from tradewatch.store.writer import StoredTrade, _copy_buffer
 
-
-
-def raw_copy_rate(settings, trades) -> float:
-    conn = db.connect(settings)
-    with conn.cursor() as cur:
-        cur.execute("CREATE TEMP TABLE copy_ceiling (trade_id text, symbol text, timestamp_ms bigint, price float8,"
-                    " quantity float8, side text, exchange text, bid float8, ask float8, condition text,"
-                    " schema_version smallint, injected_anomaly text, kafka_partition int, kafka_offset bigint)")
-        buffer = _copy_buffer([StoredTrade(t, 0, i) for i, t in enumerate(trades)])
-        started = time.perf_counter()
-        cur.copy_expert("COPY copy_ceiling FROM STDIN", buffer)
-        conn.commit()
-        elapsed = time.perf_counter() - started
-    conn.close()
-    return len(trades) / elapsed
 
 
 def main() -> None:

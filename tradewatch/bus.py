@@ -553,6 +553,7 @@ class Publisher:
         self._stop = stop
         self.client = client or client_of(settings)
         self.failed = 0
+        self._queued = 0
         self._outage = _OutageLog(settings)
         _require_reachable(settings)
         if self.client == "confluent":
@@ -599,7 +600,9 @@ class Publisher:
             while True:
                 try:
                     self._producer.produce(topic, value, key, on_delivery=self._delivered)
-                    self._producer.poll(0)
+                    self._queued += 1
+                    if self._queued % 1000 == 0:
+                        self._producer.poll(0)     # serve delivery reports now and then
                     return True
                 except BufferError:       # queue full: Kafka slow or away; wait for room
                     self._producer.poll(0.1)

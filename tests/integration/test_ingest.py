@@ -7,6 +7,8 @@ import signal
 import time
 from itertools import islice
 
+import pytest
+
 from tests.conftest import SHARED_DATA, query, run_script, start_script, wait_for
 from tradewatch import bus, stack
 from tradewatch.events import iso_to_ms
@@ -24,7 +26,9 @@ def stop_gracefully(process, timeout=30) -> int:
     return process.wait(timeout=timeout)
 
 
-def test_round_trip_field_for_field(settings, tmp_path):
+@pytest.mark.parametrize("client", bus.CLIENTS)
+def test_round_trip_field_for_field(settings, tmp_path, client):
+    settings = settings.with_overrides(kafka_client=client)
     run_script(settings, "producer.py", "--count", "3000", "--rate", "max", "--seed", "11",
                "--anomaly-rate", "0.02", "--start", START)
     consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
@@ -42,7 +46,9 @@ def test_round_trip_field_for_field(settings, tmp_path):
     assert any(r[10] for r in rows), "some injected anomalies carry their label"
 
 
-def test_exactly_once_when_the_consumer_is_killed_repeatedly(settings, tmp_path):
+@pytest.mark.parametrize("client", bus.CLIENTS)
+def test_exactly_once_when_the_consumer_is_killed_repeatedly(settings, tmp_path, client):
+    settings = settings.with_overrides(kafka_client=client)
     total = 30_000
     producer = start_script(settings, "producer.py", "--count", str(total), "--rate", "1000", "--seed", "5",
                             "--start", START, log=tmp_path / "producer.log")

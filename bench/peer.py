@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Our consumer against the peer a user would pick instead: quix-streams' PostgreSQLSink.
+
+Same broker, same PostgreSQL, the same N simulated trades in one topic; runs alternate (ours,
+peer, ours, peer, …), each with a fresh consumer group and an empty table. A run's rate is rows
+stored per second from its first stored row to its last (start-up and group join excluded for
+both). Beside them, measured in the same run: the raw COPY rate of PostgreSQL into a table of the
+same shape, and the confluent-kafka consume-only rate of the topic (the two physical ceilings).
+Prints JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import uuid
+from itertools import islice
+from pathlib import Path
+
+from common import bench_settings, query, raw_copy_rate, report
+
+from tradewatch import bus
+from tradewatch.config import PROJECT_ROOT
+from tradewatch.market.simulator import MarketSimulator
+
+HERE = Path(__file__).resolve().parent
+PEER_VENV = PROJECT_ROOT / ".tradewatch" / "bench" / "quix-venv"
+
+
+def peer_python() -> Path:
+    python = PEER_VENV / "bin" / "python"
+    stamp = PEER_VENV / ".installed"
+    requirements = HERE / "requirements-peer.txt"
+    if not stamp.exists() or stamp.read_text() != requirements.read_text():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(requirements)], check=True)
+        stamp.write_text(requirements.read_text())
+    return python
+
+
+def timed_fill(settings, table: str, total: int, process: subprocess.Popen, timeout_s: float = 600) -> float:
+    """Rows/s from the first row seen in `table` until it holds `total` rows."""
+    first_at = first_count = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[1]} exited with {process.returncode}")
+        count = query(settings, f"SELECT count(*) FROM {table}")[0][0] if table_exists(settings, table) else 0
+        now = time.monotonic()
+        if count and first_at is None:
+            first_at, first_count = now, count
+        if count >= total:
+            return (count - first_count) / (now - first_at) if now > first_at else float("nan")
+        time.sleep(0.05)
+    raise RuntimeError(f"{table} did not reach {total} rows in {timeout_s}s")
+
+
+def table_exists(settings, table: str) -> bool:
+    return query(settings, "SELECT to_regclass(%s) IS NOT NULL", table)[0][0]
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def run_ours(settings, total: int) -> float:
+    from tradewatch.store import db
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.execute("TRUNCATE trades, dead_letters")
+    conn.close()
+    group = f"ours-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, **settings.as_env(), "CONSUMER_GROUP": group}
+    process = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "consumer.py")], cwd=PROJECT_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return timed_fill(settings, "trades", total, process)
+    finally:
+        stop(process)
+
+
+def run_peer(settings, python: Path, total: int) -> float:
+    from tradewatch.store import db
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS quix_trades")
+    conn.close()
+    group = f"quix-{uuid.uuid4().hex[:6]}"
+    s = settings
+    process = subprocess.Popen(
+        [str(python), str(HERE / "peer_quix_app.py"), s.kafka_bootstrap_servers, s.trades_topic, group,
+         s.postgres_host, str(s.postgres_port), s.postgres_db, s.postgres_user, s.postgres_password, "quix_trades"],
+        cwd=PEER_VENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return timed_fill(settings, "quix_trades", total, process)
+    finally:
+        stop(process)
+
+
+def consume_only_rate(settings, total: int) -> float:
+    consumer = bus.consumer(settings, f"raw-{uuid.uuid4().hex[:6]}", settings.trades_topic)
+    got, started = 0, None
+    while got < total:
+        batch = consumer.poll(10_000, 1000)
+        if batch and started is None:
+            started = time.perf_counter()
+        got += len(batch)
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return got / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trades", type=int, default=300_000)
+    parser.add_argument("--rounds", type=int, default=2, help="alternated runs of each")
+    args = parser.parse_args()
+
+    python = peer_python()
+    tag = uuid.uuid4().hex[:6]
+    settings = bench_settings(trades_topic=f"peer-{tag}")
+    bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
+    trades = list(islice(MarketSimulator(seed=3, rate=1000.0, start_ms=int(time.time() * 1000) - 3_600_000),
+                         args.trades))
+    publisher = bus.Publisher(settings)
+    for t in trades:
+        publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
+    publisher.flush()
+    publisher.close()
+
+    ours, peer = [], []
+    for _ in range(args.rounds):
+        ours.append(run_ours(settings, args.trades))
+        peer.append(run_peer(settings, python, args.trades))
+    best_ours, best_peer = max(ours), max(peer)
+    report({
+        "benchmark": "peer",
+        "trades": args.trades,
+        "ours_rows_per_s": [round(r) for r in ours],
+        "quixstreams_postgresql_sink_rows_per_s": [round(r) for r in peer],
+        "ratio_best_vs_best": round(best_ours / best_peer, 2),
+        "ratio_median": round(sorted(ours)[len(ours) // 2] / sorted(peer)[len(peer) // 2], 2),
+        "ceiling_postgres_copy_rows_per_s": round(raw_copy_rate(settings, trades[:100_000])),
+        "ceiling_confluent_consume_msgs_per_s": round(consume_only_rate(settings, args.trades)),
+        "kafka_client": settings.kafka_client,
+        "consumer_batch_size": settings.consumer_batch_size,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""The whole pipeline under load: producer → Kafka → consumer + aggregator + detector, on a
+private stack. For each producer rate (ascending) it runs every stage for `--seconds` and samples
+each stage's lag behind the log end once a second; a rate *holds* when, after a 10 s ramp-up, no
+stage is ever more than one second of trades behind (lag < rate). Prints JSON: per rate the worst
+lag of each stage, the highest rate that holds, and the trade→row latency p50/p99 at 1k trades/s
+(ingested_at - event time, the producer stamping event time = wall time), beside the Kafka
+publish ceiling of the producer measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+from common import bench_settings, percentile, query, report
+
+from tradewatch import bus
+from tradewatch.config import PROJECT_ROOT
+
+STAGES = {"consumer": ["consumer.py"], "aggregator": ["aggregator.py"], "detector": ["anomaly_detector.py", "run"]}
+
+
+def start(settings, *argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *argv], cwd=PROJECT_ROOT, env={**os.environ, **settings.as_env()},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def lags(settings) -> dict[str, int]:
+    ends = {p: end for p, (_, end) in bus.group_lag(settings, settings.consumer_group, settings.trades_topic).items()}
+    end = sum(ends.values())
+    consumer = sum(c for c, _ in bus.group_lag(settings, settings.consumer_group, settings.trades_topic).values())
+    detector = sum(c for c, _ in bus.group_lag(settings, settings.detector_group, settings.trades_topic).values())
+    aggregator = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+                       settings.aggregator_group)[0][0]
+    return {"consumer": end - consumer, "aggregator": end - int(aggregator), "detector": end - detector}
+
+
+def run_at(base, rate: int, seconds: int) -> dict:
+    tag = uuid.uuid4().hex[:6]
+    settings = base.with_overrides(trades_topic=f"pipe-{tag}", alerts_topic=f"pipe-alerts-{tag}",
+                                   consumer_group=f"c-{tag}", aggregator_group=f"a-{tag}", detector_group=f"d-{tag}")
+    bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
+    stages = [start(settings, *argv) for argv in STAGES.values()]
+    time.sleep(5)   # stages join their groups before the load starts
+    producer = start(settings, "producer.py", "--rate", str(rate), "--duration", str(seconds), "--seed", "4")
+    started = time.monotonic()
+    worst = {name: 0 for name in STAGES}
+    while producer.poll() is None:
+        time.sleep(1.0)
+        if time.monotonic() - started < 10:
+            continue
+        for name, lag in lags(settings).items():
+            worst[name] = max(worst[name], lag)
+    sent = sum(end for _, end in bus.group_lag(settings, settings.consumer_group, settings.trades_topic).values())
+    latencies = []
+    if rate <= 1000:
+        latencies = [float(r[0]) for r in query(
+            settings, "SELECT extract(epoch FROM ingested_at - ts) * 1000 FROM trades WHERE ts > now() - interval '1 hour'")]
+    for process in stages:
+        process.terminate()
+    for process in stages:
+        process.wait(timeout=60)
+    achieved = sent / seconds
+    holds = all(lag < rate for lag in worst.values()) and achieved >= 0.95 * rate
+    result = {"rate_per_s": rate, "producer_achieved_per_s": round(achieved), "worst_lag": worst, "holds": holds}
+    if latencies:
+        result["latency_ms"] = {"p50": round(percentile(latencies, 50), 1), "p99": round(percentile(latencies, 99), 1)}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rates", default="1000,5000,10000,15000,20000,25000")
+    parser.add_argument("--seconds", type=int, default=60)
+    args = parser.parse_args()
+    settings = bench_settings()
+    from tradewatch.store import db
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.execute("TRUNCATE trades, stock_metrics, indicators, late_trades, alerts, trade_flags, circuit_breakers")
+    conn.close()
+    runs = []
+    for rate in (int(r) for r in args.rates.split(",")):
+        runs.append(run_at(settings, rate, args.seconds))
+        print(runs[-1], file=sys.stderr, flush=True)
+        if not runs[-1]["holds"] and rate > 1000:
+            break
+    held = [r["rate_per_s"] for r in runs if r["holds"]]
+    report({
+        "benchmark": "pipeline",
+        "seconds_per_rate": args.seconds,
+        "runs": runs,
+        "highest_rate_every_stage_within_1s": max(held) if held else None,
+        "latency_at_1k_per_s": next((r.get("latency_ms") for r in runs if r["rate_per_s"] == 1000), None),
+        "kafka_client": settings.kafka_client,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The stage runtime's commit protocol on the real broker and database (tradewatch/runtime.py):
+kill -9 of every stage at random points ends with the same tables as a clean run and every alert
+on the `alerts` topic; a stalled aggregator that wakes after a newer owner took its partitions is
+fenced and cannot write over the newer owner's rows."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+from itertools import islice
+
+from tests.conftest import query, start_script, wait_for
+from tradewatch import bus, runtime
+from tradewatch.aggregate import Aggregate
+from tradewatch.market.simulator import MarketSimulator
+from tradewatch.store import db
+
+N = 20_000
+START_MS = 1_767_225_600_000          # 2026-01-01T00:00:00Z
+STAGES = {"consumer": "consumer.py", "aggregator": "aggregator.py", "detector": ("anomaly_detector.py", "run")}
+DERIVED = "trades, stock_metrics, indicators, late_trades, aggregator_offsets, alerts, trade_flags, " \
+          "circuit_breakers, dead_letters"
+
+
+def publish_replay(settings, per_second: float | None = None) -> None:
+    """The same N trades every time (`per_second`: paced, else at once)."""
+    # two symbols: each partition's warm-up re-read (500 trades) covers the detector's longest window
+    trades = islice(MarketSimulator(["AAPL", "MSFT"], rate=20.0, seed=17, anomaly_rate=0.01, start_ms=START_MS), N)
+    publisher = bus.Publisher(settings)
+    started = time.monotonic()
+    for i, t in enumerate(trades):
+        publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
+        if per_second and i % 100 == 0:
+            publisher.flush(10)
+            time.sleep(max(started + i / per_second - time.monotonic(), 0))
+    assert publisher.flush(60)
+    publisher.close()
+
+
+def with_groups(settings, run: str):
+    # windows close by event time only (no idle timeout), so both runs see the same final windows
+    return settings.with_overrides(consumer_group=f"{run}-c-{settings.trades_topic}",
+                                   aggregator_group=f"{run}-a-{settings.trades_topic}",
+                                   detector_group=f"{run}-d-{settings.trades_topic}",
+                                   alerts_topic=f"{run}-alerts-{settings.trades_topic}",
+                                   idle_timeout_seconds=3600.0)
+
+
+def start(settings, stage: str, log) -> subprocess.Popen:
+    script = STAGES[stage]
+    args = script[1:] if isinstance(script, tuple) else ()
+    return start_script(settings, script[0] if isinstance(script, tuple) else script, *args, log=log)
+
+
+def finished(settings) -> bool:
+    stored = query(settings, "SELECT count(*) FROM trades")[0][0]
+    folded = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+                   (settings.aggregator_group,))[0][0]
+    examined = sum(c for c, _ in bus.group_lag(settings, settings.detector_group, settings.trades_topic).values())
+    unpublished = query(settings, "SELECT count(*) FROM alerts WHERE published_at IS NULL")[0][0]
+    return stored == N and folded == N and examined == N and unpublished == 0
+
+
+def snapshot(settings) -> dict:
+    return {
+        "trades": query(settings, "SELECT trade_id, symbol, ts, price, quantity FROM trades ORDER BY trade_id"),
+        "stock_metrics": query(settings, "SELECT symbol, window_size, window_start, open, high, low, close, volume,"
+                               " trade_count, vwap, is_final FROM stock_metrics ORDER BY 1, 2, 3"),
+        "alerts": query(settings, "SELECT alert_id, symbol, alert_type, severity FROM alerts ORDER BY alert_id"),
+        "trade_flags": query(settings, "SELECT trade_id, anomaly_types FROM trade_flags ORDER BY trade_id"),
+    }
+
+
+def stop_all(processes) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        assert process.wait(timeout=60) == 0
+
+
+def alerts_on_topic(settings, expected: set[str]) -> set[str]:
+    messages = bus.read_topic(settings, settings.alerts_topic,
+                              lambda got: expected <= {json.loads(m.value)["alert_id"] for m in got}, timeout_s=30)
+    return {json.loads(m.value)["alert_id"] for m in messages}
+
+
+def truncate(settings) -> None:
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.execute(f"TRUNCATE {DERIVED}")
+    conn.close()
+
+
+def test_kill_9_of_every_stage_ends_like_a_clean_run(settings, tmp_path):
+    publish_replay(settings)
+    clean = with_groups(settings, "clean")
+    processes = [start(clean, stage, tmp_path / f"clean-{stage}.log") for stage in STAGES]
+    wait_for(lambda: finished(clean), timeout=240, interval=0.5, message="the clean run to finish")
+    stop_all(processes)
+    expected = snapshot(clean)
+    assert len(expected["trades"]) == N and expected["alerts"] and expected["stock_metrics"]
+    assert alerts_on_topic(clean, {a[0] for a in expected["alerts"]}) >= {a[0] for a in expected["alerts"]}
+
+    truncate(settings)
+    chaos = with_groups(settings.with_overrides(trades_topic=f"{settings.trades_topic}-chaos"), "chaos")
+    bus.ensure_topic(chaos, chaos.trades_topic, chaos.trades_partitions)
+    logs = {stage: tmp_path / f"chaos-{stage}.log" for stage in STAGES}
+    running = {stage: start(chaos, stage, logs[stage]) for stage in STAGES}
+    replay = threading.Thread(target=publish_replay, args=(chaos, 1500.0))   # ~13 s of replay
+    replay.start()
+    rng = random.Random(7)
+    kills = {stage: 0 for stage in STAGES}
+    schedule = sorted(STAGES) * 3            # every stage three times, in a random order
+    rng.shuffle(schedule)
+    mid_replay = 0
+    for stage in schedule:
+        time.sleep(rng.uniform(0.5, 2.5))
+        running[stage].kill()                # SIGKILL: no flush, no commit, no goodbye
+        running[stage].wait()
+        kills[stage] += 1
+        mid_replay += replay.is_alive()
+        running[stage] = start(chaos, stage, logs[stage])
+    replay.join()
+    assert mid_replay >= 6, f"only {mid_replay} kills happened while trades were still arriving"
+    wait_for(lambda: finished(chaos), timeout=300, interval=0.5, message="the run with kills to finish")
+    stop_all(running.values())
+
+    got = snapshot(chaos)
+    for table in expected:
+        assert got[table] == expected[table], f"{table} differs after kill -9 of every stage ({kills})"
+    alert_ids = {a[0] for a in got["alerts"]}
+    assert alerts_on_topic(chaos, alert_ids) >= alert_ids, "every stored alert reached the alerts topic"
+    for stage, log in logs.items():
+        assert "Traceback" not in log.read_text(), f"{stage} crashed"
+
+
+def folded(settings) -> int:
+    return query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+                 (settings.aggregator_group,))[0][0]
+
+
+def owners(settings) -> set[str]:
+    return {r[0] for r in query(settings, "SELECT owner FROM partition_owners WHERE consumer_group = %s",
+                                (settings.aggregator_group,))}
+
+
+def test_stalled_aggregator_is_fenced_after_a_newer_owner_took_over(settings, tmp_path):
+    publish_replay(settings)
+    clean = with_groups(settings, "clean")
+    process = start(clean, "aggregator", tmp_path / "clean.log")
+    wait_for(lambda: folded(clean) == N, timeout=120, message="the clean aggregator run")
+    stop_all([process])
+    expected = snapshot(clean)["stock_metrics"]
+    truncate(settings)
+
+    fenced = with_groups(settings, "fenced").with_overrides(aggregator_flush_ms=100)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = start(fenced, "aggregator", first_log)
+    wait_for(lambda: 0 < folded(fenced), timeout=60, interval=0.02, message="the first aggregator's progress")
+    first.send_signal(signal.SIGSTOP)        # stalled: no heartbeats, no polls, state in memory
+    try:
+        assert folded(fenced) < N, "paused mid-replay"
+        second = start(fenced, "aggregator", second_log)
+        host = socket.gethostname()
+        wait_for(lambda: owners(fenced) == {f"{host}:{second.pid}"}, timeout=60,
+                 message="the second aggregator to own every partition (after the session timeout)")
+        wait_for(lambda: folded(fenced) == N, timeout=120, message="the second aggregator to finish")
+    finally:
+        first.send_signal(signal.SIGCONT)    # wakes with stale windows and flushes them
+    wait_for(lambda: "fenced" in first_log.read_text() or "lost" in first_log.read_text(), timeout=60,
+             message="the first aggregator to notice it no longer owns its partitions")
+    time.sleep(2)   # both keep running: a stale write would land now
+    wait_for(lambda: folded(fenced) == N, timeout=60, message="the group to settle")
+    stop_all([first, second])
+    assert snapshot(fenced)["stock_metrics"] == expected
+    assert "Traceback" not in first_log.read_text() + second_log.read_text()
+
+
+def test_checkpoint_of_a_stale_owner_writes_nothing(settings):
+    """The fence itself, in process: B claims a partition A holds; A's next checkpoint writes
+    nothing of it and commits no offset of it, and A drops it."""
+    class OffsetsOnly:                       # the fence is all PostgreSQL; Kafka only takes offsets
+        committed: dict = {}
+
+        def commit(self, offsets):
+            self.committed = offsets
+
+    def runtime_for(stage):
+        rt = runtime.Runtime(settings, stage, settings.aggregator_group, settings.trades_topic, lambda: False)
+        rt.consumer = OffsetsOnly()
+        return rt
+
+    publish_replay(settings)
+    messages = bus.read_topic(settings, settings.trades_topic, lambda got: len(got) >= N)
+    kept, stolen = sorted({m.partition for m in messages})     # AAPL's and MSFT's partitions
+    a_stage = Aggregate(settings)
+    a = runtime_for(a_stage)
+    a._assigned([kept, stolen])
+    a_stage.take(messages[:5000])
+    a.offsets = {kept: 10, stolen: 10}
+    b = runtime_for(Aggregate(settings))
+    b._assigned([stolen])                    # B owns it now (a newer epoch)
+    a.checkpoint()
+    assert a.fenced == 1 and sorted(a.epochs) == [kept]
+    assert a.consumer.committed == {kept: 10}, "no offset of a fenced partition is committed"
+    written = {r[0] for r in query(settings, "SELECT DISTINCT kafka_partition FROM stock_metrics")}
+    assert written == {kept}, "the stale owner wrote nothing of the partition it lost"
+    positions = {r[0] for r in query(settings, "SELECT kafka_partition FROM aggregator_offsets"
+                                               " WHERE consumer_group = %s", (settings.aggregator_group,))}
+    assert positions == {kept}
+    for rt in (a, b):
+        rt.conn.close()
