@@ -54,7 +54,7 @@ def raw_copy_rate(settings: Settings, trades) -> float:
 
     conn = db.connect(settings)
     with conn.cursor() as cur:
-        cur.execute("CREATE TEMP TABLE copy_ceiling (trade_id text, symbol text, timestamp_ms bigint, price float8,"
+        cur.execute("CREATE TEMP TABLE copy_ceiling (trade_id text, symbol text, ts timestamptz, price float8,"
                     " quantity float8, side text, exchange text, bid float8, ask float8, condition text,"
                     " schema_version smallint, injected_anomaly text, kafka_partition int, kafka_offset bigint)")
         buffer = _copy_buffer([StoredTrade(t, 0, i) for i, t in enumerate(trades)])

@@ -246,16 +246,18 @@ class _ConfluentConsumer:
             if first is not None:
                 raw = [first, *self._consumer.consume(max_records - 1, 0)] if max_records > 1 else [first]
         messages = []
+        append, nxt = messages.append, self._next
         for m in raw:
-            error = m.error()
-            if error is not None:
+            if m.error() is None:
+                partition, offset = m.partition(), m.offset()
+                append(Message(m.topic(), partition, offset, m.key(), m.value()))
+                nxt[partition] = offset + 1
+            else:
+                error = m.error()
                 if not error.retriable() and error.code() != self._KafkaError.UNKNOWN_TOPIC_OR_PART:
                     log.warning("Kafka: %s", error.str())
-                continue
-            messages.append(Message(m.topic(), m.partition(), m.offset(), m.key(), m.value()))
-        for message in messages:
-            self._next[message.partition] = message.offset + 1
-        self._outage.check(bool(messages))
+        if self._outage.down_since is not None:
+            self._outage.check(bool(messages))
         return messages
 
     def commit(self, offsets: dict[int, int]) -> None:

@@ -38,7 +38,7 @@ class Settings:
     postgres_user: str = "tradewatch"
     postgres_password: str = "tradewatch"
     consumer_group: str = "tradewatch-consumer"
-    consumer_batch_size: int = 2000
+    consumer_batch_size: int = 10000
     aggregator_group: str = "tradewatch-aggregator"
     window_sizes: str = "1m,5m,15m"
     allowed_lateness_seconds: float = 5.0

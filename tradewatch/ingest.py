@@ -42,45 +42,71 @@ def classify(messages: list[bus.Message], now_ms: int) -> tuple[list[StoredTrade
     return trades, dead
 
 
-class Ingest(runtime.Stage):
-    name = "consumer"
+class _Batch(runtime.Stage):
+    """Trades and dead letters awaiting one transaction."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, stats: IngestStats):
         super().__init__()
-        self.batch_size = settings.consumer_batch_size
-        self.stats = IngestStats()
+        self.stats = stats
         self.trades: list[StoredTrade] = []
         self.dead: list[DeadLetter] = []
-        self._written = None
-
-    def take(self, messages: list[bus.Message]) -> None:
-        trades, dead = classify(messages, int(time.time() * 1000))
-        self.trades.extend(trades)
-        self.dead.extend(dead)
-        for letter in dead:
-            log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason)
+        self._result = None
 
     def pending(self) -> int:
         return len(self.trades) + len(self.dead)
 
     def write(self, conn, cur) -> None:
-        self._written = write_batch(cur, self.trades, self.dead)
+        self._result = write_batch(cur, self.trades, self.dead)
 
     def written(self) -> None:
-        s, result = self.stats, self._written
+        s, result = self.stats, self._result
         s.messages += self.pending()
         s.trades_inserted += result.trades_inserted
         s.duplicates_skipped += result.duplicates_skipped
         s.dead_letters += result.dead_letters
         s.batches += 1
         s.partitions.update(t.partition for t in self.trades)
-        self.processed = s.messages
         self.trades, self.dead = [], []
 
     def drop(self, partitions: list[int]) -> None:
         lost = set(partitions)
         self.trades = [t for t in self.trades if t.partition not in lost]
         self.dead = [d for d in self.dead if d.partition not in lost]
+
+
+class Ingest(runtime.Stage):
+    name = "consumer"
+    overlap = True     # decode batch n+1 while PostgreSQL stores batch n
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.batch_size = settings.consumer_batch_size
+        self.stats = IngestStats()
+        self.batch = _Batch(self.stats)
+
+    def take(self, messages: list[bus.Message]) -> None:
+        trades, dead = classify(messages, int(time.time() * 1000))
+        self.batch.trades.extend(trades)
+        self.batch.dead.extend(dead)
+        for letter in dead:
+            log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason)
+        self.processed += len(messages)
+
+    def pending(self) -> int:
+        return self.batch.pending()
+
+    def seal(self) -> _Batch:
+        sealed, self.batch = self.batch, _Batch(self.stats)
+        return sealed
+
+    def write(self, conn, cur) -> None:
+        self.batch.write(conn, cur)
+
+    def written(self) -> None:
+        self.batch.written()
+
+    def drop(self, partitions: list[int]) -> None:
+        self.batch.drop(partitions)
 
     def report(self) -> str:
         s = self.stats

@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -148,6 +149,7 @@ class Stage:
     name = "stage"            # heartbeat name: consumer | aggregator | detector
     flush_interval_s: float | None = None   # None: checkpoint when a poll runs dry or the batch is full
     batch_size = 2000
+    overlap = False   # True: seal() hands pending effects to the writer thread (see Runtime)
 
     def __init__(self) -> None:
         self.processed = 0
@@ -176,6 +178,11 @@ class Stage:
     def drop(self, partitions: list[int]) -> None:
         """Forget all state of `partitions` (revoked after a checkpoint, or lost)."""
 
+    def seal(self) -> "Stage":
+        """(overlap stages) Return the pending effects as an object with pending/write/written/
+        drop of its own, and start empty."""
+        raise NotImplementedError
+
     def database_lost(self) -> None:
         """The connection broke: forget anything derived from uncommitted reads."""
 
@@ -202,6 +209,8 @@ class Runtime:
         self.offsets: dict[int, int] = {}      # partition -> next offset, read but not yet committed
         self.publisher = None                  # created by stages that publish (bus.Publisher)
         self.checkpoints = self.fenced = 0
+        self._writer: ThreadPoolExecutor | None = None    # overlap stages only
+        self._inflight = None                  # (future, sealed effects, their offsets)
 
     # -- services, each waited for without ignoring a stop -------------------------------
     def wait_for(self, what: str, attempt: Callable[[], object]):
@@ -263,6 +272,8 @@ class Runtime:
 
     # -- rebalances ----------------------------------------------------------------------
     def _assigned(self, partitions: list[int]) -> dict[int, int | None]:
+        self._finish_inflight()
+
         def claim(_conn, cur):
             cur.execute(
                 "INSERT INTO partition_owners (consumer_group, topic, kafka_partition, epoch, owner)"
@@ -284,6 +295,7 @@ class Runtime:
         self.log.info("partitions %s revoked after a checkpoint", partitions)
 
     def _lost(self, partitions: list[int]) -> None:
+        self._finish_inflight()     # fenced if a newer owner claimed them meanwhile
         self._forget(partitions)
 
     def _forget(self, partitions: list[int]) -> None:
@@ -294,27 +306,58 @@ class Runtime:
 
     # -- the commit protocol (see the module docstring) ----------------------------------
     def checkpoint(self) -> None:
+        """Make everything read so far durable (the protocol in the module docstring)."""
+        self._finish_inflight()
+        offsets, self.offsets = self.offsets, {}
+        self._commit(self.stage, offsets)
+
+    def _checkpoint_overlapped(self) -> None:
+        """For `overlap` stages: the transaction of the sealed batch runs on the writer thread
+        while this thread polls and decodes the next one (PostgreSQL works on the other core).
+        Steps 2 and 3 happen here once it has committed, so offsets still go last and in order."""
+        self._finish_inflight()
         if not self.stage.pending() and not self.offsets:
             return
+        effects = self.stage.seal()
+        offsets, self.offsets = self.offsets, {}
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage.name}-writer")
+        self._inflight = (self._writer.submit(self._write, effects), effects, offsets)
 
-        def write(conn, cur):
+    def _finish_inflight(self) -> None:
+        if self._inflight is None:
+            return
+        future, effects, offsets = self._inflight
+        self._inflight = None
+        self._after_write(effects, offsets, future.result())
+
+    def _commit(self, effects: Stage, offsets: dict[int, int]) -> None:
+        if not effects.pending() and not offsets:
+            return
+        self._after_write(effects, offsets, self._write(effects))
+
+    def _write(self, effects: Stage) -> list[int]:
+        """Step 1: the fenced transaction. Returns the partitions found stale (nothing written then)."""
+        def work(conn, cur):
             stale = self._fence(cur)
-            if stale:
-                return stale
-            self.stage.write(conn, cur)
-            return []
+            if not stale:
+                effects.write(conn, cur)
+            return stale
+        return self.transaction(work)
 
-        stale = self.transaction(write)
+    def _after_write(self, effects: Stage, offsets: dict[int, int], stale: list[int]) -> None:
         if stale:   # the transaction wrote nothing; drop those partitions and write the rest
             self.fenced += len(stale)
             self.log.warning("partitions %s now belong to a newer owner (fenced); dropping their state", stale)
             self._forget(stale)
-            return self.checkpoint()
-        self.stage.written()
-        self.stage.publish(self.db(), self)
-        offsets, self.offsets = self.offsets, {}
+            effects.drop(stale)
+            for p in stale:
+                offsets.pop(p, None)
+            return self._commit(effects, offsets)
+        effects.written()
+        self.stage.publish(self.db(), self)                       # step 2: the outbox
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets)                         # step 3: offsets last
         except bus.KafkaUnavailable as error:
             # Effects are stored; a re-delivery is redone idempotently.
             self.log.warning("%s; those messages may be read again (their writes are idempotent)", error)
@@ -354,7 +397,7 @@ class Runtime:
                 else:
                     due = now - last_checkpoint >= stage.flush_interval_s
                 if due:
-                    self.checkpoint()
+                    self._checkpoint_overlapped() if stage.overlap else self.checkpoint()
                     last_checkpoint = now
                 self.heartbeat.beat(stage.processed, self.consumer.lag(), self.consumer.partitions())
                 if now - last_report >= 10:
@@ -364,6 +407,8 @@ class Runtime:
         except Stopping:
             self.log.info("stopped while waiting for a service; nothing uncommitted was acknowledged")
         finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
             self.heartbeat.stopped(stage.processed)
             if self.consumer is not None:
                 self.consumer.close()

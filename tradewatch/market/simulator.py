@@ -8,6 +8,7 @@ they never change the underlying GBM price, so the market returns to normal afte
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import random
 import uuid
@@ -82,7 +83,10 @@ class MarketSimulator:
         self.run_id = hashlib.sha1(tag.encode()).hexdigest()[:10]
         self._now_ms = float(start_ms)
         self._states = [_SymbolState(profile_for(s), profile_for(s).start_price, start_ms, []) for s in symbols]
-        self._weights = [state.profile.activity for state in self._states]
+        # cumulative weights once (choices() would add them up on every call; same draws either way)
+        self._cum_weights = list(itertools.accumulate(state.profile.activity for state in self._states))
+        self._labels = list(ANOMALY_WEIGHTS)
+        self._label_cum_weights = list(itertools.accumulate(ANOMALY_WEIGHTS.values()))
         self._sequence = 0
         self.injected: dict[str, int] = {kind: 0 for kind in ANOMALY_WEIGHTS}
 
@@ -94,7 +98,7 @@ class MarketSimulator:
         rng = self._rng
         self._now_ms += rng.expovariate(self.rate) * 1000.0
         now_ms = int(self._now_ms)
-        state = rng.choices(self._states, weights=self._weights)[0]
+        state = rng.choices(self._states, cum_weights=self._cum_weights)[0]
         profile = state.profile
         self._step_price(state, now_ms)
 
@@ -107,7 +111,7 @@ class MarketSimulator:
             label = "flash_crash"
             mid *= 1 + state.crash_steps.pop(0)
         elif self.anomaly_rate and rng.random() < self.anomaly_rate:
-            label = rng.choices(list(ANOMALY_WEIGHTS), weights=list(ANOMALY_WEIGHTS.values()))[0]
+            label = rng.choices(self._labels, cum_weights=self._label_cum_weights)[0]
             if label == "price_spike":
                 mid *= 1 + rng.uniform(0.06, 0.09)
             elif label == "price_drop":
