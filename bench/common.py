@@ -1,6 +1,7 @@
 """Shared by the benchmarks: a private stack (own ports and data directory) and small helpers."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -50,14 +51,14 @@ def start_stage(settings: Settings, script: str, *args: str) -> subprocess.Popen
 def raw_copy_rate(settings: Settings, trades) -> float:
     """PostgreSQL COPY rows/s into a temp table of the trades shape: the database ceiling."""
     from tradewatch.store import db
-    from tradewatch.store.writer import StoredTrade, _copy_buffer
+    from tradewatch.store.writer import copy_line
 
     conn = db.connect(settings)
     with conn.cursor() as cur:
         cur.execute("CREATE TEMP TABLE copy_ceiling (trade_id text, symbol text, ts timestamptz, price float8,"
                     " quantity float8, side text, exchange text, bid float8, ask float8, condition text,"
                     " schema_version smallint, injected_anomaly text, kafka_partition int, kafka_offset bigint)")
-        buffer = _copy_buffer([StoredTrade(t, 0, i) for i, t in enumerate(trades)])
+        buffer = io.StringIO("\n".join(copy_line(t, 0, i) for i, t in enumerate(trades)) + "\n")
         started = time.perf_counter()
         cur.copy_expert("COPY copy_ceiling FROM STDIN", buffer)
         conn.commit()

@@ -7,6 +7,7 @@ Target: p95 of a whole refresh <= 250 ms. The loaded data stays in .tradewatch/b
 from __future__ import annotations
 
 import argparse
+import io
 import time
 from datetime import timedelta
 
@@ -15,7 +16,7 @@ from common import bench_settings, percentile, report
 from tradewatch.market.simulator import MarketSimulator
 from tradewatch.store import db, queries
 from tradewatch.store.metrics import backfill
-from tradewatch.store.writer import _CREATE_STAGE, _STAGE_COLUMNS, StoredTrade, _copy_buffer
+from tradewatch.store.writer import COLUMNS, copy_line
 from tradewatch.windows import parse_size
 
 START_MS = 1_767_225_600_000
@@ -28,31 +29,23 @@ def load(settings, count: int) -> dict:
     sim = MarketSimulator(seed=42, rate=1000.0, anomaly_rate=0.001, start_ms=START_MS)
     started = time.perf_counter()
     chunk = 200_000
-    cur.execute(_CREATE_STAGE.replace("ON COMMIT DELETE ROWS", ""))  # the consumer's staging table
     for offset in range(0, count, chunk):
-        rows = [StoredTrade(sim.next_trade(), 0, offset + i) for i in range(min(chunk, count - offset))]
-        cur.copy_expert(f"COPY trades_incoming ({_STAGE_COLUMNS}) FROM STDIN", _copy_buffer(rows))
+        lines = [copy_line(sim.next_trade(), 0, offset + i) for i in range(min(chunk, count - offset))]
+        cur.copy_expert(f"COPY trades ({COLUMNS}) FROM STDIN", io.StringIO("\n".join(lines) + "\n"))
     generated = time.perf_counter() - started
     cur.execute("""
-        INSERT INTO trades (trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition,
-                            schema_version, injected_anomaly, kafka_partition, kafka_offset)
-        SELECT trade_id, symbol, timestamptz 'epoch' + timestamp_ms * interval '1 millisecond', price, quantity,
-               side, exchange, bid, ask, condition, schema_version, injected_anomaly, kafka_partition, kafka_offset
-        FROM trades_incoming""")
-    cur.execute("""
         INSERT INTO trade_flags (trade_id, symbol, ts, anomaly_types, anomaly_score, anomaly_severity, detector_version)
-        SELECT trade_id, symbol, timestamptz 'epoch' + timestamp_ms * interval '1 millisecond',
+        SELECT trade_id, symbol, ts,
                CASE injected_anomaly WHEN 'price_spike' THEN ARRAY['PRICE_SPIKE'] WHEN 'price_drop' THEN ARRAY['PRICE_DROP']
                     WHEN 'volume_spike' THEN ARRAY['VOLUME_SPIKE'] ELSE ARRAY['CIRCUIT_BREAKER'] END, 2.0,
                CASE injected_anomaly WHEN 'flash_crash' THEN 'CRITICAL' WHEN 'volume_spike' THEN 'MEDIUM'
                     ELSE 'HIGH' END, 'bench'
-        FROM trades_incoming WHERE injected_anomaly IS NOT NULL""")
+        FROM trades WHERE injected_anomaly IS NOT NULL""")
     cur.execute("""
         INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, trade_id)
         SELECT trade_id || ':' || anomaly_types[1], ts, symbol, anomaly_types[1], anomaly_severity,
                anomaly_severity || ' ' || anomaly_types[1] || ' ' || symbol, trade_id
         FROM trade_flags""")
-    cur.execute("DROP TABLE trades_incoming")
     conn.commit()
     loaded = time.perf_counter() - started
     cur.execute("SELECT min(ts), max(ts) FROM trades")

@@ -11,7 +11,7 @@ from tradewatch.market.simulator import MarketSimulator
 from tradewatch.store import db
 from tradewatch.store import detections as flags
 from tradewatch.store.metrics import backfill
-from tradewatch.store.writer import StoredTrade, write_batch
+from tradewatch.store.writer import copy_line, write_batch
 from tradewatch.windows import parse_size
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -22,7 +22,7 @@ def load_known_market(settings, count: int = 6000, seed: int = 8) -> int:
                                          start_ms=int(T0.timestamp() * 1000)), count))
     conn = db.connect(settings)
     with conn.cursor() as cur:
-        write_batch(cur, [StoredTrade(t, 0, i) for i, t in enumerate(trades)], [])
+        write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
     conn.commit()
     backfill(conn, T0, T0 + timedelta(days=1), tuple(parse_size(s) for s in ("1m", "5m", "15m")), frozenset())
     pipeline = DetectionPipeline()

@@ -120,8 +120,10 @@ class BusConsumer(Protocol):
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         """Up to `max_records` messages; returns as soon as some are there, else after `timeout_ms`."""
 
-    def commit(self, offsets: dict[int, int]) -> None:
-        """Commit {partition: next offset to read}; raises KafkaUnavailable when it cannot."""
+    def commit(self, offsets: dict[int, int], wait: bool = True) -> None:
+        """Commit {partition: next offset to read}; raises KafkaUnavailable when it cannot.
+        wait=False sends the commit in the background (a failure is logged; a later commit
+        supersedes it)."""
 
     def committed(self, partitions: list[int]) -> dict[int, int | None]:
         """The group's committed offsets (None: nothing committed yet)."""
@@ -195,6 +197,7 @@ class _ConfluentConsumer:
             "topic.metadata.refresh.interval.ms": 5_000,  # a topic created after the consumer: seen in 5 s
             "fetch.wait.max.ms": 100,
             "error_cb": self._error,
+            "on_commit": self._committed,
             "logger": logging.getLogger("tradewatch.librdkafka"),
         }
         config.update(options)
@@ -208,6 +211,10 @@ class _ConfluentConsumer:
             self._outage.failed(error.str())
         else:
             log.debug("librdkafka: %s", error.str())
+
+    def _committed(self, error, _partitions) -> None:
+        if error is not None and error.code() != self._KafkaError._NO_OFFSET:
+            log.warning("group %s: offset commit failed (%s); the next one supersedes it", self.group_id, error.str())
 
     def _assigned(self, _consumer, tps) -> None:
         partitions = sorted(tp.partition for tp in tps)
@@ -260,13 +267,13 @@ class _ConfluentConsumer:
             self._outage.check(bool(messages))
         return messages
 
-    def commit(self, offsets: dict[int, int]) -> None:
+    def commit(self, offsets: dict[int, int], wait: bool = True) -> None:
         if not offsets:
             return
         from confluent_kafka import KafkaException
         try:
             self._consumer.commit(offsets=[self._TopicPartition(self.topic, p, o) for p, o in offsets.items()],
-                                  asynchronous=False)
+                                  asynchronous=not wait)
         except KafkaException as error:
             raise KafkaUnavailable(f"offset commit failed: {error.args[0].str()}") from None
 
@@ -495,13 +502,14 @@ class _KafkaPythonConsumer:
         every = {(self.topic, p) for p in (self._consumer.partitions_for_topic(self.topic) or ())}
         return every - held
 
-    def commit(self, offsets: dict[int, int]) -> None:
+    def commit(self, offsets: dict[int, int], wait: bool = True) -> None:
         from kafka.errors import KafkaError
         from kafka.structs import OffsetAndMetadata
         if not offsets:
             return
         try:
-            self._consumer.commit({self._tp(p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+            commit = self._consumer.commit if wait else self._consumer.commit_async
+            commit({self._tp(p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
         except KafkaError as error:
             raise KafkaUnavailable(f"offset commit failed: {error}") from None
 
@@ -642,9 +650,11 @@ class Publisher:
                 return False
         return True
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Wait up to `timeout_s` for queued messages (a stopping stage must not hang on a dead
+        broker; the detector's outbox sends whatever was not acknowledged again)."""
         if self.client == "confluent":
-            self.flush(10.0)
+            self.flush(timeout_s)
         else:
             self._producer.close()
 

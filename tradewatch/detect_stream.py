@@ -118,7 +118,7 @@ class Detect(runtime.Stage):
         self.flagged_pending, self.alerts_pending, self.transitions = [], [], []
         self.read = 0
 
-    def publish(self, conn, rt: runtime.Runtime) -> None:
+    def publish(self, rt: runtime.Runtime) -> None:
         """The outbox: alerts stored but not yet acknowledged by Kafka, oldest first."""
         if not self.outbox_waiting:
             return

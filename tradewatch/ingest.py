@@ -13,8 +13,8 @@ from typing import Callable
 
 from tradewatch import bus, runtime
 from tradewatch.config import Settings
-from tradewatch.events import InvalidTrade, parse_trade
-from tradewatch.store.writer import DeadLetter, StoredTrade, write_batch
+from tradewatch.events import InvalidTrade, decode_trade
+from tradewatch.store.writer import DeadLetter, copy_line, write_batch
 
 log = logging.getLogger("tradewatch.consumer")
 
@@ -29,34 +29,34 @@ class IngestStats:
     partitions: set[int] = field(default_factory=set)
 
 
-def classify(messages: list[bus.Message], now_ms: int) -> tuple[list[StoredTrade], list[DeadLetter]]:
-    """Split a batch into valid trades and dead letters (with the reason)."""
-    trades: list[StoredTrade] = []
-    dead: list[DeadLetter] = []
-    for message in messages:
-        try:
-            trades.append(StoredTrade(parse_trade(message.value, now_ms), message.partition, message.offset))
-        except InvalidTrade as error:
-            dead.append(DeadLetter(message.topic, message.partition, message.offset,
-                                   message.key, message.value, str(error)))
-    return trades, dead
-
-
 class _Batch(runtime.Stage):
-    """Trades and dead letters awaiting one transaction."""
+    """Trades (as COPY lines) and dead letters awaiting one transaction."""
 
     def __init__(self, stats: IngestStats):
         super().__init__()
         self.stats = stats
-        self.trades: list[StoredTrade] = []
+        self.lines: list[str] = []
+        self.line_partitions: list[int] = []
         self.dead: list[DeadLetter] = []
         self._result = None
 
+    def add(self, messages: list[bus.Message], now_ms: int) -> list[DeadLetter]:
+        """Validate each message: a COPY line for a trade, a dead letter (with the reason) otherwise."""
+        lines, partitions, dead = self.lines, self.line_partitions, []
+        for m in messages:
+            try:
+                lines.append(copy_line(decode_trade(m.value, now_ms), m.partition, m.offset))
+                partitions.append(m.partition)
+            except InvalidTrade as error:
+                dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, str(error)))
+        self.dead.extend(dead)
+        return dead
+
     def pending(self) -> int:
-        return len(self.trades) + len(self.dead)
+        return len(self.lines) + len(self.dead)
 
     def write(self, conn, cur) -> None:
-        self._result = write_batch(cur, self.trades, self.dead)
+        self._result = write_batch(cur, self.lines, self.dead)
 
     def written(self) -> None:
         s, result = self.stats, self._result
@@ -65,12 +65,13 @@ class _Batch(runtime.Stage):
         s.duplicates_skipped += result.duplicates_skipped
         s.dead_letters += result.dead_letters
         s.batches += 1
-        s.partitions.update(t.partition for t in self.trades)
-        self.trades, self.dead = [], []
+        s.partitions.update(self.line_partitions)
+        self.lines, self.line_partitions, self.dead = [], [], []
 
     def drop(self, partitions: list[int]) -> None:
         lost = set(partitions)
-        self.trades = [t for t in self.trades if t.partition not in lost]
+        kept = [(line, p) for line, p in zip(self.lines, self.line_partitions) if p not in lost]
+        self.lines, self.line_partitions = [line for line, _ in kept], [p for _, p in kept]
         self.dead = [d for d in self.dead if d.partition not in lost]
 
 
@@ -85,10 +86,7 @@ class Ingest(runtime.Stage):
         self.batch = _Batch(self.stats)
 
     def take(self, messages: list[bus.Message]) -> None:
-        trades, dead = classify(messages, int(time.time() * 1000))
-        self.batch.trades.extend(trades)
-        self.batch.dead.extend(dead)
-        for letter in dead:
+        for letter in self.batch.add(messages, int(time.time() * 1000)):
             log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason)
         self.processed += len(messages)
 

@@ -172,7 +172,7 @@ class Stage:
     def written(self) -> None:
         """The transaction committed: pending effects are durable."""
 
-    def publish(self, conn, runtime: "Runtime") -> None:
+    def publish(self, runtime: "Runtime") -> None:
         """Step 2: send what the outbox holds (after the commit, before the offsets)."""
 
     def drop(self, partitions: list[int]) -> None:
@@ -182,9 +182,6 @@ class Stage:
         """(overlap stages) Return the pending effects as an object with pending/write/written/
         drop of its own, and start empty."""
         raise NotImplementedError
-
-    def database_lost(self) -> None:
-        """The connection broke: forget anything derived from uncommitted reads."""
 
     def report(self) -> str:
         return f"handled {self.processed} records"
@@ -249,7 +246,6 @@ class Runtime:
             except Exception:  # noqa: BLE001 - already broken
                 pass
             self.conn = None
-            self.stage.database_lost()
 
     def transaction(self, work: Callable[[object, object], object]):
         """Run `work(conn, cur)` and commit; retried on a new connection while the server is away."""
@@ -305,11 +301,12 @@ class Runtime:
             self.offsets.pop(p, None)
 
     # -- the commit protocol (see the module docstring) ----------------------------------
-    def checkpoint(self) -> None:
-        """Make everything read so far durable (the protocol in the module docstring)."""
+    def checkpoint(self, wait: bool = True) -> None:
+        """Make everything read so far durable (the protocol in the module docstring). wait=False
+        (steady state) lets the offset commit go in the background; rebalances and the stop wait."""
         self._finish_inflight()
         offsets, self.offsets = self.offsets, {}
-        self._commit(self.stage, offsets)
+        self._commit(self.stage, offsets, wait)
 
     def _checkpoint_overlapped(self) -> None:
         """For `overlap` stages: the transaction of the sealed batch runs on the writer thread
@@ -329,12 +326,12 @@ class Runtime:
             return
         future, effects, offsets = self._inflight
         self._inflight = None
-        self._after_write(effects, offsets, future.result())
+        self._after_write(effects, offsets, future.result(), wait=False)
 
-    def _commit(self, effects: Stage, offsets: dict[int, int]) -> None:
+    def _commit(self, effects: Stage, offsets: dict[int, int], wait: bool = True) -> None:
         if not effects.pending() and not offsets:
             return
-        self._after_write(effects, offsets, self._write(effects))
+        self._after_write(effects, offsets, self._write(effects), wait)
 
     def _write(self, effects: Stage) -> list[int]:
         """Step 1: the fenced transaction. Returns the partitions found stale (nothing written then)."""
@@ -345,7 +342,7 @@ class Runtime:
             return stale
         return self.transaction(work)
 
-    def _after_write(self, effects: Stage, offsets: dict[int, int], stale: list[int]) -> None:
+    def _after_write(self, effects: Stage, offsets: dict[int, int], stale: list[int], wait: bool) -> None:
         if stale:   # the transaction wrote nothing; drop those partitions and write the rest
             self.fenced += len(stale)
             self.log.warning("partitions %s now belong to a newer owner (fenced); dropping their state", stale)
@@ -353,11 +350,11 @@ class Runtime:
             effects.drop(stale)
             for p in stale:
                 offsets.pop(p, None)
-            return self._commit(effects, offsets)
+            return self._commit(effects, offsets, wait)
         effects.written()
-        self.stage.publish(self.db(), self)                       # step 2: the outbox
+        self.stage.publish(self)                                  # step 2: the outbox
         try:
-            self.consumer.commit(offsets)                         # step 3: offsets last
+            self.consumer.commit(offsets, wait)                   # step 3: offsets last
         except bus.KafkaUnavailable as error:
             # Effects are stored; a re-delivery is redone idempotently.
             self.log.warning("%s; those messages may be read again (their writes are idempotent)", error)
@@ -397,7 +394,7 @@ class Runtime:
                 else:
                     due = now - last_checkpoint >= stage.flush_interval_s
                 if due:
-                    self._checkpoint_overlapped() if stage.overlap else self.checkpoint()
+                    self._checkpoint_overlapped() if stage.overlap else self.checkpoint(wait=False)
                     last_checkpoint = now
                 self.heartbeat.beat(stage.processed, self.consumer.lag(), self.consumer.partitions())
                 if now - last_report >= 10:

@@ -186,7 +186,7 @@ def test_checkpoint_of_a_stale_owner_writes_nothing(settings):
     class OffsetsOnly:                       # the fence is all PostgreSQL; Kafka only takes offsets
         committed: dict = {}
 
-        def commit(self, offsets):
+        def commit(self, offsets, wait=True):
             self.committed = offsets
 
     def runtime_for(stage):

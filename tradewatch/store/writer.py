@@ -19,7 +19,7 @@ from psycopg2.extras import execute_values
 
 from tradewatch.events import Trade
 
-_COLUMNS = ("trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition, schema_version, "
+COLUMNS = ("trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition, schema_version, "
             "injected_anomaly, kafka_partition, kafka_offset")
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS trades_incoming (
@@ -29,19 +29,12 @@ CREATE TEMP TABLE IF NOT EXISTS trades_incoming (
 ) ON COMMIT DELETE ROWS
 """
 _MERGE = f"""
-INSERT INTO trades ({_COLUMNS})
-SELECT DISTINCT ON (trade_id) {_COLUMNS}
+INSERT INTO trades ({COLUMNS})
+SELECT DISTINCT ON (trade_id) {COLUMNS}
 FROM trades_incoming
 ORDER BY trade_id, kafka_partition, kafka_offset
 ON CONFLICT (trade_id) DO NOTHING
 """
-
-
-@dataclass(slots=True)
-class StoredTrade:
-    trade: Trade
-    partition: int | None = None
-    offset: int | None = None
 
 
 @dataclass(slots=True)
@@ -61,23 +54,23 @@ class BatchResult:
     dead_letters: int
 
 
-def write_batch(cur: psycopg2.extensions.cursor, trades: list[StoredTrade],
+def write_batch(cur: psycopg2.extensions.cursor, lines: list[str],
                 dead_letters: list[DeadLetter]) -> BatchResult:
-    """Write one batch inside the caller's transaction (the stage runtime commits it, then the
-    Kafka offsets)."""
+    """Write one batch — trades as `copy_line`s — inside the caller's transaction (the stage
+    runtime commits it, then the Kafka offsets)."""
     inserted = 0
-    if trades:
-        buffer = _copy_buffer(trades)
+    if lines:
+        buffer = io.StringIO("\n".join(lines) + "\n")
         cur.execute("SAVEPOINT direct_copy")
         try:
-            cur.copy_expert(f"COPY trades ({_COLUMNS}) FROM STDIN", buffer)
+            cur.copy_expert(f"COPY trades ({COLUMNS}) FROM STDIN", buffer)
             cur.execute("RELEASE SAVEPOINT direct_copy")
-            inserted = len(trades)
+            inserted = len(lines)
         except psycopg2.errors.UniqueViolation:
             cur.execute("ROLLBACK TO SAVEPOINT direct_copy")
             buffer.seek(0)
             cur.execute(_CREATE_STAGE)
-            cur.copy_expert(f"COPY trades_incoming ({_COLUMNS}) FROM STDIN", buffer)
+            cur.copy_expert(f"COPY trades_incoming ({COLUMNS}) FROM STDIN", buffer)
             cur.execute(_MERGE)
             inserted = cur.rowcount
     if dead_letters:
@@ -87,21 +80,16 @@ def write_batch(cur: psycopg2.extensions.cursor, trades: list[StoredTrade],
             "VALUES %s ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
             [(d.topic, d.partition, d.offset, d.key, d.raw, d.reason) for d in dead_letters],
         )
-    return BatchResult(inserted, len(trades) - inserted, len(dead_letters))
+    return BatchResult(inserted, len(lines) - inserted, len(dead_letters))
 
 
-def _copy_buffer(rows: list[StoredTrade]) -> io.StringIO:
-    """COPY text format, one line per trade. symbol, side and injected_anomaly are validated
-    against patterns without special characters; the free-text fields are escaped."""
-    text, number, ts = _text, _number, _timestamp
-    lines = [
-        f"{text(t.trade_id)}\t{t.symbol}\t{ts(t.timestamp_ms)}\t{t.price!r}\t{t.quantity!r}\t{t.side}\t"
-        f"{text(t.exchange)}\t{number(t.bid)}\t{number(t.ask)}\t{text(t.condition)}\t{t.schema_version}\t"
-        f"{t.injected_anomaly or NULL}\t{number(row.partition)}\t{number(row.offset)}"
-        for row in rows for t in (row.trade,)
-    ]
-    lines.append("")
-    return io.StringIO("\n".join(lines))
+def copy_line(t: Trade, partition: int | None, offset: int | None) -> str:
+    """One trade in COPY text format (columns `COLUMNS`). symbol, side and injected_anomaly are
+    validated against patterns without special characters; the free-text fields are escaped.
+    `t` may be any record with the Trade's attribute names (the decoder's own, on the fast path)."""
+    return (f"{_text(t.trade_id)}\t{t.symbol}\t{_timestamp(t.timestamp_ms)}\t{t.price!r}\t{t.quantity!r}\t"
+            f"{t.side}\t{_text(t.exchange)}\t{_number(t.bid)}\t{_number(t.ask)}\t{_text(t.condition)}\t"
+            f"{t.schema_version}\t{t.injected_anomaly or NULL}\t{_number(partition)}\t{_number(offset)}")
 
 
 NULL = r"\N"
