@@ -66,10 +66,26 @@ def run_script(settings: Settings, script: str, *args: str, timeout: float = 300
     return result
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
 def start_script(settings: Settings, script: str, *args: str, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / script), *args], cwd=PROJECT_ROOT,
-                            env={**os.environ, **settings.as_env()}, stdout=out, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, str(PROJECT_ROOT / script), *args], cwd=PROJECT_ROOT,
+                               env={**os.environ, **settings.as_env()}, stdout=out, stderr=subprocess.STDOUT)
+    _STARTED.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    """A failed test must not leave stages running that write into the next test's tables."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def wait_for(condition, timeout: float = 60, interval: float = 0.2, message: str = "condition"):

@@ -41,6 +41,11 @@ class KafkaUnavailable(RuntimeError):
     pass
 
 
+class Interrupt(Exception):
+    """Raised by a rebalance callback to abandon the poll (e.g. a stop while it waited); passed
+    through to the caller of `poll`/`close` without being logged as a failure."""
+
+
 @dataclass(slots=True)
 class Message:
     topic: str
@@ -271,6 +276,10 @@ class _ConfluentConsumer:
         if not offsets:
             return
         from confluent_kafka import KafkaException
+        if self._outage.down_since is not None:
+            # It cannot succeed, and a queued commit would hold up close() until it times out; the
+            # effects are stored, so a re-delivery is harmless and the next commit supersedes this.
+            raise KafkaUnavailable("offset commit skipped: Kafka is unreachable")
         try:
             self._consumer.commit(offsets=[self._TopicPartition(self.topic, p, o) for p, o in offsets.items()],
                                   asynchronous=not wait)
@@ -545,6 +554,8 @@ def _called(callback, partitions: list[int]):
         return None
     try:
         return callback(partitions)
+    except Interrupt:
+        raise
     except Exception:
         log.exception("rebalance callback failed for partitions %s", partitions)
         raise

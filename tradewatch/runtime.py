@@ -137,7 +137,7 @@ class Heartbeat:
 RETRY_S = 2.0
 
 
-class Stopping(Exception):
+class Stopping(bus.Interrupt):
     """Raised inside the runtime when a stop was requested while it waited for a service."""
 
 
@@ -208,6 +208,7 @@ class Runtime:
         self.checkpoints = self.fenced = 0
         self._writer: ThreadPoolExecutor | None = None    # overlap stages only
         self._inflight = None                  # (future, sealed effects, their offsets)
+        self._abandoned = False                # stopped mid-wait: the last checkpoint is given up
 
     # -- services, each waited for without ignoring a stop -------------------------------
     def wait_for(self, what: str, attempt: Callable[[], object]):
@@ -286,6 +287,9 @@ class Runtime:
         return starts
 
     def _revoked(self, partitions: list[int]) -> None:
+        if self._abandoned:         # stopping while a service is away: nothing more can be stored
+            self._forget(partitions)
+            return
         self.checkpoint()
         self._forget(partitions)
         self.log.info("partitions %s revoked after a checkpoint", partitions)
@@ -382,7 +386,11 @@ class Runtime:
             last_checkpoint = last_report = time.monotonic()
             while not self.stop():
                 room = max(stage.batch_size - stage.pending(), 1)
-                messages = self.consumer.poll(room, 0 if stage.pending() else 200)
+                if stage.flush_interval_s is None:   # write as soon as a poll runs dry
+                    wait_s = 0.0 if stage.pending() else 0.2
+                else:                                # never past the next checkpoint, never spinning
+                    wait_s = min(max(last_checkpoint + stage.flush_interval_s - time.monotonic(), 0.01), 0.2)
+                messages = self.consumer.poll(room, int(wait_s * 1000))
                 messages = [m for m in messages if m.partition in self.epochs]
                 if messages:
                     stage.take(messages)
@@ -402,6 +410,7 @@ class Runtime:
                     last_report = now
             self.checkpoint()
         except Stopping:
+            self._abandoned = True
             self.log.info("stopped while waiting for a service; nothing uncommitted was acknowledged")
         finally:
             if self._writer is not None:

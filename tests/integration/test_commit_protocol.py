@@ -5,6 +5,7 @@ fenced and cannot write over the newer owner's rows."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import socket
@@ -214,3 +215,65 @@ def test_checkpoint_of_a_stale_owner_writes_nothing(settings):
     assert positions == {kept}
     for rt in (a, b):
         rt.conn.close()
+
+
+def heartbeating(settings, process: subprocess.Popen) -> bool:
+    """`process` beats and holds partitions."""
+    return bool(query(settings, "SELECT 1 FROM stage_health WHERE pid = %s AND state = 'running'"
+                                " AND last_beat > now() - interval '3 seconds' AND cardinality(partitions) > 0",
+                      (process.pid,)))
+
+
+def test_every_stage_stops_within_seconds_while_a_service_is_down(settings, tmp_path):
+    """SIGTERM is honoured while PostgreSQL is down (each stage waiting to store), and while
+    Kafka is down."""
+    from tradewatch import stack
+    publish_replay(settings)
+    for outage, stop_service, start_service in (("postgres", stack.stop_postgres, stack.start_postgres),
+                                                ("kafka", stack.stop_kafka, stack.start_kafka)):
+        run = with_groups(settings, outage)
+        logs = {stage: tmp_path / f"{outage}-{stage}.log" for stage in STAGES}
+        running = {stage: start(run, stage, logs[stage]) for stage in STAGES}
+        wait_for(lambda: all(heartbeating(run, p) for p in running.values()), timeout=60, message="every stage up")
+        stop_service(settings)
+        try:
+            if outage == "postgres":
+                publish_replay(run)       # the same trades again: every stage has work to store
+            wait_for(lambda: all(f"{outage.replace('postgres', 'PostgreSQL').replace('kafka', 'Kafka')} unavailable"
+                                 in logs[s].read_text() or "cannot reach Kafka" in logs[s].read_text()
+                                 for s in (["consumer", "aggregator"] if outage == "postgres" else ["consumer"])),
+                     timeout=60, message=f"the stages to notice the {outage} outage")
+            stopped_at = time.monotonic()
+            for process in running.values():
+                process.send_signal(signal.SIGTERM)
+            for stage, process in running.items():
+                assert process.wait(timeout=15) == 0, f"{stage} exit code during the {outage} outage"
+            took = time.monotonic() - stopped_at
+            assert took < 8, f"stopping took {took:.1f}s during the {outage} outage"
+        finally:
+            for process in running.values():
+                if process.poll() is None:
+                    process.kill()
+            start_service(settings)
+            if outage == "kafka":
+                bus.wait_for_kafka(settings, 60)
+        for stage, log in logs.items():
+            assert "Traceback" not in log.read_text(), f"{stage} crashed during the {outage} outage"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_stages_use_almost_no_cpu(settings, tmp_path):
+    publish_replay(settings)
+    run = with_groups(settings, "idle")
+    running = {stage: start(run, stage, tmp_path / f"{stage}.log") for stage in STAGES}
+    wait_for(lambda: finished(run), timeout=120, interval=0.5, message="the backlog to be handled")
+    time.sleep(2)
+    before = {stage: cpu_seconds(p.pid) for stage, p in running.items()}
+    time.sleep(6)
+    share = {stage: (cpu_seconds(p.pid) - before[stage]) / 6 for stage, p in running.items()}
+    assert all(s < 0.05 for s in share.values()), f"idle CPU share per stage: {share}"
+    stop_all(running.values())
