@@ -79,9 +79,11 @@ def start_script(settings: Settings, script: str, *args: str, log: Path | None =
 
 @pytest.fixture(autouse=True)
 def no_process_outlives_its_test():
-    """A failed test must not leave stages running that write into the next test's tables."""
+    """A failed test must not leave stages running that write into the next test's tables.
+    (Processes of session fixtures, started before the test began, are theirs to stop.)"""
+    mark = len(_STARTED)
     yield
-    while _STARTED:
+    while len(_STARTED) > mark:
         process = _STARTED.pop()
         if process.poll() is None:
             process.kill()
