@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.start:
             start_ms = replay.parse_time_ms(args.start)
         symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
-        try:
+        def simulator(start_ms: int) -> MarketSimulator:
             # With --rate max, event time still advances 1 ms per trade on average.
-            trades = MarketSimulator(symbols, rate or 1000.0, args.seed, args.anomaly_rate, start_ms)
+            return MarketSimulator(symbols, rate or 1000.0, args.seed, args.anomaly_rate, start_ms)
+        try:
+            trades = simulator(start_ms)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except bus.KafkaUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if not args.replay and not args.start:
+        trades = simulator(int(time.time() * 1000))   # live: event time starts now, as sending does
 
     def send(trade: Trade) -> bool:
         return publisher.send(topic, trade.symbol.encode(), trade.to_json_bytes())

@@ -81,10 +81,10 @@ def main() -> None:
         publisher.send(settings.trades_topic, trade.symbol.encode(), trade.to_json_bytes())
         sent += 1
     publisher.flush()
-    while query(settings, f"SELECT count(*) FROM trades WHERE trade_id LIKE 'lat-{tag}-%'")[0][0] < sent:
+    while query(settings, "SELECT count(*) FROM trades WHERE trade_id LIKE %s", f"lat-{tag}-%")[0][0] < sent:
         time.sleep(0.05)
-    latencies = [float(r[0]) for r in query(settings, f"""
-        SELECT extract(epoch FROM ingested_at - ts) * 1000 FROM trades WHERE trade_id LIKE 'lat-{tag}-%'""")]
+    latencies = [float(r[0]) for r in query(settings, """
+        SELECT extract(epoch FROM ingested_at - ts) * 1000 FROM trades WHERE trade_id LIKE %s""", f"lat-{tag}-%")]
     consumer.send_signal(signal.SIGTERM)
     consumer.wait(timeout=30)
     publisher.close()

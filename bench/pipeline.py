@@ -30,13 +30,15 @@ def start(settings, *argv: str) -> subprocess.Popen:
 
 
 def lags(settings) -> dict[str, int]:
-    ends = {p: end for p, (_, end) in bus.group_lag(settings, settings.consumer_group, settings.trades_topic).items()}
-    end = sum(ends.values())
-    consumer = sum(c for c, _ in bus.group_lag(settings, settings.consumer_group, settings.trades_topic).values())
-    detector = sum(c for c, _ in bus.group_lag(settings, settings.detector_group, settings.trades_topic).values())
+    """Records each stage is behind the log end: the consumer's and detector's own report (their
+    heartbeat: log end minus position), the aggregator's position stored with its windows."""
+    end = sum(e for _, e in bus.group_lag(settings, settings.consumer_group, settings.trades_topic).values())
+    reported = dict(query(settings, "SELECT stage, sum(lag) FROM stage_health WHERE state = 'running'"
+                                    " AND last_beat > now() - interval '3 seconds' GROUP BY stage"))
     aggregator = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
                        settings.aggregator_group)[0][0]
-    return {"consumer": end - consumer, "aggregator": end - int(aggregator), "detector": end - detector}
+    return {"consumer": int(reported.get("consumer") or 0), "aggregator": end - int(aggregator),
+            "detector": int(reported.get("detector") or 0)}
 
 
 def run_at(base, rate: int, seconds: int) -> dict:
@@ -80,7 +82,8 @@ def main() -> None:
     settings = bench_settings()
     from tradewatch.store import db
     with db.connect(settings) as conn, conn.cursor() as cur:
-        cur.execute("TRUNCATE trades, stock_metrics, indicators, late_trades, alerts, trade_flags, circuit_breakers")
+        cur.execute("TRUNCATE trades, stock_metrics, indicators, late_trades, alerts, trade_flags, circuit_breakers,"
+                    " stage_health")
     conn.close()
     runs = []
     for rate in (int(r) for r in args.rates.split(",")):

@@ -135,6 +135,11 @@ class Heartbeat:
 # ---------------------------------------------------------------- the stage loop
 
 RETRY_S = 2.0
+# A stage that checkpoints by batch writes a batch once a poll runs dry, once it is full, or once
+# its first message has waited this long while no write is in flight (a steady trickle never lets
+# a poll run dry; under load, batches grow while the previous one is being written).
+MAX_BATCH_AGE_S = 0.02
+COMMIT_EVERY_S = 1.0
 
 
 class Stopping(bus.Interrupt):
@@ -209,6 +214,8 @@ class Runtime:
         self._writer: ThreadPoolExecutor | None = None    # overlap stages only
         self._inflight = None                  # (future, sealed effects, their offsets)
         self._abandoned = False                # stopped mid-wait: the last checkpoint is given up
+        self._to_commit: dict[int, int] = {}   # offsets of stored checkpoints, not yet committed
+        self._last_commit = 0.0
 
     # -- services, each waited for without ignoring a stop -------------------------------
     def wait_for(self, what: str, attempt: Callable[[], object]):
@@ -303,6 +310,7 @@ class Runtime:
         for p in partitions:
             self.epochs.pop(p, None)
             self.offsets.pop(p, None)
+            self._to_commit.pop(p, None)
 
     # -- the commit protocol (see the module docstring) ----------------------------------
     def checkpoint(self, wait: bool = True) -> None:
@@ -311,6 +319,8 @@ class Runtime:
         self._finish_inflight()
         offsets, self.offsets = self.offsets, {}
         self._commit(self.stage, offsets, wait)
+        if wait:
+            self._commit_offsets(wait=True)
 
     def _checkpoint_overlapped(self) -> None:
         """For `overlap` stages: the transaction of the sealed batch runs on the writer thread
@@ -357,12 +367,24 @@ class Runtime:
             return self._commit(effects, offsets, wait)
         effects.written()
         self.stage.publish(self)                                  # step 2: the outbox
+        self._to_commit.update(offsets)                           # step 3: offsets last
+        self._commit_offsets(wait)
+        self.checkpoints += 1
+
+    def _commit_offsets(self, wait: bool) -> None:
+        """Commit the stored checkpoints' offsets: at once when `wait` (rebalance, stop), else at
+        most every COMMIT_EVERY_S (a commit per small batch would outrun the group coordinator;
+        a later commit covers the earlier ones, and a wider re-delivery window is harmless)."""
+        now = time.monotonic()
+        if not self._to_commit or (not wait and now - self._last_commit < COMMIT_EVERY_S):
+            return
+        offsets, self._to_commit = self._to_commit, {}
+        self._last_commit = now
         try:
-            self.consumer.commit(offsets, wait)                   # step 3: offsets last
+            self.consumer.commit(offsets, wait)
         except bus.KafkaUnavailable as error:
             # Effects are stored; a re-delivery is redone idempotently.
             self.log.warning("%s; those messages may be read again (their writes are idempotent)", error)
-        self.checkpoints += 1
 
     def _fence(self, cur) -> list[int]:
         """Partitions whose epoch moved on (a newer owner claimed them); locks the rest until commit."""
@@ -384,6 +406,7 @@ class Runtime:
                 self.settings, self.group, self.topic, on_assign=self._assigned, on_revoke=self._revoked,
                 on_lost=self._lost, client=self.client))
             last_checkpoint = last_report = time.monotonic()
+            batch_since = 0.0          # when the first message of the pending batch arrived
             while not self.stop():
                 room = max(stage.batch_size - stage.pending(), 1)
                 if stage.flush_interval_s is None:   # write as soon as a poll runs dry
@@ -398,12 +421,20 @@ class Runtime:
                         self.offsets[m.partition] = m.offset + 1
                 now = time.monotonic()
                 if stage.flush_interval_s is None:
-                    due = stage.pending() >= stage.batch_size or (not messages and bool(self.offsets))
+                    # dry poll or a batch as old as MAX_BATCH_AGE_S: latency at low rates; full: throughput
+                    if messages and not batch_since:
+                        batch_since = now
+                    writer_idle = self._inflight is None or self._inflight[0].done()
+                    due = bool(self.offsets) and (not messages or stage.pending() >= stage.batch_size
+                                                  or (now - batch_since >= MAX_BATCH_AGE_S and writer_idle))
                 else:
                     due = now - last_checkpoint >= stage.flush_interval_s
                 if due:
                     self._checkpoint_overlapped() if stage.overlap else self.checkpoint(wait=False)
-                    last_checkpoint = now
+                    last_checkpoint, batch_since = now, 0.0
+                elif not messages:
+                    self._finish_inflight()          # idle: let the last offsets out too
+                    self._commit_offsets(wait=False)
                 self.heartbeat.beat(stage.processed, self.consumer.lag(), self.consumer.partitions())
                 if now - last_report >= 10:
                     self.log.info("%s", stage.report())
