@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -141,7 +142,7 @@ def main() -> None:
         "ours_rows_per_s": [round(r) for r in ours],
         "quixstreams_postgresql_sink_rows_per_s": [round(r) for r in peer],
         "ratio_best_vs_best": round(best_ours / best_peer, 2),
-        "ratio_median": round(sorted(ours)[len(ours) // 2] / sorted(peer)[len(peer) // 2], 2),
+        "ratio_median": round(statistics.median(ours) / statistics.median(peer), 2),
         "ceiling_postgres_copy_rows_per_s": round(raw_copy_rate(settings, trades[:100_000])),
         "ceiling_consume_only_msgs_per_s": round(consume_only_rate(settings, args.trades)),  # bus.consumer, no decoding
         "kafka_client": settings.kafka_client,
