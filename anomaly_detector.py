@@ -128,9 +128,14 @@ def analyze_csv(args) -> int:
     except (OSError, KeyError, ValueError) as error:
         print(f"error: cannot read {args.csv}: {error!r} (columns: --time-column / --value-column)", file=sys.stderr)
         return 2
-    series = pd.Series(values.to_numpy(dtype=float), index=times).dropna()
+    series = pd.Series(values.to_numpy(dtype=float), index=times).dropna().sort_index()
+    # Some real series repeat a timestamp (two readings in one interval): one point per time, the mean.
+    duplicates = int(series.index.duplicated().sum())
+    if duplicates:
+        series = series.groupby(level=0).mean()
+        print(f"note: {duplicates} repeated timestamps in {args.csv} averaged into one point each", file=sys.stderr)
     detectors = [args.detector] if args.detector else [d for d in SERIES_DETECTORS if d != "zscore_baseline"]
-    out = {"file": str(args.csv), "points": len(series), "detectors": {}}
+    out = {"file": str(args.csv), "points": len(series), "repeated_timestamps_averaged": duplicates, "detectors": {}}
     for name in detectors:
         flags = SERIES_DETECTORS[name](series)
         out["detectors"][name] = [{"timestamp": t.isoformat(), "value": float(series[t]), "score": round(float(s), 3)}

@@ -95,6 +95,10 @@ BAD_MESSAGES = {
     good(0).replace(b"1767225600000", b"1767225600000000"): "more than a day in the future",
     b'{"padding": "' + b"x" * 20_000 + b'"}': "exceeds the 16384-byte limit",
     b"[]": "expected a JSON object",
+    # hostile values that once halted ingestion or slipped through
+    good(0).replace(b'"trade_id": "good-0"', b'"trade_id": "nul\\u0000id"'): "field 'trade_id' contains a NUL character",
+    good(0).replace(b'"symbol": "AAPL"', b'"symbol": "AAPL\\n"'): "has characters outside",
+    good(0).replace(b'"price": 100.0', b'"price": 1' + b"0" * 400): "field 'price' must be finite",
 }
 
 
