@@ -24,6 +24,10 @@ def placeholders(settings: Settings) -> dict[str, str]:
     codes = [c.strip() for c in settings.ohlc_exclude_conditions.split(",") if c.strip()]
     values = {k: v for k, v in settings.as_env().items()}
     values["IDLE_TIMEOUT_SECONDS"] = f"{settings.idle_timeout_seconds:g}"
+    skew_ms = int(settings.max_clock_skew_seconds * 1000)
+    days, rest = divmod(skew_ms, 86_400_000)
+    values["MAX_CLOCK_SKEW_INTERVAL"] = (f"INTERVAL '{days} {rest // 3_600_000:02d}:{rest // 60_000 % 60:02d}:"
+                                         f"{rest // 1000 % 60:02d}.{rest % 1000:03d}' DAY TO SECOND(3)")
     # NOT IN needs at least one item; '' is never a real condition code
     values["OHLC_EXCLUDE_SQL_LIST"] = ", ".join("'" + c.replace("'", "''") + "'" for c in codes) or "''"
     return values

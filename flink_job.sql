@@ -18,7 +18,15 @@ CREATE TABLE trades_source (
     side          STRING,
     `condition`   STRING,
     kafka_offset  BIGINT METADATA FROM 'offset' VIRTUAL,
-    event_time    AS TO_TIMESTAMP_LTZ(timestamp_ms, 3),
+    record_time   TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
+    -- The consumer's clock-skew rule (tradewatch/events.py): a trade stamped more than
+    -- MAX_CLOCK_SKEW_SECONDS after Kafka received it comes from a wrong clock. It gets the epoch as
+    -- event time, so it can never drag the watermark ahead (the watermark is a running maximum),
+    -- and valid_trades drops it. (The aggregator also holds back a trade far ahead of its
+    -- partition's recent trades until the next one confirms it; Flink SQL has no such rule.)
+    skewed        AS TO_TIMESTAMP_LTZ(timestamp_ms, 3) > record_time + ${MAX_CLOCK_SKEW_INTERVAL},
+    event_time    AS CASE WHEN TO_TIMESTAMP_LTZ(timestamp_ms, 3) > record_time + ${MAX_CLOCK_SKEW_INTERVAL}
+                          THEN TO_TIMESTAMP_LTZ(0, 3) ELSE TO_TIMESTAMP_LTZ(timestamp_ms, 3) END,
     -- the aggregator's allowed lateness: windows close when the watermark passes their end
     WATERMARK FOR event_time AS event_time - INTERVAL '${ALLOWED_LATENESS_SECONDS}' SECOND
 ) WITH (
@@ -76,7 +84,7 @@ SELECT *,
        (`condition` IS NULL OR `condition` NOT IN (${OHLC_EXCLUDE_SQL_LIST})) AS sets_price
 FROM trades_source
 WHERE trade_id IS NOT NULL AND symbol IS NOT NULL AND timestamp_ms IS NOT NULL
-  AND price > 0 AND quantity > 0;
+  AND price > 0 AND quantity > 0 AND NOT skewed;
 
 INSERT INTO flink_metrics_sink
 SELECT symbol, '1m', window_start, window_end,

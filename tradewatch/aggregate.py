@@ -63,7 +63,8 @@ class Aggregate(runtime.Stage):
             offset, clock, windows = store.load_partition(cur, self.group, self.topic, p, self.sizes)
             clock.last_trade_wall_s = time.monotonic()
             ws = WindowSet(self.sizes, int(self.settings.allowed_lateness_seconds * 1000),
-                           self.settings.idle_timeout_seconds, p, self.exclude, clock)
+                           self.settings.idle_timeout_seconds, p, self.exclude,
+                           int(self.settings.max_clock_skew_seconds * 1000), clock)
             ws.open_windows = {(w.symbol, w.size_ms, w.start_ms): w for w in windows}
             self.partitions[p] = ws
             starts[p] = offset if offset is not None else bus.BEGINNING
@@ -73,6 +74,7 @@ class Aggregate(runtime.Stage):
 
     def take(self, messages: list[bus.Message]) -> None:
         now = time.monotonic()
+        skew = int(self.settings.max_clock_skew_seconds * 1000)
         for message in messages:
             ws = self.partitions.get(message.partition)
             if ws is None:  # not (or no longer) ours
@@ -80,7 +82,7 @@ class Aggregate(runtime.Stage):
             self.next_offsets[message.partition] = message.offset + 1
             self.folded_since += 1
             try:
-                trade = parse_trade(message.value)
+                trade = parse_trade(message.value, message.timestamp_ms, skew)
             except InvalidTrade:
                 self.invalid_skipped += 1  # the consumer puts it in dead_letters
                 continue
@@ -96,15 +98,20 @@ class Aggregate(runtime.Stage):
     def write(self, conn, cur) -> None:
         now = time.monotonic()
         for p, ws in self.partitions.items():
-            ws.advance_when_idle(now)
+            held = ws.held
+            for window in ws.advance_when_idle(now):
+                self.dirty[(window.symbol, window.size_ms, window.start_ms)] = window
+            if held is not None and ws.held is None:
+                self.next_offsets[p] = held[1] + 1
             newly_final = ws.pop_final()
             for w in newly_final:
                 self.dirty.pop((w.symbol, w.size_ms, w.start_ms), None)
             self.final.extend(newly_final)
             self.indicator_rows.extend((p, row) for row in self._indicator_rows(cur, newly_final))
             self.late.extend((p, late) for late in ws.take_late())
-        positions = {p: (offset, self.partitions[p].clock) for p, offset in self.next_offsets.items()
-                     if p in self.partitions}
+        # a held trade is not in any window yet: the position stays on it, so a restart reads it again
+        positions = {p: (ws.held[1] if ws.held else offset, ws.clock) for p, offset in self.next_offsets.items()
+                     if (ws := self.partitions.get(p)) is not None}
         store.write_windows(cur, list(self.dirty.values()) + self.final)
         store.write_late(cur, [late for _, late in self.late])
         store.write_indicators(cur, [row for _, row in self.indicator_rows])

@@ -53,6 +53,7 @@ class Message:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int | None = None     # the record's Kafka timestamp (trades topics: broker append time)
 
 
 def unavailable_message(settings: Settings) -> str:
@@ -262,7 +263,8 @@ class _ConfluentConsumer:
         for m in raw:
             if m.error() is None:
                 partition, offset = m.partition(), m.offset()
-                append(Message(m.topic(), partition, offset, m.key(), m.value()))
+                kind, stamp = m.timestamp()
+                append(Message(m.topic(), partition, offset, m.key(), m.value(), stamp if kind else None))
                 nxt[partition] = offset + 1
             else:
                 error = m.error()
@@ -396,7 +398,8 @@ class _KafkaPythonConsumer:
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         started = time.monotonic()
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        messages = [Message(r.topic, r.partition, r.offset, r.key, r.value)
+        messages = [Message(r.topic, r.partition, r.offset, r.key, r.value,
+                            r.timestamp if r.timestamp is not None and r.timestamp >= 0 else None)
                     for records in batches.values() for r in records]
         if self._gained:
             gained, self._gained = sorted(set(self._gained)), []
@@ -680,7 +683,9 @@ def _admin(settings: Settings):
 
 
 def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
-    """Create `topic` with `partitions` partitions when it does not exist yet."""
+    """Create `topic` with `partitions` partitions when it does not exist yet. Records are stamped
+    with the broker's append time: the clock every reader measures a trade's skew against
+    (tradewatch/events.py), which no producer's wrong clock can move."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic
     admin = _admin(settings)
@@ -690,7 +695,8 @@ def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
         raise KafkaUnavailable(unavailable_message(settings)) from None
     if topic in metadata.topics and metadata.topics[topic].error is None:
         return
-    future = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic]
+    future = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1,
+                                           config={"message.timestamp.type": "LogAppendTime"})])[topic]
     try:
         future.result(timeout=10)
         log.info("created topic %s with %d partitions", topic, partitions)
@@ -725,20 +731,31 @@ def wait_for_kafka(settings: Settings, timeout_s: float = 60.0) -> None:
 
 def group_lag(settings: Settings, group_id: str, topic: str) -> dict[int, tuple[int, int]]:
     """Per partition of `topic`: (committed offset of `group_id`, end offset). Missing commit = 0.
-    Reading committed offsets does not join the group, so this never disturbs its members."""
-    from confluent_kafka import Consumer, TopicPartition
+    Reading committed offsets does not join the group, so this never disturbs its members. Raises
+    KafkaUnavailable when the broker cannot answer within ~10 s (e.g. the group coordinator is
+    still moving right after a broker start)."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
     _require_reachable(settings)
     reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group_id,
                        "enable.auto.commit": False, "logger": logging.getLogger("tradewatch.librdkafka")})
+    deadline = time.monotonic() + 10
     try:
-        described = reader.list_topics(topic, timeout=10).topics.get(topic)
-        partitions = sorted(described.partitions) if described and described.error is None else []
-        committed = reader.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
-        result = {}
-        for tp in committed:
-            _, end = reader.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
-            result[tp.partition] = (max(tp.offset, 0), end)
-        return result
+        while True:
+            try:
+                described = reader.list_topics(topic, timeout=10).topics.get(topic)
+                partitions = sorted(described.partitions) if described and described.error is None else []
+                committed = reader.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+                result = {}
+                for tp in committed:
+                    _, end = reader.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+                    result[tp.partition] = (max(tp.offset, 0), end)
+                return result
+            except KafkaException as error:
+                if time.monotonic() > deadline or not error.args[0].retriable() and \
+                        error.args[0].code() not in (16, 14):    # NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS
+                    raise KafkaUnavailable(f"cannot read the offsets of group {group_id}: {error.args[0].str()}") \
+                        from None
+                time.sleep(0.2)
     finally:
         reader.close()
 
@@ -766,7 +783,9 @@ def read_topic(settings: Settings, topic: str, until: Callable[[list[Message]], 
         while not until(messages) and time.monotonic() < deadline:
             for m in reader.consume(1000, 0.2):
                 if m.error() is None:
-                    messages.append(Message(m.topic(), m.partition(), m.offset(), m.key(), m.value()))
+                    kind, stamp = m.timestamp()
+                    messages.append(Message(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
+                                            stamp if kind else None))
         return messages
     finally:
         reader.close()

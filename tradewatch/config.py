@@ -39,6 +39,7 @@ class Settings:
     postgres_password: str = "tradewatch"
     consumer_group: str = "tradewatch-consumer"
     consumer_batch_size: int = 10000
+    max_clock_skew_seconds: float = 300.0
     aggregator_group: str = "tradewatch-aggregator"
     window_sizes: str = "1m,5m,15m"
     allowed_lateness_seconds: float = 5.0

@@ -53,6 +53,7 @@ class Detect(runtime.Stage):
     def __init__(self, settings: Settings):
         super().__init__()
         self.settings = settings
+        self.max_skew_ms = int(settings.max_clock_skew_seconds * 1000)
         self.pipeline = DetectionPipeline(RuleDetector(detector_config(settings)), load_model(settings))
         self.dedup = Deduplicator.from_settings(settings)
         self.webhook = WebhookSink(settings.alert_webhook_url) if settings.alert_webhook_url else None
@@ -88,7 +89,7 @@ class Detect(runtime.Stage):
         trades, origins = [], []
         for m in messages:
             try:
-                trades.append(parse_trade(m.value))
+                trades.append(parse_trade(m.value, m.timestamp_ms, self.max_skew_ms))
                 origins.append(m)
             except InvalidTrade:
                 continue  # dead-lettered by the consumer

@@ -4,21 +4,30 @@ Wire format (Kafka topic `trades`, key = symbol, value = UTF-8 JSON object), sch
 
     field             type            rule
     schema_version    int             must be 1
-    trade_id          string          unique per trade, 1..64 characters
+    trade_id          string          unique per trade, 1..64 of A-Z a-z 0-9 . _ - : / + = @ # ~
     symbol            string          1..20 of A-Z 0-9 . - _ / ^ =
-    timestamp_ms      int             event time, UTC milliseconds since the epoch,
-                                      between 1990-01-01 and one day ahead of now
+    timestamp_ms      int             event time, UTC milliseconds since the epoch, from 1990-01-01
+                                      to at most MAX_CLOCK_SKEW_SECONDS (default 300) after the
+                                      moment the message was sent (its Kafka record timestamp)
     price             number          finite, > 0
     quantity          number          finite, > 0
     side              string          "buy" | "sell" | "unknown"
-    exchange          string          1..16 characters
+    exchange          string          1..16 printable ASCII characters (space to ~)
     bid, ask          number | null   optional quote; finite, > 0, bid <= ask
-    condition         string | null   optional sale-condition code (recorded data)
+    condition         string | null   optional sale-condition code (recorded data), 1..32
+                                      printable ASCII characters
     injected_anomaly  string | null   ground-truth label of a simulated anomaly; stored in its
                                       own column and never read by any detector
 
-Unknown extra fields are ignored, so a producer may add fields without a version bump. No string
-may contain a NUL character (PostgreSQL text cannot hold one).
+Unknown extra fields are ignored, so a producer may add fields without a version bump. Every text
+field is ASCII from a documented set: no control character (NUL above all: PostgreSQL text cannot
+hold one), no lone surrogate, nothing a reader could mistake for a separator.
+
+The clock-skew bound is measured against the record's own Kafka timestamp (not the reader's clock),
+so every stage, and every re-read after a restart, makes the same decision about the same message.
+A replay of an old file keeps working: its trades lie in the past. (A trade far ahead of the
+*partition's* recent event time — one bad clock inside a replay — is the windows' business: the
+aggregator holds it back until the next trade confirms the jump, see tradewatch/windows.py.)
 
 Decoding has a fast path: msgspec decodes and type-checks a well-formed event in C. Anything it
 refuses goes through the plain-Python validation below, which is the definition of every rule and
@@ -44,9 +53,14 @@ MAX_EVENT_BYTES = 16 * 1024
 SIDES = frozenset({"buy", "sell", "unknown"})
 ANOMALY_LABELS = frozenset({"price_spike", "price_drop", "volume_spike", "flash_crash"})
 EARLIEST_TIMESTAMP_MS = 631152000000  # 1990-01-01T00:00:00Z
-MAX_FUTURE_MS = 24 * 3600 * 1000
+MAX_CLOCK_SKEW_MS = 300_000          # default of the setting MAX_CLOCK_SKEW_SECONDS
 _SYMBOL_PATTERN = r"\A[A-Z0-9._/^=-]{1,20}\Z"
+_ID_PATTERN = r"\A[A-Za-z0-9._:/+=@#~-]{1,64}\Z"
+_EXCHANGE_PATTERN = r"\A[ -~]{1,16}\Z"
+_CONDITION_PATTERN = r"\A[ -~]{1,32}\Z"
 _SYMBOL = re.compile(_SYMBOL_PATTERN)
+_ID = re.compile(_ID_PATTERN)
+_PRINTABLE_ASCII = re.compile(r"\A[ -~]*\Z")
 
 
 class InvalidTrade(ValueError):
@@ -86,32 +100,34 @@ _Positive = Annotated[float, msgspec.Meta(gt=0)]
 class _Wire(msgspec.Struct, gc=False):
     """The fast path's view of the wire format (see the table above)."""
     schema_version: Literal[1]
-    trade_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    trade_id: Annotated[str, msgspec.Meta(pattern=_ID_PATTERN)]
     symbol: Annotated[str, msgspec.Meta(pattern=_SYMBOL_PATTERN)]
     timestamp_ms: Annotated[int, msgspec.Meta(ge=EARLIEST_TIMESTAMP_MS)]
     price: _Positive
     quantity: _Positive
     side: Literal["buy", "sell", "unknown"]
-    exchange: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    exchange: Annotated[str, msgspec.Meta(pattern=_EXCHANGE_PATTERN)]
     bid: _Positive | None = None
     ask: _Positive | None = None
-    condition: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
+    condition: Annotated[str, msgspec.Meta(pattern=_CONDITION_PATTERN)] | None = None
     injected_anomaly: Literal["price_spike", "price_drop", "volume_spike", "flash_crash"] | None = None
 
 
 _decode_wire = msgspec.json.Decoder(_Wire).decode
 
 
-def parse_trade(raw: bytes | None, now_ms: int | None = None) -> Trade:
-    """Decode and validate one message value; raise InvalidTrade with a precise reason."""
-    t = decode_trade(raw, now_ms)
+def parse_trade(raw: bytes | None, sent_ms: int | None = None, max_skew_ms: int = MAX_CLOCK_SKEW_MS) -> Trade:
+    """Decode and validate one message value; raise InvalidTrade with a precise reason. `sent_ms`:
+    when the message was sent (its Kafka record timestamp; None = now)."""
+    t = decode_trade(raw, sent_ms, max_skew_ms)
     if type(t) is Trade:
         return t
     return Trade(t.trade_id, t.symbol, t.timestamp_ms, t.price, t.quantity, t.side, t.exchange,
                  t.bid, t.ask, t.condition, t.injected_anomaly, t.schema_version)
 
 
-def decode_trade(raw: bytes | None, now_ms: int | None = None) -> "Trade | _Wire":
+def decode_trade(raw: bytes | None, sent_ms: int | None = None,
+                 max_skew_ms: int = MAX_CLOCK_SKEW_MS) -> "Trade | _Wire":
     """parse_trade for hot paths that only read the fields: a valid event may come back as the
     decoder's own record (the same attribute names as Trade), saving a copy."""
     if raw is not None and len(raw) <= MAX_EVENT_BYTES:
@@ -120,17 +136,15 @@ def decode_trade(raw: bytes | None, now_ms: int | None = None) -> "Trade | _Wire
         except msgspec.DecodeError:
             pass    # the slow path below says why
         else:
-            limit = (now_ms if now_ms is not None else int(time.time() * 1000)) + MAX_FUTURE_MS
+            limit = (sent_ms if sent_ms is not None else int(time.time() * 1000)) + max_skew_ms
             if (w.timestamp_ms <= limit and math.isfinite(w.price) and math.isfinite(w.quantity)
                     and (w.bid is None or math.isfinite(w.bid)) and (w.ask is None or math.isfinite(w.ask))
-                    and (w.bid is None or w.ask is None or w.bid <= w.ask)
-                    and "\x00" not in w.trade_id and "\x00" not in w.exchange
-                    and (w.condition is None or "\x00" not in w.condition)):
+                    and (w.bid is None or w.ask is None or w.bid <= w.ask)):
                 return w
-    return _parse_slowly(raw, now_ms)
+    return _parse_slowly(raw, sent_ms, max_skew_ms)
 
 
-def _parse_slowly(raw: bytes | None, now_ms: int | None) -> Trade:
+def _parse_slowly(raw: bytes | None, sent_ms: int | None, max_skew_ms: int = MAX_CLOCK_SKEW_MS) -> Trade:
     if raw is None:
         raise InvalidTrade("empty message (null value)")
     if len(raw) > MAX_EVENT_BYTES:
@@ -143,10 +157,10 @@ def _parse_slowly(raw: bytes | None, now_ms: int | None) -> Trade:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise InvalidTrade(f"not JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
-    return trade_from_dict(data, now_ms)
+    return trade_from_dict(data, sent_ms, max_skew_ms)
 
 
-def trade_from_dict(data: object, now_ms: int | None = None) -> Trade:
+def trade_from_dict(data: object, sent_ms: int | None = None, max_skew_ms: int = MAX_CLOCK_SKEW_MS) -> Trade:
     if not isinstance(data, dict):
         raise InvalidTrade(f"expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
@@ -157,10 +171,12 @@ def trade_from_dict(data: object, now_ms: int | None = None) -> Trade:
             f"unknown schema_version {version!r} (supported: {sorted(SUPPORTED_SCHEMA_VERSIONS)})"
         )
     trade_id = _string(data, "trade_id", 64)
+    if not _ID.match(trade_id):
+        raise InvalidTrade(f"field 'trade_id' {_shown(trade_id)} has characters outside A-Z a-z 0-9 . _ - : / + = @ # ~")
     symbol = _string(data, "symbol", 20)
     if not _SYMBOL.match(symbol):
-        raise InvalidTrade(f"field 'symbol' {symbol!r} has characters outside A-Z 0-9 . - _ / ^ =")
-    timestamp_ms = _timestamp(data, now_ms if now_ms is not None else int(time.time() * 1000))
+        raise InvalidTrade(f"field 'symbol' {_shown(symbol)} has characters outside A-Z 0-9 . - _ / ^ =")
+    timestamp_ms = _timestamp(data, sent_ms if sent_ms is not None else int(time.time() * 1000), max_skew_ms)
     price = _positive_number(data, "price")
     quantity = _positive_number(data, "quantity")
     side = _string(data, "side", 8)
@@ -193,7 +209,24 @@ def _string(data: dict, name: str, max_length: int) -> str:
         raise InvalidTrade(f"field '{name}' must have 1..{max_length} characters, got {len(value)}")
     if "\x00" in value:
         raise InvalidTrade(f"field '{name}' contains a NUL character")
+    if not _PRINTABLE_ASCII.match(value):
+        bad = next(c for c in value if not " " <= c <= "~")
+        raise InvalidTrade(f"field '{name}' contains {_describe(bad)} (only printable ASCII is allowed)")
     return value
+
+
+def _describe(char: str) -> str:
+    code = ord(char)
+    if code < 0x20 or 0x7f <= code <= 0x9f:
+        return f"the control character U+{code:04X}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"a lone surrogate U+{code:04X}"
+    return f"the non-ASCII character U+{code:04X}"
+
+
+def _shown(value: str) -> str:
+    """A value for a reason text: printable, never a raw control character."""
+    return ascii(value)
 
 
 def _optional_string(data: dict, name: str, max_length: int) -> str | None:
@@ -226,7 +259,7 @@ def _optional_positive_number(data: dict, name: str) -> float | None:
     return None if data.get(name) is None else _positive_number(data, name)
 
 
-def _timestamp(data: dict, now_ms: int) -> int:
+def _timestamp(data: dict, sent_ms: int, max_skew_ms: int) -> int:
     if data.get("timestamp_ms") is None:
         raise InvalidTrade("missing field 'timestamp_ms'")
     value = data["timestamp_ms"]
@@ -236,11 +269,24 @@ def _timestamp(data: dict, now_ms: int) -> int:
         raise InvalidTrade(
             f"timestamp_ms {value} ({_iso(value)}) is before 1990-01-01 — seconds sent instead of milliseconds?"
         )
-    if value > now_ms + MAX_FUTURE_MS:
+    if value > sent_ms + max_skew_ms:
         raise InvalidTrade(
-            f"timestamp_ms {value} ({_iso(value)}) is more than a day in the future — microseconds sent instead of milliseconds?"
+            f"timestamp_ms {value} ({_iso(value)}) is {_duration(value - sent_ms)} ahead of the time the message was "
+            f"sent ({_iso(sent_ms)}); the clock-skew limit is {_duration(max_skew_ms)} (MAX_CLOCK_SKEW_SECONDS) — "
+            "a wrong clock, or microseconds sent instead of milliseconds?"
         )
     return value
+
+
+def _duration(ms: int) -> str:
+    seconds = ms / 1000
+    if seconds < 120:
+        return f"{seconds:g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def _iso(timestamp_ms: int) -> str:

@@ -32,9 +32,10 @@ class IngestStats:
 class _Batch(runtime.Stage):
     """Trades (as COPY lines) and dead letters awaiting one transaction."""
 
-    def __init__(self, stats: IngestStats):
+    def __init__(self, stats: IngestStats, max_skew_ms: int):
         super().__init__()
         self.stats = stats
+        self.max_skew_ms = max_skew_ms
         self.lines: list[str] = []
         self.line_partitions: list[int] = []
         self.dead: list[DeadLetter] = []
@@ -42,10 +43,10 @@ class _Batch(runtime.Stage):
 
     def add(self, messages: list[bus.Message], now_ms: int) -> list[DeadLetter]:
         """Validate each message: a COPY line for a trade, a dead letter (with the reason) otherwise."""
-        lines, partitions, dead = self.lines, self.line_partitions, []
+        lines, partitions, dead, skew = self.lines, self.line_partitions, [], self.max_skew_ms
         for m in messages:
             try:
-                lines.append(copy_line(decode_trade(m.value, now_ms), m.partition, m.offset))
+                lines.append(copy_line(decode_trade(m.value, m.timestamp_ms or now_ms, skew), m.partition, m.offset))
                 partitions.append(m.partition)
             except InvalidTrade as error:
                 dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, str(error)))
@@ -83,7 +84,8 @@ class Ingest(runtime.Stage):
         super().__init__()
         self.batch_size = settings.consumer_batch_size
         self.stats = IngestStats()
-        self.batch = _Batch(self.stats)
+        self.max_skew_ms = int(settings.max_clock_skew_seconds * 1000)
+        self.batch = _Batch(self.stats, self.max_skew_ms)
 
     def take(self, messages: list[bus.Message]) -> None:
         for letter in self.batch.add(messages, int(time.time() * 1000)):
@@ -94,7 +96,7 @@ class Ingest(runtime.Stage):
         return self.batch.pending()
 
     def seal(self) -> _Batch:
-        sealed, self.batch = self.batch, _Batch(self.stats)
+        sealed, self.batch = self.batch, _Batch(self.stats, self.max_skew_ms)
         return sealed
 
     def write(self, conn, cur) -> None:

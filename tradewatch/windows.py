@@ -7,6 +7,13 @@ is final once the watermark reaches its end; a trade whose window is already fin
 is reported (never silently dropped) and does not change the window. When a partition goes quiet,
 its watermark also advances with the wall clock after `idle_timeout`, so the last windows close.
 
+One bad clock must not move event time: a trade more than `max_skew_ms` ahead of its partition's
+event time is held back until the partition's next trade. If that one is far ahead too, event time
+really jumped (a gap in the feed, the next day of a replay) and both are folded in order; if it is
+back near the old time, the held trade was an outlier: it is reported with the reason `clock_skew`
+(beside the late trades) and never reaches a window. A held trade with nothing after it is folded
+once the partition has been idle for `idle_timeout`.
+
 open/close are the prices of the first/last trade by (event time, arrival sequence), so the
 result does not depend on arrival order within the lateness. Trades whose sale condition is in
 `ohlc_exclude_conditions` count in volume and every other figure, but never set open/high/low/close
@@ -111,6 +118,7 @@ class LateTrade:
     size_ms: int
     window_start_ms: int
     watermark_ms: int
+    reason: str = "late"       # late | clock_skew
 
 
 @dataclass
@@ -129,13 +137,40 @@ class WindowSet:
     idle_timeout_s: float
     partition: int = -1
     ohlc_exclude_conditions: frozenset[str] = frozenset()
+    max_skew_ms: int | None = None
     clock: PartitionClock = field(default_factory=PartitionClock)
+    held: tuple[Trade, int] | None = None      # (trade, sequence) far ahead of event time, unconfirmed
     open_windows: dict[tuple[str, int, int], Window] = field(default_factory=dict)
     late: list[LateTrade] = field(default_factory=list)
     late_trades_total: int = 0
 
     def add(self, trade: Trade, sequence: int, wall_s: float) -> list[Window]:
-        """Fold one trade in; return the windows it changed."""
+        """Take one trade; return the windows it changed (see the module's note on held trades)."""
+        clock, changed = self.clock, []
+        if self.held is not None:
+            held, self.held = self.held, None
+            if self._far_ahead(trade.timestamp_ms):
+                changed = self._fold(*held, wall_s)     # confirmed: event time really moved on
+            else:
+                self._report(held[0], "clock_skew")     # one bad clock: no window ever sees it
+        if self._far_ahead(trade.timestamp_ms):
+            self.held = (trade, sequence)
+            clock.last_trade_wall_s = wall_s
+            return changed
+        return changed + self._fold(trade, sequence, wall_s)
+
+    def _far_ahead(self, ts: int) -> bool:
+        return (self.max_skew_ms is not None and self.clock.max_event_ms is not None
+                and ts > self.clock.max_event_ms + self.max_skew_ms)
+
+    def _report(self, trade: Trade, reason: str) -> None:
+        watermark = self.clock.watermark_ms
+        ts = trade.timestamp_ms
+        for size in self.sizes_ms:
+            self.late.append(LateTrade(trade.trade_id, trade.symbol, ts, size, ts - ts % size, watermark, reason))
+            self.late_trades_total += 1
+
+    def _fold(self, trade: Trade, sequence: int, wall_s: float) -> list[Window]:
         ts = trade.timestamp_ms
         clock = self.clock
         watermark = clock.watermark_ms
@@ -161,17 +196,23 @@ class WindowSet:
         clock.last_trade_wall_s = wall_s
         return changed
 
-    def advance_when_idle(self, wall_s: float) -> None:
-        """After `idle_timeout` without trades, let the watermark follow the wall clock."""
+    def advance_when_idle(self, wall_s: float) -> list[Window]:
+        """After `idle_timeout` without trades, fold a held trade in and let the watermark follow
+        the wall clock. Returns the windows the held trade changed."""
         clock = self.clock
         if clock.max_event_ms is None:
-            return
+            return []
         idle_s = wall_s - clock.last_trade_wall_s
         if idle_s < self.idle_timeout_s:
-            return
+            return []
+        changed = []
+        if self.held is not None:
+            held, self.held = self.held, None
+            changed = self._fold(*held, clock.last_trade_wall_s)
         candidate = clock.max_event_ms + int(idle_s * 1000)
         if clock.watermark_ms is None or candidate > clock.watermark_ms:
             clock.watermark_ms = candidate
+        return changed
 
     def pop_final(self) -> list[Window]:
         """Remove and return the windows the watermark has passed, in end order, marked final."""
@@ -191,9 +232,11 @@ class WindowSet:
 
 
 def aggregate(trades: Iterable[Trade], sizes_ms: tuple[int, ...], allowed_lateness_ms: int = 0,
-              ohlc_exclude_conditions: frozenset[str] = frozenset()) -> tuple[list[Window], list[LateTrade]]:
+              ohlc_exclude_conditions: frozenset[str] = frozenset(),
+              max_skew_ms: int | None = None) -> tuple[list[Window], list[LateTrade]]:
     """Run a whole stream through one WindowSet (no idle closing); all windows, final or not."""
-    windows = WindowSet(sizes_ms, allowed_lateness_ms, float("inf"), ohlc_exclude_conditions=ohlc_exclude_conditions)
+    windows = WindowSet(sizes_ms, allowed_lateness_ms, float("inf"), ohlc_exclude_conditions=ohlc_exclude_conditions,
+                        max_skew_ms=max_skew_ms)
     result: dict[tuple[str, int, int], Window] = {}
     late: list[LateTrade] = []
     for sequence, trade in enumerate(trades):

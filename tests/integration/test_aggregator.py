@@ -156,3 +156,34 @@ def test_late_trades_within_lateness_update_and_beyond_are_kept_for_audit(settin
     late = query(settings, "SELECT trade_id, window_size, (extract(epoch FROM watermark) * 1000)::bigint - %s"
                            " FROM late_trades", (t0,))
     assert late == [("late-5", "1m", 65_000)]
+
+
+def test_one_bad_clock_never_stalls_the_windows(settings, tmp_path):
+    """Issue 11: one trade stamped 23 h ahead moved the watermark and made the 50 good trades after
+    it late (150 late-trade records), so the windows stopped. Live, the consumer's skew bound
+    (vs. the Kafka record time) rejects it and the aggregator skips it; in a replay of an old day it
+    is in the past of the record time, so the aggregator holds it, finds it alone and reports it."""
+    settings = settings.with_overrides(allowed_lateness_seconds=5.0, window_sizes="1m,5m,15m")
+    now = int(time.time() * 1000)
+    live_t0, replay_t0 = now - 60_000, iso_to_ms("2013-10-07T14:00:00Z")
+    publisher = bus.Publisher(settings)
+    for symbol, t0 in (("LIVE", live_t0), ("REPLAY", replay_t0)):      # partitions 3 and 4
+        for n in range(60):
+            if n == 10:
+                bad = Trade(f"{symbol}-bad-clock", symbol, t0 + 23 * 3_600_000, 999.0, 1.0, "buy", "X")
+                publisher.send(settings.trades_topic, symbol.encode(), bad.to_json_bytes())
+            t = Trade(f"{symbol}-{n}", symbol, t0 + n * 1_000, 100.0 + n, 1.0, "buy", "X")
+            publisher.send(settings.trades_topic, symbol.encode(), t.to_json_bytes())
+    publisher.flush()
+    publisher.close()
+    aggregator = start_script(settings, "aggregator.py", log=tmp_path / "aggregator.log")
+    wait_for(lambda: folded(settings) >= 122, message="all folded")
+    aggregator.send_signal(signal.SIGTERM)
+    assert aggregator.wait(timeout=60) == 0
+    late = query(settings, "SELECT trade_id, reason FROM late_trades ORDER BY trade_id, window_size")
+    assert late == [("REPLAY-bad-clock", "clock_skew")] * 3, "no good trade is late; the replayed outlier is audited"
+    counted = dict(query(settings, "SELECT symbol, sum(trade_count) FROM stock_metrics WHERE window_size = '1m'"
+                                   " GROUP BY symbol"))
+    assert counted == {"LIVE": 60, "REPLAY": 60}, "every good trade is in a window, the bad clock in none"
+    latest = dict(query(settings, "SELECT symbol, max(window_start) FROM stock_metrics GROUP BY symbol"))
+    assert latest["REPLAY"].timestamp() * 1000 < replay_t0 + 3_600_000

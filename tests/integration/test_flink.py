@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -109,15 +110,17 @@ def test_out_of_order_and_late_trades_are_treated_alike(flink, tmp_path):
         aggregator.send_signal(signal.SIGTERM)
         assert aggregator.wait(timeout=60) == 0
         publisher.close()
-    python_rows = rows(settings, "stock_metrics", symbol, t0 + 600_000)
+    python_rows = rows(settings, "stock_metrics", symbol, t0 + 1_200_000)
     assert_same_windows(rows(settings, "flink_metrics", symbol), python_rows)
     first = python_rows[0]
     assert (first[1], first[4], first[8]) == (10.0, 10.4, 6)   # open/close by event time; the late trade left out
 
 
 def check_out_of_order_and_late(settings, symbol: str, t0: int, send) -> None:
-    # minute 0 arrives out of order: the first trade by event time comes third, the last comes first
+    # minute 0 arrives out of order: the first trade by event time comes third, the last comes first;
+    # one trade from a clock 23 h ahead (issue 11) must move neither engine's event time
     send((50_000, 10.5, 3, "buy"), (20_000, 10.2, 5, "sell"), (1_000, 10.0, 7, "buy"), (30_000, 10.9, 1, "sell"),
+         (int(time.time() * 1000) + 23 * 3_600_000 - t0, 500.0, 1, "buy"),
          (58_000, 10.4, 2, "buy"), (61_000, 11.0, 4, "buy"),
          (56_000, 10.1, 6, "sell"),                  # late, but within the 5 s lateness: counts in both
          (66_000, 11.2, 1, "sell"))                  # watermark 61 s: minute 0 closes in both
@@ -127,9 +130,10 @@ def check_out_of_order_and_late(settings, symbol: str, t0: int, send) -> None:
                              " timestamptz 'epoch' + %s * interval '1 millisecond' AND window_size = '1m'",
                    (symbol, minute0))[0][0], timeout=120, message="minute 0 final in both")
     send((40_000, 99.0, 100, "buy"))                 # beyond the lateness: dropped by both, audited by Python
-    send((600_000, 11.5, 1, "buy"))                  # closes minute 1
-    wait_for(lambda: len(rows(settings, "flink_metrics", symbol)) == 2, timeout=120, message="Flink minute 1")
-    wait_for(lambda: len(rows(settings, "stock_metrics", symbol, t0 + 600_000)) == 2 and
+    send((600_000, 11.5, 1, "buy"))                  # closes minute 1 (dropped by both had the 23 h trade
+    send((1_300_000, 11.6, 1, "buy"))                # moved event time); closes minute 10
+    wait_for(lambda: len(rows(settings, "flink_metrics", symbol)) == 3, timeout=120, message="Flink minutes 1, 10")
+    wait_for(lambda: len(rows(settings, "stock_metrics", symbol, t0 + 1_200_000)) == 3 and
              query(settings, "SELECT count(*) FROM late_trades WHERE symbol = %s", (symbol,))[0][0] == 1,
              timeout=60, message="Python minute 1 and the late trade")
 

@@ -92,12 +92,18 @@ BAD_MESSAGES = {
     good(0).replace(b'"quantity": 10', b'"quantity": Infinity'): "field 'quantity' must be finite",
     good(0).replace(b'"schema_version": 1', b'"schema_version": 99'): "unknown schema_version 99",
     good(0).replace(b"1767225600000", b"1767225600"): "before 1990-01-01",
-    good(0).replace(b"1767225600000", b"1767225600000000"): "more than a day in the future",
+    good(0).replace(b"1767225600000", b"1767225600000000"): "microseconds sent instead of milliseconds?",
     b'{"padding": "' + b"x" * 20_000 + b'"}': "exceeds the 16384-byte limit",
     b"[]": "expected a JSON object",
     # hostile values that once halted ingestion or slipped through
     good(0).replace(b'"trade_id": "good-0"', b'"trade_id": "nul\\u0000id"'): "field 'trade_id' contains a NUL character",
-    good(0).replace(b'"symbol": "AAPL"', b'"symbol": "AAPL\\n"'): "has characters outside",
+    good(0).replace(b'"symbol": "AAPL"', b'"symbol": "AAPL\\n"'): "field 'symbol' contains the control character",
+    # one bad clock: 23 h ahead of the moment Kafka received it (the old rule allowed a day)
+    good(0).replace(b"1767225600000", str(int(time.time() * 1000) + 23 * 3_600_000).encode()):
+        "h ahead of the time the message was sent",
+    good(0).replace(b'"exchange": "NASDAQ"', b'"exchange": "NAS\\u001bDAQ"'): "control character U+001B",
+    good(0).replace(b'"trade_id": "good-0"', b'"trade_id": "good 0; DROP TABLE trades"'): "has characters outside",
+    good(0).replace(b'"exchange": "NASDAQ"', b'"exchange": "\\ud83d"'): "a lone surrogate U+D83D",
     good(0).replace(b'"price": 100.0', b'"price": 1' + b"0" * 400): "field 'price' must be finite",
 }
 

@@ -51,7 +51,18 @@ def test_iso_timestamps_convert_to_epoch_milliseconds():
     (encode(event(side="long")), "field 'side' must be one of buy, sell, unknown"),
     (encode(event(symbol="aapl!")), "has characters outside"),
     (encode(event(timestamp_ms=1381132800)), "before 1990-01-01 — seconds sent instead of milliseconds?"),
-    (encode(event(timestamp_ms=1381132800464000)), "more than a day in the future"),
+    (encode(event(timestamp_ms=1381132800464000)), "microseconds sent instead of milliseconds?"),
+    (encode(event(timestamp_ms=NOW_MS + 23 * 3600_000)), "is 23.0 h ahead of the time the message was sent"),
+    (encode(event(timestamp_ms=NOW_MS + 300_001)), "the clock-skew limit is 5.0 min"),
+    (encode(event(trade_id="t\x00")), "field 'trade_id' contains a NUL character"),
+    (encode(event(trade_id="t 1")), "field 'trade_id' 't 1' has characters outside"),
+    (encode(event(trade_id="t\u0085")), "the control character U+0085"),
+    (encode(event(exchange="NAS\x1bDAQ")), "field 'exchange' contains the control character U+001B"),
+    (encode(event(exchange="B\u00f6rse")), "field 'exchange' contains the non-ASCII character U+00F6"),
+    (b'{"schema_version":1,"trade_id":"a","symbol":"X","timestamp_ms":1381132800464,"price":1,'
+     b'"quantity":1,"side":"buy","exchange":"P","condition":"\\ud800"}', "a lone surrogate U+D800"),
+    (encode(event(condition="\U0001F4A5")), "the non-ASCII character U+1F4A5"),
+    (encode(event(symbol="AAPL\n")), "field 'symbol' contains the control character U+000A"),
     (encode(event(timestamp_ms=1.5e12)), "must be an integer"),
     (encode(event(bid=191.0, ask=190.0)), "bid 191.0 is above ask 190.0"),
     (encode(event(injected_anomaly="meteor")), "is not one of"),
@@ -60,6 +71,15 @@ def test_every_violation_has_a_precise_reason(raw, reason):
     with pytest.raises(InvalidTrade) as error:
         parse_trade(raw, NOW_MS)
     assert reason in str(error.value)
+
+
+def test_the_skew_bound_is_measured_from_the_send_time_and_is_configurable():
+    sent = NOW_MS
+    assert parse_trade(encode(event(timestamp_ms=sent + 300_000)), sent).timestamp_ms == sent + 300_000
+    with pytest.raises(InvalidTrade):
+        parse_trade(encode(event(timestamp_ms=sent + 60_001)), sent, max_skew_ms=60_000)
+    # a replay of an old file keeps working: its trades lie in the past of the send time
+    assert parse_trade(encode(event(timestamp_ms=iso_to_ms("2013-10-07T13:30:00Z"))), sent)
 
 
 def test_optional_fields_may_be_absent_and_unknown_fields_are_ignored():

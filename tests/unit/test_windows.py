@@ -110,3 +110,50 @@ def test_excluded_conditions_count_in_volume_but_not_in_ohlc():
     w = windows[0]
     assert (w.open, w.high, w.low, w.close) == (10.0, 11.0, 10.0, 11.0)
     assert w.sum_quantity == 13 and w.trade_count == 3 and w.max_price == 99.0
+
+
+SKEW = 300_000
+
+
+def stream(n=50, start=T0):
+    return [trade(start + i * 1_000, 100.0 + i) for i in range(n)]
+
+
+def test_one_trade_far_ahead_never_moves_event_time():
+    """Issue 11: one trade stamped 23 h ahead made every later trade late (150 late records from 50
+    good trades) and the windows stopped. Now it is held, found alone, reported, and left out."""
+    good = stream()
+    outlier = trade(T0 + 10_500 + 23 * 3_600_000, 999.0)
+    mixed = good[:10] + [outlier] + good[10:]
+    sizes = (MIN, 5 * MIN)
+    expected, expected_late = aggregate(good, sizes, 5_000, max_skew_ms=SKEW)
+    windows, late = aggregate(mixed, sizes, 5_000, max_skew_ms=SKEW)
+    assert [(w.start_ms, w.trade_count, w.close) for w in windows] == \
+        [(w.start_ms, w.trade_count, w.close) for w in expected]
+    assert expected_late == []
+    assert {(t.trade_id, t.reason) for t in late} == {(outlier.trade_id, "clock_skew")}
+    assert len(late) == len(sizes)          # one audit row per window size, like a late trade
+    # without the bound (the old behaviour) the same stream loses every later trade
+    _, unbounded_late = aggregate(mixed, sizes, 5_000)
+    assert len({t.trade_id for t in unbounded_late}) == 40
+
+
+def test_a_real_jump_in_event_time_is_confirmed_by_the_next_trade():
+    day1 = stream(5)
+    day2 = stream(5, start=T0 + 17 * 3_600_000)      # the next session of a replayed file
+    windows, late = aggregate(day1 + day2, (MIN,), 5_000, max_skew_ms=SKEW)
+    assert late == []
+    assert sum(w.trade_count for w in windows) == 10
+    assert windows[-1].start_ms == T0 + 17 * 3_600_000
+
+
+def test_a_held_last_trade_is_folded_once_the_partition_is_idle():
+    ws = WindowSet((MIN,), 5_000, idle_timeout_s=10.0, max_skew_ms=SKEW)
+    for i, t in enumerate(stream(3)):
+        ws.add(t, i, wall_s=100.0)
+    last = trade(T0 + 2 * 3_600_000, 50.0)
+    assert ws.add(last, 3, wall_s=101.0) == [] and ws.held == (last, 3)
+    assert ws.advance_when_idle(105.0) == [] and ws.held is not None     # not idle long enough
+    changed = ws.advance_when_idle(112.0)
+    assert ws.held is None and [w.start_ms for w in changed] == [T0 + 2 * 3_600_000]
+    assert ws.clock.max_event_ms == last.timestamp_ms

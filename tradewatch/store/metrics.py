@@ -46,11 +46,11 @@ def write_late(cur: Cursor, late: list[LateTrade]) -> None:
     if late:
         execute_values(
             cur,
-            "INSERT INTO late_trades (trade_id, window_size, symbol, ts, window_start, watermark) VALUES %s "
+            "INSERT INTO late_trades (trade_id, window_size, symbol, ts, window_start, watermark, reason) VALUES %s "
             "ON CONFLICT DO NOTHING",
-            [(t.trade_id, size_label(t.size_ms), t.symbol, t.timestamp_ms, t.window_start_ms, t.watermark_ms)
-             for t in late],
-            template=f"(%s, %s, %s, {_MS}, {_MS}, {_MS})",
+            [(t.trade_id, size_label(t.size_ms), t.symbol, t.timestamp_ms, t.window_start_ms, t.watermark_ms,
+              t.reason) for t in late],
+            template=f"(%s, %s, %s, {_MS}, {_MS}, {_MS}, %s)",
         )
 
 

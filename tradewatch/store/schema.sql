@@ -100,7 +100,9 @@ CREATE TABLE IF NOT EXISTS stock_metrics (
 CREATE INDEX IF NOT EXISTS stock_metrics_size_start ON stock_metrics (window_size, window_start);
 CREATE INDEX IF NOT EXISTS stock_metrics_open_windows ON stock_metrics (kafka_partition) WHERE NOT is_final;
 
--- Trades that arrived after their window was final (beyond the allowed lateness): kept for audit.
+-- Trades the windows left out, kept for audit: `late` = arrived after their window was final
+-- (beyond the allowed lateness); `clock_skew` = far ahead of the partition's event time and not
+-- confirmed by the next trade (one bad clock, tradewatch/windows.py). Both are in `trades`.
 CREATE TABLE IF NOT EXISTS late_trades (
     trade_id      text NOT NULL,
     window_size   text NOT NULL,
@@ -111,6 +113,7 @@ CREATE TABLE IF NOT EXISTS late_trades (
     recorded_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (trade_id, window_size)
 );
+ALTER TABLE late_trades ADD COLUMN IF NOT EXISTS reason text NOT NULL DEFAULT 'late';
 
 -- Where the aggregator is, per partition: written in the same transaction as the windows, so a
 -- restart resumes exactly after the last trade folded into the table.
