@@ -14,7 +14,7 @@ from typing import Callable
 from tradewatch import bus, runtime
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, decode_trade
-from tradewatch.store.writer import DeadLetter, copy_line, write_batch
+from tradewatch.store.writer import DeadLetter, copy_line, write_batch, write_dead_letters
 
 log = logging.getLogger("tradewatch.consumer")
 
@@ -37,17 +37,17 @@ class _Batch(runtime.Stage):
         self.stats = stats
         self.max_skew_ms = max_skew_ms
         self.lines: list[str] = []
-        self.line_partitions: list[int] = []
+        self.sources: list[bus.Message] = []       # the message of each line
         self.dead: list[DeadLetter] = []
         self._result = None
 
     def add(self, messages: list[bus.Message], now_ms: int) -> list[DeadLetter]:
         """Validate each message: a COPY line for a trade, a dead letter (with the reason) otherwise."""
-        lines, partitions, dead, skew = self.lines, self.line_partitions, [], self.max_skew_ms
+        lines, sources, dead, skew = self.lines, self.sources, [], self.max_skew_ms
         for m in messages:
             try:
                 lines.append(copy_line(decode_trade(m.value, m.timestamp_ms or now_ms, skew), m.partition, m.offset))
-                partitions.append(m.partition)
+                sources.append(m)
             except InvalidTrade as error:
                 dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, str(error)))
         self.dead.extend(dead)
@@ -57,22 +57,27 @@ class _Batch(runtime.Stage):
         return len(self.lines) + len(self.dead)
 
     def write(self, conn, cur) -> None:
-        self._result = write_batch(cur, self.lines, self.dead)
+        self._result = result = write_batch(cur, self.lines, self.dead)
+        refused = [DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, r.reason)
+                   for r in result.refused for m in (self.sources[r.index],)]
+        for letter in refused:
+            log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason)
+        write_dead_letters(cur, refused)
 
     def written(self) -> None:
         s, result = self.stats, self._result
         s.messages += self.pending()
         s.trades_inserted += result.trades_inserted
         s.duplicates_skipped += result.duplicates_skipped
-        s.dead_letters += result.dead_letters
+        s.dead_letters += result.dead_letters + len(result.refused)
         s.batches += 1
-        s.partitions.update(self.line_partitions)
-        self.lines, self.line_partitions, self.dead = [], [], []
+        s.partitions.update(m.partition for m in self.sources)
+        self.lines, self.sources, self.dead = [], [], []
 
     def drop(self, partitions: list[int]) -> None:
         lost = set(partitions)
-        kept = [(line, p) for line, p in zip(self.lines, self.line_partitions) if p not in lost]
-        self.lines, self.line_partitions = [line for line, _ in kept], [p for _, p in kept]
+        kept = [(line, m) for line, m in zip(self.lines, self.sources) if m.partition not in lost]
+        self.lines, self.sources = [line for line, _ in kept], [m for _, m in kept]
         self.dead = [d for d in self.dead if d.partition not in lost]
 
 

@@ -92,9 +92,12 @@ def start_postgres(settings: Settings) -> None:
         data.mkdir(parents=True, exist_ok=True)
         _chown_tree(data.parent)
         log.info("initialising PostgreSQL data directory %s", data)
-        subprocess.run([_pg_bin("initdb"), "-D", str(data), "-U", settings.postgres_user,
-                        "--auth=trust", "--encoding=UTF8", "--no-locale"],
-                       check=True, capture_output=True, **as_user)
+        result = subprocess.run([_pg_bin("initdb"), "-D", str(data), "-U", settings.postgres_user,
+                                 "--auth=trust", "--encoding=UTF8", "--no-locale"],
+                                capture_output=True, text=True, **as_user)
+        if result.returncode != 0:
+            raise StackError(f"initdb could not create the PostgreSQL data folder {data}:\n"
+                             f"{(result.stderr or result.stdout).strip()[-2000:]}")
     _chown_tree(data.parent)
     stale = data / "postmaster.pid"
     if stale.exists():
@@ -264,11 +267,32 @@ def _is_zombie(pid: int) -> bool:
 
 # ---------------------------------------------------------------- the stack
 
+def check_home(settings: Settings) -> None:
+    """TRADEWATCH_HOME must be a folder we can create and, as root, one the service user that runs
+    PostgreSQL can reach: say so plainly instead of letting initdb fail."""
+    home = settings.home
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StackError(f"cannot create TRADEWATCH_HOME {home}: {error.strerror} — choose a folder you can "
+                         "write (the default is .tradewatch/demo in the project)") from None
+    if os.geteuid() != 0:
+        return
+    as_user = _run_as()
+    for folder in [*reversed(home.parents), home]:
+        if subprocess.run(["test", "-x", str(folder)], **as_user).returncode != 0:
+            raise StackError(
+                f"TRADEWATCH_HOME {home} is inside {folder}, which the user '{SERVICE_USER}' cannot enter. "
+                f"PostgreSQL refuses to run as root, so it runs as '{SERVICE_USER}' and needs to reach its data "
+                f"folder: choose a TRADEWATCH_HOME outside {folder} (the default .tradewatch/demo works), "
+                f"or allow it with `chmod o+x {folder}`.")
+
+
 def start(settings: Settings, timeout_s: float = 90.0) -> None:
     """Start both services (when not running), wait until they answer, create DB, schema, topics."""
     from tradewatch import bus
 
-    settings.home.mkdir(parents=True, exist_ok=True)
+    check_home(settings)
     start_postgres(settings)
     start_kafka(settings)
     ensure_database(settings)

@@ -13,6 +13,7 @@ from tests.conftest import SHARED_DATA, query, run_script, start_script, wait_fo
 from tradewatch import bus, stack
 from tradewatch.events import iso_to_ms
 from tradewatch.market.simulator import MarketSimulator
+from tradewatch.store import db
 
 START = "2026-01-01T00:00:00Z"
 
@@ -209,3 +210,34 @@ def test_consumer_rides_out_a_postgres_outage_and_a_kafka_outage(settings, tmp_p
     assert text.count("PostgreSQL unavailable") == 1
     assert "cannot reach Kafka" in text
     assert "Traceback" not in text
+
+
+def test_a_row_the_database_refuses_is_isolated_and_dead_lettered(settings, tmp_path):
+    """Validation cannot know every rule of the database (here an operator's CHECK constraint):
+    the batch is split until the refused row is found; it is dead-lettered with PostgreSQL's
+    message, and the 200 trades around it are stored."""
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE trades ADD CONSTRAINT sane_quantity CHECK (quantity < 1e9) NOT VALID")
+    conn.close()
+    try:
+        publisher = bus.Publisher(settings)
+        for n in range(1, 201):
+            publisher.send(settings.trades_topic, b"AAPL", good(n))
+            if n in (77, 150):
+                publisher.send(settings.trades_topic, b"AAPL", good(n).replace(b'"quantity": 10', b'"quantity": 5e9')
+                               .replace(b'"good-', b'"huge-'))
+        publisher.flush()
+        publisher.close()
+        consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
+        wait_for(lambda: count(settings) == 200 and query(settings, "SELECT count(*) FROM dead_letters")[0][0] == 2,
+                 message="200 rows and 2 dead letters")
+        assert consumer.poll() is None, "the consumer keeps running"
+        assert stop_gracefully(consumer) == 0
+    finally:
+        with db.connect(settings) as conn, conn.cursor() as cur:
+            cur.execute("ALTER TABLE trades DROP CONSTRAINT sane_quantity")
+        conn.close()
+    reasons = [r[0] for r in query(settings, "SELECT reason FROM dead_letters")]
+    assert all(r.startswith('refused by PostgreSQL: ERROR:  new row for relation "trades" violates check constraint'
+                            ' "sane_quantity"') for r in reasons), reasons
+    assert {r[0] for r in query(settings, "SELECT trade_id FROM trades")} == {f"good-{n}" for n in range(1, 201)}

@@ -6,6 +6,11 @@ The direct COPY runs at the database's bulk-load speed and is what happens in st
 sits in a savepoint, so a duplicate key only rolls back that attempt, and the same buffer then
 takes the merge path. The conflict clause on trade_id is what makes "offsets after commit"
 exactly-once.
+
+A row the database refuses although validation passed it (a data error, or a constraint an
+operator added) never stops ingestion: the batch is split in halves, each in its own savepoint,
+until the refused rows are found; they become dead letters with PostgreSQL's own message, and
+every other row is stored.
 """
 from __future__ import annotations
 
@@ -48,31 +53,67 @@ class DeadLetter:
 
 
 @dataclass(slots=True)
+class Refused:
+    index: int          # position in the batch's lines
+    reason: str
+
+
+@dataclass(slots=True)
 class BatchResult:
     trades_inserted: int
     duplicates_skipped: int
     dead_letters: int
+    refused: list[Refused]
 
 
 def write_batch(cur: psycopg2.extensions.cursor, lines: list[str],
                 dead_letters: list[DeadLetter]) -> BatchResult:
     """Write one batch — trades as `copy_line`s — inside the caller's transaction (the stage
-    runtime commits it, then the Kafka offsets)."""
-    inserted = 0
-    if lines:
-        buffer = io.StringIO("\n".join(lines) + "\n")
-        cur.execute("SAVEPOINT direct_copy")
-        try:
-            cur.copy_expert(f"COPY trades ({COLUMNS}) FROM STDIN", buffer)
-            cur.execute("RELEASE SAVEPOINT direct_copy")
-            inserted = len(lines)
-        except psycopg2.errors.UniqueViolation:
-            cur.execute("ROLLBACK TO SAVEPOINT direct_copy")
-            buffer.seek(0)
-            cur.execute(_CREATE_STAGE)
-            cur.copy_expert(f"COPY trades_incoming ({COLUMNS}) FROM STDIN", buffer)
-            cur.execute(_MERGE)
-            inserted = cur.rowcount
+    runtime commits it, then the Kafka offsets). Lines the database refuses are not written and
+    come back in `refused`; the caller dead-letters them (`write_dead_letters`)."""
+    inserted, refused = _store(cur, lines, 0, 0) if lines else (0, [])
+    write_dead_letters(cur, dead_letters)
+    return BatchResult(inserted, len(lines) - inserted - len(refused), len(dead_letters), refused)
+
+
+def _store(cur, lines: list[str], first: int, depth: int) -> tuple[int, list[Refused]]:
+    """Store lines[...] (batch positions from `first`); split on a data error. Returns (rows
+    inserted, refused lines)."""
+    savepoint = f"store_{depth}"
+    cur.execute(f"SAVEPOINT {savepoint}")
+    try:
+        inserted = _copy(cur, "\n".join(lines) + "\n")
+        cur.execute(f"RELEASE SAVEPOINT {savepoint}")
+        return inserted, []
+    except (psycopg2.DataError, psycopg2.IntegrityError) as error:
+        cur.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+        cur.execute(f"RELEASE SAVEPOINT {savepoint}")
+        if len(lines) == 1:
+            message = (error.pgerror or str(error)).strip().splitlines()[0]
+            return 0, [Refused(first, f"refused by PostgreSQL: {message}")]
+    half = len(lines) // 2
+    left, left_refused = _store(cur, lines[:half], first, depth + 1)
+    right, right_refused = _store(cur, lines[half:], first + half, depth + 1)
+    return left + right, left_refused + right_refused
+
+
+def _copy(cur, text: str) -> int:
+    """COPY straight into trades; when a trade_id is already stored, merge through a temp table."""
+    cur.execute("SAVEPOINT direct_copy")
+    try:
+        cur.copy_expert(f"COPY trades ({COLUMNS}) FROM STDIN", io.StringIO(text))
+        cur.execute("RELEASE SAVEPOINT direct_copy")
+        return text.count("\n")
+    except psycopg2.errors.UniqueViolation:
+        cur.execute("ROLLBACK TO SAVEPOINT direct_copy")
+        cur.execute("RELEASE SAVEPOINT direct_copy")
+    cur.execute(_CREATE_STAGE)
+    cur.copy_expert(f"COPY trades_incoming ({COLUMNS}) FROM STDIN", io.StringIO(text))
+    cur.execute(_MERGE)
+    return cur.rowcount
+
+
+def write_dead_letters(cur: psycopg2.extensions.cursor, dead_letters: list[DeadLetter]) -> None:
     if dead_letters:
         execute_values(
             cur,
@@ -80,7 +121,6 @@ def write_batch(cur: psycopg2.extensions.cursor, lines: list[str],
             "VALUES %s ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
             [(d.topic, d.partition, d.offset, d.key, d.raw, d.reason) for d in dead_letters],
         )
-    return BatchResult(inserted, len(lines) - inserted, len(dead_letters))
 
 
 def copy_line(t: Trade, partition: int | None, offset: int | None) -> str:
