@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backfill", action="store_true",
                         help="rebuild the windows of --since/--until from the trades table, then exit")
     parser.add_argument("--since", type=iso_time, help="backfill start (ISO-8601, UTC if no offset)")
-    parser.add_argument("--until", type=iso_time, help="backfill end (default: now)")
+    parser.add_argument("--until", type=iso_time,
+                        help="backfill end (default: now); both ends move to window boundaries, and windows "
+                             "the running aggregator still holds open are left to it")
     args = parser.parse_args(argv)
     setup_logging()
     overrides = {k: v for k, v in {"window_sizes": args.windows, "allowed_lateness_seconds": args.lateness}.items()
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         until = args.until or datetime.now(timezone.utc)
         conn = db.connect(settings)
-        written = backfill(conn, args.since, until, sizes_from(settings), excluded_conditions(settings))
+        written = backfill(conn, args.since, until, sizes_from(settings), excluded_conditions(settings),
+                           settings.aggregator_group, settings.trades_topic)
         conn.close()
         print(f"backfilled {written} windows from {args.since.isoformat()} to {until.isoformat()}")
         return 0

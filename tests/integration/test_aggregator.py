@@ -187,3 +187,41 @@ def test_one_bad_clock_never_stalls_the_windows(settings, tmp_path):
     assert counted == {"LIVE": 60, "REPLAY": 60}, "every good trade is in a window, the bad clock in none"
     latest = dict(query(settings, "SELECT symbol, max(window_start) FROM stock_metrics GROUP BY symbol"))
     assert latest["REPLAY"].timestamp() * 1000 < replay_t0 + 3_600_000
+
+
+def test_backfill_writes_whole_windows_only_and_leaves_held_windows_to_the_live_aggregator(settings):
+    """Issue 11: `--backfill --until` inside a window wrote that partial window marked final, and
+    could finalise a window the live aggregator still held open."""
+    from tradewatch.store.writer import copy_line, write_batch
+    t0 = iso_to_ms("2026-01-01T00:00:00Z")
+    trades = [Trade(f"b-{n}", "AAPL", t0 + n * 10_000, 100.0 + n, 1.0, "buy", "X") for n in range(40)]  # 6.5 min
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        write_batch(cur, [copy_line(t, 2, n) for n, t in enumerate(trades)], [])
+    conn.close()
+
+    def backfill(until: str) -> None:
+        run_script(settings.with_overrides(window_sizes="1m,5m"), "aggregator.py", "--backfill",
+                   "--since", "2026-01-01T00:00:00Z", "--until", until)
+
+    def windows() -> list[tuple]:
+        return query(settings, "SELECT window_size, (extract(epoch FROM window_start) * 1000)::bigint - %s,"
+                               " trade_count, is_final FROM stock_metrics ORDER BY 1, 2", (t0,))
+
+    backfill("2026-01-01T00:02:30Z")             # inside minute 2 and inside the first 5 minutes
+    assert windows() == [("1m", 0, 6, True), ("1m", 60_000, 6, True)]
+
+    # the live aggregator holds minute 3 open (its row) and its partition's watermark is at 4:10
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO aggregator_offsets (consumer_group, topic, kafka_partition, next_offset,"
+                    " max_event_ms, watermark_ms) VALUES (%s, %s, 2, 40, %s, %s)",
+                    (settings.aggregator_group, settings.trades_topic, t0 + 255_000, t0 + 250_000))
+        cur.execute("INSERT INTO stock_metrics (symbol, window_size, window_start, window_end, open, high, low,"
+                    " close, volume, traded_value, vwap, trade_count, avg_price, min_price, max_price, sum_price,"
+                    " avg_quantity, min_quantity, max_quantity, sum_quantity, buy_volume, sell_volume, is_final,"
+                    " kafka_partition) VALUES ('AAPL', '1m', timestamptz 'epoch' + %s * interval '1 ms',"
+                    " timestamptz 'epoch' + %s * interval '1 ms', 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,"
+                    " 1, 0, false, 2)", (t0 + 180_000, t0 + 240_000))
+    conn.close()
+    backfill("2026-01-01T00:10:00Z")
+    assert windows() == [("1m", 0, 6, True), ("1m", 60_000, 6, True), ("1m", 120_000, 6, True),
+                         ("1m", 180_000, 1, False)], "minute 3 stays the aggregator's; minute 4+ end after 4:10"

@@ -117,9 +117,13 @@ def load_indicator_state(cur: Cursor, symbol: str, label: str) -> IndicatorState
 
 
 def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datetime,
-             sizes_ms: tuple[int, ...], ohlc_exclude_conditions: frozenset[str]) -> int:
-    """Rebuild every window of [since, until) straight from `trades` (final rows), then recompute
-    the indicators of every series touched. Returns the number of windows written."""
+             sizes_ms: tuple[int, ...], ohlc_exclude_conditions: frozenset[str],
+             live_group: str | None = None, topic: str | None = None) -> int:
+    """Rebuild the whole windows between `since` and `until` (both moved to window boundaries:
+    `until` down, so no partial window is ever marked final) straight from `trades`, then
+    recompute the indicators of every series touched. A window the live aggregator (`live_group`
+    on `topic`) still holds open — its row is not final, or it ends after the watermark of its
+    partition — is left to the aggregator. Returns the number of windows written."""
     written = 0
     excluded = sorted(ohlc_exclude_conditions)
     with conn.cursor() as cur:
@@ -131,7 +135,10 @@ def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datet
                     SELECT *, date_bin(%(step)s * interval '1 millisecond', ts, timestamptz 'epoch') AS bin
                     FROM trades
                     WHERE ts >= date_bin(%(step)s * interval '1 millisecond', %(since)s, timestamptz 'epoch')
-                      AND ts < %(until)s)
+                      AND ts < date_bin(%(step)s * interval '1 millisecond', %(until)s, timestamptz 'epoch')),
+                held AS (
+                    SELECT kafka_partition, watermark_ms FROM aggregator_offsets
+                    WHERE consumer_group = %(group)s AND topic = %(topic)s)
                 INSERT INTO stock_metrics ({_WINDOW_COLUMNS})
                 SELECT symbol, %(label)s, bin, bin + %(step)s * interval '1 millisecond',
                     (array_agg(price ORDER BY ts, kafka_offset) FILTER (WHERE {sets_price}))[1],
@@ -143,9 +150,15 @@ def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datet
                     coalesce(sum(quantity) FILTER (WHERE side = 'sell'), 0), true,
                     NULL, NULL, NULL, NULL, min(kafka_partition)
                 FROM binned GROUP BY symbol, bin
+                HAVING NOT EXISTS (
+                    SELECT 1 FROM held WHERE held.kafka_partition = min(binned.kafka_partition)
+                      AND (held.watermark_ms IS NULL OR (extract(epoch FROM bin) * 1000)::bigint + %(step)s
+                                                         > held.watermark_ms))
                 ON CONFLICT (symbol, window_size, window_start) DO UPDATE SET {UPSERT_SET}
+                    WHERE stock_metrics.is_final
                 RETURNING symbol""",
-                dict(step=size, since=since, until=until, label=label, excluded=excluded))
+                dict(step=size, since=since, until=until, label=label, excluded=excluded, group=live_group,
+                     topic=topic))
             symbols = {r[0] for r in cur.fetchall()}
             written += cur.rowcount
             for symbol in symbols:
