@@ -9,11 +9,11 @@ Wire format (Kafka topic `trades`, key = symbol, value = UTF-8 JSON object), sch
     timestamp_ms      int             event time, UTC milliseconds since the epoch, from 1990-01-01
                                       to at most MAX_CLOCK_SKEW_SECONDS (default 300) after the
                                       moment the message was sent (its Kafka record timestamp)
-    price             number          finite, > 0
-    quantity          number          finite, > 0
+    price             number          > 0 and <= 1e12 (so sums of price x quantity stay finite)
+    quantity          number          > 0 and <= 1e15
     side              string          "buy" | "sell" | "unknown"
     exchange          string          1..16 printable ASCII characters (space to ~)
-    bid, ask          number | null   optional quote; finite, > 0, bid <= ask
+    bid, ask          number | null   optional quote; > 0 and <= 1e12, bid <= ask
     condition         string | null   optional sale-condition code (recorded data), 1..32
                                       printable ASCII characters
     injected_anomaly  string | null   ground-truth label of a simulated anomaly; stored in its
@@ -94,7 +94,8 @@ class Trade:
         return orjson.dumps(self)
 
 
-_Positive = Annotated[float, msgspec.Meta(gt=0)]
+MAX_PRICE, MAX_QUANTITY = 1e12, 1e15
+_Price = Annotated[float, msgspec.Meta(gt=0, le=MAX_PRICE)]
 
 
 class _Wire(msgspec.Struct, gc=False):
@@ -103,12 +104,12 @@ class _Wire(msgspec.Struct, gc=False):
     trade_id: Annotated[str, msgspec.Meta(pattern=_ID_PATTERN)]
     symbol: Annotated[str, msgspec.Meta(pattern=_SYMBOL_PATTERN)]
     timestamp_ms: Annotated[int, msgspec.Meta(ge=EARLIEST_TIMESTAMP_MS)]
-    price: _Positive
-    quantity: _Positive
+    price: _Price
+    quantity: Annotated[float, msgspec.Meta(gt=0, le=MAX_QUANTITY)]
     side: Literal["buy", "sell", "unknown"]
     exchange: Annotated[str, msgspec.Meta(pattern=_EXCHANGE_PATTERN)]
-    bid: _Positive | None = None
-    ask: _Positive | None = None
+    bid: _Price | None = None
+    ask: _Price | None = None
     condition: Annotated[str, msgspec.Meta(pattern=_CONDITION_PATTERN)] | None = None
     injected_anomaly: Literal["price_spike", "price_drop", "volume_spike", "flash_crash"] | None = None
 
@@ -133,8 +134,8 @@ def decode_trade(raw: bytes | None, sent_ms: int | None = None,
     if raw is not None and len(raw) <= MAX_EVENT_BYTES:
         try:
             w = _decode_wire(raw)
-        except msgspec.DecodeError:
-            pass    # the slow path below says why
+        except (msgspec.DecodeError, ValueError):
+            pass    # the slow path below says why (msgspec raises UnicodeDecodeError on some bad UTF-8)
         else:
             limit = (sent_ms if sent_ms is not None else int(time.time() * 1000)) + max_skew_ms
             if (w.timestamp_ms <= limit and math.isfinite(w.price) and math.isfinite(w.quantity)
@@ -177,14 +178,14 @@ def trade_from_dict(data: object, sent_ms: int | None = None, max_skew_ms: int =
     if not _SYMBOL.match(symbol):
         raise InvalidTrade(f"field 'symbol' {_shown(symbol)} has characters outside A-Z 0-9 . - _ / ^ =")
     timestamp_ms = _timestamp(data, sent_ms if sent_ms is not None else int(time.time() * 1000), max_skew_ms)
-    price = _positive_number(data, "price")
-    quantity = _positive_number(data, "quantity")
+    price = _positive_number(data, "price", MAX_PRICE)
+    quantity = _positive_number(data, "quantity", MAX_QUANTITY)
     side = _string(data, "side", 8)
     if side not in SIDES:
         raise InvalidTrade(f"field 'side' must be one of buy, sell, unknown; got {side!r}")
     exchange = _string(data, "exchange", 16)
-    bid = _optional_positive_number(data, "bid")
-    ask = _optional_positive_number(data, "ask")
+    bid = _optional_positive_number(data, "bid", MAX_PRICE)
+    ask = _optional_positive_number(data, "ask", MAX_PRICE)
     if bid is not None and ask is not None and bid > ask:
         raise InvalidTrade(f"bid {bid} is above ask {ask}")
     condition = _optional_string(data, "condition", 32)
@@ -248,15 +249,17 @@ def _number(data: dict, name: str) -> float:
     return value
 
 
-def _positive_number(data: dict, name: str) -> float:
+def _positive_number(data: dict, name: str, limit: float) -> float:
     value = _number(data, name)
     if value <= 0:
         raise InvalidTrade(f"field '{name}' must be > 0, got {value:g}")
+    if value > limit:
+        raise InvalidTrade(f"field '{name}' must be at most {limit:g}, got {value:g}")
     return value
 
 
-def _optional_positive_number(data: dict, name: str) -> float | None:
-    return None if data.get(name) is None else _positive_number(data, name)
+def _optional_positive_number(data: dict, name: str, limit: float) -> float | None:
+    return None if data.get(name) is None else _positive_number(data, name, limit)
 
 
 def _timestamp(data: dict, sent_ms: int, max_skew_ms: int) -> int:

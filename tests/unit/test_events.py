@@ -32,6 +32,9 @@ def test_iso_timestamps_convert_to_epoch_milliseconds():
 
 @pytest.mark.parametrize("raw, reason", [
     (b"\xff\xfe{}", "not UTF-8"),
+    # a cut multi-byte character inside a string: msgspec raised UnicodeDecodeError and the consumer
+    # died (found by the fuzz suite, tests/integration/test_fuzz.py)
+    (b'{"schema_version":1,"trade_id":"ab\xf4"}', "not UTF-8: invalid continuation byte at byte 34"),
     (b"{not json", "not JSON"),
     (b"[1, 2]", "expected a JSON object"),
     (b"x" * 20000, "exceeds the 16384-byte limit"),
@@ -66,6 +69,8 @@ def test_iso_timestamps_convert_to_epoch_milliseconds():
     (encode(event(timestamp_ms=1.5e12)), "must be an integer"),
     (encode(event(bid=191.0, ask=190.0)), "bid 191.0 is above ask 190.0"),
     (encode(event(injected_anomaly="meteor")), "is not one of"),
+    (encode(event(price=1e300)), "field 'price' must be at most 1e+12, got 1e+300"),
+    (encode(event(quantity=2e15)), "field 'quantity' must be at most 1e+15"),
 ])
 def test_every_violation_has_a_precise_reason(raw, reason):
     with pytest.raises(InvalidTrade) as error:
