@@ -2,14 +2,14 @@
 alerts, publish alerts.
 
 On the stage runtime's commit protocol (tradewatch/runtime.py): per checkpoint one fenced
-transaction writes trade_flags, alerts (unpublished) and breaker states; then the alert outbox is
-sent to the Kafka topic `alerts` (and the webhook) and marked published; then Kafka offsets.
-Restart-safe: on assignment each partition is re-read from `WARMUP_TRADES` before its committed
-offset to rebuild the rolling state silently. The state of the symbols on that partition is
-dropped first, so a re-read after a rebalance starts from scratch and time never runs backwards
-inside a symbol's state. Warm-up trades raise no flag, alert or breaker transition; everything
-written is keyed (trade_id, alert_id), so work redone after a crash is never doubled. Breaker
-states and alert cooldowns are reloaded from the database.
+transaction writes trade_flags, alerts (unpublished), breaker states *and the position*: the next
+offset and the rolling state of the symbols of each partition (table detector_state); then the
+alert outbox is sent to the Kafka topic `alerts` (and the webhook) and marked published; then
+Kafka offsets. On assignment each partition's state is loaded in the transaction that claims it,
+and reading starts at its stored offset, so a restart or rebalance goes on exactly where the last
+checkpoint stopped: the same features, flags and alerts as a run that was never interrupted, and
+time never runs backwards inside a symbol's state. Breaker states and alert cooldowns are
+reloaded from their tables.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from tradewatch.events import InvalidTrade, parse_trade
 from tradewatch.store import detections as store
 
 log = logging.getLogger("tradewatch.detector")
-WARMUP_TRADES = 500
 OUTBOX_BATCH = 1000
 
 
@@ -53,11 +52,12 @@ class Detect(runtime.Stage):
     def __init__(self, settings: Settings):
         super().__init__()
         self.settings = settings
+        self.group, self.topic = settings.detector_group, settings.trades_topic
         self.max_skew_ms = int(settings.max_clock_skew_seconds * 1000)
         self.pipeline = DetectionPipeline(RuleDetector(detector_config(settings)), load_model(settings))
         self.dedup = Deduplicator.from_settings(settings)
         self.webhook = WebhookSink(settings.alert_webhook_url) if settings.alert_webhook_url else None
-        self.live_from: dict[int, int] = {}   # partition -> first offset not seen before (earlier = warm-up)
+        self.next_offsets: dict[int, int] = {}   # partitions read since the last checkpoint
         self.symbol_partition: dict[str, int] = {}   # where each symbol's trades come from (key = symbol)
         self.restored = False
         self.outbox_waiting = True            # alerts a previous run stored but never published
@@ -75,14 +75,17 @@ class Detect(runtime.Stage):
             self.dedup.last_ms.update(store.load_last_alerts(cur))
             self.restored = True
         gained = set(partitions)
-        # rebuilt from the warm-up re-read, never extended backwards
         self.pipeline.rules.forget({s for s, p in self.symbol_partition.items() if p in gained})
-        committed = rt.consumer.committed(partitions)
         starts = {}
         for p in partitions:
-            self.live_from[p] = committed.get(p) or 0
-            starts[p] = max(self.live_from[p] - WARMUP_TRADES, 0)
-            log.info("partition %d: warming up from offset %d, live from %d", p, starts[p], self.live_from[p])
+            stored = store.load_position(cur, self.group, self.topic, p)
+            if stored is None:
+                log.info("partition %d: no stored state, starting at the group's offset with fresh state", p)
+                continue
+            starts[p], states = stored
+            self.pipeline.rules.restore(states)
+            self.symbol_partition.update((symbol, p) for symbol in states)
+            log.info("partition %d: resuming at offset %d with the state of %d symbols", p, starts[p], len(states))
         return starts
 
     def take(self, messages: list[bus.Message]) -> None:
@@ -94,11 +97,12 @@ class Detect(runtime.Stage):
             except InvalidTrade:
                 continue  # dead-lettered by the consumer
         self.read += len(messages)
-        warmup = [m.offset < self.live_from.get(m.partition, 0) for m in origins]
+        for m in messages:
+            self.next_offsets[m.partition] = m.offset + 1
         for t, m in zip(trades, origins):
             self.symbol_partition[t.symbol] = m.partition
-        for d, m, is_warmup in zip(self.pipeline.process(trades, warmup), origins, warmup):
-            if d.is_anomaly and not is_warmup:
+        for d, m in zip(self.pipeline.process(trades), origins):
+            if d.is_anomaly:
                 self.flagged_pending.append((m.partition, d))
                 self.alerts_pending.extend((m.partition, a) for a in alerts_for(d) if self.dedup.allow(a))
         self.transitions.extend((self.symbol_partition.get(t.symbol, -1), t)
@@ -112,11 +116,17 @@ class Detect(runtime.Stage):
         store.write_flags(cur, [d for _, d in self.flagged_pending], self.pipeline.version)
         store.write_alerts(cur, [a for _, a in self.alerts_pending])
         store.write_breakers(cur, [t for _, t in self.transitions])
+        symbols: dict[int, set[str]] = {}
+        for symbol, p in self.symbol_partition.items():
+            symbols.setdefault(p, set()).add(symbol)
+        store.write_positions(cur, self.group, self.topic, {
+            p: (offset, self.pipeline.rules.export(symbols.get(p, set()))) for p, offset in self.next_offsets.items()})
 
     def written(self) -> None:
         self.flagged += len(self.flagged_pending)
         self.outbox_waiting = self.outbox_waiting or bool(self.alerts_pending)
         self.flagged_pending, self.alerts_pending, self.transitions = [], [], []
+        self.next_offsets.clear()
         self.read = 0
 
     def publish(self, rt: runtime.Runtime) -> None:
@@ -147,7 +157,8 @@ class Detect(runtime.Stage):
         self.alerts_pending = [(p, a) for p, a in self.alerts_pending if p not in gone]
         self.transitions = [(p, t) for p, t in self.transitions if p not in gone]
         for p in gone:
-            self.live_from.pop(p, None)
+            self.next_offsets.pop(p, None)
+        self.pipeline.rules.forget({s for s, p in self.symbol_partition.items() if p in gone})
 
     def close(self) -> None:
         if self.webhook:

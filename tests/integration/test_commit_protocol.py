@@ -1,16 +1,14 @@
-"""The stage runtime's commit protocol on the real broker and database (tradewatch/runtime.py):
-kill -9 of every stage at random points ends with the same tables as a clean run and every alert
-on the `alerts` topic; a stalled aggregator that wakes after a newer owner took its partitions is
-fenced and cannot write over the newer owner's rows."""
+"""The stage runtime's commit protocol on the real broker and database (tradewatch/runtime.py): a
+stalled aggregator that wakes after a newer owner took its partitions is fenced and cannot write
+over the newer owner's rows; every stage stops promptly during an outage and idles quietly.
+(kill -9 of every stage, with PostgreSQL and Kafka restarts: tests/integration/test_chaos.py.)"""
 from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
-import threading
 import time
 from itertools import islice
 
@@ -94,49 +92,6 @@ def truncate(settings) -> None:
     with db.connect(settings) as conn, conn.cursor() as cur:
         cur.execute(f"TRUNCATE {DERIVED}")
     conn.close()
-
-
-def test_kill_9_of_every_stage_ends_like_a_clean_run(settings, tmp_path):
-    publish_replay(settings)
-    clean = with_groups(settings, "clean")
-    processes = [start(clean, stage, tmp_path / f"clean-{stage}.log") for stage in STAGES]
-    wait_for(lambda: finished(clean), timeout=240, interval=0.5, message="the clean run to finish")
-    stop_all(processes)
-    expected = snapshot(clean)
-    assert len(expected["trades"]) == N and expected["alerts"] and expected["stock_metrics"]
-    assert alerts_on_topic(clean, {a[0] for a in expected["alerts"]}) >= {a[0] for a in expected["alerts"]}
-
-    truncate(settings)
-    chaos = with_groups(settings.with_overrides(trades_topic=f"{settings.trades_topic}-chaos"), "chaos")
-    bus.ensure_topic(chaos, chaos.trades_topic, chaos.trades_partitions)
-    logs = {stage: tmp_path / f"chaos-{stage}.log" for stage in STAGES}
-    running = {stage: start(chaos, stage, logs[stage]) for stage in STAGES}
-    replay = threading.Thread(target=publish_replay, args=(chaos, 1500.0))   # ~13 s of replay
-    replay.start()
-    rng = random.Random(7)
-    kills = {stage: 0 for stage in STAGES}
-    schedule = sorted(STAGES) * 3            # every stage three times, in a random order
-    rng.shuffle(schedule)
-    mid_replay = 0
-    for stage in schedule:
-        time.sleep(rng.uniform(0.5, 2.5))
-        running[stage].kill()                # SIGKILL: no flush, no commit, no goodbye
-        running[stage].wait()
-        kills[stage] += 1
-        mid_replay += replay.is_alive()
-        running[stage] = start(chaos, stage, logs[stage])
-    replay.join()
-    assert mid_replay >= 6, f"only {mid_replay} kills happened while trades were still arriving"
-    wait_for(lambda: finished(chaos), timeout=300, interval=0.5, message="the run with kills to finish")
-    stop_all(running.values())
-
-    got = snapshot(chaos)
-    for table in expected:
-        assert got[table] == expected[table], f"{table} differs after kill -9 of every stage ({kills})"
-    alert_ids = {a[0] for a in got["alerts"]}
-    assert alerts_on_topic(chaos, alert_ids) >= alert_ids, "every stored alert reached the alerts topic"
-    for stage, log in logs.items():
-        assert "Traceback" not in log.read_text(), f"{stage} crashed"
 
 
 def folded(settings) -> int:

@@ -1,5 +1,5 @@
 """Detection state never sees time run backwards as a crash: out-of-order, equal and re-read
-timestamps (what a rebalance re-read produces) give finite features and never raise."""
+timestamps give finite features and never raise; a stored state goes on exactly."""
 from __future__ import annotations
 
 import math
@@ -57,28 +57,20 @@ def market(n: int, start: int = 0) -> list[Trade]:
     return [trade(start + i, T0 + (start + i) * 1000, p, 100 + (i * 13) % 50) for i, p in enumerate(prices)]
 
 
-def test_a_reread_after_forget_rebuilds_exactly_the_state_of_a_fresh_detector():
+def test_a_stored_and_restored_state_goes_on_exactly_like_an_uninterrupted_detector():
+    """What a restart does (tradewatch/detect_stream.py): the state of a symbol goes through JSON
+    in detector_state and on; features, flags and breaker moves equal a run never interrupted."""
+    import json
     trades = market(300)
-    reader = RuleDetector()
+    running, restarted = RuleDetector(), RuleDetector()
     for t in trades[:200]:
-        reader.process(t)
-    # rebalance: the partition is re-read from offset 100 (warm-up) while the state holds 0..199
-    reader.forget({"AAPL"})
-    fresh = RuleDetector()
-    for t in trades[100:200]:
-        assert reader.process(t, warmup=True).features == fresh.process(t, warmup=True).features
+        running.process(t)
+        restarted.process(t)
+    stored = json.loads(json.dumps(restarted.export({"AAPL"})))
+    restarted = RuleDetector()
+    restarted.restore(stored)
+    running.take_transitions()
     for t in trades[200:]:
-        a, b = reader.process(t), fresh.process(t)
-        assert (a.features, a.types) == (b.features, b.types)
-
-
-def test_warmup_trades_never_move_a_circuit_breaker():
-    trades = market(200)
-    detector = RuleDetector()
-    for t in trades:
-        detector.process(t, warmup=True)
-    assert detector.take_transitions() == []
-    live = RuleDetector()
-    for t in trades:
-        live.process(t)
-    assert [tr.state for tr in live.take_transitions()][:1] == ["OPEN"]
+        a, b = running.process(t), restarted.process(t)
+        assert (a.features, a.types, a.score) == (b.features, b.types, b.score)
+    assert running.take_transitions() == restarted.take_transitions()

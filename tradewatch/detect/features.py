@@ -53,6 +53,18 @@ class _Rolling:
         self.total += value
         self.total_sq += value * value
 
+    def to_list(self) -> list[float]:
+        """[total, total_sq, *values]: the exact state (running sums included, so a restored
+        window gives bit-identical means)."""
+        return [self.total, self.total_sq, *self.values]
+
+    @classmethod
+    def from_list(cls, n: int, data: list[float]) -> "_Rolling":
+        rolling = cls(n)
+        rolling.total, rolling.total_sq = data[0], data[1]
+        rolling.values.extend(data[2:])
+        return rolling
+
     @property
     def mean(self) -> float:
         return self.total / len(self.values) if self.values else 0.0
@@ -78,6 +90,26 @@ class SymbolState:
         self.run_length = 0
         self.run_start_price: float | None = None
         self.shift_streak = 0
+
+    def to_dict(self) -> dict:
+        """The whole state as JSON-able values (floats round-trip exactly through JSON)."""
+        return {"prices": self.prices.to_list(), "log_quantities": self.log_quantities.to_list(),
+                "quantities": self.quantities.to_list(), "gaps": self.gaps.to_list(), "recent": list(self.recent),
+                "last_ts": self.last_ts, "last_price": self.last_price, "run_direction": self.run_direction,
+                "run_length": self.run_length, "run_start_price": self.run_start_price,
+                "shift_streak": self.shift_streak}
+
+    @classmethod
+    def from_dict(cls, data: dict, price_window: int, volume_window: int) -> "SymbolState":
+        state = cls(price_window, volume_window)
+        state.prices = _Rolling.from_list(price_window, data["prices"])
+        for name in ("log_quantities", "quantities", "gaps"):
+            setattr(state, name, _Rolling.from_list(volume_window, data[name]))
+        state.recent.extend(data["recent"])
+        state.last_ts, state.last_price = data["last_ts"], data["last_price"]
+        state.run_direction, state.run_length = data["run_direction"], data["run_length"]
+        state.run_start_price, state.shift_streak = data["run_start_price"], data["shift_streak"]
+        return state
 
     def features(self, trade: Trade) -> TradeFeatures:
         price = trade.price

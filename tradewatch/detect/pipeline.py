@@ -17,10 +17,8 @@ class DetectionPipeline:
     def version(self) -> str:
         return f"{DETECTOR_VERSION}+forest-{self.model.version}" if self.model else DETECTOR_VERSION
 
-    def process(self, trades: list[Trade], warmup: list[bool] | None = None) -> list[Detection]:
-        """`warmup[i]` marks a trade re-read only to rebuild state (see RuleDetector.process)."""
-        flags = warmup or [False] * len(trades)
-        detections = [self.rules.process(t, w) for t, w in zip(trades, flags)]
+    def process(self, trades: list[Trade]) -> list[Detection]:
+        detections = [self.rules.process(t) for t in trades]
         if self.model is not None:
             warm = [d for d in detections if d.features.history >= self.rules.config.min_history]
             if warm:

@@ -115,14 +115,20 @@ class RuleDetector:
         return breaker
 
     def forget(self, symbols: set[str]) -> None:
-        """Drop the rolling state of `symbols` (their partition is re-read from a warm-up offset)."""
+        """Drop the rolling state of `symbols` (their partition went to another process)."""
         for symbol in symbols:
             self.symbols.pop(symbol, None)
 
-    def process(self, trade: Trade, warmup: bool = False) -> Detection:
-        """Detect on one trade and fold it into its symbol's state. A `warmup` trade (re-read to
-        rebuild state after a restart or rebalance) never moves a circuit breaker: its transitions
-        were written when the trade was live."""
+    def export(self, symbols: set[str]) -> dict[str, dict]:
+        """The rolling state of `symbols`, to store beside the detector's position."""
+        return {s: self.symbols[s].to_dict() for s in sorted(symbols) if s in self.symbols}
+
+    def restore(self, states: dict[str, dict]) -> None:
+        for symbol, data in states.items():
+            self.symbols[symbol] = SymbolState.from_dict(data, self.config.price_window, self.config.volume_window)
+
+    def process(self, trade: Trade) -> Detection:
+        """Detect on one trade and fold it into its symbol's state."""
         c = self.config
         state = self.state_for(trade.symbol)
         f = state.features(trade)
@@ -143,11 +149,10 @@ class RuleDetector:
             if f.run_length >= c.run_length and abs(f.run_move) > c.run_move_pct:
                 d.flag("MOMENTUM_RUN", abs(f.run_move) / c.run_move_pct, run_length=f.run_length,
                        run_move_pct=round(f.run_move * 100, 3))
-            if not warmup:
-                transition = self.breaker_for(trade.symbol).observe(trade.timestamp_ms, move > c.circuit_pct,
-                                                                    move <= c.spike_pct)
-                if transition:
-                    self.transitions.append(transition)
+            transition = self.breaker_for(trade.symbol).observe(trade.timestamp_ms, move > c.circuit_pct,
+                                                                move <= c.spike_pct)
+            if transition:
+                self.transitions.append(transition)
         price_normal = not warm or move <= c.spike_pct
         volume_normal = "VOLUME_SPIKE" not in d.types
         state.update(trade, f, price_normal, volume_normal)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import orjson
+
 import psycopg2.extensions
 from psycopg2.extras import execute_values
 
@@ -49,6 +51,25 @@ def write_breakers(cur: Cursor, transitions: list[BreakerTransition]) -> None:
             "INSERT INTO circuit_breakers (symbol, state, since) VALUES %s ON CONFLICT (symbol) DO UPDATE"
             " SET state = EXCLUDED.state, since = EXCLUDED.since, updated_at = now()",
             [(t.symbol, t.state, t.timestamp_ms) for t in latest.values()], template=f"(%s, %s, {_MS})")
+
+
+def write_positions(cur: Cursor, group: str, topic: str, positions: dict[int, tuple[int, dict]]) -> None:
+    """Per partition: the next offset to read and the rolling state of its symbols."""
+    if positions:
+        execute_values(
+            cur,
+            "INSERT INTO detector_state (consumer_group, topic, kafka_partition, next_offset, symbols) VALUES %s"
+            " ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE SET next_offset = EXCLUDED.next_offset,"
+            " symbols = EXCLUDED.symbols, updated_at = now()",
+            [(group, topic, p, offset, orjson.dumps(states).decode()) for p, (offset, states) in positions.items()],
+            template="(%s, %s, %s, %s, %s::json)")
+
+
+def load_position(cur: Cursor, group: str, topic: str, partition: int) -> tuple[int, dict] | None:
+    cur.execute("SELECT next_offset, symbols::text FROM detector_state WHERE consumer_group = %s AND topic = %s"
+                " AND kafka_partition = %s", (group, topic, partition))
+    row = cur.fetchone()
+    return None if row is None else (row[0], orjson.loads(row[1]))
 
 
 def load_breakers(cur: Cursor) -> list[tuple[str, str, int]]:

@@ -181,6 +181,19 @@ ALTER TABLE alerts ADD COLUMN IF NOT EXISTS published_at timestamptz DEFAULT now
 ALTER TABLE alerts ALTER COLUMN published_at DROP DEFAULT;
 CREATE INDEX IF NOT EXISTS alerts_unpublished ON alerts (created_at) WHERE published_at IS NULL;
 
+-- Where the detector is, per partition, and the rolling state of that partition's symbols (JSON of
+-- tradewatch/detect/features.py SymbolState): written in the same transaction as its flags, alerts
+-- and breaker states, so a restart goes on exactly where the last checkpoint stopped.
+CREATE TABLE IF NOT EXISTS detector_state (
+    consumer_group  text NOT NULL,
+    topic           text NOT NULL,
+    kafka_partition integer NOT NULL,
+    next_offset     bigint NOT NULL,
+    symbols         json NOT NULL,                 -- json (not jsonb): floats kept digit for digit
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer_group, topic, kafka_partition)
+);
+
 -- Current circuit-breaker state per symbol: CLOSED | OPEN | HALF_OPEN.
 CREATE TABLE IF NOT EXISTS circuit_breakers (
     symbol      text PRIMARY KEY,
