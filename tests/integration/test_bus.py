@@ -122,3 +122,41 @@ def test_both_clients_put_a_key_on_the_partition_java_would(settings):
     messages = bus.read_topic(settings, topic, lambda got: len(got) >= 60)
     assert len(messages) == 60
     assert all(m.partition == bus.murmur2_partition(m.key, 6) for m in messages)
+
+
+def log_batches(settings, topic: str) -> list[dict[str, int]]:
+    """The record batches of partition 0 as the broker stored them (Kafka's own DumpLogSegments)."""
+    import re
+    import subprocess
+
+    from tradewatch.stack import JARS_DIR
+    segment = next((settings.home / "kafka" / "data" / f"{topic}-0").glob("*.log"))
+    dump = subprocess.run(["java", "-cp", str(JARS_DIR / "kafka" / "*"), "kafka.tools.DumpLogSegments",
+                           "--files", str(segment)], capture_output=True, text=True, timeout=60, check=True).stdout
+    fields = ("baseSequence", "lastSequence", "producerId", "count")
+    return [{f: int(re.search(rf"\b{f}: (-?\d+)", line).group(1)) for f in fields}
+            for line in dump.splitlines() if line.startswith("baseOffset:")]
+
+
+@CLIENTS
+def test_a_retried_batch_can_never_become_a_duplicate_record(settings, client):
+    """Issue 11: a producer retry could put a trade in the topic twice, and the aggregator folded it
+    twice. Our producers are idempotent, so the broker keeps every batch's producer id and sequence
+    and drops a retried batch it already has: the topic itself carries no retry duplicates. (A
+    plain producer's batches carry neither; that is what this test tells apart.)"""
+    from confluent_kafka import Producer
+    topic = f"idempotent-{uuid.uuid4().hex[:6]}"
+    bus.ensure_topic(settings, topic, 1)
+    publish(settings, topic, 3000, client)
+    ours = log_batches(settings, topic)
+    assert sum(b["count"] for b in ours) == 3000
+    assert all(b["producerId"] >= 0 for b in ours), "every batch carries the producer id"
+    sequences = [(b["baseSequence"], b["lastSequence"]) for b in ours]
+    assert sequences[0][0] == 0 and all(nxt[0] == prev[1] + 1 for prev, nxt in zip(sequences, sequences[1:])), \
+        "gap-free sequence numbers: the broker's duplicate check"
+    plain_topic = f"plain-{uuid.uuid4().hex[:6]}"
+    bus.ensure_topic(settings, plain_topic, 1)
+    plain = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "enable.idempotence": False})
+    plain.produce(plain_topic, b"x")
+    plain.flush(10)
+    assert [b["producerId"] for b in log_batches(settings, plain_topic)] == [-1]
