@@ -81,6 +81,7 @@ def test_spy_minutes_match_the_vendor_bars_and_backfill_agrees(services, spy_top
     streamed = metrics(settings)
     assert sum(r[11] for r in streamed) == SPY_COUNT
     assert query(settings, "SELECT count(*) FROM indicators WHERE window_size = '1m' AND rsi_14 IS NOT NULL")[0][0] > 700
+    streamed_indicators = query(settings, "SELECT * FROM indicators ORDER BY symbol, window_size, window_start")
 
     # the same windows rebuilt straight from the trades table
     wait_for(lambda: query(settings, "SELECT count(*) FROM trades")[0][0] == SPY_COUNT, timeout=300,
@@ -93,6 +94,13 @@ def test_spy_minutes_match_the_vendor_bars_and_backfill_agrees(services, spy_top
     assert [r[:4] + (r[11],) for r in rebuilt] == [r[:4] + (r[11],) for r in streamed]
     for got, want in zip(rebuilt, streamed):
         assert got[4:] == pytest.approx(want[4:], rel=1e-9, abs=1e-9)
+    # indicators recomputed by the backfill equal the streamed ones (issue 11)
+    rebuilt_indicators = query(settings, "SELECT * FROM indicators ORDER BY symbol, window_size, window_start")
+    assert [r[:3] for r in rebuilt_indicators] == [r[:3] for r in streamed_indicators]
+    for got, want in zip(rebuilt_indicators, streamed_indicators):
+        assert [v is None for v in got] == [v is None for v in want], got[:3]
+        assert [v for v in got[3:] if v is not None] == pytest.approx([v for v in want[3:] if v is not None],
+                                                                       rel=1e-9, abs=1e-9), got[:3]
 
     # without the filter the gap is wide: every trade sets OHLC
     unfiltered = settings.with_overrides(ohlc_exclude_conditions="")
