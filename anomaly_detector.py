@@ -151,6 +151,8 @@ def cmd_evaluate(args, settings: Settings) -> int:
     result = {
         "simulated_rules": evaluate.score_simulated(seeds, args.trades, args.anomaly_rate, config),
         "simulated_rules_and_forest": evaluate.score_simulated(seeds, args.trades, args.anomaly_rate, config, model),
+        "real_trades_rules": evaluate.score_real(Path(args.lean_dir), config),
+        "real_trades_rules_and_forest": evaluate.score_real(Path(args.lean_dir), config, model),
         "nab": evaluate.score_nab(Path(args.nab_dir)) if Path(args.nab_dir).is_dir() else "NAB data not found",
     }
     print(json.dumps(result, indent=2))
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--trades", type=int, default=50_000, help="trades per seed")
     ev.add_argument("--anomaly-rate", type=float, default=0.005)
     ev.add_argument("--nab-dir", default=str(shared_data_dir() / "nab"))
+    ev.add_argument("--lean-dir", default=str(shared_data_dir() / "lean"),
+                    help="recorded trading days the real-data evaluation injects anomalies into")
     args = parser.parse_args(argv)
     setup_logging()
     settings = Settings.load()

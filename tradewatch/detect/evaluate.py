@@ -1,9 +1,15 @@
 """Scores detectors against ground truth: the simulator's injected labels, and NAB's windows.
 
 Simulated data: for each injected kind, precision/recall/F1 of the detector types meant for it.
+A flash crash is one event over its consecutive trades of one symbol (found when any of them is
+flagged: its first and last steps are only 3–4 % moves); the other kinds are one trade each.
 A trade of another injected kind flagged with that type is not counted against precision (it is a
 real anomaly, named differently, e.g. a flash crash's −9 % trade flagged PRICE_DROP); flags on
 unlabelled trades are false alerts, reported per 10,000 normal trades.
+
+Real recorded trades (../shared/data/lean): known anomalies injected into a real day by
+tradewatch/detect/inject.py, scored with recall per kind and false alarms per 10,000 normal
+trades. The rules were tuned on the SPY day; the IBM day (another symbol) is only scored.
 
 NAB: per file, the anomaly windows detected (at least one detection inside), the delay of the
 first detection from the window start, and the detections outside every window, after NAB's
@@ -55,9 +61,17 @@ def score_simulated(seeds: list[int], count: int = 50_000, anomaly_rate: float =
     labelled: Counter = Counter()
     for seed in seeds:
         pipeline = DetectionPipeline(RuleDetector(config), model)
+        crashes: dict[str, bool] = {}            # symbol -> crash in progress found so far
         for d in pipeline.process(simulated_stream(seed, count, anomaly_rate)):
             label = d.trade.injected_anomaly
             types = set(d.types)
+            symbol = d.trade.symbol
+            if label == "flash_crash":
+                crashes[symbol] = crashes.get(symbol, False) or bool(types & LABEL_TYPES["flash_crash"])
+                continue
+            if symbol in crashes:                # the crash of this symbol is over: one event
+                totals["flash_crash"]["tp" if crashes.pop(symbol) else "fn"] += 1
+                labelled["flash_crash"] += 1
             for t in types:
                 (per_type_anomalous if label else per_type_normal)[t] += 1
             if label is None:
@@ -82,6 +96,31 @@ def score_simulated(seeds: list[int], count: int = 50_000, anomaly_rate: float =
     result["false_alerts_per_10k_normal"] = round(flagged_normal / normal * 1e4, 3) if normal else 0.0
     result["per_detector"] = {t: {"on_anomalies": per_type_anomalous[t], "on_normal": per_type_normal[t]}
                               for t in sorted(set(per_type_anomalous) | set(per_type_normal))}
+    return result
+
+
+REAL_DAYS = {"tuning": ("spy_20131007_trades.csv.gz", (1, 2), 25),
+             "scoring": ("ibm_20131007_trades.csv.gz", (11, 12, 13), 8)}
+
+
+def score_real(lean_dir: Path, config: DetectorConfig = DetectorConfig(),
+               model: forest.ForestModel | None = None) -> dict:
+    """Per role (tuning, scoring): the day's trades with `per_kind` injected events of each kind per
+    seed, through the detection pipeline; recall and false alarms summed over the seeds."""
+    from tradewatch.detect import inject
+    from tradewatch.market import replay
+    result = {}
+    for role, (name, seeds, per_kind) in REAL_DAYS.items():
+        background = replay.load(lean_dir / name).trades
+        natural = inject.natural_whales(background)
+        flags, events, offset = [], [], 0
+        for seed in seeds:
+            changed, injected = inject.inject(background, seed, per_kind)
+            flags += [set(d.types) for d in DetectionPipeline(RuleDetector(config), model).process(changed)]
+            events += [inject.Event(e.kind, e.first + offset, e.last + offset, e.size) for e in injected]
+            offset += len(changed)
+        natural_all = {i + k * len(background) for k in range(len(seeds)) for i in natural}
+        result[role] = {"day": name, "seeds": list(seeds), **inject.score(flags, events, natural_all)}
     return result
 
 

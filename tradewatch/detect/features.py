@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 from tradewatch.events import Trade
 
+WHALE_WINDOW = 1000         # a whale is measured against the largest of this many previous trades
+WHALE_MIN_HISTORY = 200     # ... once the symbol has at least this many
+PRICE_Z_MIN_STD = 0.002     # the z-score's spread is at least 0.2 % of the price: a quiet tape's
+                            # one-cent move is not an 8-sigma event
 FEATURE_NAMES = ("return_1", "return_5", "return_20", "price_z", "deviation", "volume_log_z",
                  "volume_ratio", "gap_log_ratio", "spread_bps", "signed_run")
 LEVEL_SHIFT_TRADES = 10
@@ -31,6 +35,7 @@ class TradeFeatures:
     run_length: int              # consecutive same-direction moves, including this one
     run_move: float              # relative price change over that run
     signed_run: float
+    whale_ratio: float = 0.0     # quantity / largest of the previous WHALE_WINDOW trades (0 = too few)
 
     def vector(self) -> list[float]:
         return [getattr(self, name) for name in FEATURE_NAMES]
@@ -77,12 +82,48 @@ class _Rolling:
         return math.sqrt(max(self.total_sq / n - (self.total / n) ** 2, 0.0))
 
 
+class _RecentMax:
+    """The largest of the last n values, O(1) amortised (a monotonic queue)."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+        self.queue: deque[tuple[int, float]] = deque()    # (position, value), values decreasing
+
+    def push(self, value: float) -> None:
+        queue = self.queue
+        while queue and queue[-1][1] <= value:
+            queue.pop()
+        queue.append((self.seen, value))
+        self.seen += 1
+        if queue[0][0] <= self.seen - 1 - self.n:
+            queue.popleft()
+
+    @property
+    def count(self) -> int:
+        return min(self.seen, self.n)
+
+    @property
+    def max(self) -> float:
+        return self.queue[0][1] if self.queue else 0.0
+
+    def to_list(self) -> list:
+        return [self.seen, *[x for pair in self.queue for x in pair]]
+
+    @classmethod
+    def from_list(cls, n: int, data: list) -> "_RecentMax":
+        recent = cls(n)
+        recent.seen = data[0]
+        recent.queue.extend((int(data[k]), data[k + 1]) for k in range(1, len(data), 2))
+        return recent
+
+
 class SymbolState:
     def __init__(self, price_window: int, volume_window: int):
         self.prices = _Rolling(price_window)
         self.log_quantities = _Rolling(volume_window)
         self.quantities = _Rolling(volume_window)
         self.gaps = _Rolling(volume_window)
+        self.largest = _RecentMax(WHALE_WINDOW)       # of every trade's quantity, whales included
         self.recent: deque[float] = deque(maxlen=21)   # last normal prices, for returns
         self.last_ts: int | None = None
         self.last_price: float | None = None
@@ -95,6 +136,7 @@ class SymbolState:
         """The whole state as JSON-able values (floats round-trip exactly through JSON)."""
         return {"prices": self.prices.to_list(), "log_quantities": self.log_quantities.to_list(),
                 "quantities": self.quantities.to_list(), "gaps": self.gaps.to_list(), "recent": list(self.recent),
+                "largest": self.largest.to_list(),
                 "last_ts": self.last_ts, "last_price": self.last_price, "run_direction": self.run_direction,
                 "run_length": self.run_length, "run_start_price": self.run_start_price,
                 "shift_streak": self.shift_streak}
@@ -106,6 +148,7 @@ class SymbolState:
         for name in ("log_quantities", "quantities", "gaps"):
             setattr(state, name, _Rolling.from_list(volume_window, data[name]))
         state.recent.extend(data["recent"])
+        state.largest = _RecentMax.from_list(WHALE_WINDOW, data["largest"])
         state.last_ts, state.last_price = data["last_ts"], data["last_price"]
         state.run_direction, state.run_length = data["run_direction"], data["run_length"]
         state.run_start_price, state.shift_streak = data["run_start_price"], data["shift_streak"]
@@ -113,7 +156,7 @@ class SymbolState:
 
     def features(self, trade: Trade) -> TradeFeatures:
         price = trade.price
-        mean, std = self.prices.mean, self.prices.std
+        mean, std = self.prices.mean, max(self.prices.std, PRICE_Z_MIN_STD * self.prices.mean)
         recent = self.recent
 
         def back(k: int) -> float:
@@ -140,10 +183,12 @@ class SymbolState:
             spread_bps=spread, run_length=run_length,
             run_move=price / run_start - 1 if run_start else 0.0,
             signed_run=float(direction * run_length),
+            whale_ratio=trade.quantity / self.largest.max if self.largest.count >= WHALE_MIN_HISTORY else 0.0,
         )
 
     def update(self, trade: Trade, features: TradeFeatures, price_is_normal: bool, volume_is_normal: bool) -> None:
         """Fold the trade into the rolling state (anomalous values stay out)."""
+        self.largest.push(trade.quantity)
         if self.last_ts is not None:
             self.gaps.push(float(max(trade.timestamp_ms - self.last_ts, 0)))
         self.last_ts = trade.timestamp_ms

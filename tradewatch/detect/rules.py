@@ -4,8 +4,9 @@
     CIRCUIT_BREAKER            more than `circuit_pct` away (CRITICAL); per-symbol breaker
                                CLOSED → OPEN (on the move) → HALF_OPEN (after `cool_off_s` of event
                                time) → CLOSED (at the first normal price; another big move re-opens)
-    VOLUME_SPIKE               quantity > `volume_ratio` × rolling average AND log-quantity z-score
-                               > `volume_z` — a whale trade (MEDIUM)
+    VOLUME_SPIKE               a whale: quantity > `whale_factor` × the largest of the symbol's
+                               previous 1,000 trades (real sizes are heavy-tailed: a trade 20× the
+                               median is common, so no mean or log-normal σ) (MEDIUM)
     PRICE_ZSCORE               |rolling z-score of price| > `zscore_threshold` (MEDIUM)
     MOMENTUM_RUN               `run_length` same-direction moves in a row adding up to > `run_move_pct`
                                (MEDIUM)
@@ -35,8 +36,7 @@ class DetectorConfig:
     spike_pct: float = 0.05
     circuit_pct: float = 0.10
     cool_off_s: float = 300.0
-    volume_ratio: float = 3.0
-    volume_z: float = 4.0
+    whale_factor: float = 2.8
     zscore_threshold: float = 8.0
     run_length: int = 5
     run_move_pct: float = 0.02
@@ -141,8 +141,8 @@ class RuleDetector:
             if move > c.spike_pct:
                 d.flag("PRICE_SPIKE" if f.deviation > 0 else "PRICE_DROP", move / c.spike_pct,
                        move_pct=round(f.deviation * 100, 3))
-            if f.volume_ratio > c.volume_ratio and f.volume_log_z > c.volume_z:
-                d.flag("VOLUME_SPIKE", max(f.volume_ratio / c.volume_ratio, f.volume_log_z / c.volume_z),
+            if f.whale_ratio > c.whale_factor:
+                d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor, times_recent_max=round(f.whale_ratio, 2),
                        volume_ratio=round(f.volume_ratio, 2))
             if abs(f.price_z) > c.zscore_threshold:
                 d.flag("PRICE_ZSCORE", abs(f.price_z) / c.zscore_threshold, price_z=round(f.price_z, 2))
