@@ -11,13 +11,13 @@ Real recorded trades (../shared/data/lean): known anomalies injected into a real
 tradewatch/detect/inject.py, scored with recall per kind and false alarms per 10,000 normal
 trades. The rules were tuned on the SPY day; the IBM day (another symbol) is only scored.
 
-NAB: per file, the anomaly windows detected (at least one detection inside), the delay of the
-first detection from the window start, and the detections outside every window, after NAB's
-probation (the first 15 % of each file is ignored, and so are the 4 windows that lie inside it).
+NAB: the series detectors run point by point over each file and are scored with NAB's own rules
+(standard profile, see nab_raw_score), normalised to NAB's 0–100 scale.
 """
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -135,32 +135,60 @@ def load_nab(data_dir: Path) -> dict[str, tuple[pd.Series, list[tuple[pd.Timesta
     return files
 
 
-def score_nab_file(detections: pd.Series, series: pd.Series, spans) -> dict:
-    start = series.index[int(len(series) * NAB_PROBATION)]
-    times = [t for t in detections.index if t >= start]
-    detected, delays = 0, []
-    inside = set()
-    spans = [(a, b) for a, b in spans if b >= start]  # windows inside the probation cannot be scored
-    for a, b in spans:
-        hits = [t for t in times if a <= t <= b]
-        inside.update(hits)
-        if hits:
-            detected += 1
-            delays.append((min(hits) - a).total_seconds() / 3600)
-    return {"windows": len(spans), "detected": detected, "outside": len([t for t in times if t not in inside]),
-            "mean_delay_h": round(float(np.mean(delays)), 2) if delays else None}
+NAB_WEIGHTS = {"tp": 1.0, "fp": 0.11, "fn": 1.0}      # NAB's standard profile
+
+
+def _scaled_sigmoid(position: float) -> float:
+    """NAB's reward curve: ~+1 at a window's left edge, 0 at its right edge, towards -1 after it."""
+    return -1.0 if position >= 3.0 else 2.0 / (1.0 + math.exp(5.0 * position)) - 1.0
+
+
+def nab_raw_score(flagged: list[bool], timestamps: pd.Index, spans) -> tuple[float, int, dict]:
+    """One file under NAB's rules (standard profile): every window not hit costs 1; a hit window
+    earns the best (earliest) of its detections' sigmoid rewards; a detection outside windows costs
+    0.11 × its sigmoid penalty (smaller just after a window). The probation (15 % of the points, at
+    most 750) is not scored, nor is a window entirely inside it. Returns (raw score, windows
+    scored, counts)."""
+    n = len(flagged)
+    probation = min(math.floor(NAB_PROBATION * n), NAB_PROBATION * 5000)
+    index = [(int(timestamps.searchsorted(a)), int(timestamps.searchsorted(b, side="right")) - 1) for a, b in spans]
+    windows = {w: -NAB_WEIGHTS["fn"] for w in index if w[1] >= probation}
+    best_tp = _scaled_sigmoid(-1.0)
+    false_cost, outside = 0.0, 0
+    current = previous = None
+    upcoming = list(index)
+    for i in range(n):
+        if current is None and upcoming and i == upcoming[0][0]:
+            current = upcoming.pop(0)
+        if flagged[i] and i >= probation:
+            if current is not None:
+                width = current[1] - current[0] + 1
+                reward = _scaled_sigmoid(-(current[1] - i + 1) / width) * NAB_WEIGHTS["tp"] / best_tp
+                windows[current] = max(windows[current], reward)
+            else:
+                position = 3.0 if previous is None else abs(previous[1] - i) / (previous[1] - previous[0])
+                false_cost += _scaled_sigmoid(position) * NAB_WEIGHTS["fp"]
+                outside += 1
+        if current is not None and i == current[1]:
+            previous, current = current, None
+    hit = sum(1 for score in windows.values() if score > -NAB_WEIGHTS["fn"])
+    return sum(windows.values()) + false_cost, len(windows), {"windows": len(windows), "detected": hit,
+                                                              "outside": outside}
 
 
 def score_nab(data_dir: Path) -> dict:
+    """Every series detector (run causally, point by point) on the NAB files, scored by NAB's
+    standard profile and normalised like NAB: 100 × (raw − null) / (perfect − null), where the null
+    detector finds nothing (−1 per window) and the perfect one hits every window at its start."""
     files = load_nab(data_dir)
-    result: dict = {"files": {}, "totals": {}}
-    for name, (series, spans) in files.items():
-        result["files"][name] = {det: score_nab_file(fn(series), series, spans)
-                                 for det, fn in SERIES_DETECTORS.items()}
-    for det in SERIES_DETECTORS:
-        rows = [f[det] for f in result["files"].values()]
-        windows = sum(r["windows"] for r in rows)
-        result["totals"][det] = {"windows": windows, "detected": sum(r["detected"] for r in rows),
-                                 "window_recall": round(sum(r["detected"] for r in rows) / windows, 3),
-                                 "outside": sum(r["outside"] for r in rows)}
+    result: dict = {"files": {}, "score": {}}
+    for det, fn in SERIES_DETECTORS.items():
+        raw = windows = 0.0
+        for name, (series, spans) in files.items():
+            detections = fn(series)
+            flagged = series.index.isin(detections.index)
+            file_raw, file_windows, counts = nab_raw_score(list(flagged), series.index, spans)
+            raw, windows = raw + file_raw, windows + file_windows
+            result["files"].setdefault(name, {})[det] = {**counts, "raw_score": round(file_raw, 3)}
+        result["score"][det] = round(100 * (raw + windows) / (2 * windows), 1) if windows else None
     return result
