@@ -152,7 +152,7 @@ def test_training_with_too_little_data_says_how_much_is_needed():
 def test_targets_on_seeds_not_used_for_tuning():
     result = evaluate.score_simulated([201, 202], count=40_000, anomaly_rate=0.005)
     for kind in ("price_spike", "price_drop", "volume_spike"):
-        assert result["per_type"][kind]["injected"] > 50
+        assert result["per_type"][kind]["injected"] > (30 if kind == "volume_spike" else 50)   # <= 1 whale per 1,000
         assert result["per_type"][kind]["f1"] >= 0.9, (kind, result["per_type"][kind])
     assert result["false_alerts_per_10k_normal"] < 1.0
 

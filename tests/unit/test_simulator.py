@@ -52,8 +52,8 @@ def test_injected_anomalies_are_labelled_and_shaped():
             assert t.price > reference * 1.05
         elif t.injected_anomaly == "price_drop":
             assert t.price < reference * 0.95
-        elif t.injected_anomaly == "volume_spike" and i >= 200:     # a whale
-            assert t.quantity >= 3 * max(x.quantity for x in trades[max(i - 1000, 0):i])
+        elif t.injected_anomaly == "volume_spike":       # a whale
+            assert i >= 200 and t.quantity >= 3 * max(x.quantity for x in trades[max(i - 1000, 0):i])
         elif t.injected_anomaly is None:
             reference = t.bid
     # a flash crash is a run of len(FLASH_CRASH_PATH) consecutive labelled trades
@@ -80,3 +80,12 @@ def test_trade_sizes_look_like_the_market():
         assert np.all((ratio > 0.5) & (ratio < 2)), dict(zip(levels, np.round(ratio, 2)))
     old = np.exp(np.random.default_rng(0).normal(0, 0.6, 200_000))       # the former model, for contrast
     assert np.percentile(old, 99.9) / np.median(old) < 7 < sim[-1]
+
+
+def test_whales_never_compound_into_invalid_sizes():
+    """A whale measured on a maximum that held the previous whale grew 3-6x per whale, past the
+    1e15 quantity limit within 20,000 trades (the consumer dead-lettered them)."""
+    from tradewatch.events import MAX_QUANTITY
+    trades = take(MarketSimulator(["AAPL", "MSFT"], rate=20.0, seed=17, anomaly_rate=0.01, start_ms=START), 50_000)
+    whales = [t.quantity for t in trades if t.injected_anomaly == "volume_spike"]
+    assert len(whales) > 30 and max(whales) < 1e6 < MAX_QUANTITY

@@ -8,8 +8,9 @@ they never change the underlying GBM price, so the market returns to normal afte
 Trade sizes follow a log-logistic distribution around each symbol's median (shape
 `SIZE_SHAPE`, fitted to the recorded SPY and IBM days: 90th percentile ≈ 3×, 99th ≈ 10×, 99.9th
 ≈ 32× the median — heavy-tailed like the market, tests/unit/test_simulator.py compares them).
-An injected whale is 3–6× the largest of the symbol's previous 1,000 trades; ordinary sizes are
-kept below 2.5× that largest, so the only whales in a simulated stream are the labelled ones.
+An injected whale is 3–6× the largest of the symbol's previous 1,000 trades, at most one per 1,000
+trades of a symbol (so whales never compound); ordinary sizes are kept below 2.5× that largest, so
+the only whales in a simulated stream are the labelled ones.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ class _SymbolState:
     last_ms: int
     crash_steps: list[float]
     sizes: deque = field(default_factory=lambda: deque(maxlen=WHALE_WINDOW))
+    since_whale: int = WHALE_WINDOW      # trades of this symbol since its last whale
 
 
 class MarketSimulator:
@@ -125,14 +127,15 @@ class MarketSimulator:
             mid *= 1 + state.crash_steps.pop(0)
         elif self.anomaly_rate and rng.random() < self.anomaly_rate:
             label = rng.choices(self._labels, cum_weights=self._label_cum_weights)[0]
+            if label == "volume_spike" and (len(state.sizes) < 200 or state.since_whale < WHALE_WINDOW):
+                label = None                 # a whale needs a history, and none in it (no compounding)
             if label == "price_spike":
                 mid *= 1 + rng.uniform(0.06, 0.09)
             elif label == "price_drop":
                 mid *= 1 - rng.uniform(0.06, 0.09)
             elif label == "volume_spike":       # a whale
-                largest = max(state.sizes) if len(state.sizes) >= 200 else profile.median_quantity * 30
-                quantity = largest * rng.uniform(3.0, 6.0)
-            else:
+                quantity = max(state.sizes) * rng.uniform(3.0, 6.0)
+            elif label == "flash_crash":
                 state.crash_steps = list(FLASH_CRASH_PATH)
                 mid *= 1 + state.crash_steps.pop(0)
         if label is not None:
@@ -148,6 +151,7 @@ class MarketSimulator:
         if decimals == 0:
             quantity = float(int(quantity))
         state.sizes.append(quantity)
+        state.since_whale = 0 if label == "volume_spike" else state.since_whale + 1
         self._sequence += 1
         return Trade(
             trade_id=f"sim-{self.run_id}-{self._sequence:09d}", symbol=profile.symbol,
