@@ -93,7 +93,7 @@ def test_tape_whales_and_anomalies_only(settings, app):
 def test_alert_feed_filter_and_acknowledge(settings, app):
     load_known_market(settings)
     at = app()
-    alerts = query(settings, "SELECT alert_id, severity, message FROM alerts ORDER BY ts DESC")
+    alerts = query(settings, "SELECT alert_id, severity, message FROM alerts ORDER BY ts DESC, alert_id")
     shown = [m.value for m in at.markdown if "🔔" in m.value]
     assert len(shown) == min(20, len(alerts)) and alerts[0][2] in shown[0]
     first_id = alerts[0][0]

@@ -196,7 +196,7 @@ def alerts_feed(engine: Engine, severities: list[str], symbols: list[str] | None
     return _frame(engine, f"""
         SELECT alert_id, ts, symbol, alert_type, severity, message, acknowledged
         FROM alerts WHERE severity = ANY(CAST(:severities AS text[])) AND {_SYMBOLS}
-        ORDER BY ts DESC LIMIT :limit""", severities=severities, symbols=symbols, limit=limit)
+        ORDER BY ts DESC, alert_id LIMIT :limit""", severities=severities, symbols=symbols, limit=limit)
 
 
 def acknowledge_alert(engine: Engine, alert_id: str) -> bool:
