@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 JARS := .tradewatch/jars
 
-.PHONY: demo test services stop status bench setup venv jars browser clean
+.PHONY: demo test services doctor stop status bench setup venv jars browser clean
 
 demo: setup                 ## the whole pipeline + dashboard; Ctrl-C stops everything it started
 	$(PY) -m tradewatch.demo
@@ -16,6 +16,9 @@ test: setup browser         ## the full test suite (starts and stops its own ser
 
 services: setup             ## start Kafka and PostgreSQL (harmless when running)
 	$(PY) -m tradewatch.stack start
+
+doctor: venv                ## check Java, jars, Kafka, PostgreSQL, the stages, ports and disk
+	$(PY) -m tradewatch doctor
 
 stop:                       ## stop Kafka and PostgreSQL
 	$(PY) -m tradewatch.stack stop

@@ -713,6 +713,16 @@ def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
         time.sleep(0.1)
 
 
+def topic_partitions(settings: Settings) -> dict[str, int]:
+    """Every topic on the broker and its number of partitions (raises KafkaUnavailable)."""
+    from confluent_kafka import KafkaException
+    try:
+        metadata = _admin(settings).list_topics(timeout=10)
+    except KafkaException:
+        raise KafkaUnavailable(unavailable_message(settings)) from None
+    return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
+
+
 def wait_for_kafka(settings: Settings, timeout_s: float = 60.0) -> None:
     """Block until the broker answers a metadata request, or raise KafkaUnavailable."""
     from confluent_kafka import KafkaException

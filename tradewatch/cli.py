@@ -9,15 +9,42 @@ import sys
 import time
 from datetime import datetime, timezone
 
+import orjson
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line for log shippers — timestamp, level, stage (the
+    logger's last part), logger, message, and any `extra=` fields (partition, offset, …)."""
+    _PLAIN = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"timestamp": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "stage": record.name.rsplit(".", 1)[-1], "logger": record.name,
+                 "message": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in self._PLAIN and not k.startswith("_")})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
 
 def setup_logging(verbose: bool = False) -> None:
     # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a stuck stage is
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format() == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+def log_format() -> str:
+    """LOG_FORMAT from the environment or .env: text (default) or json."""
+    from tradewatch.config import Settings
+    try:
+        return Settings.load().log_format.strip().lower()
+    except ValueError:
+        return "text"
 
 
 class StopFlag:

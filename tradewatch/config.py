@@ -26,6 +26,7 @@ def shared_data_dir() -> Path:
 @dataclass(frozen=True)
 class Settings:
     tradewatch_home: str = ".tradewatch/demo"
+    log_format: str = "text"
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_controller_port: int = 9093
     kafka_client: str = "confluent"

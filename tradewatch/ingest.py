@@ -61,7 +61,8 @@ class _Batch(runtime.Stage):
         refused = [DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, r.reason)
                    for r in result.refused for m in (self.sources[r.index],)]
         for letter in refused:
-            log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason)
+            log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason,
+                        extra={"topic": letter.topic, "partition": letter.partition, "offset": letter.offset})
         write_dead_letters(cur, refused)
 
     def written(self) -> None:
@@ -94,7 +95,8 @@ class Ingest(runtime.Stage):
 
     def take(self, messages: list[bus.Message]) -> None:
         for letter in self.batch.add(messages, int(time.time() * 1000)):
-            log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason)
+            log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason,
+                        extra={"topic": letter.topic, "partition": letter.partition, "offset": letter.offset})
         self.processed += len(messages)
 
     def pending(self) -> int:

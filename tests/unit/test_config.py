@@ -59,3 +59,22 @@ def test_kafka_cluster_ids_never_look_like_an_option():
     ids = [_new_cluster_id() for _ in range(5000)]
     assert not any(i.startswith("-") for i in ids)
     assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)
+
+
+def test_log_format_json_gives_one_object_per_line():
+    import json
+    import subprocess
+    import sys
+
+    from tradewatch.config import PROJECT_ROOT
+    code = ("import logging; from tradewatch.cli import setup_logging; setup_logging(); "
+            "logging.getLogger('tradewatch.consumer').warning('dead letter %s', 'x', extra={'partition': 3, 'offset': 7})")
+    for fmt in ("json", "text"):
+        out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             env={"LOG_FORMAT": fmt, "PATH": "/usr/bin:/bin"}, timeout=60).stderr.strip()
+        if fmt == "json":
+            entry = json.loads(out)
+            assert entry["level"] == "WARNING" and entry["stage"] == "consumer" and entry["message"] == "dead letter x"
+            assert entry["partition"] == 3 and entry["offset"] == 7 and entry["timestamp"].endswith("+00:00")
+        else:
+            assert out.endswith("WARNING tradewatch.consumer: dead letter x")

@@ -1,0 +1,155 @@
+"""`python -m tradewatch doctor` (`make doctor`): is everything TradeWatch needs here and working?
+
+One line per check, ✔ or ✘, and for each failure what to do about it. Exit code 1 when anything
+failed. Checks: Java, the Kafka jars, Kafka (metadata, the trades and alerts topics and their
+partitions), PostgreSQL (connection, every table of the schema), each stage's heartbeat and lag,
+the dashboard port, free disk under TRADEWATCH_HOME.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Callable
+
+from tradewatch import bus, runtime
+from tradewatch.config import Settings
+from tradewatch.stack import JARS_DIR
+from tradewatch.store import db
+
+MIN_FREE_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{'✔' if self.ok else '✘'} {self.name}: {self.detail}"
+        return text if self.ok or not self.fix else f"{text}\n    fix: {self.fix}"
+
+
+def check_java(_settings: Settings) -> list[Check]:
+    try:
+        out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return [Check("Java", False, f"not runnable ({error})", "install Java 17 (Debian: apt-get install openjdk-17-jre-headless)")]
+    version = (out.stderr or out.stdout).strip().splitlines()[0] if (out.stderr or out.stdout).strip() else "?"
+    major = re.search(r'version "(\d+)', version)
+    ok = out.returncode == 0 and major is not None and int(major.group(1)) >= 17
+    return [Check("Java", ok, version, "" if ok else "Kafka and Flink need Java 17 or newer")]
+
+
+def check_jars(_settings: Settings) -> list[Check]:
+    kafka = sorted((JARS_DIR / "kafka").glob("kafka_*.jar")) if (JARS_DIR / "kafka").is_dir() else []
+    return [Check("Kafka jars", bool(kafka), kafka[0].name if kafka else f"none in {JARS_DIR / 'kafka'}",
+                  "run `make jars` (Maven fetches them from Maven Central)")]
+
+
+def check_kafka(settings: Settings) -> list[Check]:
+    try:
+        bus.wait_for_kafka(settings, 5)
+    except bus.KafkaUnavailable as error:
+        detail, _, fix = str(error).partition(" — ")
+        return [Check("Kafka", False, detail, fix)]
+    checks = [Check("Kafka", True, f"answers at {settings.kafka_bootstrap_servers}")]
+    partitions = bus.topic_partitions(settings)
+    for topic, wanted in ((settings.trades_topic, settings.trades_partitions), (settings.alerts_topic, 1)):
+        have = partitions.get(topic)
+        if have is None:
+            checks.append(Check(f"topic {topic}", False, "missing", "`make services` creates it (or any stage does)"))
+        else:
+            ok = have >= wanted
+            checks.append(Check(f"topic {topic}", ok, f"{have} partition{'s' if have != 1 else ''}",
+                                "" if ok else f"TRADES_PARTITIONS is {wanted}: recreate the topic or lower the setting"))
+    return checks
+
+
+def check_postgres(settings: Settings) -> list[Check]:
+    try:
+        conn = db.connect(settings)
+    except db.DatabaseUnavailable as error:
+        detail, _, fix = str(error).partition(" — ")
+        return [Check("PostgreSQL", False, detail, fix)]
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            present = {r[0] for r in cur.fetchall()}
+            cur.execute("SHOW server_version")
+            version = cur.fetchone()[0]
+    finally:
+        conn.close()
+    expected = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", db.SCHEMA_FILE.read_text()))
+    missing = sorted(expected - present)
+    return [Check("PostgreSQL", True, f"{version} at {settings.postgres_host}:{settings.postgres_port}"),
+            Check("schema", not missing, f"all {len(expected)} tables" if not missing else f"missing {', '.join(missing)}",
+                  "start any stage (each applies the schema) or `python -m tradewatch.stack start`")]
+
+
+STAGE_COMMANDS = {"consumer": "python consumer.py", "aggregator": "python aggregator.py",
+                  "detector": "python anomaly_detector.py run"}
+
+
+def check_stages(settings: Settings) -> list[Check]:
+    try:
+        conn = db.connect(settings)
+    except db.DatabaseUnavailable:
+        return [Check("stages", False, "cannot read their heartbeats (PostgreSQL is down)", "start PostgreSQL first")]
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('stage_health') IS NOT NULL")
+            if not cur.fetchone()[0]:
+                rows = []
+            else:
+                cur.execute("SELECT stage, host, pid, state, extract(epoch FROM now() - last_beat)::float8, lag,"
+                            " cardinality(partitions), last_error FROM stage_health")
+                keys = ("stage", "host", "pid", "state", "beat_age_s", "lag", "partitions", "last_error")
+                rows = [dict(zip(keys, r)) for r in cur.fetchall()]
+    finally:
+        conn.close()
+    checks = []
+    for status in runtime.stage_statuses(rows, runtime.gone_from_this_host):
+        command = STAGE_COMMANDS.get(status.stage, f"the {status.stage} stage")
+        fix = {"down": f"start it: `{command}` (or `make demo` for everything)",
+               "stopped": f"start it again: `{command}`",
+               "late": "it is behind or has no partition: see its log; more consumers need more partitions"}
+        checks.append(Check(f"stage {status.stage}", status.status == "up", f"{status.status} · {status.detail}",
+                            fix.get(status.status, "")))
+    return checks
+
+
+def check_ports(settings: Settings) -> list[Check]:
+    host, port = settings.dashboard_address, settings.dashboard_port
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        listening = probe.connect_ex(("127.0.0.1" if host == "0.0.0.0" else host, port)) == 0
+    return [Check("dashboard port", listening, f"{host}:{port} {'answers' if listening else 'has no listener'}",
+                  "start the dashboard: `streamlit run dashboard.py` (or `make demo`)")]
+
+
+def check_disk(settings: Settings) -> list[Check]:
+    folder = settings.home if settings.home.exists() else settings.home.parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    return [Check("free disk", free >= MIN_FREE_BYTES, f"{free / 1024**3:.1f} GiB free at {folder}",
+                  f"Kafka and PostgreSQL keep their data under {settings.home}: free space or `make clean`")]
+
+
+CHECKS: list[Callable[[Settings], list[Check]]] = [check_java, check_jars, check_kafka, check_postgres, check_stages,
+                                                    check_ports, check_disk]
+
+
+def run(settings: Settings, out=print) -> int:
+    failed = 0
+    for check in CHECKS:
+        for result in check(settings):
+            out(result.line())
+            failed += not result.ok
+    out(f"{failed} check{'s' if failed != 1 else ''} failed" if failed else "everything is fine")
+    return 1 if failed else 0
