@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Callable
 
-from tradewatch import bus, runtime
+from tradewatch import bus, metrics, runtime
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, parse_trade
 from tradewatch.indicators import IndicatorState
@@ -118,6 +118,12 @@ class Aggregate(runtime.Stage):
         store.write_offsets(cur, self.group, self.topic, positions)
 
     def written(self) -> None:
+        metrics.ROWS.labels("aggregator", "stock_metrics").inc(len(self.dirty) + len(self.final))
+        metrics.ROWS.labels("aggregator", "indicators").inc(len(self.indicator_rows))
+        smallest = self.sizes[0]
+        for _, late in self.late:
+            if late.size_ms == smallest:           # one per trade (there is a row per window size)
+                metrics.LATE.labels("aggregator", late.reason).inc()
         self.late_total += len(self.late)
         self.dirty.clear()
         self.final, self.late, self.indicator_rows = [], [], []

@@ -137,8 +137,13 @@ class BusConsumer(Protocol):
     def partitions(self) -> list[int]:
         """The partition numbers held now, sorted."""
 
+    def partition_lags(self) -> dict[int, int]:
+        """Per held partition whose log end is known: records between our position and it."""
+
     def lag(self) -> int | None:
         """Records between this member's positions and the log ends (None before it knows)."""
+        lags = self.partition_lags()
+        return sum(lags.values()) if lags else None
 
     def close(self) -> None: ...
 
@@ -182,7 +187,7 @@ class _OutageLog:
         self._last_probe = now
 
 
-class _ConfluentConsumer:
+class _ConfluentConsumer(BusConsumer):
     def __init__(self, settings: Settings, group_id: str, topic: str, on_assign, on_revoke, on_lost,
                  **options: object):
         from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -299,25 +304,23 @@ class _ConfluentConsumer:
     def partitions(self) -> list[int]:
         return list(self._held)
 
-    def lag(self) -> int | None:
-        total, known = 0, False
+    def partition_lags(self) -> dict[int, int]:
+        lags = {}
         for p in self._held:
             try:
                 low, high = self._consumer.get_watermark_offsets(self._TopicPartition(self.topic, p), cached=True)
             except Exception:  # noqa: BLE001 - no fetch answer yet
                 continue
-            if high < 0:
-                continue
-            known = True
-            total += max(high - max(self._next.get(p, high), low), 0)
-        return total if known else None
+            if high >= 0:
+                lags[p] = max(high - max(self._next.get(p, high), low), 0)
+        return lags
 
     def close(self) -> None:
         # leaves the group at once (no session-timeout wait for the others); nothing is committed
         self._consumer.close()
 
 
-class _KafkaPythonConsumer:
+class _KafkaPythonConsumer(BusConsumer):
     """kafka-python behind the interface, with its two watchdogs.
 
     It never sits in a group without work while the topic has partitions nobody else holds: when
@@ -538,14 +541,15 @@ class _KafkaPythonConsumer:
     def lag(self) -> int | None:
         if self._waiting_records is not None:   # a stall check counted them
             return self._waiting_records
-        total, known = 0, False
+        return super().lag()
+
+    def partition_lags(self) -> dict[int, int]:
+        lags = {}
         for tp in self._consumer.assignment():
             end = self._consumer.highwater(tp)
-            if end is None:
-                continue
-            known = True
-            total += max(end - self._next.get(tp.partition, end), 0)
-        return total if known else None
+            if end is not None:
+                lags[tp.partition] = max(end - self._next.get(tp.partition, end), 0)
+        return lags
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)

@@ -48,6 +48,10 @@ class Settings:
     aggregator_flush_ms: int = 500
     ohlc_exclude_conditions: str = ""
     detector_group: str = "tradewatch-detector"
+    metrics_address: str = "127.0.0.1"
+    consumer_metrics_port: int = 9101
+    aggregator_metrics_port: int = 9102
+    detector_metrics_port: int = 9103
     dashboard_refresh_seconds: int = 3
     dashboard_address: str = "127.0.0.1"
     dashboard_port: int = 8501

@@ -13,11 +13,11 @@ reloaded from their tables.
 """
 from __future__ import annotations
 
-import json
 import logging
+import time
 from typing import Callable
 
-from tradewatch import bus, runtime
+from tradewatch import bus, metrics, runtime
 from tradewatch.alerts import Alert, Deduplicator, WebhookSink, alerts_for
 from tradewatch.config import Settings
 from tradewatch.detect import forest
@@ -27,6 +27,7 @@ from tradewatch.events import InvalidTrade, parse_trade
 from tradewatch.store import detections as store
 
 log = logging.getLogger("tradewatch.detector")
+_LATENCY = metrics.LATENCY.labels("detector", "trade_to_alert")
 OUTBOX_BATCH = 1000
 
 
@@ -64,6 +65,7 @@ class Detect(runtime.Stage):
         self.flagged_pending: list[tuple[int, object]] = []
         self.alerts_pending: list[tuple[int, Alert]] = []
         self.transitions: list[tuple[int, object]] = []
+        self.appended_ms: dict[str, int | None] = {}   # alert_id -> Kafka append time of its trade
         self.read = 0
         self.flagged = self.alerts_sent = 0
 
@@ -104,7 +106,10 @@ class Detect(runtime.Stage):
         for d, m in zip(self.pipeline.process(trades), origins):
             if d.is_anomaly:
                 self.flagged_pending.append((m.partition, d))
-                self.alerts_pending.extend((m.partition, a) for a in alerts_for(d) if self.dedup.allow(a))
+                for a in alerts_for(d):
+                    if self.dedup.allow(a):
+                        self.alerts_pending.append((m.partition, a))
+                        self.appended_ms[a.alert_id] = m.timestamp_ms
         self.transitions.extend((self.symbol_partition.get(t.symbol, -1), t)
                                 for t in self.pipeline.rules.take_transitions())
         self.processed += len(trades)
@@ -123,6 +128,15 @@ class Detect(runtime.Stage):
             p: (offset, self.pipeline.rules.export(symbols.get(p, set()))) for p, offset in self.next_offsets.items()})
 
     def written(self) -> None:
+        now_ms = time.time() * 1000
+        metrics.ROWS.labels("detector", "trade_flags").inc(len(self.flagged_pending))
+        metrics.ROWS.labels("detector", "alerts").inc(len(self.alerts_pending))
+        for _, a in self.alerts_pending:
+            metrics.ALERTS.labels("detector", a.alert_type, a.severity).inc()
+            appended = self.appended_ms.get(a.alert_id)
+            if appended:
+                _LATENCY.observe(max(now_ms - appended, 0) / 1000)
+        self.appended_ms.clear()
         self.flagged += len(self.flagged_pending)
         self.outbox_waiting = self.outbox_waiting or bool(self.alerts_pending)
         self.flagged_pending, self.alerts_pending, self.transitions = [], [], []

@@ -11,12 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tradewatch import bus, runtime
+from tradewatch import bus, metrics, runtime
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, decode_trade
 from tradewatch.store.writer import DeadLetter, copy_line, write_batch, write_dead_letters
 
 log = logging.getLogger("tradewatch.consumer")
+LATENCY_SAMPLE = 64          # one trade → row latency observation per this many trades
+_ROWS = metrics.ROWS.labels("consumer", "trades")
+_LATENCY = metrics.LATENCY.labels("consumer", "trade_to_row")
 
 
 @dataclass
@@ -67,6 +70,15 @@ class _Batch(runtime.Stage):
 
     def written(self) -> None:
         s, result = self.stats, self._result
+        _ROWS.inc(result.trades_inserted)
+        for letter in self.dead:
+            metrics.DEAD_LETTERS.labels("consumer", metrics.reason_kind(letter.reason)).inc()
+        if result.refused:
+            metrics.DEAD_LETTERS.labels("consumer", "refused by postgresql").inc(len(result.refused))
+        now_ms = time.time() * 1000
+        for m in self.sources[::LATENCY_SAMPLE]:      # a sample: an observation per trade costs too much
+            if m.timestamp_ms:
+                _LATENCY.observe(max(now_ms - m.timestamp_ms, 0) / 1000)
         s.messages += self.pending()
         s.trades_inserted += result.trades_inserted
         s.duplicates_skipped += result.duplicates_skipped

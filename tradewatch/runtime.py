@@ -44,7 +44,7 @@ from typing import Callable
 
 import psycopg2
 
-from tradewatch import bus
+from tradewatch import bus, metrics
 from tradewatch.config import Settings
 from tradewatch.store import db
 
@@ -354,7 +354,11 @@ class Runtime:
             if not stale:
                 effects.write(conn, cur)
             return stale
-        return self.transaction(work)
+        records, started = effects.pending(), time.perf_counter()
+        stale = self.transaction(work)
+        metrics.CHECKPOINT_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
+        metrics.CHECKPOINT_RECORDS.labels(self.stage.name).observe(records)
+        return stale
 
     def _after_write(self, effects: Stage, offsets: dict[int, int], stale: list[int], wait: bool) -> None:
         if stale:   # the transaction wrote nothing; drop those partitions and write the rest
@@ -400,6 +404,9 @@ class Runtime:
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
         stage = self.stage
+        metrics.serve(self.settings, stage.name)
+        messages_in = metrics.MESSAGES_IN.labels(stage.name)
+        last_lags = 0.0
         try:
             self.wait_for("PostgreSQL", lambda: db.apply_schema(self.settings))
             self.consumer = self.wait_for("Kafka", lambda: bus.consumer(
@@ -417,6 +424,7 @@ class Runtime:
                 messages = [m for m in messages if m.partition in self.epochs]
                 if messages:
                     stage.take(messages)
+                    messages_in.inc(len(messages))
                     for m in messages:
                         self.offsets[m.partition] = m.offset + 1
                 now = time.monotonic()
@@ -436,6 +444,11 @@ class Runtime:
                     self._finish_inflight()          # idle: let the last offsets out too
                     self._commit_offsets(wait=False)
                 self.heartbeat.beat(stage.processed, self.consumer.lag(), self.consumer.partitions())
+                if now - last_lags >= 1.0:
+                    last_lags = now
+                    metrics.LAG.clear()
+                    for p, lag in self.consumer.partition_lags().items():
+                        metrics.LAG.labels(stage.name, str(p)).set(lag)
                 if now - last_report >= 10:
                     self.log.info("%s", stage.report())
                     last_report = now

@@ -1,0 +1,66 @@
+"""Every stage's Prometheus metrics, scraped from the running processes: they parse as Prometheus
+text and move when trades flow (issue 13)."""
+from __future__ import annotations
+
+import re
+import signal
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import query, run_script, start_script, wait_for
+from tradewatch import bus
+
+STAGES = {"consumer": ("consumer.py",), "aggregator": ("aggregator.py",), "detector": ("anomaly_detector.py", "run")}
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+
+
+def test_stage_metrics_parse_and_move_with_the_trades(settings, tmp_path):
+    logs = {name: tmp_path / f"{name}.log" for name in STAGES}
+    running = {name: start_script(settings, *STAGES[name], log=logs[name]) for name in STAGES}
+    urls = {name: "http://" + wait_for(lambda n=name: (re.search(r"metrics of the \w+ on http://([\d.:]+)/metrics",
+                                                                  logs[n].read_text()) or [None, None])[1],
+                                        message=f"{name} metrics port") + "/metrics" for name in STAGES}
+    run_script(settings, "producer.py", "--count", "3000", "--rate", "max", "--seed", "5", "--anomaly-rate", "0.02")
+    publisher = bus.Publisher(settings)
+    for raw in (b"not json", b"[]", b'{"schema_version": 7}'):
+        publisher.send(settings.trades_topic, b"AAPL", raw)
+    assert publisher.flush(30)
+    publisher.close()
+    wait_for(lambda: total(scrape(urls["consumer"]), "tradewatch_rows_written_total", table="trades") == 3000
+             and total(scrape(urls["consumer"]), "tradewatch_dead_letters_total") == 3
+             and total(scrape(urls["detector"]), "tradewatch_messages_in_total") == 3003, timeout=120,
+             message="3000 rows and 3 dead letters written, every message examined")
+    wait_for(lambda: query(settings, "SELECT count(*) FROM alerts WHERE published_at IS NOT NULL")[0][0] ==
+             total(scrape(urls["detector"]), "tradewatch_alerts_total") > 0, timeout=60, message="alerts counted")
+
+    consumer = scrape(urls["consumer"])
+    assert total(consumer, "tradewatch_messages_in_total", stage="consumer") == 3003
+    assert total(consumer, "tradewatch_dead_letters_total") == 3
+    assert total(consumer, "tradewatch_dead_letters_total", reason="not json") == 1
+    assert total(consumer, "tradewatch_latency_seconds_count", path="trade_to_row") >= 3000 // 64
+    assert total(consumer, "tradewatch_checkpoint_records_sum") == 3003
+    assert total(consumer, "tradewatch_lag_records") == 0 and total(consumer, "tradewatch_stage_starts_total") == 1
+    aggregator = scrape(urls["aggregator"])
+    assert total(aggregator, "tradewatch_rows_written_total", table="stock_metrics") > 0
+    detector = scrape(urls["detector"])
+    alerts = query(settings, "SELECT alert_type, severity, count(*) FROM alerts GROUP BY 1, 2")
+    for kind, severity, count in alerts:
+        assert total(detector, "tradewatch_alerts_total", type=kind, severity=severity) == count
+    assert total(detector, "tradewatch_latency_seconds_count", path="trade_to_alert") == sum(c for *_, c in alerts)
+
+    run_script(settings, "producer.py", "--count", "500", "--rate", "max", "--seed", "6")
+    wait_for(lambda: total(scrape(urls["consumer"]), "tradewatch_rows_written_total", table="trades") == 3500,
+             message="the counters move with the next trades")
+    for name, process in running.items():
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, name

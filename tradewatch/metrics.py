@@ -1,0 +1,68 @@
+"""Prometheus metrics of the stages (prometheus-client), one place for all of them.
+
+Each stage process serves its metrics on its own port (`CONSUMER_METRICS_PORT`,
+`AGGREGATOR_METRICS_PORT`, `DETECTOR_METRICS_PORT`; 0 = off); a second process of the same stage
+(scale-out) takes the next free port and logs it. Every series carries the label `stage`.
+
+    tradewatch_messages_in_total            messages read from Kafka
+    tradewatch_checkpoint_records           histogram: records per checkpoint (batch size)
+    tradewatch_checkpoint_seconds           histogram: duration of a checkpoint's transaction
+    tradewatch_lag_records{partition}       records between the stage's position and the log end
+    tradewatch_rows_written_total{table}    rows the stage wrote (trades, stock_metrics, alerts …)
+    tradewatch_dead_letters_total{reason}   consumer: dead letters by kind of reason
+    tradewatch_late_trades_total{reason}    aggregator: trades left out of windows (late, clock_skew)
+    tradewatch_alerts_total{type,severity}  detector: alerts raised
+    tradewatch_latency_seconds{path}        histogram: Kafka append time → row committed
+                                            (trade_to_row) and → alert committed (trade_to_alert)
+    tradewatch_stage_starts_total           process starts (a supervisor restart counts one more)
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger("tradewatch.metrics")
+
+MESSAGES_IN = Counter("tradewatch_messages_in", "Messages read from Kafka", ["stage"])
+CHECKPOINT_RECORDS = Histogram("tradewatch_checkpoint_records", "Records per checkpoint", ["stage"],
+                               buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000))
+CHECKPOINT_SECONDS = Histogram("tradewatch_checkpoint_seconds", "Duration of a checkpoint's transaction", ["stage"],
+                               buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+LAG = Gauge("tradewatch_lag_records", "Records between the stage's position and the log end", ["stage", "partition"])
+ROWS = Counter("tradewatch_rows_written", "Rows written", ["stage", "table"])
+DEAD_LETTERS = Counter("tradewatch_dead_letters", "Dead letters by kind of reason", ["stage", "reason"])
+LATE = Counter("tradewatch_late_trades", "Trades left out of windows", ["stage", "reason"])
+ALERTS = Counter("tradewatch_alerts", "Alerts raised", ["stage", "type", "severity"])
+LATENCY = Histogram("tradewatch_latency_seconds", "From the Kafka append time of a trade to its effect committed",
+                    ["stage", "path"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                                                5, 10, 30, 60))
+STARTS = Counter("tradewatch_stage_starts", "Process starts", ["stage"])
+
+_REASON_WORDS = re.compile(r"[a-z_']+")
+
+
+def reason_kind(reason: str) -> str:
+    """A dead letter's reason without its values, as a label with few distinct values:
+    "field 'price' must be > 0, got -3" -> "field 'price' must be"."""
+    words = _REASON_WORDS.findall(reason.split(",")[0].split(":")[0].lower())
+    return " ".join(words[:4]) or "other"
+
+
+def serve(settings, stage: str, tries: int = 20) -> int | None:
+    """Serve the default registry on the stage's port (or the next free one); the port used, None
+    when off."""
+    STARTS.labels(stage).inc()
+    port = getattr(settings, f"{stage}_metrics_port", 0)
+    if not port:
+        return None
+    for candidate in range(port, port + tries):
+        try:
+            start_http_server(candidate, addr=settings.metrics_address)
+        except OSError:
+            continue
+        log.info("metrics of the %s on http://%s:%d/metrics", stage, settings.metrics_address, candidate)
+        return candidate
+    log.warning("no free port for the %s's metrics in %d..%d: metrics are off", stage, port, port + tries - 1)
+    return None
