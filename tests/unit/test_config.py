@@ -48,7 +48,8 @@ def test_docker_compose_agrees_with_env_file():
     for name in apps:
         spec = services[name]
         assert spec["env_file"] == ".env"
-        assert set(spec["environment"]) == {"KAFKA_BOOTSTRAP_SERVERS", "POSTGRES_HOST", "POSTGRES_PORT"}
+        assert set(spec["environment"]) == {"KAFKA_BOOTSTRAP_SERVERS", "POSTGRES_HOST", "POSTGRES_PORT",
+                                            "METRICS_ADDRESS"}
         assert spec["environment"]["KAFKA_BOOTSTRAP_SERVERS"].split(":")[0] == "kafka"
 
 
@@ -78,3 +79,27 @@ def test_log_format_json_gives_one_object_per_line():
             assert entry["partition"] == 3 and entry["offset"] == 7 and entry["timestamp"].endswith("+00:00")
         else:
             assert out.endswith("WARNING tradewatch.consumer: dead letter x")
+
+
+def test_prometheus_and_grafana_files_match_the_stages_metrics():
+    """infra/ for Docker users: the scrape targets are the stages' metrics ports from .env, and every
+    Grafana query names a metric the stages export."""
+    import json
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from tradewatch import metrics
+    env = dotenv_values(PROJECT_ROOT / ".env")
+    scrape = yaml.safe_load((PROJECT_ROOT / "infra" / "prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
+    assert targets == {f"consumer:{env['CONSUMER_METRICS_PORT']}", f"aggregator:{env['AGGREGATOR_METRICS_PORT']}",
+                       f"detector:{env['DETECTOR_METRICS_PORT']}"}
+    exported = {m._name + suffix for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)
+                for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+    dashboard = json.loads((PROJECT_ROOT / "infra" / "grafana" / "dashboards" / "tradewatch.json").read_text())
+    used = {name for panel in dashboard["panels"] for t in panel["targets"]
+            for name in re.findall(r"tradewatch_\w+", t["expr"])}
+    assert used and used <= exported, used - exported
+    services = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]
+    assert {"prometheus", "grafana"} <= set(services)
+    assert services["consumer"]["environment"]["METRICS_ADDRESS"] == "0.0.0.0"
