@@ -52,6 +52,9 @@ class Settings:
     consumer_metrics_port: int = 9101
     aggregator_metrics_port: int = 9102
     detector_metrics_port: int = 9103
+    api_address: str = "127.0.0.1"
+    api_port: int = 8000
+    api_key: str = ""
     dashboard_refresh_seconds: int = 3
     dashboard_address: str = "127.0.0.1"
     dashboard_port: int = 8501

@@ -77,6 +77,7 @@ def stages(settings: Settings) -> list[Stage]:
         ("producer", [python, "producer.py", "--rate", rate, "--anomaly-rate", anomaly_rate]),
         ("aggregator", [python, "aggregator.py"]),
         ("detector", [python, "anomaly_detector.py", "run"]),
+        ("api", [python, "api.py"]),
         ("dashboard", [python, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
                        "--server.address", settings.dashboard_address, "--server.port", str(settings.dashboard_port),
                        "--browser.gatherUsageStats", "false"]),

@@ -36,6 +36,7 @@ class Demo:
         self.settings = Settings.load(
             tradewatch_home=str(self.home), kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
             kafka_controller_port=free_port(), postgres_port=free_port(), dashboard_port=free_port(),
+            api_port=free_port(),
             dashboard_refresh_seconds=1, run_flink_in_demo=False)
         self.url = f"http://127.0.0.1:{self.settings.dashboard_port}"
         self.log = PROJECT_ROOT / ".tradewatch" / f"e2e-{name}.log"

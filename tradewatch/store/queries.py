@@ -204,3 +204,49 @@ def acknowledge_alert(engine: Engine, alert_id: str) -> bool:
         result = conn.execute(text("UPDATE alerts SET acknowledged = true, acknowledged_at = now()"
                                    " WHERE alert_id = :alert_id AND NOT acknowledged"), {"alert_id": alert_id})
         return result.rowcount == 1
+
+
+# ---------------------------------------------------------------- the read API (tradewatch/api.py)
+
+def latest_trades(engine: Engine) -> pd.DataFrame:
+    """The newest trade of each symbol (an index walk per symbol)."""
+    return _frame(engine, """
+        SELECT DISTINCT ON (symbol) symbol, ts, price, quantity, side, exchange, trade_id
+        FROM trades ORDER BY symbol, ts DESC, trade_id DESC""")
+
+
+def trades_page(engine: Engine, symbol: str, since, until, after: tuple | None, limit: int) -> pd.DataFrame:
+    """Keyset pagination on (ts, trade_id): a page never skips or repeats a trade."""
+    return _frame(engine, """
+        SELECT trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition
+        FROM trades
+        WHERE symbol = :symbol AND (CAST(:since AS timestamptz) IS NULL OR ts >= :since)
+          AND (CAST(:until AS timestamptz) IS NULL OR ts < :until)
+          AND (CAST(:after_ts AS timestamptz) IS NULL OR (ts, trade_id) > (CAST(:after_ts AS timestamptz), :after_id))
+        ORDER BY ts, trade_id LIMIT :limit""", symbol=symbol, since=since, until=until,
+                  after_ts=after[0] if after else None, after_id=after[1] if after else None, limit=limit)
+
+
+def alerts_page(engine: Engine, symbol: str | None, alert_type: str | None, severities: list[str] | None,
+                since, until, acknowledged: bool | None, limit: int) -> pd.DataFrame:
+    return _frame(engine, """
+        SELECT alert_id, ts, symbol, alert_type, severity, message, trade_id, acknowledged, acknowledged_at
+        FROM alerts
+        WHERE (CAST(:symbol AS text) IS NULL OR symbol = :symbol)
+          AND (CAST(:alert_type AS text) IS NULL OR alert_type = :alert_type)
+          AND (CAST(:severities AS text[]) IS NULL OR severity = ANY(CAST(:severities AS text[])))
+          AND (CAST(:since AS timestamptz) IS NULL OR ts >= :since)
+          AND (CAST(:until AS timestamptz) IS NULL OR ts < :until)
+          AND (CAST(:acknowledged AS boolean) IS NULL OR acknowledged = :acknowledged)
+        ORDER BY ts DESC, alert_id LIMIT :limit""", symbol=symbol, alert_type=alert_type, severities=severities,
+                  since=since, until=until, acknowledged=acknowledged, limit=limit)
+
+
+def alert_exists(engine: Engine, alert_id: str) -> bool:
+    return not _frame(engine, "SELECT 1 AS found FROM alerts WHERE alert_id = :alert_id", alert_id=alert_id).empty
+
+
+def dead_letter_summary(engine: Engine) -> pd.DataFrame:
+    return _frame(engine, """
+        SELECT reason, count(*) AS messages, min(received_at) AS first_received, max(received_at) AS last_received
+        FROM dead_letters GROUP BY reason ORDER BY count(*) DESC, reason LIMIT 100""")

@@ -1,0 +1,137 @@
+"""The read API (api.py, a real uvicorn process) on a known market in the real database: every
+endpoint answers what the tables hold, pages never skip or repeat, bad or hostile parameters get a
+4xx with a message and change nothing, acknowledging needs the API key when one is set."""
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import query, start_script, wait_for
+from tests.market_fixture import load_known_market
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(base: str, path: str, method: str = "GET", headers: dict | None = None, **params) -> tuple[int, object]:
+    url = f"{base}{path}" + ("?" + urllib.parse.urlencode(params, doseq=True) if params else "")
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read().decode()
+            return response.status, json.loads(body) if "json" in response.headers.get("content-type", "") else body
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read().decode())
+
+
+@pytest.fixture
+def api(settings, tmp_path):
+    settings = settings.with_overrides(api_port=free_port(), api_key="s3cret")
+    load_known_market(settings)
+    process = start_script(settings, "api.py", log=tmp_path / "api.log")
+    base = f"http://127.0.0.1:{settings.api_port}"
+
+    def up():
+        try:
+            return call(base, "/symbols")[0] == 200
+        except OSError:
+            return False
+    wait_for(up, timeout=60, message="the API to answer")
+    yield settings, base
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_every_endpoint_answers_from_the_tables(api):
+    settings, base = api
+    status, symbols = call(base, "/symbols")
+    assert status == 200 and symbols == [r[0] for r in query(
+        settings, "SELECT DISTINCT symbol FROM stock_metrics WHERE window_size = '1m' ORDER BY 1")]
+    status, latest = call(base, "/latest")
+    newest = dict(query(settings, "SELECT DISTINCT ON (symbol) symbol, price FROM trades ORDER BY symbol, ts DESC,"
+                                  " trade_id DESC"))
+    assert status == 200 and {r["symbol"]: r["price"] for r in latest} == newest
+
+    symbol = symbols[0]
+    pages, after = [], None
+    while True:
+        status, page = call(base, "/trades", symbol=symbol, limit=250, **({"after": after} if after else {}))
+        assert status == 200
+        pages.extend(t["trade_id"] for t in page["trades"])
+        after = page["next"]
+        if after is None:
+            break
+    expected = [r[0] for r in query(settings, "SELECT trade_id FROM trades WHERE symbol = %s ORDER BY ts, trade_id",
+                                    (symbol,))]
+    assert pages == expected and len(pages) > 250, "keyset pages: nothing skipped, nothing repeated"
+
+    status, candles = call(base, "/candles", symbol=symbol, size="5m", since="2026-01-01T00:00:00Z",
+                           until="2026-01-02T00:00:00Z")
+    closes = [r[0] for r in query(settings, "SELECT close FROM stock_metrics WHERE symbol = %s AND window_size = '5m'"
+                                            " ORDER BY window_start", (symbol,))]
+    assert status == 200 and [c["close"] for c in candles] == closes and "sma_20" in candles[0]
+
+    status, alerts = call(base, "/alerts", severity=["HIGH", "CRITICAL"], limit=1000)
+    count = query(settings, "SELECT count(*) FROM alerts WHERE severity IN ('HIGH', 'CRITICAL')")[0][0]
+    assert status == 200 and len(alerts) == count > 0 and all(a["severity"] in ("HIGH", "CRITICAL") for a in alerts)
+    assert [a["ts"] for a in alerts] == sorted((a["ts"] for a in alerts), reverse=True)
+
+    status, health = call(base, "/health")
+    assert status == 200 and {s["stage"] for s in health["stages"]} >= {"consumer", "aggregator", "detector"}
+    status, scan = call(base, "/scanner", since="2026-01-01T00:00:00Z", until="2026-01-02T00:00:00Z")
+    assert status == 200 and {r["symbol"] for r in scan} == set(symbols)
+    assert call(base, "/dead-letters/summary") == (200, [])
+    status, schema = call(base, "/openapi.json")
+    assert status == 200 and "/trades" in schema["paths"]
+
+
+def test_acknowledge_needs_the_api_key(api):
+    settings, base = api
+    alert_id = query(settings, "SELECT alert_id FROM alerts ORDER BY alert_id LIMIT 1")[0][0]
+    path = f"/alerts/{urllib.parse.quote(alert_id, safe='')}/acknowledge"
+    status, body = call(base, path, method="POST")
+    assert status == 401 and "X-API-Key" in body["detail"]
+    status, body = call(base, path, method="POST", headers={"X-API-Key": "s3cret"})
+    assert status == 200 and body["changed"] is True
+    assert query(settings, "SELECT acknowledged FROM alerts WHERE alert_id = %s", (alert_id,))[0][0] is True
+    assert call(base, "/alerts/nope/acknowledge", method="POST", headers={"X-API-Key": "s3cret"})[0] == 404
+    status, acked = call(base, "/alerts", acknowledged="true")
+    assert [a["alert_id"] for a in acked] == [alert_id]
+
+
+@pytest.mark.parametrize("path, params", [
+    ("/trades", {"symbol": "AAPL'; DROP TABLE trades; --"}),
+    ("/trades", {"symbol": "AAPL", "limit": 100_000}),
+    ("/trades", {"symbol": "AAPL", "after": "garbage"}),
+    ("/trades", {"symbol": "A" * 5000}),
+    ("/candles", {"symbol": "AAPL", "size": "7m"}),
+    ("/candles", {"symbol": "AAPL", "since": "yesterday"}),
+    ("/alerts", {"severity": "URGENT"}),
+    ("/alerts", {"type": "X' OR '1'='1"}),
+    ("/trades", {"symbol": "AAPL\n"}),
+])
+def test_bad_and_hostile_parameters_get_a_4xx_and_change_nothing(api, path, params):
+    settings, base = api
+    before = query(settings, "SELECT (SELECT count(*) FROM trades), (SELECT count(*) FROM alerts)")
+    status, body = call(base, path, **params)
+    assert status == 422 and body["detail"], body
+    assert query(settings, "SELECT (SELECT count(*) FROM trades), (SELECT count(*) FROM alerts)") == before
+
+
+def test_request_metrics(api):
+    _, base = api
+    for _ in range(3):
+        call(base, "/symbols")
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("tradewatch_api_requests_total", (("route", "/symbols"), ("status", "200")))] >= 3
