@@ -3,7 +3,7 @@
 One line per check, ✔ or ✘, and for each failure what to do about it. Exit code 1 when anything
 failed. Checks: Java, the Kafka jars, Kafka (metadata, the trades and alerts topics and their
 partitions), PostgreSQL (connection, every table of the schema), each stage's heartbeat and lag,
-the dashboard port, free disk under TRADEWATCH_HOME.
+the dashboard and API ports, free disk under TRADEWATCH_HOME.
 """
 from __future__ import annotations
 
@@ -124,12 +124,16 @@ def check_stages(settings: Settings) -> list[Check]:
 
 
 def check_ports(settings: Settings) -> list[Check]:
-    host, port = settings.dashboard_address, settings.dashboard_port
-    with socket.socket() as probe:
-        probe.settimeout(1)
-        listening = probe.connect_ex(("127.0.0.1" if host == "0.0.0.0" else host, port)) == 0
-    return [Check("dashboard port", listening, f"{host}:{port} {'answers' if listening else 'has no listener'}",
-                  "start the dashboard: `streamlit run dashboard.py` (or `make demo`)")]
+    checks = []
+    for name, host, port, fix in (
+            ("dashboard port", settings.dashboard_address, settings.dashboard_port,
+             "start the dashboard: `streamlit run dashboard.py` (or `make demo`)"),
+            ("API port", settings.api_address, settings.api_port, "start the API: `python api.py` (or `make demo`)")):
+        with socket.socket() as probe:
+            probe.settimeout(1)
+            listening = probe.connect_ex(("127.0.0.1" if host == "0.0.0.0" else host, port)) == 0
+        checks.append(Check(name, listening, f"{host}:{port} {'answers' if listening else 'has no listener'}", fix))
+    return checks
 
 
 def check_disk(settings: Settings) -> list[Check]:

@@ -36,6 +36,7 @@ def test_doctor_reports_services_and_stages(settings, tmp_path):
         assert lines[name].startswith("✔"), lines[name]
     assert lines["stage consumer"].startswith("✘ stage consumer: down · not started")
     assert "fix: start it: `python consumer.py`" in lines["stage consumer"]
+    assert lines["API port"].startswith("✘ API port") and "`python api.py`" in lines["API port"]
 
     consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
     wait_for(lambda: query(settings, "SELECT 1 FROM stage_health WHERE pid = %s AND state = 'running'"
