@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ logging.getLogger("tradewatch.librdkafka").setLevel(logging.CRITICAL)
 CLIENTS = ("confluent", "kafka-python")
 BEGINNING = -2          # a start offset meaning "the oldest record kept" (librdkafka's OFFSET_BEGINNING)
 SESSION_TIMEOUT_MS = 10_000
+CLOSE_TIMEOUT_S = 5.0      # leaving the group; longer only when Kafka is unreachable
 
 # on_assign(partitions) may return start offsets: {partition: offset}; a partition it leaves out
 # (or maps to None) starts at the group's committed offset, or at the beginning without one.
@@ -316,8 +318,16 @@ class _ConfluentConsumer(BusConsumer):
         return lags
 
     def close(self) -> None:
-        # leaves the group at once (no session-timeout wait for the others); nothing is committed
-        self._consumer.close()
+        # Leaves the group at once (no session-timeout wait for the others); nothing is committed.
+        # librdkafka's close waits for a commit still in flight, up to socket.timeout.ms (60 s) when
+        # the broker is gone, so it runs on a thread the stop does not wait for past CLOSE_TIMEOUT_S.
+        closing = threading.Thread(target=self._consumer.close, name="kafka-close", daemon=True)
+        closing.start()
+        closing.join(CLOSE_TIMEOUT_S)
+        if closing.is_alive():
+            log.warning("group %s: Kafka did not confirm leaving the group within %.0fs (%s); stopping anyway,"
+                        " the group reassigns the partitions after its session timeout", self.group_id,
+                        CLOSE_TIMEOUT_S, "unreachable" if self._outage.down_since is not None else "slow")
 
 
 class _KafkaPythonConsumer(BusConsumer):
@@ -772,6 +782,63 @@ def group_lag(settings: Settings, group_id: str, topic: str) -> dict[int, tuple[
                 time.sleep(0.2)
     finally:
         reader.close()
+
+
+class Tail:
+    """Every new message of `topic`, on all its partitions, without a group: nothing is committed
+    and no rebalance pauses it (for readers that follow a topic live, like the API's alert stream).
+    Partitions that exist when it starts are read from their end; partitions, or the topic itself,
+    that appear later are read from their beginning, since everything in them is new. librdkafka
+    reconnects by itself after a Kafka outage."""
+
+    LIST_EVERY_S = 5.0
+
+    def __init__(self, settings: Settings, topic: str):
+        from confluent_kafka import Consumer
+        _require_reachable(settings)
+        self.topic = topic
+        self._outage = _OutageLog(settings)
+        self._reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "tradewatch-tail",
+                                 "enable.auto.commit": False, "fetch.wait.max.ms": 50,
+                                 "error_cb": self._error, "logger": logging.getLogger("tradewatch.librdkafka")})
+        self._known: set[int] | None = None     # None: not listed yet
+        self._listed_at = 0.0
+        self._list()
+
+    def _error(self, error) -> None:
+        from confluent_kafka import KafkaError
+        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self._outage.failed(error.str())
+
+    def _list(self) -> None:
+        from confluent_kafka import OFFSET_END, KafkaException, TopicPartition
+        self._listed_at = time.monotonic()
+        try:
+            described = self._reader.list_topics(self.topic, timeout=2).topics.get(self.topic)
+        except KafkaException:
+            return
+        partitions = set(described.partitions) if described is not None and described.error is None else set()
+        new = partitions - (self._known or set())
+        if new:
+            start = OFFSET_END if self._known is None else BEGINNING
+            self._reader.incremental_assign([TopicPartition(self.topic, p, start) for p in sorted(new)])
+        self._known = (self._known or set()) | partitions
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        if time.monotonic() - self._listed_at > self.LIST_EVERY_S:
+            self._list()
+        raw = self._reader.consume(max_records, 0)
+        if not raw:      # wait for the first message only, then take what came with it (as in poll above)
+            first = self._reader.poll(timeout_ms / 1000.0)
+            raw = [first, *self._reader.consume(max_records - 1, 0)] if first is not None else []
+        messages = [Message(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
+                            m.timestamp()[1] if m.timestamp()[0] else None) for m in raw if m.error() is None]
+        if self._outage.down_since is not None:
+            self._outage.check(bool(messages))
+        return messages
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 def read_topic(settings: Settings, topic: str, until: Callable[[list[Message]], bool],

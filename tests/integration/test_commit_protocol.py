@@ -179,6 +179,17 @@ def heartbeating(settings, process: subprocess.Popen) -> bool:
                       (process.pid,)))
 
 
+def exit_code(process: subprocess.Popen, log, timeout: float = 15) -> int:
+    """`process`'s exit code; if it is still running after `timeout`, fail with its thread stacks
+    (SIGUSR1 makes every stage dump them) and the end of its log."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "most recent call first" in log.read_text(), timeout=5, message="a stack dump")
+        raise AssertionError(f"still running {timeout:.0f}s after SIGTERM:\n" + log.read_text()[-6000:]) from None
+
+
 def test_every_stage_stops_within_seconds_while_a_service_is_down(settings, tmp_path):
     """SIGTERM is honoured while PostgreSQL is down (each stage waiting to store), and while
     Kafka is down."""
@@ -202,7 +213,7 @@ def test_every_stage_stops_within_seconds_while_a_service_is_down(settings, tmp_
             for process in running.values():
                 process.send_signal(signal.SIGTERM)
             for stage, process in running.items():
-                assert process.wait(timeout=15) == 0, f"{stage} exit code during the {outage} outage"
+                assert exit_code(process, logs[stage]) == 0, f"{stage} exit code during the {outage} outage"
             took = time.monotonic() - stopped_at
             assert took < 8, f"stopping took {took:.1f}s during the {outage} outage"
         finally:
