@@ -4,20 +4,28 @@ Every read goes through tradewatch/store/queries.py (shared with the dashboard);
 validated by FastAPI with a clear 422 body, and no SQL is built from input. `POST
 /alerts/{alert_id}/acknowledge` needs the header `X-API-Key` when API_KEY is set. Request counts
 and durations are Prometheus metrics on /metrics. The OpenAPI schema is at /openapi.json, the
-interactive page at /docs.
+interactive page at /docs. The live alert stream (`/alerts/stream`, `/alerts/ws`) is fed from the
+Kafka `alerts` topic (tradewatch/alert_stream.py).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
 import time
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Annotated
 
 import pandas as pd
-from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response, WebSocket
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import AfterValidator, BeforeValidator, StringConstraints
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 
 from tradewatch import runtime
+from tradewatch.alert_stream import AlertHub, StreamedAlert, Subscriber
 from tradewatch.config import Settings
 from tradewatch.store import queries
 
@@ -28,7 +36,35 @@ REQUEST_SECONDS = Histogram("tradewatch_api_request_seconds", "API request durat
 # pydantic's regex engine (Rust) anchors with ^ and $, and its $ allows no trailing newline
 SYMBOL_PATTERN = r"^[A-Z0-9._/^=-]{1,20}$"      # the trade event's symbol rule (tradewatch/events.py)
 Symbol = Annotated[str, Query(pattern=SYMBOL_PATTERN, description="e.g. AAPL, BTC-USD")]
+SymbolText = Annotated[str, StringConstraints(pattern=SYMBOL_PATTERN)]
 MAX_PAGE = 1000
+ISO_8601 = re.compile(r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?([Zz]|[+-]\d{2}(:?\d{2})?)?")
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _iso_8601(value: object) -> object:
+    if isinstance(value, str) and not ISO_8601.fullmatch(value):
+        raise ValueError("expected an ISO-8601 time such as 2026-01-02T15:04:05Z")
+    return value
+
+
+def _in_utc(value: datetime) -> datetime:
+    """Any offset RFC 3339 allows (up to ±23:59), as UTC; no offset means UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:       # year 1 or 9999 pushed out of range by its offset
+        return (datetime.min if value.year == 1 else datetime.max).replace(tzinfo=timezone.utc)
+
+
+def _earlier(moment: datetime, by: timedelta) -> datetime:
+    return moment - by if moment - datetime.min.replace(tzinfo=timezone.utc) > by else moment
+
+
+Instant = Annotated[datetime, BeforeValidator(_iso_8601), AfterValidator(_in_utc)]
+# a page cursor: microseconds since 1970 of the last trade, and its trade id
+CURSOR_PATTERN = r"^[0-9]{1,16}\|[A-Za-z0-9._\-:/+=@#~]{1,100}$"
 
 
 class Size(str, Enum):
@@ -49,6 +85,10 @@ class Source(str, Enum):
     flink = "flink"
 
 
+StreamSymbols = Annotated[list[SymbolText] | None, Query(alias="symbol", max_length=100,
+                                                       description="only these symbols (repeat the parameter)")]
+StreamSeverities = Annotated[list[Severity] | None, Query(alias="severity", description="only these severities")]
+
 SOURCES = {Source.aggregator: "stock_metrics", Source.flink: "flink_metrics"}
 
 
@@ -61,10 +101,33 @@ def records(frame: pd.DataFrame) -> list[dict]:
     return out.to_dict("records")
 
 
+class AlertEvents(EventSourceResponse):
+    """The SSE response of one stream client: a write that blocks longer than the send timeout
+    (a client that stopped reading) drops the client, and the connection is closed."""
+
+    def __init__(self, hub: AlertHub, subscriber: Subscriber, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hub, self.subscriber = hub, subscriber
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            self.hub.drop(self.subscriber, f"one write blocked {self.send_timeout:g} s")
+
+
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="TradeWatch API", version="1",
-                  description="Trades, candles, indicators, alerts and the health of a TradeWatch pipeline.")
     engine = queries.engine_for(settings.sqlalchemy_url)
+    hub = AlertHub(settings, engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        hub.start()
+        yield
+        hub.stop()
+
+    app = FastAPI(title="TradeWatch API", version="1", lifespan=lifespan,
+                  description="Trades, candles, indicators, alerts and the health of a TradeWatch pipeline.")
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
@@ -91,37 +154,92 @@ def create_app(settings: Settings) -> FastAPI:
         return records(queries.latest_trades(engine))
 
     @app.get("/trades", summary="Trades of a symbol in a time range, oldest first, a page at a time")
-    def trades(symbol: Symbol, since: datetime | None = None, until: datetime | None = None,
-               after: Annotated[str | None, Query(max_length=100, description="`next` of the previous page")] = None,
-               limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> dict:
+    def trades(symbol: Symbol, since: Instant | None = None, until: Instant | None = None,
+               after: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description="`next` of the previous page")]
+               = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> dict:
         cursor = None
         if after is not None:
-            try:
-                stamp, trade_id = after.split("|", 1)
-                cursor = (datetime.fromisoformat(stamp), trade_id)
-            except ValueError:
-                raise HTTPException(422, "`after` must be the `next` value of a previous page") from None
-        rows = records(queries.trades_page(engine, symbol, since, until, cursor, limit))
-        following = f"{rows[-1]['ts']}|{rows[-1]['trade_id']}" if len(rows) == limit else None
-        return {"trades": rows, "next": following}
+            micros, trade_id = after.split("|", 1)
+            cursor = (EPOCH + timedelta(microseconds=int(micros)), trade_id)
+        rows = queries.trades_page(engine, symbol, since, until, cursor, limit)
+        following = None
+        if len(rows) == limit:
+            last = rows.iloc[-1]
+            following = f"{(last['ts'] - pd.Timestamp(EPOCH)) // pd.Timedelta(microseconds=1)}|{last['trade_id']}"
+        return {"trades": records(rows), "next": following}
 
     @app.get("/candles", summary="Candles with indicators (from the aggregator's or Flink's table)")
-    def candles(symbol: Symbol, size: Size = Size.one, since: datetime | None = None,
-                until: datetime | None = None, source: Source = Source.aggregator) -> list[dict]:
-        if source is Source.flink and size is not Size.one:
-            raise HTTPException(422, "Flink computes 1-minute candles only")
+    def candles(symbol: Symbol, size: Size = Size.one, since: Instant | None = None,
+                until: Instant | None = None, source: Source = Source.aggregator) -> list[dict]:
         until = until or datetime.now(timezone.utc)
-        since = since or until - timedelta(days=1)
+        since = since or _earlier(until, timedelta(days=1))
         return records(queries.candles(engine, SOURCES[source], symbol, size.value, since, until))
 
     @app.get("/alerts", summary="Alerts, newest first")
     def alerts(symbol: Annotated[str | None, Query(pattern=SYMBOL_PATTERN)] = None,
                type: Annotated[str | None, Query(pattern=r"^[A-Z_]{1,32}$")] = None,
                severity: Annotated[list[Severity] | None, Query()] = None,
-               since: datetime | None = None, until: datetime | None = None, acknowledged: bool | None = None,
+               since: Instant | None = None, until: Instant | None = None, acknowledged: bool | None = None,
                limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> list[dict]:
         return records(queries.alerts_page(engine, symbol, type, [s.value for s in severity] if severity else None,
                                            since, until, acknowledged, limit))
+
+    @app.get("/alerts/stream", response_class=EventSourceResponse,
+             summary="Live alerts as Server-Sent Events (from the Kafka alerts topic)",
+             description="One `alert` event per alert, its id the alert id; a `: heartbeat` comment every "
+                         f"{settings.api_stream_heartbeat_seconds:g} s. Reconnecting with `Last-Event-ID` (or "
+                         "`last_event_id`) first sends the alerts stored after that one. A client that falls "
+                         f"{settings.api_stream_queue} alerts behind gets a `dropped` event and is disconnected.")
+    async def alert_stream(symbols: StreamSymbols = None, severities: StreamSeverities = None,
+                           last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", max_length=200)] = None,
+                           last_event_id: Annotated[str | None, Query(max_length=200)] = None) -> EventSourceResponse:
+        subscriber = hub.subscribe(symbols, [s.value for s in severities] if severities else None)
+
+        async def events():
+            try:
+                async for item in hub.alerts(subscriber, last_event_id_header or last_event_id):
+                    if isinstance(item, StreamedAlert):
+                        yield ServerSentEvent(data=item.data, id=item.alert_id, event="alert")
+                    else:
+                        yield ServerSentEvent(comment=item)
+                yield ServerSentEvent(data=subscriber.dropped, event="dropped")
+            finally:
+                hub.unsubscribe(subscriber)
+
+        return AlertEvents(hub, subscriber, events(), ping=settings.api_stream_heartbeat_seconds,
+                           ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"),
+                           send_timeout=settings.api_stream_send_timeout_seconds)
+
+    @app.websocket("/alerts/ws")
+    async def alert_socket(socket: WebSocket, symbols: StreamSymbols = None, severities: StreamSeverities = None,
+                           last_event_id: Annotated[str | None, Query(max_length=200)] = None) -> None:
+        """The same stream over a WebSocket: one JSON text message per alert; `last_event_id` resumes."""
+        await socket.accept()
+        subscriber = hub.subscribe(symbols, [s.value for s in severities] if severities else None)
+
+        async def send_alerts() -> None:
+            async for item in hub.alerts(subscriber, last_event_id):
+                if isinstance(item, StreamedAlert):
+                    try:
+                        await asyncio.wait_for(socket.send_text(item.data), settings.api_stream_send_timeout_seconds)
+                    except TimeoutError:
+                        hub.drop(subscriber, f"one send blocked {settings.api_stream_send_timeout_seconds:g} s")
+                        return
+
+        async def until_closed() -> None:
+            while (await socket.receive())["type"] != "websocket.disconnect":
+                pass
+
+        sending, listening = asyncio.create_task(send_alerts()), asyncio.create_task(until_closed())
+        try:
+            await asyncio.wait((sending, listening), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sending, listening):
+                task.cancel()
+            hub.unsubscribe(subscriber)
+        if subscriber.dropped and not listening.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(socket.close(code=1013, reason=subscriber.dropped[:120]), 2)
 
     @app.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert (X-API-Key when API_KEY is set)",
               responses={401: {"description": "missing or wrong API key"}, 404: {"description": "no such alert"}})
@@ -138,10 +256,10 @@ def create_app(settings: Settings) -> FastAPI:
         return records(queries.dead_letter_summary(engine))
 
     @app.get("/scanner", summary="Market scanner: per symbol change, volume, VWAP and signal over a range")
-    def scanner(since: datetime | None = None, until: datetime | None = None,
+    def scanner(since: Instant | None = None, until: Instant | None = None,
                 source: Source = Source.aggregator) -> list[dict]:
         until = until or datetime.now(timezone.utc)
-        since = since or until - timedelta(hours=1)
+        since = since or _earlier(until, timedelta(hours=1))
         return records(queries.scanner(engine, SOURCES[source], None, since, until))
 
     @app.get("/metrics", include_in_schema=False)

@@ -95,10 +95,25 @@ def kpis(engine: Engine, source: str, symbols: list[str] | None, since, until) -
 
 
 def candles(engine: Engine, source: str, symbol: str, size: str, since, until) -> pd.DataFrame:
+    """Candles of one size with the aggregator's indicators. Flink writes 1-minute candles only: its
+    5- and 15-minute ones are rolled up from them here (epoch-aligned, as every window)."""
+    table = _table(source)
+    if table == "flink_metrics" and size != "1m":
+        table = f"""(SELECT symbol, CAST(:size AS text) AS window_size, bucket AS window_start,
+                            (array_agg(open ORDER BY window_start))[1] AS open, max(high) AS high, min(low) AS low,
+                            (array_agg(close ORDER BY window_start DESC))[1] AS close, sum(volume) AS volume,
+                            sum(traded_value) / nullif(sum(volume), 0) AS vwap, sum(trade_count) AS trade_count,
+                            bool_and(is_final) AS is_final
+                     FROM (SELECT *, date_bin(CAST(:size AS interval), window_start, TIMESTAMPTZ '1970-01-01')
+                                       AS bucket FROM flink_metrics
+                           WHERE symbol = :symbol AND window_size = '1m' AND window_start < :until
+                             AND window_start >= date_bin(CAST(:size AS interval), CAST(:since AS timestamptz),
+                                                          TIMESTAMPTZ '1970-01-01')) one_minute
+                     GROUP BY symbol, bucket)"""
     return _frame(engine, f"""
         SELECT m.window_start, m.open, m.high, m.low, m.close, m.volume, m.vwap, m.trade_count, m.is_final,
                i.sma_20, i.sma_50, i.bollinger_upper, i.bollinger_lower
-        FROM {_table(source)} m
+        FROM {table} m
         LEFT JOIN indicators i ON i.symbol = m.symbol AND i.window_size = m.window_size
                               AND i.window_start = m.window_start
         WHERE m.symbol = :symbol AND m.window_size = :size AND m.window_start >= :since AND m.window_start < :until
@@ -240,6 +255,23 @@ def alerts_page(engine: Engine, symbol: str | None, alert_type: str | None, seve
           AND (CAST(:acknowledged AS boolean) IS NULL OR acknowledged = :acknowledged)
         ORDER BY ts DESC, alert_id LIMIT :limit""", symbol=symbol, alert_type=alert_type, severities=severities,
                   since=since, until=until, acknowledged=acknowledged, limit=limit)
+
+
+def alerts_after(engine: Engine, alert_id: str, symbols: list[str] | None, severities: list[str] | None,
+                 limit: int) -> pd.DataFrame | None:
+    """The alerts stored after `alert_id` (oldest first, as they were published), in the `alerts`
+    topic's JSON fields; None when there is no such alert."""
+    if not alert_exists(engine, alert_id):
+        return None
+    return _frame(engine, """
+        SELECT a.alert_id, (extract(epoch FROM a.ts) * 1000)::bigint AS timestamp_ms, a.symbol, a.alert_type,
+               a.severity, a.message, a.trade_id, a.details
+        FROM alerts a, (SELECT created_at, alert_id FROM alerts WHERE alert_id = :alert_id) AS anchor
+        WHERE (a.created_at, a.alert_id) > (anchor.created_at, anchor.alert_id)
+          AND (CAST(:symbols AS text[]) IS NULL OR a.symbol = ANY(CAST(:symbols AS text[])))
+          AND (CAST(:severities AS text[]) IS NULL OR a.severity = ANY(CAST(:severities AS text[])))
+        ORDER BY a.created_at, a.alert_id LIMIT :limit""", alert_id=alert_id, symbols=symbols,
+                  severities=severities, limit=limit)
 
 
 def alert_exists(engine: Engine, alert_id: str) -> bool:

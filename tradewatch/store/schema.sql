@@ -180,6 +180,8 @@ CREATE INDEX IF NOT EXISTS alerts_ts ON alerts (ts DESC);
 ALTER TABLE alerts ADD COLUMN IF NOT EXISTS published_at timestamptz DEFAULT now();
 ALTER TABLE alerts ALTER COLUMN published_at DROP DEFAULT;
 CREATE INDEX IF NOT EXISTS alerts_unpublished ON alerts (created_at) WHERE published_at IS NULL;
+-- resuming the live alert stream after an alert id (GET /alerts/stream with Last-Event-ID)
+CREATE INDEX IF NOT EXISTS alerts_created ON alerts (created_at, alert_id);
 
 -- Where the detector is, per partition, and the rolling state of that partition's symbols (JSON of
 -- tradewatch/detect/features.py SymbolState): written in the same transaction as its flags, alerts
