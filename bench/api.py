@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Read API benchmark, two parts, printed as JSON:
+
+1. Requests: the 10-million-trade database of bench/dashboard.py (loaded once, kept in
+   .tradewatch/bench), api.py as a real process, CONCURRENCY keep-alive clients: requests/s and
+   p50/p95 latency of /latest, /candles (1 hour of 1m), /alerts (newest 100) and /trades (one page),
+   with 1 client and with CONCURRENCY. Beside each, the same query called in-process (the
+   database's share), and /metrics, which reads no database (the HTTP layer's ceiling).
+   Goal: p95 <= 50 ms.
+2. Alert fan-out: producer at 1,000 trades/s with injected anomalies -> detector -> alerts topic
+   -> api.py -> SSE clients. Latency from the trade's event time (stamped when the producer sends
+   it) to each client receiving its alert, p50/p95/p99, beside the same for the alert reaching
+   the topic (published_at in the table): the API's share is the difference. Goal: p99 <= 250 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import socket
+import statistics
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+from common import bench_settings, load_trades, percentile, query, report, start_stage
+
+from tradewatch import bus
+from tradewatch.store import queries
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/metrics")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"api.py did not answer on port {port}")
+
+
+def hammer(port: int, path: str, requests: int, concurrency: int) -> tuple[float, list[float]]:
+    """`requests` GETs of `path` from `concurrency` keep-alive connections: (req/s, latencies in ms)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    per_client = requests // concurrency
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine = []
+        for _ in range(per_client):
+            started = time.perf_counter()
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read()
+            if response.status != 200:
+                raise SystemExit(f"{path}: {response.status} {body[:200]!r}")
+            mine.append((time.perf_counter() - started) * 1000)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(latencies) / (time.perf_counter() - started), latencies
+
+
+def direct_ms(run, times: int = 30) -> float:
+    timings = []
+    for _ in range(times):
+        started = time.perf_counter()
+        run()
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
+
+
+def request_part(settings, trades: int, requests: int, concurrency: int) -> dict:
+    present = query(settings, "SELECT count(*) FROM trades")[0][0]
+    loading = load_trades(settings, trades) if present != trades else {"reused": present}
+    engine = queries.engine_for(settings.sqlalchemy_url)
+    anchor = queries.data_anchor(engine)
+    symbol = queries.symbols(engine)[0]
+    until = anchor + timedelta(milliseconds=1)
+    since = until - timedelta(hours=1)
+    iso = lambda t: t.isoformat().replace("+00:00", "Z")
+    endpoints = {
+        "latest": ("/latest", lambda: queries.latest_trades(engine)),
+        "candles": (f"/candles?symbol={symbol}&size=1m&since={iso(since)}&until={iso(until)}",
+                    lambda: queries.candles(engine, "stock_metrics", symbol, "1m", since, until)),
+        "alerts": ("/alerts?limit=100", lambda: queries.alerts_page(engine, None, None, None, None, None, None, 100)),
+        "trades_page": (f"/trades?symbol={symbol}&since={iso(since)}&limit=100",
+                        lambda: queries.trades_page(engine, symbol, since, None, None, 100)),
+    }
+    api_settings = settings.with_overrides(api_port=free_port())
+    process = start_stage(api_settings, "api.py")
+    try:
+        wait_until_up(api_settings.api_port)
+        results = {}
+        for name, (path, direct) in [("http_ceiling_metrics", ("/metrics", lambda: None)), *endpoints.items()]:
+            hammer(api_settings.api_port, path, concurrency * 5, concurrency)        # warm-up
+            results[name] = {"same_query_in_process_p50_ms": round(direct_ms(direct), 2)}
+            for clients in sorted({1, concurrency}):
+                rate, latencies = hammer(api_settings.api_port, path, requests, clients)
+                results[name][f"{clients}_clients"] = {"requests_per_s": round(rate),
+                                                       "p50_ms": round(percentile(latencies, 50), 1),
+                                                       "p95_ms": round(percentile(latencies, 95), 1)}
+    finally:
+        process.terminate()
+        process.wait(30)
+    return {"trades": trades, "loading": loading, "requests_each": requests, "endpoints": results,
+            "goal_p95_ms": 50}
+
+
+async def sse_reader(port: int, received: list[tuple[float, dict]], ready: asyncio.Event, counter: list[int],
+                     clients: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    writer.write(b"GET /alerts/stream HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
+    await writer.drain()
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass
+    counter[0] += 1
+    if counter[0] == clients:
+        ready.set()
+    while True:
+        line = await reader.readline()
+        if not line:
+            return
+        if line.startswith(b"data: "):
+            received.append((time.time(), json.loads(line[6:])))
+
+
+async def fan_out(port: int, clients: int, run_producer) -> list[tuple[float, dict]]:
+    received: list[tuple[float, dict]] = []
+    ready, counter = asyncio.Event(), [0]
+    readers = [asyncio.create_task(sse_reader(port, received, ready, counter, clients)) for _ in range(clients)]
+    await asyncio.wait_for(ready.wait(), 60)
+    await asyncio.to_thread(run_producer)
+    await asyncio.sleep(5)         # the last alerts on their way
+    for reader in readers:
+        reader.cancel()
+    return received
+
+
+def fan_out_part(settings, clients: int, seconds: int, rate: int) -> dict:
+    tag = uuid.uuid4().hex[:8]
+    run = settings.with_overrides(trades_topic=f"trades-api-{tag}", alerts_topic=f"alerts-api-{tag}",
+                                  detector_group=f"detector-api-{tag}", api_port=free_port(),
+                                  alert_cooldown_critical_seconds=0.0, alert_cooldown_high_seconds=0.0,
+                                  alert_cooldown_medium_seconds=0.0)
+    bus.ensure_topic(run, run.trades_topic, run.trades_partitions)
+    bus.ensure_topic(run, run.alerts_topic, 1)
+    query(run, "SELECT 1")
+    stages = [start_stage(run, "api.py"), start_stage(run, "anomaly_detector.py", "run")]
+    try:
+        wait_until_up(run.api_port)
+        time.sleep(3)       # the detector joins its group
+        producer = lambda: start_stage(run, "producer.py", "--rate", str(rate), "--duration", str(seconds),
+                                       "--anomaly-rate", "0.005", "--seed", "3").wait()
+        received = asyncio.run(fan_out(run.api_port, clients, producer))
+    finally:
+        for stage in stages:
+            stage.terminate()
+        for stage in stages:
+            stage.wait(30)
+    to_client = [(at * 1000 - alert["timestamp_ms"]) for at, alert in received]
+    ids = {alert["alert_id"] for _, alert in received}
+    to_topic = [r[0] for r in query(run, "SELECT extract(epoch FROM published_at - ts) * 1000 FROM alerts"
+                                         " WHERE alert_id = ANY(%s)", list(ids))]
+    stats = lambda values: {"p50": round(percentile(values, 50)), "p95": round(percentile(values, 95)),
+                            "p99": round(percentile(values, 99))}
+    return {"clients": clients, "trades_per_s": rate, "seconds": seconds, "alerts": len(ids),
+            "deliveries": len(received), "every_client_got_every_alert": len(received) == len(ids) * clients,
+            "trade_to_client_ms": stats(to_client), "trade_to_alerts_topic_ms": stats(to_topic),
+            "goal_p99_ms": 250}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trades", type=int, default=10_000_000)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--seconds", type=int, default=30)
+    parser.add_argument("--rate", type=int, default=1000)
+    args = parser.parse_args()
+    settings = bench_settings()
+    report({"benchmark": "api",
+            "requests": request_part(settings, args.trades, args.requests, args.concurrency),
+            "alert_fan_out": fan_out_part(settings, args.clients, args.seconds, args.rate)})
+
+
+if __name__ == "__main__":
+    main()
