@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import orjson
 from prometheus_client import Counter, Gauge
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from tradewatch import bus
 from tradewatch.config import Settings
@@ -91,15 +92,21 @@ class AlertHub:
         A str item is a note for the client (an unknown id). Ends when the client is dropped."""
         seen: set[str] = set()
         if last_event_id:
-            missed = await asyncio.to_thread(
-                queries.alerts_after, self.engine, last_event_id, sorted(subscriber.symbols or ()) or None,
-                sorted(subscriber.severities or ()) or None, CATCH_UP_LIMIT)
-            if missed is None:
+            try:
+                missed = await asyncio.to_thread(
+                    queries.alerts_after, self.engine, last_event_id, sorted(subscriber.symbols or ()) or None,
+                    sorted(subscriber.severities or ()) or None, CATCH_UP_LIMIT)
+                rows = None if missed is None else missed.to_dict("records")
+            except SQLAlchemyError as error:
+                log.warning("alert stream: cannot read the alerts after %r (%s)", last_event_id[:80],
+                            str(error).splitlines()[0])
+                yield "the database cannot be read now: live alerts only (the missed ones are in GET /alerts)"
+                rows = []
+            if rows is None:
                 yield f"unknown Last-Event-ID {last_event_id[:80]!r}: live alerts only"
-            else:
-                for row in missed.to_dict("records"):
-                    seen.add(row["alert_id"])
-                    yield StreamedAlert(row["alert_id"], row["symbol"], row["severity"], orjson.dumps(row).decode())
+            for row in rows or ():
+                seen.add(row["alert_id"])
+                yield StreamedAlert(row["alert_id"], row["symbol"], row["severity"], orjson.dumps(row).decode())
         while subscriber.dropped is None:
             alert = await subscriber.queue.get()
             if subscriber.dropped is None and alert.alert_id not in seen:

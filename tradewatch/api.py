@@ -202,8 +202,8 @@ def create_app(settings: Settings) -> FastAPI:
                severity: Annotated[list[Severity] | None, Query()] = None,
                since: Instant | None = None, until: Instant | None = None, acknowledged: bool | None = None,
                limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> list[dict]:
-        return rows_response(queries.alerts_page(engine, symbol, type, [s.value for s in severity] if severity else None,
-                                           since, until, acknowledged, limit))
+        severities = [s.value for s in severity] if severity else None
+        return rows_response(queries.alerts_page(engine, symbol, type, severities, since, until, acknowledged, limit))
 
     @app.get("/alerts/stream", response_class=EventSourceResponse,
              summary="Live alerts as Server-Sent Events (from the Kafka alerts topic)",

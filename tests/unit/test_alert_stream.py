@@ -47,3 +47,18 @@ def test_an_alert_without_its_fields_is_refused():
         except (ValueError, KeyError, TypeError):
             continue
         raise AssertionError(f"{raw!r} was accepted")
+
+
+def test_a_resume_while_the_database_is_unreachable_says_so_and_goes_on_live():
+    from tradewatch.store import queries
+
+    async def scenario():
+        unreachable = queries.engine_for("postgresql+psycopg2://tradewatch:x@127.0.0.1:1/tradewatch")
+        hub = AlertHub(Settings(), engine=unreachable)
+        subscriber = hub.subscribe(None, None)
+        stream = hub.alerts(subscriber, "t1:PRICE_SPIKE")
+        note = await stream.__anext__()
+        assert "database cannot be read" in note
+        hub._fan_out([alert(2)])
+        assert (await stream.__anext__()).alert_id == "t2:PRICE_SPIKE", "live alerts still flow"
+    asyncio.run(scenario())
