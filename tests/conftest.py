@@ -49,12 +49,18 @@ def settings(services: Settings) -> Settings:
                                     consumer_group=f"group-{tag}", aggregator_group=f"aggregator-{tag}",
                                     detector_group=f"detector-{tag}")
     bus.ensure_topic(fresh, fresh.trades_topic, fresh.trades_partitions)
-    with db.connect(fresh) as conn, conn.cursor() as cur:
+    empty_tables(fresh)
+    return fresh
+
+
+def empty_tables(settings: Settings) -> None:
+    from tradewatch.store import db
+
+    with db.connect(settings) as conn, conn.cursor() as cur:
         cur.execute("SELECT string_agg(format('%I', tablename), ', ') FROM pg_tables WHERE schemaname = 'public'")
         tables = cur.fetchone()[0]
         cur.execute(f"TRUNCATE {tables} RESTART IDENTITY")
     conn.close()
-    return fresh
 
 
 def run_script(settings: Settings, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

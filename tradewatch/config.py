@@ -58,6 +58,7 @@ class Settings:
     api_stream_queue: int = 1000
     api_stream_heartbeat_seconds: float = 15.0
     api_stream_send_timeout_seconds: float = 10.0
+    report_currency: str = "USD"
     dashboard_refresh_seconds: int = 3
     dashboard_address: str = "127.0.0.1"
     dashboard_port: int = 8501

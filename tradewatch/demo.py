@@ -78,6 +78,7 @@ def stages(settings: Settings) -> list[Stage]:
         ("aggregator", [python, "aggregator.py"]),
         ("detector", [python, "anomaly_detector.py", "run"]),
         ("api", [python, "api.py"]),
+        ("reports", [python, "report.py", "--every", "1h", "--out", str(settings.home / "reports")]),
         ("dashboard", [python, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
                        "--server.address", settings.dashboard_address, "--server.port", str(settings.dashboard_port),
                        "--browser.gatherUsageStats", "false"]),

@@ -28,3 +28,19 @@ def compact(value: float | int, prefix: str = "") -> str:
         if magnitude >= threshold:
             return f"{sign}{prefix}{magnitude / threshold:,.2f}{unit}"
     return f"{sign}{prefix}{magnitude:,.0f}"
+
+
+def money(value, currency: str = "USD") -> str:
+    """1234567.5 -> 'USD 1,234,567.50' (every digit kept, as `exact`)."""
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{currency} {exact(value)}"
+
+
+def percent(fraction, decimals: int = 2) -> str:
+    """0.012345 -> '+1.23%'; the sign always shown."""
+    if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
+        return "—"
+    return f"{float(fraction) * 100:+,.{decimals}f}%"
+
+
+def integer(value) -> str:
+    return "—" if value is None else f"{int(value):,}"

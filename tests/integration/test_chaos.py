@@ -32,6 +32,7 @@ TABLES = {   # table: (columns, order); symbols on their own partitions (IBM 5, 
     "alerts": ("alert_id, ts, symbol, alert_type, severity, message, trade_id", "alert_id"),
     "trade_flags": ("trade_id, anomaly_types, anomaly_score, anomaly_severity", "trade_id"),
     "circuit_breakers": ("symbol, state, since", "symbol"),
+    "breaker_transitions": ("symbol, state, at", "1, 3, 2"),
 }
 
 
@@ -114,6 +115,7 @@ def test_chaos_ends_like_an_undisturbed_run(settings, tmp_path):
     expected = snapshot(clean)
     assert len(expected["trades"]) == n and expected["indicators"] and expected["alerts"]
     assert expected["circuit_breakers"], "the input opens at least one circuit breaker"
+    assert any(state == "OPEN" for _, state, _ in expected["breaker_transitions"]), "and its history says so"
 
     truncate(settings)
     chaos = with_groups(settings.with_overrides(trades_topic=f"{settings.trades_topic}-chaos"), "chaos")

@@ -93,6 +93,9 @@ def test_stream_with_injected_anomalies_gives_flags_alerts_topic_and_webhook(set
     assert all(not a[4] and a[3] for a in alerts)
     states = dict(query(settings, "SELECT symbol, state FROM circuit_breakers"))
     assert set(states.values()) <= {"OPEN", "HALF_OPEN", "CLOSED"}
+    current = set(query(settings, "SELECT symbol, state, since FROM circuit_breakers"))
+    history = set(query(settings, "SELECT symbol, state, at FROM breaker_transitions"))
+    assert current <= history, "each breaker's current state is a transition in its history (reports read it)"
 
     published = [json.loads(m.value) for m in bus.read_topic(
         settings, settings.alerts_topic, lambda got: len(got) >= len(alerts), timeout_s=30)]

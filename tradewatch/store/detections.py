@@ -47,6 +47,9 @@ def write_breakers(cur: Cursor, transitions: list[BreakerTransition]) -> None:
     latest = {t.symbol: t for t in transitions}  # the last transition of each symbol is its state
     if latest:
         execute_values(
+            cur, "INSERT INTO breaker_transitions (symbol, state, at) VALUES %s ON CONFLICT DO NOTHING",
+            [(t.symbol, t.state, t.timestamp_ms) for t in transitions], template=f"(%s, %s, {_MS})")
+        execute_values(
             cur,
             "INSERT INTO circuit_breakers (symbol, state, since) VALUES %s ON CONFLICT (symbol) DO UPDATE"
             " SET state = EXCLUDED.state, since = EXCLUDED.since, updated_at = now()",

@@ -61,9 +61,10 @@ def _table(source: str) -> str:
     return source
 
 
-def _frame(engine: Engine, sql: str, **params: object) -> pd.DataFrame:
+def _frame(engine: Engine, sql: str, exact: bool = False, **params: object) -> pd.DataFrame:
+    """The rows as a frame; `exact` keeps numeric columns as Decimal (pandas makes them floats)."""
     with engine.connect() as conn:
-        return pd.read_sql(text(sql), conn, params=params)
+        return pd.read_sql(text(sql), conn, params=params, coerce_float=not exact)
 
 
 def data_anchor(engine: Engine) -> pd.Timestamp | None:
@@ -293,3 +294,131 @@ def dead_letter_summary(engine: Engine) -> pd.DataFrame:
     return _frame(engine, """
         SELECT reason, count(*) AS messages, min(received_at) AS first_received, max(received_at) AS last_received
         FROM dead_letters GROUP BY reason ORDER BY count(*) DESC, reason LIMIT 100""")
+
+
+# --- the period report (tradewatch/report) -------------------------------------------------------
+# Every figure straight from the stored trades and detections; sums of money and volume in exact
+# decimals (numeric), so a report never shows a digit that floating-point sums made up.
+
+def report_symbols(engine: Engine, symbols: list[str] | None, since, until, excluded: list[str]) -> pd.DataFrame:
+    """Per symbol over [since, until): open/high/low/close (trades whose condition is in `excluded`
+    never set a price, as in the aggregator), trades, volume, traded value, first and last trade,
+    largest trade, and realised volatility = sqrt(sum of squared 1-minute log returns of the last
+    price of each minute with trades)."""
+    return _frame(engine, f"""
+        WITH t AS (
+            SELECT symbol, ts, trade_id, price, quantity,
+                   (condition IS NULL OR NOT condition = ANY(CAST(:excluded AS text[]))) AS sets_price
+            FROM trades WHERE ts >= :since AND ts < :until AND {_SYMBOLS}),
+        totals AS (
+            SELECT symbol, count(*) AS trades, sum(CAST(quantity AS numeric)) AS volume,
+                   sum(CAST(price AS numeric) * CAST(quantity AS numeric)) AS traded_value,
+                   min(ts) AS first_trade, max(ts) AS last_trade,
+                   count(*) FILTER (WHERE NOT sets_price) AS excluded_from_ohlc
+            FROM t GROUP BY symbol),
+        priced AS (
+            SELECT symbol, (array_agg(price ORDER BY ts, trade_id))[1] AS open, max(price) AS high,
+                   min(price) AS low, (array_agg(price ORDER BY ts DESC, trade_id DESC))[1] AS close
+            FROM t WHERE sets_price GROUP BY symbol),
+        largest AS (
+            SELECT DISTINCT ON (symbol) symbol, quantity AS largest_quantity, price AS largest_price,
+                   ts AS largest_at
+            FROM t ORDER BY symbol, quantity DESC, ts, trade_id),
+        minutes AS (
+            SELECT DISTINCT ON (symbol, date_trunc('minute', ts)) symbol, date_trunc('minute', ts) AS minute, price
+            FROM t WHERE sets_price ORDER BY symbol, date_trunc('minute', ts), ts DESC, trade_id DESC),
+        returns AS (
+            SELECT symbol, ln(price / lag(price) OVER (PARTITION BY symbol ORDER BY minute)) AS r FROM minutes),
+        volatility AS (SELECT symbol, sqrt(sum(r * r)) AS realised_volatility FROM returns GROUP BY symbol)
+        SELECT symbol, open, high, low, close, trades, volume, traded_value, traded_value / volume AS vwap,
+               first_trade, last_trade, excluded_from_ohlc, largest_quantity, largest_price, largest_at,
+               realised_volatility
+        FROM totals LEFT JOIN priced USING (symbol) LEFT JOIN largest USING (symbol)
+             LEFT JOIN volatility USING (symbol)
+        ORDER BY symbol""", exact=True, symbols=symbols, since=since, until=until, excluded=excluded)
+
+
+def report_gaps(engine: Engine, symbols: list[str] | None, since, until, at_least_s: float) -> pd.DataFrame:
+    """Stretches of at least `at_least_s` seconds without any trade (of the chosen symbols)."""
+    return _frame(engine, f"""
+        SELECT gap_start, gap_end, extract(epoch FROM gap_end - gap_start) AS seconds FROM (
+            SELECT ts AS gap_start, lead(ts) OVER (ORDER BY ts) AS gap_end
+            FROM trades WHERE ts >= :since AND ts < :until AND {_SYMBOLS}) g
+        WHERE gap_end - gap_start >= make_interval(secs => :at_least) ORDER BY gap_start""",
+                  symbols=symbols, since=since, until=until, at_least=at_least_s)
+
+
+def report_anomalies(engine: Engine, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    """Flagged trades by anomaly type and severity (a trade with two types counts once for each)."""
+    return _frame(engine, f"""
+        SELECT anomaly_type, anomaly_severity AS severity, count(*) AS trades
+        FROM trade_flags, unnest(anomaly_types) AS anomaly_type
+        WHERE ts >= :since AND ts < :until AND {_SYMBOLS}
+        GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2""", symbols=symbols, since=since, until=until)
+
+
+def report_top_flags(engine: Engine, symbols: list[str] | None, since, until, limit: int = 20) -> pd.DataFrame:
+    return _frame(engine, """
+        SELECT f.ts, f.symbol, t.price, t.quantity, array_to_string(f.anomaly_types, ', ') AS types,
+               f.anomaly_severity AS severity, f.anomaly_score AS score, f.trade_id
+        FROM trade_flags f JOIN trades t USING (trade_id)
+        WHERE f.ts >= :since AND f.ts < :until
+          AND (CAST(:symbols AS text[]) IS NULL OR f.symbol = ANY(CAST(:symbols AS text[])))
+        ORDER BY f.anomaly_score DESC, f.ts, f.trade_id LIMIT :limit""",
+                  symbols=symbols, since=since, until=until, limit=limit)
+
+
+def report_alerts(engine: Engine, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    return _frame(engine, f"""
+        SELECT severity, count(*) AS alerts, count(*) FILTER (WHERE acknowledged) AS acknowledged
+        FROM alerts WHERE ts >= :since AND ts < :until AND {_SYMBOLS}
+        GROUP BY severity ORDER BY array_position(ARRAY['CRITICAL', 'HIGH', 'MEDIUM', 'LOW'], severity)""",
+                  symbols=symbols, since=since, until=until)
+
+
+def report_breaker_openings(engine: Engine, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    return _frame(engine, f"""
+        SELECT symbol, at FROM breaker_transitions
+        WHERE state = 'OPEN' AND at >= :since AND at < :until AND {_SYMBOLS} ORDER BY at, symbol""",
+                  symbols=symbols, since=since, until=until)
+
+
+def report_data_quality(engine: Engine, symbols: list[str] | None, since, until,
+                        excluded: list[str]) -> dict[str, pd.DataFrame]:
+    """Dead letters received in the period by reason (they have no trustworthy event time), late
+    trades by reason and trades kept out of OHLC by condition (both by event time)."""
+    return {
+        "dead_letters": _frame(engine, """
+            SELECT reason, count(*) AS messages FROM dead_letters
+            WHERE received_at >= :since AND received_at < :until GROUP BY reason ORDER BY 2 DESC, 1""",
+                               since=since, until=until),
+        "late_trades": _frame(engine, f"""
+            SELECT reason, count(DISTINCT trade_id) AS trades FROM late_trades
+            WHERE ts >= :since AND ts < :until AND {_SYMBOLS} GROUP BY reason ORDER BY 2 DESC, 1""",
+                              symbols=symbols, since=since, until=until),
+        "excluded_from_ohlc": _frame(engine, f"""
+            SELECT condition, count(*) AS trades FROM trades
+            WHERE ts >= :since AND ts < :until AND {_SYMBOLS} AND condition = ANY(CAST(:excluded AS text[]))
+            GROUP BY condition ORDER BY 2 DESC, 1""", symbols=symbols, since=since, until=until, excluded=excluded),
+    }
+
+
+def flag_counts(engine: Engine, symbols: list[str] | None, since, until, bucket: str) -> pd.DataFrame:
+    """Flagged trades per `bucket` ('1m', '5m' …, epoch-aligned) and anomaly type."""
+    return _frame(engine, f"""
+        SELECT date_bin(CAST(:bucket AS interval), ts, TIMESTAMPTZ '1970-01-01') AS bucket, anomaly_type,
+               count(*) AS trades
+        FROM trade_flags, unnest(anomaly_types) AS anomaly_type
+        WHERE ts >= :since AND ts < :until AND {_SYMBOLS} GROUP BY 1, 2 ORDER BY 1, 2""",
+                  symbols=symbols, since=since, until=until, bucket=bucket)
+
+
+def open_windows_before(engine: Engine, moment) -> int:
+    """Windows of the aggregator starting before `moment` that are not final yet."""
+    return int(_frame(engine, "SELECT count(*) AS open FROM stock_metrics WHERE NOT is_final AND window_start < :at",
+                      at=moment)["open"].iloc[0])
+
+
+def oldest_trade(engine: Engine) -> pd.Timestamp | None:
+    value = _frame(engine, "SELECT min(ts) AS oldest FROM trades")["oldest"].iloc[0]
+    return None if pd.isna(value) else pd.Timestamp(value)

@@ -204,6 +204,16 @@ CREATE TABLE IF NOT EXISTS circuit_breakers (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- Every breaker transition (event time), for reports: circuit_breakers above holds only the current
+-- state. Written by the detector in the same transaction; a re-read writes the same rows again.
+CREATE TABLE IF NOT EXISTS breaker_transitions (
+    symbol  text NOT NULL,
+    state   text NOT NULL,
+    at      timestamptz NOT NULL,
+    PRIMARY KEY (symbol, at, state)
+);
+CREATE INDEX IF NOT EXISTS breaker_transitions_at ON breaker_transitions (at);
+
 -- 1-minute metrics from flink_job.sql (same columns as stock_metrics; Flink writes final windows).
 CREATE TABLE IF NOT EXISTS flink_metrics (
     symbol        text NOT NULL,

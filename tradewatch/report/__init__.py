@@ -1,0 +1,191 @@
+"""Market surveillance reports for a period: what traded, what moved, what the detector flagged and
+alerted, which breakers opened, and how clean the data was, as one self-contained HTML file (static
+SVG charts, no script, no network) and a Markdown file with the same figures.
+
+`build` reads every figure from the database (tradewatch/store/queries.py), `sections` lays them out
+once as sections of paragraphs, tables and charts, and render.py writes that layout as Markdown and
+as HTML, so the two files cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pandas as pd
+from sqlalchemy.engine import Engine
+
+from tradewatch.config import Settings
+from tradewatch.formatting import exact, integer, money, percent
+from tradewatch.report import charts
+from tradewatch.store import queries
+
+GAP_SECONDS = 300          # a stretch this long without any trade is listed as a gap in the feed
+TOP = 20
+
+
+@dataclass
+class Report:
+    since: datetime
+    until: datetime
+    symbols: list[str] | None
+    currency: str
+    bucket_minutes: int
+    per_symbol: pd.DataFrame
+    gaps: pd.DataFrame = field(default_factory=pd.DataFrame)
+    anomalies: pd.DataFrame = field(default_factory=pd.DataFrame)
+    top_flags: pd.DataFrame = field(default_factory=pd.DataFrame)
+    alerts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    breakers: pd.DataFrame = field(default_factory=pd.DataFrame)
+    quality: dict[str, pd.DataFrame] = field(default_factory=dict)
+    candles: dict[str, pd.DataFrame] = field(default_factory=dict)
+    markers: dict[str, pd.DataFrame] = field(default_factory=dict)
+    flag_counts: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def empty(self) -> bool:
+        return self.per_symbol.empty
+
+    @property
+    def title(self) -> str:
+        return f"TradeWatch report — {period_name(self.since, self.until)}"
+
+
+def whole_period(since: datetime, until: datetime) -> str | None:
+    """'day' or 'hour' when [since, until) is exactly one UTC day or hour, else None."""
+    if until - since == timedelta(days=1) and since.hour == since.minute == since.second == since.microsecond == 0:
+        return "day"
+    if until - since == timedelta(hours=1) and since.minute == since.second == since.microsecond == 0:
+        return "hour"
+    return None
+
+
+def period_name(since: datetime, until: datetime) -> str:
+    """'2013-10-07' for a UTC day, '2013-10-07 14:00' for an hour, else 'since → until'."""
+    kind = whole_period(since, until)
+    if kind:
+        return since.strftime("%Y-%m-%d" if kind == "day" else "%Y-%m-%d %H:00")
+    return f"{stamp(since)} → {stamp(until)}"
+
+
+def stamp(moment) -> str:
+    return "—" if moment is None or pd.isna(moment) else pd.Timestamp(moment).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def bucket_minutes(since: datetime, until: datetime) -> int:
+    """Candle size of the charts: 1 minute for up to a day, else 5."""
+    return 1 if until - since <= timedelta(days=1) else 5
+
+
+def build(engine: Engine, settings: Settings, since: datetime, until: datetime,
+          symbols: list[str] | None = None) -> Report:
+    excluded = sorted(c.strip() for c in settings.ohlc_exclude_conditions.split(",") if c.strip())
+    minutes = bucket_minutes(since, until)
+    report = Report(since, until, symbols, settings.report_currency, minutes,
+                    queries.report_symbols(engine, symbols, since, until, excluded))
+    if report.empty:
+        return report
+    report.gaps = queries.report_gaps(engine, symbols, since, until, GAP_SECONDS)
+    report.anomalies = queries.report_anomalies(engine, symbols, since, until)
+    report.top_flags = queries.report_top_flags(engine, symbols, since, until, TOP)
+    report.alerts = queries.report_alerts(engine, symbols, since, until)
+    report.breakers = queries.report_breaker_openings(engine, symbols, since, until)
+    report.quality = queries.report_data_quality(engine, symbols, since, until, excluded)
+    report.flag_counts = queries.flag_counts(engine, symbols, since, until, f"{minutes}m")
+    for symbol in report.per_symbol["symbol"]:
+        report.candles[symbol] = queries.candles(engine, "stock_metrics", symbol, f"{minutes}m", since, until)
+        report.markers[symbol] = queries.anomaly_points(engine, [symbol], since, until)
+    return report
+
+
+# --- layout: sections of ("p", text) | ("table", headers, rows) | ("svg", markup, caption) ---------
+
+Block = tuple
+Section = tuple[str, list[Block]]
+
+
+def _table(headers: list[str], rows: list[list[str]], none: str) -> Block:
+    return ("table", headers, rows) if rows else ("p", none)
+
+
+def _largest(row) -> str:
+    if pd.isna(row["largest_quantity"]):
+        return "—"
+    return f"{exact(row['largest_quantity'], 0)} @ {exact(row['largest_price'])} ({pd.Timestamp(row['largest_at']):%H:%M:%S})"
+
+
+def _change(row):
+    return None if pd.isna(row["open"]) or pd.isna(row["close"]) else row["close"] / row["open"] - 1
+
+
+def sections(report: Report) -> list[Section]:
+    scope = ", ".join(report.symbols) if report.symbols else "all symbols"
+    head = [("p", f"Period {stamp(report.since)} to {stamp(report.until)} (event time) · {scope}.")]
+    if report.empty:
+        return [("Coverage", head + [("p", "There were no trades in this period.")])]
+    frame, money_of = report.per_symbol, (lambda v: money(v, report.currency))
+    total = int(frame["trades"].sum())
+    coverage = head + [
+        ("p", f"{integer(total)} trades of {len(frame)} symbols; first trade {stamp(frame['first_trade'].min())}, "
+              f"last trade {stamp(frame['last_trade'].max())}."),
+        _table(["Gap from", "to", "minutes"],
+               [[stamp(g.gap_start), stamp(g.gap_end), exact(g.seconds / 60, 1, 1)] for g in report.gaps.itertuples()],
+               f"No gap of {GAP_SECONDS // 60} minutes or more in the feed.")]
+    per_symbol = [[r["symbol"], exact(r["open"]), exact(r["high"]), exact(r["low"]), exact(r["close"]),
+                   percent(_change(r)), exact(r["volume"], 0), money_of(r["traded_value"]), exact(r["vwap"], 2, 6),
+                   integer(r["trades"]), _largest(r),
+                   "—" if pd.isna(r["realised_volatility"]) else percent(r["realised_volatility"]).lstrip("+")]
+                  for _, r in frame.iterrows()]
+    changes = frame.assign(change=[_change(r) for _, r in frame.iterrows()]).dropna(subset=["change"])
+    movers = changes.reindex(changes["change"].abs().sort_values(ascending=False).index).head(5)
+    active = frame.sort_values(["traded_value", "symbol"], ascending=[False, True]).head(5)
+    markets = [
+        ("table", ["Symbol", "Open", "High", "Low", "Close", "Change", "Volume", "Traded value", "VWAP", "Trades",
+                   "Largest trade", "Realised volatility"], per_symbol),
+        ("p", "Open, high, low and close leave out trades whose sale condition is in OHLC_EXCLUDE_CONDITIONS "
+              "(as the aggregator does); volume, value and counts include every trade. Realised volatility: "
+              "square root of the sum of squared 1-minute log returns."),
+        ("table", ["Top movers", "Change", "Close"], [[m.symbol, percent(m.change), exact(m.close)]
+                                                     for m in movers.itertuples()]),
+        ("table", ["Most active", "Traded value", "Trades"], [[a.symbol, money_of(a.traded_value), integer(a.trades)]
+                                                             for a in active.itertuples()]),
+    ]
+    anomalies = [
+        _table(["Anomaly type", "Severity", "Flagged trades"],
+               [[a.anomaly_type, a.severity, integer(a.trades)] for a in report.anomalies.itertuples()],
+               "No trade was flagged."),
+        _table(["Time", "Symbol", "Price", "Quantity", "Types", "Severity", "Score"],
+               [[stamp(f.ts), f.symbol, exact(f.price), exact(f.quantity, 0), f.types, f.severity, exact(f.score, 2, 3)]
+                for f in report.top_flags.itertuples()], "")]
+    if report.top_flags.empty:
+        anomalies.pop()
+    alerts = [_table(["Severity", "Alerts", "Acknowledged"],
+                     [[a.severity, integer(a.alerts), integer(a.acknowledged)] for a in report.alerts.itertuples()],
+                     "No alert was raised.")]
+    breakers = [_table(["Symbol", "Opened at"], [[b.symbol, stamp(b.at)] for b in report.breakers.itertuples()],
+                       "No circuit breaker opened.")]
+    quality = report.quality
+    data_quality = [
+        _table(["Dead letters (received in the period) by reason", "Messages"],
+               [[d.reason, integer(d.messages)] for d in quality["dead_letters"].itertuples()],
+               "No dead letter was received in the period."),
+        _table(["Late trades by reason", "Trades"],
+               [[t.reason, integer(t.trades)] for t in quality["late_trades"].itertuples()], "No late trade."),
+        _table(["Kept out of OHLC, by condition", "Trades"],
+               [[str(c.condition), integer(c.trades)] for c in quality["excluded_from_ohlc"].itertuples()],
+               "No trade was kept out of OHLC by its condition."),
+    ]
+    size = f"{report.bucket_minutes}-minute"
+    bucket = pd.Timedelta(minutes=report.bucket_minutes)     # every chart spans the same trading time
+    span = (frame["first_trade"].min().floor(bucket), frame["last_trade"].max().ceil(bucket))
+    charts_section = []
+    for symbol, candles in report.candles.items():
+        if candles.empty:
+            charts_section.append(("p", f"{symbol}: no {size} candles from the aggregator for this period."))
+            continue
+        charts_section.append(("svg", charts.candles(candles, report.markers[symbol], report.bucket_minutes,
+                                                    f"{symbol} — {size} candles and volume", span),
+                               f"{symbol}: {len(candles)} {size} candles, {len(report.markers[symbol])} anomaly markers"))
+    charts_section.append(("svg", charts.anomalies_over_time(report.flag_counts, report.bucket_minutes, span),
+                           f"Flagged trades per {size} bucket"))
+    return [("Coverage", coverage), ("Markets", markets), ("Anomalies", anomalies), ("Alerts", alerts),
+            ("Circuit breakers", breakers), ("Data quality", data_quality), ("Charts", charts_section)]
