@@ -120,9 +120,8 @@ def test_daily_report_figures_equal_direct_sql(replayed, tmp_path):
         assert row["Change"] == percent(prices[-1] / prices[0] - 1)
         assert row["Largest trade"].startswith(f"{exact(largest_quantity, 0)} @ {exact(largest_price)} (")
         minute_closes = [p for (p,) in query(settings, """
-            SELECT DISTINCT ON (date_trunc('minute', ts)) price FROM trades
-            WHERE symbol = %s AND ts >= %s AND ts < %s AND (condition IS NULL OR NOT condition = ANY(%s))
-            ORDER BY date_trunc('minute', ts), ts DESC, trade_id DESC""", (symbol, *day, excluded(settings)))]
+            SELECT close FROM stock_metrics WHERE symbol = %s AND window_size = '1m' AND close IS NOT NULL
+            ORDER BY window_start""", (symbol,))]
         realised = math.sqrt(sum(math.log(b / a) ** 2 for a, b in zip(minute_closes, minute_closes[1:])))
         assert row["Realised volatility"] == percent(realised).lstrip("+")
 

@@ -143,7 +143,7 @@ def sections(report: Report) -> list[Section]:
                    "Largest trade", "Realised volatility"], per_symbol),
         ("p", "Open, high, low and close leave out trades whose sale condition is in OHLC_EXCLUDE_CONDITIONS "
               "(as the aggregator does); volume, value and counts include every trade. Realised volatility: "
-              "square root of the sum of squared 1-minute log returns."),
+              "square root of the sum of squared log returns between the aggregator's 1-minute closes."),
         ("table", ["Top movers", "Change", "Close"], [[m.symbol, percent(m.change), exact(m.close)]
                                                      for m in movers.itertuples()]),
         ("table", ["Most active", "Traded value", "Trades"], [[a.symbol, money_of(a.traded_value), integer(a.trades)]

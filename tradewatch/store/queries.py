@@ -303,39 +303,41 @@ def dead_letter_summary(engine: Engine) -> pd.DataFrame:
 def report_symbols(engine: Engine, symbols: list[str] | None, since, until, excluded: list[str]) -> pd.DataFrame:
     """Per symbol over [since, until): open/high/low/close (trades whose condition is in `excluded`
     never set a price, as in the aggregator), trades, volume, traded value, first and last trade,
-    largest trade, and realised volatility = sqrt(sum of squared 1-minute log returns of the last
-    price of each minute with trades)."""
+    largest trade, and realised volatility = sqrt(sum of squared log returns between the
+    aggregator's consecutive 1-minute closes). One pass over the trades; open, close and the
+    largest trade's price are index lookups."""
+    sets_price = "(condition IS NULL OR NOT condition = ANY(CAST(:excluded AS text[])))"
+    in_period = "symbol = totals.symbol AND ts >= :since AND ts < :until"
     return _frame(engine, f"""
-        WITH t AS (
-            SELECT symbol, ts, trade_id, price, quantity,
-                   (condition IS NULL OR NOT condition = ANY(CAST(:excluded AS text[]))) AS sets_price
-            FROM trades WHERE ts >= :since AND ts < :until AND {_SYMBOLS}),
-        totals AS (
+        WITH totals AS (
             SELECT symbol, count(*) AS trades, sum(CAST(quantity AS numeric)) AS volume,
                    sum(CAST(price AS numeric) * CAST(quantity AS numeric)) AS traded_value,
                    min(ts) AS first_trade, max(ts) AS last_trade,
-                   count(*) FILTER (WHERE NOT sets_price) AS excluded_from_ohlc
-            FROM t GROUP BY symbol),
-        priced AS (
-            SELECT symbol, (array_agg(price ORDER BY ts, trade_id))[1] AS open, max(price) AS high,
-                   min(price) AS low, (array_agg(price ORDER BY ts DESC, trade_id DESC))[1] AS close
-            FROM t WHERE sets_price GROUP BY symbol),
-        largest AS (
-            SELECT DISTINCT ON (symbol) symbol, quantity AS largest_quantity, price AS largest_price,
-                   ts AS largest_at
-            FROM t ORDER BY symbol, quantity DESC, ts, trade_id),
-        minutes AS (
-            SELECT DISTINCT ON (symbol, date_trunc('minute', ts)) symbol, date_trunc('minute', ts) AS minute, price
-            FROM t WHERE sets_price ORDER BY symbol, date_trunc('minute', ts), ts DESC, trade_id DESC),
+                   max(ARRAY[quantity, -date_part('epoch', ts)]) AS largest,     -- the largest, earliest first
+                   max(price) FILTER (WHERE {sets_price}) AS high, min(price) FILTER (WHERE {sets_price}) AS low,
+                   count(*) FILTER (WHERE NOT {sets_price}) AS excluded_from_ohlc
+            FROM trades WHERE ts >= :since AND ts < :until AND {_SYMBOLS} GROUP BY symbol),
         returns AS (
-            SELECT symbol, ln(price / lag(price) OVER (PARTITION BY symbol ORDER BY minute)) AS r FROM minutes),
+            SELECT symbol, ln(close / lag(close) OVER (PARTITION BY symbol ORDER BY window_start)) AS r
+            FROM stock_metrics
+            WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND close IS NOT NULL
+              AND {_SYMBOLS}),
         volatility AS (SELECT symbol, sqrt(sum(r * r)) AS realised_volatility FROM returns GROUP BY symbol)
-        SELECT symbol, open, high, low, close, trades, volume, traded_value, traded_value / volume AS vwap,
-               first_trade, last_trade, excluded_from_ohlc, largest_quantity, largest_price, largest_at,
+        SELECT totals.symbol, first_price.price AS open, high, low, last_price.price AS close, trades, volume,
+               traded_value, traded_value / nullif(volume, 0) AS vwap, first_trade, last_trade, excluded_from_ohlc,
+               largest[1] AS largest_quantity, largest_trade.price AS largest_price, largest_trade.ts AS largest_at,
                realised_volatility
-        FROM totals LEFT JOIN priced USING (symbol) LEFT JOIN largest USING (symbol)
-             LEFT JOIN volatility USING (symbol)
-        ORDER BY symbol""", exact=True, symbols=symbols, since=since, until=until, excluded=excluded)
+        FROM totals
+        LEFT JOIN LATERAL (SELECT price FROM trades WHERE {in_period} AND {sets_price}
+                           ORDER BY ts, trade_id LIMIT 1) first_price ON true
+        LEFT JOIN LATERAL (SELECT price FROM trades WHERE {in_period} AND {sets_price}
+                           ORDER BY ts DESC, trade_id DESC LIMIT 1) last_price ON true
+        LEFT JOIN LATERAL (SELECT price, ts FROM trades WHERE {in_period} AND quantity = totals.largest[1]
+                             AND ts BETWEEN to_timestamp(-totals.largest[2]) - interval '1 millisecond'
+                                        AND to_timestamp(-totals.largest[2]) + interval '1 millisecond'
+                           ORDER BY ts, trade_id LIMIT 1) largest_trade ON true
+        LEFT JOIN volatility ON volatility.symbol = totals.symbol
+        ORDER BY totals.symbol""", exact=True, symbols=symbols, since=since, until=until, excluded=excluded)
 
 
 def report_gaps(engine: Engine, symbols: list[str] | None, since, until, at_least_s: float) -> pd.DataFrame:
