@@ -50,11 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    from sqlalchemy.exc import OperationalError
+
     from tradewatch.report import build
     from tradewatch.report.render import write
     from tradewatch.report.schedule import STEPS, ReportSchedule
-    from sqlalchemy.exc import OperationalError
-
     from tradewatch.store import queries
     try:
         settings = Settings.load()

@@ -41,8 +41,12 @@ def services() -> Settings:
 @pytest.fixture
 def settings(services: Settings) -> Settings:
     """Per test: a fresh topic and consumer group, and empty tables."""
+    return fresh_settings(services)
+
+
+def fresh_settings(services: Settings) -> Settings:
+    """New topics and groups of their own, the trades topic created, every table emptied."""
     from tradewatch import bus
-    from tradewatch.store import db
 
     tag = uuid.uuid4().hex[:8]
     fresh = services.with_overrides(trades_topic=f"trades-{tag}", alerts_topic=f"alerts-{tag}",

@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from datetime import datetime, timezone
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, empty_tables, query, run_script, start_script, wait_for
+from tests.conftest import PROJECT_ROOT, fresh_settings, query, run_script, start_script, wait_for
 from tradewatch import bus
 from tradewatch.config import shared_data_dir
 from tradewatch.formatting import exact, integer, money, percent
@@ -31,12 +30,7 @@ SYMBOLS = ("IBM", "SPY")
 @pytest.fixture(scope="module")
 def replayed(services, tmp_path_factory):
     """Both days through producer, consumer, aggregator and detector, to the end."""
-    tag = uuid.uuid4().hex[:8]
-    settings = services.with_overrides(trades_topic=f"report-{tag}", alerts_topic=f"report-alerts-{tag}",
-                                       consumer_group=f"c-{tag}", aggregator_group=f"a-{tag}",
-                                       detector_group=f"d-{tag}")
-    bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
-    empty_tables(settings)
+    settings = fresh_settings(services)
     logs = tmp_path_factory.mktemp("pipeline")
     stages = [start_script(settings, script, *args, log=logs / f"{script}.log")
               for script, *args in (("consumer.py",), ("aggregator.py",), ("anomaly_detector.py", "run"))]

@@ -100,7 +100,7 @@ def candles(engine: Engine, source: str, symbol: str, size: str, since, until) -
     5- and 15-minute ones are rolled up from them here (epoch-aligned, as every window)."""
     table = _table(source)
     if table == "flink_metrics" and size != "1m":
-        table = f"""(SELECT symbol, CAST(:size AS text) AS window_size, bucket AS window_start,
+        table = """(SELECT symbol, CAST(:size AS text) AS window_size, bucket AS window_start,
                             (array_agg(open ORDER BY window_start))[1] AS open, max(high) AS high, min(low) AS low,
                             (array_agg(close ORDER BY window_start DESC))[1] AS close, sum(volume) AS volume,
                             sum(traded_value) / nullif(sum(volume), 0) AS vwap, sum(trade_count) AS trade_count,
@@ -178,7 +178,7 @@ def scanner(engine: Engine, source: str, symbols: list[str] | None, since, until
 
 
 def whale_trades(engine: Engine, symbols: list[str] | None, since, until, limit: int = 6) -> pd.DataFrame:
-    return _frame(engine, f"""
+    return _frame(engine, """
         SELECT t.ts, t.symbol, t.price, t.quantity, t.price * t.quantity AS value, t.side, f.anomaly_score AS score
         FROM trade_flags f JOIN trades t USING (trade_id)
         WHERE 'VOLUME_SPIKE' = ANY(f.anomaly_types) AND f.ts >= :since AND f.ts < :until
