@@ -6,12 +6,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 JARS := .tradewatch/jars
 
-.PHONY: demo test services doctor stop status bench setup venv jars browser clean
+.PHONY: demo test services doctor stop status bench setup venv jars browser compose clean
 
 demo: setup                 ## the whole pipeline + dashboard; Ctrl-C stops everything it started
 	$(PY) -m tradewatch.demo
 
-test: setup browser         ## the full test suite (starts and stops its own services)
+test: setup browser compose ## the full test suite (starts and stops its own services)
 	$(PY) -m pytest
 
 services: setup             ## start Kafka and PostgreSQL (harmless when running)
@@ -49,6 +49,11 @@ browser:                    ## headless Chromium for the dashboard's browser tes
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing: sudo apt-get install chromium (needed by tests/e2e)"; exit 1; fi; }
+
+compose:                    ## Debian's docker-compose: validates docker-compose.yml without an engine (tests)
+	@command -v docker-compose >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
+	  else echo "docker-compose is missing: sudo apt-get install docker-compose (needed by tests/unit/test_config.py)"; exit 1; fi; }
 
 clean: stop                 ## remove local data (keeps the venv and jars)
 	rm -rf .tradewatch/demo .tradewatch/test .tradewatch/e2e-* .tradewatch/bench

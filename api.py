@@ -14,6 +14,7 @@ from tradewatch.config import Settings
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve the read API (OpenAPI page at /docs).")
+    parser.add_argument("--host", help="address to listen on (default: API_ADDRESS, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="default: API_PORT (8000)")
     args = parser.parse_args(argv)
     setup_logging()
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=settings.api_address, port=args.port or settings.api_port,
+    uvicorn.run(create_app(settings), host=args.host or settings.api_address, port=args.port or settings.api_port,
                 log_level="info", access_log=False)
     return 0
 

@@ -1,4 +1,5 @@
 import re
+import subprocess
 
 import yaml
 from dotenv import dotenv_values
@@ -42,7 +43,8 @@ def test_docker_compose_agrees_with_env_file():
     assert (pg_env["POSTGRES_DB"], pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"]) == (
         "${POSTGRES_DB}", "${POSTGRES_USER}", "${POSTGRES_PASSWORD}")
     apps = [name for name, spec in services.items() if "build" in spec]
-    assert {"producer", "consumer", "aggregator", "detector", "dashboard", "flink-job"} <= set(apps)
+    assert {"producer", "consumer", "aggregator", "detector", "dashboard", "api", "reports", "flink-job"} <= set(apps)
+    assert "127.0.0.1:${API_PORT}:${API_PORT}" in services["api"]["ports"]
     assert {"jobmanager", "taskmanager"} <= set(services)
     assert services["flink-job"]["command"].endswith("--jobmanager jobmanager:8081")
     for name in apps:
@@ -93,7 +95,7 @@ def test_prometheus_and_grafana_files_match_the_stages_metrics():
     scrape = yaml.safe_load((PROJECT_ROOT / "infra" / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
     assert targets == {f"consumer:{env['CONSUMER_METRICS_PORT']}", f"aggregator:{env['AGGREGATOR_METRICS_PORT']}",
-                       f"detector:{env['DETECTOR_METRICS_PORT']}"}
+                       f"detector:{env['DETECTOR_METRICS_PORT']}", f"api:{env['API_PORT']}"}
     exported = {m._name + suffix for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)
                 for suffix in ("", "_total", "_bucket", "_count", "_sum")}
     dashboard = json.loads((PROJECT_ROOT / "infra" / "grafana" / "dashboards" / "tradewatch.json").read_text())
@@ -103,3 +105,23 @@ def test_prometheus_and_grafana_files_match_the_stages_metrics():
     services = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]
     assert {"prometheus", "grafana"} <= set(services)
     assert services["consumer"]["environment"]["METRICS_ADDRESS"] == "0.0.0.0"
+
+
+def test_docker_compose_file_is_valid_compose_with_the_env_values():
+    """Debian's docker-compose (the Compose file parser and validator; no engine needed) accepts the
+    file, and the configuration it resolves carries .env's ports and settings into every service."""
+    result = subprocess.run(["docker-compose", "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)["services"]
+    env = dotenv_values(PROJECT_ROOT / ".env")
+    assert set(resolved) >= {"kafka", "postgres", "consumer", "producer", "aggregator", "detector", "dashboard", "api",
+                             "reports", "jobmanager", "taskmanager", "flink-job", "prometheus", "grafana"}
+    assert resolved["postgres"]["ports"] == [{"published": int(env["POSTGRES_PORT"]), "target": 5432}]
+    assert resolved["api"]["ports"] == [f"127.0.0.1:{env['API_PORT']}:{env['API_PORT']}/tcp"]
+    for name, spec in resolved.items():
+        if "build" in spec:
+            assert spec["environment"]["POSTGRES_HOST"] == "postgres" and spec["environment"]["TRADES_TOPIC"] == \
+                env["TRADES_TOPIC"], name
+        else:
+            assert ":" in spec["image"] and not spec["image"].endswith(":latest"), f"{name}: a pinned image tag"
