@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         md, page = write(report, args.out)
         print(f"{'no trades in this period; ' if report.empty else ''}wrote {page} and {md}")
         return 0
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)     # not two lines per check
     stop = StopFlag()
     schedule = ReportSchedule(settings, engine, STEPS[args.every], args.out, args.symbols)
     scheduler = schedule.start(args.check_seconds)

@@ -72,8 +72,10 @@ def stages(settings: Settings) -> list[Stage]:
     python = sys.executable
     rate = os.environ.get("DEMO_RATE", "20")
     anomaly_rate = os.environ.get("DEMO_ANOMALY_RATE", "0.005")
-    commands = [
-        ("consumer", [python, "consumer.py"]),
+    consumers = int(os.environ.get("CONSUMERS", "1"))      # CONSUMERS=3 make demo: a group of three
+    commands = [(f"consumer-{i + 1}" if consumers > 1 else "consumer", [python, "consumer.py"])
+                for i in range(consumers)]
+    commands += [
         ("producer", [python, "producer.py", "--rate", rate, "--anomaly-rate", anomaly_rate]),
         ("aggregator", [python, "aggregator.py"]),
         ("detector", [python, "anomaly_detector.py", "run"]),

@@ -30,3 +30,15 @@ def test_dying_stage_is_restarted_with_backoff_and_reported_loudly(caplog):
     assert "CRASHER KEEPS DYING: 3 exits" in log
     assert "sleeper exited" not in log
     assert sleeper.process.poll() is not None, "stop_all ends the stages"
+
+
+def test_consumers_starts_a_group_of_consumer_processes(monkeypatch):
+    from tradewatch.config import Settings
+    from tradewatch.demo import stages
+
+    monkeypatch.setenv("CONSUMERS", "3")
+    commands = {s.name: s.command for s in stages(Settings())}
+    assert [n for n in commands if n.startswith("consumer")] == ["consumer-1", "consumer-2", "consumer-3"]
+    assert all(commands[f"consumer-{i}"][-1] == "consumer.py" for i in (1, 2, 3))
+    monkeypatch.setenv("CONSUMERS", "1")
+    assert [s.name for s in stages(Settings())][0] == "consumer"
