@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     except db.DatabaseUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    os.environ.setdefault("JAVA_TOOL_OPTIONS", "-Duser.timezone=UTC")  # JDBC timestamps are UTC
     from pyflink.table import EnvironmentSettings, TableEnvironment
 
     env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())

@@ -4,8 +4,6 @@
 -- `python flink_job.py --print-sql` prints the filled-in SQL for Flink's SQL client.
 
 SET 'table.local-time-zone' = 'UTC';
--- A partition with no new trades stops holding the watermark back after this long.
-SET 'table.exec.source.idle-timeout' = '${IDLE_TIMEOUT_SECONDS} s';
 SET 'execution.checkpointing.interval' = '${FLINK_CHECKPOINT_SECONDS} s';
 SET 'pipeline.name' = 'tradewatch-1m-metrics';
 
@@ -37,14 +35,19 @@ CREATE TABLE trades_source (
     'scan.startup.mode' = 'earliest-offset',
     'format' = 'json',
     -- malformed messages are the consumer's business (dead_letters); here they are skipped
-    'json.ignore-parse-errors' = 'true'
+    'json.ignore-parse-errors' = 'true',
+    -- a partition without new trades for this long stops holding the watermark back (per partition,
+    -- in the source itself; tests/integration/test_flink.py: a quiet partition after old data)
+    'scan.watermark.idle-timeout' = '${IDLE_TIMEOUT_SECONDS} s'
 );
 
 CREATE TABLE flink_metrics_sink (
     symbol        STRING,
     window_size   STRING,
-    window_start  TIMESTAMP(3),
-    window_end    TIMESTAMP(3),
+    -- UTC text ('2026-01-01 10:00:00.000+00'), typed by PostgreSQL (stringtype=unspecified): the
+    -- instant never depends on the time zone of the JVM that writes it (a remote TaskManager's)
+    window_start  STRING,
+    window_end    STRING,
     `open`        DOUBLE,
     high          DOUBLE,
     low           DOUBLE,
@@ -66,7 +69,7 @@ CREATE TABLE flink_metrics_sink (
     PRIMARY KEY (symbol, window_size, window_start) NOT ENFORCED   -- rows are upserted
 ) WITH (
     'connector' = 'jdbc',
-    'url' = 'jdbc:postgresql://${POSTGRES_HOST}:${POSTGRES_PORT}/${POSTGRES_DB}',
+    'url' = 'jdbc:postgresql://${POSTGRES_HOST}:${POSTGRES_PORT}/${POSTGRES_DB}?stringtype=unspecified',
     'table-name' = 'flink_metrics',
     'username' = '${POSTGRES_USER}',
     'password' = '${POSTGRES_PASSWORD}',
@@ -87,7 +90,8 @@ WHERE trade_id IS NOT NULL AND symbol IS NOT NULL AND timestamp_ms IS NOT NULL
   AND price > 0 AND quantity > 0 AND NOT skewed;
 
 INSERT INTO flink_metrics_sink
-SELECT symbol, '1m', window_start, window_end,
+SELECT symbol, '1m', DATE_FORMAT(window_start, 'yyyy-MM-dd HH:mm:ss.SSS') || '+00',
+       DATE_FORMAT(window_end, 'yyyy-MM-dd HH:mm:ss.SSS') || '+00',
        CAST(SPLIT_INDEX(MIN(order_key) FILTER (WHERE sets_price), '|', 1) AS DOUBLE),
        MAX(price) FILTER (WHERE sets_price),
        MIN(price) FILTER (WHERE sets_price),

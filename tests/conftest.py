@@ -79,10 +79,12 @@ def run_script(settings: Settings, script: str, *args: str, timeout: float = 300
 _STARTED: list[subprocess.Popen] = []
 
 
-def start_script(settings: Settings, script: str, *args: str, log: Path | None = None) -> subprocess.Popen:
+def start_script(settings: Settings, script: str, *args: str, log: Path | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
     out = open(log, "ab") if log else subprocess.DEVNULL
     process = subprocess.Popen([sys.executable, str(PROJECT_ROOT / script), *args], cwd=PROJECT_ROOT,
-                               env={**os.environ, **settings.as_env()}, stdout=out, stderr=subprocess.STDOUT)
+                               env={**os.environ, **settings.as_env(), **(env or {})}, stdout=out,
+                               stderr=subprocess.STDOUT)
     _STARTED.append(process)
     return process
 

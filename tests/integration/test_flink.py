@@ -23,7 +23,8 @@ def flink(services, tmp_path_factory):
                                        idle_timeout_seconds=1.0)
     bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
     log = tmp_path_factory.mktemp("flink") / "flink_job.log"
-    job = start_script(settings, "flink_job.py", "--fresh", log=log)
+    # a JVM far from UTC (as a remote TaskManager may be): the job must keep its windows in UTC itself
+    job = start_script(settings, "flink_job.py", "--fresh", log=log, env={"TZ": "Asia/Kolkata"})
     wait_for(lambda: "submitting the job" in log.read_text() or job.poll() is not None, timeout=180,
              message="Flink job submitted")
     assert job.poll() is None, log.read_text()[-3000:]
@@ -169,3 +170,37 @@ def test_killed_job_resumes_from_its_checkpoint_without_double_counting(services
             job.wait(timeout=30)
         except subprocess.TimeoutExpired:
             job.kill()
+
+
+def test_a_quiet_partition_does_not_hold_the_others_back(flink):
+    """One partition got an old trade and then nothing; new trades on the five others: Flink's
+    windows still close within the allowed lateness and the idle timeout (the Kafka source's
+    per-partition idleness, 'scan.watermark.idle-timeout')."""
+    settings = flink
+    partitions = settings.trades_partitions
+    quiet = bus.murmur2_partition(b"IBM", partitions)
+    busy = {}
+    while len(busy) < partitions - 1:
+        symbol = f"Q{uuid.uuid4().hex[:5].upper()}"
+        p = bus.murmur2_partition(symbol.encode(), partitions)
+        if p != quiet and p not in busy:
+            busy[p] = symbol
+    t0 = iso_to_ms("2026-06-01T10:00:00Z")
+    publisher = bus.Publisher(settings)
+    publisher.send(settings.trades_topic, b"IBM", Trade("IBM-old", "IBM", iso_to_ms("2013-10-09T10:00:00Z"), 180.0,
+                                                        1.0, "buy", "X").to_json_bytes())
+    publisher.flush()
+    time.sleep(settings.idle_timeout_seconds + 1)        # and then the IBM partition stays quiet
+    sent_at = time.monotonic()
+    for symbol in busy.values():
+        for n, offset_ms in enumerate((1_000, 30_000, 70_000)):     # the last one closes minute 0 (5 s lateness)
+            trade = Trade(f"{symbol}-{n}", symbol, t0 + offset_ms, 10.0 + n, 1.0, "buy", "X")
+            publisher.send(settings.trades_topic, symbol.encode(), trade.to_json_bytes())
+    publisher.flush()
+    publisher.close()
+    wait_for(lambda: all(len(rows(settings, "flink_metrics", s)) == 1 for s in busy.values()), timeout=60,
+             message="minute 0 of the five busy partitions from Flink")
+    took = time.monotonic() - sent_at
+    print({"quiet_partition_windows_closed_after_s": round(took, 1)})
+    assert took < settings.allowed_lateness_seconds + settings.idle_timeout_seconds + 15
+    assert all(rows(settings, "flink_metrics", s)[0][8] == 2 for s in busy.values())
