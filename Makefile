@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 JARS := .tradewatch/jars
 
-.PHONY: demo test services doctor stop status bench setup venv jars browser compose clean
+.PHONY: demo test services doctor stop status bench setup venv jars browser compose flink-cluster flink-stop clean
 
 demo: setup                 ## the whole pipeline + dashboard; Ctrl-C stops everything it started
 	$(PY) -m tradewatch.demo
@@ -19,6 +19,12 @@ services: setup             ## start Kafka and PostgreSQL (harmless when running
 
 doctor: venv                ## check Java, jars, Kafka, PostgreSQL, the stages, ports and disk
 	$(PY) -m tradewatch doctor
+
+flink-cluster: setup       ## a local Flink standalone cluster: JobManager + TASKMANAGERS (2) TaskManagers
+	$(PY) -m tradewatch.flink_cluster start --taskmanagers $${TASKMANAGERS:-2}
+
+flink-stop:                 ## stop that cluster
+	$(PY) -m tradewatch.flink_cluster stop
 
 stop:                       ## stop Kafka and PostgreSQL
 	$(PY) -m tradewatch.stack stop

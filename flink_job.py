@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "`trades` into the PostgreSQL table flink_metrics. Runs until Ctrl-C.")
     parser.add_argument("--print-sql", action="store_true", help="print the filled-in SQL (for the SQL client)")
     parser.add_argument("--jobmanager", metavar="HOST:PORT", help="submit to a Flink cluster instead of locally")
+    parser.add_argument("--parallelism", type=int, help="default: FLINK_PARALLELISM (1)")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints, start from the topic's start")
     args = parser.parse_args(argv)
     settings = Settings.load()
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.INFO)  # PyFlink lowers the root logger to WARNING
     config = env.get_config()
     config.set("pipeline.jars", ";".join(jar_urls()))
-    config.set("parallelism.default", "1")
+    config.set("parallelism.default", str(args.parallelism or settings.flink_parallelism))
     checkpoints = settings.home / "flink" / "checkpoints" / settings.flink_group
     checkpoints.mkdir(parents=True, exist_ok=True)
     config.set("execution.checkpointing.dir", checkpoints.resolve().as_uri())

@@ -64,6 +64,9 @@ class Settings:
     dashboard_port: int = 8501
     flink_group: str = "tradewatch-flink"
     flink_checkpoint_seconds: int = 10
+    flink_parallelism: int = 1
+    flink_rest_port: int = 8081
+    flink_rpc_port: int = 6123
     run_flink_in_demo: bool = False
     model_dir: str = "models"
     zscore_window: int = 50
