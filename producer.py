@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if not args.replay and not args.start:
-        trades = simulator(int(time.time() * 1000))   # live: event time starts now, as sending does
+        # live: event time starts now, as sending does. A counted burst at --rate max (1 ms of event
+        # time per trade) ends now instead of running ahead of the clock, where the consumers' clock-skew
+        # rule (MAX_CLOCK_SKEW_SECONDS) would reject what lies more than 5 minutes ahead.
+        backdate_ms = args.count if rate is None and args.count else 0
+        trades = simulator(int(time.time() * 1000) - backdate_ms)
 
     def send(trade: Trade) -> bool:
         return publisher.send(topic, trade.symbol.encode(), trade.to_json_bytes())
