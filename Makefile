@@ -14,7 +14,7 @@ demo: setup                 ## the whole pipeline + dashboard; Ctrl-C stops ever
 test: setup browser compose ## the full test suite (starts and stops its own services)
 	$(PY) -m pytest
 
-services: setup             ## start Kafka and PostgreSQL (harmless when running)
+services: setup             ## start Kafka (KAFKA_BROKERS nodes) and PostgreSQL (harmless when running)
 	$(PY) -m tradewatch.stack start
 
 doctor: venv                ## check Java, jars, Kafka, PostgreSQL, the stages, ports and disk
@@ -62,4 +62,4 @@ compose:                    ## Debian's docker-compose: validates docker-compose
 	  else echo "docker-compose is missing: sudo apt-get install docker-compose (needed by tests/unit/test_config.py)"; exit 1; fi; }
 
 clean: stop                 ## remove local data (keeps the venv and jars)
-	rm -rf .tradewatch/demo .tradewatch/test .tradewatch/e2e-* .tradewatch/bench
+	rm -rf .tradewatch/demo .tradewatch/test .tradewatch/test-kafka3 .tradewatch/e2e-* .tradewatch/bench

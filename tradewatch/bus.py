@@ -64,13 +64,15 @@ def unavailable_message(settings: Settings) -> str:
 
 
 def kafka_reachable(settings: Settings, timeout_s: float = 1.0) -> bool:
-    """A cheap TCP probe of the first bootstrap server (no Kafka protocol)."""
-    host, port = settings.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+    """A cheap TCP probe of the bootstrap servers (no Kafka protocol): does any one answer?"""
+    for server in settings.kafka_bootstrap_servers.split(","):
+        host, port = server.strip().rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout_s):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _require_reachable(settings: Settings) -> None:
@@ -167,12 +169,29 @@ def consumer(settings: Settings, group_id: str, topic: str, on_assign: AssignCal
 
 
 class _OutageLog:
-    """One warning when the broker goes away, one info line when it is back."""
+    """One warning when the broker goes away, one info line when it is back. On a cluster, one
+    node going away is no outage: said once a minute at most, while the others carry on."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.down_since: float | None = None
         self._last_probe = 0.0
+        self._cluster = "," in settings.kafka_bootstrap_servers
+        self._node_warned_at = -60.0
+
+    def librdkafka(self, error) -> bool:
+        """Take a librdkafka error callback's error; True when it was about reaching Kafka."""
+        from confluent_kafka import KafkaError
+        code = error.code()
+        if code == KafkaError._ALL_BROKERS_DOWN or (code == KafkaError._TRANSPORT and not self._cluster):
+            self.failed(error.str())
+        elif code == KafkaError._TRANSPORT:
+            if time.monotonic() - self._node_warned_at > 60:
+                self._node_warned_at = time.monotonic()
+                log.warning("a Kafka node is unreachable (%s); the cluster carries on with the others", error.str())
+        else:
+            return False
+        return True
 
     def failed(self, reason: str) -> None:
         if self.down_since is None:
@@ -220,9 +239,7 @@ class _ConfluentConsumer(BusConsumer):
         self._consumer.subscribe([topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
 
     def _error(self, error) -> None:
-        if error.code() in (self._KafkaError._ALL_BROKERS_DOWN, self._KafkaError._TRANSPORT):
-            self._outage.failed(error.str())
-        else:
+        if not self._outage.librdkafka(error):
             log.debug("librdkafka: %s", error.str())
 
     def _committed(self, error, _partitions) -> None:
@@ -618,10 +635,7 @@ class Publisher:
                 raise KafkaUnavailable(unavailable_message(settings)) from None
 
     def _error(self, error) -> None:
-        from confluent_kafka import KafkaError
-        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            self._outage.failed(error.str())
-        elif error.fatal():
+        if not self._outage.librdkafka(error) and error.fatal():
             log.error("Kafka producer: %s", error.str())
 
     def _delivered(self, error, _message) -> None:
@@ -709,7 +723,9 @@ def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
         raise KafkaUnavailable(unavailable_message(settings)) from None
     if topic in metadata.topics and metadata.topics[topic].error is None:
         return
-    future = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1,
+    # replicas and min.insync.replicas: the cluster's defaults (three and two on a three-node
+    # cluster, tradewatch/stack.py)
+    future = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=-1,
                                            config={"message.timestamp.type": "LogAppendTime"})])[topic]
     try:
         future.result(timeout=10)
@@ -737,14 +753,15 @@ def topic_partitions(settings: Settings) -> dict[str, int]:
     return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
 
 
-def wait_for_kafka(settings: Settings, timeout_s: float = 60.0) -> None:
-    """Block until the broker answers a metadata request, or raise KafkaUnavailable."""
+def wait_for_kafka(settings: Settings, timeout_s: float = 60.0, brokers: int = 1) -> None:
+    """Block until the cluster answers a metadata request naming at least `brokers` brokers, or
+    raise KafkaUnavailable."""
     from confluent_kafka import KafkaException
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             metadata = _admin(settings).list_topics(timeout=5)
-            if metadata.brokers:
+            if len(metadata.brokers) >= brokers:
                 return
         except (KafkaException, KafkaUnavailable):
             pass
@@ -806,9 +823,7 @@ class Tail:
         self._list()
 
     def _error(self, error) -> None:
-        from confluent_kafka import KafkaError
-        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            self._outage.failed(error.str())
+        self._outage.librdkafka(error)
 
     def _list(self) -> None:
         from confluent_kafka import OFFSET_END, KafkaException, TopicPartition

@@ -29,6 +29,7 @@ class Settings:
     log_format: str = "text"
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_controller_port: int = 9093
+    kafka_brokers: int = 1
     kafka_client: str = "confluent"
     trades_topic: str = "trades"
     alerts_topic: str = "alerts"
@@ -77,6 +78,14 @@ class Settings:
     alert_cooldown_high_seconds: float = 60.0
     alert_cooldown_medium_seconds: float = 30.0
 
+    def __post_init__(self) -> None:
+        # A cluster started from one address: every node's address, so a client can bootstrap
+        # while any one node is down (node n listens on the port + 100·(n−1), tradewatch/stack.py)
+        if self.kafka_brokers > 1 and "," not in self.kafka_bootstrap_servers:
+            host = self.kafka_bootstrap_servers.rsplit(":", 1)[0]
+            nodes = ",".join(f"{host}:{port}" for _, port, _ in self.kafka_nodes)
+            object.__setattr__(self, "kafka_bootstrap_servers", nodes)
+
     @classmethod
     def load(cls, env_file: Path | None = None, **overrides: object) -> "Settings":
         """Defaults < `.env` file < environment variables < explicit overrides."""
@@ -112,6 +121,12 @@ class Settings:
     @property
     def kafka_port(self) -> int:
         return int(self.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def kafka_nodes(self) -> list[tuple[int, int, int]]:
+        """(node id, broker port, controller port) of each local Kafka node."""
+        return [(n, self.kafka_port + 100 * (n - 1), self.kafka_controller_port + 100 * (n - 1))
+                for n in range(1, self.kafka_brokers + 1)]
 
     @property
     def postgres_dsn(self) -> str:

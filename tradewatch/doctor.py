@@ -58,6 +58,14 @@ def check_kafka(settings: Settings) -> list[Check]:
         detail, _, fix = str(error).partition(" — ")
         return [Check("Kafka", False, detail, fix)]
     checks = [Check("Kafka", True, f"answers at {settings.kafka_bootstrap_servers}")]
+    if settings.kafka_brokers > 1:
+        try:
+            bus.wait_for_kafka(settings, 3, brokers=settings.kafka_brokers)
+            checks.append(Check("Kafka nodes", True, f"all {settings.kafka_brokers} registered"))
+        except bus.KafkaUnavailable:
+            checks.append(Check("Kafka nodes", False, f"fewer than {settings.kafka_brokers} registered",
+                                "`make services` starts the missing ones (each partition has three replicas: "
+                                "the cluster works on with one node down)"))
     partitions = bus.topic_partitions(settings)
     for topic, wanted in ((settings.trades_topic, settings.trades_partitions), (settings.alerts_topic, 1)):
         have = partitions.get(topic)

@@ -125,3 +125,38 @@ def test_docker_compose_file_is_valid_compose_with_the_env_values():
                 env["TRADES_TOPIC"], name
         else:
             assert ":" in spec["image"] and not spec["image"].endswith(":latest"), f"{name}: a pinned image tag"
+
+
+def test_a_three_node_cluster_gets_every_node_address_ports_and_replication(tmp_path):
+    from tradewatch import stack
+
+    settings = Settings.load(tradewatch_home=str(tmp_path), kafka_brokers=3,
+                             kafka_bootstrap_servers="127.0.0.1:9092", kafka_controller_port=9093)
+    assert settings.kafka_bootstrap_servers == "127.0.0.1:9092,127.0.0.1:9192,127.0.0.1:9292"
+    assert settings.with_overrides(trades_topic="t").kafka_bootstrap_servers == settings.kafka_bootstrap_servers
+    assert Settings.load(kafka_brokers=3, **{k.lower(): v for k, v in settings.as_env().items()
+                                            if k == "KAFKA_BOOTSTRAP_SERVERS"}).kafka_nodes == settings.kafka_nodes
+    config = stack._write_kafka_config(settings, 2).read_text()
+    assert "node.id=2\n" in config
+    assert "controller.quorum.voters=1@127.0.0.1:9093,2@127.0.0.1:9193,3@127.0.0.1:9293\n" in config
+    assert "listeners=PLAINTEXT://127.0.0.1:9192,CONTROLLER://127.0.0.1:9193\n" in config
+    for line in ("default.replication.factor=3", "min.insync.replicas=2", "offsets.topic.replication.factor=3",
+                 "transaction.state.log.min.isr=2"):
+        assert line + "\n" in config
+    single = stack._write_kafka_config(Settings.load(tradewatch_home=str(tmp_path / "one")), 1).read_text()
+    assert "default.replication.factor=1\n" in single and "min.insync.replicas=1\n" in single
+
+
+def test_a_home_made_for_one_broker_refuses_a_cluster_of_three_with_a_clear_message(tmp_path):
+    import pytest
+
+    from tradewatch import stack
+
+    single = Settings.load(tradewatch_home=str(tmp_path))
+    stack._cluster_id(single)                                   # a new home: made for one broker
+    data = stack._kafka_paths(single)[0]
+    data.mkdir(parents=True)
+    (data / "meta.properties").write_text("cluster.id=abc\nnode.id=1\n")
+    assert stack._cluster_id(single) == "abc"
+    with pytest.raises(stack.StackError, match="holds a Kafka cluster of 1 broker.*KAFKA_BROKERS=3"):
+        stack._cluster_id(single.with_overrides(kafka_brokers=3, kafka_bootstrap_servers="127.0.0.1:9092"))
