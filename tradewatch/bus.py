@@ -601,7 +601,12 @@ class Publisher:
     """Sends keyed messages. Idempotent (enable.idempotence): a retry never writes a duplicate
     and per-key order holds. While Kafka is unreachable it logs one line and keeps the messages
     queued (no delivery timeout): nothing sent is dropped, and `send` blocks once the queue is
-    full until Kafka is back or `stop()` says to give up."""
+    full until Kafka is back or `stop()` says to give up.
+
+    The partition of a key: a key listed in PARTITION_SYMBOLS goes to its place in that list
+    modulo the topic's partitions, so the listed symbols are spread evenly and every consumer up
+    to min(partitions, symbols) gets work; any other key where Kafka's default partitioner
+    (murmur2, as the Java client) puts it. Either way one key always lands on one partition."""
 
     def __init__(self, settings: Settings, stop: Callable[[], bool] = lambda: False, client: str | None = None):
         self._settings = settings
@@ -610,6 +615,9 @@ class Publisher:
         self.failed = 0
         self._queued = 0
         self._outage = _OutageLog(settings)
+        listed = [symbol.strip() for symbol in settings.partition_symbols.split(",") if symbol.strip()]
+        self._places = {symbol.encode(): n for n, symbol in enumerate(listed)}
+        self._partitions: dict[str, int] = {}
         _require_reachable(settings)
         if self.client == "confluent":
             from confluent_kafka import Producer
@@ -646,12 +654,42 @@ class Publisher:
         else:
             self._outage.check(True)
 
+    def _partition_count(self, topic: str) -> int:
+        count = self._partitions.get(topic)
+        while not count:
+            if self.client == "confluent":
+                from confluent_kafka import KafkaException
+                try:
+                    described = self._producer.list_topics(topic, timeout=5).topics.get(topic)
+                    count = len(described.partitions) if described and described.error is None else 0
+                except KafkaException:
+                    count = 0
+            else:
+                count = len(self._producer.partitions_for(topic) or ())
+            if not count:
+                if self._stop():
+                    return 0
+                log.warning("topic %s: its partitions are not known yet; waiting", topic)
+                time.sleep(1.0)
+        self._partitions[topic] = count
+        return count
+
     def send(self, topic: str, key: bytes | None, value: bytes) -> bool:
         """Queue one message; False only when asked to stop while Kafka could not take it."""
+        place = self._places.get(key)
+        if place is not None:
+            count = self._partitions.get(topic) or self._partition_count(topic)
+            if not count:
+                return False
+            return self._send(topic, key, value, place % count)
+        return self._send(topic, key, value, None)
+
+    def _send(self, topic: str, key: bytes | None, value: bytes, partition: int | None) -> bool:
         if self.client == "confluent":
+            extra = {} if partition is None else {"partition": partition}
             while True:
                 try:
-                    self._producer.produce(topic, value, key, on_delivery=self._delivered)
+                    self._producer.produce(topic, value, key, on_delivery=self._delivered, **extra)
                     self._queued += 1
                     if self._queued % 1000 == 0:
                         self._producer.poll(0)     # serve delivery reports now and then
@@ -663,7 +701,7 @@ class Publisher:
         from kafka.errors import KafkaTimeoutError
         while True:
             try:
-                self._producer.send(topic, key=key, value=value)
+                self._producer.send(topic, key=key, value=value, partition=partition)
                 self._outage.check(True)
                 return True
             except KafkaTimeoutError:

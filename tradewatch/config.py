@@ -33,7 +33,8 @@ class Settings:
     kafka_client: str = "confluent"
     trades_topic: str = "trades"
     alerts_topic: str = "alerts"
-    trades_partitions: int = 6
+    trades_partitions: int = 10
+    partition_symbols: str = "AAPL,GOOGL,MSFT,AMZN,TSLA,META,NVDA,JPM,BTC-USD,ETH-USD"
     postgres_host: str = "127.0.0.1"
     postgres_port: int = 5432
     postgres_db: str = "tradewatch"

@@ -124,6 +124,26 @@ def test_both_clients_put_a_key_on_the_partition_java_would(settings):
     assert all(m.partition == bus.murmur2_partition(m.key, 6) for m in messages)
 
 
+def test_listed_symbols_are_spread_over_the_partitions_by_both_clients(settings):
+    """PARTITION_SYMBOLS: the n-th listed symbol on partition n mod partitions (every consumer gets
+    work); other keys where Kafka's murmur2 puts them."""
+    topic = f"spread-{uuid.uuid4().hex[:6]}"
+    bus.ensure_topic(settings, topic, 4)
+    listed = settings.with_overrides(partition_symbols="AAPL, MSFT,JPM,TSLA,NVDA")
+    keys = [b"AAPL", b"MSFT", b"JPM", b"TSLA", b"NVDA", b"SPY", b"IBM"]
+    for client in bus.CLIENTS:
+        publisher = bus.Publisher(listed, client=client)
+        for key in keys:
+            publisher.send(topic, key, client.encode())
+        assert publisher.flush(30)
+        publisher.close()
+    messages = bus.read_topic(settings, topic, lambda got: len(got) >= 14)
+    placed = {(m.key, m.partition) for m in messages}
+    assert len(messages) == 14 and len(placed) == len(keys), "one partition per key, for both clients"
+    assert placed == {(b"AAPL", 0), (b"MSFT", 1), (b"JPM", 2), (b"TSLA", 3), (b"NVDA", 0),
+                      (b"SPY", bus.murmur2_partition(b"SPY", 4)), (b"IBM", bus.murmur2_partition(b"IBM", 4))}
+
+
 def log_batches(settings, topic: str) -> list[dict[str, int]]:
     """The record batches of partition 0 as the broker stored them (Kafka's own DumpLogSegments)."""
     import re

@@ -22,7 +22,7 @@ from tradewatch.market.simulator import MarketSimulator
 
 IBM_DAY = SHARED_DATA / "lean" / "ibm_20131007_trades.csv.gz"
 START_MS = 1_767_225_600_000          # 2026-01-01T00:00:00Z
-TABLES = {   # table: (columns, order); symbols on their own partitions (IBM 5, AAPL 3, MSFT 0, JPM 2)
+TABLES = {   # table: (columns, order); symbols on their own partitions (AAPL 0, JPM 1, MSFT 2, IBM 5)
     "trades": ("trade_id, symbol, ts, price, quantity, side, exchange, condition, kafka_partition", "trade_id"),
     "stock_metrics": ("symbol, window_size, window_start, open, high, low, close, volume, traded_value, vwap,"
                       " trade_count, buy_volume, sell_volume, is_final", "1, 2, 3"),
