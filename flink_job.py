@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -112,19 +112,31 @@ def main(argv: list[str] | None = None) -> int:
             env.execute_sql(statement)
     log.info("submitting the job: topic %s -> flink_metrics at %s:%s", settings.trades_topic,
              settings.postgres_host, settings.postgres_port)
-    result = env.execute_sql(insert)
+    signal.signal(signal.SIGTERM, _interrupt)       # a supervisor's stop ends the job as Ctrl-C does
+    client = env.execute_sql(insert).get_job_client()
     try:
-        return watch(settings, result)
+        return watch(settings, client)
     except KeyboardInterrupt:
+        # A job on a cluster outlives its client: cancel it, or a restarted flink_job.py would run
+        # a second copy beside it (its last checkpoint is kept: the next start resumes from there)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log.info("stopping: cancelling Flink job %s", client.get_job_id())
+        try:
+            client.cancel().result()
+        except Exception as error:      # noqa: BLE001 - already ended, or the cluster is gone
+            log.warning("could not cancel Flink job %s: %s", client.get_job_id(), error)
         log.info("stopped")
     return 0
 
 
-def watch(settings: Settings, result) -> int:
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def watch(settings: Settings, client) -> int:
     """Beat the `flink` heartbeat while the job runs; its lag is the Flink group's committed offsets
     (committed at each checkpoint) behind the end of the topic."""
     heartbeat = runtime.Heartbeat(settings, "flink")
-    client = result.get_job_client()
     processed, lag, last_lag_check = 0, None, 0.0
     while True:
         status = str(client.get_job_status().result())

@@ -60,7 +60,10 @@ def write_config(settings: Settings) -> Path:
         "rest.bind-address": "127.0.0.1",
         "rest.port": settings.flink_rest_port,
         "parallelism.default": 1,
-        # a killed TaskManager is noticed within seconds, and the job waits for a slot again
+        # a killed TaskManager is noticed within seconds, and the job waits for a slot again. The
+        # interval must stay well below the timeout: at Flink's default interval (10 s) one late
+        # beat on a busy machine timed the TaskManagers out, and the job restarted every ~15 s
+        "heartbeat.interval": 2000,
         "heartbeat.timeout": 10000,
         "restart-strategy.type": "fixed-delay",
         "restart-strategy.fixed-delay.attempts": 1000,
