@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Produce trades into Kafka: simulated (GBM with labelled anomalies) or replayed from a CSV file."""
+"""Produce trades into Kafka: simulated (GBM with labelled anomalies), replayed from a CSV file, or
+live from an exchange's public trade stream (Coinbase, Binance)."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 
-from tradewatch import bus
+from tradewatch import bus, metrics
 from tradewatch.cli import StopFlag, setup_logging
 from tradewatch.config import Settings
 from tradewatch.events import Trade
 from tradewatch.market import replay
+from tradewatch.market.live import VENUES, LiveFeed
 from tradewatch.market.simulator import DEFAULT_SYMBOLS, MarketSimulator
 from tradewatch.publish import PublishStats, publish
 
@@ -18,15 +20,19 @@ from tradewatch.publish import PublishStats, publish
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Send trades to the Kafka topic `trades` (key = symbol). By default it simulates "
-                    "a market; with --replay it sends the trades of a recorded CSV file.",
+                    "a market; with --replay it sends the trades of a recorded CSV file; with --live the "
+                    "trades of an exchange's public WebSocket trade stream.",
         epilog="examples:\n"
                "  python producer.py --rate 50 --anomaly-rate 0.01\n"
                "  python producer.py --count 10000 --rate max --seed 7\n"
-               "  python producer.py --replay ../shared/data/lean/spy_20131007_trades.csv.gz --speed 60",
+               "  python producer.py --replay ../shared/data/lean/spy_20131007_trades.csv.gz --speed 60\n"
+               "  python producer.py --live coinbase --symbols BTC-USD,ETH-USD\n"
+               "  python producer.py --live binance --url ws://127.0.0.1:8765   # python -m tradewatch.market.replay_server binance",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sim = parser.add_argument_group("simulator")
     sim.add_argument("--rate", default="10", help="trades per second, e.g. 0.5, 200, or 'max' (default 10)")
-    sim.add_argument("--symbols", default=",".join(DEFAULT_SYMBOLS), help="comma-separated symbols")
+    sim.add_argument("--symbols", help="comma-separated symbols (default: the ten simulated ones; with --live "
+                                       "the venue's BTC and ETH pairs)")
     sim.add_argument("--seed", type=int, help="random seed: the same seed gives the same stream")
     sim.add_argument("--anomaly-rate", type=float, default=0.0,
                      help="share of trades that are injected anomalies, 0..1 (default 0)")
@@ -38,6 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, default in vars(replay.ColumnMap()).items():
         rep.add_argument(f"--{name.replace('_', '-')}-column", dest=f"{name}_column", default=default,
                          help=f"column holding the {name.replace('_', ' ')} (default {default!r})")
+    live = parser.add_argument_group("live (public trade streams, no API key)")
+    live.add_argument("--live", choices=sorted(VENUES), help="the venue: coinbase (matches channel) or binance (@trade)")
+    live.add_argument("--url", help="WebSocket endpoint instead of the venue's, e.g. ws://127.0.0.1:8765 "
+                                    "(python -m tradewatch.market.replay_server)")
     stop = parser.add_argument_group("when to stop (default: never, or at the end of the file)")
     stop.add_argument("--count", type=int, help="stop after this many trades")
     stop.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -64,7 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     topic = args.topic or settings.trades_topic
     stop = StopFlag()
 
-    if args.replay:
+    if args.live and args.replay:
+        print("error: --live and --replay are two different sources: choose one", file=sys.stderr)
+        return 2
+    if args.live:
+        venue = VENUES[args.live]
+        symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()] if args.symbols \
+            else list(venue.default_symbols)
+        trades = LiveFeed(venue, symbols, args.url, stop=stop)
+        speed = None
+        metrics.serve(settings, "producer")
+    elif args.replay:
         speed = _positive_or_max(args.speed, "--speed")
         columns = replay.ColumnMap(**{name: getattr(args, f"{name}_column") for name in vars(replay.ColumnMap())})
         try:
@@ -81,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         start_ms = int(time.time() * 1000)
         if args.start:
             start_ms = replay.parse_time_ms(args.start)
-        symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
+        symbols = [s.strip().upper() for s in (args.symbols or ",".join(DEFAULT_SYMBOLS)).split(",") if s.strip()]
         def simulator(start_ms: int) -> MarketSimulator:
             # With --rate max, event time still advances 1 ms per trade on average.
             return MarketSimulator(symbols, rate or 1000.0, args.seed, args.anomaly_rate, start_ms)
@@ -98,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except bus.KafkaUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if not args.replay and not args.start:
+    if not args.replay and not args.live and not args.start:
         # live: event time starts now, as sending does. A counted burst at --rate max (1 ms of event
         # time per trade) ends now instead of running ahead of the clock, where the consumers' clock-skew
         # rule (MAX_CLOCK_SKEW_SECONDS) would reject what lies more than 5 minutes ahead.

@@ -54,6 +54,7 @@ class Settings:
     consumer_metrics_port: int = 9101
     aggregator_metrics_port: int = 9102
     detector_metrics_port: int = 9103
+    producer_metrics_port: int = 9104
     api_address: str = "127.0.0.1"
     api_port: int = 8000
     api_key: str = ""

@@ -15,6 +15,14 @@ Each stage process serves its metrics on its own port (`CONSUMER_METRICS_PORT`,
     tradewatch_latency_seconds{path}        histogram: Kafka append time → row committed
                                             (trade_to_row) and → alert committed (trade_to_alert)
     tradewatch_stage_starts_total           process starts (a supervisor restart counts one more)
+
+producer.py --live (PRODUCER_METRICS_PORT), labelled by venue:
+    tradewatch_live_trades_total            trades received (after repeats are dropped)
+    tradewatch_live_gaps_total{symbol}      jumps in a symbol's trade-id sequence
+    tradewatch_live_missing_trades_total{symbol}  trade ids those jumps skipped
+    tradewatch_live_duplicates_total        trades received again (after a reconnect), dropped
+    tradewatch_live_unexpected_messages_total  messages of an unexpected shape, skipped
+    tradewatch_live_reconnects_total        connections lost and opened again
 """
 from __future__ import annotations
 
@@ -39,6 +47,12 @@ LATENCY = Histogram("tradewatch_latency_seconds", "From the Kafka append time of
                     ["stage", "path"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                                 5, 10, 30, 60))
 STARTS = Counter("tradewatch_stage_starts", "Process starts", ["stage"])
+LIVE_TRADES = Counter("tradewatch_live_trades", "Trades received from a live venue", ["venue"])
+LIVE_GAPS = Counter("tradewatch_live_gaps", "Jumps in a symbol's trade-id sequence", ["venue", "symbol"])
+LIVE_MISSING = Counter("tradewatch_live_missing_trades", "Trade ids skipped by those jumps", ["venue", "symbol"])
+LIVE_DUPLICATES = Counter("tradewatch_live_duplicates", "Trades received again (dropped)", ["venue"])
+LIVE_UNEXPECTED = Counter("tradewatch_live_unexpected_messages", "Messages of an unexpected shape (skipped)", ["venue"])
+LIVE_RECONNECTS = Counter("tradewatch_live_reconnects", "Connections lost and opened again", ["venue"])
 
 _REASON_WORDS = re.compile(r"[a-z_']+")
 

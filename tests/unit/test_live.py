@@ -1,0 +1,124 @@
+"""The live venues' mappings on the examples of their public documentation, and the sequencer."""
+from __future__ import annotations
+
+import calendar
+
+import orjson
+import pytest
+
+from tradewatch.events import parse_trade
+from tradewatch.market import live
+from tradewatch.market.live import Unexpected, binance_symbol, binance_trade, coinbase_trade
+
+# Coinbase Exchange WebSocket docs, channel `matches`: the example `match` message
+COINBASE_MATCH = {"type": "match", "trade_id": 10, "sequence": 50,
+                  "maker_order_id": "ac928c66-ca53-498f-9c13-a110027a60e8",
+                  "taker_order_id": "132fb6ae-456b-4654-b4e0-d681ac05cea1", "time": "2014-11-07T08:19:27.028459Z",
+                  "product_id": "BTC-USD", "size": "5.23512", "price": "400.23", "side": "sell"}
+# Binance Spot WebSocket Streams docs, "Trade Streams": the example payload
+BINANCE_TRADE = {"e": "trade", "E": 1672515782136, "s": "BNBBTC", "t": 12345, "p": "0.001", "q": "100",
+                 "T": 1672515782136, "m": True, "M": True}
+
+
+def test_coinbase_match_maps_to_a_trade_with_the_takers_side():
+    item = coinbase_trade(COINBASE_MATCH)
+    trade = item.trade
+    assert (item.venue_symbol, item.sequence) == ("BTC-USD", 10)
+    assert trade.trade_id == "coinbase:BTC-USD:10" and trade.symbol == "BTC-USD" and trade.exchange == "COINBASE"
+    assert trade.timestamp_ms == calendar.timegm((2014, 11, 7, 8, 19, 27)) * 1000 + 28
+    assert (trade.price, trade.quantity) == (400.23, 5.23512)
+    assert trade.side == "buy", "the maker sold (an up-tick): the taker bought"
+    assert coinbase_trade({**COINBASE_MATCH, "side": "buy"}).trade.side == "sell"
+    assert coinbase_trade({**COINBASE_MATCH, "type": "last_match"}).trade == trade
+    # what the producer sends is a valid trade event for the consumer
+    assert parse_trade(trade.to_json_bytes(), sent_ms=trade.timestamp_ms) == trade
+
+
+def test_coinbase_control_messages_and_odd_shapes():
+    assert coinbase_trade({"type": "subscriptions", "channels": [{"name": "matches", "product_ids": ["BTC-USD"]}]}) is None
+    assert coinbase_trade({"type": "heartbeat", "sequence": 90, "last_trade_id": 20, "product_id": "BTC-USD",
+                           "time": "2014-11-07T08:19:28.464459Z"}) is None
+    for odd, kind in [({"type": "error", "message": "Failed to subscribe", "reason": "ETH-XYZ is not a valid product"},
+                       "error from the venue"),
+                      ({"type": "ticker", "product_id": "BTC-USD"}, "type 'ticker'"),
+                      ({**COINBASE_MATCH, "trade_id": "10"}, "malformed trade_id"),
+                      ({**COINBASE_MATCH, "side": "up"}, "malformed trade_id, side"),
+                      ({k: v for k, v in COINBASE_MATCH.items() if k != "price"}, "without a readable 'price'"),
+                      ({**COINBASE_MATCH, "price": "four hundred"}, "without a readable"),
+                      ({**COINBASE_MATCH, "time": "2014-11-07T08:19:27"}, "without a readable")]:
+        with pytest.raises(Unexpected, match=kind):
+            coinbase_trade(odd)
+
+
+def test_binance_trade_maps_to_a_trade_with_the_takers_side():
+    item = binance_trade(BINANCE_TRADE)
+    trade = item.trade
+    assert (item.venue_symbol, item.sequence) == ("BNBBTC", 12345)
+    assert trade.trade_id == "binance:BNBBTC:12345" and trade.symbol == "BNB-BTC" and trade.exchange == "BINANCE"
+    assert trade.timestamp_ms == 1672515782136 and (trade.price, trade.quantity) == (0.001, 100.0)
+    assert trade.side == "sell", "the buyer was the maker: the taker sold"
+    assert binance_trade({**BINANCE_TRADE, "m": False}).trade.side == "buy"
+    assert binance_trade({"stream": "bnbbtc@trade", "data": BINANCE_TRADE}).trade == trade   # combined streams
+    assert parse_trade(trade.to_json_bytes(), sent_ms=trade.timestamp_ms) == trade
+
+
+def test_binance_control_messages_and_odd_shapes():
+    assert binance_trade({"result": None, "id": 1}) is None
+    for odd, kind in [({"code": 2, "msg": "Invalid request: unknown variant"}, "error from the venue"),
+                      ({"e": "aggTrade", "s": "BNBBTC"}, "event 'aggTrade'"),
+                      ({**BINANCE_TRADE, "t": "12345"}, "malformed t"),
+                      ({**BINANCE_TRADE, "m": "true"}, "malformed"),
+                      ({**BINANCE_TRADE, "q": None}, "without a readable"),
+                      ({"result": ["x"], "id": 1}, "SUBSCRIBE answered")]:
+        with pytest.raises(Unexpected, match=kind):
+            binance_trade(odd)
+
+
+@pytest.mark.parametrize("venue_symbol, ours", [("BTCUSDT", "BTC-USDT"), ("ETHBTC", "ETH-BTC"), ("BTCFDUSD", "BTC-FDUSD"),
+                                                ("ethusdc", "ETH-USDC"), ("BTCEUR", "BTC-EUR"), ("USDT", "USDT")])
+def test_binance_symbols_in_our_form(venue_symbol, ours):
+    assert binance_symbol(venue_symbol) == ours
+
+
+def test_subscriptions_are_the_documented_messages():
+    assert orjson.loads(live.coinbase_subscribe(["BTC-USD", "ETH-USD"])[0]) == {
+        "type": "subscribe", "product_ids": ["BTC-USD", "ETH-USD"], "channels": ["matches", "heartbeat"]}
+    assert orjson.loads(live.binance_subscribe(["BTCUSDT", "ETHUSDT"])[0]) == {
+        "method": "SUBSCRIBE", "params": ["btcusdt@trade", "ethusdt@trade"], "id": 1}
+
+
+def test_sequencer_drops_repeats_and_reports_gaps_per_symbol():
+    sequencer = live.Sequencer("unit")
+    gaps, missing = live.GAPS.labels("unit", "BNBBTC"), live.MISSING.labels("unit", "BNBBTC")
+    before = (gaps._value.get(), missing._value.get(), live.DUPLICATES.labels("unit")._value.get())
+
+    def item(symbol: str, sequence: int):
+        return binance_trade({**BINANCE_TRADE, "s": symbol, "t": sequence})
+
+    admitted = [sequencer.admit(item(s, n)) for s, n in [("BNBBTC", 1), ("BNBBTC", 2), ("ETHBTC", 7), ("BNBBTC", 2),
+                                                         ("BNBBTC", 1), ("BNBBTC", 6), ("ETHBTC", 8), ("BNBBTC", 7)]]
+    assert admitted == [True, True, True, False, False, True, True, True]
+    after = (gaps._value.get(), missing._value.get(), live.DUPLICATES.labels("unit")._value.get())
+    assert [a - b for a, b in zip(after, before)] == [1, 3, 2]
+
+
+def test_replay_server_checks_subscriptions_and_stamps_trades_with_now():
+    import time
+
+    from tradewatch.market.replay_server import BadSubscription, ReplayServer, binance_accept, coinbase_accept
+
+    with pytest.raises(BadSubscription, match="<symbol>@trade"):
+        binance_accept({"method": "SUBSCRIBE", "params": ["bnbbtc@depth"], "id": 3})
+    with pytest.raises(BadSubscription, match="matches channel"):
+        coinbase_accept({"type": "subscribe", "product_ids": ["BTC-USD"], "channels": ["level2"]})
+    symbols, ack = binance_accept(orjson.loads(live.binance_subscribe(["BNBBTC"])[0]))
+    assert symbols == {"BNBBTC"} and orjson.loads(ack) == {"result": None, "id": 1}
+    symbols, ack = coinbase_accept(orjson.loads(live.coinbase_subscribe(["BTC-USD"])[0]))
+    assert symbols == {"BTC-USD"} and orjson.loads(ack)["type"] == "subscriptions"
+
+    server = ReplayServer("binance", [], now=True)
+    before = int(time.time() * 1000)
+    stamped = orjson.loads(server._for(orjson.dumps(BINANCE_TRADE).decode(), {"BNBBTC"}))
+    assert stamped["T"] >= before and stamped["E"] == stamped["T"] and stamped["t"] == BINANCE_TRADE["t"]
+    assert server._for(orjson.dumps(BINANCE_TRADE).decode(), {"ETHBTC"}) is None, "only subscribed symbols"
+    assert server._for("not json", {"BNBBTC"}) == "not json", "malformed frames go out as written"
