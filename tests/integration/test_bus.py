@@ -109,17 +109,21 @@ def test_kafka_python_member_that_stops_fetching_replaces_its_client(settings):
     consumer.close()
 
 
-def test_both_clients_put_a_key_on_the_partition_java_would(settings):
+def keyed_by_both_clients(settings, partitions: int, keys: list[bytes]) -> list:
+    """Each key sent once by each Kafka client to a new topic; what the topic then holds."""
     topic = f"keys-{uuid.uuid4().hex[:6]}"
-    bus.ensure_topic(settings, topic, 6)
-    keys = [f"SYM{i}".encode() for i in range(30)]
+    bus.ensure_topic(settings, topic, partitions)
     for client in bus.CLIENTS:
         publisher = bus.Publisher(settings, client=client)
         for key in keys:
             publisher.send(topic, key, client.encode())
         assert publisher.flush(30)
         publisher.close()
-    messages = bus.read_topic(settings, topic, lambda got: len(got) >= 60)
+    return bus.read_topic(settings, topic, lambda got: len(got) >= 2 * len(keys))
+
+
+def test_both_clients_put_a_key_on_the_partition_java_would(settings):
+    messages = keyed_by_both_clients(settings, 6, [f"SYM{i}".encode() for i in range(30)])
     assert len(messages) == 60
     assert all(m.partition == bus.murmur2_partition(m.key, 6) for m in messages)
 
@@ -127,17 +131,9 @@ def test_both_clients_put_a_key_on_the_partition_java_would(settings):
 def test_listed_symbols_are_spread_over_the_partitions_by_both_clients(settings):
     """PARTITION_SYMBOLS: the n-th listed symbol on partition n mod partitions (every consumer gets
     work); other keys where Kafka's murmur2 puts them."""
-    topic = f"spread-{uuid.uuid4().hex[:6]}"
-    bus.ensure_topic(settings, topic, 4)
     listed = settings.with_overrides(partition_symbols="AAPL, MSFT,JPM,TSLA,NVDA")
     keys = [b"AAPL", b"MSFT", b"JPM", b"TSLA", b"NVDA", b"SPY", b"IBM"]
-    for client in bus.CLIENTS:
-        publisher = bus.Publisher(listed, client=client)
-        for key in keys:
-            publisher.send(topic, key, client.encode())
-        assert publisher.flush(30)
-        publisher.close()
-    messages = bus.read_topic(settings, topic, lambda got: len(got) >= 14)
+    messages = keyed_by_both_clients(listed, 4, keys)
     placed = {(m.key, m.partition) for m in messages}
     assert len(messages) == 14 and len(placed) == len(keys), "one partition per key, for both clients"
     assert placed == {(b"AAPL", 0), (b"MSFT", 1), (b"JPM", 2), (b"TSLA", 3), (b"NVDA", 0),
