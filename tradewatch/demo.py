@@ -75,8 +75,15 @@ def stages(settings: Settings) -> list[Stage]:
     consumers = int(os.environ.get("CONSUMERS", "1"))      # CONSUMERS=3 make demo: a group of three
     commands = [(f"consumer-{i + 1}" if consumers > 1 else "consumer", [python, "consumer.py"])
                 for i in range(consumers)]
+    # DEMO_LIVE=coinbase|binance: real trades instead of the simulator (DEMO_LIVE_URL: another
+    # endpoint, e.g. a classroom's `python -m tradewatch.market.replay_server coinbase --loop`)
+    producer = [python, "producer.py", "--rate", rate, "--anomaly-rate", anomaly_rate]
+    if live := os.environ.get("DEMO_LIVE", "").strip():
+        producer = [python, "producer.py", "--live", live]
+        if url := os.environ.get("DEMO_LIVE_URL", "").strip():
+            producer += ["--url", url]
     commands += [
-        ("producer", [python, "producer.py", "--rate", rate, "--anomaly-rate", anomaly_rate]),
+        ("producer", producer),
         ("aggregator", [python, "aggregator.py"]),
         ("detector", [python, "anomaly_detector.py", "run"]),
         ("api", [python, "api.py"]),

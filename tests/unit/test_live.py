@@ -122,3 +122,39 @@ def test_replay_server_checks_subscriptions_and_stamps_trades_with_now():
     assert stamped["T"] >= before and stamped["E"] == stamped["T"] and stamped["t"] == BINANCE_TRADE["t"]
     assert server._for(orjson.dumps(BINANCE_TRADE).decode(), {"ETHBTC"}) is None, "only subscribed symbols"
     assert server._for("not json", {"BNBBTC"}) == "not json", "malformed frames go out as written"
+
+
+def test_replay_server_loop_goes_on_with_the_ids_where_the_sample_ended():
+    """--loop: the sample again and again, ids shifted by each symbol's span, so the client sees
+    neither repeats nor gaps at the seams (only the sample's own gap, once per pass)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tradewatch.config import PROJECT_ROOT
+    from tradewatch.market.live import VENUES, LiveFeed
+
+    started_ms = int(time.time() * 1000)
+    server = subprocess.Popen([sys.executable, "-m", "tradewatch.market.replay_server", "binance", "--port", "0",
+                               "--rate", "2000", "--loop"], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = server.stdout.readline().split()[-1]
+        done = threading.Event()
+        feed = LiveFeed(VENUES["binance"], ["BTCUSDT", "ETHUSDT"], url, stop=done.is_set, backoff_s=0.1)
+        gaps = live.GAPS.labels("binance", "ETHUSDT"), live.GAPS.labels("binance", "BTCUSDT")
+        before = sum(g._value.get() for g in gaps), live.DUPLICATES.labels("binance")._value.get()
+        trades = []
+        for trade in feed:                       # three passes of the sample's 295 trades
+            trades.append(trade)
+            if len(trades) == 3 * 295:
+                done.set()
+        after = sum(g._value.get() for g in gaps), live.DUPLICATES.labels("binance")._value.get()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert len({t.trade_id for t in trades}) == len(trades)
+    assert after[0] - before[0] == 3, "the sample's one gap in each pass, none at the seams"
+    assert after[1] - before[1] >= 1, "the repeats after the sample's dropped connection"
+    assert all(t.timestamp_ms >= started_ms for t in trades), "stamped with the time sent (--loop implies --now)"

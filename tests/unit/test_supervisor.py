@@ -42,3 +42,16 @@ def test_consumers_starts_a_group_of_consumer_processes(monkeypatch):
     assert all(commands[f"consumer-{i}"][-1] == "consumer.py" for i in (1, 2, 3))
     monkeypatch.setenv("CONSUMERS", "1")
     assert [s.name for s in stages(Settings())][0] == "consumer"
+
+
+def test_demo_live_runs_the_producer_on_a_live_feed(monkeypatch):
+    from tradewatch.config import Settings
+    from tradewatch.demo import stages
+
+    monkeypatch.setenv("DEMO_LIVE", "binance")
+    monkeypatch.setenv("DEMO_LIVE_URL", "ws://127.0.0.1:8765")
+    producer = {s.name: s.command for s in stages(Settings())}["producer"]
+    assert producer[1:] == ["producer.py", "--live", "binance", "--url", "ws://127.0.0.1:8765"]
+    monkeypatch.delenv("DEMO_LIVE")
+    producer = {s.name: s.command for s in stages(Settings())}["producer"]
+    assert "--live" not in producer and "--rate" in producer

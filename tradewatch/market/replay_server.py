@@ -12,8 +12,11 @@ there without a close frame, as a network failure does; the next connection resu
 messages before that point, so the client sees trades again that it must drop. Other connections
 start from the beginning. At the end of the sample the connection stays open: the server pings it
 every `--ping-interval` seconds (Binance: 20 s) and drops a client that does not answer in time, as
-the venues do; the first answer is logged ("the client answers pings").
-`--now` stamps each trade with the time it is sent, so the dashboard shows it as live.
+the venues do; the first answer is logged ("the client answers pings"). `--now` stamps each trade
+with the time it is sent, so the dashboard shows it as live; `--loop` repeats the sample without end
+(trade ids go on where the sample's ended; implies --now), for a lesson-long classroom demo:
+
+    python -m tradewatch.market.replay_server binance --loop --rate 20
 """
 from __future__ import annotations
 
@@ -83,17 +86,21 @@ class Speaks:
     accept: object
     symbol: object
     now: object
+    trade_id: str            # the field holding the venue's integer trade id
 
 
-VENUES = {"coinbase": Speaks(coinbase_accept, coinbase_symbol, coinbase_now),
-          "binance": Speaks(binance_accept, binance_symbol, binance_now)}
+VENUES = {"coinbase": Speaks(coinbase_accept, coinbase_symbol, coinbase_now, "trade_id"),
+          "binance": Speaks(binance_accept, binance_symbol, binance_now, "t")}
 
 
 class ReplayServer:
     def __init__(self, venue: str, lines: list[str], rate: float | None = 200.0, overlap: int = 3,
-                 now: bool = False, ping_interval: float = 20.0):
-        self.speaks, self.lines, self.rate, self.overlap, self.now = VENUES[venue], lines, rate, overlap, now
-        self.resume_at: int | None = None        # where the connection after a drop starts
+                 now: bool = False, ping_interval: float = 20.0, loop: bool = False):
+        self.speaks, self.lines, self.rate, self.overlap = VENUES[venue], lines, rate, overlap
+        self.now, self.loop = now or loop, loop
+        self.spans = self._id_spans() if loop else {}
+        self.resume_at: int | None = None        # where the connection after a drop starts (a position
+                                                 # over the repeated sample: pass × lines + line)
         self.dropped: set[int] = set()          # the `# disconnect` lines already acted on
         self.connections = 0
         self.ping_interval = ping_interval
@@ -109,20 +116,29 @@ class ReplayServer:
             return
         await connection.send(ack)
         start, self.resume_at = (self.resume_at or 0), None
-        for index in range(start, len(self.lines)):
+        position, sent_in_pass = start, 0
+        while self.lines and (self.loop or position < len(self.lines)):
+            repeat, index = divmod(position, len(self.lines))
+            position += 1
+            if self.loop and index == len(self.lines) - 1:
+                if repeat and not sent_in_pass:
+                    break                         # nothing in the sample for these symbols
+                sent_in_pass = 0
+                await asyncio.sleep(0)
             line = self.lines[index]
             if line == DISCONNECT:
                 if index in self.dropped:
                     continue
                 self.dropped.add(index)
-                self.resume_at = max(start, index - self.overlap)
+                self.resume_at = max(start, position - 1 - self.overlap)
                 log.info("dropping the connection at line %d (the next one resumes at %d)", index, self.resume_at)
                 connection.transport.abort()
                 return
-            line = self._for(line, symbols)
+            line = self._for(line, symbols, repeat)
             if line is None:
                 continue
             await connection.send(line)
+            sent_in_pass += 1
             if self.rate:
                 await asyncio.sleep(1 / self.rate)
         while True:                               # the end of the sample: keep-alive pings only
@@ -135,8 +151,24 @@ class ReplayServer:
                     await connection.wait_closed()
                     return
 
-    def _for(self, line: str, symbols: set[str]) -> str | None:
-        """The line to send to a client subscribed to `symbols` (None: not its symbol)."""
+    def _id_spans(self) -> dict[str, int]:
+        """Per symbol, how far its trade ids reach in the sample: a repeat shifts them by as much,
+        so the ids of the next pass go on where the sample's ended."""
+        low: dict[str, int] = {}
+        high: dict[str, int] = {}
+        for line in self.lines:
+            try:
+                message = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(message, dict) and isinstance(message.get(self.speaks.trade_id), int):
+                symbol, trade_id = self.speaks.symbol(message), message[self.speaks.trade_id]
+                low[symbol], high[symbol] = min(low.get(symbol, trade_id), trade_id), max(high.get(symbol, trade_id), trade_id)
+        return {symbol: high[symbol] - low[symbol] + 1 for symbol in low}
+
+    def _for(self, line: str, symbols: set[str], repeat: int = 0) -> str | None:
+        """The line to send to a client subscribed to `symbols` (None: not its symbol), in the
+        sample's `repeat`-th pass (--loop)."""
         try:
             message = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -146,6 +178,8 @@ class ReplayServer:
         symbol = self.speaks.symbol(message)
         if symbol is not None and symbol.upper() not in symbols:
             return None
+        if repeat and isinstance(message.get(self.speaks.trade_id), int):
+            message[self.speaks.trade_id] += repeat * self.spans.get(symbol, 0)
         if self.now:
             self.speaks.now(message, int(time.time() * 1000))
             return orjson.dumps(message).decode()
@@ -174,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", default="200", help="messages per second, or 'max' (default 200)")
     parser.add_argument("--overlap", type=int, default=3, help="messages sent again after a drop (default 3)")
     parser.add_argument("--now", action="store_true", help="stamp each trade with the time it is sent")
+    parser.add_argument("--loop", action="store_true",
+                        help="repeat the sample forever, trade ids going on where it ended (implies --now)")
     parser.add_argument("--ping-interval", type=float, default=20.0,
                         help="seconds between keep-alive pings; no answer within as long drops the client (20)")
     args = parser.parse_args(argv)
@@ -185,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    server = ReplayServer(args.venue, lines, rate, args.overlap, args.now, args.ping_interval)
+    server = ReplayServer(args.venue, lines, rate, args.overlap, args.now, args.ping_interval, args.loop)
     try:
         asyncio.run(serve(server, args.host, args.port, ready=lambda text: print(text, flush=True)))
     except KeyboardInterrupt:
