@@ -12,7 +12,7 @@ from tradewatch.cli import StopFlag, setup_logging
 from tradewatch.config import Settings
 from tradewatch.events import Trade
 from tradewatch.market import replay
-from tradewatch.market.live import VENUES, LiveFeed
+from tradewatch.market.live import VENUES, FeedFailed, LiveFeed
 from tradewatch.market.simulator import DEFAULT_SYMBOLS, MarketSimulator
 from tradewatch.publish import PublishStats, publish
 
@@ -132,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sent {stats.sent:,} trades ({stats.rate:,.0f}/s)"
               + (f", injected {stats.injected}" if stats.injected else ""), file=sys.stderr, flush=True)
 
-    stats = publish(send, trades, speed=speed, count=args.count, duration_s=args.duration,
-                    stop=stop, progress=progress)
+    try:
+        stats = publish(send, trades, speed=speed, count=args.count, duration_s=args.duration,
+                        stop=stop, progress=progress)
+    except FeedFailed as error:
+        publisher.flush()
+        publisher.close()
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     publisher.flush()
     publisher.close()
     print(f"done: sent {stats.sent:,} trades in {stats.elapsed_s:.1f}s ({stats.rate:,.0f}/s)"

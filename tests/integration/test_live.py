@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 import re
 import signal
 import socket
@@ -130,3 +131,12 @@ def test_live_feed_through_a_dropped_connection_stores_every_trade_once(settings
     assert log.count("unexpected shape") == 2 and "connection lost" in log and "reconnecting in" in log
     consumer.send_signal(signal.SIGTERM)
     assert consumer.wait(timeout=30) == 0
+
+
+def test_a_url_that_is_no_websocket_ends_the_producer_with_the_reason(settings):
+    result = subprocess.run([sys.executable, "producer.py", "--live", "binance", "--url", "http://127.0.0.1:1/"],
+                            cwd=PROJECT_ROOT, env={**os.environ, **settings.as_env(), "PRODUCER_METRICS_PORT": "0"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "error: http://127.0.0.1:1/ is not a WebSocket URL" in result.stderr
+    assert "Traceback" not in result.stderr

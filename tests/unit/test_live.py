@@ -158,3 +158,13 @@ def test_replay_server_loop_goes_on_with_the_ids_where_the_sample_ended():
     assert after[0] - before[0] == 3, "the sample's one gap in each pass, none at the seams"
     assert after[1] - before[1] >= 1, "the repeats after the sample's dropped connection"
     assert all(t.timestamp_ms >= started_ms for t in trades), "stamped with the time sent (--loop implies --now)"
+
+
+def test_a_feed_that_cannot_go_on_ends_loudly():
+    """An endpoint that is no WebSocket URL is not retried for ever in silence: iterating raises
+    with the reason (producer.py prints it and exits 1)."""
+    from tradewatch.market.live import VENUES, FeedFailed, LiveFeed
+
+    feed = LiveFeed(VENUES["coinbase"], ["BTC-USD"], "http://127.0.0.1:1/")
+    with pytest.raises(FeedFailed, match="is not a WebSocket URL"):
+        next(iter(feed))

@@ -33,6 +33,10 @@ log = logging.getLogger("tradewatch.live")
 
 
 
+class FeedFailed(RuntimeError):
+    """The feed cannot go on (an endpoint that is no WebSocket URL, or a fault in the client)."""
+
+
 class Unexpected(ValueError):
     """A message this adapter does not understand; `kind` names it for a log-once rule."""
 
@@ -190,6 +194,7 @@ class LiveFeed:
         self._logged: set[str] = set()
         self._thread = threading.Thread(target=self._run, name=f"live-{venue.name}", daemon=True)
         self._started = False
+        self._failed: str | None = None
 
     def __iter__(self) -> Iterator[Trade]:
         if not self._started:
@@ -199,10 +204,20 @@ class LiveFeed:
             try:
                 yield self._queue.get(timeout=0.2)
             except queue.Empty:
-                continue
+                if self._failed:
+                    raise FeedFailed(self._failed)
 
     def _run(self) -> None:
-        asyncio.run(self._connect_forever())
+        """The client's thread. A fault that reconnecting cannot cure ends the feed loudly: the
+        iterator raises, so producer.py exits with the reason (and `make demo` restarts it)."""
+        from websockets.exceptions import InvalidURI
+        try:
+            asyncio.run(self._connect_forever())
+        except InvalidURI as error:
+            self._failed = f"{self.url} is not a WebSocket URL (ws:// or wss://): {error}"
+        except Exception as error:       # noqa: BLE001 - reported through the iterator
+            log.exception("%s: the live feed failed", self.venue.name)
+            self._failed = f"the {self.venue.name} feed failed: {type(error).__name__}: {error}"
 
     async def _connect_forever(self) -> None:
         import websockets
@@ -223,6 +238,8 @@ class LiveFeed:
                         received = True
                         self._take(text)
                     return
+            except websockets.exceptions.InvalidURI:
+                raise
             except (OSError, asyncio.TimeoutError, websockets.WebSocketException) as error:
                 reason = f"{type(error).__name__}: {error}"
             if self.stop():
