@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -126,7 +127,42 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:      # noqa: BLE001 - already ended, or the cluster is gone
             log.warning("could not cancel Flink job %s: %s", client.get_job_id(), error)
         log.info("stopped")
+    finally:
+        stop_gateway()
     return 0
+
+
+def stop_gateway(timeout_s: float = 30.0) -> None:
+    """End PyFlink's gateway JVM (our child) before we end. It would exit by itself once our end
+    of its stdin closes, but only after its shutdown hooks: seconds in which a restarted
+    flink_job.py would run beside a JVM that still holds the old mini-cluster."""
+    me = os.getpid()
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                children.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    for pid in children:
+        while True:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    break
+            except ChildProcessError:       # already reaped
+                break
+            if time.monotonic() > deadline:
+                log.warning("the Flink gateway JVM (pid %d) did not stop within %.0fs; killing it", pid, timeout_s)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.1)
 
 
 def _interrupt(_signum, _frame) -> None:

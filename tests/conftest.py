@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import processes
 from tradewatch.config import PROJECT_ROOT, Settings, shared_data_dir
 
 SHARED_DATA = shared_data_dir()
@@ -77,6 +78,8 @@ def run_script(settings: Settings, script: str, *args: str, timeout: float = 300
 
 
 _STARTED: list[subprocess.Popen] = []
+# The one session fixture that may keep processes beyond a module: the suite's Kafka and PostgreSQL.
+GUARD = processes.Guard(session_owners={"services"})
 
 
 def start_script(settings: Settings, script: str, *args: str, log: Path | None = None,
@@ -89,17 +92,27 @@ def start_script(settings: Settings, script: str, *args: str, log: Path | None =
     return process
 
 
+def pytest_configure(config):
+    # a plugin, not conftest hooks: those never see session fixtures (their node is above tests/)
+    config.pluginmanager.register(GUARD, "tradewatch-process-guard")
+
+
 @pytest.fixture(autouse=True)
 def no_process_outlives_its_test():
-    """A failed test must not leave stages running that write into the next test's tables.
-    (Processes of session fixtures, started before the test began, are theirs to stop.)"""
+    """Stages a test started with start_script are stopped when it ends (a failed test must not
+    leave stages writing into the next test's tables). Any other process the test started and
+    left running (a child of a killed stage, a server started by hand) fails the test loudly."""
     mark = len(_STARTED)
+    before = set(processes.ours())
     yield
-    while len(_STARTED) > mark:
-        process = _STARTED.pop()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    started, _STARTED[mark:] = _STARTED[mark:], []
+    processes.stop_trees([p.pid for p in started if p.poll() is None])
+    for process in started:
+        process.wait()
+    running = processes.ours()
+    left = [p for pid, p in running.items() if pid not in before and GUARD.owners.owner(p, running) is None]
+    if left:
+        pytest.fail(processes.leftovers(left, "the test that started them"))
 
 
 def wait_for(condition, timeout: float = 60, interval: float = 0.2, message: str = "condition"):

@@ -31,7 +31,7 @@ logging.getLogger("tradewatch.librdkafka").setLevel(logging.CRITICAL)
 CLIENTS = ("confluent", "kafka-python")
 BEGINNING = -2          # a start offset meaning "the oldest record kept" (librdkafka's OFFSET_BEGINNING)
 SESSION_TIMEOUT_MS = 10_000
-CLOSE_TIMEOUT_S = 5.0      # leaving the group; longer only when Kafka is unreachable
+CLOSE_TIMEOUT_S = 5.0      # leaving the group (not waited for while Kafka is known to be away)
 
 # on_assign(partitions) may return start offsets: {partition: offset}; a partition it leaves out
 # (or maps to None) starts at the group's committed offset, or at the beginning without one.
@@ -302,9 +302,10 @@ class _ConfluentConsumer(BusConsumer):
         if not offsets:
             return
         from confluent_kafka import KafkaException
-        if self._outage.down_since is not None:
-            # It cannot succeed, and a queued commit would hold up close() until it times out; the
-            # effects are stored, so a re-delivery is harmless and the next commit supersedes this.
+        if self._outage.down_since is not None or (wait and not kafka_reachable(self._outage.settings, 0.5)):
+            # It cannot succeed, and a waited commit blocks (without looking at a stop) until the
+            # coordinator answers, a queued one holds up close(); the effects are stored, so a
+            # re-delivery is harmless and the next commit supersedes this one.
             raise KafkaUnavailable("offset commit skipped: Kafka is unreachable")
         try:
             self._consumer.commit(offsets=[self._TopicPartition(self.topic, p, o) for p, o in offsets.items()],
@@ -338,13 +339,15 @@ class _ConfluentConsumer(BusConsumer):
         # Leaves the group at once (no session-timeout wait for the others); nothing is committed.
         # librdkafka's close waits for a commit still in flight, up to socket.timeout.ms (60 s) when
         # the broker is gone, so it runs on a thread the stop does not wait for past CLOSE_TIMEOUT_S.
+        # While Kafka is away (known, or no node answers a TCP probe) nobody can confirm: no waiting.
+        away = self._outage.down_since is not None or not kafka_reachable(self._outage.settings, 0.5)
         closing = threading.Thread(target=self._consumer.close, name="kafka-close", daemon=True)
         closing.start()
-        closing.join(CLOSE_TIMEOUT_S)
+        closing.join(0.5 if away else CLOSE_TIMEOUT_S)
         if closing.is_alive():
-            log.warning("group %s: Kafka did not confirm leaving the group within %.0fs (%s); stopping anyway,"
+            log.warning("group %s: Kafka did not confirm leaving the group (%s); stopping anyway,"
                         " the group reassigns the partitions after its session timeout", self.group_id,
-                        CLOSE_TIMEOUT_S, "unreachable" if self._outage.down_since is not None else "slow")
+                        "unreachable" if away else f"slow: more than {CLOSE_TIMEOUT_S:.0f}s")
 
 
 class _KafkaPythonConsumer(BusConsumer):
@@ -655,12 +658,15 @@ class Publisher:
             self._outage.check(True)
 
     def _partition_count(self, topic: str) -> int:
+        """The topic's partition count, waited for in one-second asks that each look at the stop
+        (while Kafka is away nobody can say it); 0 when asked to stop first."""
         count = self._partitions.get(topic)
+        warned = False
         while not count:
             if self.client == "confluent":
                 from confluent_kafka import KafkaException
                 try:
-                    described = self._producer.list_topics(topic, timeout=5).topics.get(topic)
+                    described = self._producer.list_topics(topic, timeout=1.0).topics.get(topic)
                     count = len(described.partitions) if described and described.error is None else 0
                 except KafkaException:
                     count = 0
@@ -669,8 +675,10 @@ class Publisher:
             if not count:
                 if self._stop():
                     return 0
-                log.warning("topic %s: its partitions are not known yet; waiting", topic)
-                time.sleep(1.0)
+                if not warned:
+                    log.warning("topic %s: its partitions are not known yet; waiting", topic)
+                    warned = True
+                time.sleep(0.2)
         self._partitions[topic] = count
         return count
 
@@ -725,16 +733,19 @@ class Publisher:
         if self.client != "confluent":
             self._producer.flush(timeout=timeout_s)
             return True
-        while self._producer.flush(1.0) > 0:
-            if self._stop() or (deadline is not None and time.monotonic() > deadline):
+        while True:
+            wait_s = 1.0 if deadline is None else max(min(1.0, deadline - time.monotonic()), 0.0)
+            if self._producer.flush(wait_s) == 0:
+                return True
+            if self._stop() or (deadline is not None and time.monotonic() >= deadline):
                 return False
-        return True
 
     def close(self, timeout_s: float = 3.0) -> None:
         """Wait up to `timeout_s` for queued messages (a stopping stage must not hang on a dead
         broker; the detector's outbox sends whatever was not acknowledged again)."""
         if self.client == "confluent":
-            self.flush(timeout_s)
+            away = self._outage.down_since is not None or not kafka_reachable(self._settings, 0.5)
+            self.flush(0 if away else timeout_s)     # Kafka away: nobody to wait for
         else:
             self._producer.close()
 

@@ -152,12 +152,13 @@ class Detect(runtime.Stage):
         while True:
             alerts = rt.transaction(lambda _conn, cur: store.unpublished_alerts(cur, OUTBOX_BATCH))
             for alert in alerts:
+                if not rt.publisher.send(self.settings.alerts_topic, alert.symbol.encode(), alert.to_json_bytes()):
+                    return      # asked to stop while Kafka was away: they stay in the outbox
                 log.warning("ALERT %s", alert.message)
-                rt.publisher.send(self.settings.alerts_topic, alert.symbol.encode(), alert.to_json_bytes())
                 if self.webhook:
                     self.webhook.send(alert)
             if alerts and not rt.publisher.flush():
-                return          # asked to stop while Kafka was away: they stay in the outbox
+                return          # the same: unacknowledged alerts stay unpublished
             if alerts:
                 rt.transaction(lambda _conn, cur: store.mark_published(cur, [a.alert_id for a in alerts]))
             self.alerts_sent += len(alerts)

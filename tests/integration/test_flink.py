@@ -1,5 +1,5 @@
 """flink_job.sql on a real Kafka topic and real PostgreSQL: its 1-minute windows equal aggregator.py's.
-All Flink tests share one running job (one JVM start): the `flink` session fixture."""
+The tests of this module share one running job (one JVM start): the `flink` module fixture."""
 from __future__ import annotations
 
 import signal
@@ -16,7 +16,7 @@ COLUMNS = ("open, high, low, close, volume, traded_value, vwap, trade_count, avg
            "sum_price, avg_quantity, min_quantity, max_quantity, sum_quantity, buy_volume, sell_volume")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def flink(services, tmp_path_factory):
     tag = uuid.uuid4().hex[:6]
     settings = services.with_overrides(trades_topic=f"flink-{tag}", flink_group=f"flink-{tag}",
