@@ -6,13 +6,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 JARS := .tradewatch/jars
 
-.PHONY: demo test services doctor stop status bench setup venv jars browser compose flink-cluster flink-stop clean
+.PHONY: demo test services doctor stop status bench setup venv jars system flink-cluster flink-stop clean
 
 demo: setup                 ## the whole pipeline + dashboard; Ctrl-C stops everything it started
 	$(PY) -m tradewatch.demo
 
-test: setup browser compose ## the full test suite (starts and stops its own services)
-	$(PY) -m pytest
+TEST_WORKERS ?= 2
+test:                       ## the full test suite (starts and stops its own services)
+	@$(MAKE) --no-print-directory -j 3 venv jars system    # downloads side by side
+	@# on TEST_WORKERS workers, each with Kafka and PostgreSQL of its own, longest modules first;
+	@# then the tests whose timing budget is a promise to users, with nothing else running
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not alone"
+	$(PY) -m pytest -m alone
 
 services: setup             ## start Kafka (KAFKA_BROKERS nodes) and PostgreSQL (harmless when running)
 	$(PY) -m tradewatch.stack start
@@ -32,7 +37,7 @@ stop:                       ## stop Kafka and PostgreSQL
 status:
 	$(PY) -m tradewatch.stack status
 
-bench: setup browser        ## benchmarks; each prints JSON
+bench: setup system         ## benchmarks; each prints JSON
 	cd bench && ../$(PY) peer.py && ../$(PY) pipeline.py && ../$(PY) ingest.py && ../$(PY) aggregate.py && ../$(PY) detect.py && ../$(PY) dashboard.py && ../$(PY) api.py && ../$(PY) report.py && ../$(PY) scale.py && ../$(PY) flink.py && ../$(PY) demo_start.py
 
 setup: venv jars
@@ -51,15 +56,12 @@ $(JARS)/.fetched: infra/pom.xml
 	mvn -q -B -f infra/pom.xml -P flink dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(JARS)/flink
 	touch $@
 
-browser:                    ## headless Chromium for the dashboard's browser test (Debian package)
-	@command -v chromium >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium is missing: sudo apt-get install chromium (needed by tests/e2e)"; exit 1; fi; }
-
-compose:                    ## Debian's docker-compose: validates docker-compose.yml without an engine (tests)
-	@command -v docker-compose >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
-	  else echo "docker-compose is missing: sudo apt-get install docker-compose (needed by tests/unit/test_config.py)"; exit 1; fi; }
+system:                     ## Debian packages the tests need: chromium (browser tests), docker-compose (checks docker-compose.yml without an engine)
+	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing — sudo apt-get install$$missing (needed by the tests)"; exit 1; fi; fi
 
 clean: stop                 ## remove local data (keeps the venv and jars)
-	rm -rf .tradewatch/demo .tradewatch/test .tradewatch/test-kafka3 .tradewatch/e2e-* .tradewatch/bench
+	rm -rf .tradewatch/demo .tradewatch/test .tradewatch/test-gw* .tradewatch/test-kafka3 .tradewatch/e2e-* .tradewatch/bench

@@ -1,6 +1,7 @@
 """Shared fixtures. Integration tests run against a real Kafka broker and PostgreSQL server that
-this suite starts on its own ports and data directory (.tradewatch/test), so a running demo is
-never touched. Set TRADEWATCH_KEEP_SERVICES=1 to leave them running after the suite."""
+this suite starts on its own ports and data directory (.tradewatch/test, one per xdist worker), so
+a running demo is never touched. Set TRADEWATCH_KEEP_SERVICES=1 to leave them running after the
+suite."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,39 @@ from tradewatch.config import PROJECT_ROOT, Settings, shared_data_dir
 SHARED_DATA = shared_data_dir()
 
 
+# Measured seconds of the longest modules (make test, two workers). Longest first is how two
+# workers finish together (`--no-loadscope-reorder` keeps this order); a module not listed goes
+# after them in its usual place. A stale number costs balance, never a test.
+EXPECTED_SECONDS = {
+    "tests/integration/test_ingest.py": 180, "tests/integration/test_flink_cluster.py": 150,
+    "tests/integration/test_flink.py": 125, "tests/integration/test_kafka_cluster.py": 95,
+    "tests/integration/test_commit_protocol.py": 85, "tests/integration/test_report.py": 85,
+    "tests/integration/test_chaos.py": 70, "tests/integration/test_aggregator.py": 70,
+    "tests/integration/test_api.py": 60, "tests/integration/test_fuzz.py": 50, "tests/e2e/test_browser.py": 50,
+    "tests/integration/test_bus.py": 40, "tests/integration/test_detector.py": 40, "tests/unit/test_detect.py": 35,
+}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -EXPECTED_SECONDS.get(item.nodeid.split("::")[0], 0))   # stable
+
+
+def worker_index() -> int:
+    """0, 1, … for pytest-xdist's workers gw0, gw1, … (make test runs two); 0 without xdist."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+
+
 def make_test_settings() -> Settings:
+    """Each xdist worker has services of its own (ports 1000 apart, its own data folder), so a test
+    that stops Kafka or PostgreSQL never touches the other worker's tests."""
+    n = worker_index()
     return Settings.load(
-        tradewatch_home=".tradewatch/test",
-        kafka_bootstrap_servers="127.0.0.1:29092",
-        kafka_controller_port=29093,
-        postgres_port=25432,
+        tradewatch_home=".tradewatch/test" + (f"-gw{n}" if n else ""),
+        kafka_bootstrap_servers=f"127.0.0.1:{29092 + 1000 * n}",
+        kafka_controller_port=29093 + 1000 * n,
+        postgres_port=25432 + 1000 * n,
+        consumer_metrics_port=9101 + 300 * n, aggregator_metrics_port=9102 + 300 * n,
+        detector_metrics_port=9103 + 300 * n, producer_metrics_port=9104 + 300 * n,
         trades_partitions=6,
     )
 
@@ -97,6 +126,16 @@ def pytest_configure(config):
     config.pluginmanager.register(GUARD, "tradewatch-process-guard")
 
 
+@contextmanager
+def started_for(fixture: str, scope: str = "module"):
+    """Processes started inside belong to `fixture` (e.g. a TaskManager a test restarts in the
+    module's cluster), which stops them at its teardown, not to the test."""
+    before = set(processes.ours())
+    yield
+    started = [p for pid, p in processes.ours().items() if pid not in before]
+    GUARD.owners.claim(started, processes.Guard.owner_label(fixture, scope))
+
+
 @pytest.fixture(autouse=True)
 def no_process_outlives_its_test():
     """Stages a test started with start_script are stopped when it ends (a failed test must not
@@ -123,6 +162,22 @@ def wait_for(condition, timeout: float = 60, interval: float = 0.2, message: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def wait_for_progress(measure, target: int, stalled_after: float = 60, interval: float = 0.2,
+                      message: str = "progress", details=lambda: "") -> int:
+    """Wait until `measure()` reaches `target` for as long as it keeps growing: fails only when it
+    has not moved for `stalled_after` seconds (a stall), not after a fixed time that a loaded
+    machine may need (the rate is not this test's to control). `details()` goes into the failure."""
+    value, moved_at = measure(), time.monotonic()
+    while value < target:
+        time.sleep(interval)
+        now_value = measure()
+        if now_value > value:
+            value, moved_at = now_value, time.monotonic()
+        elif time.monotonic() - moved_at > stalled_after:
+            raise AssertionError(f"{message}: stalled at {value} of {target} for {stalled_after:.0f}s\n{details()}")
+    return value
 
 
 def query(settings: Settings, sql: str, params: tuple = ()) -> list[tuple]:

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 SESSION_MARK = "TRADEWATCH_TEST_SESSION"
-MARK = f"{SESSION_MARK}={os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)}".encode()
+# One mark per pytest process: each xdist worker (and a pytester run) guards only its own.
+os.environ[SESSION_MARK] = uuid.uuid4().hex
+MARK = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,11 @@ class Guard:
         self.session_owners = session_owners   # session fixtures allowed to keep processes running
 
     @staticmethod
-    def _owner(fixturedef) -> str:
-        return f"fixture {fixturedef.argname!r} ({fixturedef.scope} scope)"
+    def owner_label(name: str, scope: str) -> str:
+        return f"fixture {name!r} ({scope} scope)"
+
+    def _owner(self, fixturedef) -> str:
+        return self.owner_label(fixturedef.argname, fixturedef.scope)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef, request):

@@ -60,7 +60,7 @@ def serve_dashboard(settings, tmp_path):
 
 @pytest.mark.browser
 def test_dashboard_renders_charts_and_reacts_to_controls(settings, dashboard, tmp_path):
-    assert os.path.exists(CHROMIUM), "chromium missing: `make browser` installs it"
+    assert os.path.exists(CHROMIUM), "chromium missing: `make system` installs it"
     trades = query(settings, "SELECT count(*) FROM trades")[0][0]
     with sync_playwright() as p:
         browser = launch(p)

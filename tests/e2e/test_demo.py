@@ -3,7 +3,12 @@ PostgreSQL and every stage; a real headless Chromium must see trades, candles, a
 an alert and a green health strip within 60 s; Ctrl-C (SIGINT to the process group) must leave no
 process behind within 10 s. The brand-new broker (no `__consumer_offsets` yet) and stages that start
 together are exactly the start-up a new user gets. A second test kills stages with SIGKILL and
-checks that the supervisor brings them back and nothing is lost or doubled."""
+checks that the supervisor brings them back and nothing is lost or doubled.
+
+The first-anomaly budget is the product's promise on a machine doing nothing else (what a student's
+laptop is), so these tests are marked `alone`: `make test` runs them after the parallel part of the
+suite, with nothing beside them (on a 2-core machine a Flink test beside a fresh demo doubled its
+start: 54 s of the 60)."""
 from __future__ import annotations
 
 import os
@@ -32,6 +37,7 @@ def browser_page():
 
 
 @pytest.mark.browser
+@pytest.mark.alone
 @pytest.mark.parametrize("attempt", [1, 2, 3])
 def test_fresh_demo_shows_an_anomaly_within_a_minute_and_stops_cleanly(attempt, browser_page):
     demo = Demo(f"fresh{attempt}")
@@ -56,6 +62,7 @@ def test_fresh_demo_shows_an_anomaly_within_a_minute_and_stops_cleanly(attempt, 
 
 
 @pytest.mark.browser
+@pytest.mark.alone
 def test_killed_stages_are_restarted_and_nothing_is_lost_or_doubled(browser_page):
     demo = Demo("kill")
     demo.start()

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import SHARED_DATA, query, start_script, wait_for
+from tests.conftest import SHARED_DATA, query, start_script, started_for, wait_for
 from tests.integration.test_flink import assert_same_windows, folded, rows
 from tradewatch import bus, flink_cluster
 
@@ -60,7 +60,8 @@ def test_ibm_day_on_two_taskmanagers_survives_a_killed_taskmanager(cluster, tmp_
         os.kill(victim, signal.SIGKILL)
         written = len(rows(settings, "flink_metrics", "IBM"))
         assert written < 452, "killed mid-replay"
-        flink_cluster.start_taskmanager(settings)         # a TaskManager comes back, as a supervisor would
+        with started_for("cluster"):
+            flink_cluster.start_taskmanager(settings)     # a TaskManager comes back, as a supervisor would
         assert producer.wait(timeout=180) == 0
         wait_for(lambda: len(rows(settings, "flink_metrics", "IBM")) == 452, timeout=300,
                  message="every closed IBM minute from the cluster")

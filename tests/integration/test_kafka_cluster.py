@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from tests.conftest import fresh_settings, query, start_script, wait_for
+from tests.conftest import fresh_settings, query, start_script, wait_for, wait_for_progress
 from tradewatch import bus, doctor, stack
 
-N = 400_000
+N = 200_000
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,11 @@ def test_full_speed_replay_survives_a_killed_and_restarted_broker(cluster, tmp_p
 
     producer = start_script(settings, "producer.py", "--count", str(N), "--rate", "max", "--seed", "41",
                             log=tmp_path / "producer.log")
-    sent_at_kill = wait_for(lambda: produced(settings) >= N // 4 and produced(settings), timeout=120, interval=0.05,
-                            message="a quarter of the replay sent")
+    # the producer's pace is the machine's (a loaded 2-core machine runs three brokers, three stages
+    # and the producer): wait while it makes progress, not for a fixed time
+    sent_at_kill = wait_for_progress(lambda: produced(settings), N // 4, interval=0.05,
+                                     message="a quarter of the replay acknowledged by the cluster",
+                                     details=lambda: (tmp_path / "producer.log").read_text()[-2000:])
     victim = layout[0][0]                  # the leader of partition 0 (and maybe the active controller)
     ends = {p: end for p, (_, end) in bus.group_lag(settings, settings.consumer_group, settings.trades_topic).items()
             if end > 0}
@@ -103,17 +106,19 @@ def test_full_speed_replay_survives_a_killed_and_restarted_broker(cluster, tmp_p
     # on two nodes every partition goes on: leaders move, writes with acks=all reach the 2 in sync
     stored_after, folded_after = resumed(settings, ends, killed_at)
     assert victim not in stack.kafka_pids(settings), "the killed node stayed down meanwhile"
-    checks = {check.name: check for check in doctor.check_kafka(settings)}
-    assert checks["Kafka"].ok and not checks["Kafka nodes"].ok, "doctor says a node is missing"
+    # the controller unregisters the node after broker.session.timeout.ms (9 s): then doctor says so
+    checks = wait_for(lambda: (c := {check.name: check for check in doctor.check_kafka(settings)})
+                      and not c["Kafka nodes"].ok and c, timeout=60, message="doctor to say a node is missing")
+    assert checks["Kafka"].ok, checks
     assert "; 1 of 3 nodes down" in stack.status(settings)["kafka"]
 
     stack.start_kafka(settings)            # starts only the missing node
     down_for = time.monotonic() - killed_at
-    assert producer.wait(timeout=300) == 0, (tmp_path / "producer.log").read_text()[-3000:]
-    wait_for(lambda: query(settings, "SELECT count(*) FROM trades")[0][0] == N, timeout=300,
-             message=f"{N} trades stored")
-    wait_for(lambda: sum(per_partition(settings)[1].values()) == N, timeout=300,
-             message=f"{N} trades folded by the aggregator")
+    producer_log = lambda: (tmp_path / "producer.log").read_text()[-3000:]  # noqa: E731
+    wait_for_progress(lambda: produced(settings), N, message="the replay acknowledged", details=producer_log)
+    assert producer.wait(timeout=60) == 0, producer_log()
+    wait_for_progress(lambda: query(settings, "SELECT count(*) FROM trades")[0][0], N, message="trades stored")
+    wait_for_progress(lambda: sum(per_partition(settings)[1].values()), N, message="trades folded by the aggregator")
     wait_for(lambda: all(isr == r for _, r, isr in replicas(settings).values()), timeout=120,
              message="the restarted node back in sync on every partition")
     checks = {check.name: check for check in doctor.check_kafka(settings)}

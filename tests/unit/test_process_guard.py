@@ -16,18 +16,18 @@ import pytest
 
 @pytest.fixture(scope="module")
 def leaky_module():
-    yield subprocess.Popen(["sleep", "301"])          # never stopped
+    yield subprocess.Popen(["sleep", "86401"])          # never stopped
 
 @pytest.fixture(scope="module")
 def tidy_module():
-    process = subprocess.Popen(["sleep", "302"])
+    process = subprocess.Popen(["sleep", "86402"])
     yield process
     process.kill()
     process.wait()
 
 @pytest.fixture(scope="session")
 def session_job():
-    process = subprocess.Popen(["sleep", "303"])      # would outlive every later module
+    process = subprocess.Popen(["sleep", "86403"])      # would outlive every later module
     yield process
     process.kill()
     process.wait()
@@ -39,10 +39,10 @@ def test_module_fixture(leaky_module):
     assert leaky_module.poll() is None
 
 def test_left_running():
-    subprocess.Popen(["sleep", "304"])
+    subprocess.Popen(["sleep", "86404"])
 
 def test_orphan():
-    subprocess.run(["bash", "-c", "sleep 305 & exit 0"], check=True)
+    subprocess.run(["bash", "-c", "sleep 86405 & exit 0"], check=True)
 
 def test_session_fixture(session_job):
     pass
@@ -57,14 +57,13 @@ def sleeps_running() -> list[str]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if command.startswith("sleep 30") and state != "Z":
+        if command.startswith("sleep 8640") and state != "Z":
             found.append(command)
     return found
 
 
 def test_every_leaked_process_fails_the_run_and_is_killed(pytester, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(PROJECT_ROOT))
-    monkeypatch.delenv(processes.SESSION_MARK)      # the inner run's processes are its own, not ours
     pytester.makeconftest("from tests import processes\n"
                           "def pytest_configure(config):\n"
                           "    config.pluginmanager.register(processes.Guard(session_owners=set()))\n"
@@ -73,8 +72,8 @@ def test_every_leaked_process_fails_the_run_and_is_killed(pytester, monkeypatch)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     output = result.stdout.str()
     result.assert_outcomes(passed=4, errors=4)
-    assert "outlived the teardown of fixture 'leaky_module' (module scope)" in output and "sleep 301" in output
-    assert "sleep 302" not in output                          # stopped by its own fixture: fine
-    assert "outlived the set-up of fixture 'session_job' (session scope)" in output and "sleep 303" in output
-    assert "outlived the test that started them" in output and "sleep 304" in output and "sleep 305" in output
+    assert "outlived the teardown of fixture 'leaky_module' (module scope)" in output and "sleep 86401" in output
+    assert "sleep 86402" not in output                          # stopped by its own fixture: fine
+    assert "outlived the set-up of fixture 'session_job' (session scope)" in output and "sleep 86403" in output
+    assert "outlived the test that started them" in output and "sleep 86404" in output and "sleep 86405" in output
     assert not sleeps_running(), "the guard left processes running"
