@@ -30,7 +30,7 @@ def core_rate(trades, decode: bool) -> float:
     started = time.perf_counter()
     for i in range(len(trades)):
         trade = parse_trade(blobs[i]) if decode else trades[i]
-        windows.add(trade, i, 0.0)
+        windows.add(trade, i)
         if i % 5000 == 0:
             windows.pop_final()
     return len(trades) / (time.perf_counter() - started)

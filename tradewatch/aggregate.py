@@ -12,7 +12,6 @@ offsets — never counted twice — and a stalled former owner cannot write over
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable
 
 from tradewatch import bus, metrics, runtime
@@ -35,6 +34,7 @@ def excluded_conditions(settings: Settings) -> frozenset[str]:
 
 class Aggregate(runtime.Stage):
     name = "aggregator"
+    watches_quiet = True      # quiet partitions close their windows (runtime.quiet_for)
 
     def __init__(self, settings: Settings):
         super().__init__()
@@ -46,6 +46,8 @@ class Aggregate(runtime.Stage):
         self.group, self.topic = settings.aggregator_group, settings.trades_topic
         self.partitions: dict[int, WindowSet] = {}
         self.next_offsets: dict[int, int] = {}
+        self.stored: dict[int, tuple[int, int | None]] = {}   # partition -> (offset, watermark) last stored
+        self._positions: dict[int, tuple[int, int | None]] = {}
         self.symbol_partition: dict[str, int] = {}
         self.indicator_states: dict[tuple[str, str], IndicatorState] = {}
         # effects awaiting the next checkpoint; kept until it commits, so a retried transaction
@@ -61,19 +63,19 @@ class Aggregate(runtime.Stage):
         starts = {}
         for p in partitions:
             offset, clock, windows = store.load_partition(cur, self.group, self.topic, p, self.sizes)
-            clock.last_trade_wall_s = time.monotonic()
             ws = WindowSet(self.sizes, int(self.settings.allowed_lateness_seconds * 1000),
                            self.settings.idle_timeout_seconds, p, self.exclude,
                            int(self.settings.max_clock_skew_seconds * 1000), clock)
             ws.open_windows = {(w.symbol, w.size_ms, w.start_ms): w for w in windows}
             self.partitions[p] = ws
+            if offset is not None:
+                self.stored[p] = (offset, clock.watermark_ms)
             starts[p] = offset if offset is not None else bus.BEGINNING
             log.info("partition %d: resuming at offset %s with %d open windows", p,
                      offset if offset is not None else "0 (first run)", len(windows))
         return starts
 
     def take(self, messages: list[bus.Message]) -> None:
-        now = time.monotonic()
         skew = int(self.settings.max_clock_skew_seconds * 1000)
         for message in messages:
             ws = self.partitions.get(message.partition)
@@ -87,7 +89,7 @@ class Aggregate(runtime.Stage):
                 self.invalid_skipped += 1  # the consumer puts it in dead_letters
                 continue
             self.symbol_partition[trade.symbol] = message.partition
-            for window in ws.add(trade, message.offset, now):
+            for window in ws.add(trade, message.offset):
                 self.dirty[(window.symbol, window.size_ms, window.start_ms)] = window
             self.processed += 1
 
@@ -96,10 +98,9 @@ class Aggregate(runtime.Stage):
         return self.folded_since + (1 if self.partitions else 0)
 
     def write(self, conn, cur) -> None:
-        now = time.monotonic()
         for p, ws in self.partitions.items():
             held = ws.held
-            for window in ws.advance_when_idle(now):
+            for window in ws.advance_when_idle(self.runtime.quiet_for(p)):
                 self.dirty[(window.symbol, window.size_ms, window.start_ms)] = window
             if held is not None and ws.held is None:
                 self.next_offsets[p] = held[1] + 1
@@ -109,9 +110,16 @@ class Aggregate(runtime.Stage):
             self.final.extend(newly_final)
             self.indicator_rows.extend((p, row) for row in self._indicator_rows(cur, newly_final))
             self.late.extend((p, late) for late in ws.take_late())
-        # a held trade is not in any window yet: the position stays on it, so a restart reads it again
-        positions = {p: (ws.held[1] if ws.held else offset, ws.clock) for p, offset in self.next_offsets.items()
-                     if (ws := self.partitions.get(p)) is not None}
+        # a held trade is not in any window yet: the position stays on it, so a restart reads it again.
+        # A quiet partition's watermark moves with no message read: it is stored too, or a restart
+        # would take windows that are final (and not loaded again) for open ones.
+        positions = {}
+        for p, ws in self.partitions.items():
+            offset, watermark = self.stored.get(p, (None, None))
+            offset = self.next_offsets.get(p, offset)
+            if offset is not None and (p in self.next_offsets or ws.clock.watermark_ms != watermark):
+                positions[p] = (ws.held[1] if ws.held else offset, ws.clock)
+        self._positions = {p: (offset, clock.watermark_ms) for p, (offset, clock) in positions.items()}
         store.write_windows(cur, list(self.dirty.values()) + self.final)
         store.write_late(cur, [late for _, late in self.late])
         store.write_indicators(cur, [row for _, row in self.indicator_rows])
@@ -128,6 +136,7 @@ class Aggregate(runtime.Stage):
         self.dirty.clear()
         self.final, self.late, self.indicator_rows = [], [], []
         self.next_offsets.clear()
+        self.stored.update(self._positions)
         self.folded_since = 0
 
     def drop(self, partitions: list[int]) -> None:
@@ -135,6 +144,7 @@ class Aggregate(runtime.Stage):
         for p in gone:
             self.partitions.pop(p, None)
             self.next_offsets.pop(p, None)
+            self.stored.pop(p, None)
         self.dirty = {k: w for k, w in self.dirty.items() if w.partition not in gone}
         self.final = [w for w in self.final if w.partition not in gone]
         self.late = [(p, late) for p, late in self.late if p not in gone]

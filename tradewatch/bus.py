@@ -149,6 +149,10 @@ class BusConsumer(Protocol):
         lags = self.partition_lags()
         return sum(lags.values()) if lags else None
 
+    def caught_up(self, partitions: list[int]) -> set[int]:
+        """Those of `partitions` whose log end Kafka reports, asked now, equal to our position
+        (known from what we read or where we started); none while Kafka or a leader cannot answer."""
+
     def close(self) -> None: ...
 
 
@@ -252,6 +256,8 @@ class _ConfluentConsumer(BusConsumer):
         for tp in tps:
             if starts.get(tp.partition) is not None:
                 tp.offset = starts[tp.partition]
+                if tp.offset >= 0 or tp.offset == BEGINNING:    # BEGINNING: the log start (lags use it)
+                    self._next[tp.partition] = max(tp.offset, 0)
         self._consumer.assign(tps)
         self._held = partitions
 
@@ -334,6 +340,26 @@ class _ConfluentConsumer(BusConsumer):
             if high >= 0:
                 lags[p] = max(high - max(self._next.get(p, high), low), 0)
         return lags
+
+    def caught_up(self, partitions: list[int]) -> set[int]:
+        from confluent_kafka import KafkaException
+        if self._outage.down_since is not None:
+            return set()
+        found, deadline = set(), time.monotonic() + 1.0
+        for p in partitions:
+            position, left = self._next.get(p), deadline - time.monotonic()
+            if position is None:
+                continue
+            if left <= 0:
+                break
+            try:
+                low, high = self._consumer.get_watermark_offsets(self._TopicPartition(self.topic, p),
+                                                                 timeout=min(left, 0.5), cached=False)
+            except KafkaException:
+                break               # this leader (or Kafka) cannot answer now: confirm nothing more
+            if max(position, low) >= high:
+                found.add(p)
+        return found
 
     def close(self) -> None:
         # Leaves the group at once (no session-timeout wait for the others); nothing is committed.
@@ -446,6 +472,8 @@ class _KafkaPythonConsumer(BusConsumer):
                     self._consumer.seek_to_beginning(self._tp(p))
                 else:
                     self._consumer.seek(self._tp(p), start)
+                if start is not None:
+                    self._next[p] = max(start, 0)
         for message in messages:
             self._next[message.partition] = message.offset + 1
         if messages:
@@ -573,6 +601,17 @@ class _KafkaPythonConsumer(BusConsumer):
             return self._waiting_records
         return super().lag()
 
+    def caught_up(self, partitions: list[int]) -> set[int]:
+        from kafka.errors import KafkaError
+        known = [p for p in partitions if p in self._next]
+        if self._outage.down_since is not None or not known:
+            return set()
+        try:
+            ends = self._consumer.end_offsets([self._tp(p) for p in known])
+        except KafkaError:
+            return set()
+        return {tp.partition for tp, end in ends.items() if self._next[tp.partition] >= end}
+
     def partition_lags(self) -> dict[int, int]:
         lags = {}
         for tp in self._consumer.assignment():
@@ -632,6 +671,9 @@ class Publisher:
                 "batch.size": 1_000_000,
                 "queue.buffering.max.messages": 1_000_000,
                 "message.timeout.ms": 0,               # keep retrying while Kafka is down
+                # back within a second of Kafka: what it held must arrive before a quiet partition's
+                # idle timeout runs out (librdkafka's default backs off up to 10 s)
+                "reconnect.backoff.max.ms": 1000,
                 "error_cb": self._error,
                 "logger": logging.getLogger("tradewatch.librdkafka"),
             })

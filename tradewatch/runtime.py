@@ -152,6 +152,8 @@ class Stage:
     Pending effects are kept per partition, so the runtime can drop a lost partition's share."""
 
     name = "stage"            # heartbeat name: consumer | aggregator | detector
+    watches_quiet = False     # True: the runtime tracks which partitions are quiet (quiet_for)
+    runtime: "Runtime"        # set by the Runtime that runs it
     flush_interval_s: float | None = None   # None: checkpoint when a poll runs dry or the batch is full
     batch_size = 2000
     overlap = False   # True: seal() hands pending effects to the writer thread (see Runtime)
@@ -201,6 +203,9 @@ class Runtime:
     def __init__(self, settings: Settings, stage: Stage, group: str, topic: str, stop: Callable[[], bool],
                  client: str | None = None):
         self.settings, self.stage, self.group, self.topic = settings, stage, group, topic
+        stage.runtime = self
+        self._quiet_since: dict[int, float] = {}   # partition -> since when it is confirmed quiet
+        self._quiet_checked = 0.0
         self.stop = stop
         self.client = client
         self.log = logging.getLogger(f"tradewatch.{stage.name}")
@@ -308,6 +313,7 @@ class Runtime:
     def _forget(self, partitions: list[int]) -> None:
         self.stage.drop(partitions)
         for p in partitions:
+            self._quiet_since.pop(p, None)
             self.epochs.pop(p, None)
             self.offsets.pop(p, None)
             self._to_commit.pop(p, None)
@@ -401,6 +407,28 @@ class Runtime:
         now = dict(cur.fetchall())
         return [p for p in held if now.get(p) != self.epochs[p]]
 
+    # -- quiet partitions ----------------------------------------------------------------
+    def _check_quiet(self, now: float) -> None:
+        """Once a second: a held partition is quiet from the moment Kafka confirms (a fresh ask, not
+        a cached answer) that our position is at its log end, until a message arrives or Kafka
+        cannot confirm it any more (broker or partition leader away: records may be waiting in a
+        producer meanwhile, and must not turn late because the clock moved on)."""
+        confirmed = self.consumer.caught_up(sorted(self.epochs))
+        self._quiet_checked = now
+        for p in self.epochs:
+            if p in confirmed:
+                self._quiet_since.setdefault(p, now)
+            else:
+                self._quiet_since.pop(p, None)
+
+    def quiet_for(self, partition: int) -> float:
+        """Seconds `partition` has been confirmed quiet (0 while it is not); the idle rule of every
+        stage that closes windows when nothing more comes (stages set `watches_quiet`)."""
+        since, now = self._quiet_since.get(partition), time.monotonic()
+        if since is None or now - self._quiet_checked > 2.5:   # not confirmed lately (the loop waited)
+            return 0.0
+        return now - since
+
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
         stage = self.stage
@@ -427,6 +455,7 @@ class Runtime:
                     messages_in.inc(len(messages))
                     for m in messages:
                         self.offsets[m.partition] = m.offset + 1
+                        self._quiet_since.pop(m.partition, None)
                 now = time.monotonic()
                 if stage.flush_interval_s is None:
                     # dry poll or a batch as old as MAX_BATCH_AGE_S: latency at low rates; full: throughput
@@ -446,6 +475,8 @@ class Runtime:
                 self.heartbeat.beat(stage.processed, self.consumer.lag(), self.consumer.partitions())
                 if now - last_lags >= 1.0:
                     last_lags = now
+                    if stage.watches_quiet:
+                        self._check_quiet(now)
                     metrics.LAG.clear()
                     for p, lag in self.consumer.partition_lags().items():
                         metrics.LAG.labels(stage.name, str(p)).set(lag)

@@ -6,6 +6,9 @@ Kafka partition has its own watermark = highest event time seen on it minus the 
 is final once the watermark reaches its end; a trade whose window is already final is *late*: it
 is reported (never silently dropped) and does not change the window. When a partition goes quiet,
 its watermark also advances with the wall clock after `idle_timeout`, so the last windows close.
+*Quiet* is the stage runtime's word (Runtime.quiet_for): Kafka confirmed the partition holds
+nothing more for us, continuously, for that long. A partition whose leader is away, or whose
+records wait in a producer during an outage, is not quiet: its trades must not become late.
 
 One bad clock must not move event time: a trade more than `max_skew_ms` ahead of its partition's
 event time is held back until the partition's next trade. If that one is far ahead too, event time
@@ -126,7 +129,6 @@ class PartitionClock:
     """Watermark bookkeeping of one partition."""
     max_event_ms: int | None = None
     watermark_ms: int | None = None
-    last_trade_wall_s: float = 0.0
 
 
 @dataclass
@@ -144,20 +146,19 @@ class WindowSet:
     late: list[LateTrade] = field(default_factory=list)
     late_trades_total: int = 0
 
-    def add(self, trade: Trade, sequence: int, wall_s: float) -> list[Window]:
+    def add(self, trade: Trade, sequence: int) -> list[Window]:
         """Take one trade; return the windows it changed (see the module's note on held trades)."""
         clock, changed = self.clock, []
         if self.held is not None:
             held, self.held = self.held, None
             if self._far_ahead(trade.timestamp_ms):
-                changed = self._fold(*held, wall_s)     # confirmed: event time really moved on
+                changed = self._fold(*held)             # confirmed: event time really moved on
             else:
                 self._report(held[0], "clock_skew")     # one bad clock: no window ever sees it
         if self._far_ahead(trade.timestamp_ms):
             self.held = (trade, sequence)
-            clock.last_trade_wall_s = wall_s
             return changed
-        return changed + self._fold(trade, sequence, wall_s)
+        return changed + self._fold(trade, sequence)
 
     def _far_ahead(self, ts: int) -> bool:
         return (self.max_skew_ms is not None and self.clock.max_event_ms is not None
@@ -170,7 +171,7 @@ class WindowSet:
             self.late.append(LateTrade(trade.trade_id, trade.symbol, ts, size, ts - ts % size, watermark, reason))
             self.late_trades_total += 1
 
-    def _fold(self, trade: Trade, sequence: int, wall_s: float) -> list[Window]:
+    def _fold(self, trade: Trade, sequence: int) -> list[Window]:
         ts = trade.timestamp_ms
         clock = self.clock
         watermark = clock.watermark_ms
@@ -193,23 +194,20 @@ class WindowSet:
             candidate = ts - self.allowed_lateness_ms
             if clock.watermark_ms is None or candidate > clock.watermark_ms:
                 clock.watermark_ms = candidate
-        clock.last_trade_wall_s = wall_s
         return changed
 
-    def advance_when_idle(self, wall_s: float) -> list[Window]:
-        """After `idle_timeout` without trades, fold a held trade in and let the watermark follow
-        the wall clock. Returns the windows the held trade changed."""
+    def advance_when_idle(self, quiet_s: float) -> list[Window]:
+        """After `idle_timeout` of quiet (`quiet_s`: seconds the partition has been confirmed to
+        hold nothing more), fold a held trade in and let the watermark follow the wall clock.
+        Returns the windows the held trade changed."""
         clock = self.clock
-        if clock.max_event_ms is None:
-            return []
-        idle_s = wall_s - clock.last_trade_wall_s
-        if idle_s < self.idle_timeout_s:
+        if clock.max_event_ms is None or quiet_s < self.idle_timeout_s:
             return []
         changed = []
         if self.held is not None:
             held, self.held = self.held, None
-            changed = self._fold(*held, clock.last_trade_wall_s)
-        candidate = clock.max_event_ms + int(idle_s * 1000)
+            changed = self._fold(*held)
+        candidate = clock.max_event_ms + int(quiet_s * 1000)
         if clock.watermark_ms is None or candidate > clock.watermark_ms:
             clock.watermark_ms = candidate
         return changed
@@ -240,7 +238,7 @@ def aggregate(trades: Iterable[Trade], sizes_ms: tuple[int, ...], allowed_latene
     result: dict[tuple[str, int, int], Window] = {}
     late: list[LateTrade] = []
     for sequence, trade in enumerate(trades):
-        for window in windows.add(trade, sequence, 0.0):
+        for window in windows.add(trade, sequence):
             result[(window.symbol, window.size_ms, window.start_ms)] = window
         windows.pop_final()
         late.extend(windows.take_late())

@@ -233,3 +233,74 @@ def test_backfill_writes_whole_windows_only_and_leaves_held_windows_to_the_live_
     backfill("2026-01-01T00:10:00Z")
     assert windows() == [("1m", 0, 6, True), ("1m", 60_000, 6, True), ("1m", 120_000, 6, True),
                          ("1m", 180_000, 1, False)], "minute 3 stays the aggregator's; minute 4+ end after 4:10"
+
+
+def publish(settings, trades: list[Trade]) -> None:
+    publisher = bus.Publisher(settings)
+    for t in trades:
+        publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
+    assert publisher.flush(60)
+    publisher.close()
+
+
+def minute_row(settings, start_ms: int) -> tuple | None:
+    rows = query(settings, "SELECT trade_count, is_final FROM stock_metrics WHERE symbol = 'AAPL' AND window_size = '1m'"
+                           " AND window_start = timestamptz 'epoch' + %s * interval '1 millisecond'", (start_ms,))
+    return rows[0] if rows else None
+
+
+def test_a_final_candle_stays_final_after_a_quiet_spell_and_a_restart(settings, tmp_path):
+    """Issue 22, item 1: a quiet partition's watermark moved on with the clock and closed its minute,
+    but only partitions that had messages stored their watermark; a restart loaded the old one,
+    took the final minute (not loaded again) for an open one, and the next trade inside it
+    overwrote the 50-trade final row with a 1-trade row. Now the quiet partition's watermark is
+    stored, a final row is never updated again, and the trade is reported late."""
+    run = settings.with_overrides(idle_timeout_seconds=3.0)
+    minute = (int(time.time()) // 60 - 10) * 60_000          # ten minutes ago: whole, never ahead of the clock
+    publish(run, [Trade(f"q-{i}", "AAPL", minute + 50_000 + i * 200, 100.0 + i / 100, 1.0, "buy", "X")
+                  for i in range(50)])
+    first = start_script(run, "aggregator.py", log=tmp_path / "first.log")
+    wait_for(lambda: minute_row(run, minute) == (50, True), timeout=60, message="the quiet minute final, 50 trades")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+    log = tmp_path / "second.log"
+    start_script(run, "aggregator.py", log=log)
+    wait_for(lambda: "assigned partitions" in log.read_text(), timeout=60, message="the restarted aggregator assigned")
+    publish(run, [Trade("q-late", "AAPL", minute + 30_000, 90.0, 1.0, "sell", "X")])   # at once, inside the minute
+    wait_for(lambda: folded(run) == 51, timeout=60, message="the late trade read")
+    assert minute_row(run, minute) == (50, True), "the final minute kept its 50 trades"
+    assert query(run, "SELECT reason FROM late_trades WHERE trade_id = 'q-late' AND window_size = '1m'") == [("late",)]
+
+
+def test_trades_a_producer_held_through_a_kafka_outage_are_not_late(settings, tmp_path):
+    """Issue 22, item 1 (related): while Kafka is away a partition is not quiet, however long the
+    outage: before, the watermark moved on with the clock after IDLE_TIMEOUT_SECONDS and every trade
+    the producer held meanwhile turned late when Kafka came back."""
+    from tradewatch import stack
+    run = settings.with_overrides(idle_timeout_seconds=3.0)
+    minute = (int(time.time()) // 60 - 10) * 60_000
+    before = [Trade(f"o-{i}", "AAPL", minute + 50_000 + i * 100, 100.0, 1.0, "buy", "X") for i in range(50)]
+    held = [Trade(f"h-{i}", "AAPL", minute + 55_000 + i * 100, 101.0, 1.0, "buy", "X") for i in range(40)]
+    start_script(run, "aggregator.py", log=tmp_path / "aggregator.log")
+    publisher = bus.Publisher(run)          # one producer throughout, as producer.py
+    for t in before:
+        publisher.send(run.trades_topic, t.symbol.encode(), t.to_json_bytes())
+    assert publisher.flush(60)
+    wait_for(lambda: folded(run) == 50, timeout=60, message="the first trades folded")
+    stack.stop_kafka(run)
+    try:
+        outage_started = time.monotonic()
+        for t in held:              # the producer goes on producing: its client holds them
+            publisher.send(run.trades_topic, t.symbol.encode(), t.to_json_bytes())
+        # the outage is this test's input: three idle timeouts long (before the fix the quiet
+        # minute's watermark passed its end after one)
+        time.sleep(max(3 * run.idle_timeout_seconds - (time.monotonic() - outage_started), 0))
+    finally:
+        stack.start_kafka(run)
+        bus.wait_for_kafka(run, 60)
+    assert publisher.flush(60)
+    publisher.close()
+    wait_for(lambda: folded(run) == 90, timeout=60, message="the held trades folded")
+    wait_for(lambda: minute_row(run, minute) == (90, True), timeout=60,
+             message="the minute final with every trade (none late)")
+    assert query(run, "SELECT count(*) FROM late_trades")[0][0] == 0

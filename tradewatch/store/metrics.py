@@ -27,7 +27,8 @@ def write_windows(cur: Cursor, windows: list[Window]) -> None:
     execute_values(
         cur,
         f"INSERT INTO stock_metrics ({_WINDOW_COLUMNS}) VALUES %s "
-        f"ON CONFLICT (symbol, window_size, window_start) DO UPDATE SET {UPSERT_SET}",
+        # a final window is never changed again (a restart must not turn it back into an open one)
+        f"ON CONFLICT (symbol, window_size, window_start) DO UPDATE SET {UPSERT_SET} WHERE NOT stock_metrics.is_final",
         [_window_row(w) for w in windows],
         template=f"(%s, %s, {_MS}, {_MS}, " + ", ".join(["%s"] * 24) + ")",
         page_size=1000,
