@@ -38,8 +38,10 @@ def test_stage_metrics_parse_and_move_with_the_trades(settings, tmp_path):
     publisher.close()
     wait_for(lambda: total(scrape(urls["consumer"]), "tradewatch_rows_written_total", table="trades") == 3000
              and total(scrape(urls["consumer"]), "tradewatch_dead_letters_total") == 3
-             and total(scrape(urls["detector"]), "tradewatch_messages_in_total") == 3003, timeout=120,
-             message="3000 rows and 3 dead letters written, every message examined")
+             and total(scrape(urls["detector"]), "tradewatch_messages_in_total") == 3003
+             and total(scrape(urls["aggregator"]), "tradewatch_messages_in_total") == 3003
+             and total(scrape(urls["aggregator"]), "tradewatch_rows_written_total", table="stock_metrics") > 0,
+             timeout=120, message="3000 rows and 3 dead letters written, every message examined by each stage")
     wait_for(lambda: query(settings, "SELECT count(*) FROM alerts WHERE published_at IS NOT NULL")[0][0] ==
              total(scrape(urls["detector"]), "tradewatch_alerts_total") > 0, timeout=60, message="alerts counted")
 
