@@ -1,22 +1,14 @@
 """Alerts: one per anomaly type of a flagged trade, deduplicated per (symbol, type) with cooldowns
-in event time, delivered to the log, the `alerts` table, the Kafka topic `alerts`, and optionally
-a Slack-compatible webhook on a background thread (timeout and retries; never blocks detection)."""
+in event time. Stored in the `alerts` table and delivered from there to the Kafka topic `alerts`
+and an optional webhook (tradewatch/outbox.py)."""
 from __future__ import annotations
 
 import json
-import logging
-import queue
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-import requests
-
 from tradewatch.config import Settings
 from tradewatch.detect.rules import TYPE_SEVERITY, Detection
-
-log = logging.getLogger("tradewatch.alerts")
 
 
 @dataclass
@@ -70,45 +62,3 @@ class Deduplicator:
             return False
         self.last_ms[key] = alert.timestamp_ms if last is None else max(last, alert.timestamp_ms)
         return True
-
-
-class WebhookSink:
-    """Posts alerts as Slack-compatible JSON ({"text": …}) from a background thread."""
-
-    def __init__(self, url: str, timeout_s: float = 3.0, retries: int = 3, capacity: int = 1000):
-        self.url, self.timeout_s, self.retries = url, timeout_s, retries
-        self.delivered = self.failed = self.dropped = 0
-        self._queue: queue.Queue[Alert | None] = queue.Queue(capacity)
-        self._thread = threading.Thread(target=self._work, name="webhook", daemon=True)
-        self._thread.start()
-
-    def send(self, alert: Alert) -> None:
-        try:
-            self._queue.put_nowait(alert)
-        except queue.Full:
-            self.dropped += 1
-            log.warning("webhook queue full, alert %s not posted (it is in the alerts table)", alert.alert_id)
-
-    def _work(self) -> None:
-        session = requests.Session()
-        while (alert := self._queue.get()) is not None:
-            payload = {"text": f":rotating_light: {alert.message}", "alert": asdict(alert)}
-            for attempt in range(1, self.retries + 1):
-                try:
-                    response = session.post(self.url, json=payload, timeout=self.timeout_s)
-                    if response.status_code < 300:
-                        self.delivered += 1
-                        break
-                    problem = f"HTTP {response.status_code}"
-                except requests.RequestException as error:
-                    problem = type(error).__name__
-                if attempt == self.retries:
-                    self.failed += 1
-                    log.warning("webhook %s failed %d times (%s); alert %s stays in the alerts table",
-                                self.url, attempt, problem, alert.alert_id)
-                else:
-                    time.sleep(0.5 * attempt)
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout_s)

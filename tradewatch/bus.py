@@ -724,22 +724,30 @@ class Publisher:
         self._partitions[topic] = count
         return count
 
-    def send(self, topic: str, key: bytes | None, value: bytes) -> bool:
-        """Queue one message; False only when asked to stop while Kafka could not take it."""
+    def send(self, topic: str, key: bytes | None, value: bytes,
+             on_delivery: Callable[[str | None], None] | None = None) -> bool:
+        """Queue one message; False only when asked to stop while Kafka could not take it.
+        `on_delivery(None)` once Kafka acknowledged it, `on_delivery(reason)` if Kafka refused it
+        (called from flush() or the client's own thread)."""
         place = self._places.get(key)
         if place is not None:
             count = self._partitions.get(topic) or self._partition_count(topic)
             if not count:
                 return False
-            return self._send(topic, key, value, place % count)
-        return self._send(topic, key, value, None)
+            return self._send(topic, key, value, place % count, on_delivery)
+        return self._send(topic, key, value, None, on_delivery)
 
-    def _send(self, topic: str, key: bytes | None, value: bytes, partition: int | None) -> bool:
+    def _send(self, topic: str, key: bytes | None, value: bytes, partition: int | None, on_delivery) -> bool:
         if self.client == "confluent":
             extra = {} if partition is None else {"partition": partition}
+            report = self._delivered
+            if on_delivery is not None:
+                def report(error, message):
+                    self._delivered(error, message)
+                    on_delivery(None if error is None else error.str())
             while True:
                 try:
-                    self._producer.produce(topic, value, key, on_delivery=self._delivered, **extra)
+                    self._producer.produce(topic, value, key, on_delivery=report, **extra)
                     self._queued += 1
                     if self._queued % 1000 == 0:
                         self._producer.poll(0)     # serve delivery reports now and then
@@ -751,7 +759,10 @@ class Publisher:
         from kafka.errors import KafkaTimeoutError
         while True:
             try:
-                self._producer.send(topic, key=key, value=value, partition=partition)
+                future = self._producer.send(topic, key=key, value=value, partition=partition)
+                if on_delivery is not None:
+                    future.add_callback(lambda _metadata: on_delivery(None))
+                    future.add_errback(lambda error: on_delivery(str(error) or type(error).__name__))
                 self._outage.check(True)
                 return True
             except KafkaTimeoutError:

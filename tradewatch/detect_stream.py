@@ -4,7 +4,7 @@ alerts, publish alerts.
 On the stage runtime's commit protocol (tradewatch/runtime.py): per checkpoint one fenced
 transaction writes trade_flags, alerts (unpublished), breaker states *and the position*: the next
 offset and the rolling state of the symbols of each partition (table detector_state); then the
-alert outbox is sent to the Kafka topic `alerts` (and the webhook) and marked published; then
+alert outbox is sent to the Kafka topic `alerts` and the webhook (tradewatch/outbox.py); then
 Kafka offsets. On assignment each partition's state is loaded in the transaction that claims it,
 and reading starts at its stored offset, so a restart or rebalance goes on exactly where the last
 checkpoint stopped: the same features, flags and alerts as a run that was never interrupted, and
@@ -18,17 +18,17 @@ import time
 from typing import Callable
 
 from tradewatch import bus, metrics, runtime
-from tradewatch.alerts import Alert, Deduplicator, WebhookSink, alerts_for
+from tradewatch.alerts import Alert, Deduplicator, alerts_for
 from tradewatch.config import Settings
 from tradewatch.detect import forest
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import CircuitBreaker, DetectorConfig, RuleDetector
 from tradewatch.events import InvalidTrade, parse_trade
+from tradewatch.outbox import AlertOutbox, WebhookOutbox
 from tradewatch.store import detections as store
 
 log = logging.getLogger("tradewatch.detector")
 _LATENCY = metrics.LATENCY.labels("detector", "trade_to_alert")
-OUTBOX_BATCH = 1000
 
 
 def detector_config(settings: Settings) -> DetectorConfig:
@@ -57,17 +57,20 @@ class Detect(runtime.Stage):
         self.max_skew_ms = int(settings.max_clock_skew_seconds * 1000)
         self.pipeline = DetectionPipeline(RuleDetector(detector_config(settings)), load_model(settings))
         self.dedup = Deduplicator.from_settings(settings)
-        self.webhook = WebhookSink(settings.alert_webhook_url) if settings.alert_webhook_url else None
+        self.outbox = AlertOutbox(settings)
+        self.webhook = WebhookOutbox(settings, settings.alert_webhook_url) if settings.alert_webhook_url else None
         self.next_offsets: dict[int, int] = {}   # partitions read since the last checkpoint
         self.symbol_partition: dict[str, int] = {}   # where each symbol's trades come from (key = symbol)
         self.restored = False
-        self.outbox_waiting = True            # alerts a previous run stored but never published
         self.flagged_pending: list[tuple[int, object]] = []
         self.alerts_pending: list[tuple[int, Alert]] = []
         self.transitions: list[tuple[int, object]] = []
         self.appended_ms: dict[str, int | None] = {}   # alert_id -> Kafka append time of its trade
         self.read = 0
-        self.flagged = self.alerts_sent = 0
+        self.flagged = 0
+
+    def output_topics(self) -> dict[str, int]:
+        return {self.settings.alerts_topic: 1}
 
     def assigned(self, cur, partitions: list[int], rt: runtime.Runtime) -> dict[int, int | None]:
         if not self.restored:
@@ -88,6 +91,7 @@ class Detect(runtime.Stage):
             self.pipeline.rules.restore(states)
             self.symbol_partition.update((symbol, p) for symbol in states)
             log.info("partition %d: resuming at offset %d with the state of %d symbols", p, starts[p], len(states))
+        self.outbox.waiting = True          # a former owner may have left alerts of these unpublished
         return starts
 
     def take(self, messages: list[bus.Message]) -> None:
@@ -115,11 +119,11 @@ class Detect(runtime.Stage):
         self.processed += len(trades)
 
     def pending(self) -> int:
-        return self.read + (1 if self.outbox_waiting else 0)
+        return self.read
 
     def write(self, conn, cur) -> None:
         store.write_flags(cur, [d for _, d in self.flagged_pending], self.pipeline.version)
-        store.write_alerts(cur, [a for _, a in self.alerts_pending])
+        store.write_alerts(cur, self.alerts_pending, webhook=self.webhook is not None)
         store.write_breakers(cur, [t for _, t in self.transitions])
         symbols: dict[int, set[str]] = {}
         for symbol, p in self.symbol_partition.items():
@@ -132,39 +136,25 @@ class Detect(runtime.Stage):
         metrics.ROWS.labels("detector", "trade_flags").inc(len(self.flagged_pending))
         metrics.ROWS.labels("detector", "alerts").inc(len(self.alerts_pending))
         for _, a in self.alerts_pending:
+            log.warning("ALERT %s", a.message)
             metrics.ALERTS.labels("detector", a.alert_type, a.severity).inc()
             appended = self.appended_ms.get(a.alert_id)
             if appended:
                 _LATENCY.observe(max(now_ms - appended, 0) / 1000)
         self.appended_ms.clear()
         self.flagged += len(self.flagged_pending)
-        self.outbox_waiting = self.outbox_waiting or bool(self.alerts_pending)
+        if self.alerts_pending:
+            self.outbox.waiting = True
+            if self.webhook:
+                self.webhook.wake()
         self.flagged_pending, self.alerts_pending, self.transitions = [], [], []
         self.next_offsets.clear()
         self.read = 0
 
     def publish(self, rt: runtime.Runtime) -> None:
-        """The outbox: alerts stored but not yet acknowledged by Kafka, oldest first."""
-        if not self.outbox_waiting:
-            return
-        if rt.publisher is None:
-            rt.publisher = rt.wait_for("Kafka", lambda: bus.Publisher(self.settings, stop=rt.stop))
-        while True:
-            alerts = rt.transaction(lambda _conn, cur: store.unpublished_alerts(cur, OUTBOX_BATCH))
-            for alert in alerts:
-                if not rt.publisher.send(self.settings.alerts_topic, alert.symbol.encode(), alert.to_json_bytes()):
-                    return      # asked to stop while Kafka was away: they stay in the outbox
-                log.warning("ALERT %s", alert.message)
-                if self.webhook:
-                    self.webhook.send(alert)
-            if alerts and not rt.publisher.flush():
-                return          # the same: unacknowledged alerts stay unpublished
-            if alerts:
-                rt.transaction(lambda _conn, cur: store.mark_published(cur, [a.alert_id for a in alerts]))
-            self.alerts_sent += len(alerts)
-            if len(alerts) < OUTBOX_BATCH:
-                self.outbox_waiting = False
-                return
+        if self.webhook:
+            self.webhook.partitions = tuple(sorted(rt.epochs))
+        self.outbox.publish(rt)
 
     def drop(self, partitions: list[int]) -> None:
         gone = set(partitions)
@@ -180,7 +170,7 @@ class Detect(runtime.Stage):
             self.webhook.close()
 
     def report(self) -> str:
-        return (f"examined {self.processed} trades, flagged {self.flagged}, alerts {self.alerts_sent} "
+        return (f"examined {self.processed} trades, flagged {self.flagged}, alerts published {self.outbox.sent} "
                 f"({self.dedup.suppressed} suppressed by cooldown)")
 
 

@@ -15,11 +15,12 @@ durable, in this order:
    of the partitions it gets (and loads its state in that same transaction). A stalled instance
    that was evicted from the group and wakes up finds a newer epoch: its transaction is rolled back
    and it drops those partitions as *lost*. So a stale owner can never overwrite a newer owner's rows.
-2. **Side effects outside the database** are published from an outbox after that commit: the rows
-   written in (1) are marked unpublished (e.g. `alerts.published_at IS NULL`); the stage sends them
-   (Kafka topic `alerts`, webhook), waits for Kafka's acknowledgement and marks them published. A
-   crash in between publishes them again on the next checkpoint: delivered at least once (readers
-   dedupe by id).
+2. **Side effects outside the database** are published from an outbox after that commit (and
+   while the stage is idle, so a refused delivery is tried again with no new message): the rows
+   written in (1) are marked unpublished with the partition they came from (e.g.
+   `alerts.published_at IS NULL`); the owner of that partition sends them (Kafka topic `alerts`,
+   webhook) and marks each one done only once its receiver acknowledged it. A crash in between
+   sends them again: delivered at least once (readers dedupe by id). tradewatch/outbox.py.
 3. **Kafka offsets are committed last.** A crash before this re-delivers messages whose effects
    are already stored; every write is keyed (trade_id, window, alert_id), so redoing it changes
    nothing. A checkpoint that cannot finish (database down while asked to stop) commits nothing.
@@ -161,6 +162,10 @@ class Stage:
     def __init__(self) -> None:
         self.processed = 0
 
+    def output_topics(self) -> dict[str, int]:
+        """Topics the stage writes to, with their partition count (created at start if missing)."""
+        return {}
+
     def assigned(self, cur, partitions: list[int], runtime: "Runtime") -> dict[int, int | None]:
         """Gained `partitions` (inside the transaction that claims them): load their state and
         return where to start reading each (None / left out: the group's committed offset)."""
@@ -180,7 +185,7 @@ class Stage:
         """The transaction committed: pending effects are durable."""
 
     def publish(self, runtime: "Runtime") -> None:
-        """Step 2: send what the outbox holds (after the commit, before the offsets)."""
+        """Step 2: send what the outbox holds (after the commit, before the offsets; and while idle)."""
 
     def drop(self, partitions: list[int]) -> None:
         """Forget all state of `partitions` (revoked after a checkpoint, or lost)."""
@@ -437,6 +442,10 @@ class Runtime:
         last_lags = 0.0
         try:
             self.wait_for("PostgreSQL", lambda: db.apply_schema(self.settings))
+            # topics are created here, never by the broker on first use (tradewatch/stack.py turns
+            # that off): an auto-created topic would carry producer timestamps
+            topics = {self.topic: self.settings.trades_partitions, **stage.output_topics()}
+            self.wait_for("Kafka", lambda: [bus.ensure_topic(self.settings, t, n) for t, n in topics.items()])
             self.consumer = self.wait_for("Kafka", lambda: bus.consumer(
                 self.settings, self.group, self.topic, on_assign=self._assigned, on_revoke=self._revoked,
                 on_lost=self._lost, client=self.client))
@@ -471,6 +480,7 @@ class Runtime:
                     last_checkpoint, batch_since = now, 0.0
                 elif not messages:
                     self._finish_inflight()          # idle: let the last offsets out too
+                    stage.publish(self)              # and what an outbox could not deliver before
                     self._commit_offsets(wait=False)
                 self.heartbeat.beat(stage.processed, self.consumer.lag(), self.consumer.partitions())
                 if now - last_lags >= 1.0:

@@ -247,12 +247,14 @@ def test_a_stop_while_kafka_is_away_leaves_the_outbox_for_the_next_run(settings)
               for i in range(5)]
     conn = db.connect(settings)
     with conn, conn.cursor() as cur:
-        detections.write_alerts(cur, alerts)
+        detections.write_alerts(cur, [(0, a) for a in alerts], webhook=False)
     conn.close()
+    bus.ensure_topic(settings, settings.alerts_topic, 1)
     stop_at = [float("inf")]
     stage = Detect(settings)
     rt = runtime.Runtime(settings, stage, settings.detector_group, settings.trades_topic,
                          stop=lambda: time.monotonic() >= stop_at[0])
+    rt.epochs = {0: 1}                                          # holding partition 0, whose alerts they are
     rt.publisher = bus.Publisher(settings, stop=rt.stop)
     stack.stop_kafka(settings)
     try:
@@ -268,6 +270,7 @@ def test_a_stop_while_kafka_is_away_leaves_the_outbox_for_the_next_run(settings)
     rt.conn.close()
     stage, stop_at[0] = Detect(settings), float("inf")        # the next run
     rt = runtime.Runtime(settings, stage, settings.detector_group, settings.trades_topic, stop=lambda: False)
+    rt.epochs = {0: 1}
     stage.publish(rt)
     rt.publisher.close()
     rt.conn.close()

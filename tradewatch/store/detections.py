@@ -32,15 +32,17 @@ def write_flags(cur: Cursor, flagged: list[Detection], version: str) -> None:
         template=f"(%s, %s, {_MS}, %s, %s, %s, %s)")
 
 
-def write_alerts(cur: Cursor, alerts: list[Alert]) -> None:
+def write_alerts(cur: Cursor, alerts: list[tuple[int, Alert]], webhook: bool) -> None:
+    """Store (source partition, alert) pairs unpublished: the outbox (tradewatch/outbox.py) sends
+    each to Kafka and, when `webhook`, to the webhook, and marks each delivery done."""
     if alerts:
         execute_values(
             cur,
-            "INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, details, trade_id)"
-            " VALUES %s ON CONFLICT (alert_id) DO NOTHING",
+            "INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, details, trade_id,"
+            " kafka_partition, webhook_due) VALUES %s ON CONFLICT (alert_id) DO NOTHING",
             [(a.alert_id, a.timestamp_ms, a.symbol, a.alert_type, a.severity, a.message,
-              json.dumps(a.details, default=str), a.trade_id) for a in alerts],
-            template=f"(%s, {_MS}, %s, %s, %s, %s, %s::jsonb, %s)")
+              json.dumps(a.details, default=str), a.trade_id, p, webhook) for p, a in alerts],
+            template=f"(%s, {_MS}, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)")
 
 
 def write_breakers(cur: Cursor, transitions: list[BreakerTransition]) -> None:
@@ -75,6 +77,40 @@ def load_position(cur: Cursor, group: str, topic: str, partition: int) -> tuple[
     return None if row is None else (row[0], orjson.loads(row[1]))
 
 
+_ALERT_COLUMNS = ("alert_id, (extract(epoch FROM ts) * 1000)::bigint, symbol, alert_type, severity, message,"
+                  " trade_id, details")
+_OURS = "(kafka_partition = ANY(%s) OR kafka_partition IS NULL)"   # NULL: stored before the column
+
+
+def _alerts(cur: Cursor) -> list[Alert]:
+    return [Alert(alert_id, int(ms), symbol, kind, severity, message, trade_id or "", details or {})
+            for alert_id, ms, symbol, kind, severity, message, trade_id, details in cur.fetchall()]
+
+
+def unpublished_alerts(cur: Cursor, partitions: list[int], limit: int) -> list[Alert]:
+    """The Kafka outbox of a detector holding `partitions`: their alerts not yet acknowledged on
+    the topic, oldest first."""
+    cur.execute(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE published_at IS NULL AND {_OURS}"
+                " ORDER BY created_at, alert_id LIMIT %s", (partitions, limit))
+    return _alerts(cur)
+
+
+def mark_published(cur: Cursor, alert_ids: list[str]) -> None:
+    cur.execute("UPDATE alerts SET published_at = now() WHERE alert_id = ANY(%s) AND published_at IS NULL",
+                (alert_ids,))
+
+
+def webhook_due(cur: Cursor, partitions: list[int], limit: int) -> list[Alert]:
+    """The webhook outbox of a detector holding `partitions`, oldest first."""
+    cur.execute(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE webhook_due AND {_OURS}"
+                " ORDER BY created_at, alert_id LIMIT %s", (partitions, limit))
+    return _alerts(cur)
+
+
+def mark_posted(cur: Cursor, alert_id: str) -> None:
+    cur.execute("UPDATE alerts SET webhook_due = false WHERE alert_id = %s", (alert_id,))
+
+
 def load_breakers(cur: Cursor) -> list[tuple[str, str, int]]:
     cur.execute("SELECT symbol, state, (extract(epoch FROM since) * 1000)::bigint FROM circuit_breakers")
     return [(s, st, int(ms)) for s, st, ms in cur.fetchall()]
@@ -84,17 +120,3 @@ def load_last_alerts(cur: Cursor) -> dict[tuple[str, str], int]:
     cur.execute("SELECT symbol, alert_type, (extract(epoch FROM max(ts)) * 1000)::bigint FROM alerts"
                 " GROUP BY symbol, alert_type")
     return {(s, t): int(ms) for s, t, ms in cur.fetchall()}
-
-
-def unpublished_alerts(cur: Cursor, limit: int) -> list[Alert]:
-    """The outbox: alerts not yet acknowledged on the Kafka topic, oldest first."""
-    cur.execute("SELECT alert_id, (extract(epoch FROM ts) * 1000)::bigint, symbol, alert_type, severity, message,"
-                " trade_id, details FROM alerts WHERE published_at IS NULL ORDER BY created_at, alert_id LIMIT %s",
-                (limit,))
-    return [Alert(alert_id, int(ms), symbol, kind, severity, message, trade_id or "", details or {})
-            for alert_id, ms, symbol, kind, severity, message, trade_id, details in cur.fetchall()]
-
-
-def mark_published(cur: Cursor, alert_ids: list[str]) -> None:
-    cur.execute("UPDATE alerts SET published_at = now() WHERE alert_id = ANY(%s) AND published_at IS NULL",
-                (alert_ids,))

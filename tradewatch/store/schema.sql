@@ -180,6 +180,11 @@ CREATE INDEX IF NOT EXISTS alerts_ts ON alerts (ts DESC);
 ALTER TABLE alerts ADD COLUMN IF NOT EXISTS published_at timestamptz DEFAULT now();
 ALTER TABLE alerts ALTER COLUMN published_at DROP DEFAULT;
 CREATE INDEX IF NOT EXISTS alerts_unpublished ON alerts (created_at) WHERE published_at IS NULL;
+-- Whose outbox an alert is in: the trades partition it came from (NULL: stored before the column).
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS kafka_partition integer;
+-- The webhook outbox: true while the alert awaits a successful POST to ALERT_WEBHOOK_URL.
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS webhook_due boolean NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS alerts_webhook_due ON alerts (created_at) WHERE webhook_due;
 -- resuming the live alert stream after an alert id (GET /alerts/stream with Last-Event-ID)
 CREATE INDEX IF NOT EXISTS alerts_created ON alerts (created_at, alert_id);
 

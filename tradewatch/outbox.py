@@ -1,0 +1,158 @@
+"""Step 2 of the commit protocol (tradewatch/runtime.py): the alert outbox.
+
+The detector's checkpoint stores each alert with the trades partition it came from, unpublished
+(`published_at` NULL, and `webhook_due` when a webhook is configured). Two deliveries then work
+from the table, each for the partitions this process holds, so with N detectors each alert is
+sent by its partition's owner:
+
+- **Kafka** (`AlertOutbox`, on the stage's thread after each commit and while idle): oldest first,
+  each alert sent and waited for; only those Kafka acknowledged are marked published. Refused
+  ones (a topic limit, a broken ACL …) stay, one log line per round, tried again every
+  RETRY_S — nothing refused is ever marked sent.
+- **Webhook** (`WebhookOutbox`, a thread of its own so a slow endpoint never holds up detection):
+  oldest first, one POST each; a 2xx clears `webhook_due`; anything else backs off (up to
+  WEBHOOK_BACKOFF_MAX_S) and tries the same alert again, for as long as it takes — across
+  restarts too, since the table is the queue. The URL is a secret: logs name only its host.
+
+Both are at least once: a crash between the delivery and the mark sends that alert again (readers
+dedupe by alert_id).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict
+from urllib.parse import urlsplit
+
+import psycopg2
+import requests
+
+from tradewatch import bus
+from tradewatch.config import Settings
+from tradewatch.store import db
+from tradewatch.store import detections as store
+
+log = logging.getLogger("tradewatch.outbox")
+BATCH = 1000
+RETRY_S = 5.0
+WEBHOOK_TIMEOUT_S = 3.0
+WEBHOOK_BACKOFF_MAX_S = 30.0
+
+
+def redact(url: str) -> str:
+    """What a log may say about a URL: scheme, host and port (path and query carry tokens)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}" + (f":{parts.port}" if parts.port else "")
+
+
+class AlertOutbox:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.waiting = True          # a previous run (or owner) may have left alerts unpublished
+        self.retry_at = 0.0
+        self.sent = 0
+
+    def publish(self, rt) -> None:
+        """Send this process's unpublished alerts to Kafka; called by the runtime after each commit
+        and while idle. Returns early (they stay in the outbox) on a stop or a refusal."""
+        if not self.waiting or time.monotonic() < self.retry_at or not rt.epochs:
+            return
+        if rt.publisher is None:
+            rt.publisher = rt.wait_for("Kafka", lambda: bus.Publisher(self.settings, stop=rt.stop))
+        partitions = sorted(rt.epochs)
+        while True:
+            alerts = rt.transaction(lambda _conn, cur: store.unpublished_alerts(cur, partitions, BATCH))
+            answers: dict[str, str | None] = {}
+            for alert in alerts:
+                if not rt.publisher.send(self.settings.alerts_topic, alert.symbol.encode(), alert.to_json_bytes(),
+                                         on_delivery=lambda error, i=alert.alert_id: answers.__setitem__(i, error)):
+                    break       # asked to stop while Kafka was away
+            finished = rt.publisher.flush() if alerts else True
+            acknowledged = [i for i, error in list(answers.items()) if error is None]
+            if acknowledged:
+                rt.transaction(lambda _conn, cur: store.mark_published(cur, acknowledged))
+                self.sent += len(acknowledged)
+            refused = {i: error for i, error in list(answers.items()) if error is not None}
+            if refused:
+                log.warning("Kafka refused %d of %d alerts on topic %s (%s); they stay in the outbox, tried "
+                            "again in %.0f s", len(refused), len(alerts), self.settings.alerts_topic,
+                            next(iter(refused.values())), RETRY_S)
+                self.retry_at = time.monotonic() + RETRY_S
+                return
+            if not finished:
+                return          # stopping: unacknowledged alerts stay unpublished
+            if len(alerts) < BATCH:
+                self.waiting = False
+                return
+
+
+class WebhookOutbox:
+    """Posts Slack-compatible JSON ({"text": …, "alert": …}) for every alert with `webhook_due`
+    of the partitions in `partitions` (set by the detector as it gains and loses them)."""
+
+    def __init__(self, settings: Settings, url: str):
+        self.settings, self.url, self.where = settings, url, redact(url)
+        self.partitions: tuple[int, ...] = ()
+        self.delivered = 0
+        self._wake, self._stopping = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._work, name="webhook", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """New alerts were stored."""
+        self._wake.set()
+
+    def _work(self) -> None:
+        session, conn, backoff, down_since = requests.Session(), None, 0.0, None
+        while not self._stopping.is_set():
+            self._wake.clear()
+            pause = RETRY_S                 # nothing due: look again then, or when woken
+            try:
+                if conn is None:
+                    conn = db.connect(self.settings)
+                    conn.autocommit = True
+                with conn.cursor() as cur:
+                    due = store.webhook_due(cur, list(self.partitions), 50) if self.partitions else []
+                for alert in due:
+                    if self._stopping.is_set():
+                        break
+                    problem = self._post(session, alert)
+                    if problem:
+                        if down_since is None:
+                            down_since = time.monotonic()
+                            log.warning("webhook at %s unavailable (%s); alerts wait in the table and are posted "
+                                        "when it answers", self.where, problem)
+                        backoff = pause = min(max(backoff * 2, 1.0), WEBHOOK_BACKOFF_MAX_S)
+                        break
+                    with conn.cursor() as cur:
+                        store.mark_posted(cur, alert.alert_id)
+                    self.delivered += 1
+                    if down_since is not None:
+                        log.info("webhook at %s answers again after %.0f s", self.where, time.monotonic() - down_since)
+                        down_since, backoff = None, 0.0
+                else:
+                    if len(due) == 50:
+                        pause = 0.0         # a full batch went out: look for more at once
+            except (db.DatabaseUnavailable, psycopg2.Error):
+                if conn is not None and not conn.closed:
+                    conn.close()
+                conn = None                 # PostgreSQL away: the stage itself reports that
+            if pause:       # while the endpoint is down, new alerts do not cut the back-off short
+                (self._stopping if down_since is not None else self._wake).wait(pause)
+        if conn is not None:
+            conn.close()
+
+    def _post(self, session: requests.Session, alert) -> str | None:
+        payload = {"text": f":rotating_light: {alert.message}", "alert": asdict(alert)}
+        try:
+            response = session.post(self.url, json=payload, timeout=WEBHOOK_TIMEOUT_S)
+        except requests.RequestException as error:
+            return type(error).__name__
+        return None if response.status_code < 300 else f"HTTP {response.status_code}"
+
+    def close(self) -> None:
+        """Stops within WEBHOOK_TIMEOUT_S plus a little; what is not posted stays due for the next run."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(WEBHOOK_TIMEOUT_S + 2)
