@@ -54,6 +54,16 @@ class Deduplicator:
         return cls({"CRITICAL": settings.alert_cooldown_critical_seconds, "HIGH": settings.alert_cooldown_high_seconds,
                     "MEDIUM": settings.alert_cooldown_medium_seconds, "LOW": settings.alert_cooldown_medium_seconds})
 
+    def forget(self, symbols: set[str]) -> None:
+        """Drop the cooldowns of `symbols` (their partition is gone; its next owner restores them)."""
+        self.last_ms = {k: v for k, v in self.last_ms.items() if k[0] not in symbols}
+
+    def export(self, symbol: str) -> dict[str, int]:
+        return {kind: ms for (s, kind), ms in self.last_ms.items() if s == symbol}
+
+    def restore(self, symbol: str, cooldowns: dict[str, int]) -> None:
+        self.last_ms.update(((symbol, kind), int(ms)) for kind, ms in cooldowns.items())
+
     def allow(self, alert: Alert) -> bool:
         key = (alert.symbol, alert.alert_type)
         last = self.last_ms.get(key)

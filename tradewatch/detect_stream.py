@@ -8,8 +8,8 @@ alert outbox is sent to the Kafka topic `alerts` and the webhook (tradewatch/out
 Kafka offsets. On assignment each partition's state is loaded in the transaction that claims it,
 and reading starts at its stored offset, so a restart or rebalance goes on exactly where the last
 checkpoint stopped: the same features, flags and alerts as a run that was never interrupted, and
-time never runs backwards inside a symbol's state. Breaker states and alert cooldowns are
-reloaded from their tables.
+time never runs backwards inside a symbol's state. A symbol's breaker state and alert cooldowns
+are part of that state, so they follow its partition to the next owner.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tradewatch.alerts import Alert, Deduplicator, alerts_for
 from tradewatch.config import Settings
 from tradewatch.detect import forest
 from tradewatch.detect.pipeline import DetectionPipeline
-from tradewatch.detect.rules import CircuitBreaker, DetectorConfig, RuleDetector
+from tradewatch.detect.rules import DetectorConfig, RuleDetector
 from tradewatch.events import InvalidTrade, parse_trade
 from tradewatch.outbox import AlertOutbox, WebhookOutbox
 from tradewatch.store import detections as store
@@ -61,7 +61,6 @@ class Detect(runtime.Stage):
         self.webhook = WebhookOutbox(settings, settings.alert_webhook_url) if settings.alert_webhook_url else None
         self.next_offsets: dict[int, int] = {}   # partitions read since the last checkpoint
         self.symbol_partition: dict[str, int] = {}   # where each symbol's trades come from (key = symbol)
-        self.restored = False
         self.flagged_pending: list[tuple[int, object]] = []
         self.alerts_pending: list[tuple[int, Alert]] = []
         self.transitions: list[tuple[int, object]] = []
@@ -73,14 +72,10 @@ class Detect(runtime.Stage):
         return {self.settings.alerts_topic: 1}
 
     def assigned(self, cur, partitions: list[int], rt: runtime.Runtime) -> dict[int, int | None]:
-        if not self.restored:
-            for symbol, state, since_ms in store.load_breakers(cur):
-                self.pipeline.rules.breakers[symbol] = CircuitBreaker(
-                    symbol, self.settings.breaker_cool_off_seconds, state, since_ms)
-            self.dedup.last_ms.update(store.load_last_alerts(cur))
-            self.restored = True
+        # Rolling state, breakers and cooldowns belong to a partition's symbols: each assignment
+        # loads them as the last checkpoint stored them (a former owner may have moved them on).
         gained = set(partitions)
-        self.pipeline.rules.forget({s for s, p in self.symbol_partition.items() if p in gained})
+        self._forget({s for s, p in self.symbol_partition.items() if p in gained})
         starts = {}
         for p in partitions:
             stored = store.load_position(cur, self.group, self.topic, p)
@@ -89,7 +84,9 @@ class Detect(runtime.Stage):
                 continue
             starts[p], states = stored
             self.pipeline.rules.restore(states)
-            self.symbol_partition.update((symbol, p) for symbol in states)
+            for symbol, data in states.items():
+                self.dedup.restore(symbol, data.get("cooldowns", {}))
+                self.symbol_partition[symbol] = p
             log.info("partition %d: resuming at offset %d with the state of %d symbols", p, starts[p], len(states))
         self.outbox.waiting = True          # a former owner may have left alerts of these unpublished
         return starts
@@ -129,7 +126,19 @@ class Detect(runtime.Stage):
         for symbol, p in self.symbol_partition.items():
             symbols.setdefault(p, set()).add(symbol)
         store.write_positions(cur, self.group, self.topic, {
-            p: (offset, self.pipeline.rules.export(symbols.get(p, set()))) for p, offset in self.next_offsets.items()})
+            p: (offset, self._export(symbols.get(p, set()))) for p, offset in self.next_offsets.items()})
+
+    def _export(self, symbols: set[str]) -> dict[str, dict]:
+        states = self.pipeline.rules.export(symbols)
+        for symbol, data in states.items():
+            data["cooldowns"] = self.dedup.export(symbol)
+        return states
+
+    def _forget(self, symbols: set[str]) -> None:
+        self.pipeline.rules.forget(symbols)
+        self.dedup.forget(symbols)
+        for symbol in symbols:
+            self.symbol_partition.pop(symbol, None)
 
     def written(self) -> None:
         now_ms = time.time() * 1000
@@ -163,7 +172,7 @@ class Detect(runtime.Stage):
         self.transitions = [(p, t) for p, t in self.transitions if p not in gone]
         for p in gone:
             self.next_offsets.pop(p, None)
-        self.pipeline.rules.forget({s for s, p in self.symbol_partition.items() if p in gone})
+        self._forget({s for s, p in self.symbol_partition.items() if p in gone})
 
     def close(self) -> None:
         if self.webhook:

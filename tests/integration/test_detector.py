@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ import pytest
 from tests.conftest import query, run_script, start_script, wait_for
 from tradewatch import bus
 from tradewatch.config import PROJECT_ROOT
+from tradewatch.events import Trade
 
 
 @pytest.fixture
@@ -107,3 +109,79 @@ def test_stream_with_injected_anomalies_gives_flags_alerts_topic_and_webhook(set
     assert report["top_anomalies"][0]["score"] >= report["top_anomalies"][-1]["score"]
     text = run_script(settings, "anomaly_detector.py", "analyze", "AAPL").stdout
     assert "AAPL" in text and "top" in text
+
+
+T0 = 1_767_312_000_000                     # 2026-01-02T00:00:00Z
+WARM = [Trade(f"n-{i}", "AAPL", T0 + i * 100, 100.0 + (i % 2) * 0.01, 1.0, "buy", "X") for i in range(100)]
+
+
+def spike(name: str, at_ms: int, price: float) -> Trade:
+    return Trade(name, "AAPL", at_ms, price, 1.0, "buy", "X")
+
+
+def publish(settings, trades: list[Trade]) -> None:
+    publisher = bus.Publisher(settings)
+    for t in trades:
+        publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
+    assert publisher.flush(60)
+    publisher.close()
+
+
+def owners(settings) -> dict[int, str]:
+    return dict(query(settings, "SELECT kafka_partition, owner FROM partition_owners WHERE consumer_group = %s",
+                      (settings.detector_group,)))
+
+
+def test_cooldowns_and_breakers_follow_a_partition_to_its_next_owner(settings, tmp_path):
+    """Issue 22, item 5: cooldowns and breaker states were loaded once per process, when it first
+    got partitions. A detector that took over AAPL's partition from another one (stopped) still
+    had the cooldowns of its own start: a second spike 10 s after the first raised the alerts again
+    (HIGH cooldown 60 s) and re-opened an open breaker. They now travel with the partition's state."""
+    detectors = {}
+    for n in (1, 2):
+        process = start_script(settings, "anomaly_detector.py", "run", log=tmp_path / f"detector{n}.log")
+        detectors[f"{socket.gethostname()}:{process.pid}"] = process
+    wait_for(lambda: set(owners(settings).values()) == set(detectors), timeout=60, message="both detectors hold some")
+    publish(settings, WARM + [spike("s-1", T0 + 10_100, 120.0)])
+    wait_for(lambda: query(settings, "SELECT count(*) FROM alerts WHERE trade_id = 's-1'")[0][0] >= 2,
+             timeout=60, message="the first spike's alerts")
+    partition = query(settings, "SELECT kafka_partition FROM detector_state WHERE consumer_group = %s"
+                                " AND symbols::jsonb ? 'AAPL'", (settings.detector_group,))[0][0]
+    first = owners(settings)[partition]
+    detectors[first].send_signal(signal.SIGTERM)
+    assert detectors[first].wait(timeout=30) == 0
+    wait_for(lambda: owners(settings)[partition] != first, timeout=60, message="the other detector takes AAPL over")
+    publish(settings, [spike("s-2", T0 + 20_000, 121.0)])
+    wait_for(lambda: sum(c for c, _ in bus.group_lag(settings, settings.detector_group,
+                                                     settings.trades_topic).values()) == 102,
+             timeout=60, message="the second spike examined")
+    assert query(settings, "SELECT anomaly_types FROM trade_flags WHERE trade_id = 's-2'"), "the spike is flagged"
+    kinds = query(settings, "SELECT alert_type, count(*) FROM alerts GROUP BY 1 ORDER BY 1")
+    assert all(count == 1 for _, count in kinds), f"alerts raised again within their cooldown: {kinds}"
+    assert query(settings, "SELECT count(*) FROM breaker_transitions WHERE state = 'OPEN'")[0][0] == 1
+
+
+def test_alerts_dropped_with_a_lost_partition_hold_no_cooldown(settings):
+    """Issue 22, item 5: a partition lost before its checkpoint drops its pending alerts; their
+    cooldowns stayed, so when the partition came back and the trades were read again, the alert
+    was suppressed for good."""
+    from tradewatch import runtime
+    from tradewatch.detect_stream import Detect
+
+    trades = WARM + [spike("s-1", T0 + 10_100, 120.0)]
+    messages = [bus.Message(settings.trades_topic, 0, i, t.symbol.encode(), t.to_json_bytes(), t.timestamp_ms)
+                for i, t in enumerate(trades)]
+    stage = Detect(settings)
+    rt = runtime.Runtime(settings, stage, settings.detector_group, settings.trades_topic, stop=lambda: False)
+    try:
+        rt._assigned([0])
+        stage.take(messages)
+        assert [a.trade_id for _, a in stage.alerts_pending].count("s-1") >= 2
+        rt._lost([0])                              # e.g. a session timeout, before the checkpoint
+        assert not stage.alerts_pending
+        assert rt._assigned([0]) == {}             # nothing was stored: read again from the start
+        stage.take(messages)
+        assert [a.trade_id for _, a in stage.alerts_pending].count("s-1") >= 2, "the re-read spike alerts again"
+    finally:
+        if rt.conn is not None:
+            rt.conn.close()

@@ -115,17 +115,27 @@ class RuleDetector:
         return breaker
 
     def forget(self, symbols: set[str]) -> None:
-        """Drop the rolling state of `symbols` (their partition went to another process)."""
+        """Drop the rolling state and breakers of `symbols` (their partition went elsewhere)."""
         for symbol in symbols:
             self.symbols.pop(symbol, None)
+            self.breakers.pop(symbol, None)
 
     def export(self, symbols: set[str]) -> dict[str, dict]:
-        """The rolling state of `symbols`, to store beside the detector's position."""
-        return {s: self.symbols[s].to_dict() for s in sorted(symbols) if s in self.symbols}
+        """The rolling state and breaker of `symbols`, to store beside the detector's position."""
+        exported = {}
+        for s in sorted(symbols):
+            if s in self.symbols:
+                exported[s] = self.symbols[s].to_dict()
+                if s in self.breakers:
+                    exported[s]["breaker"] = [self.breakers[s].state, self.breakers[s].since_ms]
+        return exported
 
     def restore(self, states: dict[str, dict]) -> None:
         for symbol, data in states.items():
             self.symbols[symbol] = SymbolState.from_dict(data, self.config.price_window, self.config.volume_window)
+            if "breaker" in data:
+                state, since_ms = data["breaker"]
+                self.breakers[symbol] = CircuitBreaker(symbol, self.config.cool_off_s, state, since_ms)
 
     def process(self, trade: Trade) -> Detection:
         """Detect on one trade and fold it into its symbol's state."""

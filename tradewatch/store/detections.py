@@ -110,13 +110,3 @@ def webhook_due(cur: Cursor, partitions: list[int], limit: int) -> list[Alert]:
 def mark_posted(cur: Cursor, alert_id: str) -> None:
     cur.execute("UPDATE alerts SET webhook_due = false WHERE alert_id = %s", (alert_id,))
 
-
-def load_breakers(cur: Cursor) -> list[tuple[str, str, int]]:
-    cur.execute("SELECT symbol, state, (extract(epoch FROM since) * 1000)::bigint FROM circuit_breakers")
-    return [(s, st, int(ms)) for s, st, ms in cur.fetchall()]
-
-
-def load_last_alerts(cur: Cursor) -> dict[tuple[str, str], int]:
-    cur.execute("SELECT symbol, alert_type, (extract(epoch FROM max(ts)) * 1000)::bigint FROM alerts"
-                " GROUP BY symbol, alert_type")
-    return {(s, t): int(ms) for s, t, ms in cur.fetchall()}
