@@ -59,6 +59,9 @@ class Aggregate(runtime.Stage):
         self.folded_since = 0
         self.invalid_skipped = self.late_total = 0
 
+    def rewind(self, cur, partitions: list[int]) -> None:
+        store.rewind(cur, self.group, self.topic, partitions)
+
     def assigned(self, cur, partitions: list[int], _runtime) -> dict[int, int | None]:
         starts = {}
         for p in partitions:
@@ -85,11 +88,17 @@ class Aggregate(runtime.Stage):
             self.folded_since += 1
             try:
                 trade = parse_trade(message.value, message.timestamp_ms, skew)
+                folded = ws.add(trade, message.offset)
             except InvalidTrade:
                 self.invalid_skipped += 1  # the consumer puts it in dead_letters
                 continue
+            except Exception as error:  # noqa: BLE001 - no single message may stop the stage
+                self.invalid_skipped += 1
+                log.error("%s[%d]@%d skipped: %s: %s", message.topic, message.partition, message.offset,
+                          type(error).__name__, error)
+                continue
             self.symbol_partition[trade.symbol] = message.partition
-            for window in ws.add(trade, message.offset):
+            for window in folded:
                 self.dirty[(window.symbol, window.size_ms, window.start_ms)] = window
             self.processed += 1
 

@@ -845,6 +845,17 @@ def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
         time.sleep(0.1)
 
 
+def topic_id(settings: Settings, topic: str) -> str | None:
+    """Kafka's id of `topic` (a topic deleted and created again under its name has a new one);
+    None when Kafka cannot say within a few seconds."""
+    from confluent_kafka import KafkaException, TopicCollection
+    try:
+        admin = _admin(settings)
+        return str(admin.describe_topics(TopicCollection([topic]), request_timeout=5)[topic].result(6).topic_id)
+    except (KafkaException, KafkaUnavailable):
+        return None
+
+
 def topic_partitions(settings: Settings) -> dict[str, int]:
     """Every topic on the broker and its number of partitions (raises KafkaUnavailable)."""
     from confluent_kafka import KafkaException

@@ -71,6 +71,9 @@ class Detect(runtime.Stage):
     def output_topics(self) -> dict[str, int]:
         return {self.settings.alerts_topic: 1}
 
+    def rewind(self, cur, partitions: list[int]) -> None:
+        store.rewind(cur, self.group, self.topic, partitions)
+
     def assigned(self, cur, partitions: list[int], rt: runtime.Runtime) -> dict[int, int | None]:
         # Rolling state, breakers and cooldowns belong to a partition's symbols: each assignment
         # loads them as the last checkpoint stored them (a former owner may have moved them on).
@@ -99,6 +102,8 @@ class Detect(runtime.Stage):
                 origins.append(m)
             except InvalidTrade:
                 continue  # dead-lettered by the consumer
+            except Exception as error:  # noqa: BLE001 - no single message may stop the stage
+                log.error("%s[%d]@%d skipped: %s: %s", m.topic, m.partition, m.offset, type(error).__name__, error)
         self.read += len(messages)
         for m in messages:
             self.next_offsets[m.partition] = m.offset + 1

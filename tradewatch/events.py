@@ -7,8 +7,10 @@ Wire format (Kafka topic `trades`, key = symbol, value = UTF-8 JSON object), sch
     trade_id          string          unique per trade, 1..64 of A-Z a-z 0-9 . _ - : / + = @ # ~
     symbol            string          1..20 of A-Z 0-9 . - _ / ^ =
     timestamp_ms      int             event time, UTC milliseconds since the epoch, from 1990-01-01
-                                      to at most MAX_CLOCK_SKEW_SECONDS (default 300) after the
-                                      moment the message was sent (its Kafka record timestamp)
+                                      to 9999-12-31, and at most MAX_CLOCK_SKEW_SECONDS (default
+                                      300) after the moment the message was sent (its Kafka record
+                                      timestamp, which a topic with producer timestamps leaves to
+                                      the producer's clock)
     price             number          > 0 and <= 1e12 (so sums of price x quantity stay finite)
     quantity          number          > 0 and <= 1e15
     side              string          "buy" | "sell" | "unknown"
@@ -53,6 +55,7 @@ MAX_EVENT_BYTES = 16 * 1024
 SIDES = frozenset({"buy", "sell", "unknown"})
 ANOMALY_LABELS = frozenset({"price_spike", "price_drop", "volume_spike", "flash_crash"})
 EARLIEST_TIMESTAMP_MS = 631152000000  # 1990-01-01T00:00:00Z
+LATEST_TIMESTAMP_MS = 253_402_300_799_999       # 9999-12-31T23:59:59.999Z: the last day Python dates hold
 MAX_CLOCK_SKEW_MS = 300_000          # default of the setting MAX_CLOCK_SKEW_SECONDS
 _SYMBOL_PATTERN = r"\A[A-Z0-9._/^=-]{1,20}\Z"
 _ID_PATTERN = r"\A[A-Za-z0-9._:/+=@#~-]{1,64}\Z"
@@ -103,7 +106,7 @@ class _Wire(msgspec.Struct, gc=False):
     schema_version: Literal[1]
     trade_id: Annotated[str, msgspec.Meta(pattern=_ID_PATTERN)]
     symbol: Annotated[str, msgspec.Meta(pattern=_SYMBOL_PATTERN)]
-    timestamp_ms: Annotated[int, msgspec.Meta(ge=EARLIEST_TIMESTAMP_MS)]
+    timestamp_ms: Annotated[int, msgspec.Meta(ge=EARLIEST_TIMESTAMP_MS, le=LATEST_TIMESTAMP_MS)]
     price: _Price
     quantity: Annotated[float, msgspec.Meta(gt=0, le=MAX_QUANTITY)]
     side: Literal["buy", "sell", "unknown"]
@@ -272,6 +275,9 @@ def _timestamp(data: dict, sent_ms: int, max_skew_ms: int) -> int:
         raise InvalidTrade(
             f"timestamp_ms {value} ({_iso(value)}) is before 1990-01-01 — seconds sent instead of milliseconds?"
         )
+    if value > LATEST_TIMESTAMP_MS:
+        raise InvalidTrade(f"timestamp_ms {value} is after 9999-12-31 — a wrong clock, or microseconds sent instead"
+                           " of milliseconds?")
     if value > sent_ms + max_skew_ms:
         raise InvalidTrade(
             f"timestamp_ms {value} ({_iso(value)}) is {_duration(value - sent_ms)} ahead of the time the message was "

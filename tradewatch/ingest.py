@@ -53,6 +53,9 @@ class _Batch(runtime.Stage):
                 sources.append(m)
             except InvalidTrade as error:
                 dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, str(error)))
+            except Exception as error:  # noqa: BLE001 - no single message may stop the stage
+                dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value,
+                                       f"cannot be stored: {type(error).__name__}: {error}"))
         self.dead.extend(dead)
         return dead
 

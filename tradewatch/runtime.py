@@ -171,6 +171,10 @@ class Stage:
         return where to start reading each (None / left out: the group's committed offset)."""
         return {}
 
+    def rewind(self, cur, partitions: list[int]) -> None:
+        """The topic of `partitions` was deleted and created again (in the claiming transaction,
+        before assigned): a position the stage stored for them must point at the start."""
+
     def take(self, messages: list) -> None:
         """Fold a polled batch into pending effects (no I/O)."""
 
@@ -287,17 +291,31 @@ class Runtime:
     # -- rebalances ----------------------------------------------------------------------
     def _assigned(self, partitions: list[int]) -> dict[int, int | None]:
         self._finish_inflight()
+        topic_id = bus.topic_id(self.settings, self.topic)     # None if Kafka cannot say: no check
 
         def claim(_conn, cur):
             cur.execute(
-                "INSERT INTO partition_owners (consumer_group, topic, kafka_partition, epoch, owner)"
-                " SELECT %s, %s, p, 1, %s FROM unnest(%s::int[]) AS p ORDER BY p"
+                "WITH before AS (SELECT kafka_partition, topic_id FROM partition_owners"
+                "  WHERE consumer_group = %s AND topic = %s AND kafka_partition = ANY(%s))"
+                " INSERT INTO partition_owners (consumer_group, topic, kafka_partition, epoch, owner, topic_id)"
+                " SELECT %s, %s, p, 1, %s, %s FROM unnest(%s::int[]) AS p ORDER BY p"
                 " ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE"
-                " SET epoch = partition_owners.epoch + 1, owner = EXCLUDED.owner, claimed_at = now()"
-                " RETURNING kafka_partition, epoch",
-                (self.group, self.topic, f"{self.heartbeat.host}:{self.heartbeat.pid}", partitions))
-            epochs = dict(cur.fetchall())
-            return epochs, self.stage.assigned(cur, partitions, self)
+                " SET epoch = partition_owners.epoch + 1, owner = EXCLUDED.owner, claimed_at = now(),"
+                " topic_id = coalesce(EXCLUDED.topic_id, partition_owners.topic_id)"
+                " RETURNING kafka_partition, epoch,"
+                " (SELECT topic_id FROM before b WHERE b.kafka_partition = partition_owners.kafka_partition)",
+                (self.group, self.topic, partitions, self.group, self.topic,
+                 f"{self.heartbeat.host}:{self.heartbeat.pid}", topic_id, partitions))
+            rows = cur.fetchall()
+            recreated = sorted(p for p, _, was in rows if topic_id and was and was != topic_id)
+            if recreated:
+                self.log.warning("topic %s was created again since partitions %s were last read (id %s, now %s):"
+                                 " reading them from the start of the new topic", self.topic, recreated,
+                                 next(was for p, _, was in rows if p == recreated[0]), topic_id)
+                self.stage.rewind(cur, recreated)
+            starts = self.stage.assigned(cur, partitions, self)
+            starts.update({p: bus.BEGINNING for p in recreated})
+            return {p: epoch for p, epoch, _ in rows}, starts
         epochs, starts = self.transaction(claim)
         self.epochs.update(epochs)
         self.log.info("assigned partitions %s (epochs %s)", partitions, [epochs[p] for p in partitions])

@@ -70,6 +70,13 @@ def write_positions(cur: Cursor, group: str, topic: str, positions: dict[int, tu
             template="(%s, %s, %s, %s, %s::json)")
 
 
+def rewind(cur: Cursor, group: str, topic: str, partitions: list[int]) -> None:
+    """The partitions' topic was created again: their stored position goes to its start (the
+    symbols' rolling state stays; it describes trades, not offsets)."""
+    cur.execute("UPDATE detector_state SET next_offset = 0 WHERE consumer_group = %s AND topic = %s"
+                " AND kafka_partition = ANY(%s)", (group, topic, partitions))
+
+
 def load_position(cur: Cursor, group: str, topic: str, partition: int) -> tuple[int, dict] | None:
     cur.execute("SELECT next_offset, symbols::text FROM detector_state WHERE consumer_group = %s AND topic = %s"
                 " AND kafka_partition = %s", (group, topic, partition))

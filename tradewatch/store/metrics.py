@@ -81,6 +81,13 @@ def write_indicators(cur: Cursor, rows: list[tuple[str, str, int, float, Indicat
         )
 
 
+def rewind(cur: Cursor, group: str, topic: str, partitions: list[int]) -> None:
+    """The partitions' topic was created again: their stored position goes to its start (watermark
+    and open windows stay; they describe trades, not offsets)."""
+    cur.execute("UPDATE aggregator_offsets SET next_offset = 0 WHERE consumer_group = %s AND topic = %s"
+                " AND kafka_partition = ANY(%s)", (group, topic, partitions))
+
+
 def load_partition(cur: Cursor, group: str, topic: str, partition: int,
                    sizes_ms: tuple[int, ...]) -> tuple[int | None, PartitionClock, list[Window]]:
     """The stored position, watermark and open windows of one partition (None offset = never started)."""

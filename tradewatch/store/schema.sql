@@ -139,6 +139,9 @@ CREATE TABLE IF NOT EXISTS partition_owners (
     claimed_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer_group, topic, kafka_partition)
 );
+-- The topic's identity (Kafka's topic id) when claimed: a topic deleted and created again under the
+-- same name has a new one, and positions stored for the old topic no longer apply.
+ALTER TABLE partition_owners ADD COLUMN IF NOT EXISTS topic_id text;
 
 -- Technical indicators over final candles (see tradewatch/indicators.py).
 CREATE TABLE IF NOT EXISTS indicators (
