@@ -7,6 +7,7 @@ import sys
 from datetime import datetime, timezone
 
 from tradewatch.aggregate import excluded_conditions, run, sizes_from
+from tradewatch import runtime
 from tradewatch.cli import StopFlag, iso_time, setup_logging
 from tradewatch.config import Settings
 from tradewatch.store import db
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         db.apply_schema(settings)
-    except db.DatabaseUnavailable as error:
+    except (db.DatabaseUnavailable, db.DatabaseRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.backfill:
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         conn.close()
         print(f"backfilled {written} windows from {args.since.isoformat()} to {until.isoformat()}")
         return 0
-    run(settings, StopFlag())
+    try:
+        run(settings, StopFlag())
+    except runtime.StageFailed:
+        return 1            # the stage logged why
     return 0
 
 

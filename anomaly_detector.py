@@ -18,7 +18,7 @@ from tradewatch.detect import evaluate, forest
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
-from tradewatch import detect_stream
+from tradewatch import detect_stream, runtime
 from tradewatch.detect_stream import detector_config, load_model
 from tradewatch.store import db, queries
 
@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(args, settings)
         detect_stream.run(settings, StopFlag())
         return 0
-    except db.DatabaseUnavailable as error:
+    except runtime.StageFailed:
+        return 1            # the stage logged why
+    except (db.DatabaseUnavailable, db.DatabaseRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tradewatch import bus, ingest
+from tradewatch import bus, ingest, runtime
 from tradewatch.cli import StopFlag, setup_logging
 from tradewatch.config import Settings
 
@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.load()
     if args.batch_size:
         settings = settings.with_overrides(consumer_batch_size=args.batch_size)
-    ingest.run(settings, StopFlag(), args.group, args.client)
+    try:
+        ingest.run(settings, StopFlag(), args.group, args.client)
+    except runtime.StageFailed:
+        return 1            # the stage logged why
     return 0
 
 

@@ -109,9 +109,10 @@ class Heartbeat:
         """Remember the latest error so the strip can show it (written with the next beat)."""
         self.last_error = message[:500]
 
-    def stopped(self, processed: int) -> None:
-        """A clean exit: the strip shows the stage as stopped rather than crashed."""
-        self.beat(processed, state="stopped", force=True)
+    def stopped(self, processed: int, state: str = "stopped") -> None:
+        """The last beat: `stopped` (a clean exit, the strip shows it stopped rather than crashed)
+        or `failed` (it shows the stage down with its last error)."""
+        self.beat(processed, state=state, force=True)
         self._drop()
 
     def _forget_dead_instances(self) -> None:
@@ -145,6 +146,10 @@ COMMIT_EVERY_S = 1.0
 
 class Stopping(bus.Interrupt):
     """Raised inside the runtime when a stop was requested while it waited for a service."""
+
+
+class StageFailed(RuntimeError):
+    """The stage stopped on an error no retry can fix (the message says which); exit status 1."""
 
 
 class Stage:
@@ -245,6 +250,8 @@ class Runtime:
                 return value
             except (bus.KafkaUnavailable, db.DatabaseUnavailable, *db.CONNECTION_ERRORS) as error:
                 self._drop_db()
+                if isinstance(error, db.CONNECTION_ERRORS) and not db.is_outage(error):
+                    raise db.DatabaseRefused(db.refused_message(error)) from None
                 if not waiting:
                     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                     self.log.warning("%s unavailable (%s); retrying every %.0fs", what, reason, RETRY_S)
@@ -457,6 +464,7 @@ class Runtime:
         stage = self.stage
         metrics.serve(self.settings, stage.name)
         messages_in = metrics.MESSAGES_IN.labels(stage.name)
+        failed = None
         last_lags = 0.0
         try:
             self.wait_for("PostgreSQL", lambda: db.apply_schema(self.settings))
@@ -515,10 +523,15 @@ class Runtime:
         except Stopping:
             self._abandoned = True
             self.log.info("stopped while waiting for a service; nothing uncommitted was acknowledged")
+        except db.DatabaseRefused as error:
+            failed = str(error)
+            self._abandoned = True      # nothing more can be stored: no last checkpoint
+            self.log.error("%s", failed)
+            self.heartbeat.error(failed)
         finally:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
-            self.heartbeat.stopped(stage.processed)
+            self.heartbeat.stopped(stage.processed, "failed" if failed else "stopped")
             if self.consumer is not None:
                 self.consumer.close()
             stage.close()
@@ -527,6 +540,8 @@ class Runtime:
             if self.conn is not None:
                 self.conn.close()
         self.log.info("%s", stage.report())
+        if failed:
+            raise StageFailed(failed)
 
 
 # ---------------------------------------------------------------- reading the heartbeats

@@ -295,3 +295,37 @@ def test_idle_stages_use_almost_no_cpu(settings, tmp_path):
     share = {stage: (cpu_seconds(p.pid) - before[stage]) / 6 for stage, p in running.items()}
     assert all(s < 0.05 for s in share.values()), f"idle CPU share per stage: {share}"
     stop_all(running.values())
+
+
+def test_an_error_that_retrying_cannot_fix_stops_the_stage_with_its_sqlstate(settings, tmp_path):
+    """Issue 22, item 6: every OperationalError was taken for an outage and retried for ever as
+    "PostgreSQL unavailable" — e.g. SQLSTATE 54000 (a program limit), which no retry can fix. Now
+    the stage stops with the SQLSTATE and the reason, and the health strip shows it; an outage
+    (class 08, a server shutting down) is still waited out (the other tests in this module)."""
+    query(settings, "CREATE OR REPLACE FUNCTION tw_test_refuse() RETURNS trigger LANGUAGE plpgsql AS"
+                    " $$ BEGIN RAISE EXCEPTION 'the test refuses this row' USING ERRCODE = '54000'; END $$")
+    query(settings, "CREATE TRIGGER tw_test_refuse BEFORE INSERT ON stock_metrics FOR EACH ROW"
+                    " EXECUTE FUNCTION tw_test_refuse()")
+    try:
+        log = tmp_path / "aggregator.log"
+        aggregator = start(settings, "aggregator", log)
+        publish_replay_some(settings, 50)
+        code = exit_code(aggregator, log, timeout=60)
+    finally:
+        query(settings, "DROP TRIGGER IF EXISTS tw_test_refuse ON stock_metrics")
+    text = log.read_text()
+    assert code == 1, text[-2000:]
+    assert "54000" in text and "the test refuses this row" in text, text[-2000:]
+    assert "unavailable" not in text, "not an outage"
+    assert "Traceback" not in text
+    health = query(settings, "SELECT state, last_error FROM stage_health WHERE stage = 'aggregator'")
+    assert health and health[0][0] == "failed" and "54000" in health[0][1], health
+
+
+def publish_replay_some(settings, n: int) -> None:
+    trades = islice(MarketSimulator(["AAPL"], rate=20.0, seed=3, start_ms=START_MS), n)
+    publisher = bus.Publisher(settings)
+    for t in trades:
+        publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
+    assert publisher.flush(60)
+    publisher.close()

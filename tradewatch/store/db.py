@@ -4,17 +4,47 @@ from __future__ import annotations
 from pathlib import Path
 
 import psycopg2
+import psycopg2.errorcodes
 import psycopg2.extensions
 
 from tradewatch.config import Settings
 
 SCHEMA_FILE = Path(__file__).with_name("schema.sql")
-# Errors that mean "the server is gone for now": wait and retry, never crash.
+# Errors that may mean "the server is gone for now" (is_outage tells): wait and retry, never crash.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+# SQLSTATEs an OperationalError carries when the server is away or busy for a while: connection
+# exceptions (class 08), a shutting-down or starting server (57P01-57P03), too many connections.
+_OUTAGE_STATES = ("57P01", "57P02", "57P03", "53300")
+# what libpq says when a connection is refused for good: retrying cannot fix these
+_REFUSED = ("password authentication failed", "no password supplied", "does not exist",
+            "no pg_hba.conf entry", "SSL is required")
 
 
 class DatabaseUnavailable(RuntimeError):
     pass
+
+
+class DatabaseRefused(RuntimeError):
+    """PostgreSQL answered, and no retry will change its answer (bad credentials, a limit, a
+    cancelled statement …): the stage stops with this message."""
+
+
+def is_outage(error: BaseException) -> bool:
+    """True when `error` (from psycopg2) means the server is away or busy for now."""
+    if isinstance(error, psycopg2.InterfaceError):
+        return True          # our connection is closed: the server went away under it
+    code = getattr(error, "pgcode", None)
+    if code is None:         # libpq lost or could not open the connection
+        return not any(words in str(error) for words in _REFUSED)
+    return code.startswith("08") or code in _OUTAGE_STATES
+
+
+def refused_message(error: BaseException) -> str:
+    code = getattr(error, "pgcode", None)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    name = psycopg2.errorcodes.lookup(code).lower() if code and psycopg2.errorcodes.lookup(code) else ""
+    return (f"PostgreSQL refused it (SQLSTATE {code}{' ' + name if name else ''}): {first}" if code
+            else f"PostgreSQL refused the connection: {first}") + "; retrying cannot fix this, stopping"
 
 
 def unavailable_message(settings: Settings) -> str:
@@ -29,6 +59,8 @@ def connect(settings: Settings, database: str | None = None) -> psycopg2.extensi
     try:
         return psycopg2.connect(dsn)
     except psycopg2.OperationalError as error:
+        if not is_outage(error):
+            raise DatabaseRefused(refused_message(error)) from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise DatabaseUnavailable(f"{unavailable_message(settings)}: {first_line}") from None
 
