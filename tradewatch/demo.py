@@ -161,6 +161,16 @@ class Supervisor:
 def main() -> int:
     setup_logging()
     settings = Settings.load()
+    try:
+        stack.check_home(settings)
+        with stack.home_lock(settings, "demo"):      # one demo per home, held until it ends
+            return _run(settings)
+    except stack.StackError as error:
+        log.error("%s", error)
+        return 1
+
+
+def _run(settings: Settings) -> int:
     already_up = stack.status(settings)
     we_started_services = not (already_up["kafka"].startswith("up") and already_up["postgres"].startswith("up"))
     supervisor = Supervisor(stages(settings))

@@ -13,11 +13,13 @@ import argparse
 import importlib.util
 import base64
 import contextlib
+import fcntl
 import logging
 import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,7 +103,7 @@ def start_postgres(settings: Settings) -> None:
                              f"{(result.stderr or result.stdout).strip()[-2000:]}")
     _chown_tree(data.parent)
     stale = data / "postmaster.pid"
-    if stale.exists():
+    if stale.exists() and not _postgres_alive(stale):
         log.info("removing stale %s", stale)
         stale.unlink()
     options = (f"-p {settings.postgres_port} -k {run_dir} -c listen_addresses={settings.postgres_host} "
@@ -112,6 +114,16 @@ def start_postgres(settings: Settings) -> None:
         tail = logfile.read_text()[-2000:] if logfile.exists() else result.stderr
         raise StackError(f"PostgreSQL did not start on port {settings.postgres_port}:\n{tail}")
     log.info("PostgreSQL started on %s:%d", settings.postgres_host, settings.postgres_port)
+
+
+def _postgres_alive(pid_file: Path) -> bool:
+    """Whether the server named in postmaster.pid still runs (then the file is not stale, whatever
+    pg_ctl status said)."""
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+        return Path(f"/proc/{pid}/comm").read_text().strip() in ("postgres", "postmaster") and not _is_zombie(pid)
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def stop_postgres(settings: Settings) -> None:
@@ -329,11 +341,57 @@ def check_home(settings: Settings) -> None:
                 f"or allow it with `chmod o+x {folder}`.")
 
 
+LOCK_WAIT_S = 180.0
+
+
+@contextlib.contextmanager
+def home_lock(settings: Settings, purpose: str, wait_s: float = 0.0):
+    """Hold the lock `purpose` of TRADEWATCH_HOME (a file in it, flock'ed; the kernel releases it
+    when its holder dies, so no stale lock outlives a crash). `services`: a start or a stop of this
+    home's Kafka and PostgreSQL (they take turns: two at once formatted Kafka twice). `demo`: a
+    running demo (one per home: another one's Ctrl-C would stop the services under it). Waits up
+    to `wait_s`, then raises StackError naming the holder."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    path = settings.home / f".{purpose}.lock"
+    handle = open(path, "a+")
+    try:
+        deadline, told = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                if time.monotonic() >= deadline:
+                    what = "a demo is running" if purpose == "demo" else "its services are being started or stopped"
+                    hint = ("stop it with Ctrl-C in its terminal, or start this one with another TRADEWATCH_HOME "
+                            "(and other ports)" if purpose == "demo" else "try again when it has finished")
+                    raise StackError(f"TRADEWATCH_HOME {settings.home}: {what} ({holder}); {hint}") from None
+                if not told:
+                    log.info("waiting for %s in %s to finish", holder, settings.home)
+                    told = True
+                time.sleep(0.2)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, {purpose} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()         # releases the lock
+
+
 def start(settings: Settings, timeout_s: float = 90.0) -> None:
     """Start both services (when not running), wait until they answer, create DB, schema, topics."""
+    check_home(settings)
+    with home_lock(settings, "services", LOCK_WAIT_S):
+        _start(settings, timeout_s)
+
+
+def _start(settings: Settings, timeout_s: float) -> None:
     from tradewatch import bus
 
-    check_home(settings)
     start_postgres(settings)
     start_kafka(settings)
     ensure_database(settings)
@@ -348,8 +406,11 @@ def start(settings: Settings, timeout_s: float = 90.0) -> None:
 
 
 def stop(settings: Settings) -> None:
-    stop_kafka(settings)
-    stop_postgres(settings)
+    if not settings.home.exists():
+        return
+    with home_lock(settings, "services", LOCK_WAIT_S):
+        stop_kafka(settings)
+        stop_postgres(settings)
 
 
 def status(settings: Settings) -> dict[str, str]:

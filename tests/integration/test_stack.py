@@ -54,3 +54,72 @@ def check_locked_home(locked: Path) -> None:
             assert "cannot create TRADEWATCH_HOME" in output
         assert "Traceback" not in output, output
         assert not (locked / "home" / "postgres" / "data" / "PG_VERSION").exists()
+
+
+def lock_home(name: str) -> Settings:
+    """A home of its own inside the project (the service user can reach it), on free ports."""
+    import shutil
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    home = PROJECT_ROOT / ".tradewatch" / f"test-{name}-{os.getpid()}"
+    shutil.rmtree(home, ignore_errors=True)
+    return Settings.load(tradewatch_home=str(home), kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
+                         kafka_controller_port=free_port(), postgres_port=free_port())
+
+
+def processes_with(needle: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_two_starts_at_once_in_one_home_make_one_kafka_and_one_postgresql():
+    """Issue 22, item 7: two starts in one TRADEWATCH_HOME at the same moment raced: Kafka's storage
+    formatted twice, two brokers on one folder, PostgreSQL's pid file removed under a starting
+    server. Starts and stops of one home now take turns (a lock file in the home)."""
+    import shutil
+    settings = lock_home("twostarts")
+    env = {**os.environ, **settings.as_env()}
+    try:
+        starts = [subprocess.Popen([sys.executable, "-m", "tradewatch.stack", "start"], env=env, cwd=PROJECT_ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outputs = [p.communicate(timeout=180)[0] for p in starts]
+        assert [p.returncode for p in starts] == [0, 0], outputs
+        assert len(processes_with(str(settings.home / "kafka" / "server.properties"))) == 1, outputs
+        assert len([pid for pid in processes_with(str(settings.home / "postgres" / "data"))
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "postgres"
+                    and b"-D" in Path(f"/proc/{pid}/cmdline").read_bytes()]) == 1, outputs
+        status = stack.status(settings)
+        assert status["kafka"].startswith("up") and status["postgres"].startswith("up"), status
+    finally:
+        stack.stop(settings)
+        shutil.rmtree(settings.home, ignore_errors=True)
+
+
+def test_a_second_demo_in_a_home_says_who_holds_it():
+    """Issue 22, item 7: a second `make demo` in a home where one runs shared its services, and its
+    Ctrl-C stopped them under the first. Now it stops at once and names the demo that holds it."""
+    import shutil
+    settings = lock_home("demolock")
+    try:
+        with stack.home_lock(settings, "demo"):
+            result = subprocess.run([sys.executable, "-m", "tradewatch.demo"], env={**os.environ, **settings.as_env()},
+                                    cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert f"pid {os.getpid()}" in output and str(settings.home) in output and "TRADEWATCH_HOME" in output, output
+        assert "Traceback" not in output
+        assert stack.status(settings)["kafka"] == "down", "the second demo started nothing"
+    finally:
+        stack.stop(settings)
+        shutil.rmtree(settings.home, ignore_errors=True)
