@@ -52,10 +52,10 @@ class _Batch(runtime.Stage):
                 lines.append(copy_line(decode_trade(m.value, m.timestamp_ms or now_ms, skew), m.partition, m.offset))
                 sources.append(m)
             except InvalidTrade as error:
-                dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, str(error)))
+                dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, str(error), m.timestamp_ms))
             except Exception as error:  # noqa: BLE001 - no single message may stop the stage
                 dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value,
-                                       f"cannot be stored: {type(error).__name__}: {error}"))
+                                       f"cannot be stored: {type(error).__name__}: {error}", m.timestamp_ms))
         self.dead.extend(dead)
         return dead
 
@@ -64,7 +64,7 @@ class _Batch(runtime.Stage):
 
     def write(self, conn, cur) -> None:
         self._result = result = write_batch(cur, self.lines, self.dead)
-        refused = [DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, r.reason)
+        refused = [DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, r.reason, m.timestamp_ms)
                    for r in result.refused for m in (self.sources[r.index],)]
         for letter in refused:
             log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason,

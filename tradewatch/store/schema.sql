@@ -62,6 +62,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason           text NOT NULL,
     UNIQUE (topic, kafka_partition, kafka_offset)
 );
+-- When the message was sent (its Kafka timestamp): what `consumer.py --replay-dead-letters` measures
+-- the clock-skew rule against again (NULL for letters stored before the column: received_at then).
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS sent_at timestamptz;
 
 -- Windowed metrics from aggregator.py: one row per symbol × window size × window start.
 CREATE TABLE IF NOT EXISTS stock_metrics (

@@ -50,6 +50,7 @@ class DeadLetter:
     key: bytes | None
     raw: bytes | None
     reason: str
+    sent_ms: int | None = None       # the record's Kafka timestamp: the clock-skew rule's reference
 
 
 @dataclass(slots=True)
@@ -117,10 +118,66 @@ def write_dead_letters(cur: psycopg2.extensions.cursor, dead_letters: list[DeadL
     if dead_letters:
         execute_values(
             cur,
-            "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, message_key, raw, reason) "
+            "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, message_key, raw, reason, sent_at) "
             "VALUES %s ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
-            [(d.topic, d.partition, d.offset, d.key, d.raw, d.reason) for d in dead_letters],
-        )
+            [(d.topic, d.partition, d.offset, d.key, d.raw, d.reason, d.sent_ms) for d in dead_letters],
+            template="(%s, %s, %s, %s, %s, %s, timestamptz 'epoch' + %s * interval '1 millisecond')")
+
+
+@dataclass
+class Replayed:
+    stored: int = 0               # now in trades
+    already_stored: int = 0       # their trade_id was stored before: the stored trade stays
+    still_invalid: int = 0        # left in dead_letters, with today's reason
+    first_ms: int | None = None   # event-time range of the stored ones
+    last_ms: int | None = None
+
+
+def replay_dead_letters(conn, reason: str | None, since, max_skew_ms: int, batch: int = 1000) -> Replayed:
+    """Validate dead letters again with today's rules (against the Kafka timestamp each was sent
+    with): the valid ones go into `trades` (ON CONFLICT (trade_id): never twice) and leave
+    dead_letters; the others stay, their reason brought up to date. One transaction per batch."""
+    from tradewatch.events import InvalidTrade, parse_trade
+    done, after = Replayed(), 0
+    while True:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT id, kafka_partition, kafka_offset, raw, reason,"
+                " (extract(epoch FROM coalesce(sent_at, received_at)) * 1000)::bigint FROM dead_letters"
+                " WHERE id > %s AND (%s::text IS NULL OR strpos(lower(reason), lower(%s::text)) > 0)"
+                " AND (%s::timestamptz IS NULL OR received_at >= %s::timestamptz) ORDER BY id LIMIT %s FOR UPDATE",
+                (after, reason, reason, since, since, batch))
+            rows = cur.fetchall()
+            if not rows:
+                return done
+            after = rows[-1][0]
+            lines, ids, times, changed = [], [], [], []
+            for letter_id, partition, offset, raw, old_reason, sent_ms in rows:
+                try:
+                    trade = parse_trade(bytes(raw) if raw is not None else None, sent_ms, max_skew_ms)
+                    lines.append(copy_line(trade, partition, offset))
+                    ids.append(letter_id)
+                    times.append(trade.timestamp_ms)
+                except InvalidTrade as error:
+                    done.still_invalid += 1
+                    if str(error) != old_reason:
+                        changed.append((str(error), letter_id))
+            result = write_batch(cur, lines, [])
+            for refused in result.refused:
+                changed.append((refused.reason, ids[refused.index]))
+                done.still_invalid += 1
+            gone = set(r.index for r in result.refused)
+            resolved = [letter_id for i, letter_id in enumerate(ids) if i not in gone]
+            cur.execute("DELETE FROM dead_letters WHERE id = ANY(%s)", (resolved,))
+            if changed:
+                execute_values(cur, "UPDATE dead_letters d SET reason = v.reason FROM (VALUES %s) AS v (reason, id)"
+                                    " WHERE d.id = v.id", changed)
+            done.stored += result.trades_inserted
+            done.already_stored += len(resolved) - result.trades_inserted
+            kept = [ms for i, ms in enumerate(times) if i not in gone]
+            if kept:
+                done.first_ms = min(kept + ([done.first_ms] if done.first_ms is not None else []))
+                done.last_ms = max(kept + ([done.last_ms] if done.last_ms is not None else []))
 
 
 def copy_line(t: Trade, partition: int | None, offset: int | None) -> str:

@@ -1,0 +1,50 @@
+"""`consumer.py --replay-dead-letters` on the real Kafka and PostgreSQL (issue 22, item 8): after a
+fix (here: a clock-skew limit that was too strict), the dead letters it caused are validated again
+and stored; those still invalid stay with their reason; nothing is ever stored twice."""
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+from tests.conftest import query, run_script, start_script, wait_for
+from tradewatch import bus
+from tradewatch.events import Trade
+
+
+def test_replayed_dead_letters_are_stored_once_after_the_fix_and_the_rest_keep_their_reason(settings, tmp_path):
+    strict = settings.with_overrides(max_clock_skew_seconds=60.0)
+    now_ms = int(time.time() * 1000)
+    ahead = [Trade(f"ahead-{i}", "AAPL", now_ms + 600_000 + i, 100.0, 1.0, "buy", "X") for i in range(5)]
+    fine = [Trade(f"fine-{i}", "AAPL", now_ms - 1_000 + i, 100.0, 1.0, "buy", "X") for i in range(5)]
+    again = Trade("fine-0", "AAPL", now_ms + 600_000, 100.0, 1.0, "buy", "X")  # a stored trade, re-sent ahead
+    publisher = bus.Publisher(strict)
+    for t in [*fine, *ahead, again]:
+        publisher.send(strict.trades_topic, b"AAPL", t.to_json_bytes())
+    publisher.send(strict.trades_topic, b"AAPL", b"not json")
+    assert publisher.flush(30)
+    publisher.close()
+    consumer = start_script(strict, "consumer.py", log=tmp_path / "consumer.log")
+    wait_for(lambda: query(strict, "SELECT count(*) FROM dead_letters")[0][0] == 7
+             and query(strict, "SELECT count(*) FROM trades")[0][0] == 5, timeout=60, message="5 stored, 7 dead")
+    consumer.send_signal(signal.SIGTERM)
+    assert consumer.wait(timeout=30) == 0
+
+    # the limit unchanged: nothing to store, every reason the same
+    out = run_script(strict, "consumer.py", "--replay-dead-letters", "--reason", "ahead of").stdout
+    assert "0 stored" in out and "6 still invalid" in out, out
+    assert query(strict, "SELECT count(*) FROM dead_letters")[0][0] == 7
+
+    relaxed = settings.with_overrides(max_clock_skew_seconds=900.0)
+    out = run_script(relaxed, "consumer.py", "--replay-dead-letters", "--reason", "ahead of",
+                     "--since", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now_ms / 1000 - 3600))).stdout
+    assert re.search(r"\b5 stored\b", out) and "1 already stored" in out and "0 still invalid" in out, out
+    assert "aggregator.py --backfill" in out, "says how to bring the candles up to date"
+    rows = query(relaxed, "SELECT trade_id, (extract(epoch FROM ts) * 1000)::bigint FROM trades ORDER BY 1")
+    assert [r[0] for r in rows] == sorted(t.trade_id for t in [*fine, *ahead])
+    assert dict(rows)["fine-0"] == fine[0].timestamp_ms, "the stored trade is kept, not replaced"
+    assert [r[0][:9] for r in query(relaxed, "SELECT reason FROM dead_letters")] == ["not JSON:"]
+
+    out = run_script(relaxed, "consumer.py", "--replay-dead-letters").stdout     # every reason, again
+    assert "0 stored" in out and "1 still invalid" in out, out
+    assert query(relaxed, "SELECT count(*) FROM trades")[0][0] == 10, "never doubled"
