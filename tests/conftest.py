@@ -28,6 +28,7 @@ EXPECTED_SECONDS = {
     "tests/integration/test_flink.py": 125, "tests/integration/test_kafka_cluster.py": 95,
     "tests/integration/test_commit_protocol.py": 85, "tests/integration/test_report.py": 85,
     "tests/integration/test_chaos.py": 70, "tests/integration/test_aggregator.py": 70,
+    "tests/integration/test_chaos_time.py": 100, "tests/integration/test_outbox.py": 45,
     "tests/integration/test_api.py": 60, "tests/integration/test_fuzz.py": 50, "tests/e2e/test_browser.py": 50,
     "tests/integration/test_bus.py": 40, "tests/integration/test_detector.py": 40, "tests/unit/test_detect.py": 35,
 }
