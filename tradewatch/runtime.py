@@ -26,7 +26,13 @@ durable, in this order:
    nothing. A checkpoint that cannot finish (database down while asked to stop) commits nothing.
 
 Rebalances: partitions *revoked* in an orderly rebalance are checkpointed, then their state is
-dropped; partitions *lost* (session timeout, fenced) are dropped without writing anything.
+dropped; partitions *lost* (session timeout, fenced) are dropped without writing anything. Each
+claim records Kafka's id of the topic: when it changed (the topic was deleted and created again
+under its name), stored positions of those partitions are rewound to the new topic's start.
+
+Errors: an outage (Kafka, or PostgreSQL's connection classes, db.is_outage) is waited out with one
+log line; an error no retry can fix stops the stage (StageFailed, exit status 1, shown on the
+health strip); one bad message never stops a stage (it is dead-lettered or skipped).
 
 Also here: the heartbeat (`stage_health`, at most once a second: alive, records handled, lag,
 partitions held) and how the dashboard reads the heartbeats.
