@@ -181,6 +181,17 @@ def wait_for_progress(measure, target: int, stalled_after: float = 60, interval:
     return value
 
 
+def publish_trades(settings: Settings, trades: list) -> None:
+    """Send `trades` to the settings' trades topic (key = symbol) and wait until Kafka has them all."""
+    from tradewatch import bus
+
+    publisher = bus.Publisher(settings)
+    for t in trades:
+        publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
+    assert publisher.flush(60)
+    publisher.close()
+
+
 def query(settings: Settings, sql: str, params: tuple = ()) -> list[tuple]:
     """Run one statement in its own committed transaction; rows if it returns any."""
     from tradewatch.store import db

@@ -21,6 +21,13 @@ def load_known_market(settings, count: int = 6000, seed: int = 8) -> int:
     trades = list(islice(MarketSimulator(seed=seed, rate=20.0, anomaly_rate=0.01,
                                          start_ms=int(T0.timestamp() * 1000)), count))
     conn = db.connect(settings)
+    try:
+        return _load(conn, trades)
+    finally:
+        conn.close()      # never left open in a transaction: its locks would hold up every TRUNCATE
+
+
+def _load(conn, trades) -> int:
     with conn.cursor() as cur:
         write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
     conn.commit()
@@ -31,7 +38,6 @@ def load_known_market(settings, count: int = 6000, seed: int = 8) -> int:
     flagged = [d for d in detections if d.is_anomaly]
     with conn.cursor() as cur:
         flags.write_flags(cur, flagged, pipeline.version)
-        flags.write_alerts(cur, [a for d in flagged for a in alerts_for(d) if dedup.allow(a)])
+        flags.write_alerts(cur, [(0, a) for d in flagged for a in alerts_for(d) if dedup.allow(a)], webhook=False)
     conn.commit()
-    conn.close()
     return len(trades)

@@ -699,6 +699,12 @@ class Publisher:
         else:
             self._outage.check(True)
 
+    def _reporting_to(self, on_delivery: Callable[[str | None], None]):
+        def report(error, message):
+            self._delivered(error, message)
+            on_delivery(None if error is None else error.str())
+        return report
+
     def _partition_count(self, topic: str) -> int:
         """The topic's partition count, waited for in one-second asks that each look at the stop
         (while Kafka is away nobody can say it); 0 when asked to stop first."""
@@ -740,11 +746,7 @@ class Publisher:
     def _send(self, topic: str, key: bytes | None, value: bytes, partition: int | None, on_delivery) -> bool:
         if self.client == "confluent":
             extra = {} if partition is None else {"partition": partition}
-            report = self._delivered
-            if on_delivery is not None:
-                def report(error, message):
-                    self._delivered(error, message)
-                    on_delivery(None if error is None else error.str())
+            report = self._delivered if on_delivery is None else self._reporting_to(on_delivery)
             while True:
                 try:
                     self._producer.produce(topic, value, key, on_delivery=report, **extra)

@@ -148,7 +148,7 @@ class WindowSet:
 
     def add(self, trade: Trade, sequence: int) -> list[Window]:
         """Take one trade; return the windows it changed (see the module's note on held trades)."""
-        clock, changed = self.clock, []
+        changed = []
         if self.held is not None:
             held, self.held = self.held, None
             if self._far_ahead(trade.timestamp_ms):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import SHARED_DATA, query, run_script, start_script, wait_for
+from tests.conftest import SHARED_DATA, publish_trades, query, run_script, start_script, wait_for
 from tradewatch import bus
 from tradewatch.events import Trade, iso_to_ms
 from tradewatch.store import db
@@ -235,13 +235,6 @@ def test_backfill_writes_whole_windows_only_and_leaves_held_windows_to_the_live_
                          ("1m", 180_000, 1, False)], "minute 3 stays the aggregator's; minute 4+ end after 4:10"
 
 
-def publish(settings, trades: list[Trade]) -> None:
-    publisher = bus.Publisher(settings)
-    for t in trades:
-        publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
-    assert publisher.flush(60)
-    publisher.close()
-
 
 def minute_row(settings, start_ms: int) -> tuple | None:
     rows = query(settings, "SELECT trade_count, is_final FROM stock_metrics WHERE symbol = 'AAPL' AND window_size = '1m'"
@@ -257,7 +250,7 @@ def test_a_final_candle_stays_final_after_a_quiet_spell_and_a_restart(settings, 
     stored, a final row is never updated again, and the trade is reported late."""
     run = settings.with_overrides(idle_timeout_seconds=3.0)
     minute = (int(time.time()) // 60 - 10) * 60_000          # ten minutes ago: whole, never ahead of the clock
-    publish(run, [Trade(f"q-{i}", "AAPL", minute + 50_000 + i * 200, 100.0 + i / 100, 1.0, "buy", "X")
+    publish_trades(run, [Trade(f"q-{i}", "AAPL", minute + 50_000 + i * 200, 100.0 + i / 100, 1.0, "buy", "X")
                   for i in range(50)])
     first = start_script(run, "aggregator.py", log=tmp_path / "first.log")
     wait_for(lambda: minute_row(run, minute) == (50, True), timeout=60, message="the quiet minute final, 50 trades")
@@ -266,7 +259,7 @@ def test_a_final_candle_stays_final_after_a_quiet_spell_and_a_restart(settings, 
     log = tmp_path / "second.log"
     start_script(run, "aggregator.py", log=log)
     wait_for(lambda: "assigned partitions" in log.read_text(), timeout=60, message="the restarted aggregator assigned")
-    publish(run, [Trade("q-late", "AAPL", minute + 30_000, 90.0, 1.0, "sell", "X")])   # at once, inside the minute
+    publish_trades(run, [Trade("q-late", "AAPL", minute + 30_000, 90.0, 1.0, "sell", "X")])   # at once, inside the minute
     wait_for(lambda: folded(run) == 51, timeout=60, message="the late trade read")
     assert minute_row(run, minute) == (50, True), "the final minute kept its 50 trades"
     assert query(run, "SELECT reason FROM late_trades WHERE trade_id = 'q-late' AND window_size = '1m'") == [("late",)]

@@ -11,7 +11,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from tests.conftest import query, run_script, start_script, wait_for
+from tests.conftest import publish_trades, query, run_script, start_script, wait_for
 from tradewatch import bus
 from tradewatch.config import PROJECT_ROOT
 from tradewatch.events import Trade
@@ -119,13 +119,6 @@ def spike(name: str, at_ms: int, price: float) -> Trade:
     return Trade(name, "AAPL", at_ms, price, 1.0, "buy", "X")
 
 
-def publish(settings, trades: list[Trade]) -> None:
-    publisher = bus.Publisher(settings)
-    for t in trades:
-        publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
-    assert publisher.flush(60)
-    publisher.close()
-
 
 def owners(settings) -> dict[int, str]:
     return dict(query(settings, "SELECT kafka_partition, owner FROM partition_owners WHERE consumer_group = %s",
@@ -142,7 +135,7 @@ def test_cooldowns_and_breakers_follow_a_partition_to_its_next_owner(settings, t
         process = start_script(settings, "anomaly_detector.py", "run", log=tmp_path / f"detector{n}.log")
         detectors[f"{socket.gethostname()}:{process.pid}"] = process
     wait_for(lambda: set(owners(settings).values()) == set(detectors), timeout=60, message="both detectors hold some")
-    publish(settings, WARM + [spike("s-1", T0 + 10_100, 120.0)])
+    publish_trades(settings, WARM + [spike("s-1", T0 + 10_100, 120.0)])
     wait_for(lambda: query(settings, "SELECT count(*) FROM alerts WHERE trade_id = 's-1'")[0][0] >= 2,
              timeout=60, message="the first spike's alerts")
     partition = query(settings, "SELECT kafka_partition FROM detector_state WHERE consumer_group = %s"
@@ -151,7 +144,7 @@ def test_cooldowns_and_breakers_follow_a_partition_to_its_next_owner(settings, t
     detectors[first].send_signal(signal.SIGTERM)
     assert detectors[first].wait(timeout=30) == 0
     wait_for(lambda: owners(settings)[partition] != first, timeout=60, message="the other detector takes AAPL over")
-    publish(settings, [spike("s-2", T0 + 20_000, 121.0)])
+    publish_trades(settings, [spike("s-2", T0 + 20_000, 121.0)])
     wait_for(lambda: sum(c for c, _ in bus.group_lag(settings, settings.detector_group,
                                                      settings.trades_topic).values()) == 102,
              timeout=60, message="the second spike examined")

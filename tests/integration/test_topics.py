@@ -10,7 +10,7 @@ import time
 from confluent_kafka import Producer
 from confluent_kafka.admin import ConfigResource, NewTopic
 
-from tests.conftest import query, start_script, wait_for
+from tests.conftest import publish_trades, query, start_script, wait_for
 from tradewatch import bus
 from tradewatch.events import Trade
 
@@ -21,13 +21,6 @@ def trades(prefix: str, n: int, start_ms: int) -> list[Trade]:
     return [Trade(f"{prefix}-{i}", ("AAPL", "MSFT", "NVDA")[i % 3], start_ms + i * 100, 100.0 + i % 7, 1.0, "buy", "X")
             for i in range(n)]
 
-
-def publish(settings, batch: list[Trade]) -> None:
-    publisher = bus.Publisher(settings)
-    for t in batch:
-        publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
-    assert publisher.flush(60)
-    publisher.close()
 
 
 def topic_id(settings) -> str | None:
@@ -67,7 +60,7 @@ def test_a_topic_deleted_and_created_again_is_read_from_its_start(settings, tmp_
     stored, 300 new sent: it folded about 100 of them). Now a stage sees the topic's identity change
     and reads the new topic from its start, saying so."""
     first_ms, second_ms = 1_767_398_400_000, 1_767_402_000_000      # 2026-01-03 00:00 and 01:00 UTC
-    publish(settings, trades("old", 200, first_ms))
+    publish_trades(settings, trades("old", 200, first_ms))
     stages = run_stages(settings, tmp_path, "first")
     wait_for(lambda: query(settings, "SELECT count(*) FROM trades")[0][0] == 200
              and folded(settings, first_ms) == 200 and examined(settings) == 200, timeout=60,
@@ -80,7 +73,7 @@ def test_a_topic_deleted_and_created_again_is_read_from_its_start(settings, tmp_
     wait_for(lambda: settings.trades_topic not in bus.topic_partitions(settings), message="the topic deleted")
     wait_for(lambda: _created(settings) and topic_id(settings) not in (None, old_id), timeout=60,
              message="the topic created again")
-    publish(settings, trades("new", 300, second_ms))
+    publish_trades(settings, trades("new", 300, second_ms))
 
     stages = run_stages(settings, tmp_path, "second")
     wait_for(lambda: query(settings, "SELECT count(*) FROM trades")[0][0] == 500, timeout=60,

@@ -1,6 +1,7 @@
 """Connections and schema. Every process connects through here."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import psycopg2
@@ -14,6 +15,7 @@ SCHEMA_FILE = Path(__file__).with_name("schema.sql")
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 # SQLSTATEs an OperationalError carries when the server is away or busy for a while: connection
 # exceptions (class 08), a shutting-down or starting server (57P01-57P03), too many connections.
+# Class 40 (a deadlock, a serialization failure) rolls the transaction back: running it again works.
 _OUTAGE_STATES = ("57P01", "57P02", "57P03", "53300")
 # what libpq says when a connection is refused for good: retrying cannot fix these
 _REFUSED = ("password authentication failed", "no password supplied", "does not exist",
@@ -30,13 +32,14 @@ class DatabaseRefused(RuntimeError):
 
 
 def is_outage(error: BaseException) -> bool:
-    """True when `error` (from psycopg2) means the server is away or busy for now."""
+    """True when `error` (from psycopg2) means the server is away or busy for now, or the
+    transaction lost a race it will win when run again."""
     if isinstance(error, psycopg2.InterfaceError):
         return True          # our connection is closed: the server went away under it
     code = getattr(error, "pgcode", None)
     if code is None:         # libpq lost or could not open the connection
         return not any(words in str(error) for words in _REFUSED)
-    return code.startswith("08") or code in _OUTAGE_STATES
+    return code.startswith(("08", "40")) or code in _OUTAGE_STATES
 
 
 def refused_message(error: BaseException) -> str:
@@ -66,7 +69,17 @@ def connect(settings: Settings, database: str | None = None) -> psycopg2.extensi
 
 
 def apply_schema(settings: Settings) -> None:
+    """Create or upgrade the tables — only when schema.sql changed since it was last applied: its
+    ALTERs take exclusive table locks, which a stage starting beside running ones must not take
+    (a checkpoint holding one table and waiting for another deadlocked with it)."""
+    text = SCHEMA_FILE.read_text()
+    digest = hashlib.sha256(text.encode()).hexdigest()
     with connect(settings) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(7427)")  # two processes starting together
-        cur.execute(SCHEMA_FILE.read_text())
+        cur.execute("CREATE TABLE IF NOT EXISTS schema_applied (digest text PRIMARY KEY,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())")
+        cur.execute("SELECT 1 FROM schema_applied WHERE digest = %s", (digest,))
+        if cur.fetchone() is None:
+            cur.execute(text)
+            cur.execute("INSERT INTO schema_applied (digest) VALUES (%s)", (digest,))
     conn.close()
