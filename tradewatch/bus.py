@@ -215,8 +215,8 @@ class _OutageLog:
 class _ConfluentConsumer(BusConsumer):
     def __init__(self, settings: Settings, group_id: str, topic: str, on_assign, on_revoke, on_lost,
                  **options: object):
-        from confluent_kafka import Consumer, KafkaError, TopicPartition
-        self._TopicPartition, self._KafkaError = TopicPartition, KafkaError
+        from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+        self._TopicPartition, self._KafkaError, self._KafkaException = TopicPartition, KafkaError, KafkaException
         self.topic, self.group_id = topic, group_id
         self._on_assign, self._on_revoke, self._on_lost = on_assign, on_revoke, on_lost
         self._outage = _OutageLog(settings)
@@ -258,6 +258,14 @@ class _ConfluentConsumer(BusConsumer):
                 tp.offset = starts[tp.partition]
                 if tp.offset >= 0 or tp.offset == BEGINNING:    # BEGINNING: the log start (lags use it)
                     self._next[tp.partition] = max(tp.offset, 0)
+        from_group = [tp for tp in tps if starts.get(tp.partition) is None]
+        if from_group:          # where the group's committed offsets say (poll reports a jump past them)
+            try:
+                for tp in self._consumer.committed(from_group, timeout=5):
+                    if tp.offset >= 0:
+                        self._next[tp.partition] = tp.offset
+            except self._KafkaException:
+                pass
         self._consumer.assign(tps)
         self._held = partitions
 
@@ -295,6 +303,11 @@ class _ConfluentConsumer(BusConsumer):
                 partition, offset = m.partition(), m.offset()
                 kind, stamp = m.timestamp()
                 append(Message(m.topic(), partition, offset, m.key(), m.value(), stamp if kind else None))
+                expected = nxt.get(partition, -1)
+                if offset > expected > 0:         # 0: from the log start, wherever it is now
+                    log.warning("%s[%d]: offsets %d to %d expired in Kafka before they were read (its "
+                                "retention, KAFKA_RETENTION_HOURS/_MB, ran out first): those messages are lost "
+                                "to this reader", self.topic, partition, expected, offset - 1)
                 nxt[partition] = offset + 1
             else:
                 error = m.error()
@@ -814,10 +827,21 @@ def _admin(settings: Settings):
                         "logger": logging.getLogger("tradewatch.librdkafka")})
 
 
+def topic_config(settings: Settings) -> dict[str, str]:
+    """What every TradeWatch topic is created with, and brought back to at each start: broker
+    timestamps (the clock every reader measures a trade's skew against, tradewatch/events.py,
+    which no producer's wrong clock can move) and bounded retention (KAFKA_RETENTION_HOURS,
+    KAFKA_RETENTION_MB per partition, in segments of at most 64 MB so the bound is close)."""
+    retention_bytes = settings.kafka_retention_mb * 1024 * 1024
+    return {"message.timestamp.type": "LogAppendTime",
+            "retention.ms": str(int(settings.kafka_retention_hours * 3_600_000)),
+            "retention.bytes": str(retention_bytes),
+            "segment.bytes": str(max(min(64 * 1024 * 1024, retention_bytes // 4), 1024 * 1024))}
+
+
 def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
-    """Create `topic` with `partitions` partitions when it does not exist yet. Records are stamped
-    with the broker's append time: the clock every reader measures a trade's skew against
-    (tradewatch/events.py), which no producer's wrong clock can move."""
+    """Create `topic` with `partitions` partitions and `topic_config` when it does not exist yet;
+    an existing topic gets the configuration it lacks (e.g. after KAFKA_RETENTION_* changed)."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic
     admin = _admin(settings)
@@ -825,12 +849,14 @@ def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
         metadata = admin.list_topics(timeout=10)
     except KafkaException:
         raise KafkaUnavailable(unavailable_message(settings)) from None
+    wanted = topic_config(settings)
     if topic in metadata.topics and metadata.topics[topic].error is None:
+        _configure(admin, topic, wanted)
         return
     # replicas and min.insync.replicas: the cluster's defaults (three and two on a three-node
     # cluster, tradewatch/stack.py)
     future = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=-1,
-                                           config={"message.timestamp.type": "LogAppendTime"})])[topic]
+                                           config=wanted)])[topic]
     try:
         future.result(timeout=10)
         log.info("created topic %s with %d partitions", topic, partitions)
@@ -845,6 +871,24 @@ def ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
                 and all(p.leader >= 0 for p in described.partitions.values()):
             return
         time.sleep(0.1)
+
+
+def _configure(admin, topic: str, wanted: dict[str, str]) -> None:
+    """Set the retention settings of an existing topic where they differ (its timestamp type is
+    left as it is: changing it under running readers would change their decisions)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+    try:
+        resource = ConfigResource("topic", topic)
+        current = admin.describe_configs([resource])[resource].result(10)
+        changes = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in wanted.items()
+                   if k != "message.timestamp.type" and (k not in current or current[k].value != v)]
+        if changes:
+            resource = ConfigResource("topic", topic, incremental_configs=changes)
+            admin.incremental_alter_configs([resource])[resource].result(10)
+            log.info("topic %s: set %s", topic, ", ".join(f"{c.name}={c.value}" for c in changes))
+    except KafkaException as error:
+        log.warning("topic %s: cannot check its retention settings (%s)", topic, error.args[0].str())
 
 
 def topic_id(settings: Settings, topic: str) -> str | None:

@@ -34,6 +34,8 @@ class Settings:
     trades_topic: str = "trades"
     alerts_topic: str = "alerts"
     trades_partitions: int = 10
+    kafka_retention_hours: float = 168.0
+    kafka_retention_mb: int = 500             # per partition
     partition_symbols: str = "AAPL,GOOGL,MSFT,AMZN,TSLA,META,NVDA,JPM,BTC-USD,ETH-USD"
     postgres_host: str = "127.0.0.1"
     postgres_port: int = 5432

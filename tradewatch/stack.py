@@ -223,7 +223,9 @@ transaction.state.log.min.isr={min_insync}
 share.coordinator.state.topic.replication.factor={replicas}
 share.coordinator.state.topic.min.isr={min_insync}
 group.initial.rebalance.delay.ms=0
-log.retention.hours=168
+log.retention.ms={int(settings.kafka_retention_hours * 3_600_000)}
+log.retention.bytes={settings.kafka_retention_mb * 1024 * 1024}
+log.segment.bytes={64 * 1024 * 1024}
 """)
     return config
 

@@ -7,7 +7,7 @@ import re
 import signal
 import time
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import ConfigResource, NewTopic
 
 from tests.conftest import publish_trades, query, start_script, wait_for
@@ -143,3 +143,53 @@ def test_the_broker_never_creates_a_topic_on_first_use_and_stages_create_theirs(
         described = admin.describe_configs([resource])[resource].result(10)
         assert described["message.timestamp.type"].value == "LogAppendTime", topic
     stop_stages(stages)
+
+
+def test_topics_get_bounded_retention_and_a_change_reaches_existing_topics(settings, tmp_path):
+    """Issue 23: Kafka kept 7 days with no size cap. Every topic the stages create has
+    KAFKA_RETENTION_HOURS and KAFKA_RETENTION_MB (per partition, in small segments so the cap is
+    close), and a stage start brings an existing topic to changed settings."""
+    def config(s, topic):
+        resource, admin = ConfigResource("topic", topic), bus._admin(s)
+        try:
+            described = admin.describe_configs([resource])[resource].result(10)
+        except KafkaException:
+            return {}             # not created yet
+        return {k: described[k].value for k in ("retention.ms", "retention.bytes", "segment.bytes",
+                                                 "message.timestamp.type")}
+    assert config(settings, settings.trades_topic) == {
+        "retention.ms": str(168 * 3_600_000), "retention.bytes": str(500 * 1024 * 1024),
+        "segment.bytes": str(64 * 1024 * 1024), "message.timestamp.type": "LogAppendTime"}
+    changed = settings.with_overrides(kafka_retention_hours=2.5, kafka_retention_mb=8)
+    stages = run_stages(changed, tmp_path, "changed")
+    wait_for(lambda: config(changed, changed.alerts_topic).get("retention.ms") == str(9_000_000)
+             and config(changed, changed.trades_topic).get("retention.ms") == str(9_000_000), timeout=60,
+             message="the stages to bring their topics to the new retention")
+    assert config(changed, changed.trades_topic) == {
+        "retention.ms": "9000000", "retention.bytes": str(8 * 1024 * 1024), "segment.bytes": str(2 * 1024 * 1024),
+        "message.timestamp.type": "LogAppendTime"}
+    stop_stages(stages)
+
+
+def test_messages_that_expired_before_a_stage_read_them_are_reported(settings, tmp_path):
+    """Issue 23: with bounded retention a stage stopped for longer than it finds its position gone;
+    it must say how many messages it never saw, not skip them silently."""
+    from confluent_kafka import TopicPartition
+    single = settings.with_overrides(trades_topic=settings.trades_topic + "-one")
+    bus.ensure_topic(single, single.trades_topic, 1)
+    now_ms = int(time.time() * 1000)
+    publish_trades(single, trades("a", 10, now_ms - 60_000))
+    first = start_script(single, "consumer.py", log=tmp_path / "first.log")
+    wait_for(lambda: query(single, "SELECT count(*) FROM trades")[0][0] == 10, message="10 stored")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+    publish_trades(single, trades("b", 10, now_ms - 30_000))
+    admin = bus._admin(single)
+    gone = TopicPartition(single.trades_topic, 0, 15)        # retention took offsets 10 to 14
+    admin.delete_records([gone])[gone].result(10)
+    log = tmp_path / "second.log"
+    second = start_script(single, "consumer.py", log=log)
+    wait_for(lambda: query(single, "SELECT count(*) FROM trades")[0][0] == 15, message="the 5 left stored")
+    wait_for(lambda: "offsets 10 to 14 expired" in log.read_text(), timeout=10, message="the loss reported")
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=30) == 0
