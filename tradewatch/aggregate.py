@@ -49,6 +49,8 @@ class Aggregate(runtime.Stage):
         self.stored: dict[int, tuple[int, int | None]] = {}   # partition -> (offset, watermark) last stored
         self._positions: dict[int, tuple[int, int | None]] = {}
         self.symbol_partition: dict[str, int] = {}
+        self.idle = runtime.IdleSymbols(settings.symbol_idle_evict_seconds)
+        # loaded from `indicators` when a symbol's window closes; evicted with the idle symbols
         self.indicator_states: dict[tuple[str, str], IndicatorState] = {}
         # effects awaiting the next checkpoint; kept until it commits, so a retried transaction
         # writes exactly what the first attempt would have
@@ -98,6 +100,7 @@ class Aggregate(runtime.Stage):
                           type(error).__name__, error)
                 continue
             self.symbol_partition[trade.symbol] = message.partition
+            self.idle.touch(message.partition, trade.symbol, trade.timestamp_ms)
             for window in folded:
                 self.dirty[(window.symbol, window.size_ms, window.start_ms)] = window
             self.processed += 1
@@ -129,6 +132,11 @@ class Aggregate(runtime.Stage):
             if offset is not None and (p in self.next_offsets or ws.clock.watermark_ms != watermark):
                 positions[p] = (ws.held[1] if ws.held else offset, ws.clock)
         self._positions = {p: (offset, clock.watermark_ms) for p, (offset, clock) in positions.items()}
+        idle = self.idle.idle()
+        if idle:        # open windows close by time alone; what else a symbol holds goes now
+            for symbol in idle:
+                self.symbol_partition.pop(symbol, None)
+            self.indicator_states = {k: v for k, v in self.indicator_states.items() if k[0] not in idle}
         store.write_windows(cur, list(self.dirty.values()) + self.final)
         store.write_late(cur, [late for _, late in self.late])
         store.write_indicators(cur, [row for _, row in self.indicator_rows])
@@ -147,6 +155,7 @@ class Aggregate(runtime.Stage):
         self.next_offsets.clear()
         self.stored.update(self._positions)
         self.folded_since = 0
+        metrics.SYMBOLS.labels("aggregator").set(len(self.idle))
 
     def drop(self, partitions: list[int]) -> None:
         gone = set(partitions)
@@ -160,6 +169,9 @@ class Aggregate(runtime.Stage):
         self.indicator_rows = [(p, row) for p, row in self.indicator_rows if p not in gone]
         symbols = {s for s, p in self.symbol_partition.items() if p in gone}
         self.indicator_states = {k: v for k, v in self.indicator_states.items() if k[0] not in symbols}
+        for symbol in symbols:
+            self.symbol_partition.pop(symbol, None)
+        self.idle.drop(partitions)
 
     def _indicator_rows(self, cur, final: list[Window]) -> list[tuple]:
         rows = []
@@ -169,7 +181,9 @@ class Aggregate(runtime.Stage):
             key = (w.symbol, size_label(w.size_ms))
             state = self.indicator_states.get(key)
             if state is None:
-                state = self.indicator_states[key] = store.load_indicator_state(cur, *key)
+                state = store.load_indicator_state(cur, *key)
+                if w.symbol in self.symbol_partition:    # not evicted: keep it for the next candle
+                    self.indicator_states[key] = state
             rows.append((w.symbol, key[1], w.start_ms, w.close, state.update(w.close)))
         return rows
 

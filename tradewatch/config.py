@@ -47,6 +47,7 @@ class Settings:
     max_clock_skew_seconds: float = 300.0
     aggregator_group: str = "tradewatch-aggregator"
     window_sizes: str = "1m,5m,15m"
+    symbol_idle_evict_seconds: float = 86400.0
     allowed_lateness_seconds: float = 5.0
     idle_timeout_seconds: float = 10.0
     aggregator_flush_ms: int = 500

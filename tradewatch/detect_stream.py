@@ -3,7 +3,9 @@ alerts, publish alerts.
 
 On the stage runtime's commit protocol (tradewatch/runtime.py): per checkpoint one fenced
 transaction writes trade_flags, alerts (unpublished), breaker states *and the position*: the next
-offset and the rolling state of the symbols of each partition (table detector_state); then the
+offset of each partition (detector_state) and the rolling state of each symbol that changed
+(detector_symbols; a symbol idle for SYMBOL_IDLE_EVICT_SECONDS of event time is evicted from memory
+and from that table, and its next trade warms up afresh); then the
 alert outbox is sent to the Kafka topic `alerts` and the webhook (tradewatch/outbox.py); then
 Kafka offsets. On assignment each partition's state is loaded in the transaction that claims it,
 and reading starts at its stored offset, so a restart or rebalance goes on exactly where the last
@@ -61,6 +63,9 @@ class Detect(runtime.Stage):
         self.webhook = WebhookOutbox(settings, settings.alert_webhook_url) if settings.alert_webhook_url else None
         self.next_offsets: dict[int, int] = {}   # partitions read since the last checkpoint
         self.symbol_partition: dict[str, int] = {}   # where each symbol's trades come from (key = symbol)
+        self.idle = runtime.IdleSymbols(settings.symbol_idle_evict_seconds)
+        self.changed: set[str] = set()       # symbols whose state the next checkpoint writes
+        self.evicted: set[str] = set()       # symbols whose stored state the next checkpoint deletes
         self.flagged_pending: list[tuple[int, object]] = []
         self.alerts_pending: list[tuple[int, Alert]] = []
         self.transitions: list[tuple[int, object]] = []
@@ -79,17 +84,21 @@ class Detect(runtime.Stage):
         # loads them as the last checkpoint stored them (a former owner may have moved them on).
         gained = set(partitions)
         self._forget({s for s, p in self.symbol_partition.items() if p in gained})
+        self.idle.drop(partitions)
         starts = {}
         for p in partitions:
             stored = store.load_position(cur, self.group, self.topic, p)
             if stored is None:
                 log.info("partition %d: no stored state, starting at the group's offset with fresh state", p)
                 continue
-            starts[p], states = stored
+            starts[p], states, legacy = stored
             self.pipeline.rules.restore(states)
             for symbol, data in states.items():
                 self.dedup.restore(symbol, data.get("cooldowns", {}))
                 self.symbol_partition[symbol] = p
+                if data.get("last_ts") is not None:
+                    self.idle.touch(p, symbol, data["last_ts"])
+            self.changed |= legacy
             log.info("partition %d: resuming at offset %d with the state of %d symbols", p, starts[p], len(states))
         self.outbox.waiting = True          # a former owner may have left alerts of these unpublished
         return starts
@@ -109,6 +118,8 @@ class Detect(runtime.Stage):
             self.next_offsets[m.partition] = m.offset + 1
         for t, m in zip(trades, origins):
             self.symbol_partition[t.symbol] = m.partition
+            self.idle.touch(m.partition, t.symbol, t.timestamp_ms)
+            self.changed.add(t.symbol)
         for d, m in zip(self.pipeline.process(trades), origins):
             if d.is_anomaly:
                 self.flagged_pending.append((m.partition, d))
@@ -127,17 +138,16 @@ class Detect(runtime.Stage):
         store.write_flags(cur, [d for _, d in self.flagged_pending], self.pipeline.version)
         store.write_alerts(cur, self.alerts_pending, webhook=self.webhook is not None)
         store.write_breakers(cur, [t for _, t in self.transitions])
-        symbols: dict[int, set[str]] = {}
-        for symbol, p in self.symbol_partition.items():
-            symbols.setdefault(p, set()).add(symbol)
-        store.write_positions(cur, self.group, self.topic, {
-            p: (offset, self._export(symbols.get(p, set()))) for p, offset in self.next_offsets.items()})
-
-    def _export(self, symbols: set[str]) -> dict[str, dict]:
-        states = self.pipeline.rules.export(symbols)
-        for symbol, data in states.items():
-            data["cooldowns"] = self.dedup.export(symbol)
-        return states
+        idle = self.idle.idle()
+        if idle:                                  # their state leaves memory and the table
+            self._forget(idle)
+            self.evicted |= idle
+            self.changed -= idle
+        states = self.pipeline.rules.export(self.changed)
+        store.write_symbols(cur, self.group, self.topic, [
+            (symbol, self.symbol_partition[symbol], {**data, "cooldowns": self.dedup.export(symbol)})
+            for symbol, data in states.items()], self.evicted)
+        store.write_positions(cur, self.group, self.topic, self.next_offsets)
 
     def _forget(self, symbols: set[str]) -> None:
         self.pipeline.rules.forget(symbols)
@@ -163,6 +173,8 @@ class Detect(runtime.Stage):
                 self.webhook.wake()
         self.flagged_pending, self.alerts_pending, self.transitions = [], [], []
         self.next_offsets.clear()
+        self.changed, self.evicted = set(), set()
+        metrics.SYMBOLS.labels("detector").set(len(self.idle))
         self.read = 0
 
     def publish(self, rt: runtime.Runtime) -> None:
@@ -177,7 +189,11 @@ class Detect(runtime.Stage):
         self.transitions = [(p, t) for p, t in self.transitions if p not in gone]
         for p in gone:
             self.next_offsets.pop(p, None)
-        self._forget({s for s, p in self.symbol_partition.items() if p in gone})
+        symbols = {s for s, p in self.symbol_partition.items() if p in gone}
+        self._forget(symbols)
+        self.changed -= symbols
+        self.evicted -= symbols
+        self.idle.drop(partitions)
 
     def close(self) -> None:
         if self.webhook:

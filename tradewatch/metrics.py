@@ -46,6 +46,7 @@ ALERTS = Counter("tradewatch_alerts", "Alerts raised", ["stage", "type", "severi
 LATENCY = Histogram("tradewatch_latency_seconds", "From the Kafka append time of a trade to its effect committed",
                     ["stage", "path"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                                 5, 10, 30, 60))
+SYMBOLS = Gauge("tradewatch_symbols_held", "Symbols whose state the stage holds (idle ones are evicted)", ["stage"])
 STARTS = Counter("tradewatch_stage_starts", "Process starts", ["stage"])
 LIVE_TRADES = Counter("tradewatch_live_trades", "Trades received from a live venue", ["venue"])
 LIVE_GAPS = Counter("tradewatch_live_gaps", "Jumps in a symbol's trade-id sequence", ["venue", "symbol"])

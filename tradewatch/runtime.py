@@ -217,6 +217,48 @@ class Stage:
         """The stage is stopping, after its last checkpoint."""
 
 
+class IdleSymbols:
+    """Per partition, the symbols that have had no trade for `after_s` of that partition's event
+    time (its newest trade): the per-symbol state a stage evicts (SYMBOL_IDLE_EVICT_SECONDS), so
+    memory and checkpoints follow the active symbols, not every symbol ever seen. Touching is
+    O(1); finding the idle ones costs only what it evicts (symbols are kept oldest touch first)."""
+
+    def __init__(self, after_s: float):
+        self.after_ms = int(after_s * 1000)
+        self._last: dict[int, dict[str, int]] = {}     # partition -> symbol -> its last event ms
+        self._newest: dict[int, int] = {}
+
+    def touch(self, partition: int, symbol: str, event_ms: int) -> None:
+        last = self._last.get(partition)
+        if last is None:
+            last = self._last[partition] = {}
+        last.pop(symbol, None)
+        last[symbol] = event_ms
+        if event_ms > self._newest.get(partition, event_ms - 1):
+            self._newest[partition] = event_ms
+
+    def idle(self) -> set[str]:
+        """Remove and return the symbols idle for longer than `after_s`."""
+        gone = set()
+        for p, last in self._last.items():
+            cutoff = self._newest[p] - self.after_ms
+            while last:
+                symbol, event_ms = next(iter(last.items()))
+                if event_ms >= cutoff:
+                    break
+                del last[symbol]
+                gone.add(symbol)
+        return gone
+
+    def drop(self, partitions: list[int]) -> None:
+        for p in partitions:
+            self._last.pop(p, None)
+            self._newest.pop(p, None)
+
+    def __len__(self) -> int:
+        return sum(len(last) for last in self._last.values())
+
+
 class Runtime:
     """Runs one `Stage` in consumer group `group` on `topic` until `stop()`."""
 

@@ -138,8 +138,8 @@ def test_cooldowns_and_breakers_follow_a_partition_to_its_next_owner(settings, t
     publish_trades(settings, WARM + [spike("s-1", T0 + 10_100, 120.0)])
     wait_for(lambda: query(settings, "SELECT count(*) FROM alerts WHERE trade_id = 's-1'")[0][0] >= 2,
              timeout=60, message="the first spike's alerts")
-    partition = query(settings, "SELECT kafka_partition FROM detector_state WHERE consumer_group = %s"
-                                " AND symbols::jsonb ? 'AAPL'", (settings.detector_group,))[0][0]
+    partition = query(settings, "SELECT kafka_partition FROM detector_symbols WHERE consumer_group = %s"
+                                " AND symbol = 'AAPL'", (settings.detector_group,))[0][0]
     first = owners(settings)[partition]
     detectors[first].send_signal(signal.SIGTERM)
     assert detectors[first].wait(timeout=30) == 0

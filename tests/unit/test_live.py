@@ -102,6 +102,15 @@ def test_sequencer_drops_repeats_and_reports_gaps_per_symbol():
     assert [a - b for a, b in zip(after, before)] == [1, 3, 2]
 
 
+def test_sequencer_remembers_a_bounded_number_of_symbols():
+    """Issue 23: a venue sending ever new symbols grew the tracker without bound."""
+    sequencer = live.Sequencer("unit-cap", capacity=100)
+    for n in range(1000):
+        assert sequencer.admit(binance_trade({**BINANCE_TRADE, "s": f"S{n}BTC", "t": 1}))
+    assert len(sequencer.last) == 100 and "S999BTC" in sequencer.last and "S0BTC" not in sequencer.last
+    assert not sequencer.admit(binance_trade({**BINANCE_TRADE, "s": "S999BTC", "t": 1})), "recent ones still deduped"
+
+
 def test_replay_server_checks_subscriptions_and_stamps_trades_with_now():
     import time
 

@@ -161,10 +161,13 @@ VENUES = {
 # ------------------------------------------------------------------------------ the client
 
 class Sequencer:
-    """Per venue symbol: drop ids already seen, report jumps in the sequence."""
+    """Per venue symbol: drop ids already seen, report jumps in the sequence. Remembers at most
+    `capacity` symbols (the least recently traded go first: a venue sending symbols nobody
+    subscribed to cannot grow it without bound)."""
 
-    def __init__(self, venue: str):
+    def __init__(self, venue: str, capacity: int = 10_000):
         self.venue = venue
+        self.capacity = capacity
         self.last: dict[str, int] = {}
 
     def admit(self, item: VenueTrade) -> bool:
@@ -178,7 +181,10 @@ class Sequencer:
             MISSING.labels(self.venue, item.venue_symbol).inc(missing)
             log.warning("%s %s: trade ids jump from %d to %d — %d trade(s) missed (a venue outage or a lost "
                         "message)", self.venue, item.venue_symbol, last, item.sequence, missing)
+        self.last.pop(item.venue_symbol, None)        # most recent last
         self.last[item.venue_symbol] = item.sequence
+        if len(self.last) > self.capacity:
+            del self.last[next(iter(self.last))]
         return True
 
 

@@ -207,6 +207,21 @@ CREATE TABLE IF NOT EXISTS detector_state (
     PRIMARY KEY (consumer_group, topic, kafka_partition)
 );
 
+-- The detector's rolling state per symbol (JSON of SymbolState, its breaker and alert cooldowns),
+-- with the partition it comes from: a checkpoint writes only the symbols that changed and deletes
+-- the ones evicted as idle (SYMBOL_IDLE_EVICT_SECONDS). (detector_state.symbols held every symbol of
+-- a partition in one value, rewritten by each checkpoint; it is read once more for an upgrade.)
+CREATE TABLE IF NOT EXISTS detector_symbols (
+    consumer_group  text NOT NULL,
+    topic           text NOT NULL,
+    symbol          text NOT NULL,
+    kafka_partition integer NOT NULL,
+    state           json NOT NULL,                 -- json (not jsonb): floats kept digit for digit
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer_group, topic, symbol)
+);
+CREATE INDEX IF NOT EXISTS detector_symbols_partition ON detector_symbols (consumer_group, topic, kafka_partition);
+
 -- Current circuit-breaker state per symbol: CLOSED | OPEN | HALF_OPEN.
 CREATE TABLE IF NOT EXISTS circuit_breakers (
     symbol      text PRIMARY KEY,
