@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--symbols", help="comma-separated symbols (default: all)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="folder for the reports (default reports/)")
     parser.add_argument("--check-seconds", type=float, default=30.0, help="with --every: how often to look")
+    parser.add_argument("--backlog", type=int, default=24,
+                        help="with --every, in an empty folder: how many closed periods before now to write "
+                             "(default 24); later starts go on after the newest report there")
     args = parser.parse_args(argv)
     if args.date:
         try:
@@ -41,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--since needs --until")
     elif args.until and not args.since:
         parser.error("--until needs --since")
+    if args.backlog < 1:
+        parser.error("--backlog must be at least 1")
     if args.since and args.until <= args.since:
         parser.error("--until must be after --since")
     args.symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()] if args.symbols else None
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.getLogger("apscheduler").setLevel(logging.WARNING)     # not two lines per check
     stop = StopFlag()
-    schedule = ReportSchedule(settings, engine, STEPS[args.every], args.out, args.symbols)
+    schedule = ReportSchedule(settings, engine, STEPS[args.every], args.out, args.symbols, args.backlog)
     scheduler = schedule.start(args.check_seconds)
     log.info("writing a report for every %s period as it closes into %s/ (checking every %gs)",
              args.every, args.out, args.check_seconds)

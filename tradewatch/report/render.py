@@ -74,15 +74,17 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write(report: Report, out: Path) -> tuple[Path, Path]:
-    """`<stem>.md` and `<stem>.html` in `out` (each appears whole or not at all), then the index."""
+def write(report: Report, out: Path, index: bool = True) -> tuple[Path, Path]:
+    """`<stem>.md` and `<stem>.html` in `out` (each appears whole or not at all), then the index
+    (unless the caller writes it once after several reports)."""
     out.mkdir(parents=True, exist_ok=True)
     layout = sections(report)
     stem = file_stem(report.since, report.until)
     md, page = out / f"{stem}.md", out / f"{stem}.html"
     _atomic_write(md, markdown(report, layout))
     _atomic_write(page, html_page(report, layout))
-    write_index(out)
+    if index:
+        write_index(out)
     return md, page
 
 

@@ -415,10 +415,21 @@ def flag_counts(engine: Engine, symbols: list[str] | None, since, until, bucket:
                   symbols=symbols, since=since, until=until, bucket=bucket)
 
 
-def open_windows_before(engine: Engine, moment) -> int:
-    """Windows of the aggregator starting before `moment` that are not final yet."""
-    return int(_frame(engine, "SELECT count(*) AS open FROM stock_metrics WHERE NOT is_final AND window_start < :at",
-                      at=moment)["open"].iloc[0])
+def oldest_open_window(engine: Engine, since) -> pd.Timestamp | None:
+    """Start of the oldest aggregator window starting at or after `since` that is not final yet."""
+    value = _frame(engine, "SELECT min(window_start) AS oldest FROM stock_metrics WHERE NOT is_final"
+                           " AND window_start >= :since", since=since)["oldest"].iloc[0]
+    return None if pd.isna(value) else pd.Timestamp(value)
+
+
+def stuck_windows(engine: Engine, before) -> tuple[int, str]:
+    """How many windows starting before `before` are still not final, and one of them."""
+    frame = _frame(engine, "SELECT count(*) OVER () AS n, symbol, window_size, window_start FROM stock_metrics"
+                           " WHERE NOT is_final AND window_start < :before ORDER BY window_start LIMIT 1", before=before)
+    if frame.empty:
+        return 0, ""
+    row = frame.iloc[0]
+    return int(row["n"]), f"{row['symbol']} {row['window_size']} at {pd.Timestamp(row['window_start']).isoformat()}"
 
 
 def oldest_trade(engine: Engine) -> pd.Timestamp | None:
