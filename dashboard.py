@@ -73,7 +73,10 @@ def health_strip() -> None:
         return
     statuses = stage_statuses(q("stage_health").to_dict("records"), gone_from_this_host)
     badges = " ".join(f":{s.color}-badge[{s.stage} {s.status} · {s.detail}]" for s in statuses)
-    st.markdown(f"**Pipeline** {badges}")
+    store = q("storage", settings.home)
+    disk = (f":{'red' if store['low'] else 'gray'}-badge[database {store['database_bytes'] / 1024**3:.2f} GiB · "
+            f"disk {store['free_disk_percent']:.0f} % free{' — LOW' if store['low'] else ''}]")
+    st.markdown(f"**Pipeline** {badges} {disk}")
 
 
 def kpi_row(symbols, since, until, previous_since) -> None:

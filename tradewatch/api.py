@@ -163,7 +163,8 @@ def create_app(settings: Settings) -> FastAPI:
     def health() -> dict:
         statuses = runtime.stage_statuses(records(queries.stage_health(engine)), runtime.gone_from_this_host)
         return {"database": "up", "stages": [{"stage": s.stage, "status": s.status, "detail": s.detail}
-                                             for s in statuses]}
+                                             for s in statuses],
+                "storage": queries.storage(engine, settings.home)}
 
     @app.get("/symbols", summary="Symbols with 1-minute candles")
     def symbols(source: Source = Source.aggregator) -> list[str]:

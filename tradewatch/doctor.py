@@ -144,17 +144,32 @@ def check_ports(settings: Settings) -> list[Check]:
     return checks
 
 
-def check_disk(settings: Settings) -> list[Check]:
+def check_storage(settings: Settings) -> list[Check]:
+    """The database's size and data span, and the free disk (✘ below 10 % or 2 GiB)."""
+    from tradewatch.store import queries
+    checks = []
+    try:
+        found = queries.storage(queries.engine_for(settings.sqlalchemy_url), settings.home)
+    except Exception:  # noqa: BLE001 - PostgreSQL down: its own check says so; the disk is still measured
+        found = None
+    if found is not None:
+        span = (f"; trades from {found['oldest_trade'][:19]} to {found['newest_trade'][:19]}"
+                if found["oldest_trade"] else "; no trades yet")
+        checks.append(Check("database", True, f"{found['database_bytes'] / 1024**3:.2f} GiB{span}"))
     folder = settings.home if settings.home.exists() else settings.home.parent
     while not folder.exists():
         folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    return [Check("free disk", free >= MIN_FREE_BYTES, f"{free / 1024**3:.1f} GiB free at {folder}",
-                  f"Kafka and PostgreSQL keep their data under {settings.home}: free space or `make clean`")]
+    usage = shutil.disk_usage(folder)
+    percent = 100.0 * usage.free / usage.total if usage.total else 0.0
+    ok = usage.free >= MIN_FREE_BYTES and percent >= 10.0
+    checks.append(Check("free disk", ok, f"{usage.free / 1024**3:.1f} GiB free ({percent:.0f} %) at {folder}",
+                        f"Kafka and PostgreSQL keep their data under {settings.home}: free space, lower "
+                        "KAFKA_RETENTION_*, or `make clean`"))
+    return checks
 
 
 CHECKS: list[Callable[[Settings], list[Check]]] = [check_java, check_jars, check_kafka, check_postgres, check_stages,
-                                                    check_ports, check_disk]
+                                                    check_ports, check_storage]
 
 
 def run(settings: Settings, out=print) -> int:

@@ -91,6 +91,12 @@ def test_every_endpoint_answers_from_the_tables(api):
 
     status, health = call(base, "/health")
     assert status == 200 and {s["stage"] for s in health["stages"]} >= {"consumer", "aggregator", "detector"}
+    storage = health["storage"]         # issue 23: what the data takes and what is left
+    size = query(settings, "SELECT pg_database_size(current_database())")[0][0]
+    assert abs(storage["database_bytes"] / size - 1) < 0.05
+    oldest, newest = query(settings, "SELECT min(ts), max(ts) FROM trades")[0]
+    assert storage["oldest_trade"] == oldest.isoformat() and storage["newest_trade"] == newest.isoformat()
+    assert 0 < storage["free_disk_percent"] <= 100 and storage["low"] == (storage["free_disk_percent"] < 10)
     status, scan = call(base, "/scanner", since="2026-01-01T00:00:00Z", until="2026-01-02T00:00:00Z")
     assert status == 200 and {r["symbol"] for r in scan} == set(symbols)
     assert call(base, "/dead-letters/summary") == (200, [])

@@ -3,6 +3,7 @@ how to fix it, and exits 1 when anything failed."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,8 @@ def test_doctor_reports_services_and_stages(settings, tmp_path):
     assert lines["stage consumer"].startswith("✘ stage consumer: down · not started")
     assert "fix: start it: `python consumer.py`" in lines["stage consumer"]
     assert lines["API port"].startswith("✘ API port") and "`python api.py`" in lines["API port"]
+    assert re.match(r"✔ database: \d+\.\d\d GiB; no trades yet$", lines["database"]), lines["database"]
+    assert re.match(r"[✔✘] free disk: \d+\.\d GiB free \(\d+ %\) at ", lines["free disk"]), lines["free disk"]
 
     consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
     wait_for(lambda: query(settings, "SELECT 1 FROM stage_health WHERE pid = %s AND state = 'running'"

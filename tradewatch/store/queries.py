@@ -415,6 +415,29 @@ def flag_counts(engine: Engine, symbols: list[str] | None, since, until, bucket:
                   symbols=symbols, since=since, until=until, bucket=bucket)
 
 
+LOW_DISK_PERCENT = 10.0
+
+
+def storage(engine: Engine, home) -> dict:
+    """What the data takes and what is left: the database's size, the span of the stored trades,
+    and the free disk where TRADEWATCH_HOME (Kafka's and PostgreSQL's data) lives; `low` below
+    LOW_DISK_PERCENT free. Shown by doctor, /health and the dashboard's health strip."""
+    import shutil
+    from pathlib import Path
+
+    row = _frame(engine, "SELECT pg_database_size(current_database()) AS database_bytes,"
+                         " (SELECT min(ts) FROM trades) AS oldest, (SELECT max(ts) FROM trades) AS newest").iloc[0]
+    folder = Path(home)
+    while not folder.exists():
+        folder = folder.parent
+    disk = shutil.disk_usage(folder)
+    free_percent = 100.0 * disk.free / disk.total if disk.total else 0.0
+    stamp = lambda v: None if pd.isna(v) else pd.Timestamp(v).isoformat()       # noqa: E731
+    return {"database_bytes": int(row["database_bytes"]), "oldest_trade": stamp(row["oldest"]),
+            "newest_trade": stamp(row["newest"]), "free_disk_bytes": int(disk.free),
+            "free_disk_percent": round(free_percent, 1), "low": free_percent < LOW_DISK_PERCENT}
+
+
 def oldest_open_window(engine: Engine, since) -> pd.Timestamp | None:
     """Start of the oldest aggregator window starting at or after `since` that is not final yet."""
     value = _frame(engine, "SELECT min(window_start) AS oldest FROM stock_metrics WHERE NOT is_final"
