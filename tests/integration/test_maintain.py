@@ -119,3 +119,47 @@ def test_a_redelivered_trade_is_never_doubled_and_one_resent_with_another_time_i
     out = maintain(settings, days=30)
     assert out.returncode == 0 and "1 trade_ids stored more than once with different timestamps (e.g. same)" \
         in out.stdout, out.stdout + out.stderr
+
+
+def test_a_database_made_before_partitioning_keeps_its_rows(settings):
+    """An existing installation: its plain tables are copied into the partitioned ones, once."""
+    name = f"tw_upgrade_{os.getpid()}"
+    admin = db.connect(settings)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        cur.execute(f"CREATE DATABASE {name}")
+    old = settings.with_overrides(postgres_db=name)
+    try:
+        with db.connect(old) as conn, conn.cursor() as cur:      # the tables as they were
+            cur.execute("""
+                CREATE TABLE trades (trade_id text PRIMARY KEY, symbol text NOT NULL, ts timestamptz NOT NULL,
+                    price double precision NOT NULL, quantity double precision NOT NULL, side text NOT NULL,
+                    exchange text NOT NULL, bid double precision, ask double precision, condition text,
+                    schema_version smallint NOT NULL, injected_anomaly text, kafka_partition integer,
+                    kafka_offset bigint, ingested_at timestamptz NOT NULL DEFAULT now());
+                CREATE INDEX trades_symbol_ts ON trades (symbol, ts);
+                CREATE TABLE dead_letters (id bigserial PRIMARY KEY, received_at timestamptz NOT NULL DEFAULT now(),
+                    topic text NOT NULL, kafka_partition integer NOT NULL, kafka_offset bigint NOT NULL,
+                    message_key bytea, raw bytea, reason text NOT NULL, UNIQUE (topic, kafka_partition, kafka_offset));
+                INSERT INTO trades VALUES ('a', 'SPY', '2013-10-07 13:30:00+00', 170, 1, 'buy', 'X', NULL, NULL, NULL, 1,
+                                           NULL, 0, 0), ('b', 'SPY', '2013-10-08 13:30:00+00', 171, 1, 'sell', 'X',
+                                           NULL, NULL, NULL, 1, NULL, 0, 1);
+                INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, raw, reason)
+                    VALUES ('trades', 0, 7, 'x', 'not JSON');""")
+        conn.close()
+        db.apply_schema(old)
+        with db.connect(old) as conn, conn.cursor() as cur:
+            cur.execute("SELECT relkind FROM pg_class WHERE relname IN ('trades', 'dead_letters') ORDER BY relname")
+            assert [r[0] for r in cur.fetchall()] == ["p", "p"]
+            cur.execute("SELECT trade_id, tableoid::regclass::text FROM trades ORDER BY 1")
+            assert cur.fetchall() == [("a", "trades_p20131007"), ("b", "trades_p20131008")]
+            cur.execute("SELECT kafka_offset, reason, sent_at = received_at FROM dead_letters")
+            assert cur.fetchall() == [(7, "not JSON", True)]
+            cur.execute("SELECT to_regclass('trades_unpartitioned'), to_regclass('dead_letters_unpartitioned')")
+            assert cur.fetchone() == (None, None)
+        conn.close()
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
