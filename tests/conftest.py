@@ -118,6 +118,7 @@ def start_script(settings: Settings, script: str, *args: str, log: Path | None =
     process = subprocess.Popen([sys.executable, str(PROJECT_ROOT / script), *args], cwd=PROJECT_ROOT,
                                env={**os.environ, **settings.as_env(), **(env or {})}, stdout=out,
                                stderr=subprocess.STDOUT)
+    process.log = log       # for a failure message: its stack dump and last lines
     _STARTED.append(process)
     return process
 

@@ -75,11 +75,13 @@ def snapshot(settings) -> dict:
 
 
 def stop_all(processes) -> None:
+    """SIGTERM to each; each exits 0 (else the failure shows its thread stacks and log)."""
+    processes = list(processes)
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
     for process in processes:
-        assert process.wait(timeout=60) == 0
+        assert exit_code(process, process.log, timeout=60) == 0
 
 
 def alerts_on_topic(settings, expected: set[str]) -> set[str]:
