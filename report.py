@@ -52,6 +52,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def archived_days(settings: Settings, since: datetime, until: datetime) -> list[str]:
+    """The days (or years) of [since, until) whose trades `maintain` moved to the Parquet archive."""
+    day, found = since.date(), []
+    while datetime(day.year, day.month, day.day, tzinfo=timezone.utc) < until:
+        for label in (day.isoformat(), str(day.year)):
+            if label not in found and any((settings.home / "archive" / "trades" / f"date={label}").glob("part-*.parquet")):
+                found.append(label)
+        day += timedelta(days=1)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -73,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         except OperationalError as error:
             print(f"error: cannot read the database at {settings.postgres_host}:{settings.postgres_port} — start it"
                   f" with `make services` ({str(error).splitlines()[0]})", file=sys.stderr)
+            return 1
+        archived = archived_days(settings, args.since, args.until) if report.empty else []
+        if archived:
+            print(f"error: the trades of {', '.join(archived)} are archived (past RETENTION_DAYS_TRADES) in "
+                  f"{settings.home / 'archive' / 'trades'}; reports read the database only — query the archive "
+                  "with pandas or DuckDB (README, Bounds on disk)", file=sys.stderr)
             return 1
         md, page = write(report, args.out)
         print(f"{'no trades in this period; ' if report.empty else ''}wrote {page} and {md}")

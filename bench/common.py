@@ -79,7 +79,7 @@ def load_trades(settings: Settings, count: int) -> dict:
     """`count` simulated trades by COPY, their flags and alerts, and their windows and indicators
     (the aggregator's backfill): the large database of the dashboard and API benchmarks."""
     from tradewatch.market.simulator import MarketSimulator
-    from tradewatch.store import db
+    from tradewatch.store import db, partitions
     from tradewatch.store.metrics import backfill
     from tradewatch.store.writer import COLUMNS, copy_line
     from tradewatch.windows import parse_size
@@ -88,6 +88,9 @@ def load_trades(settings: Settings, count: int) -> dict:
     cur = conn.cursor()
     cur.execute("TRUNCATE trades, trade_flags, stock_metrics, indicators, alerts, late_trades, aggregator_offsets")
     sim = MarketSimulator(seed=42, rate=1000.0, anomaly_rate=0.001, start_ms=START_MS)
+    days = range(partitions.day_of(START_MS), partitions.day_of(START_MS + count * 5) + 2)   # ~1 ms a trade
+    for table in ("trades", "trade_flags", "alerts"):
+        partitions.ensure(cur, table, days)
     started = time.perf_counter()
     chunk = 200_000
     for offset in range(0, count, chunk):

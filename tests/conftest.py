@@ -91,7 +91,14 @@ def fresh_settings(services: Settings) -> Settings:
 def empty_tables(settings: Settings) -> None:
     from tradewatch.store import db
 
-    with db.connect(settings) as conn, conn.cursor() as cur:
+    conn = db.connect(settings)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        # day partitions go (a few hundred per statement: each one is a lock), then the rest is emptied
+        cur.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE c.relkind = 'r'")
+        parts = [r[0] for r in cur.fetchall()]
+        for n in range(0, len(parts), 200):
+            cur.execute("DROP TABLE " + ", ".join(f'"{p}"' for p in parts[n:n + 200]))
         cur.execute("SELECT string_agg(format('%I', tablename), ', ') FROM pg_tables WHERE schemaname = 'public'")
         tables = cur.fetchone()[0]
         cur.execute(f"TRUNCATE {tables} RESTART IDENTITY")

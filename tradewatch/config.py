@@ -48,6 +48,11 @@ class Settings:
     aggregator_group: str = "tradewatch-aggregator"
     window_sizes: str = "1m,5m,15m"
     symbol_idle_evict_seconds: float = 86400.0
+    retention_days_trades: int = 7
+    retention_days_trade_flags: int = 30
+    retention_days_late_trades: int = 30
+    retention_days_dead_letters: int = 30
+    retention_days_alerts: int = 365
     allowed_lateness_seconds: float = 5.0
     idle_timeout_seconds: float = 10.0
     aggregator_flush_ms: int = 500

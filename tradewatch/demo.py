@@ -88,6 +88,7 @@ def stages(settings: Settings) -> list[Stage]:
         ("detector", [python, "anomaly_detector.py", "run"]),
         ("api", [python, "api.py"]),
         ("reports", [python, "report.py", "--every", "1h", "--out", str(settings.home / "reports")]),
+        ("maintain", [python, "-m", "tradewatch", "maintain", "--every", "3600"]),
         ("dashboard", [python, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
                        "--server.address", settings.dashboard_address, "--server.port", str(settings.dashboard_port),
                        "--browser.gatherUsageStats", "false"]),

@@ -14,6 +14,7 @@ from typing import Callable
 from tradewatch import bus, metrics, runtime
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, decode_trade
+from tradewatch.store.partitions import DAY_MS
 from tradewatch.store.writer import DeadLetter, copy_line, write_batch, write_dead_letters
 
 log = logging.getLogger("tradewatch.consumer")
@@ -42,14 +43,17 @@ class _Batch(runtime.Stage):
         self.lines: list[str] = []
         self.sources: list[bus.Message] = []       # the message of each line
         self.dead: list[DeadLetter] = []
+        self.days: set[int] = set()                 # event days of the lines (their partitions)
         self._result = None
 
     def add(self, messages: list[bus.Message], now_ms: int) -> list[DeadLetter]:
         """Validate each message: a COPY line for a trade, a dead letter (with the reason) otherwise."""
-        lines, sources, dead, skew = self.lines, self.sources, [], self.max_skew_ms
+        lines, sources, dead, skew, days = self.lines, self.sources, [], self.max_skew_ms, self.days
         for m in messages:
             try:
-                lines.append(copy_line(decode_trade(m.value, m.timestamp_ms or now_ms, skew), m.partition, m.offset))
+                trade = decode_trade(m.value, m.timestamp_ms or now_ms, skew)
+                lines.append(copy_line(trade, m.partition, m.offset))
+                days.add(trade.timestamp_ms // DAY_MS)
                 sources.append(m)
             except InvalidTrade as error:
                 dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, str(error), m.timestamp_ms))
@@ -63,7 +67,7 @@ class _Batch(runtime.Stage):
         return len(self.lines) + len(self.dead)
 
     def write(self, conn, cur) -> None:
-        self._result = result = write_batch(cur, self.lines, self.dead)
+        self._result = result = write_batch(cur, self.lines, self.dead, self.days)
         refused = [DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, r.reason, m.timestamp_ms)
                    for r in result.refused for m in (self.sources[r.index],)]
         for letter in refused:
@@ -88,7 +92,7 @@ class _Batch(runtime.Stage):
         s.dead_letters += result.dead_letters + len(result.refused)
         s.batches += 1
         s.partitions.update(m.partition for m in self.sources)
-        self.lines, self.sources, self.dead = [], [], []
+        self.lines, self.sources, self.dead, self.days = [], [], [], set()
 
     def drop(self, partitions: list[int]) -> None:
         lost = set(partitions)

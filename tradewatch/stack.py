@@ -107,7 +107,9 @@ def start_postgres(settings: Settings) -> None:
         log.info("removing stale %s", stale)
         stale.unlink()
     options = (f"-p {settings.postgres_port} -k {run_dir} -c listen_addresses={settings.postgres_host} "
-               "-c shared_buffers=256MB -c max_connections=200 -c max_wal_size=2GB")
+               "-c shared_buffers=256MB -c max_connections=200 -c max_wal_size=2GB"
+               # a day partition per table and day: a statement over the whole table locks each
+               " -c max_locks_per_transaction=1024")
     result = subprocess.run([_pg_bin("pg_ctl"), "start", "-w", "-t", "60", "-D", str(data),
                              "-l", str(logfile), "-o", options], capture_output=True, text=True, **as_user)
     if result.returncode != 0:

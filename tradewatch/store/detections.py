@@ -10,6 +10,7 @@ from psycopg2.extras import execute_values
 
 from tradewatch.alerts import Alert
 from tradewatch.detect.rules import BreakerTransition, Detection
+from tradewatch.store import partitions
 
 Cursor = psycopg2.extensions.cursor
 _MS = "timestamptz 'epoch' + %s * interval '1 millisecond'"
@@ -20,11 +21,12 @@ def write_flags(cur: Cursor, flagged: list[Detection], version: str) -> None:
     only the consumer stores trades, so a flag cannot stand in for a trade that was never stored)."""
     if not flagged:
         return
+    partitions.ensure(cur, "trade_flags", {partitions.day_of(d.trade.timestamp_ms) for d in flagged})
     execute_values(
         cur,
         "INSERT INTO trade_flags (trade_id, symbol, ts, anomaly_types, anomaly_score, anomaly_severity,"
         " detector_version) VALUES %s"
-        " ON CONFLICT (trade_id) DO UPDATE SET anomaly_types = EXCLUDED.anomaly_types,"
+        " ON CONFLICT (trade_id, ts) DO UPDATE SET anomaly_types = EXCLUDED.anomaly_types,"
         " anomaly_score = EXCLUDED.anomaly_score, anomaly_severity = EXCLUDED.anomaly_severity,"
         " detector_version = EXCLUDED.detector_version",
         [(d.trade.trade_id, d.trade.symbol, d.trade.timestamp_ms, d.types, d.score, d.severity, version)
@@ -36,10 +38,11 @@ def write_alerts(cur: Cursor, alerts: list[tuple[int, Alert]], webhook: bool) ->
     """Store (source partition, alert) pairs unpublished: the outbox (tradewatch/outbox.py) sends
     each to Kafka and, when `webhook`, to the webhook, and marks each delivery done."""
     if alerts:
+        partitions.ensure(cur, "alerts", {partitions.day_of(a.timestamp_ms) for _, a in alerts})
         execute_values(
             cur,
             "INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, details, trade_id,"
-            " kafka_partition, webhook_due) VALUES %s ON CONFLICT (alert_id) DO NOTHING",
+            " kafka_partition, webhook_due) VALUES %s ON CONFLICT (alert_id, ts) DO NOTHING",
             [(a.alert_id, a.timestamp_ms, a.symbol, a.alert_type, a.severity, a.message,
               json.dumps(a.details, default=str), a.trade_id, p, webhook) for p, a in alerts],
             template=f"(%s, {_MS}, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)")

@@ -8,6 +8,7 @@ import psycopg2.extensions
 from psycopg2.extras import execute_values
 
 from tradewatch.indicators import INDICATOR_COLUMNS, Indicators, IndicatorState
+from tradewatch.store import partitions
 from tradewatch.windows import LateTrade, PartitionClock, Window, size_label
 
 Cursor = psycopg2.extensions.cursor
@@ -45,6 +46,7 @@ def _window_row(w: Window) -> tuple:
 
 def write_late(cur: Cursor, late: list[LateTrade]) -> None:
     if late:
+        partitions.ensure(cur, "late_trades", {partitions.day_of(t.timestamp_ms) for t in late})
         execute_values(
             cur,
             "INSERT INTO late_trades (trade_id, window_size, symbol, ts, window_start, watermark, reason) VALUES %s "

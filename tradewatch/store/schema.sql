@@ -1,8 +1,68 @@
--- TradeWatch schema: the one definition of every table. Idempotent: applied at every start.
+-- TradeWatch schema: the one definition of every table. Idempotent (applied when it changed, see
+-- tradewatch/store/db.py).
+--
+-- Tables that grow with the feed are partitioned by event time (trades, trade_flags, late_trades,
+-- alerts: ts; dead_letters: sent_at, the Kafka time of the message), so retention drops whole
+-- partitions (tradewatch/maintain.py) instead of deleting rows. A partition is a day (UTC), but a
+-- whole year for a past year (bar the last 31 days before today) and for the years after next (a
+-- replay of 2013, or a sender spreading trades over decades, makes one partition a year, not one
+-- a day), unless that year already has day partitions: at most ~400 day partitions, and one per
+-- other year. PostgreSQL wants the partition key in every unique key: trades
+-- are unique by (trade_id, ts) — a re-delivered trade has the same timestamp, so ON CONFLICT still
+-- skips it; a trade re-sent with another timestamp is a second row (`maintain` reports such
+-- trade_ids). Partitions are created by tw_ensure_partition(), called by the writers for a day no
+-- partition holds and by `maintain` ahead of time.
+
+DROP FUNCTION IF EXISTS tw_ensure_day(text, date);
+CREATE OR REPLACE FUNCTION tw_ensure_partition(tbl text, day date) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    by_day text := tbl || '_p' || to_char(day, 'YYYYMMDD');
+    by_year text := tbl || '_y' || to_char(day, 'YYYY');
+    year_start date := date_trunc('year', day)::date;
+BEGIN
+    IF to_regclass(by_day) IS NOT NULL OR to_regclass(by_year) IS NOT NULL THEN
+        RETURN;
+    END IF;
+    -- two writers creating a partition of the same table take turns; the second finds it made
+    PERFORM pg_advisory_xact_lock(hashtext('tw_partition:' || tbl));
+    IF to_regclass(by_day) IS NOT NULL OR to_regclass(by_year) IS NOT NULL THEN
+        RETURN;
+    END IF;
+    -- a year for a past year (bar its last 31 days) and for the years after next (a wrong clock)
+    IF ((date_part('year', day) < date_part('year', current_date) AND day < current_date - 31)
+        OR date_part('year', day) > date_part('year', current_date) + 1) AND NOT EXISTS (
+            SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = to_regclass(tbl) AND starts_with(c.relname, tbl || '_p' || to_char(day, 'YYYY'))) THEN
+        EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)', by_year, tbl,
+                       year_start::timestamp AT TIME ZONE 'UTC',
+                       (year_start + interval '1 year')::timestamp AT TIME ZONE 'UTC');
+    ELSE
+        EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)', by_day, tbl,
+                       day::timestamp AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC');
+    END IF;
+END $$;
+
+-- A database made before partitioning: its plain tables step aside (renamed with their indexes)
+-- and are copied into the partitioned ones at the end of this file.
+DO $$
+DECLARE
+    t text;
+    idx text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['trades', 'trade_flags', 'late_trades', 'alerts', 'dead_letters'] LOOP
+        IF EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass(t) AND relkind = 'r') THEN
+            EXECUTE format('ALTER TABLE %I RENAME TO %I', t, t || '_unpartitioned');
+            FOR idx IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                       WHERE i.indrelid = to_regclass(t || '_unpartitioned') LOOP
+                EXECUTE format('ALTER INDEX %I RENAME TO %I', idx, left(idx, 50) || '_unpartitioned');
+            END LOOP;
+        END IF;
+    END LOOP;
+END $$;
 
 -- Every valid trade, exactly once (trade_id is the idempotency key).
 CREATE TABLE IF NOT EXISTS trades (
-    trade_id          text PRIMARY KEY,
+    trade_id          text NOT NULL,
     symbol            text NOT NULL,
     ts                timestamptz NOT NULL,          -- event time (the trade's own timestamp)
     price             double precision NOT NULL,
@@ -16,8 +76,9 @@ CREATE TABLE IF NOT EXISTS trades (
     injected_anomaly  text,                          -- simulator ground truth; detectors never read it
     kafka_partition   integer,
     kafka_offset      bigint,
-    ingested_at       timestamptz NOT NULL DEFAULT now()
-);
+    ingested_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (trade_id, ts)
+) PARTITION BY RANGE (ts);
 CREATE INDEX IF NOT EXISTS trades_symbol_ts ON trades (symbol, ts);
 CREATE INDEX IF NOT EXISTS trades_ts ON trades (ts);
 
@@ -25,15 +86,16 @@ CREATE INDEX IF NOT EXISTS trades_ts ON trades (ts);
 -- anomaly_detector.py (consumer.py is the only writer of `trades`, so a flag can never fake a
 -- stored trade). Readers join it to `trades` on trade_id.
 CREATE TABLE IF NOT EXISTS trade_flags (
-    trade_id          text PRIMARY KEY,
+    trade_id          text NOT NULL,
     symbol            text NOT NULL,
     ts                timestamptz NOT NULL,          -- event time of the trade
     anomaly_types     text[] NOT NULL,
     anomaly_score     double precision NOT NULL,
     anomaly_severity  text NOT NULL,
     detector_version  text NOT NULL,
-    flagged_at        timestamptz NOT NULL DEFAULT now()
-);
+    flagged_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (trade_id, ts)
+) PARTITION BY RANGE (ts);
 CREATE INDEX IF NOT EXISTS trade_flags_ts ON trade_flags (ts);
 CREATE INDEX IF NOT EXISTS trade_flags_symbol_ts ON trade_flags (symbol, ts);
 
@@ -44,7 +106,7 @@ BEGIN
         INSERT INTO trade_flags (trade_id, symbol, ts, anomaly_types, anomaly_score, anomaly_severity, detector_version)
         SELECT trade_id, symbol, ts, anomaly_types, coalesce(anomaly_score, 0), coalesce(anomaly_severity, 'MEDIUM'),
                coalesce(detector_version, 'unknown')
-        FROM trades WHERE is_anomaly ON CONFLICT (trade_id) DO NOTHING;
+        FROM trades WHERE is_anomaly ON CONFLICT DO NOTHING;
         ALTER TABLE trades DROP COLUMN is_anomaly, DROP COLUMN anomaly_types, DROP COLUMN anomaly_score,
                            DROP COLUMN anomaly_severity, DROP COLUMN detector_version;
     END IF;
@@ -52,19 +114,20 @@ END $$;
 
 -- Every message that is not a valid trade, with the raw bytes and the reason.
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id               bigserial PRIMARY KEY,
+    id               bigserial,
     received_at      timestamptz NOT NULL DEFAULT now(),
+    -- when the message was sent (its Kafka timestamp; when Kafka gave none, when it was received):
+    -- what `consumer.py --replay-dead-letters` measures the clock-skew rule against again
+    sent_at          timestamptz NOT NULL,
     topic            text NOT NULL,
     kafka_partition  integer NOT NULL,
     kafka_offset     bigint NOT NULL,
     message_key      bytea,
     raw              bytea,
     reason           text NOT NULL,
-    UNIQUE (topic, kafka_partition, kafka_offset)
-);
--- When the message was sent (its Kafka timestamp): what `consumer.py --replay-dead-letters` measures
--- the clock-skew rule against again (NULL for letters stored before the column: received_at then).
-ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS sent_at timestamptz;
+    PRIMARY KEY (id, sent_at),
+    UNIQUE (topic, kafka_partition, kafka_offset, sent_at)    -- a re-delivered message: same time
+) PARTITION BY RANGE (sent_at);
 
 -- Windowed metrics from aggregator.py: one row per symbol × window size × window start.
 CREATE TABLE IF NOT EXISTS stock_metrics (
@@ -114,9 +177,9 @@ CREATE TABLE IF NOT EXISTS late_trades (
     window_start  timestamptz NOT NULL,
     watermark     timestamptz NOT NULL,
     recorded_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (trade_id, window_size)
-);
-ALTER TABLE late_trades ADD COLUMN IF NOT EXISTS reason text NOT NULL DEFAULT 'late';
+    reason        text NOT NULL DEFAULT 'late',
+    PRIMARY KEY (trade_id, window_size, ts)
+) PARTITION BY RANGE (ts);
 
 -- Where the aggregator is, per partition: written in the same transaction as the windows, so a
 -- restart resumes exactly after the last trade folded into the table.
@@ -168,7 +231,7 @@ CREATE TABLE IF NOT EXISTS indicators (
 
 -- Alerts raised by anomaly_detector.py (also published on the Kafka topic `alerts`).
 CREATE TABLE IF NOT EXISTS alerts (
-    alert_id         text PRIMARY KEY,              -- '<trade_id>:<type>', so a replay never doubles it
+    alert_id         text NOT NULL,                 -- '<trade_id>:<type>', so a replay never doubles it
     ts               timestamptz NOT NULL,          -- event time of the trade
     symbol           text NOT NULL,
     alert_type       text NOT NULL,
@@ -178,19 +241,17 @@ CREATE TABLE IF NOT EXISTS alerts (
     trade_id         text,
     acknowledged     boolean NOT NULL DEFAULT false,
     acknowledged_at  timestamptz,
-    created_at       timestamptz NOT NULL DEFAULT clock_timestamp()
-);
+    created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- the outbox: written NULL in the detector's transaction, set once Kafka acknowledged the alert
+    published_at     timestamptz,
+    kafka_partition  integer,                       -- whose outbox: the trades partition it came from
+    webhook_due      boolean NOT NULL DEFAULT false,  -- awaiting a successful POST to ALERT_WEBHOOK_URL
+    PRIMARY KEY (alert_id, ts)
+) PARTITION BY RANGE (ts);
 CREATE INDEX IF NOT EXISTS alerts_ts ON alerts (ts DESC);
--- The outbox: an alert is written with published_at NULL in the detector's transaction and marked
--- once Kafka acknowledged it on the `alerts` topic (alerts that predate the column count as sent).
-ALTER TABLE alerts ADD COLUMN IF NOT EXISTS published_at timestamptz DEFAULT now();
-ALTER TABLE alerts ALTER COLUMN published_at DROP DEFAULT;
 CREATE INDEX IF NOT EXISTS alerts_unpublished ON alerts (created_at) WHERE published_at IS NULL;
--- Whose outbox an alert is in: the trades partition it came from (NULL: stored before the column).
-ALTER TABLE alerts ADD COLUMN IF NOT EXISTS kafka_partition integer;
--- The webhook outbox: true while the alert awaits a successful POST to ALERT_WEBHOOK_URL.
-ALTER TABLE alerts ADD COLUMN IF NOT EXISTS webhook_due boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS alerts_webhook_due ON alerts (created_at) WHERE webhook_due;
+CREATE INDEX IF NOT EXISTS alerts_by_id ON alerts (alert_id);
 -- resuming the live alert stream after an alert id (GET /alerts/stream with Last-Event-ID)
 CREATE INDEX IF NOT EXISTS alerts_created ON alerts (created_at, alert_id);
 
@@ -284,3 +345,40 @@ CREATE TABLE IF NOT EXISTS stage_health (
     last_error   text,
     PRIMARY KEY (stage, host, pid)
 );
+
+-- A database made before partitioning: copy each renamed plain table into its partitioned
+-- successor (the days it holds get their partitions first), then drop it.
+DO $$
+DECLARE
+    t text;
+    key text;
+    cols text;
+    d date;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['trades', 'trade_flags', 'late_trades', 'alerts', 'dead_letters'] LOOP
+        IF to_regclass(t || '_unpartitioned') IS NULL THEN
+            CONTINUE;
+        END IF;
+        key := CASE t WHEN 'dead_letters' THEN 'coalesce(sent_at, received_at)' ELSE 'ts' END;
+        IF t = 'dead_letters' AND NOT EXISTS (SELECT 1 FROM information_schema.columns
+                                              WHERE table_name = 'dead_letters_unpartitioned' AND column_name = 'sent_at') THEN
+            key := 'received_at';
+        END IF;
+        FOR d IN EXECUTE format('SELECT DISTINCT (%s AT TIME ZONE ''UTC'')::date FROM %I', key, t || '_unpartitioned') LOOP
+            PERFORM tw_ensure_partition(t, d);
+        END LOOP;
+        SELECT string_agg(quote_ident(column_name), ', ') INTO cols FROM information_schema.columns
+        WHERE table_name = t || '_unpartitioned' AND column_name IN (
+            SELECT column_name FROM information_schema.columns WHERE table_name = t) AND column_name <> 'sent_at';
+        IF t = 'dead_letters' THEN
+            EXECUTE format('INSERT INTO dead_letters (%s, sent_at) SELECT %s, %s FROM dead_letters_unpartitioned',
+                           cols, cols, key);
+        ELSE
+            EXECUTE format('INSERT INTO %I (%s) SELECT %s FROM %I ON CONFLICT DO NOTHING', t, cols, cols,
+                           t || '_unpartitioned');
+        END IF;
+        EXECUTE format('DROP TABLE %I', t || '_unpartitioned');
+    END LOOP;
+    PERFORM setval(pg_get_serial_sequence('dead_letters', 'id'), coalesce((SELECT max(id) FROM dead_letters), 0) + 1,
+                   false);
+END $$;

@@ -4,8 +4,9 @@ session temp table and INSERT … ON CONFLICT DO NOTHING.
 
 The direct COPY runs at the database's bulk-load speed and is what happens in steady state; it
 sits in a savepoint, so a duplicate key only rolls back that attempt, and the same buffer then
-takes the merge path. The conflict clause on trade_id is what makes "offsets after commit"
-exactly-once.
+takes the merge path. The conflict clause on (trade_id, ts) is what makes "offsets after commit"
+exactly-once: a re-delivered trade carries the same timestamp (the table is partitioned by day of
+ts, and PostgreSQL wants the partition key in the unique key).
 
 A row the database refuses although validation passed it (a data error, or a constraint an
 operator added) never stops ingestion: the batch is split in halves, each in its own savepoint,
@@ -15,14 +16,16 @@ every other row is stored.
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 import psycopg2.errors
 import psycopg2.extensions
 from psycopg2.extras import execute_values
 
-from tradewatch.events import Trade
+from tradewatch.events import LATEST_TIMESTAMP_MS, Trade
+from tradewatch.store import partitions
 
 COLUMNS = ("trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition, schema_version, "
             "injected_anomaly, kafka_partition, kafka_offset")
@@ -38,7 +41,7 @@ INSERT INTO trades ({COLUMNS})
 SELECT DISTINCT ON (trade_id) {COLUMNS}
 FROM trades_incoming
 ORDER BY trade_id, kafka_partition, kafka_offset
-ON CONFLICT (trade_id) DO NOTHING
+ON CONFLICT (trade_id, ts) DO NOTHING
 """
 
 
@@ -68,10 +71,13 @@ class BatchResult:
 
 
 def write_batch(cur: psycopg2.extensions.cursor, lines: list[str],
-                dead_letters: list[DeadLetter]) -> BatchResult:
-    """Write one batch — trades as `copy_line`s — inside the caller's transaction (the stage
-    runtime commits it, then the Kafka offsets). Lines the database refuses are not written and
-    come back in `refused`; the caller dead-letters them (`write_dead_letters`)."""
+                dead_letters: list[DeadLetter], days: set[int] | None = None) -> BatchResult:
+    """Write one batch — trades as `copy_line`s, of the event days `days` (found from the lines
+    when not given) — inside the caller's transaction (the stage runtime commits it, then the
+    Kafka offsets). Lines the database refuses are not written and come back in `refused`; the
+    caller dead-letters them (`write_dead_letters`)."""
+    if lines:
+        partitions.ensure(cur, "trades", days if days is not None else {_day_of_line(line) for line in lines})
     inserted, refused = _store(cur, lines, 0, 0) if lines else (0, [])
     write_dead_letters(cur, dead_letters)
     return BatchResult(inserted, len(lines) - inserted - len(refused), len(dead_letters), refused)
@@ -116,12 +122,23 @@ def _copy(cur, text: str) -> int:
 
 def write_dead_letters(cur: psycopg2.extensions.cursor, dead_letters: list[DeadLetter]) -> None:
     if dead_letters:
+        # the Kafka time, which a producer sets: clamped to the dates PostgreSQL and Python share
+        now_ms = int(time.time() * 1000)
+        sent = [min(max(d.sent_ms, 0), LATEST_TIMESTAMP_MS) if d.sent_ms is not None else now_ms
+                for d in dead_letters]
+        partitions.ensure(cur, "dead_letters", {partitions.day_of(ms) for ms in sent})
         execute_values(
             cur,
             "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, message_key, raw, reason, sent_at) "
-            "VALUES %s ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
-            [(d.topic, d.partition, d.offset, d.key, d.raw, d.reason, d.sent_ms) for d in dead_letters],
+            "VALUES %s ON CONFLICT (topic, kafka_partition, kafka_offset, sent_at) DO NOTHING",
+            [(d.topic, d.partition, d.offset, d.key, d.raw, d.reason, ms) for d, ms in zip(dead_letters, sent)],
             template="(%s, %s, %s, %s, %s, %s, timestamptz 'epoch' + %s * interval '1 millisecond')")
+
+
+def _day_of_line(line: str) -> int:
+    """The event day of a copy_line (its third field, 'YYYY-MM-DD HH:MM:SS.mmm+00')."""
+    stamp = line.split("\t", 3)[2]
+    return (date.fromisoformat(stamp[:10]) - date(1970, 1, 1)).days
 
 
 @dataclass
@@ -135,8 +152,8 @@ class Replayed:
 
 def replay_dead_letters(conn, reason: str | None, since, max_skew_ms: int, batch: int = 1000) -> Replayed:
     """Validate dead letters again with today's rules (against the Kafka timestamp each was sent
-    with): the valid ones go into `trades` (ON CONFLICT (trade_id): never twice) and leave
-    dead_letters; the others stay, their reason brought up to date. One transaction per batch."""
+    with): the valid ones go into `trades` (a trade_id already stored keeps its row: never twice)
+    and leave dead_letters; the others stay, their reason brought up to date. One transaction per batch."""
     from tradewatch.events import InvalidTrade, parse_trade
     done, after = Replayed(), 0
     while True:
@@ -151,18 +168,26 @@ def replay_dead_letters(conn, reason: str | None, since, max_skew_ms: int, batch
             if not rows:
                 return done
             after = rows[-1][0]
-            lines, ids, times, changed = [], [], [], []
+            valid, changed = [], []
             for letter_id, partition, offset, raw, old_reason, sent_ms in rows:
                 try:
-                    trade = parse_trade(bytes(raw) if raw is not None else None, sent_ms, max_skew_ms)
-                    lines.append(copy_line(trade, partition, offset))
-                    ids.append(letter_id)
-                    times.append(trade.timestamp_ms)
+                    valid.append((letter_id, partition, offset,
+                                  parse_trade(bytes(raw) if raw is not None else None, sent_ms, max_skew_ms)))
                 except InvalidTrade as error:
                     done.still_invalid += 1
                     if str(error) != old_reason:
                         changed.append((str(error), letter_id))
-            result = write_batch(cur, lines, [])
+            # a trade_id stored already (with whatever timestamp) keeps its row: not a second one
+            cur.execute("SELECT DISTINCT trade_id FROM trades WHERE trade_id = ANY(%s)",
+                        ([t.trade_id for *_, t in valid],))
+            stored = {r[0] for r in cur.fetchall()}
+            known = [letter_id for letter_id, *_, t in valid if t.trade_id in stored]
+            valid = [v for v in valid if v[3].trade_id not in stored]
+            lines = [copy_line(t, partition, offset) for _, partition, offset, t in valid]
+            ids, times = [v[0] for v in valid], [v[3].timestamp_ms for v in valid]
+            cur.execute("DELETE FROM dead_letters WHERE id = ANY(%s)", (known,))
+            done.already_stored += len(known)
+            result = write_batch(cur, lines, [], {partitions.day_of(ms) for ms in times})
             for refused in result.refused:
                 changed.append((refused.reason, ids[refused.index]))
                 done.still_invalid += 1

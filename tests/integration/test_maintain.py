@@ -1,0 +1,214 @@
+"""Retention by partitions with a Parquet archive (issue 23), on the real PostgreSQL: ten recent days
+of trades, flags, alerts, late trades and dead letters; `maintain` with a 3-day retention archives
+and drops the six oldest days of each; archive + database hold every row exactly once; a kill -9
+after each step is finished by the next run; a re-delivered trade is never doubled, and one re-sent
+with another timestamp is a second row that `maintain` reports. Days far from today share a year
+partition, so a sender spreading trades over decades cannot make a partition per day."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import query
+from tradewatch.alerts import alerts_for
+from tradewatch.config import PROJECT_ROOT
+from tradewatch.detect.rules import Detection
+from tradewatch.events import Trade
+from tradewatch.store import db, detections
+from tradewatch.store.writer import DeadLetter, copy_line, write_batch, write_dead_letters
+
+# recent days are day partitions (schema.sql): the ten days end two days ago
+START = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=12)
+DAYS = 10
+TABLES = ("trades", "trade_flags", "alerts", "dead_letters")
+
+
+def load(settings) -> list[Trade]:
+    start_ms = int(START.timestamp() * 1000)
+    trades = [Trade(f"t{i}", "SPY", start_ms + i * 3_600_000, 170.0, 10.0, "buy", "X") for i in range(DAYS * 24)]
+    conn = db.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
+            flagged = [Detection(t, None, ["PRICE_SPIKE"], 2.0) for t in trades[::6]]
+            detections.write_flags(cur, flagged, "test")
+            detections.write_alerts(cur, [(0, a) for d in flagged for a in alerts_for(d)], webhook=False)
+            write_dead_letters(cur, [DeadLetter("trades", 0, 10_000 + i, b"SPY", b"not json", "not JSON", t.timestamp_ms)
+                                     for i, t in enumerate(trades[::12])])
+        conn.commit()
+    finally:
+        conn.close()
+    return trades
+
+
+def maintain(settings, *args: str, crash_after: str = "", days: int = 3) -> subprocess.CompletedProcess:
+    env = {**os.environ, **settings.as_env(), "TRADEWATCH_MAINTAIN_CRASH_AFTER": crash_after,
+           **{f"RETENTION_DAYS_{t.upper()}": str(days) for t in (*TABLES, "late_trades")}}
+    return subprocess.run([sys.executable, "-m", "tradewatch", "maintain", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def archived_ids(settings, table: str, column: str) -> list:
+    found = []
+    for part in sorted((settings.home / "archive" / table).glob("date=*/part-*.parquet")):
+        found += pq.read_table(part, columns=[column]).column(column).to_pylist()
+    return found
+
+
+@pytest.fixture
+def archive_home(settings, tmp_path):
+    return settings.with_overrides(tradewatch_home=str(tmp_path / "home"))
+
+
+def test_expired_days_are_archived_verified_and_dropped_and_every_row_is_in_one_place(archive_home):
+    settings = archive_home
+    trades = load(settings)
+    before = {t: query(settings, f"SELECT count(*) FROM {t}")[0][0] for t in TABLES}
+
+    out = maintain(settings, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    # the newest row is at 23:00 of day ten; a day goes once it ended 3 days before that: days one to six
+    assert out.stdout.count("would archive") == 4 * 6, out.stdout
+    assert {t: query(settings, f"SELECT count(*) FROM {t}")[0][0] for t in TABLES} == before, "a dry run changes nothing"
+    assert not (settings.home / "archive").exists()
+
+    for step in ("write", "record", "detach"):       # killed after each step, then run again
+        assert maintain(settings, crash_after=step).returncode == 9
+    out = maintain(settings)
+    assert out.returncode == 0, out.stderr
+
+    newest = START + timedelta(hours=DAYS * 24 - 1)
+    kept_from = (newest - timedelta(days=3)).replace(hour=0)          # whole days of the last three
+    stored = [r[0] for r in query(settings, "SELECT trade_id FROM trades")]
+    archived = archived_ids(settings, "trades", "trade_id")
+    assert sorted(stored + archived) == sorted(t.trade_id for t in trades), "every trade once, db or archive"
+    assert not set(stored) & set(archived)
+    assert query(settings, "SELECT min(ts) FROM trades")[0][0] == kept_from
+    for table, column in (("trade_flags", "trade_id"), ("alerts", "alert_id"), ("dead_letters", "kafka_offset")):
+        total = query(settings, f"SELECT count(*) FROM {table}")[0][0] + len(archived_ids(settings, table, column))
+        assert total == before[table], table
+    names = [r[0] for r in query(settings, "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                                           " WHERE i.inhparent = 'trades'::regclass ORDER BY 1")]
+    assert names[0] == f"trades_p{kept_from:%Y%m%d}" and f"trades_p{START:%Y%m%d}" not in names
+    days = sorted(p.name for p in (settings.home / "archive" / "trades").iterdir())
+    assert days == [f"date={(START + timedelta(days=d)).date()}" for d in range(6)]
+    assert maintain(settings).stdout.startswith("0 day(s)"), "nothing more to do"
+    second_day = (START + timedelta(days=1)).date().isoformat()
+    report = subprocess.run([sys.executable, "report.py", "--date", second_day, "--out", str(settings.home / "r")],
+                            cwd=PROJECT_ROOT, env={**os.environ, **settings.as_env()}, capture_output=True, text=True,
+                            timeout=120)
+    assert report.returncode == 1 and f"the trades of {second_day} are archived" in report.stderr, report.stderr
+
+
+def test_a_redelivered_trade_is_never_doubled_and_one_resent_with_another_time_is_reported(archive_home):
+    settings = archive_home
+    trade = Trade("same", "SPY", int(START.timestamp() * 1000), 170.0, 10.0, "buy", "X")
+    later = Trade("same", "SPY", trade.timestamp_ms + 5 * 86_400_000, 170.0, 10.0, "buy", "X")
+    conn = db.connect(settings)
+    try:
+        for batch in ([trade], [trade], [later]):          # the same trade delivered twice, then re-sent later
+            with conn.cursor() as cur:
+                result = write_batch(cur, [copy_line(t, 0, 0) for t in batch], [])
+            conn.commit()
+    finally:
+        conn.close()
+    assert result.trades_inserted == 1
+    assert query(settings, "SELECT count(*) FROM trades WHERE trade_id = 'same'")[0][0] == 2, "two timestamps: two rows"
+    out = maintain(settings, days=30)
+    assert out.returncode == 0 and "1 trade_ids stored more than once with different timestamps (e.g. same)" \
+        in out.stdout, out.stdout + out.stderr
+
+
+def test_a_database_made_before_partitioning_keeps_its_rows(settings):
+    """An existing installation: its plain tables are copied into the partitioned ones, once."""
+    name = f"tw_upgrade_{os.getpid()}"
+    admin = db.connect(settings)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        cur.execute(f"CREATE DATABASE {name}")
+    old = settings.with_overrides(postgres_db=name)
+    try:
+        with db.connect(old) as conn, conn.cursor() as cur:      # the tables as they were
+            cur.execute("""
+                CREATE TABLE trades (trade_id text PRIMARY KEY, symbol text NOT NULL, ts timestamptz NOT NULL,
+                    price double precision NOT NULL, quantity double precision NOT NULL, side text NOT NULL,
+                    exchange text NOT NULL, bid double precision, ask double precision, condition text,
+                    schema_version smallint NOT NULL, injected_anomaly text, kafka_partition integer,
+                    kafka_offset bigint, ingested_at timestamptz NOT NULL DEFAULT now());
+                CREATE INDEX trades_symbol_ts ON trades (symbol, ts);
+                CREATE TABLE dead_letters (id bigserial PRIMARY KEY, received_at timestamptz NOT NULL DEFAULT now(),
+                    topic text NOT NULL, kafka_partition integer NOT NULL, kafka_offset bigint NOT NULL,
+                    message_key bytea, raw bytea, reason text NOT NULL, UNIQUE (topic, kafka_partition, kafka_offset));
+                INSERT INTO trades VALUES ('a', 'SPY', '2013-10-07 13:30:00+00', 170, 1, 'buy', 'X', NULL, NULL, NULL, 1,
+                                           NULL, 0, 0), ('b', 'SPY', '2013-10-08 13:30:00+00', 171, 1, 'sell', 'X',
+                                           NULL, NULL, NULL, 1, NULL, 0, 1);
+                INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, raw, reason)
+                    VALUES ('trades', 0, 7, 'x', 'not JSON');""")
+        conn.close()
+        db.apply_schema(old)
+        with db.connect(old) as conn, conn.cursor() as cur:
+            cur.execute("SELECT relkind FROM pg_class WHERE relname IN ('trades', 'dead_letters') ORDER BY relname")
+            assert [r[0] for r in cur.fetchall()] == ["p", "p"]
+            cur.execute("SELECT trade_id, tableoid::regclass::text FROM trades ORDER BY 1")
+            assert cur.fetchall() == [("a", "trades_y2013"), ("b", "trades_y2013")]      # far from today: a year
+            cur.execute("SELECT kafka_offset, reason, sent_at = received_at FROM dead_letters")
+            assert cur.fetchall() == [(7, "not JSON", True)]
+            cur.execute("SELECT to_regclass('trades_unpartitioned'), to_regclass('dead_letters_unpartitioned')")
+            assert cur.fetchone() == (None, None)
+        conn.close()
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def partition_names(settings, table: str) -> list[str]:
+    return [r[0] for r in query(settings, "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                                          " WHERE i.inhparent = %s::regclass ORDER BY 1", (table,))]
+
+
+def test_days_far_from_today_share_a_year_and_a_wrong_clock_expires_nothing(archive_home):
+    """5,000 trades spread over 1990 to today (as the fuzz test sends) make one partition for each
+    past year, not one a day; a dead letter whose Kafka time is past year 9999 is stored (clamped);
+    a trade stamped in 2400 does not make the recent days expire."""
+    import random
+    settings = archive_home
+    rng = random.Random(5)
+    now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+    spread = [Trade(f"s{i}", "SPY", rng.randint(631_152_000_000, now_ms), 10.0, 1.0, "buy", "X") for i in range(5_000)]
+    recent = [Trade(f"r{i}", "SPY", now_ms - i * 3_600_000, 10.0, 1.0, "buy", "X") for i in range(48)]
+    wrong = Trade("far", "SPY", int(datetime(2400, 1, 1, tzinfo=timezone.utc).timestamp() * 1000), 10.0, 1.0, "buy", "X")
+    conn = db.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(spread + recent + [wrong])], [])
+            write_dead_letters(cur, [DeadLetter("trades", 0, 1, None, b"x", "not JSON", 300_000_000_000_000)])
+        conn.commit()
+    finally:
+        conn.close()
+    names = partition_names(settings, "trades")
+    years = [n for n in names if n.startswith("trades_y")]
+    days = [n for n in names if n.startswith("trades_p")]
+    assert "trades_y2400" in years and "trades_y1990" in years
+    this_year = datetime.now(timezone.utc).year
+    assert all(n[8:12] in (str(this_year), str(this_year - 1)) for n in days), days
+    assert len(years) <= this_year - 1990 + 1, years
+    assert query(settings, "SELECT count(*) FROM trades")[0][0] == len(spread) + len(recent) + 1
+    assert query(settings, "SELECT extract(year FROM sent_at)::int FROM dead_letters")[0][0] == 9999
+
+    out = maintain(settings, days=3)
+    assert out.returncode == 0, out.stderr
+    # retention counts back from now (the 2400 trade is newer than now): the last three days stay
+    kept = {r[0] for r in query(settings, "SELECT trade_id FROM trades")}
+    assert {t.trade_id for t in recent if t.timestamp_ms > now_ms - 2 * 86_400_000} <= kept
+    assert not any(i.startswith("s") and t.timestamp_ms < now_ms - 40 * 86_400_000
+                   for t in spread for i in (t.trade_id,) if i in kept), "the old years are archived"
+    archived = archived_ids(settings, "trades", "trade_id")
+    assert sorted(archived + list(kept)) == sorted(t.trade_id for t in spread + recent + [wrong])
+    assert (settings.home / "archive" / "trades" / "date=1990").is_dir()

@@ -1,0 +1,231 @@
+"""`python -m tradewatch maintain [--dry-run] [--every SECONDS]`: retention of the tables that grow
+with the feed, by whole day partitions (tradewatch/store/partitions.py), never by DELETE.
+
+For each table, a partition (a day, or a year for days far from today: schema.sql) is expired
+when it ended more than RETENTION_DAYS_<TABLE> before the table's newest event time, or before now
+if that is earlier (event time: a replay of 2013 keeps its last days; never past now: one trade
+stamped in the year 3000 does not expire everything else). An expired partition is
+
+1. **archived** to Parquet, `TRADEWATCH_HOME/archive/<table>/date=YYYY-MM-DD/part-<id>.parquet`
+   (`date=YYYY` for a year),
+   written under a temporary name and renamed;
+2. **verified**: the file is read back, and its row count and checksum (the sum of the event
+   times in microseconds) must equal the partition's; then `part-<id>.json` records them;
+3. **dropped**: in one transaction the partition is locked, checked against that record once more
+   (a late row since? then the archive is deleted and the day archived again next time), detached
+   and dropped.
+
+A crash anywhere leaves either no record (the next run deletes the unrecorded file and archives
+again) or a record that matches the partition (the next run only drops it): no row is lost, and
+none is both in the database and twice in the archive. Each run also creates today's and
+tomorrow's partitions ahead of the writers and reports trade_ids stored twice (a trade re-sent with
+another timestamp is a second row: its trade_id is unique per timestamp only).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tradewatch.config import Settings
+from tradewatch.store import db, partitions
+
+log = logging.getLogger("tradewatch.maintain")
+CHUNK_ROWS = 200_000
+CRASH_AFTER = os.environ.get("TRADEWATCH_MAINTAIN_CRASH_AFTER", "")   # fault injection for the tests
+
+
+def retention_days(settings: Settings) -> dict[str, int]:
+    return {"trades": settings.retention_days_trades, "trade_flags": settings.retention_days_trade_flags,
+            "late_trades": settings.retention_days_late_trades, "dead_letters": settings.retention_days_dead_letters,
+            "alerts": settings.retention_days_alerts}
+
+
+@dataclass
+class Day:
+    """A partition: the day `day` (name <table>_pYYYYMMDD) or, when `year`, that day's whole year
+    (<table>_yYYYY)."""
+    table: str
+    day: date
+    name: str
+    year: bool = False
+
+    @property
+    def key(self) -> str:
+        return partitions.PARTITIONED[self.table]
+
+    @property
+    def end(self) -> datetime:
+        if self.day.year == 9999 and (self.year or self.day == date.max):
+            return datetime.max.replace(tzinfo=timezone.utc)          # never expires: beyond Python's dates
+        last = date(self.day.year + 1, 1, 1) if self.year else self.day + timedelta(days=1)
+        return datetime.combine(last, datetime.min.time(), timezone.utc)
+
+    @property
+    def label(self) -> str:
+        return str(self.day.year) if self.year else self.day.isoformat()
+
+
+def _crash(step: str) -> None:
+    if CRASH_AFTER == step:
+        os._exit(9)
+
+
+def day_partitions(cur, table: str) -> list[Day]:
+    cur.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = to_regclass(%s) ORDER BY 1", (table,))
+    found = []
+    for (name,) in cur.fetchall():
+        if name.startswith(f"{table}_p"):
+            found.append(Day(table, datetime.strptime(name[-8:], "%Y%m%d").date(), name))
+        elif name.startswith(f"{table}_y"):
+            found.append(Day(table, date(int(name[-4:]), 1, 1), name, year=True))
+    return sorted(found, key=lambda d: d.day)
+
+
+def expired(cur, table: str, days: int) -> list[Day]:
+    cur.execute(f"SELECT least(max({partitions.PARTITIONED[table]}), now()) FROM {table}")
+    newest = cur.fetchone()[0]
+    if newest is None:
+        return []
+    cutoff = newest - timedelta(days=days)
+    return [d for d in day_partitions(cur, table) if d.end <= cutoff]
+
+
+def measure(cur, day: Day) -> tuple[int, int]:
+    """Rows and checksum (sum of the event times in µs) of a day partition."""
+    cur.execute(f"SELECT count(*), coalesce(sum((extract(epoch FROM {day.key}) * 1000000)::bigint), 0)"
+                f" FROM {day.name}")
+    rows, checksum = cur.fetchone()
+    return int(rows), int(checksum)
+
+
+def folder(settings: Settings, day: Day) -> Path:
+    return settings.home / "archive" / day.table / f"date={day.label}"
+
+
+def records(where: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(where.glob("part-*.json"))]
+
+
+def _tidy(where: Path) -> None:
+    """Files a crash left without their record: never part of the archive."""
+    recorded = {r["file"] for r in records(where)}
+    for leftover in list(where.glob("*.tmp")) + [p for p in where.glob("part-*.parquet") if p.name not in recorded]:
+        leftover.unlink()
+
+
+def archive(conn, settings: Settings, day: Day, rows: int, checksum: int) -> dict:
+    where = folder(settings, day)
+    where.mkdir(parents=True, exist_ok=True)
+    part = f"part-{uuid.uuid4().hex[:12]}"
+    final, temporary = where / f"{part}.parquet", where / f"{part}.parquet.tmp"
+    writer = None
+    with conn.cursor(name=f"archive_{part}") as cur:          # server-side: a day never sits in memory
+        cur.itersize = CHUNK_ROWS
+        cur.execute(f"SELECT * FROM {day.name}")
+        while batch := cur.fetchmany(CHUNK_ROWS):
+            columns = [c.name for c in cur.description]
+            table = pa.Table.from_pylist([dict(zip(columns, r)) for r in batch])
+            if writer is None:
+                writer = pq.ParquetWriter(temporary, table.schema)
+            writer.write_table(table.cast(writer.schema))
+    conn.commit()
+    if writer is None:
+        return {"file": None, "rows": 0, "checksum": 0}
+    writer.close()
+    os.replace(temporary, final)
+    _crash("write")
+    written = pq.read_table(final, columns=[day.key]).column(day.key)
+    got = (len(written), int(pc.sum(written.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())).as_py() or 0))
+    if got != (rows, checksum):
+        final.unlink()
+        raise RuntimeError(f"{day.name}: the archive holds {got[0]} rows (checksum {got[1]}), the partition "
+                           f"{rows} ({checksum}); not dropped")
+    record = {"file": final.name, "rows": rows, "checksum": checksum, "table": day.table, "day": day.label,
+              "archived_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    (where / f"{part}.json.tmp").write_text(json.dumps(record))
+    os.replace(where / f"{part}.json.tmp", where / f"{part}.json")
+    _crash("record")
+    return record
+
+
+def drop(conn, day: Day, record: dict) -> bool:
+    """Detach and drop the partition if it still matches what was archived."""
+    with conn.cursor() as cur:
+        cur.execute(f"LOCK TABLE {day.name} IN ACCESS EXCLUSIVE MODE")
+        if measure(cur, day) != (record["rows"], record["checksum"]):
+            conn.rollback()
+            return False
+        cur.execute(f"ALTER TABLE {day.table} DETACH PARTITION {day.name}")
+        _crash("detach")
+        cur.execute(f"DROP TABLE {day.name}")
+    conn.commit()
+    return True
+
+
+def run(settings: Settings, dry_run: bool = False, out=print) -> int:
+    """One pass over every table; returns the number of days dropped (or that would be)."""
+    conn = db.connect(settings)
+    dropped = 0
+    try:
+        with conn.cursor() as cur:
+            today = date.today()
+            if not dry_run:
+                for table in partitions.PARTITIONED:
+                    for day in (today, today + timedelta(days=1)):
+                        cur.execute("SELECT tw_ensure_partition(%s, %s)", (table, day))
+                conn.commit()
+            for table, days in retention_days(settings).items():
+                for day in expired(cur, table, days):
+                    rows, checksum = measure(cur, day)
+                    conn.commit()
+                    where = folder(settings, day)
+                    if dry_run:
+                        out(f"{table} {day.label}: would archive {rows:,} rows to {where} and drop {day.name}")
+                        dropped += 1
+                        continue
+                    if where.exists():
+                        _tidy(where)
+                    record = next((r for r in records(where) if (r["rows"], r["checksum"]) == (rows, checksum)),
+                                  None) if where.exists() else None
+                    if record is None:
+                        record = archive(conn, settings, day, rows, checksum)
+                    if drop(conn, day, record):
+                        dropped += 1
+                        out(f"{table} {day.label}: archived {rows:,} rows to {where}, partition dropped")
+                    else:           # rows arrived since: that archive is incomplete; next run does it again
+                        if record.get("file"):
+                            (where / record["file"]).unlink(missing_ok=True)
+                            (where / record["file"].replace(".parquet", ".json")).unlink(missing_ok=True)
+                        out(f"{table} {day.label}: changed while archived; archived again next time")
+            cur.execute("SELECT count(*) OVER (), trade_id FROM trades GROUP BY trade_id HAVING count(*) > 1 LIMIT 1")
+            twice = cur.fetchone()
+            conn.commit()
+            if twice:
+                log.warning("%d trade_ids are stored more than once with different timestamps (e.g. %s): a "
+                            "producer re-sent trades with another time", twice[0], twice[1])
+                out(f"trades: {twice[0]} trade_ids stored more than once with different timestamps (e.g. {twice[1]})")
+    finally:
+        conn.close()
+    return dropped
+
+
+def main_loop(settings: Settings, every_s: float, stop) -> None:
+    while not stop():
+        started = time.monotonic()
+        try:
+            run(settings, out=log.info)
+        except Exception as error:  # noqa: BLE001 - the next pass tries again; the log says why
+            log.warning("maintenance pass failed (%s); trying again in %.0f s", str(error).splitlines()[0], every_s)
+        while not stop() and time.monotonic() - started < every_s:
+            time.sleep(0.5)
