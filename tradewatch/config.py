@@ -53,6 +53,8 @@ class Settings:
     retention_days_late_trades: int = 30
     retention_days_dead_letters: int = 30
     retention_days_alerts: int = 365
+    retention_days_minute_candles: int = 90     # stock_metrics and indicators of windows up to 1 minute
+    retention_days_candles: int = 365           # … of longer windows
     allowed_lateness_seconds: float = 5.0
     idle_timeout_seconds: float = 10.0
     aggregator_flush_ms: int = 500

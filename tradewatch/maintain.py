@@ -38,41 +38,52 @@ import pyarrow.parquet as pq
 
 from tradewatch.config import Settings
 from tradewatch.store import db, partitions
+from tradewatch.windows import parse_size
 
 log = logging.getLogger("tradewatch.maintain")
 CHUNK_ROWS = 200_000
 CRASH_AFTER = os.environ.get("TRADEWATCH_MAINTAIN_CRASH_AFTER", "")   # fault injection for the tests
 
 
-def retention_days(settings: Settings) -> dict[str, int]:
-    return {"trades": settings.retention_days_trades, "trade_flags": settings.retention_days_trade_flags,
-            "late_trades": settings.retention_days_late_trades, "dead_letters": settings.retention_days_dead_letters,
-            "alerts": settings.retention_days_alerts}
+MINUTE_MS = 60_000
+
+
+def retention_days(cur, settings: Settings) -> list[tuple[str, str, int]]:
+    """(table, its time column, days kept) of every table `maintain` prunes: the feed's tables and
+    each window size's candle tables (stock_metrics_1m, indicators_5m, …; found in the catalog)."""
+    kept = [("trades", settings.retention_days_trades), ("trade_flags", settings.retention_days_trade_flags),
+            ("late_trades", settings.retention_days_late_trades),
+            ("dead_letters", settings.retention_days_dead_letters), ("alerts", settings.retention_days_alerts)]
+    found = [(t, partitions.PARTITIONED[t], days) for t, days in kept]
+    for table in partitions.CANDLES:
+        for name in children(cur, table):
+            size_ms = parse_size(name[len(table) + 1:])
+            found.append((name, "window_start", settings.retention_days_minute_candles if size_ms <= MINUTE_MS
+                          else settings.retention_days_candles))
+    return found
 
 
 @dataclass
 class Day:
-    """A partition: the day `day` (name <table>_pYYYYMMDD) or, when `year`, that day's whole year
-    (<table>_yYYYY)."""
+    """A partition: the day `day` (name <table>_pYYYYMMDD), or the month (<table>_mYYYYMM) or year
+    (<table>_yYYYY) that begins on `day`."""
     table: str
+    key: str             # its time column
     day: date
     name: str
-    year: bool = False
-
-    @property
-    def key(self) -> str:
-        return partitions.PARTITIONED[self.table]
+    span: str = "day"    # day | month | year
 
     @property
     def end(self) -> datetime:
-        if self.day.year == 9999 and (self.year or self.day == date.max):
+        if self.day.year == 9999 and self.span != "day" or self.day == date.max:
             return datetime.max.replace(tzinfo=timezone.utc)          # never expires: beyond Python's dates
-        last = date(self.day.year + 1, 1, 1) if self.year else self.day + timedelta(days=1)
+        last = {"day": self.day + timedelta(days=1), "year": date(self.day.year + 1, 1, 1),
+                "month": (self.day.replace(day=28) + timedelta(days=4)).replace(day=1)}[self.span]
         return datetime.combine(last, datetime.min.time(), timezone.utc)
 
     @property
     def label(self) -> str:
-        return str(self.day.year) if self.year else self.day.isoformat()
+        return {"day": self.day.isoformat(), "month": self.day.isoformat()[:7], "year": str(self.day.year)}[self.span]
 
 
 def _crash(step: str) -> None:
@@ -80,25 +91,32 @@ def _crash(step: str) -> None:
         os._exit(9)
 
 
-def day_partitions(cur, table: str) -> list[Day]:
+def children(cur, table: str) -> list[str]:
     cur.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
                 " WHERE i.inhparent = to_regclass(%s) ORDER BY 1", (table,))
+    return [name for (name,) in cur.fetchall()]
+
+
+def day_partitions(cur, table: str, key: str) -> list[Day]:
     found = []
-    for (name,) in cur.fetchall():
-        if name.startswith(f"{table}_p"):
-            found.append(Day(table, datetime.strptime(name[-8:], "%Y%m%d").date(), name))
-        elif name.startswith(f"{table}_y"):
-            found.append(Day(table, date(int(name[-4:]), 1, 1), name, year=True))
+    for name in children(cur, table):
+        tail = name[len(table) + 1:]
+        if tail[:1] == "p" and len(tail) == 9:
+            found.append(Day(table, key, datetime.strptime(tail[1:], "%Y%m%d").date(), name))
+        elif tail[:1] == "m" and len(tail) == 7:
+            found.append(Day(table, key, datetime.strptime(tail[1:], "%Y%m").date(), name, "month"))
+        elif tail[:1] == "y" and len(tail) == 5:
+            found.append(Day(table, key, date(int(tail[1:]), 1, 1), name, "year"))
     return sorted(found, key=lambda d: d.day)
 
 
-def expired(cur, table: str, days: int) -> list[Day]:
-    cur.execute(f"SELECT least(max({partitions.PARTITIONED[table]}), now()) FROM {table}")
+def expired(cur, table: str, key: str, days: int) -> list[Day]:
+    cur.execute(f"SELECT least(max({key}), now()) FROM {table}")
     newest = cur.fetchone()[0]
     if newest is None:
         return []
     cutoff = newest - timedelta(days=days)
-    return [d for d in day_partitions(cur, table) if d.end <= cutoff]
+    return [d for d in day_partitions(cur, table, key) if d.end <= cutoff]
 
 
 def measure(cur, day: Day) -> tuple[int, int]:
@@ -185,8 +203,8 @@ def run(settings: Settings, dry_run: bool = False, out=print) -> int:
                     for day in (today, today + timedelta(days=1)):
                         cur.execute("SELECT tw_ensure_partition(%s, %s)", (table, day))
                 conn.commit()
-            for table, days in retention_days(settings).items():
-                for day in expired(cur, table, days):
+            for table, key, days in retention_days(cur, settings):
+                for day in expired(cur, table, key, days):
                     rows, checksum = measure(cur, day)
                     conn.commit()
                     where = folder(settings, day)

@@ -149,7 +149,12 @@ def test_a_database_made_before_partitioning_keeps_its_rows(settings):
                                            NULL, 0, 0), ('b', 'SPY', '2013-10-08 13:30:00+00', 171, 1, 'sell', 'X',
                                            NULL, NULL, NULL, 1, NULL, 0, 1);
                 INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, raw, reason)
-                    VALUES ('trades', 0, 7, 'x', 'not JSON');""")
+                    VALUES ('trades', 0, 7, 'x', 'not JSON');
+                CREATE TABLE indicators (symbol text NOT NULL, window_size text NOT NULL,
+                    window_start timestamptz NOT NULL, close double precision NOT NULL, sma_20 double precision,
+                    PRIMARY KEY (symbol, window_size, window_start));
+                INSERT INTO indicators VALUES ('SPY', '1m', '2013-10-07 13:30:00+00', 170, NULL),
+                                              ('SPY', '5m', '2013-10-07 13:30:00+00', 170, 169.5);""")
         conn.close()
         db.apply_schema(old)
         with db.connect(old) as conn, conn.cursor() as cur:
@@ -159,8 +164,11 @@ def test_a_database_made_before_partitioning_keeps_its_rows(settings):
             assert cur.fetchall() == [("a", "trades_y2013"), ("b", "trades_y2013")]      # far from today: a year
             cur.execute("SELECT kafka_offset, reason, sent_at = received_at FROM dead_letters")
             assert cur.fetchall() == [(7, "not JSON", True)]
-            cur.execute("SELECT to_regclass('trades_unpartitioned'), to_regclass('dead_letters_unpartitioned')")
-            assert cur.fetchone() == (None, None)
+            cur.execute("SELECT window_size, sma_20, tableoid::regclass::text FROM indicators ORDER BY 1")
+            assert cur.fetchall() == [("1m", None, "indicators_1m_y2013"), ("5m", 169.5, "indicators_5m_y2013")]
+            cur.execute("SELECT to_regclass('trades_unpartitioned'), to_regclass('dead_letters_unpartitioned'),"
+                        " to_regclass('indicators_unpartitioned')")
+            assert cur.fetchone() == (None, None, None)
         conn.close()
     finally:
         with admin.cursor() as cur:
@@ -175,7 +183,7 @@ def partition_names(settings, table: str) -> list[str]:
 
 def test_days_far_from_today_share_a_year_and_a_wrong_clock_expires_nothing(archive_home):
     """5,000 trades spread over 1990 to today (as the fuzz test sends) make one partition for each
-    past year, not one a day; a dead letter whose Kafka time is past year 9999 is stored (clamped);
+    year before the last 400 days, not one a day; a dead letter whose Kafka time is past year 9999 is stored (clamped);
     a trade stamped in 2400 does not make the recent days expire."""
     import random
     settings = archive_home
@@ -212,3 +220,45 @@ def test_days_far_from_today_share_a_year_and_a_wrong_clock_expires_nothing(arch
     archived = archived_ids(settings, "trades", "trade_id")
     assert sorted(archived + list(kept)) == sorted(t.trade_id for t in spread + recent + [wrong])
     assert (settings.home / "archive" / "trades" / "date=1990").is_dir()
+
+
+def test_candles_are_kept_by_window_size_and_dropped_by_whole_months(archive_home):
+    """1-minute candles and their indicators go after RETENTION_DAYS_MINUTE_CANDLES (here 30), longer
+    ones after RETENTION_DAYS_CANDLES (here 400): a month at a time, archived first."""
+    from tradewatch.indicators import IndicatorState
+    from tradewatch.store.metrics import write_indicators, write_windows
+    from tradewatch.windows import Window, parse_size
+    settings = archive_home
+    now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+    starts = [(now_ms - k * 30 * 86_400_000) // 300_000 * 300_000 for k in range(4)]      # this month … 3 back
+    windows = []
+    for size in ("1m", "5m"):
+        for start in starts:
+            w = Window("SPY", parse_size(size), start)
+            w.add(Trade(f"{size}{start}", "SPY", start, 10.0, 1.0, "buy", "X"), 0)
+            w.is_final = True
+            windows.append(w)
+    state = IndicatorState()
+    conn = db.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            write_windows(cur, windows)
+            write_indicators(cur, [(w.symbol, size, w.start_ms, 10.0, state.update(10.0))
+                                   for w in windows for size in ("1m" if w.size_ms == 60_000 else "5m",)])
+        conn.commit()
+    finally:
+        conn.close()
+    assert set(partition_names(settings, "stock_metrics")) == {"stock_metrics_1m", "stock_metrics_5m"}
+    assert all(n.startswith("stock_metrics_1m_m") for n in partition_names(settings, "stock_metrics_1m"))
+
+    env = {"RETENTION_DAYS_MINUTE_CANDLES": "30", "RETENTION_DAYS_CANDLES": "400"}
+    out = subprocess.run([sys.executable, "-m", "tradewatch", "maintain"], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, **settings.as_env(), **env})
+    assert out.returncode == 0, out.stderr
+    oldest_1m = query(settings, "SELECT min(window_start) FROM stock_metrics WHERE window_size = '1m'")[0][0]
+    assert oldest_1m > datetime.fromtimestamp(starts[3] / 1000, timezone.utc), "three months back: gone"
+    assert query(settings, "SELECT count(*) FROM stock_metrics WHERE window_size = '5m'")[0][0] == 4
+    assert query(settings, "SELECT count(*) FROM indicators WHERE window_size = '5m'")[0][0] == 4
+    for table in ("stock_metrics_1m", "indicators_1m"):
+        kept = query(settings, f"SELECT count(*) FROM {table}")[0][0]
+        assert kept + len(archived_ids(settings, table, "window_start")) == 4, table

@@ -49,7 +49,7 @@ def check_locked_home(locked: Path) -> None:
         assert result.returncode == 1, command
         output = result.stdout + result.stderr
         if os.geteuid() == 0:
-            assert f"which the user 'tradewatch' cannot enter" in output and f"chmod o+x {locked}" in output
+            assert "which the user 'tradewatch' cannot enter" in output and f"chmod o+x {locked}" in output
         else:
             assert "cannot create TRADEWATCH_HOME" in output
         assert "Traceback" not in output, output

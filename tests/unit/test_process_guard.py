@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests import processes
 from tradewatch.config import PROJECT_ROOT
 
 pytest_plugins = ["pytester"]

@@ -25,6 +25,7 @@ UPSERT_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATABLE) + ", updated_a
 def write_windows(cur: Cursor, windows: list[Window]) -> None:
     if not windows:
         return
+    partitions.ensure_candles(cur, "stock_metrics", {(size_label(w.size_ms), w.start_ms) for w in windows})
     execute_values(
         cur,
         f"INSERT INTO stock_metrics ({_WINDOW_COLUMNS}) VALUES %s "
@@ -72,6 +73,7 @@ def write_offsets(cur: Cursor, group: str, topic: str, positions: dict[int, tupl
 
 def write_indicators(cur: Cursor, rows: list[tuple[str, str, int, float, Indicators]]) -> None:
     if rows:
+        partitions.ensure_candles(cur, "indicators", {(size, start) for _, size, start, _, _ in rows})
         execute_values(
             cur,
             f"INSERT INTO indicators (symbol, window_size, window_start, close, {', '.join(INDICATOR_COLUMNS)}) "
@@ -137,8 +139,13 @@ def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datet
     written = 0
     excluded = sorted(ohlc_exclude_conditions)
     with conn.cursor() as cur:
+        cur.execute("SELECT (extract(epoch FROM min(ts)) * 1000)::bigint, (extract(epoch FROM max(ts)) * 1000)::bigint"
+                    " FROM trades WHERE ts >= %s AND ts < %s", (since, until))
+        first_ms, last_ms = cur.fetchone()
         for size in sizes_ms:
             label = size_label(size)
+            if first_ms is not None:
+                partitions.ensure_candles(cur, "stock_metrics", months_between(label, first_ms, last_ms))
             sets_price = "(condition IS NULL OR NOT condition = ANY(%(excluded)s))"
             cur.execute(f"""
                 WITH binned AS (
@@ -175,6 +182,15 @@ def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datet
                 recompute_indicators(cur, symbol, label)
     conn.commit()
     return written
+
+
+def months_between(label: str, first_ms: int, last_ms: int) -> set[tuple[str, int]]:
+    """(label, a start in each month from `first_ms` to `last_ms`): the candle partitions a range needs."""
+    month, last, found = partitions.month_of(first_ms), partitions.month_of(last_ms), set()
+    while month <= last:
+        found.add((label, month * partitions.DAY_MS))
+        month = partitions.month_of((month + 32) * partitions.DAY_MS)
+    return found
 
 
 def recompute_indicators(cur: Cursor, symbol: str, label: str) -> None:

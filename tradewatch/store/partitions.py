@@ -1,5 +1,6 @@
 """Partitions of the tables that grow with the feed (schema.sql): a day, or a whole year for days
-far from today. A writer calls `ensure` with the days of the rows it is about to write, inside its
+far from today; the candle tables (stock_metrics, indicators) by window size, then by month. A
+writer calls `ensure` (`ensure_candles`) with the days of the rows it is about to write, inside its
 transaction; a day no partition holds gets one (tw_ensure_partition). `maintain` creates today's
 and tomorrow's ahead of time and archives and drops expired ones (tradewatch/maintain.py)."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Iterable
 
 DAY_MS = 86_400_000
 PARTITIONED = {"trades": "ts", "trade_flags": "ts", "late_trades": "ts", "alerts": "ts", "dead_letters": "sent_at"}
+CANDLES = ("stock_metrics", "indicators")          # by window size, then month of window_start
 _EPOCH = date(1970, 1, 1)
 
 
@@ -16,14 +18,34 @@ def day_of(ms: int) -> int:
     return ms // DAY_MS
 
 
-def ensure(cur, table: str, days: Iterable[int]) -> None:
-    """Make sure `table` has partitions for `days` (days since the epoch, UTC). Asked afresh each
-    time (a catalog lookup per day per batch): `maintain` may have dropped one meanwhile."""
+def ensure(cur, table: str, days: Iterable[int], unit: str = "day") -> None:
+    """Make sure `table` has partitions for `days` (days since the epoch, UTC), by `unit` (day or
+    month). Asked afresh each time (a catalog lookup per batch): `maintain` may have dropped one."""
     wanted = sorted(set(days))
     if not wanted:
         return
+    fine = "'_m' || to_char(day, 'YYYYMM')" if unit == "month" else "'_p' || to_char(day, 'YYYYMMDD')"
     cur.execute("SELECT d FROM unnest(%s::int[]) AS d, LATERAL (SELECT date '1970-01-01' + d AS day) AS x"
-                " WHERE to_regclass(%s || '_p' || to_char(day, 'YYYYMMDD')) IS NULL"
+                f" WHERE to_regclass(%s || {fine}) IS NULL"
                 " AND to_regclass(%s || '_y' || to_char(day, 'YYYY')) IS NULL", (wanted, table, table))
     for (day,) in cur.fetchall():
-        cur.execute("SELECT tw_ensure_partition(%s, %s)", (table, _EPOCH + timedelta(days=day)))
+        cur.execute("SELECT tw_ensure_partition(%s, %s, %s)", (table, _EPOCH + timedelta(days=day), unit))
+
+
+def ensure_candles(cur, table: str, rows: Iterable[tuple[str, int]]) -> None:
+    """Make sure candle table `table` has partitions for `rows`: (window size label, window start ms)."""
+    by_size: dict[str, set[int]] = {}
+    for label, start_ms in rows:
+        by_size.setdefault(label, set()).add(month_of(start_ms))
+    for label, months in by_size.items():
+        child = f"{table}_{label}"
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (child,))
+        if not cur.fetchone()[0]:
+            cur.execute("SELECT tw_ensure_size(%s, %s)", (table, label))
+        ensure(cur, child, months, unit="month")
+
+
+def month_of(ms: int) -> int:
+    """The first day (days since the epoch) of the month of `ms`."""
+    day = _EPOCH + timedelta(days=ms // DAY_MS)
+    return (day.replace(day=1) - _EPOCH).days

@@ -4,42 +4,65 @@
 -- Tables that grow with the feed are partitioned by event time (trades, trade_flags, late_trades,
 -- alerts: ts; dead_letters: sent_at, the Kafka time of the message), so retention drops whole
 -- partitions (tradewatch/maintain.py) instead of deleting rows. A partition is a day (UTC), but a
--- whole year for a past year (bar the last 31 days before today) and for the years after next (a
--- replay of 2013, or a sender spreading trades over decades, makes one partition a year, not one
--- a day), unless that year already has day partitions: at most ~400 day partitions, and one per
--- other year. PostgreSQL wants the partition key in every unique key: trades
+-- whole year for days more than 400 days before today and in the years after next (a replay of
+-- 2013, or a sender spreading trades over decades, makes one partition a year, not one a day),
+-- unless that year already has day partitions: at most ~1,100 day partitions, and one per other
+-- year. PostgreSQL wants the partition key in every unique key: trades
 -- are unique by (trade_id, ts) — a re-delivered trade has the same timestamp, so ON CONFLICT still
 -- skips it; a trade re-sent with another timestamp is a second row (`maintain` reports such
 -- trade_ids). Partitions are created by tw_ensure_partition(), called by the writers for a day no
 -- partition holds and by `maintain` ahead of time.
 
 DROP FUNCTION IF EXISTS tw_ensure_day(text, date);
-CREATE OR REPLACE FUNCTION tw_ensure_partition(tbl text, day date) RETURNS void LANGUAGE plpgsql AS $$
+DROP FUNCTION IF EXISTS tw_ensure_partition(text, date);
+-- `unit`: 'day' (<tbl>_pYYYYMMDD) or 'month' (<tbl>_mYYYYMM, the candle tables); far from today a
+-- year (<tbl>_yYYYY) instead.
+CREATE OR REPLACE FUNCTION tw_ensure_partition(tbl text, day date, unit text DEFAULT 'day') RETURNS void
+LANGUAGE plpgsql AS $$
 DECLARE
-    by_day text := tbl || '_p' || to_char(day, 'YYYYMMDD');
+    fine_start date := date_trunc(unit, day)::date;
+    fine text := tbl || CASE unit WHEN 'month' THEN '_m' || to_char(day, 'YYYYMM') ELSE '_p' || to_char(day, 'YYYYMMDD') END;
     by_year text := tbl || '_y' || to_char(day, 'YYYY');
     year_start date := date_trunc('year', day)::date;
 BEGIN
-    IF to_regclass(by_day) IS NOT NULL OR to_regclass(by_year) IS NOT NULL THEN
+    IF to_regclass(fine) IS NOT NULL OR to_regclass(by_year) IS NOT NULL THEN
         RETURN;
     END IF;
     -- two writers creating a partition of the same table take turns; the second finds it made
     PERFORM pg_advisory_xact_lock(hashtext('tw_partition:' || tbl));
-    IF to_regclass(by_day) IS NOT NULL OR to_regclass(by_year) IS NOT NULL THEN
+    IF to_regclass(fine) IS NOT NULL OR to_regclass(by_year) IS NOT NULL THEN
         RETURN;
     END IF;
-    -- a year for a past year (bar its last 31 days) and for the years after next (a wrong clock)
-    IF ((date_part('year', day) < date_part('year', current_date) AND day < current_date - 31)
-        OR date_part('year', day) > date_part('year', current_date) + 1) AND NOT EXISTS (
+    -- a year for the days before the last 400 and for the years after next (a wrong clock)
+    IF (day < current_date - 400 OR date_part('year', day) > date_part('year', current_date) + 1) AND NOT EXISTS (
             SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-            WHERE i.inhparent = to_regclass(tbl) AND starts_with(c.relname, tbl || '_p' || to_char(day, 'YYYY'))) THEN
+            WHERE i.inhparent = to_regclass(tbl) AND (starts_with(c.relname, tbl || '_p' || to_char(day, 'YYYY'))
+                                                      OR starts_with(c.relname, tbl || '_m' || to_char(day, 'YYYY')))) THEN
         EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)', by_year, tbl,
                        year_start::timestamp AT TIME ZONE 'UTC',
                        (year_start + interval '1 year')::timestamp AT TIME ZONE 'UTC');
     ELSE
-        EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)', by_day, tbl,
-                       day::timestamp AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC');
+        EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)', fine, tbl,
+                       fine_start::timestamp AT TIME ZONE 'UTC',
+                       (fine_start + ('1 ' || unit)::interval)::timestamp AT TIME ZONE 'UTC');
     END IF;
+END $$;
+
+-- The candle tables (stock_metrics, indicators) are partitioned by window size first
+-- (<tbl>_<size>, e.g. stock_metrics_1m: each size has its own retention), then by month of
+-- window_start. Returns the size's table.
+CREATE OR REPLACE FUNCTION tw_ensure_size(tbl text, size text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    child text := tbl || '_' || size;
+BEGIN
+    IF to_regclass(child) IS NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtext('tw_partition:' || tbl));
+        IF to_regclass(child) IS NULL THEN
+            EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES IN (%L) PARTITION BY RANGE (window_start)',
+                           child, tbl, size);
+        END IF;
+    END IF;
+    RETURN child;
 END $$;
 
 -- A database made before partitioning: its plain tables step aside (renamed with their indexes)
@@ -49,7 +72,8 @@ DECLARE
     t text;
     idx text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['trades', 'trade_flags', 'late_trades', 'alerts', 'dead_letters'] LOOP
+    FOREACH t IN ARRAY ARRAY['trades', 'trade_flags', 'late_trades', 'alerts', 'dead_letters', 'stock_metrics',
+                             'indicators'] LOOP
         IF EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass(t) AND relkind = 'r') THEN
             EXECUTE format('ALTER TABLE %I RENAME TO %I', t, t || '_unpartitioned');
             FOR idx IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
@@ -162,7 +186,7 @@ CREATE TABLE IF NOT EXISTS stock_metrics (
     close_seq        bigint,
     kafka_partition  integer,
     PRIMARY KEY (symbol, window_size, window_start)
-);
+) PARTITION BY LIST (window_size);             -- then by month: tw_ensure_size, tw_ensure_partition
 CREATE INDEX IF NOT EXISTS stock_metrics_size_start ON stock_metrics (window_size, window_start);
 CREATE INDEX IF NOT EXISTS stock_metrics_open_windows ON stock_metrics (kafka_partition) WHERE NOT is_final;
 
@@ -227,7 +251,7 @@ CREATE TABLE IF NOT EXISTS indicators (
     bollinger_upper  double precision,
     bollinger_lower  double precision,
     PRIMARY KEY (symbol, window_size, window_start)
-);
+) PARTITION BY LIST (window_size);             -- then by month, as stock_metrics
 
 -- Alerts raised by anomaly_detector.py (also published on the Kafka topic `alerts`).
 CREATE TABLE IF NOT EXISTS alerts (
@@ -353,20 +377,30 @@ DECLARE
     t text;
     key text;
     cols text;
+    size text;
     d date;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['trades', 'trade_flags', 'late_trades', 'alerts', 'dead_letters'] LOOP
+    FOREACH t IN ARRAY ARRAY['trades', 'trade_flags', 'late_trades', 'alerts', 'dead_letters', 'stock_metrics',
+                             'indicators'] LOOP
         IF to_regclass(t || '_unpartitioned') IS NULL THEN
             CONTINUE;
         END IF;
-        key := CASE t WHEN 'dead_letters' THEN 'coalesce(sent_at, received_at)' ELSE 'ts' END;
-        IF t = 'dead_letters' AND NOT EXISTS (SELECT 1 FROM information_schema.columns
-                                              WHERE table_name = 'dead_letters_unpartitioned' AND column_name = 'sent_at') THEN
-            key := 'received_at';
+        IF t IN ('stock_metrics', 'indicators') THEN
+            FOR size, d IN EXECUTE format('SELECT DISTINCT window_size, (date_trunc(''month'', window_start'
+                                          ' AT TIME ZONE ''UTC''))::date FROM %I', t || '_unpartitioned') LOOP
+                PERFORM tw_ensure_partition(tw_ensure_size(t, size), d, 'month');
+            END LOOP;
+        ELSE
+            key := CASE t WHEN 'dead_letters' THEN 'coalesce(sent_at, received_at)' ELSE 'ts' END;
+            IF t = 'dead_letters' AND NOT EXISTS (SELECT 1 FROM information_schema.columns
+                    WHERE table_name = 'dead_letters_unpartitioned' AND column_name = 'sent_at') THEN
+                key := 'received_at';
+            END IF;
+            FOR d IN EXECUTE format('SELECT DISTINCT (%s AT TIME ZONE ''UTC'')::date FROM %I', key,
+                                    t || '_unpartitioned') LOOP
+                PERFORM tw_ensure_partition(t, d);
+            END LOOP;
         END IF;
-        FOR d IN EXECUTE format('SELECT DISTINCT (%s AT TIME ZONE ''UTC'')::date FROM %I', key, t || '_unpartitioned') LOOP
-            PERFORM tw_ensure_partition(t, d);
-        END LOOP;
         SELECT string_agg(quote_ident(column_name), ', ') INTO cols FROM information_schema.columns
         WHERE table_name = t || '_unpartitioned' AND column_name IN (
             SELECT column_name FROM information_schema.columns WHERE table_name = t) AND column_name <> 'sent_at';
