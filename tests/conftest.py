@@ -5,6 +5,7 @@ suite."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -89,7 +90,10 @@ def fresh_settings(services: Settings) -> Settings:
 
 
 def empty_tables(settings: Settings) -> None:
+    """Every table emptied, and the Parquet archive of what `maintain` dropped from them."""
     from tradewatch.store import db
+
+    shutil.rmtree(settings.home / "archive", ignore_errors=True)
 
     conn = db.connect(settings)
     conn.autocommit = True
@@ -122,7 +126,8 @@ GUARD = processes.Guard(session_owners={"services"})
 def start_script(settings: Settings, script: str, *args: str, log: Path | None = None,
                  env: dict[str, str] | None = None) -> subprocess.Popen:
     out = open(log, "ab") if log else subprocess.DEVNULL
-    process = subprocess.Popen([sys.executable, str(PROJECT_ROOT / script), *args], cwd=PROJECT_ROOT,
+    target = [script] if script.startswith("-") else [str(PROJECT_ROOT / script)]     # "-m", "tradewatch", …
+    process = subprocess.Popen([sys.executable, *target, *args], cwd=PROJECT_ROOT,
                                env={**os.environ, **settings.as_env(), **(env or {})}, stdout=out,
                                stderr=subprocess.STDOUT)
     process.log = log       # for a failure message: its stack dump and last lines

@@ -164,7 +164,9 @@ def archive(conn, settings: Settings, day: Day, rows: int, checksum: int) -> dic
     os.replace(temporary, final)
     _crash("write")
     written = pq.read_table(final, columns=[day.key]).column(day.key)
-    got = (len(written), int(pc.sum(written.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())).as_py() or 0))
+    # summed as decimals: 5,000 event times in µs already overflow an int64
+    micros = written.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).cast(pa.decimal128(38, 0))
+    got = (len(written), int(pc.sum(micros).as_py() or 0))
     if got != (rows, checksum):
         final.unlink()
         raise RuntimeError(f"{day.name}: the archive holds {got[0]} rows (checksum {got[1]}), the partition "

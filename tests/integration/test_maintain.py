@@ -31,6 +31,9 @@ TABLES = ("trades", "trade_flags", "alerts", "dead_letters")
 def load(settings) -> list[Trade]:
     start_ms = int(START.timestamp() * 1000)
     trades = [Trade(f"t{i}", "SPY", start_ms + i * 3_600_000, 170.0, 10.0, "buy", "X") for i in range(DAYS * 24)]
+    # and 6,000 more on the first day: the sum of their event times in µs is past an int64 (the
+    # checksum once overflowed there, and no day could be dropped)
+    trades += [Trade(f"b{i}", "SPY", start_ms + 1 + i, 170.0, 1.0, "sell", "X") for i in range(6_000)]
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
@@ -248,7 +251,7 @@ def test_candles_are_kept_by_window_size_and_dropped_by_whole_months(archive_hom
         conn.commit()
     finally:
         conn.close()
-    assert set(partition_names(settings, "stock_metrics")) == {"stock_metrics_1m", "stock_metrics_5m"}
+    assert {"stock_metrics_1m", "stock_metrics_5m"} <= set(partition_names(settings, "stock_metrics"))
     assert all(n.startswith("stock_metrics_1m_m") for n in partition_names(settings, "stock_metrics_1m"))
 
     env = {"RETENTION_DAYS_MINUTE_CANDLES": "30", "RETENTION_DAYS_CANDLES": "400"}
