@@ -46,6 +46,8 @@ BEGIN
                        fine_start::timestamp AT TIME ZONE 'UTC',
                        (fine_start + ('1 ' || unit)::interval)::timestamp AT TIME ZONE 'UTC');
     END IF;
+EXCEPTION WHEN duplicate_table THEN
+    NULL;   -- made meanwhile: a name the lookups above could not see yet (the function's snapshot)
 END $$;
 
 -- The candle tables (stock_metrics, indicators) are partitioned by window size first
@@ -62,6 +64,8 @@ BEGIN
                            child, tbl, size);
         END IF;
     END IF;
+    RETURN child;
+EXCEPTION WHEN duplicate_table THEN
     RETURN child;
 END $$;
 
