@@ -155,7 +155,9 @@ def check_storage(settings: Settings) -> list[Check]:
     if found is not None:
         span = (f"; trades from {found['oldest_trade'][:19]} to {found['newest_trade'][:19]}"
                 if found["oldest_trade"] else "; no trades yet")
-        checks.append(Check("database", True, f"{found['database_bytes'] / 1024**3:.2f} GiB{span}"))
+        checks.append(Check("database", True, f"{found['database_bytes'] / 1024**3:.2f} GiB{span}"
+                            f"; oldest partition {found['oldest_partition'] or 'none'}"
+                            f"; archive {found['archive_bytes'] / 1024**3:.2f} GiB in {settings.home / 'archive'}"))
     folder = settings.home if settings.home.exists() else settings.home.parent
     while not folder.exists():
         folder = folder.parent

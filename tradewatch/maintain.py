@@ -111,9 +111,9 @@ def day_partitions(cur, table: str, key: str) -> list[Day]:
 
 
 def expired(cur, table: str, key: str, days: int) -> list[Day]:
-    cur.execute(f"SELECT least(max({key}), now()) FROM {table}")
-    newest = cur.fetchone()[0]
-    if newest is None:
+    cur.execute(f"SELECT max({key}), least(max({key}), now()) FROM {table}")
+    found, newest = cur.fetchone()
+    if found is None:          # an empty table: nothing expires (least() of NULL and now() is now)
         return []
     cutoff = newest - timedelta(days=days)
     return [d for d in day_partitions(cur, table, key) if d.end <= cutoff]
@@ -182,6 +182,9 @@ def archive(conn, settings: Settings, day: Day, rows: int, checksum: int) -> dic
 def drop(conn, day: Day, record: dict) -> bool:
     """Detach and drop the partition if it still matches what was archived."""
     with conn.cursor() as cur:
+        # waits for every writer that made sure of its partitions and has not committed yet (the
+        # partition it is about to write into must not go from under it), and holds new ones back
+        partitions.hold_writers(cur, day.table)
         cur.execute(f"LOCK TABLE {day.name} IN ACCESS EXCLUSIVE MODE")
         if measure(cur, day) != (record["rows"], record["checksum"]):
             conn.rollback()

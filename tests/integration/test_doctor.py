@@ -38,7 +38,8 @@ def test_doctor_reports_services_and_stages(settings, tmp_path):
     assert lines["stage consumer"].startswith("✘ stage consumer: down · not started")
     assert "fix: start it: `python consumer.py`" in lines["stage consumer"]
     assert lines["API port"].startswith("✘ API port") and "`python api.py`" in lines["API port"]
-    assert re.match(r"✔ database: \d+\.\d\d GiB; no trades yet$", lines["database"]), lines["database"]
+    assert re.match(r"✔ database: \d+\.\d\d GiB; no trades yet; oldest partition none; archive 0\.00 GiB in \S+/archive$",
+                    lines["database"]), lines["database"]
     assert re.match(r"[✔✘] free disk: \d+\.\d GiB free \(\d+ %\) at ", lines["free disk"]), lines["free disk"]
 
     consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")

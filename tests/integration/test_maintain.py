@@ -265,3 +265,37 @@ def test_candles_are_kept_by_window_size_and_dropped_by_whole_months(archive_hom
     for table in ("stock_metrics_1m", "indicators_1m"):
         kept = query(settings, f"SELECT count(*) FROM {table}")[0][0]
         assert kept + len(archived_ids(settings, table, "window_start")) == 4, table
+
+
+def test_a_partition_a_writer_is_about_to_fill_is_not_dropped_from_under_it(archive_home):
+    """The soak test found 1,501 trades in dead_letters ('no partition of relation "trades" found
+    for row'): maintain dropped an empty, expired day between a consumer's check that the day's
+    partition exists and its COPY. Now a writer's check holds the partitions until it commits, and
+    the drop waits for it (then sees the rows and keeps the day)."""
+    import threading
+
+    from tradewatch import maintain as maintenance
+    from tradewatch.store import partitions
+    settings = archive_home
+    day_ms = int(START.timestamp() * 1000)
+    old = Trade("old", "SPY", day_ms, 10.0, 1.0, "buy", "X")
+    writer = db.connect(settings)
+    with writer.cursor() as cur:                      # the day exists, empty, long expired
+        partitions.ensure(cur, "trades", [partitions.day_of(day_ms)])
+    writer.commit()
+    cur = writer.cursor()
+    partitions.ensure(cur, "trades", [partitions.day_of(day_ms)])      # a writer between check and write
+    day = next(d for d in maintenance.day_partitions(cur, "trades", "ts") if d.day == START.date())
+    dropped: list[bool] = []
+    maintainer = db.connect(settings)
+    thread = threading.Thread(target=lambda: dropped.append(maintenance.drop(maintainer, day, {"rows": 0, "checksum": 0})))
+    thread.start()
+    thread.join(2)
+    assert thread.is_alive(), "the drop waits for the writer"
+    write_batch(cur, [copy_line(old, 0, 0)], [])
+    writer.commit()
+    thread.join(30)
+    writer.close()
+    maintainer.close()
+    assert dropped == [False], "it saw the new row and kept the day"
+    assert query(settings, "SELECT trade_id FROM trades") == [("old",)]

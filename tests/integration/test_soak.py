@@ -12,7 +12,6 @@ of the same trades; each stage's memory after the last day is within 20 % of its
 is not growth); and no stage exited other than by the kills. (`bench/soak.py` runs it for longer.)"""
 from __future__ import annotations
 
-import random
 import signal
 import sys
 import threading
@@ -26,9 +25,9 @@ from tests.integration.test_chaos import assert_same
 from tests.integration.test_commit_protocol import STAGES, start, stop_all, truncate, with_groups
 from tradewatch import bus, stack
 from tradewatch.events import Trade
+from tradewatch.market.simulator import rotating_days
 
 DAYS, ACTIVE, NEW_PER_DAY = 10, 1_000, 100
-HOUR_MS, DAY_MS = 3_600_000, 86_400_000
 RETENTION = 3
 # recent days (day partitions): the ten days end yesterday
 START = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=DAYS + 1)
@@ -43,23 +42,7 @@ COMPARED = {   # the retained range of each, beside an undisturbed run
 
 
 def feed() -> list[Trade]:
-    """Symbol i trades on days i // 100 - 9 … i // 100 (the first thousand from day 0), once in each
-    hour where (i + hour) % 4 == 0: a random walk with a rare 8 % jump (something to flag)."""
-    rng, price, trades = random.Random(23), {}, []
-    for day in range(DAYS):
-        for hour in range(24):
-            for i in range(day * NEW_PER_DAY, day * NEW_PER_DAY + ACTIVE):
-                if (i + hour) % 4:
-                    continue
-                symbol = f"S{i:04d}"
-                p = price.get(symbol, 20.0 + i % 80) * (1.08 if rng.random() < 0.005 else 1.0) \
-                    * (1 + rng.gauss(0, 0.002))
-                ts = START_MS + day * DAY_MS + hour * HOUR_MS + (i * 7_919) % HOUR_MS
-                trades.append(Trade(f"{symbol}-{day}-{hour}", symbol, ts, round(p, 4), float(rng.randint(1, 500)),
-                                    rng.choice(["buy", "sell"]), "X"))
-                price[symbol] = p
-    trades.sort(key=lambda t: t.timestamp_ms)
-    return trades
+    return [t for hour in rotating_days(START_MS, DAYS, ACTIVE, NEW_PER_DAY) for t in hour]
 
 
 def publish(settings, trades: list[Trade], on_progress=lambda share: None, per_second: float | None = None) -> None:

@@ -166,3 +166,28 @@ class MarketSimulator:
         drift = (state.profile.annual_drift - 0.5 * sigma * sigma) * dt
         state.price *= math.exp(drift + sigma * math.sqrt(dt) * self._rng.gauss(0.0, 1.0))
         state.last_ms = now_ms
+
+
+def rotating_days(start_ms: int, days: int, active: int = 1_000, new_per_day: int = 100, per_hour: int = 1,
+                  seed: int = 23) -> Iterator[list[Trade]]:
+    """Days of trades for a symbol set that keeps changing, one list per simulated hour in time
+    order (the soak test and `bench/soak.py`): `active` symbols at a time, `new_per_day` new ones
+    each day while as many go quiet for good; symbol i trades `per_hour` times in each hour where
+    (i + hour) % 4 == 0 (quiet gaps of three hours), a random walk with a rare 8 % jump."""
+    rng, price = random.Random(seed), {}
+    for day in range(days):
+        for hour in range(24):
+            trades = []
+            for i in range(day * new_per_day, day * new_per_day + active):
+                if (i + hour) % 4:
+                    continue
+                symbol = f"S{i:05d}"
+                p = price.get(symbol, 20.0 + i % 80)
+                for k in range(per_hour):
+                    p *= (1.08 if rng.random() < 0.005 else 1.0) * (1 + rng.gauss(0, 0.002))
+                    ts = start_ms + (day * 24 + hour) * 3_600_000 + (i * 7_919 + k * 3_600_000 // per_hour) % 3_600_000
+                    trades.append(Trade(f"{symbol}-{day}-{hour}-{k}", symbol, ts, round(p, 4),
+                                        float(rng.randint(1, 500)), rng.choice(["buy", "sell"]), "X"))
+                price[symbol] = p
+            trades.sort(key=lambda t: t.timestamp_ms)
+            yield trades

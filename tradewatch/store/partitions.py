@@ -20,16 +20,25 @@ def day_of(ms: int) -> int:
 
 def ensure(cur, table: str, days: Iterable[int], unit: str = "day") -> None:
     """Make sure `table` has partitions for `days` (days since the epoch, UTC), by `unit` (day or
-    month). Asked afresh each time (a catalog lookup per batch): `maintain` may have dropped one."""
+    month), and that none of them is dropped before this transaction ends. Asked afresh each time (a
+    catalog lookup per batch): `maintain` may have dropped one since."""
     wanted = sorted(set(days))
     if not wanted:
         return
+    # held until this transaction ends: `maintain` waits for it before dropping one of them
+    cur.execute("SELECT pg_advisory_xact_lock_shared(hashtext('tw_keep:' || %s))", (table,))
     fine = "'_m' || to_char(day, 'YYYYMM')" if unit == "month" else "'_p' || to_char(day, 'YYYYMMDD')"
     cur.execute("SELECT d FROM unnest(%s::int[]) AS d, LATERAL (SELECT date '1970-01-01' + d AS day) AS x"
                 f" WHERE to_regclass(%s || {fine}) IS NULL"
                 " AND to_regclass(%s || '_y' || to_char(day, 'YYYY')) IS NULL", (wanted, table, table))
     for (day,) in cur.fetchall():
         cur.execute("SELECT tw_ensure_partition(%s, %s, %s)", (table, _EPOCH + timedelta(days=day), unit))
+
+
+def hold_writers(cur, table: str) -> None:
+    """For `maintain`'s drop: wait until no transaction that ensured `table`'s partitions is open,
+    and keep new ones waiting until this transaction ends."""
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext('tw_keep:' || %s))", (table,))
 
 
 def ensure_candles(cur, table: str, rows: Iterable[tuple[str, int]]) -> None:

@@ -420,13 +420,19 @@ LOW_DISK_PERCENT = 10.0
 
 def storage(engine: Engine, home) -> dict:
     """What the data takes and what is left: the database's size, the span of the stored trades,
-    and the free disk where TRADEWATCH_HOME (Kafka's and PostgreSQL's data) lives; `low` below
+    the oldest trades partition, the Parquet archive's size, and the free disk where TRADEWATCH_HOME (Kafka's and PostgreSQL's data) lives; `low` below
     LOW_DISK_PERCENT free. Shown by doctor, /health and the dashboard's health strip."""
     import shutil
     from pathlib import Path
 
     row = _frame(engine, "SELECT pg_database_size(current_database()) AS database_bytes,"
                          " (SELECT min(ts) FROM trades) AS oldest, (SELECT max(ts) FROM trades) AS newest").iloc[0]
+    names = _frame(engine, "SELECT c.relname AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                           " WHERE i.inhparent = 'trades'::regclass")["name"]
+    # trades_pYYYYMMDD (a day) or trades_yYYYY (a year): the oldest by its start
+    oldest_partition = min(names, key=lambda n: n[8:] + "0101" if n[7] == "y" else n[8:], default=None)
+    archive = Path(home) / "archive"
+    archive_bytes = sum(p.stat().st_size for p in archive.rglob("*.parquet")) if archive.exists() else 0
     folder = Path(home)
     while not folder.exists():
         folder = folder.parent
@@ -434,7 +440,8 @@ def storage(engine: Engine, home) -> dict:
     free_percent = 100.0 * disk.free / disk.total if disk.total else 0.0
     stamp = lambda v: None if pd.isna(v) else pd.Timestamp(v).isoformat()       # noqa: E731
     return {"database_bytes": int(row["database_bytes"]), "oldest_trade": stamp(row["oldest"]),
-            "newest_trade": stamp(row["newest"]), "free_disk_bytes": int(disk.free),
+            "newest_trade": stamp(row["newest"]), "oldest_partition": oldest_partition,
+            "archive_bytes": int(archive_bytes), "free_disk_bytes": int(disk.free),
             "free_disk_percent": round(free_percent, 1), "low": free_percent < LOW_DISK_PERCENT}
 
 
