@@ -9,3 +9,7 @@ COPY infra/pom.xml infra/pom.xml
 COPY Makefile .
 RUN make jars
 COPY . .
+# the apps need no privilege: an unprivileged user owns nothing but what it writes (reports, models)
+RUN useradd --system --uid 10001 --home-dir /app tradewatch && mkdir -p reports models .tradewatch \
+    && chown -R tradewatch /app/reports /app/models /app/.tradewatch
+USER tradewatch

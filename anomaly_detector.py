@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tradewatch.cli import StopFlag, iso_time, setup_logging
+from tradewatch.cli import StopFlag, iso_time, load_settings, setup_logging
 from tradewatch.config import Settings, shared_data_dir
 from tradewatch.detect import evaluate, forest
 from tradewatch.detect.pipeline import DetectionPipeline
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="recorded trading days the real-data evaluation injects anomalies into")
     args = parser.parse_args(argv)
     setup_logging()
-    settings = Settings.load()
+    settings = load_settings()
     try:
         if args.command == "train":
             return cmd_train(args, settings)

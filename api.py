@@ -7,9 +7,9 @@ import sys
 
 import uvicorn
 
+from tradewatch.access import LOOPBACK
 from tradewatch.api import create_app
-from tradewatch.cli import setup_logging
-from tradewatch.config import Settings
+from tradewatch.cli import load_settings, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,12 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="default: API_PORT (8000)")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        settings = Settings.load()
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    settings = load_settings()
+    host = args.host or settings.api_address
+    if host not in LOOPBACK and not settings.api_key:
+        print(f"error: the API would listen on {host}, beyond this machine, without API_KEY: set API_KEY (and"
+              " API_ALLOWED_HOSTS to the names clients use), or listen on 127.0.0.1", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=args.host or settings.api_address, port=args.port or settings.api_port,
+    uvicorn.run(create_app(settings), host=host, port=args.port or settings.api_port,
                 log_level="info", access_log=False)
     return 0
 

@@ -7,7 +7,7 @@ import sys
 from datetime import datetime, timezone
 
 from tradewatch import bus, ingest, runtime
-from tradewatch.cli import StopFlag, iso_time, setup_logging
+from tradewatch.cli import StopFlag, iso_time, load_settings, setup_logging
 from tradewatch.config import Settings
 from tradewatch.store import db, writer
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--since", type=iso_time, help="only those received since (ISO-8601, UTC if no offset)")
     args = parser.parse_args(argv)
     setup_logging()
-    settings = Settings.load()
+    settings = load_settings()
     if args.replay_dead_letters:
         return replay_dead_letters(settings, args.reason, args.since)
     if args.reason or args.since:

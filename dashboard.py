@@ -9,6 +9,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 from sqlalchemy.exc import DBAPIError
 
+from tradewatch.access import LOOPBACK, may_acknowledge
 from tradewatch.config import Settings
 from tradewatch.formatting import compact, exact
 from tradewatch.runtime import gone_from_this_host, stage_statuses
@@ -19,7 +20,11 @@ SEVERITY_COLORS = {"CRITICAL": "#d62728", "HIGH": "#ff7f0e", "MEDIUM": "#e6c229"
 SEVERITIES = list(SEVERITY_COLORS)
 
 st.set_page_config(page_title="TradeWatch", page_icon="📈", layout="wide")
-settings = Settings.load()
+try:
+    settings = Settings.load()
+except ValueError as bad_setting:       # one line naming the setting, not a traceback
+    st.error(f"{bad_setting} — fix it in .env or the environment, then reload this page")
+    st.stop()
 
 
 @st.cache_resource
@@ -61,6 +66,8 @@ with st.sidebar:
     chosen = st.multiselect("Symbols", all_symbols, placeholder="all symbols", key="symbols")
     anomalies_only = st.checkbox("Anomalies only", key="anomalies_only")
     candle_size = st.radio("Candle size", ["1m", "5m", "15m"], horizontal=True, key="candle_size")
+    if (st.get_option("server.address") or "") not in LOOPBACK and settings.api_key:
+        st.text_input("API key (to acknowledge alerts)", type="password", key="api_key_entered")
 
 
 def no_data(what: str) -> None:
@@ -75,6 +82,7 @@ def health_strip() -> None:
     badges = " ".join(f":{s.color}-badge[{s.stage} {s.status} · {s.detail}]" for s in statuses)
     store = q("storage", settings.home)
     disk = (f":{'red' if store['low'] else 'gray'}-badge[database {store['database_bytes'] / 1024**3:.2f} GiB · "
+            f"archive {store['archive_bytes'] / 1024**3:.2f} GiB · "
             f"disk {store['free_disk_percent']:.0f} % free{' — LOW' if store['low'] else ''}]")
     st.markdown(f"**Pipeline** {badges} {disk}")
 
@@ -209,10 +217,16 @@ def whales_and_tape(symbols, since, until) -> None:
                 "Exchange": tape.exchange, "Anomaly": tape.severity.fillna("")}).set_index("Time (UTC)"))
 
 
+def acknowledge_allowed() -> tuple[bool, str]:
+    return may_acknowledge(st.get_option("server.address") or "", settings.api_key,
+                           st.session_state.get("api_key_entered"))
+
+
 def acknowledge(alert_id: str) -> None:
     """Button callback: runs before the rerun, so the feed redraws with the alert acknowledged."""
-    queries.acknowledge_alert(engine(), alert_id)
-    q.clear()
+    if acknowledge_allowed()[0]:         # checked here too: a disabled button is only the page's promise
+        queries.acknowledge_alert(engine(), alert_id)
+        q.clear()
 
 
 def alert_feed(symbols) -> None:
@@ -222,13 +236,17 @@ def alert_feed(symbols) -> None:
     if alerts.empty:
         no_data("alerts")
         return
+    allowed, note = acknowledge_allowed()
+    if note:
+        st.caption(note)
     for row in alerts.head(20).itertuples():
         text, button = st.columns([6, 1])
         mark = "✅" if row.acknowledged else "🔔"
         text.markdown(f"{mark} :{'red' if row.severity == 'CRITICAL' else 'orange' if row.severity == 'HIGH' else 'blue'}"
                       f"[**{row.severity}**] {row.message}")
         if not row.acknowledged:
-            button.button("Acknowledge", key=f"ack-{row.alert_id}", on_click=acknowledge, args=(row.alert_id,))
+            button.button("Acknowledge", key=f"ack-{row.alert_id}", on_click=acknowledge, args=(row.alert_id,),
+                          disabled=not allowed)
 
 
 @st.fragment(run_every=timedelta(seconds=refresh))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tradewatch import bus, runtime
-from tradewatch.cli import setup_logging
+from tradewatch.cli import load_settings, setup_logging
 from tradewatch.config import PROJECT_ROOT, Settings
 from tradewatch.stack import JARS_DIR
 from tradewatch.store import db
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallelism", type=int, help="default: FLINK_PARALLELISM (1)")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints, start from the topic's start")
     args = parser.parse_args(argv)
-    settings = Settings.load()
+    settings = load_settings()
     sql = render(settings)
     if args.print_sql:
         print(sql)

@@ -8,8 +8,7 @@ import sys
 import time
 
 from tradewatch import bus, metrics
-from tradewatch.cli import StopFlag, setup_logging
-from tradewatch.config import Settings
+from tradewatch.cli import StopFlag, load_settings, setup_logging
 from tradewatch.events import Trade
 from tradewatch.market import replay
 from tradewatch.market.live import VENUES, FeedFailed, LiveFeed
@@ -70,7 +69,7 @@ def _positive_or_max(text: str, name: str) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    settings = Settings.load()
+    settings = load_settings()
     topic = args.topic or settings.trades_topic
     stop = StopFlag()
 

@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from tradewatch.cli import StopFlag, iso_time, setup_logging
+from tradewatch.cli import StopFlag, iso_time, load_settings, setup_logging
 from tradewatch.config import Settings
 
 log = logging.getLogger("tradewatch.report")
@@ -72,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from tradewatch.report.render import write
     from tradewatch.report.schedule import STEPS, ReportSchedule
     from tradewatch.store import queries
-    try:
-        settings = Settings.load()
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = load_settings()
     engine = queries.engine_for(settings.sqlalchemy_url)
     if not args.every:
         try:

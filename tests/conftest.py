@@ -65,6 +65,9 @@ def services() -> Settings:
 
     settings = make_test_settings()
     stack.start(settings)
+    # the generated password, carried explicitly: a test that gives its settings another home
+    # (where no password file is) still reaches this PostgreSQL
+    settings = settings.with_overrides(postgres_password=settings.database_password)
     yield settings
     if not os.environ.get("TRADEWATCH_KEEP_SERVICES"):
         stack.stop(settings)

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from tradewatch import doctor
-from tradewatch.config import Settings
+from tradewatch.cli import load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,11 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     maintain_cmd.add_argument("--dry-run", action="store_true", help="print what would be archived and dropped")
     maintain_cmd.add_argument("--every", type=float, help="run again every this many seconds, until stopped")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.load()
-    except ValueError as error:
-        print(f"✘ settings: {error}", file=sys.stderr)
-        return 1
+    settings = load_settings()
     if args.command == "doctor":
         return doctor.run(settings)
     from tradewatch import maintain

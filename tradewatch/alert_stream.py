@@ -31,7 +31,7 @@ log = logging.getLogger("tradewatch.api")
 CLIENTS = Gauge("tradewatch_api_stream_clients", "Clients following the live alert stream")
 STREAMED = Counter("tradewatch_api_stream_alerts", "Alerts read from the alerts topic")
 DROPPED = Counter("tradewatch_api_stream_dropped_clients", "Stream clients dropped for not keeping up")
-CATCH_UP_LIMIT = 10_000
+REFUSED = Counter("tradewatch_api_stream_refused_clients", "Stream clients refused (API_STREAM_CLIENTS reached)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +77,11 @@ class AlertHub:
         self._stopping.set()
         self._thread.join(5)
 
-    def subscribe(self, symbols: list[str] | None, severities: list[str] | None) -> Subscriber:
+    def subscribe(self, symbols: list[str] | None, severities: list[str] | None) -> Subscriber | None:
+        """A new client's subscription, or None when API_STREAM_CLIENTS follow the stream already."""
+        if len(self.subscribers) >= self.settings.api_stream_clients:
+            REFUSED.inc()
+            return None
         subscriber = Subscriber(symbols, severities, self.settings.api_stream_queue)
         self.subscribers.add(subscriber)
         CLIENTS.set(len(self.subscribers))
@@ -95,7 +99,7 @@ class AlertHub:
             try:
                 missed = await asyncio.to_thread(
                     queries.alerts_after, self.engine, last_event_id, sorted(subscriber.symbols or ()) or None,
-                    sorted(subscriber.severities or ()) or None, CATCH_UP_LIMIT)
+                    sorted(subscriber.severities or ()) or None, self.settings.api_stream_catch_up)
                 rows = None if missed is None else missed.to_dict("records")
             except SQLAlchemyError as error:
                 log.warning("alert stream: cannot read the alerts after %r (%s)", last_event_id[:80],

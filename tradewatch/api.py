@@ -16,17 +16,21 @@ import time
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import numpy as np
 import orjson
 import pandas as pd
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response, WebSocket
+from fastapi.responses import JSONResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import AfterValidator, BeforeValidator, StringConstraints
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
 from tradewatch import runtime
+from tradewatch.access import key_matches
 from tradewatch.alert_stream import AlertHub, StreamedAlert, Subscriber
 from tradewatch.config import Settings
 from tradewatch.store import queries
@@ -136,6 +140,17 @@ class AlertEvents(EventSourceResponse):
             self.hub.drop(self.subscriber, f"one write blocked {self.send_timeout:g} s")
 
 
+def allowed(settings: Settings) -> list[str]:
+    """The Host names the API answers to: API_ALLOWED_HOSTS (a page from a rebinding DNS name that
+    points at this machine is refused)."""
+    return [h.strip() for h in settings.api_allowed_hosts.split(",") if h.strip()]
+
+
+def too_many(settings: Settings) -> str:
+    return (f"{settings.api_stream_clients} clients follow the alert stream already (API_STREAM_CLIENTS);"
+            " try again later")
+
+
 def create_app(settings: Settings) -> FastAPI:
     engine = queries.engine_for(settings.sqlalchemy_url)
     hub = AlertHub(settings, engine)
@@ -148,6 +163,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="TradeWatch API", version="1", lifespan=lifespan,
                   description="Trades, candles, indicators, alerts and the health of a TradeWatch pipeline.")
+
+    allowed_hosts = allowed(settings)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+
+    @app.middleware("http")
+    async def same_site_writes(request: Request, call_next):
+        """A write from a page of another site (its browser sends Origin) is refused: a cross-site
+        POST needs no CORS preflight, so the browser would deliver it."""
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and origin and \
+                (urlsplit(origin).hostname or "") not in allowed_hosts:
+            return JSONResponse({"detail": f"a write from another site ({origin[:100]}) is refused"}, 403)
+        return await call_next(request)
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
@@ -216,6 +244,8 @@ def create_app(settings: Settings) -> FastAPI:
                            last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", max_length=200)] = None,
                            last_event_id: Annotated[str | None, Query(max_length=200)] = None) -> EventSourceResponse:
         subscriber = hub.subscribe(symbols, [s.value for s in severities] if severities else None)
+        if subscriber is None:
+            raise HTTPException(503, too_many(settings), headers={"Retry-After": "30"})
 
         async def events():
             try:
@@ -236,8 +266,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def alert_socket(socket: WebSocket, symbols: StreamSymbols = None, severities: StreamSeverities = None,
                            last_event_id: Annotated[str | None, Query(max_length=200)] = None) -> None:
         """The same stream over a WebSocket: one JSON text message per alert; `last_event_id` resumes."""
-        await socket.accept()
         subscriber = hub.subscribe(symbols, [s.value for s in severities] if severities else None)
+        await socket.accept()
+        if subscriber is None:
+            await socket.close(code=1013, reason=too_many(settings)[:120])      # 1013: try again later
+            return
 
         async def send_alerts() -> None:
             async for item in hub.alerts(subscriber, last_event_id):
@@ -267,7 +300,7 @@ def create_app(settings: Settings) -> FastAPI:
               responses={401: {"description": "missing or wrong API key"}, 404: {"description": "no such alert"}})
     def acknowledge(alert_id: Annotated[str, Path(max_length=200)],
                     x_api_key: Annotated[str | None, Header()] = None) -> dict:
-        if settings.api_key and x_api_key != settings.api_key:
+        if settings.api_key and not key_matches(x_api_key, settings.api_key):
             raise HTTPException(401, "this API needs the header X-API-Key (API_KEY is set)")
         if not queries.alert_exists(engine, alert_id):
             raise HTTPException(404, f"no alert {alert_id!r}")

@@ -38,6 +38,17 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
+def load_settings(**overrides: object):
+    """Settings.load(**overrides); a bad setting prints one line naming it and exits with status 2
+    (every entry point loads its settings through here)."""
+    from tradewatch.config import Settings
+    try:
+        return Settings.load(**overrides)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def log_format() -> str:
     """LOG_FORMAT from the environment or .env: text (default) or json."""
     from tradewatch.config import Settings

@@ -4,9 +4,11 @@ Every process builds it once with `Settings.load()` and passes it on explicitly.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from urllib.parse import quote
 
 from dotenv import dotenv_values
 
@@ -41,7 +43,7 @@ class Settings:
     postgres_port: int = 5432
     postgres_db: str = "tradewatch"
     postgres_user: str = "tradewatch"
-    postgres_password: str = "tradewatch"
+    postgres_password: str = ""     # empty: the local stack's generated one (TRADEWATCH_HOME/postgres-password)
     consumer_group: str = "tradewatch-consumer"
     consumer_batch_size: int = 10000
     max_clock_skew_seconds: float = 300.0
@@ -68,6 +70,9 @@ class Settings:
     api_address: str = "127.0.0.1"
     api_port: int = 8000
     api_key: str = ""
+    api_allowed_hosts: str = "127.0.0.1,localhost,::1"   # Host headers the API answers (DNS rebinding)
+    api_stream_clients: int = 100       # live stream clients at once (SSE + WebSocket); more get 503
+    api_stream_catch_up: int = 1_000    # stored alerts a resumed stream (Last-Event-ID) sends at most
     api_stream_queue: int = 1000
     api_stream_heartbeat_seconds: float = 15.0
     api_stream_send_timeout_seconds: float = 10.0
@@ -89,14 +94,54 @@ class Settings:
     alert_cooldown_critical_seconds: float = 300.0
     alert_cooldown_high_seconds: float = 60.0
     alert_cooldown_medium_seconds: float = 30.0
+    # make demo: the simulator's rate and anomaly rate, consumers in the group, a live venue instead
+    demo_rate: float = 20.0
+    demo_anomaly_rate: float = 0.005
+    consumers: int = 1
+    demo_live: str = ""
+    demo_live_url: str = ""
 
     def __post_init__(self) -> None:
+        self._validate()
         # A cluster started from one address: every node's address, so a client can bootstrap
         # while any one node is down (node n listens on the port + 100·(n−1), tradewatch/stack.py)
         if self.kafka_brokers > 1 and "," not in self.kafka_bootstrap_servers:
             host = self.kafka_bootstrap_servers.rsplit(":", 1)[0]
             nodes = ",".join(f"{host}:{port}" for _, port, _ in self.kafka_nodes)
             object.__setattr__(self, "kafka_bootstrap_servers", nodes)
+
+    def _validate(self) -> None:
+        """Every setting in its range (ValueError naming it): a zero queue, a NaN timeout or an empty
+        window list would otherwise fail later, far from its cause."""
+        for field in fields(self):
+            value, key = getattr(self, field.name), field.name.upper()
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                raise ValueError(f"setting {key} must be a finite number, got {value!r}")
+            if field.name.endswith("_port"):
+                lowest = 0 if field.name.endswith("metrics_port") else 1    # a metrics port of 0: off
+                if not lowest <= value <= 65535:
+                    raise ValueError(f"setting {key} must be a port ({lowest}..65535), got {value!r}")
+            elif field.name in _MAY_BE_ZERO:
+                if value < 0:
+                    raise ValueError(f"setting {key} must be 0 or more, got {value!r}")
+            elif value <= 0:
+                raise ValueError(f"setting {key} must be more than 0, got {value!r}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"setting {name.upper()} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.demo_anomaly_rate > 1:
+            raise ValueError(f"setting DEMO_ANOMALY_RATE must be at most 1, got {self.demo_anomaly_rate!r}")
+        from tradewatch.windows import parse_size
+        sizes = [s.strip() for s in self.window_sizes.split(",") if s.strip()]
+        if not sizes:
+            raise ValueError(f"setting WINDOW_SIZES must list window sizes like 1m,5m,15m, got {self.window_sizes!r}")
+        for size in sizes:
+            try:
+                parse_size(size)
+            except ValueError as error:
+                raise ValueError(f"setting WINDOW_SIZES: {error}") from None
 
     @classmethod
     def load(cls, env_file: Path | None = None, **overrides: object) -> "Settings":
@@ -117,8 +162,26 @@ class Settings:
         return replace(self, **overrides)
 
     def as_env(self) -> dict[str, str]:
-        """These settings as environment variables, for child processes."""
-        return {field.name.upper(): str(getattr(self, field.name)) for field in fields(self)}
+        """These settings as environment variables, for child processes (the password resolved)."""
+        env = {field.name.upper(): str(getattr(self, field.name)) for field in fields(self)}
+        env["POSTGRES_PASSWORD"] = self.database_password
+        return env
+
+    @property
+    def password_file(self) -> Path:
+        """Where the local stack keeps the PostgreSQL password it generated (mode 0600)."""
+        return self.home / "postgres-password"
+
+    @property
+    def database_password(self) -> str:
+        """POSTGRES_PASSWORD when set, else the local stack's generated one (read when asked: the
+        stack writes it at its first start)."""
+        if self.postgres_password:
+            return self.postgres_password
+        try:
+            return self.password_file.read_text().strip()
+        except OSError:
+            return ""
 
     @property
     def home(self) -> Path:
@@ -144,15 +207,27 @@ class Settings:
     def postgres_dsn(self) -> str:
         return (
             f"host={self.postgres_host} port={self.postgres_port} dbname={self.postgres_db} "
-            f"user={self.postgres_user} password={self.postgres_password} connect_timeout=5"
+            f"user={self.postgres_user} password={_dsn_quoted(self.database_password)} connect_timeout=5"
         )
 
     @property
     def sqlalchemy_url(self) -> str:
         return (
-            f"postgresql+psycopg2://{self.postgres_user}:{self.postgres_password}"
+            f"postgresql+psycopg2://{self.postgres_user}:{quote(self.database_password, safe='')}"
             f"@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}"
         )
+
+
+# numbers that may be 0 (the others must be more than 0)
+_MAY_BE_ZERO = {"allowed_lateness_seconds", "max_clock_skew_seconds", "breaker_cool_off_seconds",
+                "alert_cooldown_critical_seconds", "alert_cooldown_high_seconds", "alert_cooldown_medium_seconds",
+                "demo_anomaly_rate"}
+_CHOICES = {"log_format": ("text", "json"), "kafka_client": ("confluent", "kafka-python"),
+            "demo_live": ("", "coinbase", "binance")}
+
+
+def _dsn_quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _coerce(raw: str, kind: type, key: str) -> object:

@@ -15,7 +15,6 @@ Each stage's own heartbeat (tradewatch/runtime.py) is what the dashboard's healt
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tradewatch import stack
-from tradewatch.cli import setup_logging
+from tradewatch.cli import load_settings, setup_logging
 from tradewatch.config import PROJECT_ROOT, Settings
 
 log = logging.getLogger("tradewatch.demo")
@@ -70,18 +69,17 @@ class Stage:
 
 def stages(settings: Settings) -> list[Stage]:
     python = sys.executable
-    rate = os.environ.get("DEMO_RATE", "20")
-    anomaly_rate = os.environ.get("DEMO_ANOMALY_RATE", "0.005")
-    consumers = int(os.environ.get("CONSUMERS", "1"))      # CONSUMERS=3 make demo: a group of three
+    consumers = settings.consumers                          # CONSUMERS=3 make demo: a group of three
     commands = [(f"consumer-{i + 1}" if consumers > 1 else "consumer", [python, "consumer.py"])
                 for i in range(consumers)]
     # DEMO_LIVE=coinbase|binance: real trades instead of the simulator (DEMO_LIVE_URL: another
     # endpoint, e.g. a classroom's `python -m tradewatch.market.replay_server coinbase --loop`)
-    producer = [python, "producer.py", "--rate", rate, "--anomaly-rate", anomaly_rate]
-    if live := os.environ.get("DEMO_LIVE", "").strip():
-        producer = [python, "producer.py", "--live", live]
-        if url := os.environ.get("DEMO_LIVE_URL", "").strip():
-            producer += ["--url", url]
+    producer = [python, "producer.py", "--rate", f"{settings.demo_rate:g}", "--anomaly-rate",
+                f"{settings.demo_anomaly_rate:g}"]
+    if settings.demo_live:
+        producer = [python, "producer.py", "--live", settings.demo_live]
+        if settings.demo_live_url:
+            producer += ["--url", settings.demo_live_url]
     commands += [
         ("producer", producer),
         ("aggregator", [python, "aggregator.py"]),
@@ -161,7 +159,7 @@ class Supervisor:
 
 def main() -> int:
     setup_logging()
-    settings = Settings.load()
+    settings = load_settings()
     try:
         stack.check_home(settings)
         with stack.home_lock(settings, "demo"):      # one demo per home, held until it ends

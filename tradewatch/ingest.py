@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,37 @@ _ROWS = metrics.ROWS.labels("consumer", "trades")
 _LATENCY = metrics.LATENCY.labels("consumer", "trade_to_row")
 
 
+class DeadLetterLog:
+    """At most `per_minute` WARNING lines a minute for dead letters; past that, one line a minute
+    says how many more there were, by kind (a sender of bad messages cannot flood the log)."""
+
+    def __init__(self, per_minute: int = 20, clock: Callable[[], float] = time.monotonic):
+        self.per_minute, self.clock = per_minute, clock
+        self.started, self.logged, self.held = clock(), 0, Counter()
+
+    def __call__(self, letter: DeadLetter) -> None:
+        self.tick()
+        if self.logged < self.per_minute:
+            self.logged += 1
+            log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason[:300],
+                        extra={"topic": letter.topic, "partition": letter.partition, "offset": letter.offset})
+        else:
+            self.held[metrics.reason_kind(letter.reason)] += 1
+
+    def tick(self) -> None:
+        """A new minute: say what was held back in the last one."""
+        now = self.clock()
+        if now - self.started >= 60:
+            self.flush()
+            self.started, self.logged = now, 0
+
+    def flush(self) -> None:
+        if self.held:
+            log.warning("%d more dead letters in the last minute (%s); each is in the dead_letters table with its"
+                        " reason", sum(self.held.values()), ", ".join(f"{k}: {n}" for k, n in self.held.most_common()))
+            self.held.clear()
+
+
 @dataclass
 class IngestStats:
     messages: int = 0
@@ -36,8 +68,9 @@ class IngestStats:
 class _Batch(runtime.Stage):
     """Trades (as COPY lines) and dead letters awaiting one transaction."""
 
-    def __init__(self, stats: IngestStats, max_skew_ms: int):
+    def __init__(self, stats: IngestStats, max_skew_ms: int, say: DeadLetterLog):
         super().__init__()
+        self.say = say
         self.stats = stats
         self.max_skew_ms = max_skew_ms
         self.lines: list[str] = []
@@ -71,8 +104,7 @@ class _Batch(runtime.Stage):
         refused = [DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, r.reason, m.timestamp_ms)
                    for r in result.refused for m in (self.sources[r.index],)]
         for letter in refused:
-            log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason,
-                        extra={"topic": letter.topic, "partition": letter.partition, "offset": letter.offset})
+            self.say(letter)
         write_dead_letters(cur, refused)
 
     def written(self) -> None:
@@ -110,19 +142,19 @@ class Ingest(runtime.Stage):
         self.batch_size = settings.consumer_batch_size
         self.stats = IngestStats()
         self.max_skew_ms = int(settings.max_clock_skew_seconds * 1000)
-        self.batch = _Batch(self.stats, self.max_skew_ms)
+        self.say = DeadLetterLog()
+        self.batch = _Batch(self.stats, self.max_skew_ms, self.say)
 
     def take(self, messages: list[bus.Message]) -> None:
         for letter in self.batch.add(messages, int(time.time() * 1000)):
-            log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason,
-                        extra={"topic": letter.topic, "partition": letter.partition, "offset": letter.offset})
+            self.say(letter)
         self.processed += len(messages)
 
     def pending(self) -> int:
         return self.batch.pending()
 
     def seal(self) -> _Batch:
-        sealed, self.batch = self.batch, _Batch(self.stats, self.max_skew_ms)
+        sealed, self.batch = self.batch, _Batch(self.stats, self.max_skew_ms, self.say)
         return sealed
 
     def write(self, conn, cur) -> None:
@@ -134,7 +166,11 @@ class Ingest(runtime.Stage):
     def drop(self, partitions: list[int]) -> None:
         self.batch.drop(partitions)
 
+    def close(self) -> None:
+        self.say.flush()
+
     def report(self) -> str:
+        self.say.tick()
         s = self.stats
         return (f"stored {s.trades_inserted} trades ({s.duplicates_skipped} duplicates skipped, "
                 f"{s.dead_letters} dead letters) from {s.messages} messages in {s.batches} batches; "

@@ -55,14 +55,29 @@ LIVE_DUPLICATES = Counter("tradewatch_live_duplicates", "Trades received again (
 LIVE_UNEXPECTED = Counter("tradewatch_live_unexpected_messages", "Messages of an unexpected shape (skipped)", ["venue"])
 LIVE_RECONNECTS = Counter("tradewatch_live_reconnects", "Connections lost and opened again", ["venue"])
 
-_REASON_WORDS = re.compile(r"[a-z_']+")
+# A dead letter's reason (its detail, with words from the message, stays in its row) as one of a
+# fixed list of label values: a sender cannot make new Prometheus series.
+REASON_KINDS = (
+    ("empty", re.compile(r"^empty message")),
+    ("too large", re.compile(r"-byte limit")),
+    ("not utf-8", re.compile(r"^not UTF-8")),
+    ("not json", re.compile(r"^not JSON")),
+    ("not an object", re.compile(r"^expected a JSON object")),
+    ("missing field", re.compile(r"^missing field")),
+    ("timestamp", re.compile(r"timestamp")),
+    ("wrong type", re.compile(r"must be (a string|a number|an integer)")),
+    ("bad characters", re.compile(r"characters outside|NUL character|only printable ASCII")),
+    ("not finite", re.compile(r"must be finite")),
+    ("out of range", re.compile(r"must be > 0|must be at most|must have 1\.\.")),
+    ("not an allowed value", re.compile(r"must be one of|is not one of")),
+    ("bid above ask", re.compile(r"is above ask")),
+    ("schema version", re.compile(r"schema_version")),
+)
 
 
 def reason_kind(reason: str) -> str:
-    """A dead letter's reason without its values, as a label with few distinct values:
-    "field 'price' must be > 0, got -3" -> "field 'price' must be"."""
-    words = _REASON_WORDS.findall(reason.split(",")[0].split(":")[0].lower())
-    return " ".join(words[:4]) or "other"
+    """One of REASON_KINDS' names (or "other") for a dead letter's reason."""
+    return next((kind for kind, pattern in REASON_KINDS if pattern.search(reason)), "other")
 
 
 def serve(settings, stage: str, tries: int = 20) -> int | None:

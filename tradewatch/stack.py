@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -66,14 +67,75 @@ def _run_as() -> dict:
     return {"user": SERVICE_USER, "group": pwd.getpwnam(SERVICE_USER).pw_gid}
 
 
-def _chown_tree(path: Path) -> None:
+def _give_to_service_user(path: Path) -> None:
+    """As root, hand one folder we just made to the service user — never a tree, and never through
+    a link (a link the service user planted would otherwise hand it any file on the next start)."""
     if os.geteuid() != 0:
         return
     user = pwd.getpwnam(SERVICE_USER)
-    for root, dirs, files in os.walk(path):
-        os.chown(root, user.pw_uid, user.pw_gid)
-        for name in files:
-            os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid)
+    os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+
+
+def _database_password(settings: Settings) -> str:
+    """POSTGRES_PASSWORD, or the one generated at the first start (TRADEWATCH_HOME/postgres-password,
+    mode 0600, readable only by whoever runs the stack)."""
+    if settings.database_password:
+        return settings.database_password
+    password = secrets.token_urlsafe(24)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(settings.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(password + "\n")
+    log.info("generated a PostgreSQL password in %s", settings.password_file)
+    return password
+
+
+def _initdb(settings: Settings, data: Path, password: str) -> None:
+    """A data folder with password (SCRAM) authentication for every connection."""
+    as_user = _run_as()
+    base = data.parent
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _give_to_service_user(base)
+    data.mkdir(mode=0o700, exist_ok=True)
+    _give_to_service_user(data)
+    pwfile = base / f".initdb-{uuid.uuid4().hex}"
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            if as_user:
+                os.fchown(out.fileno(), pwd.getpwnam(SERVICE_USER).pw_uid, as_user["group"])
+            out.write(password + "\n")
+        log.info("initialising PostgreSQL data directory %s", data)
+        result = subprocess.run([_pg_bin("initdb"), "-D", str(data), "-U", settings.postgres_user,
+                                 "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-locale"],
+                                capture_output=True, text=True, **as_user)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if result.returncode != 0:
+        raise StackError(f"initdb could not create the PostgreSQL data folder {data}:\n"
+                         f"{(result.stderr or result.stdout).strip()[-2000:]}")
+
+
+def _require_password(settings: Settings, data: Path, password: str) -> None:
+    """A data folder made before passwords (pg_hba.conf `trust`): give the user its password, then
+    switch every line to scram-sha-256 — the file edited by the service user, not by root."""
+    hba = data / "pg_hba.conf"
+    lines = hba.read_text().splitlines()
+    if not any(line.split()[-1:] == ["trust"] for line in lines if line.strip() and not line.lstrip().startswith("#")):
+        return
+    from tradewatch.store import db
+    conn = db.connect(settings.with_overrides(postgres_password=password), database="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SET password_encryption = 'scram-sha-256'")
+        cur.execute(f'ALTER ROLE "{settings.postgres_user}" PASSWORD %s', (password,))
+        result = subprocess.run(["sed", "-i", "-E", r"/^[[:space:]]*#/!s/[[:space:]]trust[[:space:]]*$/ scram-sha-256/",
+                                 str(hba)], capture_output=True, text=True, **_run_as())
+        if result.returncode != 0:
+            raise StackError(f"could not switch {hba} to password authentication: {result.stderr.strip()}")
+        cur.execute("SELECT pg_reload_conf()")
+    conn.close()
+    log.info("PostgreSQL now asks for a password (pg_hba.conf: scram-sha-256)")
 
 
 def postgres_running(settings: Settings) -> bool:
@@ -90,18 +152,12 @@ def start_postgres(settings: Settings) -> None:
     if postgres_running(settings):
         log.info("PostgreSQL already running (%s)", data)
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    password = _database_password(settings)
     if not (data / "PG_VERSION").exists():
-        data.mkdir(parents=True, exist_ok=True)
-        _chown_tree(data.parent)
-        log.info("initialising PostgreSQL data directory %s", data)
-        result = subprocess.run([_pg_bin("initdb"), "-D", str(data), "-U", settings.postgres_user,
-                                 "--auth=trust", "--encoding=UTF8", "--no-locale"],
-                                capture_output=True, text=True, **as_user)
-        if result.returncode != 0:
-            raise StackError(f"initdb could not create the PostgreSQL data folder {data}:\n"
-                             f"{(result.stderr or result.stdout).strip()[-2000:]}")
-    _chown_tree(data.parent)
+        _initdb(settings, data, password)
+    if not run_dir.exists():
+        run_dir.mkdir(mode=0o700)
+        _give_to_service_user(run_dir)
     stale = data / "postmaster.pid"
     if stale.exists() and not _postgres_alive(stale):
         log.info("removing stale %s", stale)
@@ -115,6 +171,7 @@ def start_postgres(settings: Settings) -> None:
     if result.returncode != 0:
         tail = logfile.read_text()[-2000:] if logfile.exists() else result.stderr
         raise StackError(f"PostgreSQL did not start on port {settings.postgres_port}:\n{tail}")
+    _require_password(settings, data, password)
     log.info("PostgreSQL started on %s:%d", settings.postgres_host, settings.postgres_port)
 
 
@@ -439,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["start", "stop", "status"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.load()
+    from tradewatch.cli import load_settings
+    settings = load_settings()
     try:
         if args.command == "start":
             start(settings)

@@ -20,8 +20,13 @@ from tradewatch import bus
 
 
 def start_api(settings, tmp_path, **overrides):
+    settings, base, _ = launch_api(settings, tmp_path, **overrides)
+    return settings, base
+
+
+def launch_api(settings, tmp_path, **overrides):
     settings = settings.with_overrides(api_port=free_port(), **overrides)
-    start_script(settings, "api.py", log=tmp_path / "api.log")
+    process = start_script(settings, "api.py", log=tmp_path / "api.log")
     base = f"http://127.0.0.1:{settings.api_port}"
 
     def up():
@@ -31,7 +36,7 @@ def start_api(settings, tmp_path, **overrides):
         except OSError:
             return False
     wait_for(up, timeout=60, message="the API to answer")
-    return settings, base
+    return settings, base, process
 
 
 class SSEClient:
@@ -51,7 +56,7 @@ class SSEClient:
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
         self.reader, self.writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
         head = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
-        self.writer.write(f"GET {self.path} HTTP/1.1\r\nHost: api\r\nAccept: text/event-stream\r\n{head}\r\n".encode())
+        self.writer.write(f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n{head}\r\n".encode())
         await self.writer.drain()
         status = await self.reader.readline()
         self.status = int(status.split()[1])
@@ -196,7 +201,8 @@ def test_one_stalled_client_among_200_is_dropped_and_the_others_keep_receiving(s
     kernel buffers for a connection that is not read, so its writes block. 10 readers take every
     alert too, 189 only AAPL's."""
     bus.ensure_topic(settings, settings.alerts_topic, 1)
-    settings, base = start_api(settings, tmp_path, api_stream_queue=2000, api_stream_send_timeout_seconds=2.0)
+    settings, base = start_api(settings, tmp_path, api_stream_queue=2000, api_stream_send_timeout_seconds=2.0,
+                               api_stream_clients=250)
 
     async def scenario():
         stalled = SSEClient(settings.api_port, "/alerts/stream", receive_buffer=4096)
@@ -227,4 +233,36 @@ def test_one_stalled_client_among_200_is_dropped_and_the_others_keep_receiving(s
     took = asyncio.run(scenario())
     print(f"199 readers got their alerts in {took:.1f}s while one client stalled")
     wait_for(lambda: total(base, "tradewatch_api_stream_clients") == 0, timeout=10, message="every client gone")
+    assert "Traceback" not in (tmp_path / "api.log").read_text()
+
+
+def test_stream_clients_past_the_cap_get_503_and_the_api_stays_responsive(settings, tmp_path):
+    """1,000 clients at once against API_STREAM_CLIENTS=50: 50 follow the stream, 950 get a 503
+    with the reason (a WebSocket is closed with 1013), /health keeps answering meanwhile, and the
+    API's memory stays bounded."""
+    import statistics
+    bus.ensure_topic(settings, settings.alerts_topic, 1)
+    settings, base, process = launch_api(settings, tmp_path, api_stream_clients=50)
+
+    async def scenario():
+        clients = [SSEClient(settings.api_port, "/alerts/stream") for _ in range(1000)]
+        await asyncio.gather(*(c.connect() for c in clients))
+        statuses = [c.status for c in clients]
+        health = []
+        for _ in range(40):
+            started = time.perf_counter()
+            await asyncio.to_thread(lambda: urllib.request.urlopen(base + "/health", timeout=10).read())
+            health.append(time.perf_counter() - started)
+        for client in clients:
+            client.close()
+        return statuses, health
+
+    statuses, health = asyncio.run(scenario())
+    assert statuses.count(200) == 50 and statuses.count(503) == 950, {s: statuses.count(s) for s in set(statuses)}
+    p95 = statistics.quantiles(health, n=20)[-1]
+    assert p95 < 2.0, f"/health p95 {p95:.2f}s with 50 streams held and 950 refused"
+    assert total(base, "tradewatch_api_stream_refused_clients_total") == 950
+    rss_mb = int(open(f"/proc/{process.pid}/status").read().split("VmRSS:")[1].split()[0]) / 1024
+    assert rss_mb < 400, f"API RSS {rss_mb:.0f} MB"
+    print(f"/health p95 {p95 * 1000:.0f} ms beside 50 streams and 950 refused; API RSS {rss_mb:.0f} MB")
     assert "Traceback" not in (tmp_path / "api.log").read_text()

@@ -4,6 +4,7 @@ endpoint answers what the tables hold, pages never skip or repeat, bad or hostil
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -34,7 +35,8 @@ def call(base: str, path: str, method: str = "GET", headers: dict | None = None,
             body = response.read().decode()
             return response.status, json.loads(body) if "json" in response.headers.get("content-type", "") else body
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read().decode())
+        body = error.read().decode()
+        return error.code, json.loads(body) if "json" in error.headers.get("content-type", "") else body
 
 
 @pytest.fixture
@@ -96,6 +98,8 @@ def test_every_endpoint_answers_from_the_tables(api):
     assert abs(storage["database_bytes"] / size - 1) < 0.05
     oldest, newest = query(settings, "SELECT min(ts), max(ts) FROM trades")[0]
     assert storage["oldest_trade"] == oldest.isoformat() and storage["newest_trade"] == newest.isoformat()
+    assert storage["oldest_partition"] in (f"trades_p{oldest:%Y%m%d}", f"trades_y{oldest:%Y}")
+    assert storage["archive_bytes"] == 0, "nothing archived in a fresh home"
     assert 0 < storage["free_disk_percent"] <= 100 and storage["low"] == (storage["free_disk_percent"] < 10)
     status, scan = call(base, "/scanner", since="2026-01-01T00:00:00Z", until="2026-01-02T00:00:00Z")
     assert status == 200 and {r["symbol"] for r in scan} == set(symbols)
@@ -137,6 +141,32 @@ def test_acknowledge_needs_the_api_key(api):
     assert call(base, "/alerts/nope/acknowledge", method="POST", headers={"X-API-Key": "s3cret"})[0] == 404
     status, acked = call(base, "/alerts", acknowledged="true")
     assert [a["alert_id"] for a in acked] == [alert_id]
+
+
+def test_foreign_hosts_and_cross_site_writes_are_refused(api):
+    """A page on another site (or a DNS name rebound to 127.0.0.1) cannot use the API through a
+    browser: its Host is not in API_ALLOWED_HOSTS (400), and its POSTs carry a foreign Origin (403)."""
+    settings, base = api
+    assert call(base, "/symbols", headers={"Host": "attacker.example"})[0] == 400
+    assert call(base, "/symbols", headers={"Host": f"localhost:{settings.api_port}"})[0] == 200
+    alert_id = query(settings, "SELECT alert_id FROM alerts ORDER BY alert_id LIMIT 1")[0][0]
+    path = f"/alerts/{urllib.parse.quote(alert_id, safe='')}/acknowledge"
+    key = {"X-API-Key": "s3cret"}
+    status, body = call(base, path, method="POST", headers={**key, "Origin": "https://attacker.example"})
+    assert status == 403 and "another site" in body["detail"]
+    assert query(settings, "SELECT acknowledged FROM alerts WHERE alert_id = %s", (alert_id,))[0][0] is False
+    assert call(base, path, method="POST", headers={**key, "Origin": f"http://127.0.0.1:{settings.api_port}"})[0] == 200
+    assert call(base, path, method="POST", headers={"X-API-Key": "s3cre"})[0] == 401, "a near miss is still wrong"
+
+
+def test_the_api_refuses_to_listen_beyond_this_machine_without_a_key(settings):
+    env = {**os.environ, **settings.with_overrides(api_key="").as_env()}
+    result = subprocess.run([sys.executable, "api.py", "--host", "0.0.0.0", "--port", str(free_port())],
+                            cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "without API_KEY" in lines[0] and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("path, params", [

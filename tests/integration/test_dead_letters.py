@@ -48,3 +48,21 @@ def test_replayed_dead_letters_are_stored_once_after_the_fix_and_the_rest_keep_t
     out = run_script(relaxed, "consumer.py", "--replay-dead-letters").stdout     # every reason, again
     assert "0 stored" in out and "1 still invalid" in out, out
     assert query(relaxed, "SELECT count(*) FROM trades")[0][0] == 10, "never doubled"
+
+
+def test_a_dead_letter_keeps_at_most_64_kib_of_its_message_with_its_size_and_hash(settings):
+    """A 1 MB message (Kafka's limit) is not stored whole: its first 64 KiB, its size and SHA-256."""
+    import hashlib
+
+    from tradewatch.store import db
+    from tradewatch.store.writer import RAW_KEPT, DeadLetter, write_dead_letters
+    huge = bytes(range(256)) * 4096                       # 1 MiB
+    conn = db.connect(settings)
+    with conn, conn.cursor() as cur:
+        write_dead_letters(cur, [DeadLetter("trades", 0, 1, b"K" * 5000, huge, "payload too large " * 500, None)])
+    conn.close()
+    raw, size, digest, key, reason = query(settings, "SELECT raw, raw_bytes, raw_sha256, message_key, reason"
+                                                     " FROM dead_letters")[0]
+    assert bytes(raw) == huge[:RAW_KEPT] and RAW_KEPT == 65_536
+    assert size == len(huge) and bytes(digest) == hashlib.sha256(huge).digest()
+    assert len(bytes(key)) == 1024 and len(reason) == 2000

@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 
@@ -36,12 +37,12 @@ def test_docker_compose_agrees_with_env_file():
     services = compose["services"]
     settings = Settings.load()
     kafka_host_port = settings.kafka_bootstrap_servers.rsplit(":", 1)[1]
-    assert f"{kafka_host_port}:9092" in services["kafka"]["ports"]
+    assert f"127.0.0.1:{kafka_host_port}:9092" in services["kafka"]["ports"]
     assert "HOST://127.0.0.1:9092" in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-    assert "${POSTGRES_PORT}:5432" in services["postgres"]["ports"]
+    assert "127.0.0.1:${POSTGRES_PORT}:5432" in services["postgres"]["ports"]
     pg_env = services["postgres"]["environment"]
-    assert (pg_env["POSTGRES_DB"], pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"]) == (
-        "${POSTGRES_DB}", "${POSTGRES_USER}", "${POSTGRES_PASSWORD}")
+    assert (pg_env["POSTGRES_DB"], pg_env["POSTGRES_USER"]) == ("${POSTGRES_DB}", "${POSTGRES_USER}")
+    assert pg_env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?"), "required: no default that works"
     apps = [name for name, spec in services.items() if "build" in spec]
     assert {"producer", "consumer", "aggregator", "detector", "dashboard", "api", "reports", "flink-job"} <= set(apps)
     assert "127.0.0.1:${API_PORT}:${API_PORT}" in services["api"]["ports"]
@@ -51,7 +52,8 @@ def test_docker_compose_agrees_with_env_file():
         spec = services[name]
         assert spec["env_file"] == ".env"
         assert set(spec["environment"]) == {"KAFKA_BOOTSTRAP_SERVERS", "POSTGRES_HOST", "POSTGRES_PORT",
-                                            "METRICS_ADDRESS"}
+                                            "METRICS_ADDRESS"} | ({"API_KEY", "API_ALLOWED_HOSTS"} if name == "api"
+                                                                 else set())
         assert spec["environment"]["KAFKA_BOOTSTRAP_SERVERS"].split(":")[0] == "kafka"
 
 
@@ -110,14 +112,27 @@ def test_prometheus_and_grafana_files_match_the_stages_metrics():
 def test_docker_compose_file_is_valid_compose_with_the_env_values():
     """Debian's docker-compose (the Compose file parser and validator; no engine needed) accepts the
     file, and the configuration it resolves carries .env's ports and settings into every service."""
-    result = subprocess.run(["docker-compose", "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config"],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    compose = ["docker-compose", "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config"]
+    chosen = {"POSTGRES_PASSWORD": "chosen-by-the-user", "API_KEY": "another-one"}
+    for missing in chosen:        # no default that works: each must be set
+        unset = subprocess.run(compose, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+                               env={**{k: v for k, v in os.environ.items() if k not in chosen},
+                                    **{k: v for k, v in chosen.items() if k != missing}})
+        assert unset.returncode != 0 and f"set {missing} in .env" in unset.stderr, unset.stderr
+    result = subprocess.run(compose, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **chosen})
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)["services"]
     env = dotenv_values(PROJECT_ROOT / ".env")
     assert set(resolved) >= {"kafka", "postgres", "consumer", "producer", "aggregator", "detector", "dashboard", "api",
                              "reports", "jobmanager", "taskmanager", "flink-job", "prometheus", "grafana"}
-    assert resolved["postgres"]["ports"] == [{"published": int(env["POSTGRES_PORT"]), "target": 5432}]
+    assert resolved["postgres"]["ports"] == [f"127.0.0.1:{env['POSTGRES_PORT']}:5432/tcp"]
+    published = [p for spec in resolved.values() for p in spec.get("ports", [])]
+    assert published and all(isinstance(p, str) and p.startswith("127.0.0.1:") for p in published), published
+    assert "web.submit.enable: false" in resolved["jobmanager"]["environment"]["FLINK_PROPERTIES"]
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text().splitlines()
+    users = [line.split()[1] for line in dockerfile if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "the app image runs as an unprivileged user"
     assert resolved["api"]["ports"] == [f"127.0.0.1:{env['API_PORT']}:{env['API_PORT']}/tcp"]
     for name, spec in resolved.items():
         if "build" in spec:
@@ -160,3 +175,59 @@ def test_a_home_made_for_one_broker_refuses_a_cluster_of_three_with_a_clear_mess
     assert stack._cluster_id(single) == "abc"
     with pytest.raises(stack.StackError, match="holds a Kafka cluster of 1 broker.*KAFKA_BROKERS=3"):
         stack._cluster_id(single.with_overrides(kafka_brokers=3, kafka_bootstrap_servers="127.0.0.1:9092"))
+
+
+def test_acknowledging_beyond_this_machine_needs_the_api_key():
+    from tradewatch.access import key_matches, may_acknowledge
+    assert may_acknowledge("127.0.0.1", "", None) == (True, "")
+    allowed, note = may_acknowledge("0.0.0.0", "", None)
+    assert not allowed and "API_KEY is not set" in note
+    assert may_acknowledge("", "k3y", "wrong")[0] is False
+    assert may_acknowledge("", "k3y", "k3y") == (True, "")
+    assert not key_matches("anything", "") and not key_matches(None, "k3y") and key_matches("k3y", "k3y")
+
+
+def test_dead_letter_labels_come_from_a_fixed_list_and_their_log_lines_are_bounded(caplog):
+    """10,000 distinct malformed messages: at most len(REASON_KINDS) + 1 label values, and at most
+    20 WARNING lines a minute plus one summary of the rest."""
+    import logging
+
+    from tradewatch.events import InvalidTrade, parse_trade
+    from tradewatch.ingest import DeadLetterLog
+    from tradewatch.metrics import REASON_KINDS, reason_kind
+    from tradewatch.store.writer import DeadLetter
+
+    reasons = []
+    for i in range(10_000):
+        raw = [b"{", b'{"schema_version": 1, "trade_id": "x%d!", "symbol": "A"}' % i, bytes([i % 256]) * (i % 7 + 1),
+               b'{"schema_version": 1, "trade_id": "t", "symbol": "S%d", "timestamp_ms": 1, "price": "p%d"}' % (i, i),
+               b'{"schema_version": 1, "trade_id": "t%d", "symbol": "%s", "timestamp_ms": 1767225600000,'
+               b' "price": 1, "quantity": 1, "side": "hold%d", "exchange": "X"}' % (i, b"Z" * (i % 9 + 1), i)][i % 5]
+        try:
+            parse_trade(raw, 1767225600000)
+        except InvalidTrade as error:
+            reasons.append(str(error))
+    assert len(set(reasons)) > 3_000, "distinct reasons, many with the sender's words in them"
+    kinds = {reason_kind(r) for r in reasons}
+    assert kinds <= {k for k, _ in REASON_KINDS} | {"other"} and "other" not in kinds, kinds
+
+    now = [0.0]
+    say = DeadLetterLog(clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="tradewatch.consumer"):
+        for n, reason in enumerate(reasons):
+            now[0] = n * 0.012                     # 10,000 in two minutes
+            say(DeadLetter("trades", 0, n, None, b"", reason, None))
+        say.flush()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) <= 3 * 20 + 3, len(lines)
+    assert sum(int(line.split()[0]) for line in lines if "more dead letters" in line) + \
+        sum(line.startswith("dead letter ") for line in lines) == len(reasons)
+
+
+def test_report_lists_are_capped_with_the_rest_summed():
+    from tradewatch.report import capped
+    rows = [[f"reason {i}", 10 - i % 10] for i in range(10_000)]
+    shown = capped(rows, 20, "reasons")
+    assert len(shown) == 21 and shown[:2] == [["reason 0", "10"], ["reason 1", "9"]]
+    assert shown[-1] == ["… and 9,980 more reasons", f"{sum(n for _, n in rows[20:]):,}"]
+    assert capped(rows[:3], 20, "reasons") == [["reason 0", "10"], ["reason 1", "9"], ["reason 2", "8"]]

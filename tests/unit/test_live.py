@@ -88,7 +88,11 @@ def test_subscriptions_are_the_documented_messages():
 
 
 def test_sequencer_drops_repeats_and_reports_gaps_per_symbol():
-    sequencer = live.Sequencer("unit")
+    """Gaps are labelled by symbol for the subscribed ones only: any other symbol a venue sends is
+    counted as "other" (a venue cannot make new metric series)."""
+    sequencer = live.Sequencer("unit", labelled=frozenset({"BNBBTC"}))
+    other = live.GAPS.labels("unit", "other")
+    other_before = other._value.get()
     gaps, missing = live.GAPS.labels("unit", "BNBBTC"), live.MISSING.labels("unit", "BNBBTC")
     before = (gaps._value.get(), missing._value.get(), live.DUPLICATES.labels("unit")._value.get())
 
@@ -100,6 +104,8 @@ def test_sequencer_drops_repeats_and_reports_gaps_per_symbol():
     assert admitted == [True, True, True, False, False, True, True, True]
     after = (gaps._value.get(), missing._value.get(), live.DUPLICATES.labels("unit")._value.get())
     assert [a - b for a, b in zip(after, before)] == [1, 3, 2]
+    assert sequencer.admit(item("ETHBTC", 12)) and other._value.get() - other_before == 1
+    assert not any(s.labels.get("symbol") == "ETHBTC" for m in live.GAPS.collect() for s in m.samples)
 
 
 def test_sequencer_remembers_a_bounded_number_of_symbols():

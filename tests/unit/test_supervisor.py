@@ -37,11 +37,11 @@ def test_consumers_starts_a_group_of_consumer_processes(monkeypatch):
     from tradewatch.demo import stages
 
     monkeypatch.setenv("CONSUMERS", "3")
-    commands = {s.name: s.command for s in stages(Settings())}
+    commands = {s.name: s.command for s in stages(Settings.load())}
     assert [n for n in commands if n.startswith("consumer")] == ["consumer-1", "consumer-2", "consumer-3"]
     assert all(commands[f"consumer-{i}"][-1] == "consumer.py" for i in (1, 2, 3))
     monkeypatch.setenv("CONSUMERS", "1")
-    assert [s.name for s in stages(Settings())][0] == "consumer"
+    assert [s.name for s in stages(Settings.load())][0] == "consumer"
 
 
 def test_demo_live_runs_the_producer_on_a_live_feed(monkeypatch):
@@ -50,8 +50,8 @@ def test_demo_live_runs_the_producer_on_a_live_feed(monkeypatch):
 
     monkeypatch.setenv("DEMO_LIVE", "binance")
     monkeypatch.setenv("DEMO_LIVE_URL", "ws://127.0.0.1:8765")
-    producer = {s.name: s.command for s in stages(Settings())}["producer"]
+    producer = {s.name: s.command for s in stages(Settings.load())}["producer"]
     assert producer[1:] == ["producer.py", "--live", "binance", "--url", "ws://127.0.0.1:8765"]
     monkeypatch.delenv("DEMO_LIVE")
-    producer = {s.name: s.command for s in stages(Settings())}["producer"]
+    producer = {s.name: s.command for s in stages(Settings.load())}["producer"]
     assert "--live" not in producer and "--rate" in producer

@@ -165,9 +165,10 @@ class Sequencer:
     `capacity` symbols (the least recently traded go first: a venue sending symbols nobody
     subscribed to cannot grow it without bound)."""
 
-    def __init__(self, venue: str, capacity: int = 10_000):
+    def __init__(self, venue: str, capacity: int = 10_000, labelled: frozenset[str] = frozenset()):
         self.venue = venue
         self.capacity = capacity
+        self.labelled = labelled          # symbols with their own gap metric labels; the rest: "other"
         self.last: dict[str, int] = {}
 
     def admit(self, item: VenueTrade) -> bool:
@@ -177,8 +178,9 @@ class Sequencer:
             return False
         if last is not None and item.sequence > last + 1:
             missing = item.sequence - last - 1
-            GAPS.labels(self.venue, item.venue_symbol).inc()
-            MISSING.labels(self.venue, item.venue_symbol).inc(missing)
+            label = item.venue_symbol if item.venue_symbol in self.labelled else "other"
+            GAPS.labels(self.venue, label).inc()
+            MISSING.labels(self.venue, label).inc(missing)
             log.warning("%s %s: trade ids jump from %d to %d — %d trade(s) missed (a venue outage or a lost "
                         "message)", self.venue, item.venue_symbol, last, item.sequence, missing)
         self.last.pop(item.venue_symbol, None)        # most recent last
@@ -195,7 +197,7 @@ class LiveFeed:
                  stop: Callable[[], bool] = lambda: False, backoff_s: float = 1.0, max_backoff_s: float = 60.0):
         self.venue, self.symbols, self.url = venue, symbols, url or venue.url
         self.stop, self.backoff_s, self.max_backoff_s = stop, backoff_s, max_backoff_s
-        self.sequencer = Sequencer(venue.name)
+        self.sequencer = Sequencer(venue.name, labelled=frozenset(symbols))
         self._queue: queue.Queue[Trade] = queue.Queue(maxsize=100_000)
         self._logged: set[str] = set()
         self._thread = threading.Thread(target=self._run, name=f"live-{venue.name}", daemon=True)
@@ -282,8 +284,9 @@ class LiveFeed:
 
     def _unexpected(self, kind: str, text: str | bytes) -> None:
         UNEXPECTED.labels(self.venue.name).inc()
-        if kind not in self._logged:
+        kind = kind[:100]
+        if kind not in self._logged and len(self._logged) < 100:     # once per kind, of a bounded few
             self._logged.add(kind)
-            sample = text if isinstance(text, str) else text.decode("utf-8", "replace")
+            sample = text[:300] if isinstance(text, str) else text[:300].decode("utf-8", "replace")
             log.warning("%s: skipped a message of an unexpected shape (%s; logged once per kind, all counted): %.300s",
                         self.venue.name, kind, sample)

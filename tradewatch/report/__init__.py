@@ -103,6 +103,16 @@ Block = tuple
 Section = tuple[str, list[Block]]
 
 
+def capped(rows: list[list], limit: int, what: str) -> list[list]:
+    """The first `limit` of (label, count) rows, then one "and N more" row with their sum; counts
+    formatted."""
+    shown = [[label, integer(n)] for label, n in rows[:limit]]
+    rest = rows[limit:]
+    if rest:
+        shown.append([f"… and {len(rest):,} more {what}", integer(sum(n for _, n in rest))])
+    return shown
+
+
 def _table(headers: list[str], rows: list[list[str]], none: str) -> Block:
     return ("table", headers, rows) if rows else ("p", none)
 
@@ -166,7 +176,7 @@ def sections(report: Report) -> list[Section]:
     quality = report.quality
     data_quality = [
         _table(["Dead letters (received in the period) by reason", "Messages"],
-               [[d.reason, integer(d.messages)] for d in quality["dead_letters"].itertuples()],
+               capped([[d.reason[:200], d.messages] for d in quality["dead_letters"].itertuples()], 20, "reasons"),
                "No dead letter was received in the period."),
         _table(["Late trades by reason", "Trades"],
                [[t.reason, integer(t.trades)] for t in quality["late_trades"].itertuples()], "No late trade."),

@@ -156,6 +156,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     PRIMARY KEY (id, sent_at),
     UNIQUE (topic, kafka_partition, kafka_offset, sent_at)    -- a re-delivered message: same time
 ) PARTITION BY RANGE (sent_at);
+-- `raw` keeps at most the first 64 KiB (writer.RAW_KEPT, four times the largest valid trade):
+-- the message's whole size and SHA-256 say what it was
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS raw_bytes integer;
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS raw_sha256 bytea;
 
 -- Windowed metrics from aggregator.py: one row per symbol × window size × window start.
 CREATE TABLE IF NOT EXISTS stock_metrics (

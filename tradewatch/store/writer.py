@@ -15,6 +15,7 @@ every other row is stored.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import psycopg2.errors
 import psycopg2.extensions
 from psycopg2.extras import execute_values
 
-from tradewatch.events import LATEST_TIMESTAMP_MS, Trade
+from tradewatch.events import LATEST_TIMESTAMP_MS, MAX_EVENT_BYTES, Trade
 from tradewatch.store import partitions
 
 COLUMNS = ("trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition, schema_version, "
@@ -54,6 +55,9 @@ class DeadLetter:
     raw: bytes | None
     reason: str
     sent_ms: int | None = None       # the record's Kafka timestamp: the clock-skew rule's reference
+
+
+RAW_KEPT = 4 * MAX_EVENT_BYTES      # a dead letter keeps this much of its message (64 KiB)
 
 
 @dataclass(slots=True)
@@ -129,10 +133,12 @@ def write_dead_letters(cur: psycopg2.extensions.cursor, dead_letters: list[DeadL
         partitions.ensure(cur, "dead_letters", {partitions.day_of(ms) for ms in sent})
         execute_values(
             cur,
-            "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, message_key, raw, reason, sent_at) "
-            "VALUES %s ON CONFLICT (topic, kafka_partition, kafka_offset, sent_at) DO NOTHING",
-            [(d.topic, d.partition, d.offset, d.key, d.raw, d.reason, ms) for d, ms in zip(dead_letters, sent)],
-            template="(%s, %s, %s, %s, %s, %s, timestamptz 'epoch' + %s * interval '1 millisecond')")
+            "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, message_key, raw, raw_bytes, raw_sha256,"
+            " reason, sent_at) VALUES %s ON CONFLICT (topic, kafka_partition, kafka_offset, sent_at) DO NOTHING",
+            [(d.topic, d.partition, d.offset, d.key and d.key[:1024], d.raw and d.raw[:RAW_KEPT],
+              None if d.raw is None else len(d.raw), None if d.raw is None else hashlib.sha256(d.raw).digest(),
+              d.reason[:2000], ms) for d, ms in zip(dead_letters, sent)],
+            template="(%s, %s, %s, %s, %s, %s, %s, %s, timestamptz 'epoch' + %s * interval '1 millisecond')")
 
 
 def _day_of_line(line: str) -> int:
