@@ -135,12 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         stats = publish(send, trades, speed=speed, count=args.count, duration_s=args.duration,
                         stop=stop, progress=progress)
     except FeedFailed as error:
-        publisher.flush()
-        publisher.close()
         print(f"error: {error}", file=sys.stderr)
         return 1
-    publisher.flush()
-    publisher.close()
+    finally:                        # whatever ended the feed, what was queued is sent first
+        publisher.flush()
+        publisher.close()
     print(f"done: sent {stats.sent:,} trades in {stats.elapsed_s:.1f}s ({stats.rate:,.0f}/s)"
           + (f", injected anomalies {stats.injected}" if stats.injected else ""), file=sys.stderr)
     return 0

@@ -45,6 +45,7 @@ def test_coinbase_control_messages_and_odd_shapes():
                       ({**COINBASE_MATCH, "side": "up"}, "malformed trade_id, side"),
                       ({k: v for k, v in COINBASE_MATCH.items() if k != "price"}, "without a readable 'price'"),
                       ({**COINBASE_MATCH, "price": "four hundred"}, "without a readable"),
+                      ({**COINBASE_MATCH, "price": "NaN"}, "not a finite number above 0"),
                       ({**COINBASE_MATCH, "time": "2014-11-07T08:19:27"}, "without a readable")]:
         with pytest.raises(Unexpected, match=kind):
             coinbase_trade(odd)
@@ -69,6 +70,9 @@ def test_binance_control_messages_and_odd_shapes():
                       ({**BINANCE_TRADE, "t": "12345"}, "malformed t"),
                       ({**BINANCE_TRADE, "m": "true"}, "malformed"),
                       ({**BINANCE_TRADE, "q": None}, "without a readable"),
+                      ({**BINANCE_TRADE, "p": "NaN"}, "not a finite number above 0"),
+                      ({**BINANCE_TRADE, "q": "inf"}, "not a finite number above 0"),
+                      ({**BINANCE_TRADE, "p": "0"}, "not a finite number above 0"),
                       ({"result": ["x"], "id": 1}, "SUBSCRIBE answered")]:
         with pytest.raises(Unexpected, match=kind):
             binance_trade(odd)

@@ -60,3 +60,24 @@ def test_missing_columns_give_a_clear_error(tmp_path):
     path.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="no column 'timestamp', 'price'"):
         replay.load(path)
+
+
+def test_files_that_cannot_be_read_say_where_and_why(tmp_path):
+    """A field over the csv module's 128 KiB, a cut .gz and a line that is not UTF-8 each end the
+    replay with one clear error naming the line (they ended it with a traceback)."""
+    header = "time,symbol,price,quantity\n"
+    big = tmp_path / "big.csv"
+    big.write_text(header + "2013-10-07T13:30:00Z,SPY,170,1\n2013-10-07T13:30:01Z,SPY,170," + "9" * 200_000 + "\n")
+    cut = tmp_path / "cut.csv.gz"
+    whole = gzip.compress((header + "".join(f"2013-10-07T13:30:{i % 60:02d}Z,SPY,170,1\n"
+                                            for i in range(20_000))).encode())
+    cut.write_bytes(whole[:len(whole) // 2])
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes((header + "2013-10-07T13:30:00Z,SPY,170,1\n2013-10-07T13:30:01Z,SPÿ,170,1\n").encode("latin-1"))
+    columns = replay.ColumnMap(timestamp="time")
+    with pytest.raises(ValueError, match=r"^line 3: not readable as CSV \(field larger than field limit"):
+        replay.load(big, columns)
+    with pytest.raises(ValueError, match=r"^after line \d+: the compressed file is cut short or damaged"):
+        replay.load(cut, columns)
+    with pytest.raises(ValueError, match=r"^line 3: not UTF-8"):
+        replay.load(latin, columns)

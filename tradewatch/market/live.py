@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import random
 import threading
@@ -75,7 +76,7 @@ def coinbase_trade(message: dict) -> VenueTrade | None:
         if not isinstance(trade_id, int) or maker_side not in ("buy", "sell") or not isinstance(product, str):
             raise Unexpected("match with a malformed trade_id, side or product_id")
         time_ms = _iso_ms(message["time"])
-        price, size = float(message["price"]), float(message["size"])
+        price, size = _positive(message["price"]), _positive(message["size"])
     except Unexpected:
         raise
     except (KeyError, TypeError, ValueError) as error:
@@ -83,6 +84,14 @@ def coinbase_trade(message: dict) -> VenueTrade | None:
     return VenueTrade(product, trade_id, Trade(
         trade_id=f"coinbase:{product}:{trade_id}", symbol=product.upper(), timestamp_ms=time_ms, price=price,
         quantity=size, side="sell" if maker_side == "buy" else "buy", exchange="COINBASE"))
+
+
+def _positive(text: object) -> float:
+    """A venue's price or size: a finite number above 0 ("NaN", "inf" or "0" is a malformed trade)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise Unexpected("trade with a price or size that is not a finite number above 0")
+    return value
 
 
 def _iso_ms(text: str) -> int:
@@ -131,7 +140,7 @@ def binance_trade(message: dict) -> VenueTrade | None:
         if not (isinstance(trade_id, int) and isinstance(time_ms, int) and isinstance(buyer_is_maker, bool)
                 and isinstance(symbol, str)):
             raise Unexpected("trade with a malformed t, T, m or s")
-        price, quantity = float(message["p"]), float(message["q"])
+        price, quantity = _positive(message["p"]), _positive(message["q"])
     except Unexpected:
         raise
     except (KeyError, TypeError, ValueError) as error:

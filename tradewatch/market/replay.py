@@ -14,6 +14,7 @@ import csv
 import gzip
 import logging
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,30 +66,55 @@ def load(path: str | Path, columns: ColumnMap | None = None, symbol: str | None 
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        header = set(reader.fieldnames or [])
-        is_bars = {"open", "high", "low", "close"} <= header and columns.price not in header
-        if not is_bars:
-            missing = [c for c in (columns.timestamp, columns.price) if c not in header]
-            if missing:
-                raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} "
-                                 f"(columns are {', '.join(sorted(header))}); map them with --time-column/--price-column")
-        if columns.symbol not in header and not symbol:
-            raise ValueError(f"{path}: no '{columns.symbol}' column; pass --symbol to name the instrument")
-        rows = _bar_rows(reader, columns, symbol) if is_bars else _trade_rows(reader, columns, symbol, path.stem)
-        result = ReplayFile([])
-        for line, row in rows:
-            if isinstance(row, str):
-                result.skipped_rows.append(f"line {line}: {row}")
-                continue
-            try:
-                row.setdefault("exchange", exchange)
-                result.trades.append(trade_from_dict(row))
-            except (InvalidTrade, ValueError, KeyError) as error:
-                result.skipped_rows.append(f"line {line}: {error}")
+        try:
+            result = _read(reader, path, columns, symbol, exchange)
+        except csv.Error as error:         # e.g. a field over the csv module's 128 KiB limit
+            raise ValueError(f"line {reader.line_num + 1}: not readable as CSV ({error})") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"line {_first_not_utf8(path, opener)}: not UTF-8 ({error.reason}); save the file as"
+                             " UTF-8") from None
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise ValueError(f"after line {reader.line_num}: the compressed file is cut short or damaged ({error})"
+                             ) from None
     result.trades.sort(key=lambda t: t.timestamp_ms)
     _apply_tick_rule(result.trades)
     if result.skipped_rows:
         log.warning("%s: skipped %d unreadable rows, first: %s", path, len(result.skipped_rows), result.skipped_rows[0])
+    return result
+
+
+def _first_not_utf8(path: Path, opener) -> int | str:
+    """The number of the first line that is not UTF-8 (the text reader decodes whole blocks)."""
+    with opener(path, "rb") as raw:
+        for number, line in enumerate(raw, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return "?"
+
+
+def _read(reader: csv.DictReader, path: Path, columns: ColumnMap, symbol: str | None, exchange: str) -> ReplayFile:
+    header = set(reader.fieldnames or [])
+    is_bars = {"open", "high", "low", "close"} <= header and columns.price not in header
+    if not is_bars:
+        missing = [c for c in (columns.timestamp, columns.price) if c not in header]
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} "
+                             f"(columns are {', '.join(sorted(header))}); map them with --time-column/--price-column")
+    if columns.symbol not in header and not symbol:
+        raise ValueError(f"{path}: no '{columns.symbol}' column; pass --symbol to name the instrument")
+    rows = _bar_rows(reader, columns, symbol) if is_bars else _trade_rows(reader, columns, symbol, path.stem)
+    result = ReplayFile([])
+    for line, row in rows:
+        if isinstance(row, str):
+            result.skipped_rows.append(f"line {line}: {row}")
+            continue
+        try:
+            row.setdefault("exchange", exchange)
+            result.trades.append(trade_from_dict(row))
+        except (InvalidTrade, ValueError, KeyError) as error:
+            result.skipped_rows.append(f"line {line}: {error}")
     return result
 
 
