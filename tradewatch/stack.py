@@ -83,7 +83,10 @@ def _database_password(settings: Settings) -> str:
         return settings.database_password
     password = secrets.token_urlsafe(24)
     settings.home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(settings.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(settings.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:          # another start made it meanwhile
+        return settings.database_password
     with os.fdopen(fd, "w") as out:
         out.write(password + "\n")
     log.info("generated a PostgreSQL password in %s", settings.password_file)
