@@ -1,7 +1,10 @@
 """`python -m tradewatch maintain [--dry-run] [--every SECONDS]`: retention of the tables that grow
-with the feed, by whole day partitions (tradewatch/store/partitions.py), never by DELETE.
+with the feed, by whole partitions (tradewatch/store/partitions.py), never by DELETE.
 
-For each table, a partition (a day, or a year for days far from today: schema.sql) is expired
+For each table — trades, trade_flags, late_trades, dead_letters, alerts, and each window size's
+candle tables (stock_metrics_1m, indicators_1m, …: RETENTION_DAYS_MINUTE_CANDLES for windows up to
+a minute, RETENTION_DAYS_CANDLES for longer ones) — a partition (a day, a month for candles, or a
+year far from today: schema.sql) is expired
 when it ended more than RETENTION_DAYS_<TABLE> before the table's newest event time, or before now
 if that is earlier (event time: a replay of 2013 keeps its last days; never past now: one trade
 stamped in the year 3000 does not expire everything else). An expired partition is
@@ -11,9 +14,10 @@ stamped in the year 3000 does not expire everything else). An expired partition 
    written under a temporary name and renamed;
 2. **verified**: the file is read back, and its row count and checksum (the sum of the event
    times in microseconds) must equal the partition's; then `part-<id>.json` records them;
-3. **dropped**: in one transaction the partition is locked, checked against that record once more
-   (a late row since? then the archive is deleted and the day archived again next time), detached
-   and dropped.
+3. **dropped**: in one transaction — after every writer that made sure of the table's partitions
+   has committed (partitions.hold_writers) — the partition is locked, checked against that record
+   once more (a late row since? then the archive is deleted and the day archived again next
+   time), detached and dropped.
 
 A crash anywhere leaves either no record (the next run deletes the unrecorded file and archives
 again) or a record that matches the partition (the next run only drops it): no row is lost, and

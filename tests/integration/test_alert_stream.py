@@ -266,3 +266,34 @@ def test_stream_clients_past_the_cap_get_503_and_the_api_stays_responsive(settin
     assert rss_mb < 400, f"API RSS {rss_mb:.0f} MB"
     print(f"/health p95 {p95 * 1000:.0f} ms beside 50 streams and 950 refused; API RSS {rss_mb:.0f} MB")
     assert "Traceback" not in (tmp_path / "api.log").read_text()
+
+
+def test_a_resumed_stream_sends_at_most_the_catch_up_bound(settings, tmp_path):
+    """A client resuming with Last-Event-ID gets at most API_STREAM_CATCH_UP stored alerts (here 10
+    of the 30 stored after its id), oldest first; the rest is in GET /alerts."""
+    from tradewatch.alerts import Alert
+    from tradewatch.store import db, detections
+    bus.ensure_topic(settings, settings.alerts_topic, 1)
+    alerts = [Alert(f"c{i:02d}:PRICE_SPIKE", 1_767_225_600_000 + i, "AAPL", "PRICE_SPIKE", "HIGH", f"alert {i}",
+                    f"c{i:02d}") for i in range(31)]
+    conn = db.connect(settings)
+    with conn, conn.cursor() as cur:
+        for alert in alerts:        # one by one: each its own created_at, in this order
+            detections.write_alerts(cur, [(0, alert)], webhook=False)
+            cur.execute("SELECT pg_sleep(0.002)")
+    conn.close()
+    settings, base = start_api(settings, tmp_path, api_stream_catch_up=10)
+
+    async def scenario():
+        client = SSEClient(settings.api_port, "/alerts/stream", headers={"Last-Event-ID": alerts[0].alert_id})
+        await client.connect()
+        assert client.status == 200
+        await client.read(lambda c: len(c.alerts()) >= 10, timeout=30)
+        try:
+            await client.read(lambda c: len(c.alerts()) > 10, timeout=2)
+        except TimeoutError:
+            pass
+        client.close()
+        return [a["alert_id"] for a in client.alerts()]
+
+    assert asyncio.run(scenario()) == [a.alert_id for a in alerts[1:11]]
