@@ -328,6 +328,26 @@ def _cluster_id(settings: Settings) -> str:
     return next(line.split("=", 1)[1].strip() for line in meta.splitlines() if line.startswith("cluster.id="))
 
 
+def _kafka_data_for_service_user(data: Path) -> None:
+    """As root, Kafka runs as the service user and owns only its data folder; its configuration,
+    log and PID file stay root's (the log is written through a descriptor root opened). A data
+    folder an earlier version made as root is handed over once: a tree root owns holds no link the
+    service user could have planted."""
+    if os.geteuid() != 0:
+        return
+    _run_as()                                   # the user exists
+    if not data.exists():
+        data.mkdir(parents=True, mode=0o700)
+        _give_to_service_user(data)
+        return
+    if os.lstat(data).st_uid != 0:
+        return
+    for root, dirs, files in os.walk(data):     # never into a linked folder
+        for name in dirs + files:
+            _give_to_service_user(Path(root) / name)
+    _give_to_service_user(data)
+
+
 def start_kafka(settings: Settings) -> None:
     """Start every node of the local cluster that is not running (KAFKA_BROKERS, 1 by default)."""
     running = kafka_pids(settings)
@@ -343,9 +363,11 @@ def start_kafka(settings: Settings) -> None:
             continue
         data, _, logfile, pid_file = _kafka_paths(settings, node)
         config = _write_kafka_config(settings, node)
+        _kafka_data_for_service_user(data)
         if not (data / "meta.properties").exists():
             result = subprocess.run([java, log4j, "-cp", classpath, "kafka.tools.StorageTool", "format",
-                                     "-t", cluster_id, "-c", str(config)], capture_output=True, text=True)
+                                     "-t", cluster_id, "-c", str(config)], capture_output=True, text=True,
+                                    **_run_as())
             if result.returncode != 0:
                 raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
         with open(logfile, "ab") as out:
@@ -353,6 +375,7 @@ def start_kafka(settings: Settings) -> None:
                 [java, "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true", log4j,
                  "-cp", classpath, "kafka.Kafka", str(config)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                **_run_as(),          # as root: the service user, which owns only the data folder
             )
         pid_file.write_text(str(process.pid))
         log.info("Kafka node %d starting (pid %d), log %s", node, process.pid, logfile)

@@ -86,3 +86,14 @@ def test_a_data_folder_made_before_passwords_asks_for_one_after_its_next_start(o
     assert refused(settings, settings.database_password) == ""
     assert "trust" not in [line.split()[-1] for line in (data / "pg_hba.conf").read_text().splitlines()
                            if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="started as root only (make demo and CI run as root)")
+def test_started_as_root_kafka_runs_as_the_service_user_owning_only_its_data(services):
+    service = stack.pwd.getpwnam(stack.SERVICE_USER)
+    for node, pid in stack.kafka_pids(services).items():
+        uids = next(line.split()[1:] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("Uid:"))
+        assert set(map(int, uids)) == {service.pw_uid}, f"Kafka node {node} runs as uid {uids}"
+        data, config, _, _ = stack._kafka_paths(services, node)
+        assert data.stat().st_uid == service.pw_uid and config.stat().st_uid == 0, "its configuration stays root's"
