@@ -66,3 +66,34 @@ def test_a_dead_letter_keeps_at_most_64_kib_of_its_message_with_its_size_and_has
     assert bytes(raw) == huge[:RAW_KEPT] and RAW_KEPT == 65_536
     assert size == len(huge) and bytes(digest) == hashlib.sha256(huge).digest()
     assert len(bytes(key)) == 1024 and len(reason) == 2000
+
+
+def test_ten_thousand_distinct_bad_messages_make_few_metric_series_and_few_log_lines(settings, tmp_path):
+    """Through the real consumer: 10,000 distinct malformed messages are all dead-lettered, yet the
+    dead-letter metric has at most one series per kind of reason and the log at most 20 lines a
+    minute plus a summary (issue 24: every distinct bad message made a series and a WARNING)."""
+    from tests.integration.test_metrics import scrape
+    from tradewatch.metrics import REASON_KINDS
+    publisher = bus.Publisher(settings)
+    for i in range(10_000):
+        raw = [b'{"schema_version": 1, "trade_id": "bad %d", "symbol": "A"}' % i, b"{%d" % i,
+               b'{"schema_version": 1, "trade_id": "t%d", "symbol": "A", "timestamp_ms": 1767225600000, "price": 1,'
+               b' "quantity": 1, "side": "hold%d", "exchange": "X"}' % (i, i)][i % 3]
+        publisher.send(settings.trades_topic, b"K", raw)
+    assert publisher.flush(60)
+    publisher.close()
+    log = tmp_path / "consumer.log"
+    consumer = start_script(settings, "consumer.py", log=log)
+    wait_for(lambda: query(settings, "SELECT count(*) FROM dead_letters")[0][0] == 10_000, timeout=120,
+             message="10,000 dead letters")
+    port = re.search(r"metrics of the consumer on http://([\d.:]+)/metrics", log.read_text()).group(1)
+    series = {dict(labels)["reason"] for (name, labels), _ in scrape(f"http://{port}/metrics").items()
+              if name == "tradewatch_dead_letters_total"}
+    assert series and series <= {k for k, _ in REASON_KINDS} | {"other"}, series
+    assert query(settings, "SELECT count(DISTINCT reason) FROM dead_letters")[0][0] > 6_000, "distinct reasons kept"
+    consumer.send_signal(signal.SIGTERM)
+    assert consumer.wait(timeout=60) == 0
+    text = log.read_text()
+    lines = text.count("WARNING tradewatch.consumer: dead letter ")
+    assert 0 < lines <= 40, f"{lines} dead-letter lines"      # at most two minutes' worth
+    assert "more dead letters in the last minute" in text, "the rest summed up"
