@@ -62,9 +62,7 @@ def test_missing_columns_give_a_clear_error(tmp_path):
         replay.load(path)
 
 
-def test_files_that_cannot_be_read_say_where_and_why(tmp_path):
-    """A field over the csv module's 128 KiB, a cut .gz and a line that is not UTF-8 each end the
-    replay with one clear error naming the line (they ended it with a traceback)."""
+def bad_files(tmp_path):
     header = "time,symbol,price,quantity\n"
     big = tmp_path / "big.csv"
     big.write_text(header + "2013-10-07T13:30:00Z,SPY,170,1\n2013-10-07T13:30:01Z,SPY,170," + "9" * 200_000 + "\n")
@@ -74,6 +72,31 @@ def test_files_that_cannot_be_read_say_where_and_why(tmp_path):
     cut.write_bytes(whole[:len(whole) // 2])
     latin = tmp_path / "latin.csv"
     latin.write_bytes((header + "2013-10-07T13:30:00Z,SPY,170,1\n2013-10-07T13:30:01Z,SPÿ,170,1\n").encode("latin-1"))
+    return {"big": big, "cut": cut, "latin": latin}
+
+
+@pytest.mark.parametrize("name, message", [("big", "line 3: not readable as CSV"),
+                                           ("cut", "the compressed file is cut short or damaged"),
+                                           ("latin", "line 3: not UTF-8")])
+def test_the_producer_says_it_in_one_line_and_exits_2(tmp_path, name, message):
+    import os
+    import subprocess
+    import sys
+
+    from tradewatch.config import PROJECT_ROOT
+    path = bad_files(tmp_path)[name]
+    result = subprocess.run([sys.executable, "producer.py", "--replay", str(path), "--timestamp-column", "time"],
+                            cwd=PROJECT_ROOT, env={**os.environ, "TRADEWATCH_HOME": str(tmp_path / "home")},
+                            capture_output=True, text=True, timeout=60)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+def test_files_that_cannot_be_read_say_where_and_why(tmp_path):
+    """A field over the csv module's 128 KiB, a cut .gz and a line that is not UTF-8 each end the
+    replay with one clear error naming the line (they ended it with a traceback)."""
+    files = bad_files(tmp_path)
+    big, cut, latin = files["big"], files["cut"], files["latin"]
     columns = replay.ColumnMap(timestamp="time")
     with pytest.raises(ValueError, match=r"^line 3: not readable as CSV \(field larger than field limit"):
         replay.load(big, columns)

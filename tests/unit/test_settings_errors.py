@@ -37,3 +37,12 @@ def test_each_bad_setting_is_named(key, value, message):
         patch.setenv(key, value)
         with pytest.raises(ValueError, match=f"setting {key} {message}"):
             Settings.load()
+
+
+def test_the_dashboard_shows_a_bad_setting_as_one_line_instead_of_its_page(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.setenv("ZSCORE_WINDOW", "0")
+    page = AppTest.from_file(str(PROJECT_ROOT / "dashboard.py"), default_timeout=30).run()
+    assert not page.exception, page.exception
+    assert [e.value for e in page.error] == ["setting ZSCORE_WINDOW must be more than 0, got 0 — fix it in .env or "
+                                             "the environment, then reload this page"]
