@@ -16,7 +16,7 @@ test:                       ## the full test suite (starts and stops its own ser
 	@$(MAKE) --no-print-directory -j 3 venv jars system    # downloads side by side
 	@# on TEST_WORKERS workers, each with Kafka and PostgreSQL of its own, longest modules first;
 	@# then the tests whose timing budget is a promise to users, with nothing else running
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not alone"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not alone" --durations=15
 	$(PY) -m pytest -m alone
 
 services: setup             ## start Kafka (KAFKA_BROKERS nodes) and PostgreSQL (harmless when running)
