@@ -33,14 +33,32 @@ class Proc:
         return f"pid {self.pid}: {self.command[:300]}"
 
 
+PF_KTHREAD = 0x00200000
+
+
+def environment(entry: Path) -> bytes:
+    """/proc/<pid>/environ. It reads empty while the process is inside execve (its new memory has
+    no environment mapped yet: a child that bash forked is caught there when its parent has just
+    exited), so an empty one of a process that is no kernel thread is read again for up to 0.1 s."""
+    for _ in range(20):
+        env = (entry / "environ").read_bytes()
+        if env:
+            return env
+        fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] == "Z" or int(fields[6]) & PF_KTHREAD:
+            return env
+        time.sleep(0.005)
+    return env
+
+
 def ours() -> dict[int, Proc]:
     """Live (not zombie) processes of this session, pytest itself left out."""
     found = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) in (1, os.getpid()):    # 1: init, never ours
             continue
         try:
-            if MARK not in (entry / "environ").read_bytes().split(b"\0"):
+            if MARK not in environment(entry).split(b"\0"):
                 continue
             state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()

@@ -87,8 +87,12 @@ def test_ten_thousand_distinct_bad_messages_make_few_metric_series_and_few_log_l
     wait_for(lambda: query(settings, "SELECT count(*) FROM dead_letters")[0][0] == 10_000, timeout=120,
              message="10,000 dead letters")
     port = re.search(r"metrics of the consumer on http://([\d.:]+)/metrics", log.read_text()).group(1)
-    series = {dict(labels)["reason"] for (name, labels), _ in scrape(f"http://{port}/metrics").items()
-              if name == "tradewatch_dead_letters_total"}
+
+    def counted() -> dict[str, float]:      # counted once the transaction committed: a moment after the rows
+        return {dict(labels)["reason"]: value for (name, labels), value in scrape(f"http://{port}/metrics").items()
+                if name == "tradewatch_dead_letters_total"}
+    wait_for(lambda: sum(counted().values()) == 10_000, timeout=30, message="10,000 dead letters counted")
+    series = set(counted())
     assert series and series <= {k for k, _ in REASON_KINDS} | {"other"}, series
     assert query(settings, "SELECT count(DISTINCT reason) FROM dead_letters")[0][0] > 6_000, "distinct reasons kept"
     consumer.send_signal(signal.SIGTERM)
