@@ -9,13 +9,16 @@ import re
 import signal
 import sys
 import time
+from datetime import date
 from pathlib import Path
+
+import psycopg2
 
 from tradewatch import bus, runtime
 from tradewatch.cli import load_settings, setup_logging
 from tradewatch.config import PROJECT_ROOT, Settings
 from tradewatch.stack import JARS_DIR
-from tradewatch.store import db
+from tradewatch.store import db, partitions
 
 SQL_FILE = PROJECT_ROOT / "flink_job.sql"
 log = logging.getLogger("tradewatch.flink")
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except db.DatabaseUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    adopt(settings)
     from pyflink.table import EnvironmentSettings, TableEnvironment
 
     env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
@@ -169,12 +173,37 @@ def _interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
+ADOPT_EVERY_S = 60.0
+
+
+def adopt(settings: Settings) -> None:
+    """Give the windows Flink wrote into flink_metrics' DEFAULT partition months of their own (and
+    make this month's ahead), as `maintain` does, for a flink_job.py that runs without it."""
+    try:
+        conn = db.connect(settings)
+        try:
+            with conn.cursor() as cur:
+                moved = partitions.adopt_flink(cur, date.today())
+            conn.commit()
+        finally:
+            conn.close()
+    except (db.DatabaseUnavailable, psycopg2.Error) as error:
+        log.warning("flink_metrics partitions not checked (%s); trying again in %.0f s",
+                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__, ADOPT_EVERY_S)
+        return
+    if moved:
+        log.info("flink_metrics: %d rows moved from its default partition into their months", moved)
+
+
 def watch(settings: Settings, client) -> int:
     """Beat the `flink` heartbeat while the job runs; its lag is the Flink group's committed offsets
-    (committed at each checkpoint) behind the end of the topic."""
+    (committed at each checkpoint) behind the end of the topic. Every ADOPT_EVERY_S: `adopt`."""
     heartbeat = runtime.Heartbeat(settings, "flink")
-    processed, lag, last_lag_check = 0, None, 0.0
+    processed, lag, last_lag_check, last_adopt = 0, None, 0.0, time.monotonic()
     while True:
+        if time.monotonic() - last_adopt >= ADOPT_EVERY_S:
+            last_adopt = time.monotonic()
+            adopt(settings)
         status = str(client.get_job_status().result())
         if status.rsplit(".", 1)[-1] in ("FINISHED", "FAILED", "CANCELED"):
             log.error("the Flink job ended: %s", status)

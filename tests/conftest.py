@@ -103,7 +103,9 @@ def empty_tables(settings: Settings) -> None:
     conn.autocommit = True
     with conn.cursor() as cur:
         # day partitions go (a few hundred per statement: each one is a lock), then the rest is emptied
-        cur.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE c.relkind = 'r'")
+        # (a DEFAULT partition stays: schema.sql made it, and writers need it)
+        cur.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE c.relkind = 'r'"
+                    " AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'")
         parts = [r[0] for r in cur.fetchall()]
         for n in range(0, len(parts), 200):
             cur.execute("DROP TABLE " + ", ".join(f'"{p}"' for p in parts[n:n + 200]))

@@ -1,9 +1,10 @@
 """`python -m tradewatch maintain [--dry-run] [--every SECONDS]`: retention of the tables that grow
 with the feed, by whole partitions (tradewatch/store/partitions.py), never by DELETE.
 
-For each table — trades, trade_flags, late_trades, dead_letters, alerts, and each window size's
+For each table — trades, trade_flags, late_trades, dead_letters, alerts, each window size's
 candle tables (stock_metrics_1m, indicators_1m, …: RETENTION_DAYS_MINUTE_CANDLES for windows up to
-a minute, RETENTION_DAYS_CANDLES for longer ones) — a partition (a day, a month for candles, or a
+a minute, RETENTION_DAYS_CANDLES for longer ones) and Flink's 1-minute flink_metrics (as the
+minute candles; first its DEFAULT partition's rows are moved into their months) — a partition (a day, a month for candles, or a
 year far from today: schema.sql) is expired
 when it ended more than RETENTION_DAYS_<TABLE> before the table's newest event time, or before now
 if that is earlier (event time: a replay of 2013 keeps its last days; never past now: one trade
@@ -59,6 +60,7 @@ def retention_days(cur, settings: Settings) -> list[tuple[str, str, int]]:
             ("late_trades", settings.retention_days_late_trades),
             ("dead_letters", settings.retention_days_dead_letters), ("alerts", settings.retention_days_alerts)]
     found = [(t, partitions.PARTITIONED[t], days) for t, days in kept]
+    found.append((partitions.FLINK, "window_start", settings.retention_days_minute_candles))   # 1m windows
     for table in partitions.CANDLES:
         for name in children(cur, table):
             size_ms = parse_size(name[len(table) + 1:])
@@ -211,7 +213,10 @@ def run(settings: Settings, dry_run: bool = False, out=print) -> int:
                 for table in partitions.PARTITIONED:
                     for day in (today, today + timedelta(days=1)):
                         cur.execute("SELECT tw_ensure_partition(%s, %s)", (table, day))
+                moved = partitions.adopt_flink(cur, today)
                 conn.commit()
+                if moved:
+                    out(f"flink_metrics: {moved:,} rows moved from its default partition into their months")
             for table, key, days in retention_days(cur, settings):
                 for day in expired(cur, table, key, days):
                     rows, checksum = measure(cur, day)

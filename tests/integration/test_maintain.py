@@ -267,6 +267,62 @@ def test_candles_are_kept_by_window_size_and_dropped_by_whole_months(archive_hom
         assert kept + len(archived_ids(settings, table, "window_start")) == 4, table
 
 
+def flink_upsert(settings, rows: list[tuple[str, datetime, float]]) -> None:
+    """What Flink's JDBC sink sends (an upsert on the key), for 1-minute windows (symbol, start, close)."""
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO flink_metrics (symbol, window_size, window_start, window_end, open, high, low, close, volume,"
+            " traded_value, vwap, trade_count, avg_price, min_price, max_price, sum_price, avg_quantity, min_quantity,"
+            " max_quantity, sum_quantity, buy_volume, sell_volume) VALUES (%s, '1m', %s, %s + interval '1 minute',"
+            " %s, %s, %s, %s, 1, %s, %s, 1, %s, %s, %s, %s, 1, 1, 1, 1, 1, 0)"
+            " ON CONFLICT (symbol, window_size, window_start) DO UPDATE SET close = EXCLUDED.close",
+            [(s_, start, start, *[close] * 10) for s_, start, close in rows])
+    conn.close()
+
+
+def test_flink_windows_get_months_of_their_own_and_expire_with_the_minute_candles(archive_home):
+    """Flink writes flink_metrics without making partitions first: what it writes lands in the
+    DEFAULT partition, `maintain` moves it into months (a year far from today), and the months past
+    RETENTION_DAYS_MINUTE_CANDLES are archived and dropped like the minute candles."""
+    settings = archive_home
+    env = {**os.environ, **settings.as_env(), "RETENTION_DAYS_MINUTE_CANDLES": "45"}
+
+    def maintain_flink() -> str:
+        out = subprocess.run([sys.executable, "-m", "tradewatch", "maintain"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    maintain_flink()         # the schema applied (it moves what an older database's default held), nothing else
+    now = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+    starts, month = [], now.replace(day=1, hour=12, minute=0)
+    for _ in range(3):                                            # noon on the 1st of the three months before
+        month = (month - timedelta(days=1)).replace(day=1)
+        starts.append(month)
+    starts.append(datetime(2013, 10, 7, 13, 30, tzinfo=timezone.utc))
+    flink_upsert(settings, [("IBM", start, 10.0) for start in starts])
+    flink_upsert(settings, [("IBM", starts[0], 11.0)])           # a window written again: updated, not doubled
+    assert query(settings, "SELECT count(*) FROM flink_metrics_default")[0][0] == len(starts)
+    flink_upsert(settings, [("IBM", now, 10.0)])                 # this month's partition exists already
+    assert query(settings, "SELECT tableoid::regclass::text FROM flink_metrics WHERE window_start = %s",
+                 (now,))[0][0] == f"flink_metrics_m{now:%Y%m}"
+    starts.append(now)
+
+    out = maintain_flink()
+    assert "4 rows moved from its default partition" in out, out
+    assert query(settings, "SELECT count(*) FROM flink_metrics_default")[0][0] == 0
+    names = partition_names(settings, "flink_metrics")
+    assert f"flink_metrics_m{now:%Y%m}" in names and "flink_metrics_y2013" not in names, names
+    kept = [r[0] for r in query(settings, "SELECT window_start FROM flink_metrics ORDER BY 1")]
+    archived = archived_ids(settings, "flink_metrics", "window_start")
+    assert sorted(kept + archived) == sorted(starts), "every window once, in the database or the archive"
+    assert min(kept) >= now - timedelta(days=45 + 31) and datetime(2013, 10, 7, 13, 30, tzinfo=timezone.utc) in archived
+    assert query(settings, "SELECT close FROM flink_metrics WHERE window_start = %s", (starts[0],))[0][0] == 11.0
+    flink_upsert(settings, [("IBM", starts[0], 12.0)])           # its month's partition takes it now
+    assert query(settings, "SELECT close, tableoid::regclass::text FROM flink_metrics WHERE window_start = %s",
+                 (starts[0],))[0] == (12.0, f"flink_metrics_m{starts[0]:%Y%m}")
+
+
 def test_a_partition_a_writer_is_about_to_fill_is_not_dropped_from_under_it(archive_home):
     """The soak test found 1,501 trades in dead_letters ('no partition of relation "trades" found
     for row'): maintain dropped an empty, expired day between a consumer's check that the day's

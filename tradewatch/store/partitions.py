@@ -2,7 +2,10 @@
 far from today; the candle tables (stock_metrics, indicators) by window size, then by month. A
 writer calls `ensure` (`ensure_candles`) with the days of the rows it is about to write, inside its
 transaction; a day no partition holds gets one (tw_ensure_partition). `maintain` creates today's
-and tomorrow's ahead of time and archives and drops expired ones (tradewatch/maintain.py)."""
+and tomorrow's ahead of time and archives and drops expired ones (tradewatch/maintain.py).
+
+Flink's table (flink_metrics, by month) is written by a writer that cannot ask first: what lands in
+its DEFAULT partition is moved into months of its own by `adopt_flink` (maintain, flink_job.py)."""
 from __future__ import annotations
 
 from datetime import date, timedelta
@@ -11,6 +14,7 @@ from typing import Iterable
 DAY_MS = 86_400_000
 PARTITIONED = {"trades": "ts", "trade_flags": "ts", "late_trades": "ts", "alerts": "ts", "dead_letters": "sent_at"}
 CANDLES = ("stock_metrics", "indicators")          # by window size, then month of window_start
+FLINK = "flink_metrics"                            # by month of window_start, with a DEFAULT partition
 _EPOCH = date(1970, 1, 1)
 
 
@@ -58,3 +62,14 @@ def month_of(ms: int) -> int:
     """The first day (days since the epoch) of the month of `ms`."""
     day = _EPOCH + timedelta(days=ms // DAY_MS)
     return (day.replace(day=1) - _EPOCH).days
+
+
+def adopt_flink(cur, today: date) -> int:
+    """The rows flink_metrics' DEFAULT partition holds moved into partitions of their own, then this
+    month's and tomorrow's month's made ahead of Flink (in this order: a partition cannot be made
+    over rows the default holds; the move locks the table until commit). Returns the rows moved."""
+    cur.execute("SELECT tw_adopt_default(%s, 'month')", (FLINK,))
+    moved = int(cur.fetchone()[0])
+    for day in (today, today + timedelta(days=1)):
+        cur.execute("SELECT tw_ensure_partition(%s, %s, 'month')", (FLINK, day))
+    return moved

@@ -69,6 +69,36 @@ EXCEPTION WHEN duplicate_table THEN
     RETURN child;
 END $$;
 
+-- Rows of `tbl`'s DEFAULT partition (<tbl>_default) move into partitions of their own (made by
+-- tw_ensure_partition with `unit`): a partition cannot be created over rows the default holds.
+-- Writers wait meanwhile (the whole table is locked for the move: the default is small, it only
+-- holds what arrived before its partition existed). Returns the rows moved.
+CREATE OR REPLACE FUNCTION tw_adopt_default(tbl text, unit text) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    def text := tbl || '_default';
+    held boolean;
+    d date;
+    moved bigint;
+BEGIN
+    IF to_regclass(def) IS NULL THEN
+        RETURN 0;
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I)', def) INTO held;
+    IF NOT held THEN
+        RETURN 0;
+    END IF;
+    EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', tbl);
+    EXECUTE format('CREATE TEMP TABLE tw_adopting ON COMMIT DROP AS SELECT * FROM %I', def);
+    EXECUTE format('TRUNCATE %I', def);
+    FOR d IN SELECT DISTINCT date_trunc(unit, window_start AT TIME ZONE 'UTC')::date FROM tw_adopting LOOP
+        PERFORM tw_ensure_partition(tbl, d, unit);
+    END LOOP;
+    EXECUTE format('INSERT INTO %I SELECT * FROM tw_adopting', tbl);
+    GET DIAGNOSTICS moved = ROW_COUNT;
+    DROP TABLE tw_adopting;
+    RETURN moved;
+END $$;
+
 -- A database made before partitioning: its plain tables step aside (renamed with their indexes)
 -- and are copied into the partitioned ones at the end of this file.
 DO $$
@@ -77,7 +107,7 @@ DECLARE
     idx text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['trades', 'trade_flags', 'late_trades', 'alerts', 'dead_letters', 'stock_metrics',
-                             'indicators'] LOOP
+                             'indicators', 'flink_metrics'] LOOP
         IF EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass(t) AND relkind = 'r') THEN
             EXECUTE format('ALTER TABLE %I RENAME TO %I', t, t || '_unpartitioned');
             FOR idx IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
@@ -334,6 +364,10 @@ CREATE TABLE IF NOT EXISTS breaker_transitions (
 CREATE INDEX IF NOT EXISTS breaker_transitions_at ON breaker_transitions (at);
 
 -- 1-minute metrics from flink_job.sql (same columns as stock_metrics; Flink writes final windows).
+-- By month of window_start, as the candles (kept RETENTION_DAYS_MINUTE_CANDLES). Flink cannot make
+-- a partition before it writes, so a DEFAULT partition takes the windows of a month that has none
+-- yet (a replay of 2013, or before `maintain` made this month's); tw_adopt_default moves them into
+-- partitions of their own (maintain, and flink_job.py every minute).
 CREATE TABLE IF NOT EXISTS flink_metrics (
     symbol        text NOT NULL,
     window_size   text NOT NULL,
@@ -359,7 +393,8 @@ CREATE TABLE IF NOT EXISTS flink_metrics (
     sell_volume   double precision NOT NULL,
     is_final      boolean NOT NULL DEFAULT true,
     PRIMARY KEY (symbol, window_size, window_start)
-);
+) PARTITION BY RANGE (window_start);
+CREATE TABLE IF NOT EXISTS flink_metrics_default PARTITION OF flink_metrics DEFAULT;
 CREATE INDEX IF NOT EXISTS flink_metrics_size_start ON flink_metrics (window_size, window_start);
 
 -- Liveness of every stage process (written only by tradewatch/runtime.py, at most once a second
@@ -389,11 +424,13 @@ DECLARE
     d date;
 BEGIN
     FOREACH t IN ARRAY ARRAY['trades', 'trade_flags', 'late_trades', 'alerts', 'dead_letters', 'stock_metrics',
-                             'indicators'] LOOP
+                             'indicators', 'flink_metrics'] LOOP
         IF to_regclass(t || '_unpartitioned') IS NULL THEN
             CONTINUE;
         END IF;
-        IF t IN ('stock_metrics', 'indicators') THEN
+        IF t = 'flink_metrics' THEN
+            NULL;       -- its rows land in flink_metrics_default; tw_adopt_default moves them below
+        ELSIF t IN ('stock_metrics', 'indicators') THEN
             FOR size, d IN EXECUTE format('SELECT DISTINCT window_size, (date_trunc(''month'', window_start'
                                           ' AT TIME ZONE ''UTC''))::date FROM %I', t || '_unpartitioned') LOOP
                 PERFORM tw_ensure_partition(tw_ensure_size(t, size), d, 'month');
@@ -424,3 +461,4 @@ BEGIN
     PERFORM setval(pg_get_serial_sequence('dead_letters', 'id'), coalesce((SELECT max(id) FROM dead_letters), 0) + 1,
                    false);
 END $$;
+SELECT tw_adopt_default('flink_metrics', 'month');
