@@ -40,6 +40,22 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: -EXPECTED_SECONDS.get(item.nodeid.split("::")[0], 0))   # stable
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
+def free_port() -> int:
+    """A port nobody listens on, never one this process handed out before (binding port 0 twice
+    in a row can answer the same port, and a home's Kafka and controller would then collide)."""
+    import socket
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
+
+
 def worker_index() -> int:
     """0, 1, … for pytest-xdist's workers gw0, gw1, … (make test runs two); 0 without xdist."""
     return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])

@@ -912,18 +912,23 @@ def topic_partitions(settings: Settings) -> dict[str, int]:
     return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
 
 
-def wait_for_kafka(settings: Settings, timeout_s: float = 60.0, brokers: int = 1) -> None:
+def wait_for_kafka(settings: Settings, timeout_s: float = 60.0, brokers: int = 1,
+                   gone: Callable[[], str | None] = lambda: None) -> None:
     """Block until the cluster answers a metadata request naming at least `brokers` brokers, or
-    raise KafkaUnavailable."""
+    raise KafkaUnavailable: after `timeout_s`, or at once when `gone()` says why waiting is pointless
+    (e.g. the broker process we started has exited)."""
     from confluent_kafka import KafkaException
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            metadata = _admin(settings).list_topics(timeout=5)
+            metadata = _admin(settings).list_topics(timeout=2)
             if len(metadata.brokers) >= brokers:
                 return
         except (KafkaException, KafkaUnavailable):
             pass
+        reason = gone()
+        if reason:
+            raise KafkaUnavailable(reason)
         if time.monotonic() > deadline:
             raise KafkaUnavailable(unavailable_message(settings))
         time.sleep(0.5)

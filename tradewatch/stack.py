@@ -482,12 +482,19 @@ def _start(settings: Settings, timeout_s: float) -> None:
     start_postgres(settings)
     start_kafka(settings)
     ensure_database(settings)
+
+    exited: list[int] = []
+
+    def gone() -> str | None:          # a node that exits (a port taken, a bad setting) ends the wait
+        exited[:] = sorted(set(range(1, settings.kafka_brokers + 1)) - set(kafka_pids(settings)))
+        return f"Kafka node {exited[0]} exited while starting" if exited else None
     try:
-        bus.wait_for_kafka(settings, timeout_s, brokers=settings.kafka_brokers)
-    except bus.KafkaUnavailable:
-        _, _, logfile, _ = _kafka_paths(settings)
+        bus.wait_for_kafka(settings, timeout_s, brokers=settings.kafka_brokers, gone=gone)
+    except bus.KafkaUnavailable as error:
+        _, _, logfile, _ = _kafka_paths(settings, exited[0] if exited else 1)
         tail = logfile.read_text()[-3000:] if logfile.exists() else ""
-        raise StackError(f"Kafka did not answer within {timeout_s:.0f}s; end of {logfile}:\n{tail}") from None
+        what = str(error) if exited else f"Kafka did not answer within {timeout_s:.0f}s"
+        raise StackError(f"{what}; end of {logfile}:\n{tail}") from None
     bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
     bus.ensure_topic(settings, settings.alerts_topic, 1)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,12 @@ from pathlib import Path
 
 from playwright.sync_api import Page
 
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 from tradewatch.config import PROJECT_ROOT, Settings
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FIRST_ANOMALY_BUDGET_S = 60
 STOP_BUDGET_S = 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Demo:
@@ -88,12 +81,16 @@ class Demo:
         return time.monotonic() - began
 
     def kill_everything(self) -> None:
-        """Whatever is left: killed; then the data folder goes (the log stays for a post-mortem)."""
+        """Whatever is left: killed; then the data folder goes (the demo's log and Kafka's stay
+        beside it for a post-mortem: .tradewatch/e2e-<name>.log, e2e-<name>-kafka.log)."""
         if self.process is None:
             return
         for p in self.pids():
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+        kafka_log = self.home / "kafka" / "server.log"
+        if kafka_log.exists():
+            shutil.copyfile(kafka_log, self.log.with_name(self.log.stem + "-kafka.log"))
         shutil.rmtree(self.home, ignore_errors=True)
 
 
@@ -138,7 +135,10 @@ def open_dashboard(page: Page, demo: Demo) -> None:
         except Exception:  # noqa: BLE001 - not listening yet
             assert demo.process.poll() is None, f"the demo exited:\n{demo.output()[-3000:]}"
             return False
-    wait_for(served, timeout=FIRST_ANOMALY_BUDGET_S, interval=0.5, message="the dashboard to answer")
+    try:
+        wait_for(served, timeout=FIRST_ANOMALY_BUDGET_S, interval=0.5, message="the dashboard to answer")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; the demo's output:\n{demo.output()[-3000:]}") from None
 
 
 def page_state(page: Page) -> dict:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +11,11 @@ import urllib.request
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.conftest import query
+from tests.conftest import free_port, query
 from tests.market_fixture import load_known_market
 from tradewatch.config import PROJECT_ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import query, start_script, wait_for
+from tests.conftest import free_port, query, start_script, wait_for
 from tradewatch import bus
 from tradewatch.config import PROJECT_ROOT
 
@@ -58,12 +57,6 @@ def expected_trades(venue: str) -> list[tuple]:
         if isinstance(message, dict) and (row := expect(message)):
             rows.append(row)
     return sorted(rows)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metric(port: int, name: str) -> float:

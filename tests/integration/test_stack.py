@@ -59,12 +59,8 @@ def check_locked_home(locked: Path) -> None:
 def lock_home(name: str) -> Settings:
     """A home of its own inside the project (the service user can reach it), on free ports."""
     import shutil
-    import socket
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from tests.conftest import free_port
     home = PROJECT_ROOT / ".tradewatch" / f"test-{name}-{os.getpid()}"
     shutil.rmtree(home, ignore_errors=True)
     return Settings.load(tradewatch_home=str(home), kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
@@ -121,5 +117,34 @@ def test_a_second_demo_in_a_home_says_who_holds_it():
         assert "Traceback" not in output
         assert stack.status(settings)["kafka"] == "down", "the second demo started nothing"
     finally:
+        stack.stop(settings)
+        shutil.rmtree(settings.home, ignore_errors=True)
+
+
+def test_a_kafka_that_cannot_start_is_reported_at_once_with_its_log():
+    """A broker that exits while starting (here its port is taken) ended the start only after the
+    whole 90 s wait, with nothing said meanwhile (a demo test waited for a dashboard that never came).
+    Now the start ends as soon as the process is gone, naming the node and showing its log."""
+    import shutil
+    import socket
+    import time
+    settings = lock_home("kafkaport")
+    port = int(settings.kafka_bootstrap_servers.rsplit(":", 1)[1])
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    try:
+        began = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "tradewatch.stack", "start"], env={**os.environ, **settings.as_env()},
+                                cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - began
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output
+        assert "Kafka node 1 exited while starting" in output and "server.log" in output, output
+        assert "Address already in use" in output, output       # the end of Kafka's own log
+        assert took < 60, f"the start took {took:.0f} s to give up (its timeout is 90 s)"
+        assert "Traceback" not in output, output
+    finally:
+        taken.close()
         stack.stop(settings)
         shutil.rmtree(settings.home, ignore_errors=True)
