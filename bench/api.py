@@ -128,8 +128,11 @@ def request_part(settings, trades: int, requests: int, concurrency: int) -> dict
 async def sse_reader(port: int, received: list[tuple[float, dict]], ready: asyncio.Event, counter: list[int],
                      clients: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-    writer.write(b"GET /alerts/stream HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
+    writer.write(b"GET /alerts/stream HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: text/event-stream\r\n\r\n" % port)
     await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:                  # a refused stream would look like a quiet one
+        raise RuntimeError(f"/alerts/stream answered {status.decode(errors='replace').strip()!r}")
     while (await reader.readline()) not in (b"\r\n", b""):
         pass
     counter[0] += 1

@@ -142,7 +142,8 @@ def anomaly_points(engine: Engine, symbols: list[str] | None, since, until, limi
             ORDER BY symbol, date_trunc('minute', ts), anomaly_score DESC)
         SELECT b.ts, b.symbol, t.price, t.quantity, b.anomaly_severity AS severity,
                array_to_string(b.anomaly_types, ', ') AS types, b.anomaly_score AS score, b.in_minute
-        FROM best b JOIN trades t USING (trade_id)
+        FROM best b JOIN trades t USING (trade_id, ts)
+        WHERE t.ts >= :since AND t.ts < :until
         ORDER BY b.anomaly_score DESC LIMIT :limit""", symbols=symbols, since=since, until=until, limit=limit)
 
 
@@ -363,8 +364,8 @@ def report_top_flags(engine: Engine, symbols: list[str] | None, since, until, li
     return _frame(engine, """
         SELECT f.ts, f.symbol, t.price, t.quantity, array_to_string(f.anomaly_types, ', ') AS types,
                f.anomaly_severity AS severity, f.anomaly_score AS score, f.trade_id
-        FROM trade_flags f JOIN trades t USING (trade_id)
-        WHERE f.ts >= :since AND f.ts < :until
+        FROM trade_flags f JOIN trades t USING (trade_id, ts)
+        WHERE f.ts >= :since AND f.ts < :until AND t.ts >= :since AND t.ts < :until
           AND (CAST(:symbols AS text[]) IS NULL OR f.symbol = ANY(CAST(:symbols AS text[])))
         ORDER BY f.anomaly_score DESC, f.ts, f.trade_id LIMIT :limit""",
                   symbols=symbols, since=since, until=until, limit=limit)
