@@ -131,7 +131,11 @@ def test_stalled_aggregator_is_fenced_after_a_newer_owner_took_over(settings, tm
         first.send_signal(signal.SIGCONT)    # wakes with stale windows and flushes them
     wait_for(lambda: "fenced" in first_log.read_text() or "lost" in first_log.read_text(), timeout=60,
              message="the first aggregator to notice it no longer owns its partitions")
-    time.sleep(2)   # both keep running: a stale write would land now
+    # both keep running: once the first has beaten again a second after that, its loop has run
+    # (and any stale write it would make has landed)
+    noticed = query(settings, "SELECT now()")[0][0]
+    wait_for(lambda: query(settings, "SELECT 1 FROM stage_health WHERE pid = %s AND last_beat > %s + interval '1 second'",
+                           (first.pid, noticed)), timeout=60, message="the first aggregator's loop after it noticed")
     wait_for(lambda: folded(fenced) == N, timeout=60, message="the group to settle")
     stop_all([first, second])
     assert snapshot(fenced)["stock_metrics"] == expected
@@ -291,9 +295,12 @@ def test_idle_stages_use_almost_no_cpu(settings, tmp_path):
     run = with_groups(settings, "idle")
     running = {stage: start(run, stage, tmp_path / f"{stage}.log") for stage in STAGES}
     wait_for(lambda: finished(run), timeout=120, interval=0.5, message="the backlog to be handled")
-    time.sleep(2)
+    wait_for(lambda: query(run, "SELECT count(*) FROM stage_health WHERE pid = ANY(%s) AND lag = 0"
+                                " AND last_beat > now() - interval '2 seconds'",
+                           ([p.pid for p in running.values()],))[0][0] == len(running),
+             timeout=60, message="every stage caught up and beating")
     before = {stage: cpu_seconds(p.pid) for stage, p in running.items()}
-    time.sleep(6)
+    time.sleep(6)                   # the measured idle window itself
     share = {stage: (cpu_seconds(p.pid) - before[stage]) / 6 for stage, p in running.items()}
     assert all(s < 0.05 for s in share.values()), f"idle CPU share per stage: {share}"
     stop_all(running.values())

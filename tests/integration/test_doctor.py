@@ -45,9 +45,9 @@ def test_doctor_reports_services_and_stages(settings, tmp_path):
     consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
     wait_for(lambda: query(settings, "SELECT 1 FROM stage_health WHERE pid = %s AND state = 'running'"
                                      " AND cardinality(partitions) > 0", (consumer.pid,)), message="consumer up")
-    time.sleep(1.5)
-    _, lines = doctor(settings)
-    assert lines["stage consumer"].startswith("✔ stage consumer: up · lag 0"), lines["stage consumer"]
+    # up once a beat has said lag 0 (beats are at most a second apart)
+    wait_for(lambda: doctor(settings)[1]["stage consumer"].startswith("✔ stage consumer: up · lag 0"), timeout=30,
+             message="doctor to show the consumer up with lag 0")
     consumer.send_signal(signal.SIGTERM)
     assert consumer.wait(timeout=30) == 0
     _, lines = doctor(settings)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import PROJECT_ROOT, query
+from tests.conftest import PROJECT_ROOT, query, wait_for
 from tradewatch import runtime
 from tradewatch.store import queries
 
@@ -39,9 +39,8 @@ def test_a_killed_stage_process_is_down_at_once(settings):
         "import time; from tradewatch.config import Settings; from tradewatch import runtime;"
         "b = runtime.Heartbeat(Settings.load(), 'detector'); b.beat(1, 0, [0]); time.sleep(60)")],
         cwd=PROJECT_ROOT, env={**os.environ, **settings.as_env()})
-    deadline = time.monotonic() + 30
-    while not query(settings, "SELECT 1 FROM stage_health WHERE stage = 'detector'") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: query(settings, "SELECT 1 FROM stage_health WHERE stage = 'detector'"), timeout=30,
+             interval=0.1, message="the child's beat")
     assert statuses(settings)["detector"].status == "up"
     child.kill()
     child.wait()

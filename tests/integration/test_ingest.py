@@ -68,7 +68,13 @@ def test_exactly_once_when_the_consumer_is_killed_repeatedly(settings, tmp_path,
     assert producer.wait(timeout=120) == 0
     consumer = start_script(settings, "consumer.py", log=log)
     wait_for(lambda: count(settings) == total, timeout=120, message=f"{total} rows")
-    time.sleep(2)  # nothing more arrives: no doubles
+    # this consumer running with every partition read and committed: what the killed ones left
+    # uncommitted has been read again, so a double would be stored by now
+    wait_for(lambda: query(settings, "SELECT 1 FROM stage_health WHERE pid = %s AND state = 'running'"
+                                     " AND cardinality(partitions) > 0 AND lag = 0", (consumer.pid,))
+             and all(c == end for c, end in bus.group_lag(settings, settings.consumer_group,
+                                                          settings.trades_topic).values()),
+             timeout=60, message="the last consumer at the end of the topic, committed")
     assert stop_gracefully(consumer) == 0
     expected = {t.trade_id for t in islice(MarketSimulator(seed=5, rate=1000, start_ms=iso_to_ms(START)), total)}
     stored = query(settings, "SELECT trade_id, count(*) FROM trades GROUP BY trade_id")
@@ -160,7 +166,9 @@ def test_two_consumers_in_one_group_share_the_partitions(settings, tmp_path):
     total = 12_000
     logs = [tmp_path / "c1.log", tmp_path / "c2.log"]
     consumers = [start_script(settings, "consumer.py", log=path) for path in logs]
-    time.sleep(3)  # both join before the data arrives
+    wait_for(lambda: query(settings, "SELECT count(*) FROM stage_health WHERE pid = ANY(%s) AND state = 'running'"
+                                     " AND cardinality(partitions) > 0", ([c.pid for c in consumers],))[0][0] == 2,
+             timeout=60, message="both consumers holding partitions before the data arrives")
     run_script(settings, "producer.py", "--count", str(total), "--rate", "max", "--seed", "9")
     wait_for(lambda: count(settings) == total, timeout=120, message=f"{total} rows")
     assert [stop_gracefully(c) for c in consumers] == [0, 0]
@@ -195,12 +203,12 @@ def test_consumer_rides_out_a_postgres_outage_and_a_kafka_outage(settings, tmp_p
 
     stack.stop_postgres(settings)
     run_script(settings, "producer.py", "--count", "2000", "--rate", "max", "--seed", "22")
-    time.sleep(4)
+    wait_for(lambda: "PostgreSQL unavailable" in log.read_text(), timeout=60, message="the consumer to see the outage")
     stack.start_postgres(settings)
     wait_for(lambda: count(settings) == 4000, timeout=60, message="rows after the PostgreSQL outage")
 
     stack.stop_kafka(settings)
-    time.sleep(7)
+    wait_for(lambda: "cannot reach Kafka" in log.read_text(), timeout=60, message="the consumer to see the outage")
     stack.start_kafka(settings)
     bus.wait_for_kafka(settings, 60)
     run_script(settings, "producer.py", "--count", "2000", "--rate", "max", "--seed", "23")
