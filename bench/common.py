@@ -108,21 +108,25 @@ def _copy_days(settings: Settings, copies: int) -> dict:
     first, last = cur.fetchone()
     span = timedelta(days=(last - first).days + 2)     # whole days: the copies' windows stay aligned
     until = first.replace(hour=0, minute=0, second=0, microsecond=0) + span
+    columns = {}
+    for table in COPIED:
+        cur.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = 'public'"
+                    " AND table_name = %s ORDER BY ordinal_position", (table,))
+        columns[table] = [c for (c,) in cur.fetchall()]
+    cur.execute("SELECT DISTINCT window_size FROM stock_metrics")     # once, before the copies grow it
+    sizes = [size for (size,) in cur.fetchall()]
     for k in range(1, copies + 1):
         shift = span * k
         day0 = partitions.day_of(int((first + shift).timestamp() * 1000))
         for table in ("trades", "trade_flags", "alerts"):
             partitions.ensure(cur, table, range(day0 - 1, day0 + span.days + 1))
         for table in partitions.CANDLES:
-            cur.execute(f"SELECT DISTINCT window_size FROM {table}")
             partitions.ensure_candles(cur, table, [(size, int((first + shift + timedelta(days=d)).timestamp() * 1000))
-                                                   for (size,) in cur.fetchall() for d in range(-1, span.days + 1)])
+                                                   for size in sizes for d in range(-1, span.days + 1)])
         for table, (times, ids) in COPIED.items():
-            cur.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = 'public'"
-                        " AND table_name = %s ORDER BY ordinal_position", (table,))
-            columns = [c for (c,) in cur.fetchall()]
-            values = [f"{c} + %(shift)s" if c in times else f"{c} || '~{k}'" if c in ids else c for c in columns]
-            cur.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(values)} FROM {table}"
+            values = [f"{c} + %(shift)s" if c in times else f"{c} || '~{k}'" if c in ids else c
+                      for c in columns[table]]
+            cur.execute(f"INSERT INTO {table} ({', '.join(columns[table])}) SELECT {', '.join(values)} FROM {table}"
                         f" WHERE {times[0]} < %(until)s", {"shift": shift, "until": until})
         conn.commit()
     conn.autocommit = True
