@@ -44,16 +44,27 @@ _PORTS_GIVEN: set[int] = set()
 
 
 def free_port() -> int:
-    """A port nobody listens on, never one this process handed out before (binding port 0 twice
-    in a row can answer the same port, and a home's Kafka and controller would then collide)."""
+    """A port nobody listens on, never one this process handed out before, nor one another xdist
+    worker can be handed: each worker draws from its own slice of 10000-19999, below the kernel's
+    ephemeral range (32768-60999), so neither a client's outgoing connection nor a port 0 bind
+    elsewhere can take it between this call and the server's bind (a fixed port up there once met
+    a client's socket and PostgreSQL could not listen; binding port 0 twice can answer the same port)."""
+    import random
     import socket
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    width = 10_000 // workers
+    low = 10_000 + worker_index() * width
     while True:
+        port = random.randrange(low, low + width)
+        if port in _PORTS_GIVEN:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
 
 
 def worker_index() -> int:

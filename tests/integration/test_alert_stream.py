@@ -14,8 +14,7 @@ import urllib.request
 import orjson
 import websockets
 
-from tests.conftest import query, run_script, start_script, wait_for
-from tests.integration.test_api import free_port
+from tests.conftest import free_port, query, run_script, start_script, wait_for
 from tradewatch import bus
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from tests.conftest import free_port
 from tradewatch import stack
 from tradewatch.config import Settings
 
@@ -45,8 +46,7 @@ def own_home():
     """A stack home of its own, which the service user can enter (pytest's tmp folders are private)."""
     with tempfile.TemporaryDirectory(dir="/tmp") as top:
         Path(top).chmod(0o755)
-        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
-        settings = Settings.load(tradewatch_home=str(Path(top) / "home"), postgres_port=46432 + worker,
+        settings = Settings.load(tradewatch_home=str(Path(top) / "home"), postgres_port=free_port(),
                                  postgres_password="")
         try:
             yield settings

@@ -41,8 +41,9 @@ def test_a_home_the_service_user_cannot_enter_gives_a_clear_error():
 
 
 def check_locked_home(locked: Path) -> None:
-    env = {**os.environ, "TRADEWATCH_HOME": str(locked / "home"), "POSTGRES_PORT": "45432",
-           "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:49092", "KAFKA_CONTROLLER_PORT": "49093"}
+    from tests.conftest import free_port
+    env = {**os.environ, "TRADEWATCH_HOME": str(locked / "home"), "POSTGRES_PORT": str(free_port()),
+           "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}", "KAFKA_CONTROLLER_PORT": str(free_port())}
     for command in (["-m", "tradewatch.stack", "start"], ["-m", "tradewatch.demo"]):
         result = subprocess.run([sys.executable, *command], env=env, cwd=PROJECT_ROOT, capture_output=True,
                                 text=True, timeout=60)
