@@ -6,7 +6,7 @@ import argparse
 import sys
 from datetime import datetime, timezone
 
-from tradewatch.aggregate import excluded_conditions, run, sizes_from
+from tradewatch.aggregate import excluded_conditions, run
 from tradewatch import runtime
 from tradewatch.cli import StopFlag, iso_time, setup_logging
 from tradewatch.config import Settings
@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
                  if v is not None}
     try:
         settings = Settings.load(**overrides)
-        sizes_from(settings)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         until = args.until or datetime.now(timezone.utc)
         conn = db.connect(settings)
-        written = backfill(conn, args.since, until, sizes_from(settings), excluded_conditions(settings),
+        written = backfill(conn, args.since, until, settings.window_sizes_ms, excluded_conditions(settings),
                            settings.aggregator_group, settings.trades_topic)
         conn.close()
         print(f"backfilled {written} windows from {args.since.isoformat()} to {until.isoformat()}")

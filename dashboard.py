@@ -10,10 +10,11 @@ from plotly.subplots import make_subplots
 from sqlalchemy.exc import DBAPIError
 
 from tradewatch.access import LOOPBACK, may_acknowledge
+from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.formatting import compact, exact
-from tradewatch.runtime import gone_from_this_host, stage_statuses
 from tradewatch.store import queries
+from tradewatch.store.health import gone_from_this_host, stage_statuses
 
 RANGES = {"Last 15 minutes": 15, "Last hour": 60, "Last 6 hours": 360, "Last 24 hours": 1440, "Last 7 days": 10080}
 SEVERITY_COLORS = {"CRITICAL": "#d62728", "HIGH": "#ff7f0e", "MEDIUM": "#e6c229", "LOW": "#1f77b4"}
@@ -65,7 +66,7 @@ with st.sidebar:
         source, all_symbols = "stock_metrics", []
     chosen = st.multiselect("Symbols", all_symbols, placeholder="all symbols", key="symbols")
     anomalies_only = st.checkbox("Anomalies only", key="anomalies_only")
-    candle_size = st.radio("Candle size", ["1m", "5m", "15m"], horizontal=True, key="candle_size")
+    candle_size = st.radio("Candle size", list(settings.window_labels), horizontal=True, key="candle_size")
     if (st.get_option("server.address") or "") not in LOOPBACK and settings.api_key:
         st.text_input("API key (to acknowledge alerts)", type="password", key="api_key_entered")
 
@@ -112,7 +113,7 @@ def candle_panel(symbols, since, until) -> None:
         no_data("candles")
         return
     symbol = st.selectbox("Candles for", options, key="candle_symbol")
-    size = candle_size if source == "stock_metrics" else "1m"
+    size = candle_size if source == "stock_metrics" else BASE_SIZE
     frame = q("candles", source, symbol, size, since, until)
     if frame.empty:
         no_data(f"{size} candles of {symbol}")

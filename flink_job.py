@@ -14,9 +14,10 @@ from pathlib import Path
 
 import psycopg2
 
-from tradewatch import bus, runtime
+from tradewatch import bus
 from tradewatch.cli import load_settings, setup_logging
 from tradewatch.config import PROJECT_ROOT, Settings
+from tradewatch.heartbeat import Heartbeat
 from tradewatch.stack import JARS_DIR
 from tradewatch.store import db, partitions
 
@@ -198,7 +199,7 @@ def adopt(settings: Settings) -> None:
 def watch(settings: Settings, client) -> int:
     """Beat the `flink` heartbeat while the job runs; its lag is the Flink group's committed offsets
     (committed at each checkpoint) behind the end of the topic. Every ADOPT_EVERY_S: `adopt`."""
-    heartbeat = runtime.Heartbeat(settings, "flink")
+    heartbeat = Heartbeat(settings, "flink")
     processed, lag, last_lag_check, last_adopt = 0, None, 0.0, time.monotonic()
     while True:
         if time.monotonic() - last_adopt >= ADOPT_EVERY_S:

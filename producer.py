@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bus.ensure_topic(settings, topic, settings.trades_partitions)
-        publisher = bus.Publisher(settings, stop=stop)
+        publisher = bus.publisher(settings, stop=stop)
     except bus.KafkaUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

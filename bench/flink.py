@@ -52,7 +52,7 @@ def main() -> None:
     bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
     loader = start_stage(settings, "producer.py", "--replay", str(SPY), "--speed", "max")
     loader.wait()
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     publisher.send(settings.trades_topic, b"SPY",   # closes the day's last minute for Flink
                    Trade("SPY-close", "SPY", 1381190400000 + 600_000, 167.0, 1, "buy", "X").to_json_bytes())
     publisher.flush()

@@ -43,7 +43,7 @@ def main() -> None:
     blobs = [(t.symbol.encode(), t.to_json_bytes()) for t in trades]
 
     # Ceiling 1: how fast this client publishes to Kafka (to a scratch topic).
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     bus.ensure_topic(settings, f"scratch-{tag}", settings.trades_partitions)
     started = time.perf_counter()
     for key, value in blobs:

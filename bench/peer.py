@@ -125,7 +125,7 @@ def main() -> None:
     bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
     trades = list(islice(MarketSimulator(seed=3, rate=1000.0, start_ms=int(time.time() * 1000) - 3_600_000),
                          args.trades))
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     for t in trades:
         publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
     publisher.flush()

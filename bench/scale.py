@@ -90,7 +90,7 @@ def flink(settings) -> dict:
     loaded = settings.with_overrides(trades_topic=topic)
     bus.ensure_topic(loaded, topic, loaded.trades_partitions)
     start_stage(loaded, "producer.py", "--replay", str(SPY), "--speed", "max").wait()
-    publisher = bus.Publisher(loaded)
+    publisher = bus.publisher(loaded)
     publisher.send(topic, b"SPY", Trade("SPY-close", "SPY", 1381190400000 + 600_000, 167.0, 1, "buy",
                                         "X").to_json_bytes())      # closes the day's last minute
     publisher.flush()

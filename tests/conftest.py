@@ -231,7 +231,7 @@ def publish_trades(settings: Settings, trades: list) -> None:
     """Send `trades` to the settings' trades topic (key = symbol) and wait until Kafka has them all."""
     from tradewatch import bus
 
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     for t in trades:
         publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
     assert publisher.flush(60)

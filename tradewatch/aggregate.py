@@ -19,13 +19,9 @@ from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, parse_trade
 from tradewatch.indicators import IndicatorState
 from tradewatch.store import metrics as store
-from tradewatch.windows import LateTrade, Window, WindowSet, parse_size, size_label
+from tradewatch.windows import LateTrade, Window, WindowSet, size_label
 
 log = logging.getLogger("tradewatch.aggregator")
-
-
-def sizes_from(settings: Settings) -> tuple[int, ...]:
-    return tuple(sorted({parse_size(s) for s in settings.window_sizes.split(",") if s.strip()}))
 
 
 def excluded_conditions(settings: Settings) -> frozenset[str]:
@@ -41,7 +37,7 @@ class Aggregate(runtime.Stage):
         self.settings = settings
         self.flush_interval_s = settings.aggregator_flush_ms / 1000.0
         self.batch_size = 5000
-        self.sizes = sizes_from(settings)
+        self.sizes = settings.window_sizes_ms
         self.exclude = excluded_conditions(settings)
         self.group, self.topic = settings.aggregator_group, settings.trades_topic
         self.partitions: dict[int, WindowSet] = {}

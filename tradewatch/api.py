@@ -29,11 +29,12 @@ from pydantic import AfterValidator, BeforeValidator, StringConstraints
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
-from tradewatch import runtime
 from tradewatch.access import key_matches
 from tradewatch.alert_stream import AlertHub, StreamedAlert, Subscriber
+from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.store import queries
+from tradewatch.store.health import gone_from_this_host, stage_statuses
 
 REQUESTS = Counter("tradewatch_api_requests", "API requests", ["route", "status"])
 REQUEST_SECONDS = Histogram("tradewatch_api_request_seconds", "API request duration", ["route"],
@@ -71,12 +72,6 @@ def _earlier(moment: datetime, by: timedelta) -> datetime:
 Instant = Annotated[datetime, BeforeValidator(_iso_8601), AfterValidator(_in_utc)]
 # a page cursor: microseconds since 1970 of the last trade, and its trade id
 CURSOR_PATTERN = r"^[0-9]{1,16}\|[A-Za-z0-9._\-:/+=@#~]{1,100}$"
-
-
-class Size(str, Enum):
-    one = "1m"
-    five = "5m"
-    fifteen = "15m"
 
 
 class Severity(str, Enum):
@@ -152,6 +147,8 @@ def too_many(settings: Settings) -> str:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    # the candle sizes WINDOW_SIZES configures, listed in the OpenAPI schema; any other is a 422
+    Size = Enum("Size", {label: label for label in settings.window_labels}, type=str)
     engine = queries.engine_for(settings.sqlalchemy_url)
     hub = AlertHub(settings, engine)
 
@@ -189,7 +186,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/health", summary="Services and stages, from the stages' heartbeats")
     def health() -> dict:
-        statuses = runtime.stage_statuses(records(queries.stage_health(engine)), runtime.gone_from_this_host)
+        statuses = stage_statuses(records(queries.stage_health(engine)), gone_from_this_host)
         return {"database": "up", "stages": [{"stage": s.stage, "status": s.status, "detail": s.detail}
                                              for s in statuses],
                 "storage": queries.storage(engine, settings.home)}
@@ -218,12 +215,15 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(orjson.dumps({"trades": orjson.Fragment(json_rows(rows)), "next": following}),
                         media_type="application/json")
 
-    @app.get("/candles", summary="Candles with indicators (from the aggregator's or Flink's table)")
-    def candles(symbol: Symbol, size: Size = Size.one, since: Instant | None = None,
+    def candles(symbol: Symbol, size=Size(BASE_SIZE), since: Instant | None = None,
                 until: Instant | None = None, source: Source = Source.aggregator) -> list[dict]:
         until = until or datetime.now(timezone.utc)
         since = since or _earlier(until, timedelta(days=1))
         return rows_response(queries.candles(engine, SOURCES[source], symbol, size.value, since, until))
+
+    # the module's annotations are text (PEP 563), read in its globals: this one's enum exists only here
+    candles.__annotations__["size"] = Size
+    app.get("/candles", summary="Candles with indicators (from the aggregator's or Flink's table)")(candles)
 
     @app.get("/alerts", summary="Alerts, newest first")
     def alerts(symbol: Annotated[str | None, Query(pattern=SYMBOL_PATTERN)] = None,

@@ -142,6 +142,22 @@ class Settings:
                 parse_size(size)
             except ValueError as error:
                 raise ValueError(f"setting WINDOW_SIZES: {error}") from None
+        from tradewatch.candles import BASE_SIZE
+        if BASE_SIZE not in self.window_labels:
+            raise ValueError(f"setting WINDOW_SIZES must include {BASE_SIZE} (the overview, the scanner and Flink's "
+                             f"comparison read the 1-minute candles), got {self.window_sizes!r}")
+
+    @property
+    def window_sizes_ms(self) -> tuple[int, ...]:
+        """WINDOW_SIZES in milliseconds, smallest first, each once."""
+        from tradewatch.windows import parse_size
+        return tuple(sorted({parse_size(s) for s in self.window_sizes.split(",") if s.strip()}))
+
+    @property
+    def window_labels(self) -> tuple[str, ...]:
+        """WINDOW_SIZES as the candle tables label them ('1m', '5m', …), smallest first."""
+        from tradewatch.windows import size_label
+        return tuple(size_label(ms) for ms in self.window_sizes_ms)
 
     @classmethod
     def load(cls, env_file: Path | None = None, **overrides: object) -> "Settings":

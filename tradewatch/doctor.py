@@ -14,10 +14,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
-from tradewatch import bus, runtime
+from tradewatch import bus
 from tradewatch.config import Settings
 from tradewatch.stack import JARS_DIR
-from tradewatch.store import db
+from tradewatch.store import db, health
 
 MIN_FREE_BYTES = 2 * 1024**3
 
@@ -110,18 +110,11 @@ def check_stages(settings: Settings) -> list[Check]:
         return [Check("stages", False, "cannot read their heartbeats (PostgreSQL is down)", "start PostgreSQL first")]
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('stage_health') IS NOT NULL")
-            if not cur.fetchone()[0]:
-                rows = []
-            else:
-                cur.execute("SELECT stage, host, pid, state, extract(epoch FROM now() - last_beat)::float8, lag,"
-                            " cardinality(partitions), last_error FROM stage_health")
-                keys = ("stage", "host", "pid", "state", "beat_age_s", "lag", "partitions", "last_error")
-                rows = [dict(zip(keys, r)) for r in cur.fetchall()]
+            rows = health.read(cur)
     finally:
         conn.close()
     checks = []
-    for status in runtime.stage_statuses(rows, runtime.gone_from_this_host):
+    for status in health.stage_statuses(rows, health.gone_from_this_host):
         command = STAGE_COMMANDS.get(status.stage, f"the {status.stage} stage")
         fix = {"down": f"start it: `{command}` (or `make demo` for everything)",
                "stopped": f"start it again: `{command}`",

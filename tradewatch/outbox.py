@@ -59,7 +59,7 @@ class AlertOutbox:
         if not self.waiting or time.monotonic() < self.retry_at or not rt.epochs:
             return
         if rt.publisher is None:
-            rt.publisher = rt.wait_for("Kafka", lambda: bus.Publisher(self.settings, stop=rt.stop))
+            rt.publisher = rt.wait_for("Kafka", lambda: bus.publisher(self.settings, stop=rt.stop))
         partitions = sorted(rt.epochs)
         while True:
             alerts = rt.transaction(lambda _conn, cur: store.unpublished_alerts(cur, partitions, BATCH))

@@ -9,16 +9,14 @@ import time
 import pytest
 
 from tests.conftest import SHARED_DATA, publish_trades, query, run_script, start_script, wait_for
-from tradewatch import bus
+from tradewatch import bus, candles
 from tradewatch.events import Trade, iso_to_ms
 from tradewatch.store import db
 
 SPY_TRADES = SHARED_DATA / "lean" / "spy_20131007_trades.csv.gz"
 SPY_BARS = SHARED_DATA / "lean" / "spy_20131007_bars_1m.csv"
 SPY_COUNT = 250_601
-METRIC_COLUMNS = ("symbol, window_size, window_start, window_end, open, high, low, close, volume, traded_value, "
-                  "vwap, trade_count, avg_price, min_price, max_price, sum_price, avg_quantity, min_quantity, "
-                  "max_quantity, sum_quantity, buy_volume, sell_volume")
+METRIC_COLUMNS = candles.names(candles.FLINK_SINK)     # the candle figures, without is_final and state
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +147,7 @@ def test_late_trades_within_lateness_update_and_beyond_are_kept_for_audit(settin
               trade(3, 20_000, 99.0),                              # late by 42 s, but its window is open
               trade(4, 70_000, 102.0),                             # watermark 65 s: minute 0 final
               trade(5, 30_000, 98.0)]                              # too late: audit only
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     for t in stream:
         publisher.send(settings.trades_topic, b"AAPL", t.to_json_bytes())
     publisher.flush()
@@ -174,7 +172,7 @@ def test_one_bad_clock_never_stalls_the_windows(settings, tmp_path):
     settings = settings.with_overrides(allowed_lateness_seconds=5.0, window_sizes="1m,5m,15m")
     now = int(time.time() * 1000)
     live_t0, replay_t0 = now - 60_000, iso_to_ms("2013-10-07T14:00:00Z")
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     for symbol, t0 in (("LIVE", live_t0), ("REPLAY", replay_t0)):      # partitions 3 and 4
         for n in range(60):
             if n == 10:
@@ -275,7 +273,7 @@ def test_trades_a_producer_held_through_a_kafka_outage_are_not_late(settings, tm
     before = [Trade(f"o-{i}", "AAPL", minute + 50_000 + i * 100, 100.0, 1.0, "buy", "X") for i in range(50)]
     held = [Trade(f"h-{i}", "AAPL", minute + 55_000 + i * 100, 101.0, 1.0, "buy", "X") for i in range(40)]
     start_script(run, "aggregator.py", log=tmp_path / "aggregator.log")
-    publisher = bus.Publisher(run)          # one producer throughout, as producer.py
+    publisher = bus.publisher(run)          # one producer throughout, as producer.py
     for t in before:
         publisher.send(run.trades_topic, t.symbol.encode(), t.to_json_bytes())
     assert publisher.flush(60)

@@ -104,7 +104,7 @@ def published_alerts(settings, count: int, symbols=("AAPL", "MSFT"), pad: int = 
                "symbol": symbols[i % len(symbols)], "alert_type": "PRICE_SPIKE",
                "severity": ("HIGH", "CRITICAL")[i % 2], "message": "x" * pad, "trade_id": f"t{start + i}",
                "details": {}} for i in range(count)]
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     for alert in alerts:
         publisher.send(settings.alerts_topic, alert["symbol"].encode(), orjson.dumps(alert))
     assert publisher.flush(30)

@@ -15,7 +15,7 @@ CLIENTS = pytest.mark.parametrize("client", bus.CLIENTS)
 
 
 def publish(settings, topic: str, count: int, client: str = "confluent") -> None:
-    publisher = bus.Publisher(settings, client=client)
+    publisher = bus.publisher(settings, client=client)
     for i in range(count):
         publisher.send(topic, str(i % 10).encode(), str(i).encode())
     assert publisher.flush(30)
@@ -114,7 +114,7 @@ def keyed_by_both_clients(settings, partitions: int, keys: list[bytes]) -> list:
     topic = f"keys-{uuid.uuid4().hex[:6]}"
     bus.ensure_topic(settings, topic, partitions)
     for client in bus.CLIENTS:
-        publisher = bus.Publisher(settings, client=client)
+        publisher = bus.publisher(settings, client=client)
         for key in keys:
             publisher.send(topic, key, client.encode())
         assert publisher.flush(30)

@@ -57,7 +57,7 @@ def mixed_input() -> list[tuple[bytes, bytes]]:
 
 
 def publish(settings, messages, per_second: float | None = None) -> None:
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     started = time.monotonic()
     for i, (key, value) in enumerate(messages):
         publisher.send(settings.trades_topic, key, value)

@@ -74,7 +74,7 @@ def before_close(snapshot_: dict) -> dict:
 
 
 def set_alert_limit(settings, max_bytes: int) -> None:
-    admin = bus._admin(settings)
+    admin = bus.admin_client(settings)
     resource = ConfigResource("topic", settings.alerts_topic, incremental_configs=[
         ConfigEntry("max.message.bytes", str(max_bytes), incremental_operation=AlterConfigOpType.SET)])
     admin.incremental_alter_configs([resource])[resource].result(10)
@@ -85,7 +85,7 @@ def test_quiet_spells_restarts_outages_and_failing_deliveries_end_like_an_undist
     n = sum(len(p) for p in parts)
 
     clean = with_groups(settings, "clean").with_overrides(idle_timeout_seconds=IDLE_S)
-    publisher = bus.Publisher(clean)
+    publisher = bus.publisher(clean)
     publisher.send_many(clean.trades_topic, [m for part in parts for m in part])
     assert publisher.flush(60)
     publisher.close()
@@ -100,13 +100,13 @@ def test_quiet_spells_restarts_outages_and_failing_deliveries_end_like_an_undist
     chaos = with_groups(settings.with_overrides(trades_topic=f"{settings.trades_topic}-time"), "time") \
         .with_overrides(idle_timeout_seconds=IDLE_S, alert_webhook_url=webhook.url)
     bus.ensure_topic(chaos, chaos.trades_topic, chaos.trades_partitions)
-    admin = bus._admin(chaos)
+    admin = bus.admin_client(chaos)
     admin.create_topics([NewTopic(chaos.alerts_topic, 1, 1, config={"message.timestamp.type": "LogAppendTime"})])[
         chaos.alerts_topic].result(10)
     logs = {stage: tmp_path / f"time-{stage}.log" for stage in STAGES}
     running = {stage: start(chaos, stage, logs[stage]) for stage in STAGES}
     threading.Timer(WEBHOOK_DOWN_S, lambda: setattr(webhook, "up", True)).start()
-    publisher = bus.Publisher(chaos)          # one producer throughout, as producer.py
+    publisher = bus.publisher(chaos)          # one producer throughout, as producer.py
     sent = 0
     done = []
 

@@ -29,7 +29,7 @@ def publish_replay(settings, per_second: float | None = None) -> None:
     """The same N trades every time (`per_second`: paced, else at once)."""
     # two symbols: each partition's warm-up re-read (500 trades) covers the detector's longest window
     trades = islice(MarketSimulator(["AAPL", "MSFT"], rate=20.0, seed=17, anomaly_rate=0.01, start_ms=START_MS), N)
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     started = time.monotonic()
     for i, t in enumerate(trades):
         publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
@@ -261,7 +261,7 @@ def test_a_stop_while_kafka_is_away_leaves_the_outbox_for_the_next_run(settings)
     rt = runtime.Runtime(settings, stage, settings.detector_group, settings.trades_topic,
                          stop=lambda: time.monotonic() >= stop_at[0])
     rt.epochs = {0: 1}                                          # holding partition 0, whose alerts they are
-    rt.publisher = bus.Publisher(settings, stop=rt.stop)
+    rt.publisher = bus.publisher(settings, stop=rt.stop)
     stack.stop_kafka(settings)
     try:
         stop_at[0] = time.monotonic() + 1.0
@@ -333,7 +333,7 @@ def test_an_error_that_retrying_cannot_fix_stops_the_stage_with_its_sqlstate(set
 
 def publish_replay_some(settings, n: int) -> None:
     trades = islice(MarketSimulator(["AAPL"], rate=20.0, seed=3, start_ms=START_MS), n)
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     for t in trades:
         publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
     assert publisher.flush(60)

@@ -18,7 +18,7 @@ def test_replayed_dead_letters_are_stored_once_after_the_fix_and_the_rest_keep_t
     ahead = [Trade(f"ahead-{i}", "AAPL", now_ms + 600_000 + i, 100.0, 1.0, "buy", "X") for i in range(5)]
     fine = [Trade(f"fine-{i}", "AAPL", now_ms - 1_000 + i, 100.0, 1.0, "buy", "X") for i in range(5)]
     again = Trade("fine-0", "AAPL", now_ms + 600_000, 100.0, 1.0, "buy", "X")  # a stored trade, re-sent ahead
-    publisher = bus.Publisher(strict)
+    publisher = bus.publisher(strict)
     for t in [*fine, *ahead, again]:
         publisher.send(strict.trades_topic, b"AAPL", t.to_json_bytes())
     publisher.send(strict.trades_topic, b"AAPL", b"not json")
@@ -74,7 +74,7 @@ def test_ten_thousand_distinct_bad_messages_make_few_metric_series_and_few_log_l
     minute plus a summary (issue 24: every distinct bad message made a series and a WARNING)."""
     from tests.integration.test_metrics import scrape
     from tradewatch.metrics import REASON_KINDS
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     for i in range(10_000):
         raw = [b'{"schema_version": 1, "trade_id": "bad %d", "symbol": "A"}' % i, b"{%d" % i,
                b'{"schema_version": 1, "trade_id": "t%d", "symbol": "A", "timestamp_ms": 1767225600000, "price": 1,'

@@ -9,11 +9,10 @@ import uuid
 
 import pytest
 from tests.conftest import SHARED_DATA, query, run_script, start_script, wait_for
-from tradewatch import bus
+from tradewatch import bus, candles
 from tradewatch.events import Trade, iso_to_ms
 
-COLUMNS = ("open, high, low, close, volume, traded_value, vwap, trade_count, avg_price, min_price, max_price, "
-           "sum_price, avg_quantity, min_quantity, max_quantity, sum_quantity, buy_volume, sell_volume")
+COLUMNS = candles.names(tuple(c for c in candles.FLINK_SINK if c.name not in candles.KEY + ("window_end",)))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +72,7 @@ def test_ibm_day_windows_equal_the_python_aggregator(flink, tmp_path):
                "--speed", "max")
     # one trade ten minutes after the day's last lets Flink's watermark pass every window of the day
     sentinel_ms = iso_to_ms("2013-10-08T00:10:00Z")
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     publisher.send(settings.trades_topic, b"IBM",
                    Trade("IBM-sentinel", "IBM", sentinel_ms, 180.0, 1.0, "buy", "X").to_json_bytes())
     publisher.flush()
@@ -96,7 +95,7 @@ def test_out_of_order_and_late_trades_are_treated_alike(flink, tmp_path):
     # and here that partition (idle, but stuck at its 2013 watermark) held the other ones back.
     symbol = same_partition_symbol("IBM", settings.trades_partitions)
     t0 = iso_to_ms("2026-03-02T10:00:00Z")
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
 
     def send(*trades: tuple[int, float, float, str]) -> None:
         for n, (offset_ms, price, qty, side) in enumerate(trades):
@@ -186,7 +185,7 @@ def test_a_quiet_partition_does_not_hold_the_others_back(flink):
         if p != quiet and p not in busy:
             busy[p] = symbol
     t0 = iso_to_ms("2026-06-01T10:00:00Z")
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     publisher.send(settings.trades_topic, b"IBM", Trade("IBM-old", "IBM", iso_to_ms("2013-10-09T10:00:00Z"), 180.0,
                                                         1.0, "buy", "X").to_json_bytes())
     publisher.flush()

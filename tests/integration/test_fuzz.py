@@ -108,7 +108,7 @@ def test_every_fuzzed_message_ends_in_exactly_one_table_and_no_stage_exits(setti
     topic = f"{settings.trades_topic}-fuzz"
     settings = settings.with_overrides(trades_topic=topic, trades_partitions=1, idle_timeout_seconds=3600.0)
     bus.ensure_topic(settings, topic, 1)         # one partition: the offset is the message's position
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     for key, value in messages:
         publisher.send(topic, key, value)
     assert publisher.flush(120)

@@ -7,23 +7,23 @@ import sys
 import time
 
 from tests.conftest import PROJECT_ROOT, query, wait_for
-from tradewatch import runtime
-from tradewatch.store import queries
+from tradewatch import heartbeat
+from tradewatch.store import health, queries
 
 
-def statuses(settings) -> dict[str, runtime.StageStatus]:
+def statuses(settings) -> dict[str, health.StageStatus]:
     frame = queries.stage_health(queries.engine_for(settings.sqlalchemy_url))
-    return {s.stage: s for s in runtime.stage_statuses(frame.to_dict("records"), runtime.gone_from_this_host)}
+    return {s.stage: s for s in health.stage_statuses(frame.to_dict("records"), health.gone_from_this_host)}
 
 
 def test_heartbeat_rows_are_rate_limited_and_read_back_as_up_then_stopped(settings):
-    beat = runtime.Heartbeat(settings, "consumer")
+    beat = heartbeat.Heartbeat(settings, "consumer")
     for processed in range(50):        # a busy loop calls it far more often than once a second
         beat.beat(processed, lag=3, partitions=[0, 1, 2])
     mine = "FROM stage_health WHERE stage = 'consumer' AND pid = %s"   # (a Flink job may beat beside us)
     assert query(settings, f"SELECT processed, lag, partitions, state {mine}", (os.getpid(),)) == \
         [(0, 3, [0, 1, 2], "running")]
-    time.sleep(runtime.BEAT_INTERVAL_S)
+    time.sleep(heartbeat.BEAT_INTERVAL_S)
     beat.beat(77, lag=0, partitions=[0, 1, 2])
     assert query(settings, f"SELECT processed {mine}", (os.getpid(),))[0][0] == 77
     shown = statuses(settings)
@@ -36,8 +36,8 @@ def test_heartbeat_rows_are_rate_limited_and_read_back_as_up_then_stopped(settin
 def test_a_killed_stage_process_is_down_at_once(settings):
     # a real stage process that beats, then dies without a word
     child = subprocess.Popen([sys.executable, "-c", (
-        "import time; from tradewatch.config import Settings; from tradewatch import runtime;"
-        "b = runtime.Heartbeat(Settings.load(), 'detector'); b.beat(1, 0, [0]); time.sleep(60)")],
+        "import time; from tradewatch.config import Settings; from tradewatch import heartbeat;"
+        "b = heartbeat.Heartbeat(Settings.load(), 'detector'); b.beat(1, 0, [0]); time.sleep(60)")],
         cwd=PROJECT_ROOT, env={**os.environ, **settings.as_env()})
     wait_for(lambda: query(settings, "SELECT 1 FROM stage_health WHERE stage = 'detector'"), timeout=30,
              interval=0.1, message="the child's beat")
@@ -48,6 +48,6 @@ def test_a_killed_stage_process_is_down_at_once(settings):
 
 
 def test_heartbeat_never_raises_when_the_database_is_unreachable(settings):
-    beat = runtime.Heartbeat(settings.with_overrides(postgres_port=1), "aggregator")
+    beat = heartbeat.Heartbeat(settings.with_overrides(postgres_port=1), "aggregator")
     beat.beat(1, force=True)       # logged once, no exception
     beat.stopped(1)

@@ -117,7 +117,7 @@ BAD_MESSAGES = {
 
 
 def test_bad_messages_land_in_dead_letters_and_good_ones_around_them_are_stored(settings, tmp_path):
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     sent_bad = []
     for n, raw in enumerate(BAD_MESSAGES, start=1):
         publisher.send(settings.trades_topic, b"AAPL", good(n))
@@ -229,7 +229,7 @@ def test_a_row_the_database_refuses_is_isolated_and_dead_lettered(settings, tmp_
         cur.execute("ALTER TABLE trades ADD CONSTRAINT sane_quantity CHECK (quantity < 1e9) NOT VALID")
     conn.close()
     try:
-        publisher = bus.Publisher(settings)
+        publisher = bus.publisher(settings)
         for n in range(1, 201):
             publisher.send(settings.trades_topic, b"AAPL", good(n))
             if n in (77, 150):

@@ -31,7 +31,7 @@ def test_stage_metrics_parse_and_move_with_the_trades(settings, tmp_path):
                                                                   logs[n].read_text()) or [None, None])[1],
                                         message=f"{name} metrics port") + "/metrics" for name in STAGES}
     run_script(settings, "producer.py", "--count", "3000", "--rate", "max", "--seed", "5", "--anomaly-rate", "0.02")
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     for raw in (b"not json", b"[]", b'{"schema_version": 7}'):
         publisher.send(settings.trades_topic, b"AAPL", raw)
     assert publisher.flush(30)

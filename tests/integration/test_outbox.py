@@ -34,7 +34,7 @@ def on_topic(settings, expected: int = 0, timeout_s: float = 5) -> Counter:
 def test_alerts_kafka_refuses_stay_in_the_outbox_until_it_accepts_them(settings, tmp_path):
     """Item 2: an alerts topic whose max.message.bytes is smaller than an alert refuses every one;
     none may be marked published, and once the limit is raised every alert reaches the topic."""
-    admin = bus._admin(settings)
+    admin = bus.admin_client(settings)
     admin.create_topics([NewTopic(settings.alerts_topic, 1, 1, config={
         "message.timestamp.type": "LogAppendTime", "max.message.bytes": "200"})])[settings.alerts_topic].result(10)
     log = tmp_path / "detector.log"

@@ -47,7 +47,7 @@ def feed() -> list[Trade]:
 
 
 def publish(settings, trades: list[Trade], on_progress=lambda share: None, per_second: float | None = None) -> None:
-    publisher = bus.Publisher(settings)
+    publisher = bus.publisher(settings)
     started = time.monotonic()
     for i, t in enumerate(trades):
         publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())

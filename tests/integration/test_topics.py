@@ -26,7 +26,7 @@ def trades(prefix: str, n: int, start_ms: int) -> list[Trade]:
 def topic_id(settings) -> str | None:
     from confluent_kafka import TopicCollection
     try:
-        admin = bus._admin(settings)
+        admin = bus.admin_client(settings)
         return str(admin.describe_topics(TopicCollection([settings.trades_topic]))[settings.trades_topic]
                    .result(10).topic_id)
     except Exception:   # noqa: BLE001 - not there (yet)
@@ -68,7 +68,7 @@ def test_a_topic_deleted_and_created_again_is_read_from_its_start(settings, tmp_
     stop_stages(stages)
     old_id = topic_id(settings)
 
-    admin = bus._admin(settings)
+    admin = bus.admin_client(settings)
     admin.delete_topics([settings.trades_topic])[settings.trades_topic].result(10)
     wait_for(lambda: settings.trades_topic not in bus.topic_partitions(settings), message="the topic deleted")
     wait_for(lambda: _created(settings) and topic_id(settings) not in (None, old_id), timeout=60,
@@ -102,7 +102,7 @@ def test_a_trade_stamped_in_year_10000_is_a_dead_letter_and_the_stages_go_on(set
     and storing it raised ValueError (year out of range): the consumer died on that offset on every
     start. Now it is a dead letter with the reason, and the trades after it are stored."""
     settings = settings.with_overrides(trades_topic=settings.trades_topic + "-createtime")
-    admin = bus._admin(settings)
+    admin = bus.admin_client(settings)
     admin.create_topics([NewTopic(settings.trades_topic, 1, 1, config={
         "message.timestamp.type": "CreateTime",
         "message.timestamp.after.max.ms": str(2**63 - 1)})])[settings.trades_topic].result(10)
@@ -129,7 +129,7 @@ def test_a_trade_stamped_in_year_10000_is_a_dead_letter_and_the_stages_go_on(set
 def test_the_broker_never_creates_a_topic_on_first_use_and_stages_create_theirs(settings, tmp_path):
     """An auto-created topic would carry producer timestamps (and the broker's default partition
     count): the local broker has auto-creation off, and each stage creates its topics at start."""
-    admin = bus._admin(settings)
+    admin = bus.admin_client(settings)
     broker = ConfigResource("broker", "1")
     config = admin.describe_configs([broker])[broker].result(10)
     assert config["auto.create.topics.enable"].value == "false"
@@ -150,7 +150,7 @@ def test_topics_get_bounded_retention_and_a_change_reaches_existing_topics(setti
     KAFKA_RETENTION_HOURS and KAFKA_RETENTION_MB (per partition, in small segments so the cap is
     close), and a stage start brings an existing topic to changed settings."""
     def config(s, topic):
-        resource, admin = ConfigResource("topic", topic), bus._admin(s)
+        resource, admin = ConfigResource("topic", topic), bus.admin_client(s)
         try:
             described = admin.describe_configs([resource])[resource].result(10)
         except KafkaException:
@@ -184,7 +184,7 @@ def test_messages_that_expired_before_a_stage_read_them_are_reported(settings, t
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=30) == 0
     publish_trades(single, trades("b", 10, now_ms - 30_000))
-    admin = bus._admin(single)
+    admin = bus.admin_client(single)
     gone = TopicPartition(single.trades_topic, 0, 15)        # retention took offsets 10 to 14
     admin.delete_records([gone])[gone].result(10)
     log = tmp_path / "second.log"

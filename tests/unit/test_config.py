@@ -231,3 +231,9 @@ def test_report_lists_are_capped_with_the_rest_summed():
     assert len(shown) == 21 and shown[:2] == [["reason 0", "10"], ["reason 1", "9"]]
     assert shown[-1] == ["… and 9,980 more reasons", f"{sum(n for _, n in rows[20:]):,}"]
     assert capped(rows[:3], 20, "reasons") == [["reason 0", "10"], ["reason 1", "9"], ["reason 2", "8"]]
+
+
+def test_window_sizes_are_read_once_smallest_first_in_the_tables_labels():
+    settings = Settings.load(window_sizes="15m, 1m,5m,60s,1h")
+    assert settings.window_sizes_ms == (60_000, 300_000, 900_000, 3_600_000)
+    assert settings.window_labels == ("1m", "5m", "15m", "1h")

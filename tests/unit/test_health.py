@@ -3,7 +3,7 @@ import socket
 import subprocess
 import sys
 
-from tradewatch.runtime import DOWN_AFTER_S, gone_from_this_host, stage_statuses
+from tradewatch.store.health import DOWN_AFTER_S, gone_from_this_host, stage_statuses
 
 
 def row(stage, age, state="running", lag=0, partitions=6, error=None, pid=1):

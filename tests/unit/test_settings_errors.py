@@ -16,7 +16,8 @@ ENTRY_POINTS = [["consumer.py"], ["producer.py", "--count", "1"], ["aggregator.p
 BAD = [("API_STREAM_QUEUE", "0", "must be more than 0"), ("ZSCORE_WINDOW", "0", "must be more than 0"),
        ("MAX_CLOCK_SKEW_SECONDS", "nan", "must be a finite number"), ("WINDOW_SIZES", " , ", "must list window sizes"),
        ("CONSUMERS", "three", "must be a whole number"), ("DEMO_RATE", "-1", "must be more than 0"),
-       ("LOG_FORMAT", "xml", "must be one of text, json"), ("API_PORT", "70000", "must be a port")]
+       ("LOG_FORMAT", "xml", "must be one of text, json"), ("API_PORT", "70000", "must be a port"),
+       ("WINDOW_SIZES", "5m,15m", "must include 1m")]
 
 
 @pytest.mark.parametrize("entry, bad", [(e, BAD[i % len(BAD)]) for i, e in enumerate(ENTRY_POINTS)],

@@ -7,6 +7,9 @@ from datetime import datetime
 import psycopg2.extensions
 from psycopg2.extras import execute_values
 
+from psycopg2.extras import RealDictCursor
+
+from tradewatch import candles
 from tradewatch.indicators import INDICATOR_COLUMNS, Indicators, IndicatorState
 from tradewatch.store import partitions
 from tradewatch.windows import LateTrade, PartitionClock, Window, size_label
@@ -14,12 +17,12 @@ from tradewatch.windows import LateTrade, PartitionClock, Window, size_label
 Cursor = psycopg2.extensions.cursor
 _MS = "timestamptz 'epoch' + %s * interval '1 millisecond'"
 
-_WINDOW_COLUMNS = (
-    "symbol, window_size, window_start, window_end, open, high, low, close, volume, traded_value, vwap, "
-    "trade_count, avg_price, min_price, max_price, sum_price, avg_quantity, min_quantity, max_quantity, "
-    "sum_quantity, buy_volume, sell_volume, is_final, open_ts_ms, open_seq, close_ts_ms, close_seq, kafka_partition")
-_UPDATABLE = [c.strip() for c in _WINDOW_COLUMNS.split(",")[3:]]
-UPSERT_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATABLE) + ", updated_at = now()"
+# every write, restore and rebuild of stock_metrics is spelled from tradewatch/candles.py
+_COLUMNS = candles.names(candles.STOCK_METRICS)
+_TEMPLATE = "(" + ", ".join(_MS if c.is_time else "%s" for c in candles.STOCK_METRICS) + ")"
+UPSERT_SET = ", ".join(f"{c.name} = EXCLUDED.{c.name}" for c in candles.STOCK_METRICS
+                       if c.name not in candles.KEY) + ", updated_at = now()"
+_FROM_TRADES = ", ".join(c.from_trades for c in candles.STOCK_METRICS)
 
 
 def write_windows(cur: Cursor, windows: list[Window]) -> None:
@@ -28,21 +31,13 @@ def write_windows(cur: Cursor, windows: list[Window]) -> None:
     partitions.ensure_candles(cur, "stock_metrics", {(size_label(w.size_ms), w.start_ms) for w in windows})
     execute_values(
         cur,
-        f"INSERT INTO stock_metrics ({_WINDOW_COLUMNS}) VALUES %s "
+        f"INSERT INTO stock_metrics ({_COLUMNS}) VALUES %s "
         # a final window is never changed again (a restart must not turn it back into an open one)
-        f"ON CONFLICT (symbol, window_size, window_start) DO UPDATE SET {UPSERT_SET} WHERE NOT stock_metrics.is_final",
-        [_window_row(w) for w in windows],
-        template=f"(%s, %s, {_MS}, {_MS}, " + ", ".join(["%s"] * 24) + ")",
+        f"ON CONFLICT ({', '.join(candles.KEY)}) DO UPDATE SET {UPSERT_SET} WHERE NOT stock_metrics.is_final",
+        [candles.row(w) for w in windows],
+        template=_TEMPLATE,
         page_size=1000,
     )
-
-
-def _window_row(w: Window) -> tuple:
-    n = w.trade_count
-    return (w.symbol, size_label(w.size_ms), w.start_ms, w.end_ms, w.open, w.high, w.low, w.close,
-            w.sum_quantity, w.traded_value, w.vwap, n, w.sum_price / n, w.min_price, w.max_price, w.sum_price,
-            w.sum_quantity / n, w.min_quantity, w.max_quantity, w.sum_quantity, w.buy_volume, w.sell_volume,
-            w.is_final, *(w.open_key or (None, None)), *(w.close_key or (None, None)), w.partition)
 
 
 def write_late(cur: Cursor, late: list[LateTrade]) -> None:
@@ -101,20 +96,11 @@ def load_partition(cur: Cursor, group: str, topic: str, partition: int,
     row = cur.fetchone()
     if row is None:
         return None, PartitionClock(), []
-    cur.execute(
-        "SELECT symbol, window_size, (extract(epoch FROM window_start) * 1000)::bigint, open, high, low, close,"
-        " trade_count, sum_price, min_price, max_price, sum_quantity, min_quantity, max_quantity, traded_value,"
-        " buy_volume, sell_volume, open_ts_ms, open_seq, close_ts_ms, close_seq"
-        " FROM stock_metrics WHERE kafka_partition = %s AND NOT is_final", (partition,))
-    windows = []
-    for r in cur.fetchall():
-        if r[1] not in labels:
-            continue
-        w = Window(r[0], labels[r[1]], int(r[2]), partition, r[3], None, r[6], None, r[4], r[5], r[7], r[8],
-                   r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16])
-        w.open_key = (r[17], r[18]) if r[17] is not None else None
-        w.close_key = (r[19], r[20]) if r[19] is not None else None
-        windows.append(w)
+    with cur.connection.cursor(cursor_factory=RealDictCursor) as named:
+        named.execute(f"SELECT (extract(epoch FROM window_start) * 1000)::bigint AS start_ms, {_COLUMNS}"
+                      " FROM stock_metrics WHERE kafka_partition = %s AND NOT is_final", (partition,))
+        windows = [candles.restore(r["symbol"], labels[r["window_size"]], int(r["start_ms"]), partition, r)
+                   for r in named.fetchall() if r["window_size"] in labels]
     return row[0], PartitionClock(row[1], row[2]), windows
 
 
@@ -146,7 +132,6 @@ def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datet
             label = size_label(size)
             if first_ms is not None:
                 partitions.ensure_candles(cur, "stock_metrics", months_between(label, first_ms, last_ms))
-            sets_price = "(condition IS NULL OR NOT condition = ANY(%(excluded)s))"
             cur.execute(f"""
                 WITH binned AS (
                     SELECT *, date_bin(%(step)s * interval '1 millisecond', ts, timestamptz 'epoch') AS bin
@@ -156,16 +141,8 @@ def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datet
                 held AS (
                     SELECT kafka_partition, watermark_ms FROM aggregator_offsets
                     WHERE consumer_group = %(group)s AND topic = %(topic)s)
-                INSERT INTO stock_metrics ({_WINDOW_COLUMNS})
-                SELECT symbol, %(label)s, bin, bin + %(step)s * interval '1 millisecond',
-                    (array_agg(price ORDER BY ts, kafka_offset) FILTER (WHERE {sets_price}))[1],
-                    max(price) FILTER (WHERE {sets_price}), min(price) FILTER (WHERE {sets_price}),
-                    (array_agg(price ORDER BY ts DESC, kafka_offset DESC) FILTER (WHERE {sets_price}))[1],
-                    sum(quantity), sum(price * quantity), sum(price * quantity) / sum(quantity), count(*),
-                    avg(price), min(price), max(price), sum(price), avg(quantity), min(quantity), max(quantity),
-                    sum(quantity), coalesce(sum(quantity) FILTER (WHERE side = 'buy'), 0),
-                    coalesce(sum(quantity) FILTER (WHERE side = 'sell'), 0), true,
-                    NULL, NULL, NULL, NULL, min(kafka_partition)
+                INSERT INTO stock_metrics ({_COLUMNS})
+                SELECT {_FROM_TRADES}
                 FROM binned GROUP BY symbol, bin
                 HAVING NOT EXISTS (
                     SELECT 1 FROM held WHERE held.kafka_partition = min(binned.kafka_partition)

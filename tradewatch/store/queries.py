@@ -8,7 +8,9 @@ import pandas as pd
 import psycopg2.extensions
 from sqlalchemy import Engine, create_engine, text
 
+from tradewatch.candles import BASE_SIZE
 from tradewatch.events import Trade
+from tradewatch.store import health
 
 Connection = psycopg2.extensions.connection
 
@@ -79,7 +81,7 @@ def table_exists(engine: Engine, table: str) -> bool:
 
 
 def symbols(engine: Engine, source: str = "stock_metrics") -> list[str]:
-    return _frame(engine, f"SELECT DISTINCT symbol FROM {_table(source)} WHERE window_size = '1m' ORDER BY 1")[
+    return _frame(engine, f"SELECT DISTINCT symbol FROM {_table(source)} WHERE window_size = '{BASE_SIZE}' ORDER BY 1")[
         "symbol"].tolist()
 
 
@@ -90,7 +92,7 @@ def kpis(engine: Engine, source: str, symbols: list[str] | None, since, until) -
                (SELECT count(*) FROM trade_flags WHERE ts >= :since AND ts < :until AND {_SYMBOLS})
                    AS anomalies
         FROM {_table(source)}
-        WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}""",
+        WHERE window_size = '{BASE_SIZE}' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}""",
                    symbols=symbols, since=since, until=until)
     return {k: float(v) for k, v in frame.iloc[0].items()}
 
@@ -99,15 +101,15 @@ def candles(engine: Engine, source: str, symbol: str, size: str, since, until) -
     """Candles of one size with the aggregator's indicators. Flink writes 1-minute candles only: its
     5- and 15-minute ones are rolled up from them here (epoch-aligned, as every window)."""
     table = _table(source)
-    if table == "flink_metrics" and size != "1m":
-        table = """(SELECT symbol, CAST(:size AS text) AS window_size, bucket AS window_start,
+    if table == "flink_metrics" and size != BASE_SIZE:
+        table = f"""(SELECT symbol, CAST(:size AS text) AS window_size, bucket AS window_start,
                             (array_agg(open ORDER BY window_start))[1] AS open, max(high) AS high, min(low) AS low,
                             (array_agg(close ORDER BY window_start DESC))[1] AS close, sum(volume) AS volume,
                             sum(traded_value) / nullif(sum(volume), 0) AS vwap, sum(trade_count) AS trade_count,
                             bool_and(is_final) AS is_final
                      FROM (SELECT *, date_bin(CAST(:size AS interval), window_start, TIMESTAMPTZ '1970-01-01')
                                        AS bucket FROM flink_metrics
-                           WHERE symbol = :symbol AND window_size = '1m' AND window_start < :until
+                           WHERE symbol = :symbol AND window_size = '{BASE_SIZE}' AND window_start < :until
                              AND window_start >= date_bin(CAST(:size AS interval), CAST(:since AS timestamptz),
                                                           TIMESTAMPTZ '1970-01-01')) one_minute
                      GROUP BY symbol, bucket)"""
@@ -124,7 +126,7 @@ def candles(engine: Engine, source: str, symbol: str, size: str, since, until) -
 def price_series(engine: Engine, source: str, symbols: list[str] | None, since, until) -> pd.DataFrame:
     return _frame(engine, f"""
         SELECT symbol, window_start AS ts, close AS price FROM {_table(source)}
-        WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}
+        WHERE window_size = '{BASE_SIZE}' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}
           AND close IS NOT NULL
         ORDER BY symbol, window_start""", symbols=symbols, since=since, until=until)
 
@@ -151,7 +153,7 @@ def per_symbol(engine: Engine, source: str, symbols: list[str] | None, since, un
     return _frame(engine, f"""
         SELECT symbol, sum(volume) AS volume, sum(traded_value) AS traded_value, sum(trade_count) AS trades
         FROM {_table(source)}
-        WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}
+        WHERE window_size = '{BASE_SIZE}' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}
         GROUP BY symbol ORDER BY volume DESC""", symbols=symbols, since=since, until=until)
 
 
@@ -163,7 +165,7 @@ def scanner(engine: Engine, source: str, symbols: list[str] | None, since, until
         WITH w AS (
             SELECT symbol, window_start, open, close, volume, traded_value, buy_volume, sell_volume
             FROM {_table(source)}
-            WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}),
+            WHERE window_size = '{BASE_SIZE}' AND window_start >= :since AND window_start < :until AND {_SYMBOLS}),
         s AS (
             SELECT symbol,
                    (array_agg(close ORDER BY window_start DESC) FILTER (WHERE close IS NOT NULL))[1] AS last,
@@ -203,10 +205,7 @@ def trade_tape(engine: Engine, symbols: list[str] | None, anomalies_only: bool, 
 def stage_health(engine: Engine) -> pd.DataFrame:
     """Per stage process: seconds since its last heartbeat, what it handled, its lag and partitions.
     Rows of processes that are gone stay until the stage's next start, so a crash stays visible."""
-    return _frame(engine, """
-        SELECT stage, host, pid, state, extract(epoch FROM now() - last_beat)::float8 AS beat_age_s,
-               processed, lag, cardinality(partitions) AS partitions, last_error, started_at
-        FROM stage_health ORDER BY stage, started_at DESC""")
+    return _frame(engine, health.STAGE_HEALTH_SQL)
 
 
 def alerts_feed(engine: Engine, severities: list[str], symbols: list[str] | None, limit: int = 50) -> pd.DataFrame:
@@ -321,7 +320,7 @@ def report_symbols(engine: Engine, symbols: list[str] | None, since, until, excl
         returns AS (
             SELECT symbol, ln(close / lag(close) OVER (PARTITION BY symbol ORDER BY window_start)) AS r
             FROM stock_metrics
-            WHERE window_size = '1m' AND window_start >= :since AND window_start < :until AND close IS NOT NULL
+            WHERE window_size = '{BASE_SIZE}' AND window_start >= :since AND window_start < :until AND close IS NOT NULL
               AND {_SYMBOLS}),
         volatility AS (SELECT symbol, sqrt(sum(r * r)) AS realised_volatility FROM returns GROUP BY symbol)
         SELECT totals.symbol, first_price.price AS open, high, low, last_price.price AS close, trades, volume,
