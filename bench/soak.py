@@ -2,12 +2,14 @@
 """Soak benchmark on a private stack, printed as JSON: --days of event time (30) for a symbol set
 that keeps changing (--symbols active at a time, a tenth of them new each day, each trading one
 hour in four: tradewatch/market/simulator.py rotating_days), --per-hour trades per active
-symbol-hour, fed as fast as Kafka takes them into the real consumer, aggregator and detector with
-the `.env` defaults a user gets (RETENTION_DAYS_TRADES 7, …), and `maintain` run every
---maintain-every seconds beside them, as `make demo` does hourly.
+symbol-hour, fed into the real consumer, aggregator and detector with the `.env` defaults a user
+gets (RETENTION_DAYS_TRADES 7, …) at --day-seconds of wall time per simulated day (20: a feed the
+stages keep up with, so the samples show the days as they pass; 0: as fast as Kafka takes them),
+and `maintain` run every --maintain-every seconds beside them, as `make demo` does hourly.
 
 Reported while it runs (a sample every 10 s): the simulated day the stages have reached, the
-database size, the archive size, Kafka's data size and each stage's RSS — disk should stop growing
+database size (and the trades' and 1-minute candles' own), the archive size, Kafka's data size
+and each stage's RSS — disk should stop growing
 once retention starts, memory should stay flat. At the end: each maintenance pass's duration, and
 the checks of tests/integration/test_soak.py — only the retained days in the database, every trade
 exactly once in the database or the archive, no stage exited.
@@ -39,6 +41,12 @@ def rss_mb(pid: int) -> float:
         return round(next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024, 1)
 
 
+def table_mb(settings, table: str) -> float:
+    """A partitioned table's size on disk: every partition's, indexes and TOAST included."""
+    return round(query(settings, "SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree(%s)",
+                       table)[0][0] / 2**20, 1)
+
+
 def committed(settings, group: str) -> int:
     try:
         return sum(c for c, _ in bus.group_lag(settings, group, settings.trades_topic).values())
@@ -52,6 +60,7 @@ def main() -> None:
     parser.add_argument("--symbols", type=int, default=1_000)
     parser.add_argument("--per-hour", type=int, default=4, help="trades per active symbol-hour")
     parser.add_argument("--maintain-every", type=float, default=30.0)
+    parser.add_argument("--day-seconds", type=float, default=20.0, help="wall seconds per simulated day (0: at once)")
     args = parser.parse_args()
 
     tag = uuid.uuid4().hex[:6]
@@ -90,6 +99,7 @@ def main() -> None:
                 if newest else None,
                 "db_mb": round((query(settings, "SELECT pg_database_size(current_database())")[0][0] - baseline_db)
                                / 2**20, 1),
+                "trades_mb": table_mb(settings, "trades"), "candles_1m_mb": table_mb(settings, "stock_metrics_1m"),
                 "archive_mb": round(folder_mb(archive) - archive_before, 1),
                 "kafka_mb": folder_mb(settings.home / "kafka"),
                 "rss_mb": {name: rss_mb(p.pid) for name, p in stages.items() if p.poll() is None}})
@@ -97,8 +107,10 @@ def main() -> None:
     threads = [threading.Thread(target=maintainer, daemon=True), threading.Thread(target=sampler, daemon=True)]
     for thread in threads:
         thread.start()
-    publisher = bus.Publisher(settings)
-    for hour in rotating_days(start_ms, args.days, args.symbols, max(args.symbols // 10, 1), args.per_hour):
+    publisher = bus.publisher(settings)
+    for n, hour in enumerate(rotating_days(start_ms, args.days, args.symbols, max(args.symbols // 10, 1),
+                                           args.per_hour)):
+        time.sleep(max(0.0, began + n * args.day_seconds / 24 - time.monotonic()))
         for t in hour:
             publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
         produced += len(hour)
@@ -130,7 +142,7 @@ def main() -> None:
     archived_ours = [i for i in archived if i in ours]
     numeric = [p for p in passes if isinstance(p, float)]
     report({
-        "days": args.days, "symbols_active": args.symbols, "trades": produced,
+        "days": args.days, "symbols_active": args.symbols, "trades": produced, "day_seconds": args.day_seconds,
         "fed_s": round(fed_s), "settled_s": round(settled_s), "trades_per_s_end_to_end": round(produced / settled_s),
         "samples": samples,
         "maintenance_passes": len(passes), "maintenance_s_p50": percentile(numeric, 50),
