@@ -43,8 +43,9 @@ def rss_mb(pid: int) -> float:
 
 def table_mb(settings, table: str) -> float:
     """A partitioned table's size on disk: every partition's, indexes and TOAST included."""
-    return round(query(settings, "SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree(%s)",
-                       table)[0][0] / 2**20, 1)
+    size = query(settings, "SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint"
+                           " FROM pg_partition_tree(%s)", table)[0][0]
+    return round(size / 2**20, 1)
 
 
 def committed(settings, group: str) -> int:
