@@ -121,6 +121,8 @@ def main() -> None:
     fed_s = time.monotonic() - began
     groups = (settings.consumer_group, settings.aggregator_group, settings.detector_group)
     while min(committed(settings, g) for g in groups) < produced:
+        if any(p.poll() is not None for p in stages.values()):
+            break           # a stage exited: reported below (stages_exited), never waited on for ever
         time.sleep(2)
     settled_s = time.monotonic() - began
     stop.set()
