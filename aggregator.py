@@ -6,12 +6,12 @@ import argparse
 import sys
 from datetime import datetime, timezone
 
-from tradewatch.aggregate import excluded_conditions, run
+from tradewatch.stages.aggregator import excluded_conditions, run
 from tradewatch import runtime
 from tradewatch.cli import StopFlag, iso_time, setup_logging
 from tradewatch.config import Settings
 from tradewatch.store import db
-from tradewatch.store.metrics import backfill
+from tradewatch.store.candles import backfill
 
 
 

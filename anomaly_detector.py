@@ -18,8 +18,9 @@ from tradewatch.detect import evaluate, forest
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
-from tradewatch import detect_stream, runtime
-from tradewatch.detect_stream import detector_config, load_model
+from tradewatch import runtime
+from tradewatch.stages.detector import detector_config, load_model
+from tradewatch.stages.detector import run as run_detector
 from tradewatch.store import db, queries
 
 
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_analyze(args, settings)
         if args.command == "evaluate":
             return cmd_evaluate(args, settings)
-        detect_stream.run(settings, StopFlag())
+        run_detector(settings, StopFlag())
         return 0
     except runtime.StageFailed:
         return 1            # the stage logged why

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The read API: trades, candles, indicators, alerts and health over HTTP (see tradewatch/api.py)."""
+"""The read API: trades, candles, indicators, alerts and health over HTTP (see tradewatch/api_app.py)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import sys
 import uvicorn
 
 from tradewatch.access import LOOPBACK
-from tradewatch.api import create_app
+from tradewatch.api_app import create_app
 from tradewatch.cli import load_settings, setup_logging
 
 

@@ -6,9 +6,10 @@ import argparse
 import sys
 from datetime import datetime, timezone
 
-from tradewatch import bus, ingest, runtime
+from tradewatch import bus, runtime
 from tradewatch.cli import StopFlag, iso_time, load_settings, setup_logging
 from tradewatch.config import Settings
+from tradewatch.stages.consumer import run as run_consumer
 from tradewatch.store import db, writer
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size:
         settings = settings.with_overrides(consumer_batch_size=args.batch_size)
     try:
-        ingest.run(settings, StopFlag(), args.group, args.client)
+        run_consumer(settings, StopFlag(), args.group, args.client)
     except runtime.StageFailed:
         return 1            # the stage logged why
     return 0

@@ -13,7 +13,7 @@ from tradewatch.access import LOOPBACK, may_acknowledge
 from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.formatting import compact, exact
-from tradewatch.store import queries
+from tradewatch.store import detections, queries
 from tradewatch.store.health import gone_from_this_host, stage_statuses
 
 RANGES = {"Last 15 minutes": 15, "Last hour": 60, "Last 6 hours": 360, "Last 24 hours": 1440, "Last 7 days": 10080}
@@ -226,7 +226,7 @@ def acknowledge_allowed() -> tuple[bool, str]:
 def acknowledge(alert_id: str) -> None:
     """Button callback: runs before the rerun, so the feed redraws with the alert acknowledged."""
     if acknowledge_allowed()[0]:         # checked here too: a disabled button is only the page's promise
-        queries.acknowledge_alert(engine(), alert_id)
+        detections.acknowledge_alert(engine(), alert_id)
         q.clear()
 
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from tradewatch import bus, metrics
+from tradewatch import bus, prometheus
 from tradewatch.cli import StopFlag, load_settings, setup_logging
 from tradewatch.events import Trade
 from tradewatch.market import replay
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             else list(venue.default_symbols)
         trades = LiveFeed(venue, symbols, args.url, stop=stop)
         speed = None
-        metrics.serve(settings, "producer")
+        prometheus.serve(settings, "producer")
     elif args.replay:
         speed = _positive_or_max(args.speed, "--speed")
         columns = replay.ColumnMap(**{name: getattr(args, f"{name}_column") for name in vars(replay.ColumnMap())})

@@ -138,7 +138,7 @@ def _copy_days(settings: Settings, copies: int) -> dict:
 def _load_simulated(settings: Settings, count: int) -> dict:
     from tradewatch.market.simulator import MarketSimulator
     from tradewatch.store import db, partitions
-    from tradewatch.store.metrics import backfill
+    from tradewatch.store.candles import backfill
     from tradewatch.store.writer import COLUMNS, copy_line
     from tradewatch.windows import parse_size
 

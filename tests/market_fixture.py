@@ -10,7 +10,7 @@ from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.market.simulator import MarketSimulator
 from tradewatch.store import db
 from tradewatch.store import detections as flags
-from tradewatch.store.metrics import backfill
+from tradewatch.store.candles import backfill
 from tradewatch.store.writer import copy_line, write_batch
 from tradewatch.windows import parse_size
 

@@ -3,7 +3,7 @@
 Each column says its name, its PostgreSQL type, whether it may be NULL, how it is read off an
 aggregator window (tradewatch/windows.py folds the trades), and how PostgreSQL computes it from a
 window's trades (the backfill). Everything that writes, restores or rebuilds candles is derived
-from this list (tradewatch/store/metrics.py), and a test holds `stock_metrics` and
+from this list (tradewatch/store/candles.py), and a test holds `stock_metrics` and
 `flink_metrics` in schema.sql and the sink of flink_job.sql to it (tests/integration/test_candles.py):
 adding a column is one line here, one in schema.sql per table and, for Flink, flink_job.sql.
 

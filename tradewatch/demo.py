@@ -39,7 +39,8 @@ TAIL_LINES = 25
 
 
 @dataclass
-class Stage:
+class Child:
+    """One process the demo supervises (a stage, the dashboard, the API, …), restarted with back-off."""
     name: str
     command: list[str]
     process: subprocess.Popen | None = None
@@ -67,7 +68,7 @@ class Stage:
             sys.stdout.flush()
 
 
-def stages(settings: Settings) -> list[Stage]:
+def stages(settings: Settings) -> list[Child]:
     python = sys.executable
     consumers = settings.consumers                          # CONSUMERS=3 make demo: a group of three
     commands = [(f"consumer-{i + 1}" if consumers > 1 else "consumer", [python, "consumer.py"])
@@ -93,11 +94,11 @@ def stages(settings: Settings) -> list[Stage]:
     ]
     if settings.run_flink_in_demo:
         commands.append(("flink", [python, "flink_job.py"]))
-    return [Stage(name, command) for name, command in commands]
+    return [Child(name, command) for name, command in commands]
 
 
 class Supervisor:
-    def __init__(self, stages: list[Stage]):
+    def __init__(self, stages: list[Child]):
         self.stages = stages
         self.stopping = False
 
@@ -121,7 +122,7 @@ class Supervisor:
                     stage.start()
             time.sleep(0.2)
 
-    def _died(self, stage: Stage, now: float) -> None:
+    def _died(self, stage: Child, now: float) -> None:
         assert stage.process is not None
         code = stage.process.returncode
         ran_s = now - stage.started_at

@@ -43,7 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from tradewatch import bus, metrics
+from tradewatch import bus, prometheus
 from tradewatch.config import Settings
 from tradewatch.heartbeat import Heartbeat
 from tradewatch.store import db
@@ -350,8 +350,8 @@ class Runtime:
             return stale
         records, started = effects.pending(), time.perf_counter()
         stale = self.transaction(work)
-        metrics.CHECKPOINT_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
-        metrics.CHECKPOINT_RECORDS.labels(self.stage.name).observe(records)
+        prometheus.CHECKPOINT_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
+        prometheus.CHECKPOINT_RECORDS.labels(self.stage.name).observe(records)
         return stale
 
     def _after_write(self, effects: Stage, offsets: dict[int, int], stale: list[int], wait: bool) -> None:
@@ -420,8 +420,8 @@ class Runtime:
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
         stage = self.stage
-        metrics.serve(self.settings, stage.name)
-        messages_in = metrics.MESSAGES_IN.labels(stage.name)
+        prometheus.serve(self.settings, stage.name)
+        messages_in = prometheus.MESSAGES_IN.labels(stage.name)
         failed = None
         last_lags = 0.0
         try:
@@ -471,9 +471,9 @@ class Runtime:
                     last_lags = now
                     if stage.watches_quiet:
                         self._check_quiet(now)
-                    metrics.LAG.clear()
+                    prometheus.LAG.clear()
                     for p, lag in self.consumer.partition_lags().items():
-                        metrics.LAG.labels(stage.name, str(p)).set(lag)
+                        prometheus.LAG.labels(stage.name, str(p)).set(lag)
                 if now - last_report >= 10:
                     self.log.info("%s", stage.report())
                     last_report = now

@@ -24,7 +24,7 @@ from tests.e2e.demo_driver import (FIRST_ANOMALY_BUDGET_S, Demo, launch_browser,
 from tradewatch import bus
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
-from tradewatch.detect_stream import detector_config
+from tradewatch.stages.detector import detector_config
 from tradewatch.events import Trade
 
 

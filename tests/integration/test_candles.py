@@ -56,7 +56,7 @@ def test_a_window_row_and_its_restore_round_trip():
 
 
 def test_the_api_offers_the_configured_window_sizes():
-    from tradewatch.api import create_app
+    from tradewatch.api_app import create_app
     from tradewatch.config import Settings
 
     spec = create_app(Settings.load(window_sizes="1h,1m")).openapi()

@@ -14,7 +14,7 @@ from itertools import islice
 
 from tests.conftest import query, start_script, wait_for
 from tradewatch import bus, runtime
-from tradewatch.aggregate import Aggregate
+from tradewatch.stages.aggregator import Aggregate
 from tradewatch.market.simulator import MarketSimulator
 from tradewatch.store import db
 
@@ -245,7 +245,7 @@ def test_a_stop_while_kafka_is_away_leaves_the_outbox_for_the_next_run(settings)
     waiting for topic metadata per queued alert, stop never looked at.)"""
     from tradewatch import stack
     from tradewatch.alerts import Alert
-    from tradewatch.detect_stream import Detect
+    from tradewatch.stages.detector import Detect
     from tradewatch.store import detections
 
     assert "AAPL" in settings.partition_symbols.split(",")      # the listed-key path asks for the partitions

@@ -73,7 +73,7 @@ def test_ten_thousand_distinct_bad_messages_make_few_metric_series_and_few_log_l
     dead-letter metric has at most one series per kind of reason and the log at most 20 lines a
     minute plus a summary (issue 24: every distinct bad message made a series and a WARNING)."""
     from tests.integration.test_metrics import scrape
-    from tradewatch.metrics import REASON_KINDS
+    from tradewatch.prometheus import REASON_KINDS
     publisher = bus.publisher(settings)
     for i in range(10_000):
         raw = [b'{"schema_version": 1, "trade_id": "bad %d", "symbol": "A"}' % i, b"{%d" % i,

@@ -159,7 +159,7 @@ def test_alerts_dropped_with_a_lost_partition_hold_no_cooldown(settings):
     cooldowns stayed, so when the partition came back and the trades were read again, the alert
     was suppressed for good."""
     from tradewatch import runtime
-    from tradewatch.detect_stream import Detect
+    from tradewatch.stages.detector import Detect
 
     trades = WARM + [spike("s-1", T0 + 10_100, 120.0)]
     messages = [bus.Message(settings.trades_topic, 0, i, t.symbol.encode(), t.to_json_bytes(), t.timestamp_ms)

@@ -229,7 +229,7 @@ def test_candles_are_kept_by_window_size_and_dropped_by_whole_months(archive_hom
     """1-minute candles and their indicators go after RETENTION_DAYS_MINUTE_CANDLES (here 30), longer
     ones after RETENTION_DAYS_CANDLES (here 400): a month at a time, archived first."""
     from tradewatch.indicators import IndicatorState
-    from tradewatch.store.metrics import write_indicators, write_windows
+    from tradewatch.store.candles import write_indicators, write_windows
     from tradewatch.windows import Window, parse_size
     settings = archive_home
     now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)

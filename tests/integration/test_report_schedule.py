@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from tests.conftest import query, start_script, wait_for
 from tradewatch.events import Trade
 from tradewatch.store import db
-from tradewatch.store.metrics import backfill
+from tradewatch.store.candles import backfill
 from tradewatch.store.writer import copy_line, write_batch
 from tradewatch.windows import parse_size
 

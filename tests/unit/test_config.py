@@ -92,13 +92,13 @@ def test_prometheus_and_grafana_files_match_the_stages_metrics():
 
     from prometheus_client.metrics import MetricWrapperBase
 
-    from tradewatch import metrics
+    from tradewatch import prometheus
     env = dotenv_values(PROJECT_ROOT / ".env")
     scrape = yaml.safe_load((PROJECT_ROOT / "infra" / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
     assert targets == {f"consumer:{env['CONSUMER_METRICS_PORT']}", f"aggregator:{env['AGGREGATOR_METRICS_PORT']}",
                        f"detector:{env['DETECTOR_METRICS_PORT']}", f"api:{env['API_PORT']}"}
-    exported = {m._name + suffix for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)
+    exported = {m._name + suffix for m in vars(prometheus).values() if isinstance(m, MetricWrapperBase)
                 for suffix in ("", "_total", "_bucket", "_count", "_sum")}
     dashboard = json.loads((PROJECT_ROOT / "infra" / "grafana" / "dashboards" / "tradewatch.json").read_text())
     used = {name for panel in dashboard["panels"] for t in panel["targets"]
@@ -193,8 +193,8 @@ def test_dead_letter_labels_come_from_a_fixed_list_and_their_log_lines_are_bound
     import logging
 
     from tradewatch.events import InvalidTrade, parse_trade
-    from tradewatch.ingest import DeadLetterLog
-    from tradewatch.metrics import REASON_KINDS, reason_kind
+    from tradewatch.stages.consumer import DeadLetterLog
+    from tradewatch.prometheus import REASON_KINDS, reason_kind
     from tradewatch.store.writer import DeadLetter
 
     reasons = []

@@ -8,12 +8,12 @@ import sys
 import threading
 import time
 
-from tradewatch.demo import Stage, Supervisor
+from tradewatch.demo import Child, Supervisor
 
 
 def test_dying_stage_is_restarted_with_backoff_and_reported_loudly(caplog):
-    crasher = Stage("crasher", [sys.executable, "-c", "print('boom: no such table'); raise SystemExit(3)"])
-    sleeper = Stage("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    crasher = Child("crasher", [sys.executable, "-c", "print('boom: no such table'); raise SystemExit(3)"])
+    sleeper = Child("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
     supervisor = Supervisor([crasher, sleeper])
     caplog.set_level(logging.INFO, logger="tradewatch.demo")
     supervisor.start_all()

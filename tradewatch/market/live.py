@@ -10,7 +10,7 @@ WebSocket client (the `websockets` library) on its own thread and yields trades:
 exponential backoff and jitter and subscribes again; pings are answered by the library; per symbol
 it drops trade ids it has seen (a venue repeats recent trades after a reconnect) and reports gaps in
 the id sequence (logged, counted); a message of an unexpected shape is logged once per kind with a
-sample, counted and skipped. Its metrics (tradewatch_live_*, tradewatch/metrics.py) are served by
+sample, counted and skipped. Its metrics (tradewatch_live_*, tradewatch/prometheus.py) are served by
 producer.py on PRODUCER_METRICS_PORT.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import orjson
 from tradewatch.events import Trade
-from tradewatch.metrics import (LIVE_DUPLICATES as DUPLICATES, LIVE_GAPS as GAPS, LIVE_MISSING as MISSING,
+from tradewatch.prometheus import (LIVE_DUPLICATES as DUPLICATES, LIVE_GAPS as GAPS, LIVE_MISSING as MISSING,
                                 LIVE_RECONNECTS as RECONNECTS, LIVE_TRADES as TRADES, LIVE_UNEXPECTED as UNEXPECTED)
 
 log = logging.getLogger("tradewatch.live")

@@ -1,4 +1,5 @@
-"""Writes of the detector: trade flags, alerts, circuit-breaker states; and their reads at start."""
+"""Writes of the detector: trade flags, alerts, circuit-breaker states; and their reads at start.
+The one writer of `alerts`, the acknowledgement from the dashboard and the API included."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import orjson
 
 import psycopg2.extensions
 from psycopg2.extras import execute_values
+from sqlalchemy import Engine, text
 
 from tradewatch.alerts import Alert
 from tradewatch.detect.rules import BreakerTransition, Detection
@@ -146,3 +148,10 @@ def webhook_due(cur: Cursor, partitions: list[int], limit: int) -> list[Alert]:
 def mark_posted(cur: Cursor, alert_id: str) -> None:
     cur.execute("UPDATE alerts SET webhook_due = false WHERE alert_id = %s", (alert_id,))
 
+
+def acknowledge_alert(engine: Engine, alert_id: str) -> bool:
+    """Mark an alert acknowledged (the dashboard's button, the API's POST); False if it was already."""
+    with engine.begin() as conn:
+        result = conn.execute(text("UPDATE alerts SET acknowledged = true, acknowledged_at = now()"
+                                   " WHERE alert_id = :alert_id AND NOT acknowledged"), {"alert_id": alert_id})
+        return result.rowcount == 1

@@ -215,14 +215,7 @@ def alerts_feed(engine: Engine, severities: list[str], symbols: list[str] | None
         ORDER BY ts DESC, alert_id LIMIT :limit""", severities=severities, symbols=symbols, limit=limit)
 
 
-def acknowledge_alert(engine: Engine, alert_id: str) -> bool:
-    with engine.begin() as conn:
-        result = conn.execute(text("UPDATE alerts SET acknowledged = true, acknowledged_at = now()"
-                                   " WHERE alert_id = :alert_id AND NOT acknowledged"), {"alert_id": alert_id})
-        return result.rowcount == 1
-
-
-# ---------------------------------------------------------------- the read API (tradewatch/api.py)
+# ---------------------------------------------------------------- the read API (tradewatch/api_app.py)
 
 def latest_trades(engine: Engine) -> pd.DataFrame:
     """The newest trade of each symbol: the symbols by a skip scan of trades_symbol_ts, then each

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tradewatch import bus, metrics, runtime
+from tradewatch import bus, prometheus, runtime
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, decode_trade
 from tradewatch.store.partitions import DAY_MS
@@ -20,8 +20,8 @@ from tradewatch.store.writer import DeadLetter, copy_line, write_batch, write_de
 
 log = logging.getLogger("tradewatch.consumer")
 LATENCY_SAMPLE = 64          # one trade → row latency observation per this many trades
-_ROWS = metrics.ROWS.labels("consumer", "trades")
-_LATENCY = metrics.LATENCY.labels("consumer", "trade_to_row")
+_ROWS = prometheus.ROWS.labels("consumer", "trades")
+_LATENCY = prometheus.LATENCY.labels("consumer", "trade_to_row")
 
 
 class DeadLetterLog:
@@ -39,7 +39,7 @@ class DeadLetterLog:
             log.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason[:300],
                         extra={"topic": letter.topic, "partition": letter.partition, "offset": letter.offset})
         else:
-            self.held[metrics.reason_kind(letter.reason)] += 1
+            self.held[prometheus.reason_kind(letter.reason)] += 1
 
     def tick(self) -> None:
         """A new minute: say what was held back in the last one."""
@@ -111,9 +111,9 @@ class _Batch(runtime.Stage):
         s, result = self.stats, self._result
         _ROWS.inc(result.trades_inserted)
         for letter in self.dead:
-            metrics.DEAD_LETTERS.labels("consumer", metrics.reason_kind(letter.reason)).inc()
+            prometheus.DEAD_LETTERS.labels("consumer", prometheus.reason_kind(letter.reason)).inc()
         if result.refused:
-            metrics.DEAD_LETTERS.labels("consumer", "refused by postgresql").inc(len(result.refused))
+            prometheus.DEAD_LETTERS.labels("consumer", "refused by postgresql").inc(len(result.refused))
         now_ms = time.time() * 1000
         for m in self.sources[::LATENCY_SAMPLE]:      # a sample: an observation per trade costs too much
             if m.timestamp_ms:

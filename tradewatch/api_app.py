@@ -33,7 +33,7 @@ from tradewatch.access import key_matches
 from tradewatch.alert_stream import AlertHub, StreamedAlert, Subscriber
 from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
-from tradewatch.store import queries
+from tradewatch.store import detections, queries
 from tradewatch.store.health import gone_from_this_host, stage_statuses
 
 REQUESTS = Counter("tradewatch_api_requests", "API requests", ["route", "status"])
@@ -304,7 +304,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(401, "this API needs the header X-API-Key (API_KEY is set)")
         if not queries.alert_exists(engine, alert_id):
             raise HTTPException(404, f"no alert {alert_id!r}")
-        return {"alert_id": alert_id, "acknowledged": True, "changed": queries.acknowledge_alert(engine, alert_id)}
+        return {"alert_id": alert_id, "acknowledged": True, "changed": detections.acknowledge_alert(engine, alert_id)}
 
     @app.get("/dead-letters/summary", summary="Rejected messages by reason")
     def dead_letters() -> list[dict]:

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Callable
 
-from tradewatch import bus, metrics, runtime
+from tradewatch import bus, prometheus, runtime
 from tradewatch.alerts import Alert, Deduplicator, alerts_for
 from tradewatch.config import Settings
 from tradewatch.detect import forest
@@ -30,7 +30,7 @@ from tradewatch.outbox import AlertOutbox, WebhookOutbox
 from tradewatch.store import detections as store
 
 log = logging.getLogger("tradewatch.detector")
-_LATENCY = metrics.LATENCY.labels("detector", "trade_to_alert")
+_LATENCY = prometheus.LATENCY.labels("detector", "trade_to_alert")
 
 
 def detector_config(settings: Settings) -> DetectorConfig:
@@ -157,11 +157,11 @@ class Detect(runtime.Stage):
 
     def written(self) -> None:
         now_ms = time.time() * 1000
-        metrics.ROWS.labels("detector", "trade_flags").inc(len(self.flagged_pending))
-        metrics.ROWS.labels("detector", "alerts").inc(len(self.alerts_pending))
+        prometheus.ROWS.labels("detector", "trade_flags").inc(len(self.flagged_pending))
+        prometheus.ROWS.labels("detector", "alerts").inc(len(self.alerts_pending))
         for _, a in self.alerts_pending:
             log.warning("ALERT %s", a.message)
-            metrics.ALERTS.labels("detector", a.alert_type, a.severity).inc()
+            prometheus.ALERTS.labels("detector", a.alert_type, a.severity).inc()
             appended = self.appended_ms.get(a.alert_id)
             if appended:
                 _LATENCY.observe(max(now_ms - appended, 0) / 1000)
@@ -174,7 +174,7 @@ class Detect(runtime.Stage):
         self.flagged_pending, self.alerts_pending, self.transitions = [], [], []
         self.next_offsets.clear()
         self.changed, self.evicted = set(), set()
-        metrics.SYMBOLS.labels("detector").set(len(self.idle))
+        prometheus.SYMBOLS.labels("detector").set(len(self.idle))
         self.read = 0
 
     def publish(self, rt: runtime.Runtime) -> None:

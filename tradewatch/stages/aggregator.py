@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from tradewatch import bus, metrics, runtime
+from tradewatch import bus, prometheus, runtime
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, parse_trade
 from tradewatch.indicators import IndicatorState
-from tradewatch.store import metrics as store
+from tradewatch.store import candles as store
 from tradewatch.windows import LateTrade, Window, WindowSet, size_label
 
 log = logging.getLogger("tradewatch.aggregator")
@@ -139,19 +139,19 @@ class Aggregate(runtime.Stage):
         store.write_offsets(cur, self.group, self.topic, positions)
 
     def written(self) -> None:
-        metrics.ROWS.labels("aggregator", "stock_metrics").inc(len(self.dirty) + len(self.final))
-        metrics.ROWS.labels("aggregator", "indicators").inc(len(self.indicator_rows))
+        prometheus.ROWS.labels("aggregator", "stock_metrics").inc(len(self.dirty) + len(self.final))
+        prometheus.ROWS.labels("aggregator", "indicators").inc(len(self.indicator_rows))
         smallest = self.sizes[0]
         for _, late in self.late:
             if late.size_ms == smallest:           # one per trade (there is a row per window size)
-                metrics.LATE.labels("aggregator", late.reason).inc()
+                prometheus.LATE.labels("aggregator", late.reason).inc()
         self.late_total += len(self.late)
         self.dirty.clear()
         self.final, self.late, self.indicator_rows = [], [], []
         self.next_offsets.clear()
         self.stored.update(self._positions)
         self.folded_since = 0
-        metrics.SYMBOLS.labels("aggregator").set(len(self.idle))
+        prometheus.SYMBOLS.labels("aggregator").set(len(self.idle))
 
     def drop(self, partitions: list[int]) -> None:
         gone = set(partitions)
