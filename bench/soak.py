@@ -75,6 +75,12 @@ def main() -> None:
     bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
     for table in ("trades", "trade_flags", "late_trades", "alerts", "dead_letters"):
         query(settings, f"SELECT count(*) FROM {table}")       # the schema exists before anyone reads
+    earlier = query(settings, "SELECT count(*) FROM trades WHERE trade_id LIKE 'S%%'")[0][0]
+    if earlier or (archive / "trades").exists():
+        # the simulated ids are the same every run: an earlier run's trades would count as this one's
+        raise SystemExit(f"bench/soak.py needs a bench home without an earlier soak ({earlier:,} of its trades "
+                         f"stored, archive {'present' if (archive / 'trades').exists() else 'absent'}): stop the "
+                         f"bench services and remove {settings.home}")
     baseline_db = query(settings, "SELECT pg_database_size(current_database())")[0][0]
     archive_before = folder_mb(archive)
 
