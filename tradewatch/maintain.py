@@ -196,6 +196,9 @@ def drop(conn, day: Day, record: dict) -> bool:
             conn.rollback()
             return False
         cur.execute(f"ALTER TABLE {day.table} DETACH PARTITION {day.name}")
+        if day.table == "trades":       # a symbol whose newest trade went has none in trades any more
+            cur.execute("DELETE FROM latest_trades l WHERE l.ts < %s AND NOT EXISTS"
+                        " (SELECT 1 FROM trades t WHERE t.trade_id = l.trade_id AND t.ts = l.ts)", (day.end,))
         _crash("detach")
         cur.execute(f"DROP TABLE {day.name}")
     conn.commit()

@@ -165,6 +165,8 @@ def test_a_database_made_before_partitioning_keeps_its_rows(settings):
             assert [r[0] for r in cur.fetchall()] == ["p", "p"]
             cur.execute("SELECT trade_id, tableoid::regclass::text FROM trades ORDER BY 1")
             assert cur.fetchall() == [("a", "trades_y2013"), ("b", "trades_y2013")]      # far from today: a year
+            cur.execute("SELECT symbol, trade_id FROM latest_trades")
+            assert cur.fetchall() == [("SPY", "b")], "the copied trades keep /latest"
             cur.execute("SELECT kafka_offset, reason, sent_at = received_at FROM dead_letters")
             assert cur.fetchall() == [(7, "not JSON", True)]
             cur.execute("SELECT window_size, sma_20, tableoid::regclass::text FROM indicators ORDER BY 1")

@@ -218,21 +218,10 @@ def alerts_feed(engine: Engine, severities: list[str], symbols: list[str] | None
 # ---------------------------------------------------------------- the read API (tradewatch/api_app.py)
 
 def latest_trades(engine: Engine) -> pd.DataFrame:
-    """The newest trade of each symbol: the symbols by a skip scan of trades_symbol_ts, then each
-    one's newest time and row from the same index — a few probes per symbol, never a pass over the
-    trades, however long ago a symbol last traded."""
-    return _frame(engine, """
-        WITH RECURSIVE symbols AS (
-            (SELECT symbol FROM trades ORDER BY symbol LIMIT 1)
-            UNION ALL
-            SELECT (SELECT t.symbol FROM trades t WHERE t.symbol > s.symbol ORDER BY t.symbol LIMIT 1)
-            FROM symbols s WHERE s.symbol IS NOT NULL)
-        SELECT newest.* FROM symbols s CROSS JOIN LATERAL (
-            SELECT symbol, ts, price, quantity, side, exchange, trade_id FROM trades t
-            WHERE t.symbol = s.symbol AND t.ts = (SELECT max(ts) FROM trades WHERE symbol = s.symbol)
-            ORDER BY trade_id DESC LIMIT 1) AS newest
-        WHERE s.symbol IS NOT NULL
-        ORDER BY newest.symbol""")
+    """The newest trade of each symbol, from `latest_trades` (one row per symbol, kept by a trigger
+    on trades: schema.sql): the same cost however many day partitions `trades` has."""
+    return _frame(engine, "SELECT symbol, ts, price, quantity, side, exchange, trade_id FROM latest_trades"
+                          " ORDER BY symbol")
 
 
 def trades_page(engine: Engine, symbol: str, since, until, after: tuple | None, limit: int) -> pd.DataFrame:

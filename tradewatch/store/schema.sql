@@ -140,6 +140,50 @@ CREATE TABLE IF NOT EXISTS trades (
 CREATE INDEX IF NOT EXISTS trades_symbol_ts ON trades (symbol, ts);
 CREATE INDEX IF NOT EXISTS trades_ts ON trades (ts);
 
+-- The newest stored trade of each symbol (newest by ts, then trade_id), what /latest reads: one
+-- row per symbol, so reading it costs the same however many day partitions `trades` has. Kept
+-- by the trigger below in the inserting transaction (every writer of trades keeps it right, and
+-- a rolled-back batch leaves no trace); maintain.py deletes the rows whose trade it dropped.
+CREATE TABLE IF NOT EXISTS latest_trades (
+    symbol    text PRIMARY KEY,
+    ts        timestamptz NOT NULL,
+    trade_id  text NOT NULL,
+    price     double precision NOT NULL,
+    quantity  double precision NOT NULL,
+    side      text NOT NULL,
+    exchange  text NOT NULL
+);
+CREATE OR REPLACE FUNCTION tw_keep_latest_trades() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- one row per symbol, in symbol order (two writers lock shared symbols in the same order)
+    INSERT INTO latest_trades (symbol, ts, trade_id, price, quantity, side, exchange)
+    SELECT DISTINCT ON (symbol) symbol, ts, trade_id, price, quantity, side, exchange
+    FROM inserted ORDER BY symbol, ts DESC, trade_id DESC
+    ON CONFLICT (symbol) DO UPDATE SET ts = EXCLUDED.ts, trade_id = EXCLUDED.trade_id, price = EXCLUDED.price,
+        quantity = EXCLUDED.quantity, side = EXCLUDED.side, exchange = EXCLUDED.exchange
+    WHERE (latest_trades.ts, latest_trades.trade_id) < (EXCLUDED.ts, EXCLUDED.trade_id);
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER trades_keep_latest AFTER INSERT ON trades REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION tw_keep_latest_trades();
+-- trades stored before the trigger existed: each symbol's newest, found once by a skip scan
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM latest_trades) AND EXISTS (SELECT 1 FROM trades) THEN
+        WITH RECURSIVE symbols AS (
+            (SELECT symbol FROM trades ORDER BY symbol LIMIT 1)
+            UNION ALL
+            SELECT (SELECT t.symbol FROM trades t WHERE t.symbol > s.symbol ORDER BY t.symbol LIMIT 1)
+            FROM symbols s WHERE s.symbol IS NOT NULL)
+        INSERT INTO latest_trades (symbol, ts, trade_id, price, quantity, side, exchange)
+        SELECT newest.* FROM symbols s CROSS JOIN LATERAL (
+            SELECT symbol, ts, trade_id, price, quantity, side, exchange FROM trades t
+            WHERE t.symbol = s.symbol ORDER BY ts DESC, trade_id DESC LIMIT 1) AS newest
+        WHERE s.symbol IS NOT NULL
+        ON CONFLICT (symbol) DO NOTHING;
+    END IF;
+END $$;
+
 -- The detector's verdict on a trade: one row per flagged trade, written only by
 -- anomaly_detector.py (consumer.py is the only writer of `trades`, so a flag can never fake a
 -- stored trade). Readers join it to `trades` on trade_id.
