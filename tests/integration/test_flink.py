@@ -33,8 +33,8 @@ def flink(services, tmp_path_factory):
              message="the Flink job's heartbeat")
     yield settings
     job.send_signal(signal.SIGINT)
-    try:
-        job.wait(timeout=30)
+    try:    # it cancels the job, then gives its gateway JVM up to 30 s (flink_job.stop_gateway)
+        job.wait(timeout=120)
     except subprocess.TimeoutExpired:
         job.kill()
 
@@ -166,7 +166,7 @@ def test_killed_job_resumes_from_its_checkpoint_without_double_counting(services
     finally:
         job.send_signal(signal.SIGINT)
         try:
-            job.wait(timeout=30)
+            job.wait(timeout=120)       # as in the fixture: cancel, then up to 30 s for the gateway
         except subprocess.TimeoutExpired:
             job.kill()
 
