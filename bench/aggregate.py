@@ -59,7 +59,7 @@ def main() -> None:
         positions = bus.group_lag(settings, settings.consumer_group, settings.trades_topic)
         end = sum(e for _, e in positions.values())
         consumer_lag.append(end - sum(c for c, _ in positions.values()))
-        aggregator_lag.append(end - int(query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets"
+        aggregator_lag.append(end - int(query(settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions"
                                                       " WHERE consumer_group = %s", settings.aggregator_group)[0][0]))
     for stage in stages:
         stage.send_signal(signal.SIGTERM)

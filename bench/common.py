@@ -144,7 +144,7 @@ def _load_simulated(settings: Settings, count: int) -> dict:
 
     conn = db.connect(settings)
     cur = conn.cursor()
-    cur.execute("TRUNCATE trades, trade_flags, stock_metrics, indicators, alerts, late_trades, aggregator_offsets")
+    cur.execute("TRUNCATE trades, trade_flags, stock_metrics, indicators, alerts, late_trades, stage_positions")
     sim = MarketSimulator(seed=42, rate=1000.0, anomaly_rate=0.001, start_ms=START_MS)
     days = range(partitions.day_of(START_MS), partitions.day_of(START_MS + count * 5) + 2)   # ~1 ms a trade
     for table in ("trades", "trade_flags", "alerts"):

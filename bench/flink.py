@@ -46,7 +46,7 @@ def main() -> None:
                               idle_timeout_seconds=2.0)
     conn = db.connect(settings)
     with conn.cursor() as cur:
-        cur.execute("TRUNCATE stock_metrics, aggregator_offsets, late_trades, indicators")
+        cur.execute("TRUNCATE stock_metrics, stage_positions, late_trades, indicators")
     conn.commit()
     conn.close()
     bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
@@ -59,7 +59,7 @@ def main() -> None:
     count = 250_602
 
     python_s = run_until(settings, "aggregator.py", lambda: query(
-        settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+        settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions WHERE consumer_group = %s",
         settings.aggregator_group)[0][0] >= count)
     minutes = query(settings, "SELECT count(*) FROM stock_metrics WHERE symbol = 'SPY' AND window_size = '1m'"
                                " AND window_start < '2013-10-08'")[0][0]

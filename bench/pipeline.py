@@ -35,7 +35,7 @@ def lags(settings) -> dict[str, int]:
     end = sum(e for _, e in bus.group_lag(settings, settings.consumer_group, settings.trades_topic).values())
     reported = dict(query(settings, "SELECT stage, sum(lag) FROM stage_health WHERE state = 'running'"
                                     " AND last_beat > now() - interval '3 seconds' GROUP BY stage"))
-    aggregator = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+    aggregator = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions WHERE consumer_group = %s",
                        settings.aggregator_group)[0][0]
     return {"consumer": int(reported.get("consumer") or 0), "aggregator": end - int(aggregator),
             "detector": int(reported.get("detector") or 0)}

@@ -120,6 +120,25 @@ def fresh_settings(services: Settings) -> Settings:
     return fresh
 
 
+@contextmanager
+def scratch_database(settings: Settings, name: str):
+    """Settings for a database of its own on the suite's server (to build one as an older version
+    left it), dropped afterwards."""
+    from tradewatch.store import db
+
+    admin = db.connect(settings)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield settings.with_overrides(postgres_db=name)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
 def empty_tables(settings: Settings) -> None:
     """Every table emptied, and the Parquet archive of what `maintain` dropped from them."""
     from tradewatch.store import db

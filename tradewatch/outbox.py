@@ -5,6 +5,10 @@ The detector's checkpoint stores each alert with the trades partition it came fr
 from the table, each for the partitions this process holds, so with N detectors each alert is
 sent by its partition's owner:
 
+Each is a sink of the stage runtime (`Stage.outboxes`): woken when alerts were stored (and on
+every assignment: a former owner may have left some), delivered by the runtime after each commit
+and while idle, closed when the stage stops.
+
 - **Kafka** (`AlertOutbox`, on the stage's thread after each commit and while idle): oldest first,
   each alert sent and waited for; only those Kafka acknowledged are marked published. Refused
   ones (a topic limit, a broken ACL …) stay, one log line per round, tried again every
@@ -53,7 +57,14 @@ class AlertOutbox:
         self.retry_at = 0.0
         self.sent = 0
 
-    def publish(self, rt) -> None:
+    def wake(self) -> None:
+        """Alerts were stored (or partitions gained): look in the table at the next delivery."""
+        self.waiting = True
+
+    def close(self) -> None:
+        """Nothing of its own: the runtime closes its publisher."""
+
+    def deliver(self, rt) -> None:
         """Send this process's unpublished alerts to Kafka; called by the runtime after each commit
         and while idle. Returns early (they stay in the outbox) on a stop or a refusal."""
         if not self.waiting or time.monotonic() < self.retry_at or not rt.epochs:
@@ -89,7 +100,7 @@ class AlertOutbox:
 
 class WebhookOutbox:
     """Posts Slack-compatible JSON ({"text": …, "alert": …}) for every alert with `webhook_due`
-    of the partitions in `partitions` (set by the detector as it gains and loses them)."""
+    of the partitions in `partitions` (those the stage holds, at each delivery)."""
 
     def __init__(self, settings: Settings, url: str):
         self.settings, self.url, self.where = settings, url, redact(url)
@@ -102,6 +113,10 @@ class WebhookOutbox:
     def wake(self) -> None:
         """New alerts were stored."""
         self._wake.set()
+
+    def deliver(self, rt) -> None:
+        """The posting runs on its own thread; it follows the partitions the stage holds."""
+        self.partitions = tuple(sorted(rt.epochs))
 
     def _work(self) -> None:
         session, conn, backoff, down_since = requests.Session(), None, 0.0, None

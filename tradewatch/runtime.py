@@ -9,7 +9,8 @@ The commit protocol (one for every stage). A *checkpoint* makes everything the s
 durable, in this order:
 
 1. **One PostgreSQL transaction** holds the stage's effects for the partitions it owns (rows it
-   derived, dead letters, and — for a stage that keeps its position in the database — that position).
+   derived, dead letters, and — for a stage that `keeps_position` — its position per partition,
+   written by the runtime into `stage_positions`, tradewatch/store/positions.py).
    It begins by checking the stage's *fencing epoch* for each of those partitions in
    `partition_owners` (row lock, FOR SHARE): on every assignment the new owner increments the epoch
    of the partitions it gets (and loads its state in that same transaction). A stalled instance
@@ -20,7 +21,8 @@ durable, in this order:
    written in (1) are marked unpublished with the partition they came from (e.g.
    `alerts.published_at IS NULL`); the owner of that partition sends them (Kafka topic `alerts`,
    webhook) and marks each one done only once its receiver acknowledged it. A crash in between
-   sends them again: delivered at least once (readers dedupe by id). tradewatch/outbox.py.
+   sends them again: delivered at least once (readers dedupe by id). A stage lists its sinks in
+   `outboxes` (the detector: Kafka and the webhook, tradewatch/outbox.py); the runtime delivers them.
 3. **Kafka offsets are committed last.** A crash before this re-delivers messages whose effects
    are already stored; every write is keyed (trade_id, window, alert_id), so redoing it changes
    nothing. A checkpoint that cannot finish (database down while asked to stop) commits nothing.
@@ -46,7 +48,7 @@ from typing import Callable
 from tradewatch import bus, prometheus
 from tradewatch.config import Settings
 from tradewatch.heartbeat import Heartbeat
-from tradewatch.store import db
+from tradewatch.store import db, positions
 
 log = logging.getLogger("tradewatch.runtime")
 
@@ -68,13 +70,54 @@ class StageFailed(RuntimeError):
     """The stage stopped on an error no retry can fix (the message says which); exit status 1."""
 
 
-class Stage:
-    """What a stage supplies to the runtime. Override what the stage needs; defaults do nothing.
+class Pending:
+    """Effects of one kind awaiting the next checkpoint, each with the Kafka partition it came
+    from. A stage makes its buffers with `Stage.pending_effects()`; the runtime empties them once
+    the checkpoint committed and drops a partition's share when the partition is revoked, lost or
+    fenced, so a stage never filters them itself. An item added with a key replaces the one of
+    that key (a window changed twice before its checkpoint is written once)."""
 
-    Pending effects are kept per partition, so the runtime can drop a lost partition's share."""
+    __slots__ = ("_items", "_count")
+
+    def __init__(self) -> None:
+        self._items: dict[object, tuple[int, object]] = {}
+        self._count = 0          # keys of the items added without one (ints; given keys are tuples)
+
+    def add(self, partition: int, item, key: tuple | None = None) -> None:
+        if key is None:
+            key, self._count = self._count, self._count + 1
+        self._items[key] = (partition, item)
+
+    def pop(self, key: tuple) -> None:
+        self._items.pop(key, None)
+
+    def items(self) -> list:
+        return [item for _, item in self._items.values()]
+
+    def tagged(self) -> list[tuple[int, object]]:
+        """(partition, item) of each, in the order added."""
+        return list(self._items.values())
+
+    def drop(self, partitions) -> None:
+        gone = set(partitions)
+        self._items = {k: v for k, v in self._items.items() if v[0] not in gone}
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Stage:
+    """What a stage supplies to the runtime: decode and fold what it reads (`take`), and what to
+    write (`write`). Override what the stage needs; defaults do nothing. The runtime keeps the rest:
+    the offsets read, pending effects by partition (`pending_effects`), the stored position of a
+    stage that `keeps_position`, and the delivery of its `outboxes`."""
 
     name = "stage"            # heartbeat name: consumer | aggregator | detector
     watches_quiet = False     # True: the runtime tracks which partitions are quiet (quiet_for)
+    keeps_position = False    # True: its position is stored in the database (store/positions.py), not Kafka's
     runtime: "Runtime"        # set by the Runtime that runs it
     flush_interval_s: float | None = None   # None: checkpoint when a poll runs dry or the batch is full
     batch_size = 2000
@@ -82,19 +125,25 @@ class Stage:
 
     def __init__(self) -> None:
         self.processed = 0
+        self.outboxes: list = []          # step 2 sinks: wake(), deliver(runtime), close()
+        self._pending: list[Pending] = []
+
+    def pending_effects(self) -> Pending:
+        """A buffer of effects for the next checkpoint, emptied and trimmed by the runtime."""
+        buffer = Pending()
+        self._pending.append(buffer)
+        return buffer
 
     def output_topics(self) -> dict[str, int]:
         """Topics the stage writes to, with their partition count (created at start if missing)."""
         return {}
 
-    def assigned(self, cur, partitions: list[int], runtime: "Runtime") -> dict[int, int | None]:
-        """Gained `partitions` (inside the transaction that claims them): load their state and
-        return where to start reading each (None / left out: the group's committed offset)."""
+    def assigned(self, cur, partitions: list[int], stored: dict[int, tuple[int, dict]]) -> dict[int, int | None]:
+        """Gained `partitions` (inside the transaction that claims them): load their state. `stored`:
+        the stored positions (offset, kept values) of those that have one (keeps_position stages).
+        Reading starts at the stored offset, else at the group's committed offset; return a start
+        for a partition to override that (bus.BEGINNING)."""
         return {}
-
-    def rewind(self, cur, partitions: list[int]) -> None:
-        """The topic of `partitions` was deleted and created again (in the claiming transaction,
-        before assigned): a position the stage stored for them must point at the start."""
 
     def take(self, messages: list) -> None:
         """Fold a polled batch into pending effects (no I/O)."""
@@ -103,17 +152,26 @@ class Stage:
         """How many records await the next checkpoint."""
         return 0
 
+    def work_due(self) -> bool:
+        """Whether a checkpoint has work although no record arrived since the last (windows that
+        time alone can close)."""
+        return False
+
     def write(self, conn, cur) -> None:
         """Write the pending effects (step 1 of the protocol, inside the fenced transaction)."""
+
+    def positions(self, read: dict[int, int]) -> dict[int, tuple[int, dict]]:
+        """(keeps_position stages, after `write` in the same transaction) What to store per
+        partition: (next offset, kept values). `read`: the next offset of each partition read since
+        the last checkpoint."""
+        return {p: (offset, {}) for p, offset in read.items()}
 
     def written(self) -> None:
         """The transaction committed: pending effects are durable."""
 
-    def publish(self, runtime: "Runtime") -> None:
-        """Step 2: send what the outbox holds (after the commit, before the offsets; and while idle)."""
-
     def drop(self, partitions: list[int]) -> None:
-        """Forget all state of `partitions` (revoked after a checkpoint, or lost)."""
+        """Forget the stage's own state of `partitions` (revoked after a checkpoint, or lost);
+        its `pending_effects` are trimmed by the runtime."""
 
     def seal(self) -> "Stage":
         """(overlap stages) Return the pending effects as an object with pending/write/written/
@@ -127,46 +185,69 @@ class Stage:
         """The stage is stopping, after its last checkpoint."""
 
 
-class IdleSymbols:
-    """Per partition, the symbols that have had no trade for `after_s` of that partition's event
-    time (its newest trade): the per-symbol state a stage evicts (SYMBOL_IDLE_EVICT_SECONDS), so
-    memory and checkpoints follow the active symbols, not every symbol ever seen. Touching is
-    O(1); finding the idle ones costs only what it evicts (symbols are kept oldest touch first)."""
+class Symbols:
+    """The symbols a stage holds state for: the partition each one's trades come from and when it
+    last traded, in that partition's event time (its newest trade). `idle()` removes and returns
+    those with no trade for `after_s` (SYMBOL_IDLE_EVICT_SECONDS), so memory and checkpoints
+    follow the active symbols, not every symbol ever seen; `drop()` those of partitions the stage
+    no longer holds. Touching is O(1); finding the idle ones costs only what it evicts (symbols
+    are kept oldest touch first)."""
 
     def __init__(self, after_s: float):
         self.after_ms = int(after_s * 1000)
         self._last: dict[int, dict[str, int]] = {}     # partition -> symbol -> its last event ms
         self._newest: dict[int, int] = {}
+        self._where: dict[str, int] = {}               # symbol -> its partition
 
-    def touch(self, partition: int, symbol: str, event_ms: int) -> None:
+    def touch(self, partition: int, symbol: str, event_ms: int | None) -> None:
+        """A trade of `symbol` at `event_ms` (None: a restored state with no time; it counts from
+        the partition's newest)."""
+        where = self._where.get(symbol)
+        if where is not None and where != partition:
+            self._last[where].pop(symbol, None)
+        self._where[symbol] = partition
         last = self._last.get(partition)
         if last is None:
             last = self._last[partition] = {}
+        if event_ms is None:
+            event_ms = self._newest.get(partition, 0)
         last.pop(symbol, None)
         last[symbol] = event_ms
         if event_ms > self._newest.get(partition, event_ms - 1):
             self._newest[partition] = event_ms
 
+    def partition_of(self, symbol: str, default: int = -1) -> int:
+        return self._where.get(symbol, default)
+
     def idle(self) -> set[str]:
         """Remove and return the symbols idle for longer than `after_s`."""
         gone = set()
         for p, last in self._last.items():
-            cutoff = self._newest[p] - self.after_ms
+            cutoff = self._newest.get(p, 0) - self.after_ms
             while last:
                 symbol, event_ms = next(iter(last.items()))
                 if event_ms >= cutoff:
                     break
                 del last[symbol]
+                del self._where[symbol]
                 gone.add(symbol)
         return gone
 
-    def drop(self, partitions: list[int]) -> None:
+    def drop(self, partitions: list[int]) -> set[str]:
+        """Remove and return the symbols of `partitions`."""
+        gone = set()
         for p in partitions:
-            self._last.pop(p, None)
+            gone.update(self._last.pop(p, ()))
             self._newest.pop(p, None)
+        for symbol in gone:
+            del self._where[symbol]
+        return gone
+
+    def __contains__(self, symbol: str) -> bool:
+        return symbol in self._where
 
     def __len__(self) -> int:
-        return sum(len(last) for last in self._last.values())
+        return len(self._where)
 
 
 class Runtime:
@@ -277,13 +358,18 @@ class Runtime:
                 self.log.warning("topic %s was created again since partitions %s were last read (id %s, now %s):"
                                  " reading them from the start of the new topic", self.topic, recreated,
                                  next(was for p, _, was in rows if p == recreated[0]), topic_id)
-                self.stage.rewind(cur, recreated)
-            starts = self.stage.assigned(cur, partitions, self)
+                if self.stage.keeps_position:
+                    positions.rewind(cur, self.group, self.topic, recreated)
+            stored = positions.load(cur, self.group, self.topic, partitions) if self.stage.keeps_position else {}
+            starts = {p: offset for p, (offset, _) in stored.items()}
+            starts.update(self.stage.assigned(cur, partitions, stored))
             starts.update({p: bus.BEGINNING for p in recreated})
             return {p: epoch for p, epoch, _ in rows}, starts
         epochs, starts = self.transaction(claim)
         self.epochs.update(epochs)
         self.log.info("assigned partitions %s (epochs %s)", partitions, [epochs[p] for p in partitions])
+        for outbox in self.stage.outboxes:     # a former owner may have left some of theirs undelivered
+            outbox.wake()
         return starts
 
     def _revoked(self, partitions: list[int]) -> None:
@@ -300,6 +386,8 @@ class Runtime:
 
     def _forget(self, partitions: list[int]) -> None:
         self.stage.drop(partitions)
+        for buffer in self.stage._pending:
+            buffer.drop(partitions)
         for p in partitions:
             self._quiet_since.pop(p, None)
             self.epochs.pop(p, None)
@@ -321,13 +409,13 @@ class Runtime:
         while this thread polls and decodes the next one (PostgreSQL works on the other core).
         Steps 2 and 3 happen here once it has committed, so offsets still go last and in order."""
         self._finish_inflight()
-        if not self.stage.pending() and not self.offsets:
+        if not self.stage.pending() and not self.offsets and not self.stage.work_due():
             return
         effects = self.stage.seal()
         offsets, self.offsets = self.offsets, {}
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage.name}-writer")
-        self._inflight = (self._writer.submit(self._write, effects), effects, offsets)
+        self._inflight = (self._writer.submit(self._write, effects, offsets), effects, offsets)
 
     def _finish_inflight(self) -> None:
         if self._inflight is None:
@@ -337,16 +425,19 @@ class Runtime:
         self._after_write(effects, offsets, future.result(), wait=False)
 
     def _commit(self, effects: Stage, offsets: dict[int, int], wait: bool = True) -> None:
-        if not effects.pending() and not offsets:
+        if not effects.pending() and not offsets and not effects.work_due():
             return
-        self._after_write(effects, offsets, self._write(effects), wait)
+        self._after_write(effects, offsets, self._write(effects, offsets), wait)
 
-    def _write(self, effects: Stage) -> list[int]:
-        """Step 1: the fenced transaction. Returns the partitions found stale (nothing written then)."""
+    def _write(self, effects: Stage, offsets: dict[int, int]) -> list[int]:
+        """Step 1: the fenced transaction — the stage's effects and, for a stage that keeps its
+        position, its positions. Returns the partitions found stale (nothing written then)."""
         def work(conn, cur):
             stale = self._fence(cur)
             if not stale:
                 effects.write(conn, cur)
+                if effects.keeps_position:
+                    positions.write(cur, effects.name, self.group, self.topic, effects.positions(offsets))
             return stale
         records, started = effects.pending(), time.perf_counter()
         stale = self.transaction(work)
@@ -364,10 +455,16 @@ class Runtime:
                 offsets.pop(p, None)
             return self._commit(effects, offsets, wait)
         effects.written()
-        self.stage.publish(self)                                  # step 2: the outbox
+        for buffer in effects._pending:
+            buffer.clear()
+        self._deliver()                                           # step 2: the outboxes
         self._to_commit.update(offsets)                           # step 3: offsets last
         self._commit_offsets(wait)
         self.checkpoints += 1
+
+    def _deliver(self) -> None:
+        for outbox in self.stage.outboxes:
+            outbox.deliver(self)
 
     def _commit_offsets(self, wait: bool) -> None:
         """Commit the stored checkpoints' offsets: at once when `wait` (rebalance, stop), else at
@@ -464,7 +561,7 @@ class Runtime:
                     last_checkpoint, batch_since = now, 0.0
                 elif not messages:
                     self._finish_inflight()          # idle: let the last offsets out too
-                    stage.publish(self)              # and what an outbox could not deliver before
+                    self._deliver()                  # and what an outbox could not deliver before
                     self._commit_offsets(wait=False)
                 self.heartbeat.beat(stage.processed, self.consumer.lag(), self.consumer.partitions())
                 if now - last_lags >= 1.0:
@@ -493,6 +590,8 @@ class Runtime:
             if self.consumer is not None:
                 self.consumer.close()
             stage.close()
+            for outbox in stage.outboxes:
+                outbox.close()
             if self.publisher is not None:
                 self.publisher.close()
             if self.conn is not None:

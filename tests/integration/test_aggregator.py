@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import SHARED_DATA, publish_trades, query, run_script, start_script, wait_for
 from tradewatch import bus, candles
 from tradewatch.events import Trade, iso_to_ms
-from tradewatch.store import db
+from tradewatch.store import db, positions
 
 SPY_TRADES = SHARED_DATA / "lean" / "spy_20131007_trades.csv.gz"
 SPY_BARS = SHARED_DATA / "lean" / "spy_20131007_bars_1m.csv"
@@ -29,7 +29,7 @@ def spy_topic(services):
 
 
 def folded(settings) -> int:
-    return query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+    return query(settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions WHERE consumer_group = %s",
                  (settings.aggregator_group,))[0][0]
 
 
@@ -68,7 +68,7 @@ def test_spy_minutes_match_the_vendor_bars_and_backfill_agrees(services, spy_top
     settings = services.with_overrides(trades_topic=spy_topic, aggregator_group=f"agg-{spy_topic}",
                                        consumer_group=f"cons-{spy_topic}")
     with db.connect(settings) as conn, conn.cursor() as cur:
-        cur.execute("TRUNCATE trades, stock_metrics, indicators, late_trades, aggregator_offsets")
+        cur.execute("TRUNCATE trades, stock_metrics, indicators, late_trades, stage_positions")
     consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
     run_aggregator_to_end(settings, SPY_COUNT, tmp_path / "aggregator.log")
 
@@ -112,13 +112,13 @@ def test_spy_minutes_match_the_vendor_bars_and_backfill_agrees(services, spy_top
 def test_kill_9_mid_replay_ends_identical_to_an_uninterrupted_run(services, spy_topic, tmp_path):
     base = services.with_overrides(trades_topic=spy_topic)
     with db.connect(base) as conn, conn.cursor() as cur:
-        cur.execute("TRUNCATE stock_metrics, indicators, late_trades, aggregator_offsets")
+        cur.execute("TRUNCATE stock_metrics, indicators, late_trades, stage_positions")
     calm = base.with_overrides(aggregator_group=f"calm-{spy_topic}")
     run_aggregator_to_end(calm, SPY_COUNT, tmp_path / "calm.log")
     expected = {size: metrics(calm, size) for size in ("1m", "5m", "15m")}
 
     with db.connect(base) as conn, conn.cursor() as cur:
-        cur.execute("TRUNCATE stock_metrics, indicators, late_trades, aggregator_offsets")
+        cur.execute("TRUNCATE stock_metrics, indicators, late_trades, stage_positions")
     crashy = base.with_overrides(aggregator_group=f"crashy-{spy_topic}")
     log = tmp_path / "crashy.log"
     kills = 0
@@ -218,9 +218,8 @@ def test_backfill_writes_whole_windows_only_and_leaves_held_windows_to_the_live_
 
     # the live aggregator holds minute 3 open (its row) and its partition's watermark is at 4:10
     with db.connect(settings) as conn, conn.cursor() as cur:
-        cur.execute("INSERT INTO aggregator_offsets (consumer_group, topic, kafka_partition, next_offset,"
-                    " max_event_ms, watermark_ms) VALUES (%s, %s, 2, 40, %s, %s)",
-                    (settings.aggregator_group, settings.trades_topic, t0 + 255_000, t0 + 250_000))
+        positions.write(cur, "aggregator", settings.aggregator_group, settings.trades_topic,
+                        {2: (40, {"max_event_ms": t0 + 255_000, "watermark_ms": t0 + 250_000})})
         cur.execute("INSERT INTO stock_metrics (symbol, window_size, window_start, window_end, open, high, low,"
                     " close, volume, traded_value, vwap, trade_count, avg_price, min_price, max_price, sum_price,"
                     " avg_quantity, min_quantity, max_quantity, sum_quantity, buy_volume, sell_volume, is_final,"

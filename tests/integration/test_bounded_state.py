@@ -33,7 +33,7 @@ def rss_mb(pid: int) -> float:
 
 def caught_up(settings, n: int) -> bool:
     examined = sum(c for c, _ in bus.group_lag(settings, settings.detector_group, settings.trades_topic).values())
-    folded = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+    folded = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions WHERE consumer_group = %s",
                    (settings.aggregator_group,))[0][0]
     return examined == n and folded == n and query(settings, "SELECT count(*) FROM trades")[0][0] == n
 

@@ -72,7 +72,7 @@ PROGRESS: dict = {}
 
 def finished(settings, n: int) -> bool:
     stored = query(settings, "SELECT count(*) FROM trades")[0][0]
-    folded = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+    folded = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions WHERE consumer_group = %s",
                    (settings.aggregator_group,))[0][0]
     try:
         examined = sum(c for c, _ in bus.group_lag(settings, settings.detector_group, settings.trades_topic).values())

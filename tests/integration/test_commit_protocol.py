@@ -21,7 +21,7 @@ from tradewatch.store import db
 N = 20_000
 START_MS = 1_767_225_600_000          # 2026-01-01T00:00:00Z
 STAGES = {"consumer": "consumer.py", "aggregator": "aggregator.py", "detector": ("anomaly_detector.py", "run")}
-DERIVED = "trades, stock_metrics, indicators, late_trades, aggregator_offsets, alerts, trade_flags, " \
+DERIVED = "trades, stock_metrics, indicators, late_trades, stage_positions, alerts, trade_flags, " \
           "circuit_breakers, dead_letters"
 
 
@@ -57,7 +57,7 @@ def start(settings, stage: str, log) -> subprocess.Popen:
 
 def finished(settings) -> bool:
     stored = query(settings, "SELECT count(*) FROM trades")[0][0]
-    folded = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+    folded = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions WHERE consumer_group = %s",
                    (settings.aggregator_group,))[0][0]
     examined = sum(c for c, _ in bus.group_lag(settings, settings.detector_group, settings.trades_topic).values())
     unpublished = query(settings, "SELECT count(*) FROM alerts WHERE published_at IS NULL")[0][0]
@@ -97,7 +97,7 @@ def truncate(settings) -> None:
 
 
 def folded(settings) -> int:
-    return query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+    return query(settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions WHERE consumer_group = %s",
                  (settings.aggregator_group,))[0][0]
 
 
@@ -172,7 +172,7 @@ def test_checkpoint_of_a_stale_owner_writes_nothing(settings):
     assert a.consumer.committed == {kept: 10}, "no offset of a fenced partition is committed"
     written = {r[0] for r in query(settings, "SELECT DISTINCT kafka_partition FROM stock_metrics")}
     assert written == {kept}, "the stale owner wrote nothing of the partition it lost"
-    positions = {r[0] for r in query(settings, "SELECT kafka_partition FROM aggregator_offsets"
+    positions = {r[0] for r in query(settings, "SELECT kafka_partition FROM stage_positions"
                                                " WHERE consumer_group = %s", (settings.aggregator_group,))}
     assert positions == {kept}
     for rt in (a, b):
@@ -265,7 +265,7 @@ def test_a_stop_while_kafka_is_away_leaves_the_outbox_for_the_next_run(settings)
     stack.stop_kafka(settings)
     try:
         stop_at[0] = time.monotonic() + 1.0
-        stage.publish(rt)
+        stage.outbox.deliver(rt)
         took = time.monotonic() - stop_at[0]
         assert took < 2.5, f"the outbox went on for {took:.1f}s after the stop"
         assert query(settings, "SELECT count(*) FROM alerts WHERE published_at IS NULL")[0][0] == 5
@@ -277,7 +277,7 @@ def test_a_stop_while_kafka_is_away_leaves_the_outbox_for_the_next_run(settings)
     stage, stop_at[0] = Detect(settings), float("inf")        # the next run
     rt = runtime.Runtime(settings, stage, settings.detector_group, settings.trades_topic, stop=lambda: False)
     rt.epochs = {0: 1}
-    stage.publish(rt)
+    stage.outbox.deliver(rt)
     rt.publisher.close()
     rt.conn.close()
     assert query(settings, "SELECT count(*) FROM alerts WHERE published_at IS NULL")[0][0] == 0

@@ -169,12 +169,12 @@ def test_alerts_dropped_with_a_lost_partition_hold_no_cooldown(settings):
     try:
         rt._assigned([0])
         stage.take(messages)
-        assert [a.trade_id for _, a in stage.alerts_pending].count("s-1") >= 2
+        assert [a.trade_id for a in stage.alerts_pending.items()].count("s-1") >= 2
         rt._lost([0])                              # e.g. a session timeout, before the checkpoint
         assert not stage.alerts_pending
         assert rt._assigned([0]) == {}             # nothing was stored: read again from the start
         stage.take(messages)
-        assert [a.trade_id for _, a in stage.alerts_pending].count("s-1") >= 2, "the re-read spike alerts again"
+        assert [a.trade_id for a in stage.alerts_pending.items()].count("s-1") >= 2, "the re-read spike alerts again"
     finally:
         if rt.conn is not None:
             rt.conn.close()

@@ -62,7 +62,7 @@ def same_partition_symbol(other: str, partitions: int) -> str:
 
 
 def folded(settings) -> int:
-    return query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets WHERE consumer_group = %s",
+    return query(settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions WHERE consumer_group = %s",
                  (settings.aggregator_group,))[0][0]
 
 

@@ -126,7 +126,7 @@ def test_every_fuzzed_message_ends_in_exactly_one_table_and_no_stage_exits(setti
 
     wait_for(lambda: done(lambda: sum(c for c, _ in bus.group_lag(settings, settings.consumer_group, topic).values())),
              timeout=300, interval=1, message="the consumer to take every message")
-    wait_for(lambda: done(lambda: query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets"
+    wait_for(lambda: done(lambda: query(settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions"
                                                   " WHERE consumer_group = %s", (settings.aggregator_group,))[0][0]),
              timeout=300, interval=1, message="the aggregator to read every message")
     wait_for(lambda: done(lambda: sum(c for c, _ in bus.group_lag(settings, settings.detector_group, topic).values())),

@@ -56,7 +56,7 @@ def produced(settings) -> int:
 def per_partition(settings) -> tuple[dict[int, int], dict[int, int]]:
     """Trades stored, and offsets folded by the aggregator, per partition."""
     stored = dict(query(settings, "SELECT kafka_partition, count(*) FROM trades GROUP BY 1"))
-    folded = dict(query(settings, "SELECT kafka_partition, next_offset FROM aggregator_offsets"
+    folded = dict(query(settings, "SELECT kafka_partition, next_offset FROM stage_positions"
                                   " WHERE consumer_group = %s", (settings.aggregator_group,)))
     return stored, folded
 

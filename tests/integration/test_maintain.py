@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import query
+from tests.conftest import query, scratch_database
 from tradewatch.alerts import alerts_for
 from tradewatch.config import PROJECT_ROOT
 from tradewatch.detect.rules import Detection
@@ -129,14 +129,7 @@ def test_a_redelivered_trade_is_never_doubled_and_one_resent_with_another_time_i
 
 def test_a_database_made_before_partitioning_keeps_its_rows(settings):
     """An existing installation: its plain tables are copied into the partitioned ones, once."""
-    name = f"tw_upgrade_{os.getpid()}"
-    admin = db.connect(settings)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-        cur.execute(f"CREATE DATABASE {name}")
-    old = settings.with_overrides(postgres_db=name)
-    try:
+    with scratch_database(settings, f"tw_upgrade_{os.getpid()}") as old:
         with db.connect(old) as conn, conn.cursor() as cur:      # the tables as they were
             cur.execute("""
                 CREATE TABLE trades (trade_id text PRIMARY KEY, symbol text NOT NULL, ts timestamptz NOT NULL,
@@ -175,10 +168,6 @@ def test_a_database_made_before_partitioning_keeps_its_rows(settings):
                         " to_regclass('indicators_unpartitioned')")
             assert cur.fetchone() == (None, None, None)
         conn.close()
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
 
 
 def partition_names(settings, table: str) -> list[str]:

@@ -52,7 +52,7 @@ def replayed(services, tmp_path_factory):
 
     def done():
         examined = sum(c for c, _ in bus.group_lag(settings, settings.detector_group, settings.trades_topic).values())
-        folded = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM aggregator_offsets"
+        folded = query(settings, "SELECT coalesce(sum(next_offset), 0) FROM stage_positions"
                                  " WHERE consumer_group = %s", (settings.aggregator_group,))[0][0]
         return (query(settings, "SELECT count(*) FROM trades")[0][0] == total == examined == folded
                 and not query(settings, "SELECT 1 FROM stock_metrics WHERE NOT is_final LIMIT 1"))

@@ -59,7 +59,7 @@ def market(n: int, start: int = 0) -> list[Trade]:
 
 def test_a_stored_and_restored_state_goes_on_exactly_like_an_uninterrupted_detector():
     """What a restart does (tradewatch/stages/detector.py): the state of a symbol goes through JSON
-    in detector_state and on; features, flags and breaker moves equal a run never interrupted."""
+    in detector_symbols and on; features, flags and breaker moves equal a run never interrupted."""
     import json
     trades = market(300)
     running, restarted = RuleDetector(), RuleDetector()

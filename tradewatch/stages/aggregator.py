@@ -1,8 +1,9 @@
 """The aggregator stage: Kafka `trades` → event-time windows → `stock_metrics` and `indicators`.
 
 It keeps its Kafka position in the database: the window rows, the late trades, the indicator rows
-*and the position* (next offset and watermark per partition, table aggregator_offsets) are written
-in one fenced transaction by the stage runtime's commit protocol (tradewatch/runtime.py). On
+*and the position* (next offset and watermark per partition, which the runtime stores in
+stage_positions) are written in one fenced transaction by the stage runtime's commit protocol
+(tradewatch/runtime.py). On
 assignment of a partition the aggregator loads that partition's open windows and position in the
 transaction that claims the partition, and Kafka starts reading there. So a kill -9 at any moment
 loses at most the work since the last checkpoint, which is then redone from exactly the same
@@ -19,7 +20,7 @@ from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, parse_trade
 from tradewatch.indicators import IndicatorState
 from tradewatch.store import candles as store
-from tradewatch.windows import LateTrade, Window, WindowSet, size_label
+from tradewatch.windows import PartitionClock, Window, WindowSet, size_label
 
 log = logging.getLogger("tradewatch.aggregator")
 
@@ -31,6 +32,7 @@ def excluded_conditions(settings: Settings) -> frozenset[str]:
 class Aggregate(runtime.Stage):
     name = "aggregator"
     watches_quiet = True      # quiet partitions close their windows (runtime.quiet_for)
+    keeps_position = True
 
     def __init__(self, settings: Settings):
         super().__init__()
@@ -41,29 +43,27 @@ class Aggregate(runtime.Stage):
         self.exclude = excluded_conditions(settings)
         self.group, self.topic = settings.aggregator_group, settings.trades_topic
         self.partitions: dict[int, WindowSet] = {}
-        self.next_offsets: dict[int, int] = {}
         self.stored: dict[int, tuple[int, int | None]] = {}   # partition -> (offset, watermark) last stored
         self._positions: dict[int, tuple[int, int | None]] = {}
-        self.symbol_partition: dict[str, int] = {}
-        self.idle = runtime.IdleSymbols(settings.symbol_idle_evict_seconds)
+        self.released: dict[int, int] = {}    # partition -> the offset after a held trade that time let go
+        self.symbols = runtime.Symbols(settings.symbol_idle_evict_seconds)
         # loaded from `indicators` when a symbol's window closes; evicted with the idle symbols
         self.indicator_states: dict[tuple[str, str], IndicatorState] = {}
         # effects awaiting the next checkpoint; kept until it commits, so a retried transaction
         # writes exactly what the first attempt would have
-        self.dirty: dict[tuple[str, int, int], Window] = {}
-        self.final: list[Window] = []
-        self.late: list[tuple[int, LateTrade]] = []
-        self.indicator_rows: list[tuple[int, tuple]] = []
+        self.dirty = self.pending_effects()          # open windows that changed, by window
+        self.final = self.pending_effects()
+        self.late = self.pending_effects()
+        self.indicator_rows = self.pending_effects()
         self.folded_since = 0
         self.invalid_skipped = self.late_total = 0
 
-    def rewind(self, cur, partitions: list[int]) -> None:
-        store.rewind(cur, self.group, self.topic, partitions)
-
-    def assigned(self, cur, partitions: list[int], _runtime) -> dict[int, int | None]:
+    def assigned(self, cur, partitions: list[int], stored: dict[int, tuple[int, dict]]) -> dict[int, int | None]:
         starts = {}
         for p in partitions:
-            offset, clock, windows = store.load_partition(cur, self.group, self.topic, p, self.sizes)
+            offset, kept = stored.get(p, (None, {}))
+            clock = PartitionClock(kept.get("max_event_ms"), kept.get("watermark_ms"))
+            windows = store.open_windows(cur, p, self.sizes) if p in stored else []
             ws = WindowSet(self.sizes, int(self.settings.allowed_lateness_seconds * 1000),
                            self.settings.idle_timeout_seconds, p, self.exclude,
                            int(self.settings.max_clock_skew_seconds * 1000), clock)
@@ -71,7 +71,8 @@ class Aggregate(runtime.Stage):
             self.partitions[p] = ws
             if offset is not None:
                 self.stored[p] = (offset, clock.watermark_ms)
-            starts[p] = offset if offset is not None else bus.BEGINNING
+            else:
+                starts[p] = bus.BEGINNING           # never started: the whole topic
             log.info("partition %d: resuming at offset %s with %d open windows", p,
                      offset if offset is not None else "0 (first run)", len(windows))
         return starts
@@ -82,7 +83,6 @@ class Aggregate(runtime.Stage):
             ws = self.partitions.get(message.partition)
             if ws is None:  # not (or no longer) ours
                 continue
-            self.next_offsets[message.partition] = message.offset + 1
             self.folded_since += 1
             try:
                 trade = parse_trade(message.value, message.timestamp_ms, skew)
@@ -95,79 +95,73 @@ class Aggregate(runtime.Stage):
                 log.error("%s[%d]@%d skipped: %s: %s", message.topic, message.partition, message.offset,
                           type(error).__name__, error)
                 continue
-            self.symbol_partition[trade.symbol] = message.partition
-            self.idle.touch(message.partition, trade.symbol, trade.timestamp_ms)
+            self.symbols.touch(message.partition, trade.symbol, trade.timestamp_ms)
             for window in folded:
-                self.dirty[(window.symbol, window.size_ms, window.start_ms)] = window
+                self.dirty.add(message.partition, window, (window.symbol, window.size_ms, window.start_ms))
             self.processed += 1
 
     def pending(self) -> int:
-        # open windows may turn final with time alone (idle partitions), so any held partition counts
-        return self.folded_since + (1 if self.partitions else 0)
+        return self.folded_since
+
+    def work_due(self) -> bool:
+        return bool(self.partitions)     # open windows may turn final with time alone (idle partitions)
 
     def write(self, conn, cur) -> None:
         for p, ws in self.partitions.items():
             held = ws.held
             for window in ws.advance_when_idle(self.runtime.quiet_for(p)):
-                self.dirty[(window.symbol, window.size_ms, window.start_ms)] = window
+                self.dirty.add(p, window, (window.symbol, window.size_ms, window.start_ms))
             if held is not None and ws.held is None:
-                self.next_offsets[p] = held[1] + 1
+                self.released[p] = held[1] + 1
             newly_final = ws.pop_final()
             for w in newly_final:
-                self.dirty.pop((w.symbol, w.size_ms, w.start_ms), None)
-            self.final.extend(newly_final)
-            self.indicator_rows.extend((p, row) for row in self._indicator_rows(cur, newly_final))
-            self.late.extend((p, late) for late in ws.take_late())
+                self.dirty.pop((w.symbol, w.size_ms, w.start_ms))
+                self.final.add(p, w)
+            for row in self._indicator_rows(cur, newly_final):
+                self.indicator_rows.add(p, row)
+            for late in ws.take_late():
+                self.late.add(p, late)
+        idle = self.symbols.idle()
+        if idle:        # open windows close by time alone; what else a symbol holds goes now
+            self.indicator_states = {k: v for k, v in self.indicator_states.items() if k[0] not in idle}
+        store.write_windows(cur, self.dirty.items() + self.final.items())
+        store.write_late(cur, self.late.items())
+        store.write_indicators(cur, self.indicator_rows.items())
+
+    def positions(self, read: dict[int, int]) -> dict[int, tuple[int, dict]]:
         # a held trade is not in any window yet: the position stays on it, so a restart reads it again.
         # A quiet partition's watermark moves with no message read: it is stored too, or a restart
         # would take windows that are final (and not loaded again) for open ones.
-        positions = {}
+        found = {}
         for p, ws in self.partitions.items():
             offset, watermark = self.stored.get(p, (None, None))
-            offset = self.next_offsets.get(p, offset)
-            if offset is not None and (p in self.next_offsets or ws.clock.watermark_ms != watermark):
-                positions[p] = (ws.held[1] if ws.held else offset, ws.clock)
-        self._positions = {p: (offset, clock.watermark_ms) for p, (offset, clock) in positions.items()}
-        idle = self.idle.idle()
-        if idle:        # open windows close by time alone; what else a symbol holds goes now
-            for symbol in idle:
-                self.symbol_partition.pop(symbol, None)
-            self.indicator_states = {k: v for k, v in self.indicator_states.items() if k[0] not in idle}
-        store.write_windows(cur, list(self.dirty.values()) + self.final)
-        store.write_late(cur, [late for _, late in self.late])
-        store.write_indicators(cur, [row for _, row in self.indicator_rows])
-        store.write_offsets(cur, self.group, self.topic, positions)
+            offset = self.released.get(p, read.get(p, offset))
+            if offset is not None and (p in read or p in self.released or ws.clock.watermark_ms != watermark):
+                found[p] = (ws.held[1] if ws.held else offset, ws.clock)
+        self._positions = {p: (offset, clock.watermark_ms) for p, (offset, clock) in found.items()}
+        return {p: (offset, {"max_event_ms": clock.max_event_ms, "watermark_ms": clock.watermark_ms})
+                for p, (offset, clock) in found.items()}
 
     def written(self) -> None:
         prometheus.ROWS.labels("aggregator", "stock_metrics").inc(len(self.dirty) + len(self.final))
         prometheus.ROWS.labels("aggregator", "indicators").inc(len(self.indicator_rows))
         smallest = self.sizes[0]
-        for _, late in self.late:
+        for late in self.late.items():
             if late.size_ms == smallest:           # one per trade (there is a row per window size)
                 prometheus.LATE.labels("aggregator", late.reason).inc()
         self.late_total += len(self.late)
-        self.dirty.clear()
-        self.final, self.late, self.indicator_rows = [], [], []
-        self.next_offsets.clear()
+        self.released.clear()
         self.stored.update(self._positions)
         self.folded_since = 0
-        prometheus.SYMBOLS.labels("aggregator").set(len(self.idle))
+        prometheus.SYMBOLS.labels("aggregator").set(len(self.symbols))
 
     def drop(self, partitions: list[int]) -> None:
-        gone = set(partitions)
-        for p in gone:
+        for p in partitions:
             self.partitions.pop(p, None)
-            self.next_offsets.pop(p, None)
             self.stored.pop(p, None)
-        self.dirty = {k: w for k, w in self.dirty.items() if w.partition not in gone}
-        self.final = [w for w in self.final if w.partition not in gone]
-        self.late = [(p, late) for p, late in self.late if p not in gone]
-        self.indicator_rows = [(p, row) for p, row in self.indicator_rows if p not in gone]
-        symbols = {s for s, p in self.symbol_partition.items() if p in gone}
+            self.released.pop(p, None)
+        symbols = self.symbols.drop(partitions)
         self.indicator_states = {k: v for k, v in self.indicator_states.items() if k[0] not in symbols}
-        for symbol in symbols:
-            self.symbol_partition.pop(symbol, None)
-        self.idle.drop(partitions)
 
     def _indicator_rows(self, cur, final: list[Window]) -> list[tuple]:
         rows = []
@@ -178,7 +172,7 @@ class Aggregate(runtime.Stage):
             state = self.indicator_states.get(key)
             if state is None:
                 state = store.load_indicator_state(cur, *key)
-                if w.symbol in self.symbol_partition:    # not evicted: keep it for the next candle
+                if w.symbol in self.symbols:    # not evicted: keep it for the next candle
                     self.indicator_states[key] = state
             rows.append((w.symbol, key[1], w.start_ms, w.close, state.update(w.close)))
         return rows

@@ -2,12 +2,11 @@
 alerts, publish alerts.
 
 On the stage runtime's commit protocol (tradewatch/runtime.py): per checkpoint one fenced
-transaction writes trade_flags, alerts (unpublished), breaker states *and the position*: the next
-offset of each partition (detector_state) and the rolling state of each symbol that changed
-(detector_symbols; a symbol idle for SYMBOL_IDLE_EVICT_SECONDS of event time is evicted from memory
-and from that table, and its next trade warms up afresh); then the
-alert outbox is sent to the Kafka topic `alerts` and the webhook (tradewatch/outbox.py); then
-Kafka offsets. On assignment each partition's state is loaded in the transaction that claims it,
+transaction writes trade_flags, alerts (unpublished), breaker states, the rolling state of each
+symbol that changed (detector_symbols; a symbol idle for SYMBOL_IDLE_EVICT_SECONDS of event time is
+evicted from memory and from that table, and its next trade warms up afresh) *and the position*
+(the runtime's stage_positions); then the runtime delivers the alert outboxes, the Kafka topic
+`alerts` and the webhook (tradewatch/outbox.py); then Kafka offsets. On assignment each partition's state is loaded in the transaction that claims it,
 and reading starts at its stored offset, so a restart or rebalance goes on exactly where the last
 checkpoint stopped: the same features, flags and alerts as a run that was never interrupted, and
 time never runs backwards inside a symbol's state. A symbol's breaker state and alert cooldowns
@@ -20,7 +19,7 @@ import time
 from typing import Callable
 
 from tradewatch import bus, prometheus, runtime
-from tradewatch.alerts import Alert, Deduplicator, alerts_for
+from tradewatch.alerts import Deduplicator, alerts_for
 from tradewatch.config import Settings
 from tradewatch.detect import forest
 from tradewatch.detect.pipeline import DetectionPipeline
@@ -51,6 +50,7 @@ def load_model(settings: Settings) -> forest.ForestModel | None:
 
 class Detect(runtime.Stage):
     name = "detector"
+    keeps_position = True
 
     def __init__(self, settings: Settings):
         super().__init__()
@@ -61,14 +61,13 @@ class Detect(runtime.Stage):
         self.dedup = Deduplicator.from_settings(settings)
         self.outbox = AlertOutbox(settings)
         self.webhook = WebhookOutbox(settings, settings.alert_webhook_url) if settings.alert_webhook_url else None
-        self.next_offsets: dict[int, int] = {}   # partitions read since the last checkpoint
-        self.symbol_partition: dict[str, int] = {}   # where each symbol's trades come from (key = symbol)
-        self.idle = runtime.IdleSymbols(settings.symbol_idle_evict_seconds)
+        self.outboxes = [self.outbox] + ([self.webhook] if self.webhook else [])
+        self.symbols = runtime.Symbols(settings.symbol_idle_evict_seconds)   # each one's partition
         self.changed: set[str] = set()       # symbols whose state the next checkpoint writes
         self.evicted: set[str] = set()       # symbols whose stored state the next checkpoint deletes
-        self.flagged_pending: list[tuple[int, object]] = []
-        self.alerts_pending: list[tuple[int, Alert]] = []
-        self.transitions: list[tuple[int, object]] = []
+        self.flagged_pending = self.pending_effects()
+        self.alerts_pending = self.pending_effects()
+        self.transitions = self.pending_effects()
         self.appended_ms: dict[str, int | None] = {}   # alert_id -> Kafka append time of its trade
         self.read = 0
         self.flagged = 0
@@ -76,32 +75,21 @@ class Detect(runtime.Stage):
     def output_topics(self) -> dict[str, int]:
         return {self.settings.alerts_topic: 1}
 
-    def rewind(self, cur, partitions: list[int]) -> None:
-        store.rewind(cur, self.group, self.topic, partitions)
-
-    def assigned(self, cur, partitions: list[int], rt: runtime.Runtime) -> dict[int, int | None]:
+    def assigned(self, cur, partitions: list[int], stored: dict[int, tuple[int, dict]]) -> dict[int, int | None]:
         # Rolling state, breakers and cooldowns belong to a partition's symbols: each assignment
         # loads them as the last checkpoint stored them (a former owner may have moved them on).
-        gained = set(partitions)
-        self._forget({s for s, p in self.symbol_partition.items() if p in gained})
-        self.idle.drop(partitions)
-        starts = {}
+        self._forget(self.symbols.drop(partitions))
         for p in partitions:
-            stored = store.load_position(cur, self.group, self.topic, p)
-            if stored is None:
+            if p not in stored:
                 log.info("partition %d: no stored state, starting at the group's offset with fresh state", p)
                 continue
-            starts[p], states, legacy = stored
+            states = store.load_symbols(cur, self.group, self.topic, p)
             self.pipeline.rules.restore(states)
             for symbol, data in states.items():
                 self.dedup.restore(symbol, data.get("cooldowns", {}))
-                self.symbol_partition[symbol] = p
-                if data.get("last_ts") is not None:
-                    self.idle.touch(p, symbol, data["last_ts"])
-            self.changed |= legacy
-            log.info("partition %d: resuming at offset %d with the state of %d symbols", p, starts[p], len(states))
-        self.outbox.waiting = True          # a former owner may have left alerts of these unpublished
-        return starts
+                self.symbols.touch(p, symbol, data.get("last_ts"))
+            log.info("partition %d: resuming at offset %d with the state of %d symbols", p, stored[p][0], len(states))
+        return {}
 
     def take(self, messages: list[bus.Message]) -> None:
         trades, origins = [], []
@@ -114,52 +102,46 @@ class Detect(runtime.Stage):
             except Exception as error:  # noqa: BLE001 - no single message may stop the stage
                 log.error("%s[%d]@%d skipped: %s: %s", m.topic, m.partition, m.offset, type(error).__name__, error)
         self.read += len(messages)
-        for m in messages:
-            self.next_offsets[m.partition] = m.offset + 1
         for t, m in zip(trades, origins):
-            self.symbol_partition[t.symbol] = m.partition
-            self.idle.touch(m.partition, t.symbol, t.timestamp_ms)
+            self.symbols.touch(m.partition, t.symbol, t.timestamp_ms)
             self.changed.add(t.symbol)
         for d, m in zip(self.pipeline.process(trades), origins):
             if d.is_anomaly:
-                self.flagged_pending.append((m.partition, d))
+                self.flagged_pending.add(m.partition, d)
                 for a in alerts_for(d):
                     if self.dedup.allow(a):
-                        self.alerts_pending.append((m.partition, a))
+                        self.alerts_pending.add(m.partition, a)
                         self.appended_ms[a.alert_id] = m.timestamp_ms
-        self.transitions.extend((self.symbol_partition.get(t.symbol, -1), t)
-                                for t in self.pipeline.rules.take_transitions())
+        for t in self.pipeline.rules.take_transitions():
+            self.transitions.add(self.symbols.partition_of(t.symbol), t)
         self.processed += len(trades)
 
     def pending(self) -> int:
         return self.read
 
     def write(self, conn, cur) -> None:
-        store.write_flags(cur, [d for _, d in self.flagged_pending], self.pipeline.version)
-        store.write_alerts(cur, self.alerts_pending, webhook=self.webhook is not None)
-        store.write_breakers(cur, [t for _, t in self.transitions])
-        idle = self.idle.idle()
+        store.write_flags(cur, self.flagged_pending.items(), self.pipeline.version)
+        store.write_alerts(cur, self.alerts_pending.tagged(), webhook=self.webhook is not None)
+        store.write_breakers(cur, self.transitions.items())
+        idle = self.symbols.idle()
         if idle:                                  # their state leaves memory and the table
             self._forget(idle)
             self.evicted |= idle
             self.changed -= idle
         states = self.pipeline.rules.export(self.changed)
         store.write_symbols(cur, self.group, self.topic, [
-            (symbol, self.symbol_partition[symbol], {**data, "cooldowns": self.dedup.export(symbol)})
+            (symbol, self.symbols.partition_of(symbol), {**data, "cooldowns": self.dedup.export(symbol)})
             for symbol, data in states.items()], self.evicted)
-        store.write_positions(cur, self.group, self.topic, self.next_offsets)
 
     def _forget(self, symbols: set[str]) -> None:
         self.pipeline.rules.forget(symbols)
         self.dedup.forget(symbols)
-        for symbol in symbols:
-            self.symbol_partition.pop(symbol, None)
 
     def written(self) -> None:
         now_ms = time.time() * 1000
         prometheus.ROWS.labels("detector", "trade_flags").inc(len(self.flagged_pending))
         prometheus.ROWS.labels("detector", "alerts").inc(len(self.alerts_pending))
-        for _, a in self.alerts_pending:
+        for a in self.alerts_pending.items():
             log.warning("ALERT %s", a.message)
             prometheus.ALERTS.labels("detector", a.alert_type, a.severity).inc()
             appended = self.appended_ms.get(a.alert_id)
@@ -168,36 +150,17 @@ class Detect(runtime.Stage):
         self.appended_ms.clear()
         self.flagged += len(self.flagged_pending)
         if self.alerts_pending:
-            self.outbox.waiting = True
-            if self.webhook:
-                self.webhook.wake()
-        self.flagged_pending, self.alerts_pending, self.transitions = [], [], []
-        self.next_offsets.clear()
+            for outbox in self.outboxes:
+                outbox.wake()
         self.changed, self.evicted = set(), set()
-        prometheus.SYMBOLS.labels("detector").set(len(self.idle))
+        prometheus.SYMBOLS.labels("detector").set(len(self.symbols))
         self.read = 0
 
-    def publish(self, rt: runtime.Runtime) -> None:
-        if self.webhook:
-            self.webhook.partitions = tuple(sorted(rt.epochs))
-        self.outbox.publish(rt)
-
     def drop(self, partitions: list[int]) -> None:
-        gone = set(partitions)
-        self.flagged_pending = [(p, d) for p, d in self.flagged_pending if p not in gone]
-        self.alerts_pending = [(p, a) for p, a in self.alerts_pending if p not in gone]
-        self.transitions = [(p, t) for p, t in self.transitions if p not in gone]
-        for p in gone:
-            self.next_offsets.pop(p, None)
-        symbols = {s for s, p in self.symbol_partition.items() if p in gone}
+        symbols = self.symbols.drop(partitions)
         self._forget(symbols)
         self.changed -= symbols
         self.evicted -= symbols
-        self.idle.drop(partitions)
-
-    def close(self) -> None:
-        if self.webhook:
-            self.webhook.close()
 
     def report(self) -> str:
         return (f"examined {self.processed} trades, flagged {self.flagged}, alerts published {self.outbox.sent} "

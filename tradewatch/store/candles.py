@@ -1,5 +1,6 @@
-"""Writes and restart state of the window tables (stock_metrics, late_trades, indicators,
-aggregator_offsets), and the backfill that rebuilds windows straight from `trades`."""
+"""Writes and restart state of the window tables (stock_metrics, late_trades, indicators), and the
+backfill that rebuilds windows straight from `trades`. (The aggregator's position is kept by the
+stage runtime: tradewatch/store/positions.py.)"""
 from __future__ import annotations
 
 from datetime import datetime
@@ -12,7 +13,7 @@ from psycopg2.extras import RealDictCursor
 from tradewatch import candles
 from tradewatch.indicators import INDICATOR_COLUMNS, Indicators, IndicatorState
 from tradewatch.store import partitions
-from tradewatch.windows import LateTrade, PartitionClock, Window, size_label
+from tradewatch.windows import LateTrade, Window, size_label
 
 Cursor = psycopg2.extensions.cursor
 _MS = "timestamptz 'epoch' + %s * interval '1 millisecond'"
@@ -53,19 +54,6 @@ def write_late(cur: Cursor, late: list[LateTrade]) -> None:
         )
 
 
-def write_offsets(cur: Cursor, group: str, topic: str, positions: dict[int, tuple[int, PartitionClock]]) -> None:
-    if positions:
-        execute_values(
-            cur,
-            "INSERT INTO aggregator_offsets (consumer_group, topic, kafka_partition, next_offset, max_event_ms,"
-            " watermark_ms) VALUES %s ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE SET"
-            " next_offset = EXCLUDED.next_offset, max_event_ms = EXCLUDED.max_event_ms,"
-            " watermark_ms = EXCLUDED.watermark_ms, updated_at = now()",
-            [(group, topic, p, offset, clock.max_event_ms, clock.watermark_ms)
-             for p, (offset, clock) in positions.items()],
-        )
-
-
 def write_indicators(cur: Cursor, rows: list[tuple[str, str, int, float, Indicators]]) -> None:
     if rows:
         partitions.ensure_candles(cur, "indicators", {(size, start) for _, size, start, _, _ in rows})
@@ -80,28 +68,14 @@ def write_indicators(cur: Cursor, rows: list[tuple[str, str, int, float, Indicat
         )
 
 
-def rewind(cur: Cursor, group: str, topic: str, partitions: list[int]) -> None:
-    """The partitions' topic was created again: their stored position goes to its start (watermark
-    and open windows stay; they describe trades, not offsets)."""
-    cur.execute("UPDATE aggregator_offsets SET next_offset = 0 WHERE consumer_group = %s AND topic = %s"
-                " AND kafka_partition = ANY(%s)", (group, topic, partitions))
-
-
-def load_partition(cur: Cursor, group: str, topic: str, partition: int,
-                   sizes_ms: tuple[int, ...]) -> tuple[int | None, PartitionClock, list[Window]]:
-    """The stored position, watermark and open windows of one partition (None offset = never started)."""
+def open_windows(cur: Cursor, partition: int, sizes_ms: tuple[int, ...]) -> list[Window]:
+    """The windows of one partition that were not final at the last checkpoint (to go on folding)."""
     labels = {size_label(s): s for s in sizes_ms}
-    cur.execute("SELECT next_offset, max_event_ms, watermark_ms FROM aggregator_offsets "
-                "WHERE consumer_group = %s AND topic = %s AND kafka_partition = %s", (group, topic, partition))
-    row = cur.fetchone()
-    if row is None:
-        return None, PartitionClock(), []
     with cur.connection.cursor(cursor_factory=RealDictCursor) as named:
         named.execute(f"SELECT (extract(epoch FROM window_start) * 1000)::bigint AS start_ms, {_COLUMNS}"
                       " FROM stock_metrics WHERE kafka_partition = %s AND NOT is_final", (partition,))
-        windows = [candles.restore(r["symbol"], labels[r["window_size"]], int(r["start_ms"]), partition, r)
-                   for r in named.fetchall() if r["window_size"] in labels]
-    return row[0], PartitionClock(row[1], row[2]), windows
+        return [candles.restore(r["symbol"], labels[r["window_size"]], int(r["start_ms"]), partition, r)
+                for r in named.fetchall() if r["window_size"] in labels]
 
 
 def load_indicator_state(cur: Cursor, symbol: str, label: str) -> IndicatorState:
@@ -139,7 +113,7 @@ def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datet
                     WHERE ts >= date_bin(%(step)s * interval '1 millisecond', %(since)s, timestamptz 'epoch')
                       AND ts < date_bin(%(step)s * interval '1 millisecond', %(until)s, timestamptz 'epoch')),
                 held AS (
-                    SELECT kafka_partition, watermark_ms FROM aggregator_offsets
+                    SELECT kafka_partition, (kept ->> 'watermark_ms')::bigint AS watermark_ms FROM stage_positions
                     WHERE consumer_group = %(group)s AND topic = %(topic)s)
                 INSERT INTO stock_metrics ({_COLUMNS})
                 SELECT {_FROM_TRADES}

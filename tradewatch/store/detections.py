@@ -63,17 +63,6 @@ def write_breakers(cur: Cursor, transitions: list[BreakerTransition]) -> None:
             [(t.symbol, t.state, t.timestamp_ms) for t in latest.values()], template=f"(%s, %s, {_MS})")
 
 
-def write_positions(cur: Cursor, group: str, topic: str, offsets: dict[int, int]) -> None:
-    """Per partition: the next offset to read."""
-    if offsets:
-        execute_values(
-            cur,
-            "INSERT INTO detector_state (consumer_group, topic, kafka_partition, next_offset, symbols) VALUES %s"
-            " ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE SET next_offset = EXCLUDED.next_offset,"
-            " symbols = '{}', updated_at = now()",
-            [(group, topic, p, offset) for p, offset in offsets.items()], template="(%s, %s, %s, %s, '{}')")
-
-
 def write_symbols(cur: Cursor, group: str, topic: str, states: list[tuple[str, int, dict]],
                   evicted: set[str]) -> None:
     """The state of the symbols that changed (symbol, partition, state), and forget the evicted."""
@@ -90,29 +79,11 @@ def write_symbols(cur: Cursor, group: str, topic: str, states: list[tuple[str, i
                     (group, topic, sorted(evicted)))
 
 
-def rewind(cur: Cursor, group: str, topic: str, partitions: list[int]) -> None:
-    """The partitions' topic was created again: their stored position goes to its start (the
-    symbols' rolling state stays; it describes trades, not offsets)."""
-    cur.execute("UPDATE detector_state SET next_offset = 0 WHERE consumer_group = %s AND topic = %s"
-                " AND kafka_partition = ANY(%s)", (group, topic, partitions))
-
-
-def load_position(cur: Cursor, group: str, topic: str, partition: int) -> tuple[int, dict, set[str]] | None:
-    """The next offset of `partition`, the state of its symbols, and those of them found only in
-    the pre-upgrade value (to be written to detector_symbols); None: never started."""
-    cur.execute("SELECT next_offset, symbols::text FROM detector_state WHERE consumer_group = %s AND topic = %s"
-                " AND kafka_partition = %s", (group, topic, partition))
-    row = cur.fetchone()
-    if row is None:
-        return None
-    states = orjson.loads(row[1])          # a database from before detector_symbols: its one value
-    legacy = set(states)
+def load_symbols(cur: Cursor, group: str, topic: str, partition: int) -> dict[str, dict]:
+    """The stored rolling state of the symbols of `partition`."""
     cur.execute("SELECT symbol, state::text FROM detector_symbols WHERE consumer_group = %s AND topic = %s"
                 " AND kafka_partition = %s", (group, topic, partition))
-    for symbol, state in cur.fetchall():
-        states[symbol] = orjson.loads(state)
-        legacy.discard(symbol)
-    return row[0], states, legacy
+    return {symbol: orjson.loads(state) for symbol, state in cur.fetchall()}
 
 
 _ALERT_COLUMNS = ("alert_id, (extract(epoch FROM ts) * 1000)::bigint, symbol, alert_type, severity, message,"

@@ -287,15 +287,17 @@ CREATE TABLE IF NOT EXISTS late_trades (
     PRIMARY KEY (trade_id, window_size, ts)
 ) PARTITION BY RANGE (ts);
 
--- Where the aggregator is, per partition: written in the same transaction as the windows, so a
--- restart resumes exactly after the last trade folded into the table.
-CREATE TABLE IF NOT EXISTS aggregator_offsets (
-    consumer_group  text NOT NULL,
+-- Where a stage that keeps its Kafka position in the database (the aggregator, the detector)
+-- resumes each partition, with what it keeps beside the offset (the aggregator: max_event_ms and
+-- watermark_ms). Written only by tradewatch/store/positions.py, for the stage runtime, in the same
+-- fenced transaction as the stage's rows, so a restart goes on exactly after the last checkpoint.
+CREATE TABLE IF NOT EXISTS stage_positions (
+    consumer_group  text NOT NULL,                 -- the stage's group (AGGREGATOR_GROUP, DETECTOR_GROUP)
     topic           text NOT NULL,
     kafka_partition integer NOT NULL,
+    stage           text NOT NULL,                 -- aggregator | detector
     next_offset     bigint NOT NULL,
-    max_event_ms    bigint,
-    watermark_ms    bigint,
+    kept            json NOT NULL DEFAULT '{}',
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer_group, topic, kafka_partition)
 );
@@ -361,23 +363,9 @@ CREATE INDEX IF NOT EXISTS alerts_by_id ON alerts (alert_id);
 -- resuming the live alert stream after an alert id (GET /alerts/stream with Last-Event-ID)
 CREATE INDEX IF NOT EXISTS alerts_created ON alerts (created_at, alert_id);
 
--- Where the detector is, per partition, and the rolling state of that partition's symbols (JSON of
--- tradewatch/detect/features.py SymbolState): written in the same transaction as its flags, alerts
--- and breaker states, so a restart goes on exactly where the last checkpoint stopped.
-CREATE TABLE IF NOT EXISTS detector_state (
-    consumer_group  text NOT NULL,
-    topic           text NOT NULL,
-    kafka_partition integer NOT NULL,
-    next_offset     bigint NOT NULL,
-    symbols         json NOT NULL,                 -- json (not jsonb): floats kept digit for digit
-    updated_at      timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (consumer_group, topic, kafka_partition)
-);
-
 -- The detector's rolling state per symbol (JSON of SymbolState, its breaker and alert cooldowns),
 -- with the partition it comes from: a checkpoint writes only the symbols that changed and deletes
--- the ones evicted as idle (SYMBOL_IDLE_EVICT_SECONDS). (detector_state.symbols held every symbol of
--- a partition in one value, rewritten by each checkpoint; it is read once more for an upgrade.)
+-- the ones evicted as idle (SYMBOL_IDLE_EVICT_SECONDS).
 CREATE TABLE IF NOT EXISTS detector_symbols (
     consumer_group  text NOT NULL,
     topic           text NOT NULL,
@@ -388,6 +376,29 @@ CREATE TABLE IF NOT EXISTS detector_symbols (
     PRIMARY KEY (consumer_group, topic, symbol)
 );
 CREATE INDEX IF NOT EXISTS detector_symbols_partition ON detector_symbols (consumer_group, topic, kafka_partition);
+
+-- A database from before stage_positions: the aggregator's and the detector's tables of positions
+-- become its rows (and the symbols of detector_state's one value per partition, from before
+-- detector_symbols, become rows there, where none is stored yet); then they go.
+DO $$
+BEGIN
+    IF to_regclass('aggregator_offsets') IS NOT NULL THEN
+        INSERT INTO stage_positions (consumer_group, topic, kafka_partition, stage, next_offset, kept)
+        SELECT consumer_group, topic, kafka_partition, 'aggregator', next_offset,
+               json_build_object('max_event_ms', max_event_ms, 'watermark_ms', watermark_ms)
+        FROM aggregator_offsets ON CONFLICT DO NOTHING;
+        DROP TABLE aggregator_offsets;
+    END IF;
+    IF to_regclass('detector_state') IS NOT NULL THEN
+        INSERT INTO detector_symbols (consumer_group, topic, symbol, kafka_partition, state)
+        SELECT d.consumer_group, d.topic, s.key, d.kafka_partition, s.value
+        FROM detector_state d, json_each(d.symbols) s ON CONFLICT DO NOTHING;
+        INSERT INTO stage_positions (consumer_group, topic, kafka_partition, stage, next_offset)
+        SELECT consumer_group, topic, kafka_partition, 'detector', next_offset FROM detector_state
+        ON CONFLICT DO NOTHING;
+        DROP TABLE detector_state;
+    END IF;
+END $$;
 
 -- Current circuit-breaker state per symbol: CLOSED | OPEN | HALF_OPEN.
 CREATE TABLE IF NOT EXISTS circuit_breakers (
