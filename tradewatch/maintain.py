@@ -215,7 +215,8 @@ def run(settings: Settings, dry_run: bool = False, out=print) -> int:
             if not dry_run:
                 for table in partitions.PARTITIONED:
                     for day in (today, today + timedelta(days=1)):
-                        cur.execute("SELECT tw_ensure_partition(%s, %s)", (table, day))
+                        cur.execute("SELECT tw_ensure_partition(%s, %s, %s)",
+                                    (table, day, partitions.UNIT.get(table, "day")))
                 moved = partitions.adopt_flink(cur, today)
                 conn.commit()
                 if moved:

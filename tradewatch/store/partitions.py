@@ -1,8 +1,8 @@
-"""Partitions of the tables that grow with the feed (schema.sql): a day, or a whole year for days
-far from today; the candle tables (stock_metrics, indicators) by window size, then by month. A
-writer calls `ensure` (`ensure_candles`) with the days of the rows it is about to write, inside its
-transaction; a day no partition holds gets one (tw_ensure_partition). `maintain` creates today's
-and tomorrow's ahead of time and archives and drops expired ones (tradewatch/maintain.py).
+"""Partitions of the tables that grow with the feed (schema.sql): a day (a month for alerts, UNIT),
+or a whole year for days far from today; the candle tables (stock_metrics, indicators) by window
+size, then by month. A writer calls `ensure` (`ensure_candles`) with the days of the rows it is
+about to write, inside its transaction; a day no partition holds gets one (tw_ensure_partition).
+`maintain` creates today's and tomorrow's ahead of time and archives and drops expired ones (tradewatch/maintain.py).
 
 Flink's table (flink_metrics, by month) is written by a writer that cannot ask first: what lands in
 its DEFAULT partition is moved into months of its own by `adopt_flink` (maintain, flink_job.py)."""
@@ -13,6 +13,7 @@ from typing import Iterable
 
 DAY_MS = 86_400_000
 PARTITIONED = {"trades": "ts", "trade_flags": "ts", "late_trades": "ts", "alerts": "ts", "dead_letters": "sent_at"}
+UNIT = {"alerts": "month"}                         # the others by day (schema.sql says why)
 CANDLES = ("stock_metrics", "indicators")          # by window size, then month of window_start
 FLINK = "flink_metrics"                            # by month of window_start, with a DEFAULT partition
 _EPOCH = date(1970, 1, 1)
@@ -22,19 +23,20 @@ def day_of(ms: int) -> int:
     return ms // DAY_MS
 
 
-def ensure(cur, table: str, days: Iterable[int], unit: str = "day") -> None:
+def ensure(cur, table: str, days: Iterable[int], unit: str | None = None) -> None:
     """Make sure `table` has partitions for `days` (days since the epoch, UTC), by `unit` (day or
-    month), and that none of them is dropped before this transaction ends. Asked afresh each time (a
-    catalog lookup per batch): `maintain` may have dropped one since."""
+    month; by default the table's, UNIT), and that none of them is dropped before this transaction
+    ends. Asked afresh each time (a catalog lookup per batch): `maintain` may have dropped one since."""
     wanted = sorted(set(days))
     if not wanted:
         return
+    unit = unit or UNIT.get(table, "day")
     # held until this transaction ends: `maintain` waits for it before dropping one of them
     cur.execute("SELECT pg_advisory_xact_lock_shared(hashtext('tw_keep:' || %s))", (table,))
     fine = "'_m' || to_char(day, 'YYYYMM')" if unit == "month" else "'_p' || to_char(day, 'YYYYMMDD')"
     cur.execute("SELECT d FROM unnest(%s::int[]) AS d, LATERAL (SELECT date '1970-01-01' + d AS day) AS x"
-                f" WHERE to_regclass(%s || {fine}) IS NULL"
-                " AND to_regclass(%s || '_y' || to_char(day, 'YYYY')) IS NULL", (wanted, table, table))
+                f" WHERE to_regclass(%s || {fine}) IS NULL AND to_regclass(%s || '_p' || to_char(day, 'YYYYMMDD'))"
+                " IS NULL AND to_regclass(%s || '_y' || to_char(day, 'YYYY')) IS NULL", (wanted, table, table, table))
     for (day,) in cur.fetchall():
         cur.execute("SELECT tw_ensure_partition(%s, %s, %s)", (table, _EPOCH + timedelta(days=day), unit))
 
