@@ -205,6 +205,32 @@ def drop(conn, day: Day, record: dict) -> bool:
     return True
 
 
+# a writer's rows carry its transaction's start time, and may commit after a pass began: each pass
+# looks back this far before the last one's start as well (a trade_id found twice may be named twice)
+RESENT_OVERLAP = timedelta(minutes=10)
+
+
+def resent(conn, out, remember: bool = True) -> int:
+    """Report the trade_ids stored since the last pass that are also stored with another timestamp
+    (a producer re-sent them with another time). Costs what arrived since, not what is stored."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT now(), (SELECT checked_to FROM maintain_checks WHERE name = 'trades_resent')")
+        started, since = cur.fetchone()
+        since = (since - RESENT_OVERLAP) if since else datetime(1, 1, 1, tzinfo=timezone.utc)
+        cur.execute("SELECT count(DISTINCT n.trade_id), min(n.trade_id) FROM trades n WHERE n.ingested_at >= %s"
+                    " AND EXISTS (SELECT 1 FROM trades o WHERE o.trade_id = n.trade_id AND o.ts <> n.ts)", (since,))
+        twice, example = cur.fetchone()
+        if remember:
+            cur.execute("INSERT INTO maintain_checks (name, checked_to) VALUES ('trades_resent', %s)"
+                        " ON CONFLICT (name) DO UPDATE SET checked_to = excluded.checked_to", (started,))
+    conn.commit()
+    if twice:
+        log.warning("%d trade_ids are stored more than once with different timestamps (e.g. %s): a "
+                    "producer re-sent trades with another time", twice, example)
+        out(f"trades: {twice} trade_ids stored more than once with different timestamps (e.g. {example})")
+    return twice
+
+
 def run(settings: Settings, dry_run: bool = False, out=print) -> int:
     """One pass over every table; returns the number of days dropped (or that would be)."""
     conn = db.connect(settings)
@@ -244,13 +270,7 @@ def run(settings: Settings, dry_run: bool = False, out=print) -> int:
                             (where / record["file"]).unlink(missing_ok=True)
                             (where / record["file"].replace(".parquet", ".json")).unlink(missing_ok=True)
                         out(f"{table} {day.label}: changed while archived; archived again next time")
-            cur.execute("SELECT count(*) OVER (), trade_id FROM trades GROUP BY trade_id HAVING count(*) > 1 LIMIT 1")
-            twice = cur.fetchone()
-            conn.commit()
-            if twice:
-                log.warning("%d trade_ids are stored more than once with different timestamps (e.g. %s): a "
-                            "producer re-sent trades with another time", twice[0], twice[1])
-                out(f"trades: {twice[0]} trade_ids stored more than once with different timestamps (e.g. {twice[1]})")
+            resent(conn, out, remember=not dry_run)
     finally:
         conn.close()
     return dropped

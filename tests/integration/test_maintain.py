@@ -128,6 +128,26 @@ def test_a_redelivered_trade_is_never_doubled_and_one_resent_with_another_time_i
     out = maintain(settings, days=30)
     assert out.returncode == 0 and "1 trade_ids stored more than once with different timestamps (e.g. same)" \
         in out.stdout, out.stdout + out.stderr
+    # hours later: a pass looks only at the trades stored since the last one (not every stored trade)
+    query(settings, "UPDATE trades SET ingested_at = ingested_at - interval '3 hours'")
+    query(settings, "UPDATE maintain_checks SET checked_to = checked_to - interval '2 hours'")
+    out = maintain(settings, days=30)
+    assert out.returncode == 0 and "stored more than once" not in out.stdout, out.stdout
+    again = Trade("again", "SPY", trade.timestamp_ms + 60_000, 170.0, 10.0, "buy", "X")
+    moved = Trade("again", "SPY", again.timestamp_ms + 86_400_000, 170.0, 10.0, "buy", "X")
+    conn = db.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO trades (trade_id, symbol, ts, price, quantity, side, exchange, schema_version,"
+                        " ingested_at) VALUES ('again', 'SPY', %s, 170, 10, 'buy', 'X', 1, now() - interval '1 day')",
+                        (datetime.fromtimestamp(again.timestamp_ms / 1000, timezone.utc),))
+            write_batch(cur, [copy_line(moved, 0, 1)], [])      # the old one stored long ago, re-sent now
+        conn.commit()
+    finally:
+        conn.close()
+    out = maintain(settings, days=30)
+    assert out.returncode == 0 and "1 trade_ids stored more than once with different timestamps (e.g. again)" \
+        in out.stdout, out.stdout + out.stderr
 
 
 def test_a_database_made_before_partitioning_keeps_its_rows(settings):

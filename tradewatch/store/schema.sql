@@ -149,6 +149,9 @@ CREATE TABLE IF NOT EXISTS trades (
 ) PARTITION BY RANGE (ts);
 CREATE INDEX IF NOT EXISTS trades_symbol_ts ON trades (symbol, ts);
 CREATE INDEX IF NOT EXISTS trades_ts ON trades (ts);
+-- Rows arrive in ingested_at order, so a BRIN index (a few pages per partition) lets maintain look
+-- only at the trades stored since its last pass (see maintain_checks).
+CREATE INDEX IF NOT EXISTS trades_ingested ON trades USING brin (ingested_at);
 
 -- The newest stored trade of each symbol (newest by ts, then trade_id), what /latest reads: one
 -- row per symbol, so reading it costs the same however many day partitions `trades` has. Kept
@@ -310,6 +313,13 @@ CREATE TABLE IF NOT EXISTS stage_positions (
     kept            json NOT NULL DEFAULT '{}',
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer_group, topic, kafka_partition)
+);
+
+-- How far maintain.py has checked the trades for a trade_id stored twice with different timestamps:
+-- each pass looks only at the trades stored since (ingested_at), not at every stored trade.
+CREATE TABLE IF NOT EXISTS maintain_checks (
+    name        text PRIMARY KEY,                  -- 'trades_resent'
+    checked_to  timestamptz NOT NULL
 );
 
 -- Who owns which partition, per consumer group (the stage runtime's fencing, tradewatch/runtime.py):
