@@ -14,7 +14,7 @@ import pandas as pd
 
 from tradewatch.cli import StopFlag, iso_time, load_settings, setup_logging
 from tradewatch.config import Settings, shared_data_dir
-from tradewatch.detect import evaluate, forest
+from tradewatch.detect import evaluate, forest, quality
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
@@ -160,6 +160,37 @@ def cmd_evaluate(args, settings: Settings) -> int:
     return 0
 
 
+def describe_quality(q: dict) -> str:
+    """One line of market-quality statistics (tradewatch/detect/quality.py) for a symbol-day."""
+    b, c, t, v = q["benford"], q["clustering"], q["tail"], q["volume_volatility"]
+    parts = [f"{q['symbol']} {q['day']}: {q['verdict']}", f"{b['trades']:,} trades"]
+    if b["trades"]:
+        parts += [f"Benford MAD {b['mad']:g} ({b['conformity']})",
+                  f"round sizes (x{c['unit']:g}) {c['index']:g}x their neighbours (t {c['t']:g}, "
+                  f"{c['round_share']:.0%} of trades)",
+                  f"size tail exponent {t['alpha']:g}" if t.get("alpha") is not None else "no size tail"]
+    parts.append(f"volume ~ |1-min return| Spearman {v['rho']:g} (t {v['t']:g}, {v['minutes']} minutes)"
+                 if v["rho"] is not None else f"volume ~ |return|: {v['minutes']} minutes, not computed")
+    line = " · ".join(parts)
+    return line + "".join(f"\n    sign: {sign}" for sign in q["signs"])
+
+
+def cmd_quality(args, settings: Settings) -> int:
+    engine = queries.engine_for(settings.sqlalchemy_url)
+    symbols = [args.symbol.upper()] if args.symbol else None
+    histograms = queries.size_histograms(engine, symbols, args.since, args.until)
+    if histograms.empty:
+        print(f"error: no trades{' of ' + symbols[0] if symbols else ''} in that range", file=sys.stderr)
+        return 2
+    results = quality.per_symbol_day(histograms, queries.minute_volumes(engine, symbols, args.since, args.until))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for q in results:
+            print(describe_quality(q))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Detect unusual trades: rules (price move, circuit breaker, "
                                      "whale volume, z-score, momentum runs) and an Isolation Forest.")
@@ -179,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     analyze.add_argument("--value-column", default="value")
     analyze.add_argument("--detector", choices=sorted(SERIES_DETECTORS))
     sub.add_parser("run", help="consume `trades` live: flag trades, raise alerts")
+    qual = sub.add_parser("quality", help="market-quality statistics per symbol and day (Benford, round-size "
+                                          "clustering, size tail, volume against volatility): signs of fake volume")
+    qual.add_argument("symbol", nargs="?")
+    qual.add_argument("--since", type=iso_time)
+    qual.add_argument("--until", type=iso_time)
+    qual.add_argument("--json", action="store_true", help="machine-readable output")
     ev = sub.add_parser("evaluate", help="precision/recall/F1 on simulated data; NAB window scores")
     ev.add_argument("--seeds", default="101,102,103", help="simulator seeds to score on")
     ev.add_argument("--train-seed", type=int, default=1, help="seed of the Isolation Forest's training stream")
@@ -197,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_analyze(args, settings)
         if args.command == "evaluate":
             return cmd_evaluate(args, settings)
+        if args.command == "quality":
+            return cmd_quality(args, settings)
         run_detector(settings, StopFlag())
         return 0
     except runtime.StageFailed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import gzip
 import heapq
+import json
 import math
 import os
 import signal
@@ -15,11 +16,13 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
+import pandas as pd
 import pytest
 
 from tests.conftest import PROJECT_ROOT, fresh_settings, query, run_script, start_script, wait_for
 from tradewatch import bus
 from tradewatch.config import shared_data_dir
+from tradewatch.detect import quality
 from tradewatch.formatting import exact, integer, money, percent
 
 LEAN = shared_data_dir() / "lean"
@@ -134,6 +137,38 @@ def test_daily_report_figures_equal_direct_sql(replayed, tmp_path):
                           (excluded(settings),)))
     assert {r["Kept out of OHLC, by condition"]: r["Trades"] for r in markdown_table(text, "Kept out of OHLC, by condition")} \
         == {c: integer(n) for c, n in kept_out.items()}
+
+
+def test_market_quality_of_the_recorded_days_is_unremarkable(replayed, tmp_path):
+    """`anomaly_detector.py quality` and the report's section read the stored days: the same
+    statistics as the recorded files give, and both regulated days unremarkable."""
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "anomaly_detector.py"), "quality", "--json"],
+                         cwd=PROJECT_ROOT, env={**os.environ, **replayed.as_env()}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    results = {q["symbol"]: q for q in json.loads(out.stdout)}
+    assert sorted(results) == list(SYMBOLS) and {q["day"] for q in results.values()} == {"2013-10-07"}
+    for symbol, q in results.items():
+        sizes = pd.read_csv(LEAN / f"{symbol.lower()}_20131007_trades.csv.gz")["quantity"].value_counts()
+        from_file = quality.quality(sizes.index.to_numpy(), sizes.to_numpy())
+        for statistic in ("benford", "clustering", "tail"):
+            assert q[statistic] == from_file[statistic], (symbol, statistic)
+        assert q["volume_volatility"]["minutes"] > 400 and q["volume_volatility"]["t"] > 2, q
+        assert q["verdict"] == "unremarkable" and q["signs"] == [], q
+    one = subprocess.run([sys.executable, str(PROJECT_ROOT / "anomaly_detector.py"), "quality", "IBM"],
+                         cwd=PROJECT_ROOT, env={**os.environ, **replayed.as_env()}, capture_output=True, text=True,
+                         timeout=120)
+    assert one.returncode == 0 and one.stdout.startswith("IBM 2013-10-07: unremarkable · 24,293 trades"), one.stdout
+    assert "SPY" not in one.stdout
+    report_cli(replayed, "--date", "2013-10-07", "--out", str(tmp_path))
+    text = (tmp_path / "report-2013-10-07.md").read_text()
+    section = text[text.index("## Market quality"):]
+    rows = {r["Symbol"]: r for r in markdown_table(section, "Symbol")}
+    assert sorted(rows) == list(SYMBOLS)
+    for symbol, row in rows.items():
+        assert row["Verdict"] == "unremarkable"
+        assert row["Benford MAD"] == f"{results[symbol]['benford']['mad']:g} (nonconforming)"
+    assert "First digits of trade sizes" in section
 
 
 def test_chart_candles_are_the_aggregators_and_match_the_vendor_bars(replayed):

@@ -15,6 +15,7 @@ import pandas as pd
 from sqlalchemy.engine import Engine
 
 from tradewatch.config import Settings
+from tradewatch.detect import quality as market_quality
 from tradewatch.formatting import exact, integer, money, percent
 from tradewatch.report import charts
 from tradewatch.store import queries
@@ -40,6 +41,7 @@ class Report:
     candles: dict[str, pd.DataFrame] = field(default_factory=dict)
     markers: dict[str, pd.DataFrame] = field(default_factory=dict)
     flag_counts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    market_quality: list[dict] = field(default_factory=list)      # tradewatch/detect/quality.py per symbol-day
 
     @property
     def empty(self) -> bool:
@@ -91,6 +93,8 @@ def build(engine: Engine, settings: Settings, since: datetime, until: datetime,
     report.breakers = queries.report_breaker_openings(engine, symbols, since, until)
     report.quality = queries.report_data_quality(engine, symbols, since, until, excluded)
     report.flag_counts = queries.flag_counts(engine, symbols, since, until, f"{minutes}m")
+    report.market_quality = market_quality.per_symbol_day(queries.size_histograms(engine, symbols, since, until),
+                                                          queries.minute_volumes(engine, symbols, since, until))
     for symbol in report.per_symbol["symbol"]:
         report.candles[symbol] = queries.candles(engine, "stock_metrics", symbol, f"{minutes}m", since, until)
         report.markers[symbol] = queries.anomaly_points(engine, [symbol], since, until)
@@ -184,6 +188,29 @@ def sections(report: Report) -> list[Section]:
                [[str(c.condition), integer(c.trades)] for c in quality["excluded_from_ohlc"].itertuples()],
                "No trade was kept out of OHLC by its condition."),
     ]
+    # symbol-days with signs first, then by symbol: the table is capped, what needs a look is not cut
+    judged = sorted(report.market_quality, key=lambda q: (not q["signs"], q["symbol"], q["day"]))
+    quality_rows = [[q["symbol"], q["day"], q["verdict"] + "".join(f"; {s}" for s in q["signs"]),
+                     f"{q['benford']['mad']:g} ({q['benford']['conformity']})" if q["benford"].get("trades") else "—",
+                     f"{q['clustering']['index']:g}× (t {q['clustering']['t']:g})" if q["clustering"].get("trades") else "—",
+                     percent(q["clustering"].get("round_share")).lstrip("+") if q["clustering"].get("trades") else "—",
+                     "—" if q["tail"].get("alpha") is None else f"{q['tail']['alpha']:g}",
+                     "—" if q["volume_volatility"]["rho"] is None else
+                     f"{q['volume_volatility']['rho']:g} (t {q['volume_volatility']['t']:g})"]
+                    for q in judged[:TOP]]
+    if len(judged) > TOP:
+        quality_rows.append([f"… and {len(judged) - TOP:,} more symbol-days", "", "", "", "", "", "", ""])
+    market = [
+        _table(["Symbol", "Day", "Verdict", "Benford MAD", "Round sizes vs neighbours", "At round sizes",
+                "Size tail exponent", "Volume ~ |1-min return| (Spearman)"], quality_rows, "No trades."),
+        ("p", "Signs of fake volume, from trade prints alone: trade sizes with no clustering at round sizes "
+              "(people trade round lots, programs drawing sizes do not), a size tail outside the Pareto "
+              f"exponents of real markets ({market_quality.TAIL_BAND[0]:g}–{market_quality.TAIL_BAND[1]:g}), "
+              "volume that does not come with price moves. Benford's law of first digits counts only when "
+              "sizes are not clustered: round lots put most first digits at 1 on real, regulated days."),
+        ("svg", charts.first_digits(judged, "First digit of trade sizes against Benford's law"),
+         "First digits of trade sizes per symbol-day (at most 8 shown) and Benford's law"),
+    ]
     size = f"{report.bucket_minutes}-minute"
     bucket = pd.Timedelta(minutes=report.bucket_minutes)     # every chart spans the same trading time
     span = (frame["first_trade"].min().floor(bucket), frame["last_trade"].max().ceil(bucket))
@@ -198,4 +225,5 @@ def sections(report: Report) -> list[Section]:
     charts_section.append(("svg", charts.anomalies_over_time(report.flag_counts, report.bucket_minutes, span),
                            f"Flagged trades per {size} bucket"))
     return [("Coverage", coverage), ("Markets", markets), ("Anomalies", anomalies), ("Alerts", alerts),
-            ("Circuit breakers", breakers), ("Data quality", data_quality), ("Charts", charts_section)]
+            ("Circuit breakers", breakers), ("Market quality", market), ("Data quality", data_quality),
+            ("Charts", charts_section)]

@@ -10,6 +10,8 @@ import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from tradewatch.detect.quality import BENFORD  # noqa: E402
+
 plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False, "svg.hashsalt": "tradewatch"})
 UP, DOWN = "#1a9850", "#d73027"
@@ -75,4 +77,23 @@ def anomalies_over_time(counts: pd.DataFrame, width_minutes: int, span: tuple | 
         _time_axis(axis, span)
     axis.set_ylabel("flagged trades")
     axis.set_title("Anomalies over time", loc="left")
+    return _svg(figure)
+
+
+def first_digits(entries: list[dict], title: str) -> str:
+    """Share of trades by the first digit of their size, one bar group per symbol-day, against
+    Benford's law (the line), and each one's round-size clustering in the legend."""
+    figure, axis = plt.subplots(figsize=(10, 2.8))
+    digits = list(range(1, 10))
+    shown = [e for e in entries if e["benford"].get("trades")][:8]
+    width = 0.8 / max(len(shown), 1)
+    for k, entry in enumerate(shown):
+        axis.bar([d - 0.4 + width * (k + 0.5) for d in digits], entry["benford"]["shares"], width,
+                 label=f"{entry['symbol']} {entry['day']} (round sizes {entry['clustering']['index']:g}× neighbours)")
+    axis.plot(digits, list(BENFORD), color="black", marker="o", markersize=3, linewidth=1, label="Benford's law")
+    axis.set_xticks(digits)
+    axis.set_xlabel("first digit of trade size")
+    axis.set_ylabel("share of trades")
+    axis.legend(loc="upper right", fontsize=8, frameon=False)
+    axis.set_title(title, loc="left")
     return _svg(figure)

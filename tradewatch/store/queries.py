@@ -447,3 +447,24 @@ def stuck_windows(engine: Engine, before) -> tuple[int, str]:
 def oldest_trade(engine: Engine) -> pd.Timestamp | None:
     value = _frame(engine, "SELECT min(ts) AS oldest FROM trades")["oldest"].iloc[0]
     return None if pd.isna(value) else pd.Timestamp(value)
+
+
+def size_histograms(engine: Engine, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    """Trades per (symbol, UTC day, size): what the market-quality statistics read
+    (tradewatch/detect/quality.py), one row per distinct size however many trades there were."""
+    return _frame(engine, f"""
+        SELECT symbol, date_trunc('day', ts AT TIME ZONE 'UTC')::date AS day, quantity AS size, count(*) AS trades
+        FROM trades
+        WHERE (CAST(:since AS timestamptz) IS NULL OR ts >= :since)
+          AND (CAST(:until AS timestamptz) IS NULL OR ts < :until) AND {_SYMBOLS}
+        GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""", symbols=symbols, since=since, until=until)
+
+
+def minute_volumes(engine: Engine, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    """The aggregator's 1-minute candles' volume and close per (symbol, UTC day), in time order."""
+    return _frame(engine, f"""
+        SELECT symbol, date_trunc('day', window_start AT TIME ZONE 'UTC')::date AS day, window_start, volume, close
+        FROM stock_metrics
+        WHERE window_size = '{BASE_SIZE}' AND (CAST(:since AS timestamptz) IS NULL OR window_start >= :since)
+          AND (CAST(:until AS timestamptz) IS NULL OR window_start < :until) AND {_SYMBOLS}
+        ORDER BY 1, 3""", symbols=symbols, since=since, until=until)
