@@ -124,14 +124,16 @@ def score_real(lean_dir: Path, config: DetectorConfig = DetectorConfig(),
     return result
 
 
-def load_nab(data_dir: Path) -> dict[str, tuple[pd.Series, list[tuple[pd.Timestamp, pd.Timestamp]]]]:
+def load_nab(data_dir: Path) -> dict[str, tuple[str, pd.Series, list[tuple[pd.Timestamp, pd.Timestamp]]]]:
+    """Every file of every category folder: name -> (category, series, anomaly windows)."""
     windows = json.loads((data_dir / "combined_windows.json").read_text())
     files = {}
-    for path in sorted((data_dir / "realTweets").glob("*.csv")):
+    for path in sorted(data_dir.glob("*/*.csv")):
+        category = path.parent.name
         frame = pd.read_csv(path, parse_dates=["timestamp"])
         series = pd.Series(frame["value"].to_numpy(dtype=float), index=frame["timestamp"])
-        spans = [(pd.Timestamp(a), pd.Timestamp(b)) for a, b in windows.get(f"realTweets/{path.name}", [])]
-        files[path.stem] = (series, spans)
+        spans = [(pd.Timestamp(a), pd.Timestamp(b)) for a, b in windows.get(f"{category}/{path.name}", [])]
+        files[f"{category}/{path.stem}"] = (category, series, spans)
     return files
 
 
@@ -176,19 +178,31 @@ def nab_raw_score(flagged: list[bool], timestamps: pd.Index, spans) -> tuple[flo
                                                               "outside": outside}
 
 
-def score_nab(data_dir: Path) -> dict:
-    """Every series detector (run causally, point by point) on the NAB files, scored by NAB's
-    standard profile and normalised like NAB: 100 × (raw − null) / (perfect − null), where the null
-    detector finds nothing (−1 per window) and the perfect one hits every window at its start."""
+def _normalised(raw: float, windows: float) -> float | None:
+    return round(100 * (raw + windows) / (2 * windows), 1) if windows else None
+
+
+def score_nab(data_dir: Path, detectors: dict | None = None) -> dict:
+    """Every series detector (run causally, point by point) on every NAB file, scored by NAB's
+    standard profile and normalised like NAB over all files together: 100 × (raw − null) /
+    (perfect − null), where the null detector finds nothing (−1 per window) and the perfect one hits
+    every window at its start; the same per category (a category with no window, such as
+    artificialNoAnomaly, has no score of its own: its false detections count in the total)."""
     files = load_nab(data_dir)
-    result: dict = {"files": {}, "score": {}}
-    for det, fn in SERIES_DETECTORS.items():
-        raw = windows = 0.0
-        for name, (series, spans) in files.items():
+    result: dict = {"files": {}, "score": {}, "per_category": {}}
+    for det, fn in (detectors or SERIES_DETECTORS).items():
+        totals: dict[str, list[float]] = {}
+        for name, (category, series, spans) in files.items():
             detections = fn(series)
             flagged = series.index.isin(detections.index)
             file_raw, file_windows, counts = nab_raw_score(list(flagged), series.index, spans)
-            raw, windows = raw + file_raw, windows + file_windows
+            for key in ("all", category):
+                total = totals.setdefault(key, [0.0, 0.0, 0])
+                total[0], total[1], total[2] = total[0] + file_raw, total[1] + file_windows, total[2] + counts["outside"]
             result["files"].setdefault(name, {})[det] = {**counts, "raw_score": round(file_raw, 3)}
-        result["score"][det] = round(100 * (raw + windows) / (2 * windows), 1) if windows else None
+        result["score"][det] = _normalised(*totals.pop("all")[:2])
+        result["per_category"][det] = {c: {"score": _normalised(raw, w), "files": sum(1 for f in files.values()
+                                                                                 if f[0] == c),
+                                           "windows": int(w), "detections_outside_windows": outside}
+                                       for c, (raw, w, outside) in sorted(totals.items())}
     return result
