@@ -36,6 +36,8 @@ TABLES = {   # table: (columns, order); symbols on their own partitions (AAPL 0,
 }
 
 
+OUTAGE_S = 1.0                 # how long PostgreSQL stays down in each restart
+
 def mixed_input() -> list[tuple[bytes, bytes]]:
     """The IBM day (24,292 trades) and 12,000 simulated trades, interleaved two to one."""
     ibm = replay.load(IBM_DAY).trades
@@ -135,7 +137,7 @@ def test_chaos_ends_like_an_undisturbed_run(settings, tmp_path):
         done["during_replay"] += feeder.is_alive()
         if event == "postgres":
             stack.stop_postgres(chaos)
-            time.sleep(1)
+            time.sleep(OUTAGE_S)       # an outage of the database, not a wait for anything
             stack.start_postgres(chaos)
             done["postgres restarts"] += 1
         elif event == "kafka":

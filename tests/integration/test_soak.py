@@ -42,6 +42,8 @@ COMPARED = {   # the retained range of each, beside an undisturbed run
 }
 
 
+OUTAGE_S = 1.0                 # how long PostgreSQL stays down in each restart
+
 def feed() -> list[Trade]:
     return [t for hour in rotating_days(START_MS, DAYS, ACTIVE, NEW_PER_DAY) for t in hour]
 
@@ -123,7 +125,7 @@ def test_ten_days_of_a_changing_symbol_set_with_retention_kills_and_a_restart(se
             event = events.pop(0)
             if event == "postgres":
                 stack.stop_postgres(soak)
-                time.sleep(1)
+                time.sleep(OUTAGE_S)       # an outage of the database, not a wait for anything
                 stack.start_postgres(soak)
             else:
                 running[event].kill()                   # SIGKILL: no flush, no commit, no goodbye
