@@ -208,7 +208,7 @@ def test_html_report_renders_offline_in_chromium(replayed, tmp_path):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(page_file.as_uri())
         charts = page.locator("figure.chart svg")
-        assert charts.count() == len(SYMBOLS) + 1, "a chart per symbol and the anomalies over time"
+        assert charts.count() == len(SYMBOLS) + 2, "a chart per symbol, the anomalies over time, first digits"
         for i in range(charts.count()):
             box = charts.nth(i).bounding_box()
             assert box and box["width"] > 300 and box["height"] > 100
