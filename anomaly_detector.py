@@ -154,6 +154,8 @@ def cmd_evaluate(args, settings: Settings) -> int:
         "simulated_rules_and_forest": evaluate.score_simulated(seeds, args.trades, args.anomaly_rate, config, model),
         "real_trades_rules": evaluate.score_real(Path(args.lean_dir), config),
         "real_trades_rules_and_forest": evaluate.score_real(Path(args.lean_dir), config, model),
+        "pumps_illiquid_rules": evaluate.score_pumps(seeds, config=config),
+        "pumps_illiquid_rules_and_forest": evaluate.score_pumps(seeds, config=config, model=model),
         "nab": evaluate.score_nab(Path(args.nab_dir)) if Path(args.nab_dir).is_dir() else "NAB data not found",
     }
     print(json.dumps(result, indent=2))

@@ -15,12 +15,15 @@ from tradewatch.config import Settings
 from tradewatch.formatting import compact, exact
 from tradewatch.store import detections, queries
 from tradewatch.store.health import gone_from_this_host, stage_statuses
+from tradewatch.windows import parse_size
 
 RANGES = {"Last 15 minutes": 15, "Last hour": 60, "Last 6 hours": 360, "Last 24 hours": 1440, "Last 7 days": 10080}
 SEVERITY_COLORS = {"CRITICAL": "#d62728", "HIGH": "#ff7f0e", "MEDIUM": "#e6c229", "LOW": "#1f77b4"}
 SEVERITIES = list(SEVERITY_COLORS)
 
-st.set_page_config(page_title="TradeWatch", page_icon="📈", layout="wide")
+# icons are Material Symbols, which Streamlit serves with its own font: an emoji is an empty box on a
+# machine without an emoji font
+st.set_page_config(page_title="TradeWatch", page_icon=":material/monitoring:", layout="wide")
 try:
     settings = Settings.load()
 except ValueError as bad_setting:       # one line naming the setting, not a traceback
@@ -45,7 +48,17 @@ def q(name: str, *args):
 
 def database_down(error: Exception) -> None:
     st.error(f"Database unavailable at {settings.postgres_host}:{settings.postgres_port} — retrying "
-             f"automatically. Start it with `make services`. ({type(error).__name__})", icon="🛑")
+             f"automatically. Start it with `make services`. ({type(error).__name__})", icon=":material/error:")
+
+
+ALL_SYMBOLS = "All symbols"
+
+
+def view_changed() -> None:
+    if st.session_state.view == ALL_SYMBOLS:
+        st.query_params.pop("symbol", None)
+    else:
+        st.query_params["symbol"] = st.session_state.view
 
 
 st.title("TradeWatch — live market surveillance")
@@ -64,15 +77,25 @@ with st.sidebar:
     except DBAPIError as error:
         database_down(error)
         source, all_symbols = "stock_metrics", []
-    chosen = st.multiselect("Symbols", all_symbols, placeholder="all symbols", key="symbols")
+    # the symbol view lives in the address (?symbol=AAPL), so a link to it can be shared
+    linked = st.query_params.get("symbol")
+    view_options = [ALL_SYMBOLS, *all_symbols, *([linked] if linked and linked not in all_symbols else [])]
+    if "view" not in st.session_state:
+        st.session_state.view = linked or ALL_SYMBOLS
+    view = st.selectbox("Symbol view", view_options, key="view", on_change=view_changed,
+                        help="One symbol in depth: candles with indicators and anomalies, its flags, alerts, "
+                             "whale trades and tape. The page's address names it, so the view can be shared.")
+    chosen = st.multiselect("Symbols", all_symbols, placeholder="all symbols", key="symbols",
+                            disabled=view != ALL_SYMBOLS)
     anomalies_only = st.checkbox("Anomalies only", key="anomalies_only")
     candle_size = st.radio("Candle size", list(settings.window_labels), horizontal=True, key="candle_size")
+    show_ema = st.toggle("EMA 12/26 on the candles", key="ema")
     if (st.get_option("server.address") or "") not in LOOPBACK and settings.api_key:
         st.text_input("API key (to acknowledge alerts)", type="password", key="api_key_entered")
 
 
 def no_data(what: str) -> None:
-    st.info(f"No data yet: {what} appear once trades flow (`make demo`).", icon="⏳")
+    st.info(f"No data yet: {what} appear once trades flow (`make demo`).", icon=":material/hourglass_empty:")
 
 
 def health_strip() -> None:
@@ -105,6 +128,14 @@ def kpi_row(symbols, since, until, previous_since) -> None:
                       help=f"exactly {full(now[key])}" if full else None)
 
 
+def sensible_time_axis(figure, starts: pd.Series, step: timedelta, at_least: int) -> None:
+    """Show at least `at_least` steps ending at the newest point: a lone first candle must not be
+    stretched over an axis ticked in fractions of a millisecond."""
+    newest = pd.Timestamp(starts.max()) + step
+    oldest = min(pd.Timestamp(starts.min()) - step / 2, newest - at_least * step)
+    figure.update_xaxes(range=[oldest, newest])
+
+
 def candle_panel(symbols, since, until) -> None:
     # read again on every refresh: a page opened before the first window was written must not
     # keep the empty list it started with
@@ -112,24 +143,44 @@ def candle_panel(symbols, since, until) -> None:
     if not options:
         no_data("candles")
         return
-    symbol = st.selectbox("Candles for", options, key="candle_symbol")
+    symbol = options[0] if len(options) == 1 else st.selectbox("Candles for", options, key="candle_symbol")
     size = candle_size if source == "stock_metrics" else BASE_SIZE
     frame = q("candles", source, symbol, size, since, until)
     if frame.empty:
         no_data(f"{size} candles of {symbol}")
         return
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.75, 0.25], vertical_spacing=0.03)
-    figure.add_trace(go.Candlestick(x=frame.window_start, open=frame.open, high=frame.high, low=frame.low,
-                                    close=frame.close, name=symbol), row=1, col=1)
-    figure.add_trace(go.Scatter(x=frame.window_start, y=frame.vwap, name="VWAP", line=dict(color="#9467bd")), 1, 1)
-    for column, name, dash in (("sma_20", "SMA 20", "dot"), ("sma_50", "SMA 50", "dash"),
-                               ("bollinger_upper", "Bollinger upper", "dot"),
-                               ("bollinger_lower", "Bollinger lower", "dot")):
+    x = frame.window_start
+    figure = make_subplots(rows=4, cols=1, shared_xaxes=True, row_heights=[0.52, 0.14, 0.17, 0.17],
+                           vertical_spacing=0.03, subplot_titles=("", "Volume", "RSI 14", "MACD 12/26/9"))
+    figure.add_trace(go.Candlestick(x=x, open=frame.open, high=frame.high, low=frame.low, close=frame.close,
+                                    name=symbol), row=1, col=1)
+    figure.add_trace(go.Scatter(x=x, y=frame.vwap, name="VWAP", line=dict(color="#9467bd")), 1, 1)
+    overlays = [("sma_20", "SMA 20", "dot"), ("sma_50", "SMA 50", "dash"),
+                ("bollinger_upper", "Bollinger upper", "dot"), ("bollinger_lower", "Bollinger lower", "dot")]
+    if show_ema:
+        overlays += [("ema_12", "EMA 12", "solid"), ("ema_26", "EMA 26", "solid")]
+    for column, name, dash in overlays:
         if frame[column].notna().any():
-            figure.add_trace(go.Scatter(x=frame.window_start, y=frame[column], name=name,
-                                        line=dict(dash=dash, width=1)), 1, 1)
-    figure.add_trace(go.Bar(x=frame.window_start, y=frame.volume, name="Volume", marker_color="#7f7f7f"), 2, 1)
-    figure.update_layout(height=480, margin=dict(l=10, r=10, t=30, b=10), xaxis_rangeslider_visible=False,
+            figure.add_trace(go.Scatter(x=x, y=frame[column], name=name, line=dict(dash=dash, width=1)), 1, 1)
+    marks = q("anomaly_points", [symbol], since, until)
+    if not marks.empty:
+        figure.add_trace(go.Scatter(x=marks.ts, y=marks.price, mode="markers", name="Anomalies",
+                                    marker=dict(color=[SEVERITY_COLORS.get(v, "#000") for v in marks.severity],
+                                                size=9, symbol="x"),
+                                    text=marks.severity + " " + marks.types), 1, 1)
+    figure.add_trace(go.Bar(x=x, y=frame.volume, name="Volume", marker_color="#7f7f7f"), 2, 1)
+    figure.add_trace(go.Scatter(x=x, y=frame.rsi_14, name="RSI 14", line=dict(color="#17becf")), 3, 1)
+    for level in (30, 70):
+        figure.add_hline(y=level, line=dict(dash="dot", width=1, color="#d62728" if level == 70 else "#2ca02c"),
+                         row=3, col=1)
+    figure.add_trace(go.Scatter(x=x, y=frame.macd, name="MACD", line=dict(color="#1f77b4")), 4, 1)
+    figure.add_trace(go.Scatter(x=x, y=frame.macd_signal, name="Signal", line=dict(color="#ff7f0e")), 4, 1)
+    figure.add_trace(go.Bar(x=x, y=frame.macd_histogram, name="Histogram",
+                            marker_color=["#d62728" if pd.notna(v) and v < 0 else "#2ca02c" for v in frame.macd_histogram]),
+                     4, 1)
+    figure.update_yaxes(range=[0, 100], row=3, col=1)
+    sensible_time_axis(figure, x, timedelta(milliseconds=parse_size(size)), at_least=30)
+    figure.update_layout(height=760, margin=dict(l=10, r=10, t=30, b=10), xaxis_rangeslider_visible=False,
                          title=f"{symbol} {size} candles", uirevision=f"{symbol}-{size}")
     st.plotly_chart(figure, width="stretch", key="candles")
 
@@ -144,7 +195,8 @@ def price_panel(symbols, since, until) -> None:
     if not anomalies_only:
         for symbol, rows in prices.groupby("symbol"):
             base = rows.price.iloc[0]
-            figure.add_trace(go.Scatter(x=rows.ts, y=(rows.price / base - 1) * 100, name=symbol, mode="lines"))
+            figure.add_trace(go.Scatter(x=rows.ts, y=(rows.price / base - 1) * 100, name=symbol,
+                                        mode="lines" if len(rows) > 30 else "lines+markers"))
     first = prices.groupby("symbol").price.first()
     for severity, rows in marks.groupby("severity"):
         y = [(p / first.get(s, p) - 1) * 100 for s, p in zip(rows.symbol, rows.price)]
@@ -156,6 +208,8 @@ def price_panel(symbols, since, until) -> None:
     flagged = int(marks.in_minute.sum()) if not marks.empty else 0
     shown = (f"{len(marks):,} markers for {flagged:,} flagged trades (the strongest per minute and symbol)"
              if flagged else "no anomalies in range")
+    sensible_time_axis(figure, pd.concat([prices.ts, marks.ts]) if not marks.empty else prices.ts,
+                       timedelta(minutes=1), at_least=15)
     figure.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="% vs range start",
                          title=f"Price (1-minute closes) with anomalies — {shown}", uirevision="prices")
     st.plotly_chart(figure, width="stretch", key="prices")
@@ -202,7 +256,7 @@ def whales_and_tape(symbols, since, until) -> None:
             no_data("whale trades")
         for row in whales.itertuples():
             with st.container(border=True):
-                st.markdown(f"🐋 **{row.symbol}** {row.side} **{exact(row.quantity, 0)}** @ {exact(row.price)} "
+                st.markdown(f":material/waves: **{row.symbol}** {row.side} **{exact(row.quantity, 0)}** @ {exact(row.price)} "
                             f"= ${row.value:,.0f}  \n{pd.Timestamp(row.ts):%Y-%m-%d %H:%M:%S} UTC · score {row.score:.1f}")
     with right:
         st.subheader("Trade tape")
@@ -216,6 +270,25 @@ def whales_and_tape(symbols, since, until) -> None:
                 "Symbol": tape.symbol, "Side": tape.side,
                 "Price": [exact(p) for p in tape.price], "Quantity": [exact(v, 0) for v in tape.quantity],
                 "Exchange": tape.exchange, "Anomaly": tape.severity.fillna("")}).set_index("Time (UTC)"))
+
+
+def events_panel(symbols) -> None:
+    """Pump-and-dump events (tradewatch/detect/pump.py), shown when there are any."""
+    events = q("manipulation_events", None, None, 50)
+    if symbols:
+        events = events[events.symbol.isin(symbols)]
+    if events.empty:
+        return
+    st.subheader("Pump-and-dump events")
+    st.table(pd.DataFrame({
+        "Started (UTC)": [f"{pd.Timestamp(t):%Y-%m-%d %H:%M:%S}" for t in events.started_at],
+        "Symbol": events.symbol, "State": events.state,
+        "Start": [exact(p) for p in events.start_price], "Peak": [exact(p) for p in events.peak_price],
+        "Gain": [f"{g:+.1f}%" for g in events.gain_pct],
+        "Burst": [f"{n} trades, {m:,.0f}x baseline" for n, m in zip(events.burst_trades, events.volume_multiple)],
+        "Dump": ["" if pd.isna(d) else f"-{d:.1f}% in {s:,.0f} s" for d, s in zip(events.dump_depth_pct,
+                                                                                  events.dump_seconds)],
+    }).set_index("Started (UTC)").head(20))
 
 
 def acknowledge_allowed() -> tuple[bool, str]:
@@ -242,12 +315,31 @@ def alert_feed(symbols) -> None:
         st.caption(note)
     for row in alerts.head(20).itertuples():
         text, button = st.columns([6, 1])
-        mark = "✅" if row.acknowledged else "🔔"
+        mark = ":material/check_circle:" if row.acknowledged else ":material/notifications_active:"
         text.markdown(f"{mark} :{'red' if row.severity == 'CRITICAL' else 'orange' if row.severity == 'HIGH' else 'blue'}"
                       f"[**{row.severity}**] {row.message}")
         if not row.acknowledged:
             button.button("Acknowledge", key=f"ack-{row.alert_id}", on_click=acknowledge, args=(row.alert_id,),
                           disabled=not allowed)
+
+
+def symbol_view(symbol: str, since, until, previous_since) -> None:
+    st.subheader(f"{symbol} in depth")
+    kpi_row([symbol], since, until, previous_since)
+    candle_panel([symbol], since, until)
+    st.subheader("Flagged trades")
+    flagged = q("symbol_flags", symbol, since, until)
+    if flagged.empty:
+        no_data(f"flagged trades of {symbol}")
+    else:
+        st.table(pd.DataFrame({
+            "Time (UTC)": [f"{pd.Timestamp(t):%Y-%m-%d %H:%M:%S.%f}"[:-3] for t in flagged.ts],
+            "Side": flagged.side, "Price": [exact(p) for p in flagged.price],
+            "Quantity": [exact(v, 0) for v in flagged.quantity], "Severity": flagged.severity,
+            "Kinds": flagged.types, "Score": [f"{v:.1f}" for v in flagged.score]}).set_index("Time (UTC)").head(20))
+    whales_and_tape([symbol], since, until)
+    events_panel([symbol])
+    alert_feed([symbol])
 
 
 @st.fragment(run_every=timedelta(seconds=refresh))
@@ -256,20 +348,24 @@ def live() -> None:
         health_strip()
         anchor = q("data_anchor")
         if anchor is None:
-            st.info("No data yet — start the pipeline with `make demo` (or producer.py + consumer.py).", icon="⏳")
+            st.info("No data yet — start the pipeline with `make demo` (or producer.py + consumer.py).", icon=":material/hourglass_empty:")
             return
-        symbols = chosen or None
+        symbols = [view] if view != ALL_SYMBOLS else chosen or None
         span = timedelta(minutes=RANGES[range_name])
         until = anchor + timedelta(milliseconds=1)
         since = until - span
         st.caption(f"{range_name} of data, up to {anchor:%Y-%m-%d %H:%M:%S} UTC · refreshing every {refresh} s · "
                    f"metrics from `{source}`")
+        if view != ALL_SYMBOLS:
+            symbol_view(view, since, until, since - span)
+            return
         kpi_row(symbols, since, until, since - span)
         candle_panel(symbols, since, until)
         price_panel(symbols, since, until)
         share_panels(symbols, since, until)
         scanner_panel(symbols, since, until)
         whales_and_tape(symbols, since, until)
+        events_panel(symbols)
         alert_feed(symbols)
     except DBAPIError as error:
         database_down(error)

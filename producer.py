@@ -12,7 +12,7 @@ from tradewatch.cli import StopFlag, load_settings, setup_logging
 from tradewatch.events import Trade
 from tradewatch.market import replay
 from tradewatch.market.live import VENUES, FeedFailed, LiveFeed
-from tradewatch.market.simulator import DEFAULT_SYMBOLS, MarketSimulator
+from tradewatch.market.simulator import DEFAULT_SYMBOLS, FIRST_ANOMALY_HISTORY, MarketSimulator
 from tradewatch.publish import PublishStats, publish
 
 
@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sim.add_argument("--seed", type=int, help="random seed: the same seed gives the same stream")
     sim.add_argument("--anomaly-rate", type=float, default=0.0,
                      help="share of trades that are injected anomalies, 0..1 (default 0)")
+    sim.add_argument("--first-anomaly-after", type=float, metavar="SECONDS",
+                     help="inject a price spike this many seconds into the feed, on the first symbol with "
+                          f"{FIRST_ANOMALY_HISTORY} trades (what `make demo` does, so a class sees one early)")
     sim.add_argument("--start", help="event time of the first trade, ISO-8601 (default: now)")
     rep = parser.add_argument_group("replay")
     rep.add_argument("--replay", metavar="FILE", help="CSV (or .csv.gz) of trades or 1-minute bars")
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         symbols = [s.strip().upper() for s in (args.symbols or ",".join(DEFAULT_SYMBOLS)).split(",") if s.strip()]
         def simulator(start_ms: int) -> MarketSimulator:
             # With --rate max, event time still advances 1 ms per trade on average.
-            return MarketSimulator(symbols, rate or 1000.0, args.seed, args.anomaly_rate, start_ms)
+            return MarketSimulator(symbols, rate or 1000.0, args.seed, args.anomaly_rate, start_ms,
+                                   args.first_anomaly_after)
         try:
             trades = simulator(start_ms)
         except ValueError as error:

@@ -94,6 +94,10 @@ def load_trades(settings: Settings, count: int) -> dict:
     loading = _load_simulated(settings, base)
     if count > base:
         loading.update(_copy_days(settings, count // base - 1))
+    from tradewatch.store import db
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.execute("SELECT tw_refill_latest_trades()")     # the bulk load bypassed writer.write_batch
+    conn.close()
     return loading
 
 

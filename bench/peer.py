@@ -92,8 +92,9 @@ def run_peer(settings, python: Path, total: int) -> float:
     s = settings
     process = subprocess.Popen(
         [str(python), str(HERE / "peer_quix_app.py"), s.kafka_bootstrap_servers, s.trades_topic, group,
-         s.postgres_host, str(s.postgres_port), s.postgres_db, s.postgres_user, s.database_password, "quix_trades"],
-        cwd=PEER_VENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         s.postgres_host, str(s.postgres_port), s.postgres_db, s.postgres_user, "quix_trades"],
+        cwd=PEER_VENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PGPASSWORD": s.database_password})      # not on the command line: ps shows that
     try:
         return timed_fill(settings, "quix_trades", total, process)
     finally:

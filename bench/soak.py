@@ -100,7 +100,9 @@ def main() -> None:
 
     def sampler() -> None:
         while not stop.wait(10):
-            newest = query(settings, "SELECT max(ts) FROM trades")[0][0]
+            # this soak's trades only: the bench database may hold other benches' (newer) trades
+            newest = query(settings, "SELECT max(ts) FROM trades WHERE ts >= %s AND ts < %s AND trade_id LIKE 'S%%'",
+                           (start, start + timedelta(days=args.days)))[0][0]
             samples.append({
                 "s": round(time.monotonic() - began), "day": round((newest - start).total_seconds() / 86400, 2)
                 if newest else None,

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -244,6 +245,30 @@ def wait_for_progress(measure, target: int, stalled_after: float = 60, interval:
         elif time.monotonic() - moved_at > stalled_after:
             raise AssertionError(f"{message}: stalled at {value} of {target} for {stalled_after:.0f}s\n{details()}")
     return value
+
+
+class Feeder(threading.Thread):
+    """A thread that feeds a test while the test disrupts the pipeline; `join()` raises what the
+    feeding raised (a plain thread's failure is only a warning, and the test would then time out
+    waiting for trades that were never sent, with no word of why)."""
+
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as error:       # noqa: BLE001 - handed to join()
+            self.error = error
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise AssertionError(f"the feeder failed: {self.error!r}") from self.error
+
+
+# how long a feeder waits for Kafka to take what it sent, through broker restarts on a loaded
+# machine (a flush ends as soon as everything is delivered; this bounds a stall)
+FEED_FLUSH_S = 600
 
 
 def publish_trades(settings: Settings, trades: list) -> None:

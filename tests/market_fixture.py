@@ -38,6 +38,6 @@ def _load(conn, trades) -> int:
     flagged = [d for d in detections if d.is_anomaly]
     with conn.cursor() as cur:
         flags.write_flags(cur, flagged, pipeline.version)
-        flags.write_alerts(cur, [(0, a) for d in flagged for a in alerts_for(d) if dedup.allow(a)], webhook=False)
+        flags.write_alerts(cur, [(0, a) for d in flagged for a in alerts_for(d) if dedup.allow(a)])
     conn.commit()
     return len(trades)

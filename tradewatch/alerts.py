@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from tradewatch.config import Settings
-from tradewatch.detect.rules import TYPE_SEVERITY, Detection
+from tradewatch.detect.rules import Detection
 
 
 @dataclass
@@ -27,18 +27,39 @@ class Alert:
 
 
 def alerts_for(detection: Detection) -> list[Alert]:
+    """One alert per anomaly type of the trade; inside a pump-and-dump event only the event's
+    phase alert (the other flags stay on the trade)."""
     t = detection.trade
     when = datetime.fromtimestamp(t.timestamp_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     alerts = []
     for kind in detection.types:
+        if detection.quiet and kind != "PUMP_AND_DUMP":
+            continue
+        severity = detection.severity_of(kind)
         details = {"price": t.price, "quantity": t.quantity, "side": t.side, "score": round(detection.score, 3),
                    "types": detection.types, **detection.details}
-        message = f"{TYPE_SEVERITY[kind]} {kind} {t.symbol} at {when} UTC: price {t.price:g}, quantity {t.quantity:g}"
-        if "move_pct" in detection.details:
+        message = f"{severity} {kind} {t.symbol} at {when} UTC: price {t.price:g}, quantity {t.quantity:g}"
+        if kind == "PUMP_AND_DUMP":
+            message = f"{severity} {kind} {t.symbol} at {when} UTC: {_phase_text(detection)}"
+        elif "move_pct" in detection.details:
             message += f", move {detection.details['move_pct']:+.2f}% vs rolling average"
-        alerts.append(Alert(f"{t.trade_id}:{kind}", t.timestamp_ms, t.symbol, kind, TYPE_SEVERITY[kind],
+        alerts.append(Alert(f"{t.trade_id}:{kind}", t.timestamp_ms, t.symbol, kind, severity,
                             message, t.trade_id, details))
     return alerts
+
+
+def _phase_text(detection: Detection) -> str:
+    e, price = detection.event, detection.trade.price
+    if detection.phase == "pump":
+        buys = f", {e['buy_share'] * 100:.0f}% of it bought" if e["buy_share"] is not None else ""
+        return (f"pump — price {price:g}, {e['gain_pct']:+.1f}% on a burst of {e['burst_trades']} trades in "
+                f"{(e['peak_ms'] - e['started_ms']) / 1000:.0f} s ({e['volume_multiple']:g}x its baseline{buys})")
+    if detection.phase == "peak":
+        return f"peak at {e['peak_price']:g} ({e['gain_pct']:+.1f}% from {e['start_price']:g}); price now {price:g}"
+    if detection.phase == "dump":
+        return (f"dump — price {price:g}, {e['dump_depth_pct']:.1f}% below the peak {e['peak_price']:g} in "
+                f"{e['dump_seconds']:.0f} s")
+    return f"over — price {price:g} (start {e['start_price']:g}, peak {e['peak_price']:g})"
 
 
 class Deduplicator:
@@ -65,7 +86,8 @@ class Deduplicator:
         self.last_ms.update(((symbol, kind), int(ms)) for kind, ms in cooldowns.items())
 
     def allow(self, alert: Alert) -> bool:
-        key = (alert.symbol, alert.alert_type)
+        phase = alert.details.get("phase") if alert.alert_type == "PUMP_AND_DUMP" else None
+        key = (alert.symbol, f"{alert.alert_type}:{phase}" if phase else alert.alert_type)   # each phase once
         last = self.last_ms.get(key)
         if last is not None and alert.timestamp_ms - last < self.cooldowns_ms.get(alert.severity, 0):
             self.suppressed += 1

@@ -234,6 +234,11 @@ def create_app(settings: Settings) -> FastAPI:
         severities = [s.value for s in severity] if severity else None
         return rows_response(queries.alerts_page(engine, symbol, type, severities, since, until, acknowledged, limit))
 
+    @app.get("/events", summary="Pump-and-dump events, newest first: start, peak, gain, burst, dump, state")
+    def events(symbol: Annotated[str | None, Query(pattern=SYMBOL_PATTERN)] = None, since: Instant | None = None,
+               limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> list[dict]:
+        return rows_response(queries.manipulation_events(engine, symbol, since, limit))
+
     @app.get("/alerts/stream", response_class=EventSourceResponse,
              summary="Live alerts as Server-Sent Events (from the Kafka alerts topic)",
              description="One `alert` event per alert, its id the alert id; a `: heartbeat` comment every "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, fields, replace
+from dataclasses import field as setting
 from pathlib import Path
 from urllib.parse import quote
 
@@ -43,7 +44,8 @@ class Settings:
     postgres_port: int = 5432
     postgres_db: str = "tradewatch"
     postgres_user: str = "tradewatch"
-    postgres_password: str = ""     # empty: the local stack's generated one (TRADEWATCH_HOME/postgres-password)
+    # empty: the local stack's generated one (TRADEWATCH_HOME/postgres-password); secrets stay out of repr()
+    postgres_password: str = setting(default="", repr=False)
     consumer_group: str = "tradewatch-consumer"
     consumer_batch_size: int = 10000
     max_clock_skew_seconds: float = 300.0
@@ -90,7 +92,18 @@ class Settings:
     zscore_window: int = 50
     zscore_threshold: float = 8.0
     breaker_cool_off_seconds: float = 300.0
-    alert_webhook_url: str = ""
+    alert_webhook_url: str = setting(default="", repr=False)        # its path and query carry tokens
+    # where each severity's alerts go: "CRITICAL=webhook+email,HIGH=webhook,MEDIUM=log"; channels
+    # webhook (ALERT_WEBHOOK_URL), email (SMTP_* below), log (the detector's log only); a severity not
+    # named is logged only. Empty: every alert to the webhook when ALERT_WEBHOOK_URL is set.
+    alert_routes: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_starttls: bool = True
+    smtp_user: str = ""
+    smtp_password: str = setting(default="", repr=False)
+    alert_email_from: str = "tradewatch@localhost"
+    alert_email_to: str = ""                 # comma-separated addresses
     alert_cooldown_critical_seconds: float = 300.0
     alert_cooldown_high_seconds: float = 60.0
     alert_cooldown_medium_seconds: float = 30.0
@@ -131,6 +144,7 @@ class Settings:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"setting {name.upper()} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self.routes                          # ALERT_ROUTES parsed, every channel it names configured
         if self.demo_anomaly_rate > 1:
             raise ValueError(f"setting DEMO_ANOMALY_RATE must be at most 1, got {self.demo_anomaly_rate!r}")
         from tradewatch.windows import parse_size
@@ -176,6 +190,28 @@ class Settings:
 
     def with_overrides(self, **overrides: object) -> "Settings":
         return replace(self, **overrides)
+
+    @property
+    def routes(self) -> dict[str, frozenset[str]]:
+        """Severity -> the channels its alerts are delivered to (ValueError naming the setting)."""
+        if not self.alert_routes.strip():
+            everything = frozenset({"webhook"} if self.alert_webhook_url else ())
+            return {severity: everything for severity in SEVERITIES}
+        routes = {severity: frozenset() for severity in SEVERITIES}
+        for part in filter(None, (p.strip() for p in self.alert_routes.split(","))):
+            severity, equals, channels = (x.strip() for x in part.partition("="))
+            chosen = frozenset(c.strip().lower() for c in channels.split("+") if c.strip())
+            if not equals or severity.upper() not in routes or not chosen or chosen - set(CHANNELS):
+                raise ValueError(f"setting ALERT_ROUTES must be like CRITICAL=webhook+email,HIGH=webhook,"
+                                 f"MEDIUM=log (severities {', '.join(SEVERITIES)}; channels "
+                                 f"{', '.join(CHANNELS)}), got {part!r}")
+            routes[severity.upper()] = chosen - {"log"}
+        used = set().union(*routes.values())
+        if "webhook" in used and not self.alert_webhook_url:
+            raise ValueError("setting ALERT_ROUTES sends alerts to the webhook but ALERT_WEBHOOK_URL is empty")
+        if "email" in used and not (self.smtp_host and self.alert_email_to.strip()):
+            raise ValueError("setting ALERT_ROUTES sends alerts by e-mail but SMTP_HOST or ALERT_EMAIL_TO is empty")
+        return routes
 
     def as_env(self) -> dict[str, str]:
         """These settings as environment variables, for child processes (the password resolved)."""
@@ -233,6 +269,9 @@ class Settings:
             f"@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}"
         )
 
+
+SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW")
+CHANNELS = ("webhook", "email", "log")
 
 # numbers that may be 0 (the others must be more than 0)
 _MAY_BE_ZERO = {"allowed_lateness_seconds", "max_clock_skew_seconds", "breaker_cool_off_seconds",

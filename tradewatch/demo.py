@@ -36,6 +36,8 @@ LOUD_AFTER_DEATHS = 3
 LOUD_WINDOW_S = 300.0
 STOP_GRACE_S = 6.0
 TAIL_LINES = 25
+DEMO_FIRST_ANOMALY_S = 1.0       # producer --first-anomaly-after: once a symbol is warm (~8 s at 20/s)
+LATER_S = 20.0
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Child:
     backoff_s: float = FIRST_BACKOFF_S
     deaths: deque[float] = field(default_factory=lambda: deque(maxlen=50))
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    start_after_s: float = 0.0      # what the first minute does not need starts later, off the busy start
 
     def start(self) -> None:
         self.tail.clear()
@@ -75,8 +78,9 @@ def stages(settings: Settings) -> list[Child]:
                 for i in range(consumers)]
     # DEMO_LIVE=coinbase|binance: real trades instead of the simulator (DEMO_LIVE_URL: another
     # endpoint, e.g. a classroom's `python -m tradewatch.market.replay_server coinbase --loop`)
+    # the first anomaly as soon as the rules can see one: at the default rates a random one may take a minute
     producer = [python, "producer.py", "--rate", f"{settings.demo_rate:g}", "--anomaly-rate",
-                f"{settings.demo_anomaly_rate:g}"]
+                f"{settings.demo_anomaly_rate:g}", "--first-anomaly-after", f"{DEMO_FIRST_ANOMALY_S:g}"]
     if settings.demo_live:
         producer = [python, "producer.py", "--live", settings.demo_live]
         if settings.demo_live_url:
@@ -94,7 +98,10 @@ def stages(settings: Settings) -> list[Child]:
     ]
     if settings.run_flink_in_demo:
         commands.append(("flink", [python, "flink_job.py"]))
-    return [Child(name, command) for name, command in commands]
+    # on two cores, eight interpreters importing pandas at once delay the first anomaly by seconds:
+    # the API, the reports and maintenance start once the path to the page is up
+    later = {"api": LATER_S, "reports": LATER_S, "maintain": LATER_S}
+    return [Child(name, command, start_after_s=later.get(name, 0.0)) for name, command in commands]
 
 
 class Supervisor:
@@ -107,8 +114,12 @@ class Supervisor:
 
     def start_all(self) -> None:
         for stage in self.stages:
-            log.info("starting %s: %s", stage.name, " ".join(stage.command[1:]))
-            stage.start()
+            if stage.start_after_s:
+                log.info("starting %s in %.0f s: %s", stage.name, stage.start_after_s, " ".join(stage.command[1:]))
+                stage.restart_at = time.monotonic() + stage.start_after_s
+            else:
+                log.info("starting %s: %s", stage.name, " ".join(stage.command[1:]))
+                stage.start()
 
     def watch(self) -> None:
         """Until asked to stop: restart what died, with backoff."""
@@ -118,7 +129,7 @@ class Supervisor:
                 if stage.process is not None and stage.process.poll() is not None and not self.stopping:
                     self._died(stage, now)
                 elif stage.process is None and stage.restart_at is not None and now >= stage.restart_at:
-                    log.info("restarting %s", stage.name)
+                    log.info("%s %s", "restarting" if stage.deaths else "starting", stage.name)
                     stage.start()
             time.sleep(0.2)
 

@@ -53,7 +53,7 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 MAX_EVENT_BYTES = 16 * 1024
 SIDES = frozenset({"buy", "sell", "unknown"})
-ANOMALY_LABELS = frozenset({"price_spike", "price_drop", "volume_spike", "flash_crash"})
+ANOMALY_LABELS = frozenset({"price_spike", "price_drop", "volume_spike", "flash_crash", "pump_and_dump"})
 EARLIEST_TIMESTAMP_MS = 631152000000  # 1990-01-01T00:00:00Z
 LATEST_TIMESTAMP_MS = 253_402_300_799_999       # 9999-12-31T23:59:59.999Z: the last day Python dates hold
 MAX_CLOCK_SKEW_MS = 300_000          # default of the setting MAX_CLOCK_SKEW_SECONDS
@@ -114,7 +114,7 @@ class _Wire(msgspec.Struct, gc=False):
     bid: _Price | None = None
     ask: _Price | None = None
     condition: Annotated[str, msgspec.Meta(pattern=_CONDITION_PATTERN)] | None = None
-    injected_anomaly: Literal["price_spike", "price_drop", "volume_spike", "flash_crash"] | None = None
+    injected_anomaly: Literal["price_spike", "price_drop", "volume_spike", "flash_crash", "pump_and_dump"] | None = None
 
 
 _decode_wire = msgspec.json.Decoder(_Wire).decode

@@ -270,10 +270,23 @@ def run(settings: Settings, dry_run: bool = False, out=print) -> int:
                             (where / record["file"]).unlink(missing_ok=True)
                             (where / record["file"].replace(".parquet", ".json")).unlink(missing_ok=True)
                         out(f"{table} {day.label}: changed while archived; archived again next time")
+            _old_events(conn, settings, dry_run, out)
             resent(conn, out, remember=not dry_run)
     finally:
         conn.close()
     return dropped
+
+
+def _old_events(conn, settings: Settings, dry_run: bool, out) -> None:
+    """Pump-and-dump events (a few a day, not partitioned) older than the alerts' retention go, by DELETE."""
+    with conn.cursor() as cur:
+        cur.execute(f"{'SELECT count(*) FROM' if dry_run else 'DELETE FROM'} manipulation_events"
+                    " WHERE started_at < now() - %s * interval '1 day'", (settings.retention_days_alerts,))
+        n = cur.fetchone()[0] if dry_run else cur.rowcount
+    conn.commit()
+    if n:
+        out(f"manipulation_events: {'would delete' if dry_run else 'deleted'} {n:,} events older than"
+            f" {settings.retention_days_alerts} days")
 
 
 def main_loop(settings: Settings, every_s: float, stop) -> None:

@@ -1,7 +1,7 @@
 """Step 2 of the commit protocol (tradewatch/runtime.py): the alert outbox.
 
 The detector's checkpoint stores each alert with the trades partition it came from, unpublished
-(`published_at` NULL, and `webhook_due` when a webhook is configured). Two deliveries then work
+(`published_at` NULL, and `webhook_due` / `email_due` as ALERT_ROUTES sends its severity). Two deliveries then work
 from the table, each for the partitions this process holds, so with N detectors each alert is
 sent by its partition's owner:
 
@@ -13,20 +13,27 @@ and while idle, closed when the stage stops.
   each alert sent and waited for; only those Kafka acknowledged are marked published. Refused
   ones (a topic limit, a broken ACL …) stay, one log line per round, tried again every
   RETRY_S — nothing refused is ever marked sent.
-- **Webhook** (`WebhookOutbox`, a thread of its own so a slow endpoint never holds up detection):
-  oldest first, one POST each; a 2xx clears `webhook_due`; anything else backs off (up to
-  WEBHOOK_BACKOFF_MAX_S) and tries the same alert again, for as long as it takes — across
-  restarts too, since the table is the queue. The URL is a secret: logs name only its host.
+- **Routes** (ALERT_ROUTES: each severity to webhook, email or the log only; a `DeliveryOutbox`
+  per channel, each a thread of its own so a slow endpoint never holds up detection): oldest
+  first, one at a time; a delivery clears the alert's `webhook_due` / `email_due`; a failure backs
+  off (up to WEBHOOK_BACKOFF_MAX_S) and tries the same alert again, for as long as it takes —
+  across restarts too, since the table is the queue. `WebhookOutbox` POSTs (the URL is a secret:
+  logs name only its host); `EmailOutbox` mails over SMTP (STARTTLS, login from settings; the
+  password is never logged).
 
 Both are at least once: a crash between the delivery and the mark sends that alert again (readers
 dedupe by alert_id).
 """
 from __future__ import annotations
 
+import json
 import logging
+import smtplib
+import ssl
 import threading
 import time
 from dataclasses import asdict
+from email.message import EmailMessage
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -98,16 +105,19 @@ class AlertOutbox:
                 return
 
 
-class WebhookOutbox:
-    """Posts Slack-compatible JSON ({"text": …, "alert": …}) for every alert with `webhook_due`
-    of the partitions in `partitions` (those the stage holds, at each delivery)."""
+class DeliveryOutbox:
+    """Delivers every alert whose `<channel>_due` is set, of the partitions in `partitions` (those
+    the stage holds, at each delivery), oldest first, one at a time, on a thread of its own; a
+    failure backs off and tries the same alert again, for as long as it takes. Subclasses say how
+    one alert is sent (`send`, None when delivered, else a short reason with no secret in it)."""
+    channel = ""
 
-    def __init__(self, settings: Settings, url: str):
-        self.settings, self.url, self.where = settings, url, redact(url)
+    def __init__(self, settings: Settings, where: str):
+        self.settings, self.where = settings, where
         self.partitions: tuple[int, ...] = ()
         self.delivered = 0
         self._wake, self._stopping = threading.Event(), threading.Event()
-        self._thread = threading.Thread(target=self._work, name="webhook", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=self.channel, daemon=True)
         self._thread.start()
 
     def wake(self) -> None:
@@ -115,11 +125,14 @@ class WebhookOutbox:
         self._wake.set()
 
     def deliver(self, rt) -> None:
-        """The posting runs on its own thread; it follows the partitions the stage holds."""
+        """The sending runs on its own thread; it follows the partitions the stage holds."""
         self.partitions = tuple(sorted(rt.epochs))
 
+    def send(self, alert) -> str | None:
+        raise NotImplementedError
+
     def _work(self) -> None:
-        session, conn, backoff, down_since = requests.Session(), None, 0.0, None
+        conn, backoff, down_since = None, 0.0, None
         while not self._stopping.is_set():
             self._wake.clear()
             pause = RETRY_S                 # nothing due: look again then, or when woken
@@ -128,23 +141,24 @@ class WebhookOutbox:
                     conn = db.connect(self.settings)
                     conn.autocommit = True
                 with conn.cursor() as cur:
-                    due = store.webhook_due(cur, list(self.partitions), 50) if self.partitions else []
+                    due = store.due(cur, self.channel, list(self.partitions), 50) if self.partitions else []
                 for alert in due:
                     if self._stopping.is_set():
                         break
-                    problem = self._post(session, alert)
+                    problem = self.send(alert)
                     if problem:
                         if down_since is None:
                             down_since = time.monotonic()
-                            log.warning("webhook at %s unavailable (%s); alerts wait in the table and are posted "
-                                        "when it answers", self.where, problem)
+                            log.warning("%s at %s unavailable (%s); alerts wait in the table and are sent "
+                                        "when it answers", self.channel, self.where, problem)
                         backoff = pause = min(max(backoff * 2, 1.0), WEBHOOK_BACKOFF_MAX_S)
                         break
                     with conn.cursor() as cur:
-                        store.mark_posted(cur, alert.alert_id)
+                        store.mark_delivered(cur, self.channel, alert.alert_id)
                     self.delivered += 1
                     if down_since is not None:
-                        log.info("webhook at %s answers again after %.0f s", self.where, time.monotonic() - down_since)
+                        log.info("%s at %s answers again after %.0f s", self.channel, self.where,
+                                 time.monotonic() - down_since)
                         down_since, backoff = None, 0.0
                 else:
                     if len(due) == 50:
@@ -158,16 +172,62 @@ class WebhookOutbox:
         if conn is not None:
             conn.close()
 
-    def _post(self, session: requests.Session, alert) -> str | None:
+    def close(self) -> None:
+        """Stops within WEBHOOK_TIMEOUT_S plus a little; what is not sent stays due for the next run."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(WEBHOOK_TIMEOUT_S + 2)
+
+
+class WebhookOutbox(DeliveryOutbox):
+    """Posts Slack-compatible JSON ({"text": …, "alert": …}); a 2xx is delivered."""
+    channel = "webhook"
+
+    def __init__(self, settings: Settings, url: str):
+        self.url, self.session = url, requests.Session()
+        super().__init__(settings, redact(url))
+
+    def send(self, alert) -> str | None:
         payload = {"text": f":rotating_light: {alert.message}", "alert": asdict(alert)}
         try:
-            response = session.post(self.url, json=payload, timeout=WEBHOOK_TIMEOUT_S)
+            response = self.session.post(self.url, json=payload, timeout=WEBHOOK_TIMEOUT_S)
         except requests.RequestException as error:
             return type(error).__name__
         return None if response.status_code < 300 else f"HTTP {response.status_code}"
 
-    def close(self) -> None:
-        """Stops within WEBHOOK_TIMEOUT_S plus a little; what is not posted stays due for the next run."""
-        self._stopping.set()
-        self._wake.set()
-        self._thread.join(WEBHOOK_TIMEOUT_S + 2)
+
+class EmailOutbox(DeliveryOutbox):
+    """One e-mail per alert over SMTP (the standard library's smtplib): STARTTLS when SMTP_STARTTLS,
+    login when SMTP_USER is set. The alert id is in a header, so a reader can drop a repeat."""
+    channel = "email"
+
+    def __init__(self, settings: Settings):
+        self.recipients = [a.strip() for a in settings.alert_email_to.split(",") if a.strip()]
+        super().__init__(settings, f"smtp://{settings.smtp_host}:{settings.smtp_port}")
+
+    def send(self, alert) -> str | None:
+        s = self.settings
+        message = EmailMessage()
+        message["Subject"] = f"[TradeWatch {alert.severity}] {alert.alert_type} {alert.symbol}"
+        message["From"], message["To"] = s.alert_email_from, ", ".join(self.recipients)
+        message["X-TradeWatch-Alert-Id"] = alert.alert_id
+        message.set_content(f"{alert.message}\n\n{json.dumps(asdict(alert), indent=2, default=str)}\n")
+        try:
+            with smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=WEBHOOK_TIMEOUT_S) as smtp:
+                if s.smtp_starttls:
+                    smtp.starttls(context=ssl.create_default_context())
+                if s.smtp_user:
+                    smtp.login(s.smtp_user, s.smtp_password)
+                smtp.send_message(message)
+        except smtplib.SMTPResponseException as error:
+            return f"{type(error).__name__} {error.smtp_code}"      # the code, never the server's text
+        except (OSError, smtplib.SMTPException) as error:
+            return type(error).__name__
+        return None
+
+
+def delivery_outboxes(settings: Settings) -> list[DeliveryOutbox]:
+    """One outbox per channel ALERT_ROUTES uses."""
+    used = set().union(*settings.routes.values())
+    return ([WebhookOutbox(settings, settings.alert_webhook_url)] if "webhook" in used else []) + \
+        ([EmailOutbox(settings)] if "email" in used else [])

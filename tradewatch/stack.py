@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tradewatch.config import PROJECT_ROOT, Settings
@@ -365,7 +366,9 @@ def start_kafka(settings: Settings) -> None:
         config = _write_kafka_config(settings, node)
         _kafka_data_for_service_user(data)
         if not (data / "meta.properties").exists():
-            result = subprocess.run([java, log4j, "-cp", classpath, "kafka.tools.StorageTool", "format",
+            # a one-shot tool: the quick JIT tier and the serial collector start it sooner
+            result = subprocess.run([java, "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", log4j, "-cp", classpath,
+                                     "kafka.tools.StorageTool", "format",
                                      "-t", cluster_id, "-c", str(config)], capture_output=True, text=True,
                                     **_run_as())
             if result.returncode != 0:
@@ -479,9 +482,17 @@ def start(settings: Settings, timeout_s: float = 90.0) -> None:
 def _start(settings: Settings, timeout_s: float) -> None:
     from tradewatch import bus
 
-    start_postgres(settings)
-    start_kafka(settings)
+    _run_as()                 # as root: the service user exists before the two starts below share it
+    # side by side: Kafka's storage format and JVM start take most of the time, initdb runs meanwhile
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-kafka") as pool:
+        kafka = pool.submit(start_kafka, settings)
+        start_postgres(settings)
+        kafka.result()        # its StackError, if any, raised here
     ensure_database(settings)
+    # the tables too, while Kafka's JVM boots: on a fresh database the stages would otherwise wait for
+    # the first of them to apply the whole schema (seconds on a busy start), one behind the other
+    from tradewatch.store import db
+    db.apply_schema(settings)
 
     exited: list[int] = []
 

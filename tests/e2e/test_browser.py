@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
 from tests.conftest import free_port, query
@@ -67,6 +69,19 @@ def test_dashboard_renders_charts_and_reacts_to_controls(settings, dashboard, tm
         expect(page.get_by_text("Market scanner")).to_be_visible()
         expect(page.get_by_text("Whale trades")).to_be_visible()
         expect(page.get_by_text("Last hour of data", exact=False)).to_be_visible()
+        names = candle_traces(page)
+        assert {"RSI 14", "MACD", "Signal", "Histogram"} <= set(names) and "EMA 12" not in names, names
+        symbol = page.evaluate(f"{CANDLE_PLOT}.data[0].name")
+        stored = [r[0] for r in query(settings, "SELECT macd FROM indicators WHERE symbol = %s AND window_size = '1m'"
+                                                " ORDER BY window_start", (symbol,))]
+        drawn = page.evaluate(f"Array.from({CANDLE_PLOT}._fullData.find(t => t.name === 'MACD').y)")  # decoded
+        assert drawn == pytest.approx(stored) and stored, "the MACD panel draws the stored MACD"
+        layout = page.evaluate(f"(({{layout}}) => ({{rsi: layout.yaxis3.range, "
+                               f"bands: layout.shapes.map(s => s.y0)}}))({CANDLE_PLOT})")
+        assert layout["rsi"] == [0, 100] and {30, 70} <= set(layout["bands"]), layout
+        page.get_by_text("EMA 12/26 on the candles").click()
+        page.wait_for_function(f"{CANDLE_PLOT} && {CANDLE_PLOT}.data.some(t => t.name === 'EMA 12')", timeout=30_000)
+        assert {"EMA 12", "EMA 26"} <= set(candle_traces(page))
 
         # change a control: the time range
         page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
@@ -79,6 +94,47 @@ def test_dashboard_renders_charts_and_reacts_to_controls(settings, dashboard, tm
     assert shot.stat().st_size > 20_000
 
 
+CANDLE_PLOT = "[...document.querySelectorAll('.js-plotly-plot')].find(d => d.data && d.data[0].type === 'candlestick')"
+
+
+def candle_traces(page) -> list[str]:
+    return page.evaluate(f"{CANDLE_PLOT}.data.map(t => t.name)")
+
+
+def axis_span_minutes(page) -> float:
+    low, high = page.evaluate(f"{CANDLE_PLOT}.layout.xaxis.range")
+    return (datetime.fromisoformat(high) - datetime.fromisoformat(low)).total_seconds() / 60
+
+
+@pytest.mark.browser
+def test_symbol_view_is_shared_by_its_address(settings, dashboard):
+    """?symbol=X opens one symbol in depth (its candles with anomaly markers, flags, alerts, tape);
+    choosing a symbol in the sidebar puts it in the address."""
+    symbol, flagged = query(settings, "SELECT symbol, count(*) FROM trade_flags GROUP BY 1 ORDER BY 2 DESC LIMIT 1")[0]
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1600, "height": 2400})
+        page.goto(f"{dashboard}/?symbol={symbol}")
+        expect(page.get_by_text(f"{symbol} in depth")).to_be_visible(timeout=60_000)
+        page.wait_for_function(f"{CANDLE_PLOT} !== undefined", timeout=60_000)
+        title = page.evaluate(f"{CANDLE_PLOT}.layout.title.text")
+        assert f"{symbol} 1m candles" in title, title
+        assert "Anomalies" in candle_traces(page), "anomaly markers on the symbol's candles"
+        expect(page.get_by_text("Flagged trades")).to_be_visible()
+        rows = page.locator('[data-testid="stTable"]').first.locator("tbody tr")
+        expect(rows).to_have_count(min(flagged, 20))
+        expect(page.get_by_text("Market scanner")).to_have_count(0)      # the overview is not drawn
+
+        other = query(settings, "SELECT min(symbol) FROM stock_metrics WHERE symbol <> %s", (symbol,))[0][0]
+        page.goto(dashboard)
+        expect(page.get_by_text("Market scanner")).to_be_visible(timeout=60_000)
+        page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').nth(2).click()
+        page.get_by_role("option", name=other, exact=True).click()
+        expect(page.get_by_text(f"{other} in depth")).to_be_visible(timeout=30_000)
+        page.wait_for_function(f"location.search === '?symbol={other}'", timeout=10_000)
+        browser.close()
+
+
 def launch(p):
     return p.chromium.launch(executable_path=CHROMIUM, args=[
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -86,7 +142,7 @@ def launch(p):
 
 
 @pytest.mark.browser
-def test_page_opened_before_any_data_shows_candles_once_they_exist(settings, empty_dashboard):
+def test_page_opened_before_any_data_shows_candles_once_they_exist(settings, empty_dashboard, tmp_path):
     """A user opens the page before the aggregator has written a window: the live panels must pick
     up the symbols when they appear, without a reload."""
     with sync_playwright() as p:
@@ -95,6 +151,18 @@ def test_page_opened_before_any_data_shows_candles_once_they_exist(settings, emp
         page.goto(empty_dashboard)
         expect(page.get_by_text("No data yet", exact=False).first).to_be_visible(timeout=60_000)
         load_known_market(settings)
-        page.wait_for_function("[...document.querySelectorAll('.js-plotly-plot')]"
-                               ".some(d => d.data && d.data[0].type === 'candlestick')", timeout=30_000)
+        loaded = time.monotonic()
+        try:
+            page.wait_for_function("[...document.querySelectorAll('.js-plotly-plot')]"
+                                   ".some(d => d.data && d.data[0].type === 'candlestick')", timeout=60_000)
+        except PlaywrightTimeout:
+            # say what the page showed instead, and what the server logged: a loaded CI machine once
+            # timed out here with nothing to go on
+            text = page.inner_text("body")[:3000]
+            page.screenshot(path=str(tmp_path / "no-candles.png"), full_page=True)
+            raise AssertionError(f"no candlestick {time.monotonic() - loaded:.0f} s after the data was written; "
+                                 f"the page shows:\n{text}\nstreamlit log:\n"
+                                 f"{(tmp_path / 'streamlit.log').read_text()[-3000:]}") from None
+        # five minutes of 1-minute candles: the axis still spans 30 windows, never fractions of a millisecond
+        assert 30 <= axis_span_minutes(page) <= 40
         browser.close()

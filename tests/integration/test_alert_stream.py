@@ -278,7 +278,7 @@ def test_a_resumed_stream_sends_at_most_the_catch_up_bound(settings, tmp_path):
     conn = db.connect(settings)
     with conn, conn.cursor() as cur:
         for alert in alerts:        # one by one: each its own created_at, in this order
-            detections.write_alerts(cur, [(0, alert)], webhook=False)
+            detections.write_alerts(cur, [(0, alert)])
             cur.execute("SELECT pg_sleep(0.002)")
     conn.close()
     settings, base = start_api(settings, tmp_path, api_stream_catch_up=10)

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port, query, start_script, wait_for
 from tests.market_fixture import load_known_market
+from tradewatch.indicators import INDICATOR_COLUMNS
 
 
 def call(base: str, path: str, method: str = "GET", headers: dict | None = None, **params) -> tuple[int, object]:
@@ -77,7 +78,12 @@ def test_every_endpoint_answers_from_the_tables(api):
                            until="2026-01-02T00:00:00Z")
     closes = [r[0] for r in query(settings, "SELECT close FROM stock_metrics WHERE symbol = %s AND window_size = '5m'"
                                             " ORDER BY window_start", (symbol,))]
-    assert status == 200 and [c["close"] for c in candles] == closes and "sma_20" in candles[0]
+    assert status == 200 and [c["close"] for c in candles] == closes
+    stored = query(settings, "SELECT rsi_14, macd, macd_signal, macd_histogram, ema_12, ema_26 FROM indicators "
+                             "WHERE symbol = %s AND window_size = '5m' ORDER BY window_start DESC LIMIT 1", (symbol,))[0]
+    assert [candles[-1][c] for c in ("rsi_14", "macd", "macd_signal", "macd_histogram", "ema_12", "ema_26")] == \
+        pytest.approx(list(stored)) and stored[1] is not None, "every stored indicator, not only SMA and Bollinger"
+    assert set(INDICATOR_COLUMNS) <= set(candles[0])
 
     status, alerts = call(base, "/alerts", severity=["HIGH", "CRITICAL"], limit=1000)
     count = query(settings, "SELECT count(*) FROM alerts WHERE severity IN ('HIGH', 'CRITICAL')")[0][0]

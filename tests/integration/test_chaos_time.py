@@ -17,7 +17,7 @@ from itertools import islice
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
 from tests.conftest import query, wait_for
-from tests.integration.test_chaos import PROGRESS, TABLES, assert_same, finished, snapshot
+from tests.integration.test_chaos import PROGRESS, TABLES, assert_same, progress, snapshot
 from tests.integration.test_commit_protocol import STAGES, alerts_on_topic, start, stop_all, truncate, with_groups
 from tests.integration.test_outbox import Webhook
 from tradewatch import bus, stack
@@ -60,9 +60,8 @@ def open_windows(settings, size: str | None = None) -> int:
 def settled(settings, n: int, published: bool = True, size: str | None = None) -> bool:
     """Every trade stored, folded and examined, the windows closed (the idle rule; those of `size`
     only if given), and — unless the alerts topic refuses them now — every alert published."""
-    done = finished(settings, n)
-    if not published:
-        done = all(PROGRESS.get(k) == n for k in ("stored", "folded", "examined"))
+    now = progress(settings)
+    done = all(now[k] == n for k in ("stored", "folded", "examined")) and (not published or now["unpublished"] == 0)
     return done and open_windows(settings, size) == 0
 
 

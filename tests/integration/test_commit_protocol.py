@@ -253,7 +253,7 @@ def test_a_stop_while_kafka_is_away_leaves_the_outbox_for_the_next_run(settings)
               for i in range(5)]
     conn = db.connect(settings)
     with conn, conn.cursor() as cur:
-        detections.write_alerts(cur, [(0, a) for a in alerts], webhook=False)
+        detections.write_alerts(cur, [(0, a) for a in alerts])
     conn.close()
     bus.ensure_topic(settings, settings.alerts_topic, 1)
     stop_at = [float("inf")]

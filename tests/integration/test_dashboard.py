@@ -81,7 +81,7 @@ def test_tape_whales_and_anomalies_only(settings, app):
     latest = query(settings, "SELECT symbol, price FROM trades ORDER BY ts DESC LIMIT 25")
     # every digit shown, thousands separated (BTC-USD at 95,002.79 is never '5002.79')
     assert sorted(zip(tape.Symbol, tape.Price)) == sorted((s, exact(p)) for s, p in latest)
-    whales = [m.value for m in at.markdown if m.value.startswith("🐋")]
+    whales = [m.value for m in at.markdown if m.value.startswith(":material/waves:")]
     expected_whales = query(settings, "SELECT count(*) FROM trade_flags WHERE 'VOLUME_SPIKE' = ANY(anomaly_types)")[0][0]
     assert len(whales) == min(6, expected_whales) and expected_whales > 0
     at.checkbox(key="anomalies_only").check()
@@ -94,7 +94,7 @@ def test_alert_feed_filter_and_acknowledge(settings, app):
     load_known_market(settings)
     at = app()
     alerts = query(settings, "SELECT alert_id, severity, message FROM alerts ORDER BY ts DESC, alert_id")
-    shown = [m.value for m in at.markdown if "🔔" in m.value]
+    shown = [m.value for m in at.markdown if ":material/notifications_active:" in m.value]
     assert len(shown) == min(20, len(alerts)) and alerts[0][2] in shown[0]
     first_id = alerts[0][0]
     at.button(key=f"ack-{first_id}").click()
@@ -102,9 +102,28 @@ def test_alert_feed_filter_and_acknowledge(settings, app):
     assert query(settings, "SELECT acknowledged FROM alerts WHERE alert_id = %s", (first_id,))[0][0] is True
     at.multiselect(key="alert_severities").set_value(["CRITICAL"])
     at = app(at)
-    shown = [m.value for m in at.markdown if "🔔" in m.value or "✅" in m.value]
+    shown = [m.value for m in at.markdown if ":material/notifications_active:" in m.value or ":material/check_circle:" in m.value]
     critical = [a for a in alerts if a[1] == "CRITICAL"]
     assert len(shown) == min(20, len(critical)) and all("CRITICAL" in s for s in shown)
+
+
+def test_pump_and_dump_events_are_shown(settings, app):
+    from tradewatch.detect.rules import RuleDetector
+    from tradewatch.store import db, detections
+    from tradewatch.market.simulator import illiquid_market
+    load_known_market(settings)
+    assert not [t for t in app().table if "Gain" in t.value.columns], "no events: no panel"
+    trades, pumps = illiquid_market(symbols=1, days=2, seed=5, pump_symbols=1)
+    rules = RuleDetector()
+    events = {d.event["event_id"]: d.event for d in map(rules.process, trades) if d.event}
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        detections.write_events(cur, list(events.values()))
+    conn.close()
+    st.cache_data.clear()                  # the page caches its queries for a second
+    table = next(t.value for t in app().table if "Gain" in t.value.columns)
+    (event,) = events.values()
+    assert list(table.Symbol) == [pumps[0].symbol] and list(table.State) == ["over"]
+    assert list(table.Gain) == [f"{event['gain_pct']:+.1f}%"] and table.Dump.iloc[0].startswith("-")
 
 
 def test_database_down_shows_a_banner_not_a_traceback(settings, app, monkeypatch):

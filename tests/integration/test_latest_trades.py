@@ -1,6 +1,6 @@
-"""`/latest` reads `latest_trades`, one row per symbol kept by a trigger on `trades` (schema.sql), so
-its cost does not grow with the day partitions (issue 23: it was 2.1x slower at 100 million trades
-than at 10 million). On the real PostgreSQL, whatever way trades arrive — the consumer's batches in
+"""`/latest` reads `latest_trades`, one row per symbol kept by writer.write_batch in the inserting
+transaction, so its cost does not grow with the day partitions (issue 23: it was 2.1x slower at 100
+million trades than at 10 million). On the real PostgreSQL, whatever way trades arrive — the consumer's batches in
 any order of days, re-deliveries (the merge path), a batch split around a row the database refuses,
 a rolled-back batch, two writers at once — and after `maintain` drops days, it equals each symbol's
 newest stored trade found by scanning `trades`."""
@@ -122,7 +122,7 @@ def test_a_database_from_before_the_table_gets_it_filled_once(settings):
     write(settings, market(3, 500))
     try:
         with db.connect(settings) as conn, conn.cursor() as cur:       # the schema as it was
-            cur.execute("DROP TABLE latest_trades; DROP FUNCTION tw_keep_latest_trades() CASCADE;"
+            cur.execute("DROP TABLE latest_trades; DROP FUNCTION tw_refill_latest_trades();"
                         " DELETE FROM schema_applied")
         conn.close()
     finally:

@@ -40,7 +40,7 @@ def load(settings) -> list[Trade]:
             write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
             flagged = [Detection(t, None, ["PRICE_SPIKE"], 2.0) for t in trades[::6]]
             detections.write_flags(cur, flagged, "test")
-            detections.write_alerts(cur, [(0, a) for d in flagged for a in alerts_for(d)], webhook=False)
+            detections.write_alerts(cur, [(0, a) for d in flagged for a in alerts_for(d)])
             write_dead_letters(cur, [DeadLetter("trades", 0, 10_000 + i, b"SPY", b"not json", "not JSON", t.timestamp_ms)
                                      for i, t in enumerate(trades[::12])])
         conn.commit()
@@ -206,7 +206,7 @@ def write_alerts_at(settings, days_ago: list[int]) -> list[str]:
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
-            detections.write_alerts(cur, [(0, a) for a in alerts], webhook=False)
+            detections.write_alerts(cur, [(0, a) for a in alerts])
         conn.commit()
     finally:
         conn.close()

@@ -1,10 +1,14 @@
 """The alert outbox (step 2 of the commit protocol) against the real Kafka and PostgreSQL: an alert
 is marked published only once Kafka acknowledged it, each detector publishes the alerts of its own
-partitions, and the webhook gets every alert at least once however long it is down (issue 22)."""
+partitions, the webhook gets every alert at least once however long it is down (issue 22), and
+ALERT_ROUTES sends each severity to its channels, e-mail included (issue 27)."""
 from __future__ import annotations
 
+import base64
+import email
 import json
 import signal
+import socketserver
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -151,3 +155,98 @@ def test_webhook_down_across_a_restart_gets_every_alert_once_it_is_up(settings, 
         text = log.read_text()
         assert "T0KEN-s3cret" not in text and "/hook" not in text, "the webhook URL is a secret"
     assert "webhook" in logs[0].read_text(), "the outage is reported"
+
+
+class SmtpSink:
+    """A local SMTP server (EHLO, AUTH PLAIN, MAIL, RCPT, DATA) that keeps what it is sent, and
+    can be down (421 at connect, as a server that is not taking mail answers)."""
+
+    def __init__(self):
+        self.messages: list[email.message.Message] = []
+        self.logins: list[str] = []
+        self.refused = 0
+        self.up = False
+        sink = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def reply(self, line: str) -> None:
+                self.wfile.write(f"{line}\r\n".encode())
+
+            def handle(self):
+                if not sink.up:
+                    sink.refused += 1
+                    self.reply("421 not taking mail now")
+                    return
+                self.reply("220 sink ESMTP")
+                while raw := self.rfile.readline():          # b"": the client hung up
+                    line = raw.decode().rstrip("\r\n")
+                    verb = line.split(" ", 1)[0].upper()
+                    if verb == "EHLO":
+                        self.reply("250-sink")
+                        self.reply("250 AUTH PLAIN")
+                    elif verb == "AUTH":
+                        sink.logins.append(base64.b64decode(line.split()[2]).decode().split("\0")[1])
+                        self.reply("235 ok")
+                    elif verb in ("MAIL", "RCPT", "RSET", "NOOP", "HELO"):
+                        self.reply("250 ok")
+                    elif verb == "DATA":
+                        self.reply("354 go on")
+                        body = []
+                        while (data := self.rfile.readline()) not in (b".\r\n", b""):
+                            body.append(data[1:] if data.startswith(b"..") else data)
+                        sink.messages.append(email.message_from_bytes(b"".join(body)))
+                        self.reply("250 queued")
+                    elif verb == "QUIT":
+                        self.reply("221 bye")
+                        return
+                    else:
+                        self.reply("502 no")
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def ids(self) -> Counter:
+        return Counter(m["X-TradeWatch-Alert-Id"] for m in self.messages)
+
+
+def test_alert_routes_deliver_each_severity_to_its_channels_at_least_once(settings, webhook, tmp_path):
+    """#27 alert routing: CRITICAL to the webhook and by e-mail, HIGH to the webhook, MEDIUM to the
+    log only; an SMTP server that refuses mail at first gets every CRITICAL alert once it takes mail,
+    without holding up detection; the SMTP password is never logged."""
+    smtp = SmtpSink()
+    webhook.up = True
+    settings = settings.with_overrides(
+        alert_webhook_url=webhook.url, alert_routes="CRITICAL=webhook+email, HIGH=webhook, MEDIUM=log",
+        smtp_host="127.0.0.1", smtp_port=smtp.port, smtp_starttls=False, smtp_user="tradewatch",
+        smtp_password="p4ss-S3cret-smtp", alert_email_to="desk@example.org, lead@example.org")
+    log = tmp_path / "detector.log"
+    detector = start_script(settings, "anomaly_detector.py", "run", log=log)
+    try:
+        run_script(settings, "producer.py", "--count", "6000", "--rate", "max", "--seed", "5", "--anomaly-rate", "0.02")
+        wait_for(lambda: examined(settings) == 6000, timeout=120, message="every trade examined, with SMTP down")
+        by_severity = {s: {r[0] for r in query(settings, "SELECT alert_id FROM alerts WHERE severity = %s", (s,))}
+                       for s in ("CRITICAL", "HIGH", "MEDIUM")}
+        assert all(by_severity.values()), {s: len(ids) for s, ids in by_severity.items()}
+        wait_for(lambda: smtp.refused >= 2, timeout=60, message="the e-mail outbox to retry while SMTP is down")
+        assert not smtp.messages
+
+        smtp.up = True
+        wait_for(lambda: set(smtp.ids()) >= by_severity["CRITICAL"], timeout=90,
+                 message="every CRITICAL alert mailed once the server takes mail")
+        wait_for(lambda: set(webhook.ids()) >= by_severity["CRITICAL"] | by_severity["HIGH"], timeout=60,
+                 message="every CRITICAL and HIGH alert at the webhook")
+    finally:
+        detector.send_signal(signal.SIGTERM)
+        assert detector.wait(timeout=30) == 0
+        smtp.server.shutdown()
+    assert set(smtp.ids()) == by_severity["CRITICAL"], "only CRITICAL alerts are mailed"
+    assert not set(webhook.ids()) & by_severity["MEDIUM"], "MEDIUM alerts go to the log only"
+    assert query(settings, "SELECT count(*) FROM alerts WHERE email_due OR webhook_due")[0][0] == 0
+    mail = smtp.messages[0]
+    assert mail["To"] == "desk@example.org, lead@example.org" and mail["Subject"].startswith("[TradeWatch CRITICAL]")
+    assert set(smtp.logins) == {"tradewatch"}, "SMTP_USER logged in"
+    text = log.read_text()
+    assert "p4ss-S3cret-smtp" not in text, "the SMTP password is a secret"
+    assert "email at smtp://127.0.0.1" in text and "unavailable" in text, "the outage is reported"

@@ -122,6 +122,20 @@ def test_daily_report_figures_equal_direct_sql(replayed, tmp_path):
         realised = math.sqrt(sum(math.log(b / a) ** 2 for a, b in zip(minute_closes, minute_closes[1:])))
         assert row["Realised volatility"] == percent(realised).lstrip("+")
 
+    # each symbol's closing RSI and MACD (#27): the last 1-minute window's stored indicators
+    closing = {r["Symbol"]: r for r in markdown_table(text[text.index("| Symbol | Last window (UTC) |"):], "Symbol")}
+    assert sorted(closing) == list(SYMBOLS)
+    for symbol, row in closing.items():
+        (start, rsi, macd, signal_line, histogram), (_, _, _, _, previous) = query(settings, """
+            SELECT window_start, rsi_14, macd, macd_signal, macd_histogram FROM indicators
+            WHERE symbol = %s AND window_size = '1m' ORDER BY window_start DESC LIMIT 2""", (symbol,))
+        state = "overbought" if rsi > 70 else "oversold" if rsi < 30 else "neutral"
+        assert row["RSI 14 at the close"] == f"{rsi:.1f} ({state})"
+        assert row["Last window (UTC)"] == f"{start:%Y-%m-%d %H:%M:%S} UTC"
+        assert row["MACD"] == exact(macd, 2, 6) and row["Signal"] == exact(signal_line, 2, 6)
+        side = "above signal (bullish)" if histogram >= 0 else "below signal (bearish)"
+        assert row["MACD state"] == ("crossed " if (previous >= 0) != (histogram >= 0) else "") + side
+
     flagged = {(t, s): n for t, s, n in query(settings, "SELECT kind, anomaly_severity, count(*) FROM trade_flags,"
                                                         " unnest(anomaly_types) AS kind GROUP BY 1, 2")}
     assert flagged, "the detector flagged something on the real days"

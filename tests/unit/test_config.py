@@ -2,6 +2,7 @@ import os
 import re
 import subprocess
 
+import pytest
 import yaml
 from dotenv import dotenv_values
 
@@ -237,3 +238,17 @@ def test_window_sizes_are_read_once_smallest_first_in_the_tables_labels():
     settings = Settings.load(window_sizes="15m, 1m,5m,60s,1h")
     assert settings.window_sizes_ms == (60_000, 300_000, 900_000, 3_600_000)
     assert settings.window_labels == ("1m", "5m", "15m", "1h")
+
+
+def test_alert_routes_map_each_severity_to_its_channels():
+    """ALERT_ROUTES (#27): unnamed severities and `log` deliver nowhere but the log; empty keeps the
+    old behaviour (every alert to the webhook when one is set); secrets stay out of repr()."""
+    settings = Settings.load(alert_routes=" critical=webhook+EMAIL , HIGH=webhook,MEDIUM=log",
+                             alert_webhook_url="https://hooks.example/T0KEN", smtp_host="mail.example",
+                             alert_email_to="desk@example.org", smtp_password="pw-S3cret")
+    assert settings.routes == {"CRITICAL": {"webhook", "email"}, "HIGH": {"webhook"}, "MEDIUM": set(), "LOW": set()}
+    assert Settings.load(alert_webhook_url="https://hooks.example/x").routes["MEDIUM"] == {"webhook"}
+    assert set().union(*Settings.load(alert_webhook_url="").routes.values()) == set()
+    assert "T0KEN" not in repr(settings) and "pw-S3cret" not in repr(settings)
+    with pytest.raises(ValueError, match="SMTP_HOST or ALERT_EMAIL_TO is empty"):
+        Settings.load(alert_routes="CRITICAL=email")

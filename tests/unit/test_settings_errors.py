@@ -17,7 +17,8 @@ BAD = [("API_STREAM_QUEUE", "0", "must be more than 0"), ("ZSCORE_WINDOW", "0", 
        ("MAX_CLOCK_SKEW_SECONDS", "nan", "must be a finite number"), ("WINDOW_SIZES", " , ", "must list window sizes"),
        ("CONSUMERS", "three", "must be a whole number"), ("DEMO_RATE", "-1", "must be more than 0"),
        ("LOG_FORMAT", "xml", "must be one of text, json"), ("API_PORT", "70000", "must be a port"),
-       ("WINDOW_SIZES", "5m,15m", "must include 1m")]
+       ("WINDOW_SIZES", "5m,15m", "must include 1m"), ("ALERT_ROUTES", "CRITICAL=pager", "must be like"),
+       ("ALERT_ROUTES", "HIGH=webhook", "sends alerts to the webhook but ALERT_WEBHOOK_URL is empty")]
 
 
 @pytest.mark.parametrize("entry, bad", [(e, BAD[i % len(BAD)]) for i, e in enumerate(ENTRY_POINTS)],

@@ -89,3 +89,21 @@ def test_whales_never_compound_into_invalid_sizes():
     trades = take(MarketSimulator(["AAPL", "MSFT"], rate=20.0, seed=17, anomaly_rate=0.01, start_ms=START), 50_000)
     whales = [t.quantity for t in trades if t.injected_anomaly == "volume_spike"]
     assert len(whales) > 30 and max(whales) < 1e6 < MAX_QUANTITY
+
+
+def test_the_demo_first_anomaly_comes_early_once_and_is_caught():
+    """`make demo` (producer --first-anomaly-after 1) at the user's 20 trades/s: one price spike within
+    15 s of feed, on a symbol the rules are warm for, and the rules flag it; later anomalies
+    come only from the anomaly rate."""
+    from tradewatch.detect.pipeline import DetectionPipeline
+
+    for seed in range(10):
+        sim = MarketSimulator(rate=20.0, seed=seed, start_ms=START, first_anomaly_after_s=1.0)
+        trades = take(sim, 20 * 120)
+        injected = [t for t in trades if t.injected_anomaly]
+        assert [t.injected_anomaly for t in injected] == ["price_spike"], seed
+        spike = injected[0]
+        assert 1_000 <= spike.timestamp_ms - START <= 15_000, (seed, spike.timestamp_ms - START)
+        detections = DetectionPipeline().process(trades)
+        caught = next(d for d in detections if d.trade.trade_id == spike.trade_id)
+        assert "PRICE_SPIKE" in caught.types, (seed, caught.types, caught.details)

@@ -178,10 +178,12 @@ class OutageLog:
         if self.down_since is None:
             return
         now = time.monotonic()
-        if got_data or (now - self._last_probe > 2.0 and kafka_reachable(self.settings)):
+        probe = not got_data and now - self._last_probe > 2.0      # a TCP probe every 2 s, not per poll
+        if probe:
+            self._last_probe = now
+        if got_data or (probe and kafka_reachable(self.settings)):
             log.info("Kafka reachable again after %.0fs", now - self.down_since)
             self.down_since = None
-        self._last_probe = now
 
 
 def called(callback, partitions: list[int]):

@@ -206,3 +206,47 @@ def score_nab(data_dir: Path, detectors: dict | None = None) -> dict:
                                            "windows": int(w), "detections_outside_windows": outside}
                                        for c, (raw, w, outside) in sorted(totals.items())}
     return result
+
+
+PUMP_RECALL_WINDOW_MS = 300_000        # a pump counts as caught by a PUMP_AND_DUMP alert this soon after its start
+ALERT_COOLDOWNS_S = {"CRITICAL": 300.0, "HIGH": 60.0, "MEDIUM": 30.0, "LOW": 30.0}   # the .env defaults
+
+
+def score_pumps(seeds: list[int], symbols: int = 10, days: float = 2.0, pump_symbols: int = 5,
+                config: DetectorConfig = DetectorConfig(), model: forest.ForestModel | None = None) -> dict:
+    """Simulated illiquid pairs (tradewatch.market.simulator.illiquid_market), some with a pump on
+    their last day, through the detection pipeline and the alert deduplication a user gets:
+    recall of pumps by a PUMP_AND_DUMP alert within 5 minutes of the start, the delay, the phases
+    each event's alerts went through, and alerts per symbol-day (every type) on ordinary days —
+    every day of a pump-free symbol, and the first day of the others."""
+    from tradewatch.alerts import Deduplicator, alerts_for
+    from tradewatch.market.simulator import illiquid_market
+    caught, delays, phases, ordinary_alerts, ordinary_days, pumps_total = 0, [], Counter(), 0, 0.0, 0
+    for seed in seeds:
+        trades, pumps = illiquid_market(symbols, days, seed=seed, pump_symbols=pump_symbols)
+        start = trades[0].timestamp_ms
+        pumped = {p.symbol: p for p in pumps}
+        dedup = Deduplicator(ALERT_COOLDOWNS_S)
+        alerts = [a for d in DetectionPipeline(RuleDetector(config), model).process(trades)
+                  for a in alerts_for(d) if dedup.allow(a)]
+        last_day = start + int((days - 1) * 86_400_000)
+        for a in alerts:
+            if a.symbol not in pumped or a.timestamp_ms < last_day:
+                ordinary_alerts += 1
+        ordinary_days += (symbols - len(pumped)) * days + len(pumped) * (days - 1)
+        for p in pumps:
+            pumps_total += 1
+            mine = [a for a in alerts if a.symbol == p.symbol and a.alert_type == "PUMP_AND_DUMP"
+                    and p.start_ms - 60_000 <= a.timestamp_ms]
+            first = [a for a in mine if a.timestamp_ms <= p.start_ms + PUMP_RECALL_WINDOW_MS]
+            if first:
+                caught += 1
+                delays.append((first[0].timestamp_ms - p.start_ms) / 1000)
+            phases[" → ".join(a.details["phase"] for a in mine)] += 1
+    return {"seeds": seeds, "symbols": symbols, "days": days, "pumps": pumps_total,
+            "recall_5min": round(caught / pumps_total, 4) if pumps_total else None,
+            "delay_s_median": round(float(np.median(delays)), 2) if delays else None,
+            "delay_s_max": round(max(delays), 2) if delays else None,
+            "phases": dict(phases.most_common()),
+            "ordinary_symbol_days": ordinary_days,
+            "alerts_per_symbol_day_ordinary": round(ordinary_alerts / ordinary_days, 3) if ordinary_days else None}

@@ -9,6 +9,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from tradewatch.detect.pump import PumpWatch
 from tradewatch.events import Trade
 
 WHALE_WINDOW = 1000         # a whale is measured against the largest of this many previous trades
@@ -131,6 +132,9 @@ class SymbolState:
         self.run_length = 0
         self.run_start_price: float | None = None
         self.shift_streak = 0
+        self.tick: float | None = None        # the smallest price change seen: the instrument's tick
+        self.last_any: float | None = None    # the previous trade's price, anomalies included
+        self.pump = PumpWatch()
 
     def to_dict(self) -> dict:
         """The whole state as JSON-able values (floats round-trip exactly through JSON)."""
@@ -139,7 +143,8 @@ class SymbolState:
                 "largest": self.largest.to_list(),
                 "last_ts": self.last_ts, "last_price": self.last_price, "run_direction": self.run_direction,
                 "run_length": self.run_length, "run_start_price": self.run_start_price,
-                "shift_streak": self.shift_streak}
+                "shift_streak": self.shift_streak, "tick": self.tick, "last_any": self.last_any,
+                "pump": self.pump.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict, price_window: int, volume_window: int) -> "SymbolState":
@@ -152,11 +157,30 @@ class SymbolState:
         state.last_ts, state.last_price = data["last_ts"], data["last_price"]
         state.run_direction, state.run_length = data["run_direction"], data["run_length"]
         state.run_start_price, state.shift_streak = data["run_start_price"], data["shift_streak"]
+        state.tick, state.last_any = data.get("tick"), data.get("last_any")     # absent in older checkpoints
+        if data.get("pump"):
+            state.pump = PumpWatch.from_dict(data["pump"])
         return state
+
+    def learn_tick(self, price: float) -> None:
+        """The tick: the smallest non-zero change between consecutive prices (a relative 1e-9
+        or less is float noise, not a tick)."""
+        last = self.last_any
+        if last is not None:
+            change = abs(price - last)
+            if change > price * 1e-9 and (self.tick is None or change < self.tick * 0.999):
+                self.tick = change
+        self.last_any = price
+
+    def tick_share(self) -> float:
+        """One tick as a share of the rolling mean price (0 before either is known)."""
+        mean = self.prices.mean
+        return self.tick / mean if self.tick and mean > 0 else 0.0
 
     def features(self, trade: Trade) -> TradeFeatures:
         price = trade.price
-        mean, std = self.prices.mean, max(self.prices.std, PRICE_Z_MIN_STD * self.prices.mean)
+        mean = self.prices.mean
+        std = max(self.prices.std, PRICE_Z_MIN_STD * mean, self.tick or 0.0)   # never below one tick
         recent = self.recent
 
         def back(k: int) -> float:

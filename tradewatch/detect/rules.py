@@ -11,6 +11,16 @@
     MOMENTUM_RUN               `run_length` same-direction moves in a row adding up to > `run_move_pct`
                                (MEDIUM)
     ISOLATION_FOREST           the model's score beyond its calibrated threshold (MEDIUM)
+    PUMP_AND_DUMP              a burst of aggressive buying lifting the price, followed through its
+                               phases pump (CRITICAL) → peak → dump (HIGH) → over (MEDIUM), one
+                               alert per phase (tradewatch/detect/pump.py)
+
+The price thresholds respect the instrument: a move counts only beyond `spike_pct`, `spike_ticks`
+ticks (the symbol's tick, learned from its prices) and `spike_sigmas` rolling standard deviations,
+whichever is largest; the circuit breaker at twice that (at least `circuit_pct`); a momentum run
+must add up to `run_ticks` ticks per move. So a one-tick bounce on an illiquid pair, where a tick
+is 1 % of the price, is never a "5 % move". While a symbol's pump-and-dump event is open its other
+alerts are held back (their flags are kept): the event is the story.
 
 Rules stay silent until a symbol has `min_history` normal trades.
 """
@@ -19,13 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tradewatch.detect.features import SymbolState, TradeFeatures
+from tradewatch.detect.pump import PHASE_SEVERITY
 from tradewatch.events import Trade
 
 DETECTOR_VERSION = "rules-1"
 SEVERITY_RANK = {"LOW": 0, "MEDIUM": 1, "HIGH": 2, "CRITICAL": 3}
 TYPE_SEVERITY = {"CIRCUIT_BREAKER": "CRITICAL", "PRICE_SPIKE": "HIGH", "PRICE_DROP": "HIGH",
                  "VOLUME_SPIKE": "MEDIUM", "PRICE_ZSCORE": "MEDIUM", "MOMENTUM_RUN": "MEDIUM",
-                 "ISOLATION_FOREST": "MEDIUM"}
+                 "ISOLATION_FOREST": "MEDIUM", "PUMP_AND_DUMP": "CRITICAL"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,9 @@ class DetectorConfig:
     zscore_threshold: float = 8.0
     run_length: int = 5
     run_move_pct: float = 0.02
+    spike_ticks: float = 6.0
+    spike_sigmas: float = 5.0
+    run_ticks: float = 2.0
 
 
 @dataclass
@@ -49,6 +63,13 @@ class Detection:
     types: list[str] = field(default_factory=list)
     score: float = 0.0          # strength: max over fired rules of observed / threshold (>= 1 when flagged)
     details: dict = field(default_factory=dict)
+    event: dict | None = None   # the symbol's pump-and-dump event as of this trade (see pump.Event)
+    phase: str | None = None    # the phase that event entered with this trade
+
+    @property
+    def quiet(self) -> bool:
+        """Inside an open pump-and-dump event only its own phase alerts go out."""
+        return self.event is not None
 
     @property
     def is_anomaly(self) -> bool:
@@ -58,7 +79,10 @@ class Detection:
     def severity(self) -> str | None:
         if not self.types:
             return None
-        return max((TYPE_SEVERITY[t] for t in self.types), key=SEVERITY_RANK.__getitem__)
+        return max((self.severity_of(t) for t in self.types), key=SEVERITY_RANK.__getitem__)
+
+    def severity_of(self, kind: str) -> str:
+        return PHASE_SEVERITY[self.phase] if kind == "PUMP_AND_DUMP" and self.phase else TYPE_SEVERITY[kind]
 
     def flag(self, kind: str, strength: float, **details: object) -> None:
         if kind not in self.types:
@@ -145,26 +169,38 @@ class RuleDetector:
         d = Detection(trade, f)
         warm = f.history >= c.min_history
         move = abs(f.deviation)
+        tick = state.tick_share()
+        mean = state.prices.mean
+        spike = max(c.spike_pct, c.spike_ticks * tick, c.spike_sigmas * state.prices.std / mean if mean else 0.0)
+        circuit = max(c.circuit_pct, 2 * spike)
         if warm:
-            if move > c.circuit_pct:
-                d.flag("CIRCUIT_BREAKER", move / c.circuit_pct, move_pct=round(f.deviation * 100, 3))
-            if move > c.spike_pct:
-                d.flag("PRICE_SPIKE" if f.deviation > 0 else "PRICE_DROP", move / c.spike_pct,
+            if move > circuit:
+                d.flag("CIRCUIT_BREAKER", move / circuit, move_pct=round(f.deviation * 100, 3))
+            if move > spike:
+                d.flag("PRICE_SPIKE" if f.deviation > 0 else "PRICE_DROP", move / spike,
                        move_pct=round(f.deviation * 100, 3))
             if f.whale_ratio > c.whale_factor:
                 d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor, times_recent_max=round(f.whale_ratio, 2),
                        volume_ratio=round(f.volume_ratio, 2))
             if abs(f.price_z) > c.zscore_threshold:
                 d.flag("PRICE_ZSCORE", abs(f.price_z) / c.zscore_threshold, price_z=round(f.price_z, 2))
-            if f.run_length >= c.run_length and abs(f.run_move) > c.run_move_pct:
-                d.flag("MOMENTUM_RUN", abs(f.run_move) / c.run_move_pct, run_length=f.run_length,
+            run_needed = max(c.run_move_pct, c.run_ticks * f.run_length * tick)
+            if f.run_length >= c.run_length and abs(f.run_move) > run_needed:
+                d.flag("MOMENTUM_RUN", abs(f.run_move) / run_needed, run_length=f.run_length,
                        run_move_pct=round(f.run_move * 100, 3))
-            transition = self.breaker_for(trade.symbol).observe(trade.timestamp_ms, move > c.circuit_pct,
-                                                                move <= c.spike_pct)
+            transition = self.breaker_for(trade.symbol).observe(trade.timestamp_ms, move > circuit, move <= spike)
             if transition:
                 self.transitions.append(transition)
-        price_normal = not warm or move <= c.spike_pct
+        phase, event = state.pump.observe(trade.symbol, trade.timestamp_ms, trade.price, trade.quantity, trade.side,
+                                          state.tick)
+        if event is not None:
+            d.event, d.phase = {**event.to_dict(), "gain_pct": round(event.gain_pct, 3)}, phase
+            if phase:
+                d.flag("PUMP_AND_DUMP", max(event.volume_multiple / 8, 1.0), phase=phase, event_id=event.event_id,
+                       gain_pct=round(event.gain_pct, 2), volume_multiple=event.volume_multiple)
+        price_normal = not warm or move <= spike
         volume_normal = "VOLUME_SPIKE" not in d.types
+        state.learn_tick(trade.price)
         state.update(trade, f, price_normal, volume_normal)
         return d
 

@@ -28,6 +28,7 @@ from tradewatch.events import Trade
 SECONDS_PER_YEAR = 365.25 * 24 * 3600
 SIZE_SHAPE = 2.0            # log-logistic shape β: P(size > m·x) = 1 / (1 + x^β)
 WHALE_WINDOW, NATURAL_CAP = 1000, 2.5
+FIRST_ANOMALY_HISTORY = 22       # above the rules' min_history (20): a spike they are warm enough to see
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,12 @@ class MarketSimulator:
     """An endless iterator of trades; call `next_trade()` or iterate."""
 
     def __init__(self, symbols: tuple[str, ...] | list[str] = DEFAULT_SYMBOLS, rate: float = 10.0,
-                 seed: int | None = None, anomaly_rate: float = 0.0, start_ms: int = 0):
+                 seed: int | None = None, anomaly_rate: float = 0.0, start_ms: int = 0,
+                 first_anomaly_after_s: float | None = None):
+        """`first_anomaly_after_s`: the first trade after that much event time on a symbol with a
+        history the rules accept (FIRST_ANOMALY_HISTORY trades) is an injected price spike, so a demo
+        shows an anomaly early whatever the rate (at 20 trades/s and a rate of 0.005 the first would
+        come after 10 s on average, after 30 s one time in twenty)."""
         if rate <= 0:
             raise ValueError("rate must be > 0 trades per second")
         if not 0 <= anomaly_rate <= 1:
@@ -101,6 +107,7 @@ class MarketSimulator:
         self._label_cum_weights = list(itertools.accumulate(ANOMALY_WEIGHTS.values()))
         self._sequence = 0
         self.injected: dict[str, int] = {kind: 0 for kind in ANOMALY_WEIGHTS}
+        self._force_first_at_ms = None if first_anomaly_after_s is None else start_ms + first_anomaly_after_s * 1000
 
     def __iter__(self) -> Iterator[Trade]:
         while True:
@@ -121,12 +128,12 @@ class MarketSimulator:
         quantity = profile.median_quantity * (u / (1.0 - u)) ** (1.0 / SIZE_SHAPE) if u > 0 else 0.0
         if len(state.sizes) >= 200:
             quantity = min(quantity, NATURAL_CAP * max(state.sizes))
-        label = None
+        label, forced = None, False
         if state.crash_steps:
             label = "flash_crash"
             mid *= 1 + state.crash_steps.pop(0)
-        elif self.anomaly_rate and rng.random() < self.anomaly_rate:
-            label = rng.choices(self._labels, cum_weights=self._label_cum_weights)[0]
+        elif (forced := self._first_is_due(state, now_ms)) or (self.anomaly_rate and rng.random() < self.anomaly_rate):
+            label = "price_spike" if forced else rng.choices(self._labels, cum_weights=self._label_cum_weights)[0]
             if label == "volume_spike" and (len(state.sizes) < 200 or state.since_whale < WHALE_WINDOW):
                 label = None                 # a whale needs a history, and none in it (no compounding)
             if label == "price_spike":
@@ -140,6 +147,8 @@ class MarketSimulator:
                 mid *= 1 + state.crash_steps.pop(0)
         if label is not None:
             self.injected[label] += 1
+        if forced:       # a random anomaly before it does not count: on a cold symbol the rules cannot see it
+            self._force_first_at_ms = None
 
         bid = round(mid - half_spread, 2)
         ask = round(mid + half_spread, 2)
@@ -158,6 +167,10 @@ class MarketSimulator:
             timestamp_ms=now_ms, price=price, quantity=quantity, side=side,
             exchange=profile.exchange, bid=bid, ask=ask, injected_anomaly=label,
         )
+
+    def _first_is_due(self, state: _SymbolState, now_ms: int) -> bool:
+        return (self._force_first_at_ms is not None and now_ms >= self._force_first_at_ms
+                and len(state.sizes) >= FIRST_ANOMALY_HISTORY)
 
     def _step_price(self, state: _SymbolState, now_ms: int) -> None:
         """Advance the symbol's GBM price over the time since its previous trade."""
@@ -191,3 +204,107 @@ def rotating_days(start_ms: int, days: int, active: int = 1_000, new_per_day: in
                 price[symbol] = p
             trades.sort(key=lambda t: t.timestamp_ms)
             yield trades
+
+
+@dataclass(frozen=True)
+class IlliquidProfile:
+    """A thinly traded pair: a price of a few ticks' hundreds (one tick ≈ 1.2 % at the default),
+    a one-tick spread, sparse trading (`trades_per_hour`, Poisson) with ordinary bursts (a market
+    order sweeping one or two ticks, a handful of traders at once)."""
+    start_price: float = 8.1e-6
+    tick: float = 1e-7
+    trades_per_hour: float = 40.0
+    bursts_per_day: float = 8.0
+    median_quantity: float = 20_000.0
+
+
+@dataclass(frozen=True)
+class Pump:
+    symbol: str
+    start_ms: int         # the first trade of the rush (the announcement)
+    peak_ms: int
+    gain: float           # the peak over the start price, minus one
+
+
+def illiquid_market(symbols: int = 10, days: float = 2.0, start_ms: int = 1_767_225_600_000, seed: int = 0,
+                    pump_symbols: int = 0, profile: IlliquidProfile = IlliquidProfile()) -> tuple[list[Trade], list[Pump]]:
+    """Trades of `symbols` illiquid pairs over `days`, in time order, the first `pump_symbols` of
+    them with one labelled pump-and-dump in the last day: accumulation (30 min of buy-leaning
+    trading at twice the rate), a rush of 100–400 trades in 20–60 s, 85 % taker buys, lifting the
+    price 30–200 %, a peak of 30–120 s, then a dump over 2–10 minutes back to near the start. The
+    rush's trades carry `injected_anomaly="pump_and_dump"`; the rest of every day is ordinary."""
+    rng = random.Random(seed)
+    end_ms = start_ms + int(days * 86_400_000)
+    trades: list[Trade] = []
+    pumps: list[Pump] = []
+    tick = profile.tick
+    for k in range(symbols):
+        symbol = f"ILQ{k:02d}-BTC"
+        base = max(round(profile.start_price * rng.uniform(0.5, 2.0) / tick), 20)    # price in ticks
+        level = base
+        rows: list[tuple[int, int, str, float, str | None]] = []     # (ms, price in ticks, side, quantity, label)
+
+        def size() -> float:
+            u = rng.random()
+            return round(profile.median_quantity * (u / (1 - u)) ** (1 / SIZE_SHAPE), 0) + 1 if u > 0 else 1.0
+
+        def trade_at(ms: int, side: str, at: int | None = None, label: str | None = None) -> None:
+            rows.append((ms, at if at is not None else (level + 1 if side == "buy" else level), side, size(), label))
+
+        pump_ms = (start_ms + int((days - 1) * 86_400_000) + rng.randrange(2 * 3_600_000, 20 * 3_600_000)
+                   if k < pump_symbols else None)
+        t = float(start_ms)
+        while True:
+            t += rng.expovariate(profile.trades_per_hour / 3_600_000)
+            if pump_ms is not None and pump_ms - 1_800_000 <= t < pump_ms:
+                t = float(pump_ms)                # accumulation, then the rush, then the dump
+                acc = pump_ms - 1_800_000
+                while acc < pump_ms:
+                    acc += rng.expovariate(2 * profile.trades_per_hour / 3_600_000)
+                    if acc < pump_ms:
+                        if rng.random() < 0.05:
+                            level += 1
+                        trade_at(int(acc), "buy" if rng.random() < 0.6 else "sell")
+                start_level, gain = level, rng.uniform(0.3, 2.0)
+                peak_level = max(round(start_level * (1 + gain)), start_level + 5)
+                n, span = rng.randrange(100, 401), rng.uniform(20_000, 60_000)
+                for i in range(n):
+                    at = start_level + round((peak_level - start_level) * math.sqrt((i + 1) / n))
+                    side = "buy" if rng.random() < 0.85 else "sell"
+                    trade_at(int(pump_ms + span * i / n), side, at if side == "buy" else at - 1, "pump_and_dump")
+                peak_at = int(pump_ms + span)
+                hold = rng.uniform(30_000, 120_000)
+                m = peak_at
+                while m < peak_at + hold:
+                    m += int(rng.expovariate(1 / 2_000)) + 1
+                    trade_at(m, "buy" if rng.random() < 0.5 else "sell", peak_level - rng.randrange(0, 3))
+                dump_s, low = rng.uniform(120_000, 600_000), start_level + round((peak_level - start_level) * 0.1)
+                steps = rng.randrange(60, 200)
+                for i in range(steps):
+                    at = peak_level - round((peak_level - low) * (i + 1) / steps)
+                    trade_at(int(m + dump_s * i / steps), "sell" if rng.random() < 0.7 else "buy", at)
+                level = low
+                pumps.append(Pump(symbol, pump_ms, peak_at, peak_level / start_level - 1))
+                t = m + dump_s
+                pump_ms = None
+                continue
+            if t >= end_ms:
+                break
+            ms = int(t)
+            if rng.random() < profile.bursts_per_day / (profile.trades_per_hour * 24):
+                side = "buy" if rng.random() < 0.5 else "sell"       # an ordinary burst: a sweep, a few traders
+                for j in range(rng.randrange(3, 16)):
+                    trade_at(ms + (0 if j < 4 else rng.randrange(0, 8_000)), side,
+                             (level + 1 + rng.randrange(0, 3)) if side == "buy" else (level - rng.randrange(0, 3)))
+                continue
+            r = rng.random()
+            if r < 0.08:
+                level += 1 if (rng.random() < 0.5 + 0.1 * (base - level) / base * 10) else -1
+                level = max(level, 5)
+            trade_at(ms, "buy" if rng.random() < 0.5 else "sell")
+        rows.sort(key=lambda r: r[0])
+        for i, (ms, at, side, quantity, label) in enumerate(rows):
+            trades.append(Trade(f"{symbol}-{seed}-{i:07d}", symbol, ms, round(at * tick, 12), quantity, side,
+                                "BINANCE", injected_anomaly=label))
+    trades.sort(key=lambda t: (t.timestamp_ms, t.trade_id))
+    return trades, pumps

@@ -37,6 +37,8 @@ class Report:
     top_flags: pd.DataFrame = field(default_factory=pd.DataFrame)
     alerts: pd.DataFrame = field(default_factory=pd.DataFrame)
     breakers: pd.DataFrame = field(default_factory=pd.DataFrame)
+    events: pd.DataFrame = field(default_factory=pd.DataFrame)      # pump-and-dump (tradewatch/detect/pump.py)
+    closing: pd.DataFrame = field(default_factory=pd.DataFrame)     # indicators of each symbol's last window
     quality: dict[str, pd.DataFrame] = field(default_factory=dict)
     candles: dict[str, pd.DataFrame] = field(default_factory=dict)
     markers: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -87,10 +89,12 @@ def build(engine: Engine, settings: Settings, since: datetime, until: datetime,
     if report.empty:
         return report
     report.gaps = queries.report_gaps(engine, symbols, since, until, GAP_SECONDS)
+    report.closing = queries.report_closing_indicators(engine, symbols, since, until)
     report.anomalies = queries.report_anomalies(engine, symbols, since, until)
     report.top_flags = queries.report_top_flags(engine, symbols, since, until, TOP)
     report.alerts = queries.report_alerts(engine, symbols, since, until)
     report.breakers = queries.report_breaker_openings(engine, symbols, since, until)
+    report.events = queries.report_events(engine, symbols, since, until)
     report.quality = queries.report_data_quality(engine, symbols, since, until, excluded)
     report.flag_counts = queries.flag_counts(engine, symbols, since, until, f"{minutes}m")
     report.market_quality = market_quality.per_symbol_day(queries.size_histograms(engine, symbols, since, until),
@@ -131,6 +135,24 @@ def _change(row):
     return None if pd.isna(row["open"]) or pd.isna(row["close"]) else row["close"] / row["open"] - 1
 
 
+RSI_OVERBOUGHT, RSI_OVERSOLD = 70, 30
+
+
+def rsi_state(rsi) -> str:
+    if rsi is None or pd.isna(rsi):
+        return "—"
+    return f"{rsi:.1f} ({'overbought' if rsi > RSI_OVERBOUGHT else 'oversold' if rsi < RSI_OVERSOLD else 'neutral'})"
+
+
+def macd_state(histogram, previous) -> str:
+    """Above or below its signal line, and 'crossed' when the last window changed the side."""
+    if histogram is None or pd.isna(histogram):
+        return "—"
+    side = "above signal (bullish)" if histogram >= 0 else "below signal (bearish)"
+    crossed = previous is not None and not pd.isna(previous) and (previous >= 0) != (histogram >= 0)
+    return f"{'crossed ' if crossed else ''}{side}"
+
+
 def sections(report: Report) -> list[Section]:
     scope = ", ".join(report.symbols) if report.symbols else "all symbols"
     head = [("p", f"Period {stamp(report.since)} to {stamp(report.until)} (event time) · {scope}.")]
@@ -158,6 +180,12 @@ def sections(report: Report) -> list[Section]:
         ("p", "Open, high, low and close leave out trades whose sale condition is in OHLC_EXCLUDE_CONDITIONS "
               "(as the aggregator does); volume, value and counts include every trade. Realised volatility: "
               "square root of the sum of squared log returns between the aggregator's 1-minute closes."),
+        _table(["Symbol", "Last window (UTC)", "RSI 14 at the close", "MACD", "Signal", "MACD state"],
+               [[c.symbol, stamp(c.window_start), rsi_state(c.rsi_14), exact(c.macd, 2, 6), exact(c.macd_signal, 2, 6),
+                 macd_state(c.macd_histogram, c.previous_histogram)] for c in report.closing.itertuples()],
+               "No 1-minute indicators from the aggregator for this period."),
+        ("p", f"Indicators of each symbol's last 1-minute window: RSI 14 above {RSI_OVERBOUGHT} is overbought, "
+              f"below {RSI_OVERSOLD} oversold; MACD 12/26 against its 9-window signal line."),
         ("table", ["Top movers", "Change", "Close"], [[m.symbol, percent(m.change), exact(m.close)]
                                                      for m in movers.itertuples()]),
         ("table", ["Most active", "Traded value", "Trades"], [[a.symbol, money_of(a.traded_value), integer(a.trades)]
@@ -177,6 +205,18 @@ def sections(report: Report) -> list[Section]:
                      "No alert was raised.")]
     breakers = [_table(["Symbol", "Opened at"], [[b.symbol, stamp(b.at)] for b in report.breakers.itertuples()],
                        "No circuit breaker opened.")]
+    events = [_table(["Symbol", "Started", "Start price", "Peak at", "Peak price", "Gain", "Volume multiple",
+                       "Burst trades", "Taker buys", "Dump from the peak", "Dump duration", "State"],
+                      [[e.symbol, stamp(e.started_at), exact(e.start_price), stamp(e.peak_at), exact(e.peak_price),
+                        percent(e.gain_pct / 100), f"{e.volume_multiple:.0f}×", integer(e.burst_trades),
+                        "—" if pd.isna(e.buy_share) else percent(e.buy_share).lstrip("+"),
+                        percent(None if pd.isna(e.dump_depth_pct) else -e.dump_depth_pct / 100),
+                        "—" if pd.isna(e.dump_seconds) else f"{e.dump_seconds / 60:.1f} min", e.state]
+                       for e in report.events.itertuples()],
+                      "No pump-and-dump event started in the period."),
+              ("p", "A pump-and-dump event, from trade prints alone: a burst of aggressive buys far above the "
+                    "symbol's own recent rate lifting the price; the peak, the dump (the share of the gain given "
+                    "back) and the end follow as they unfold. Gain is from the last price before the burst.")]
     quality = report.quality
     data_quality = [
         _table(["Dead letters (received in the period) by reason", "Messages"],
@@ -225,5 +265,6 @@ def sections(report: Report) -> list[Section]:
     charts_section.append(("svg", charts.anomalies_over_time(report.flag_counts, report.bucket_minutes, span),
                            f"Flagged trades per {size} bucket"))
     return [("Coverage", coverage), ("Markets", markets), ("Anomalies", anomalies), ("Alerts", alerts),
-            ("Circuit breakers", breakers), ("Market quality", market), ("Data quality", data_quality),
+            ("Circuit breakers", breakers), ("Pump-and-dump events", events),
+            ("Market quality", market), ("Data quality", data_quality),
             ("Charts", charts_section)]

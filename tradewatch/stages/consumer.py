@@ -77,16 +77,22 @@ class _Batch(runtime.Stage):
         self.sources: list[bus.Message] = []       # the message of each line
         self.dead: list[DeadLetter] = []
         self.days: set[int] = set()                 # event days of the lines (their partitions)
+        self.newest: dict[str, tuple[int, str, int]] | None = {}   # symbol -> (ms, trade_id, line) of its newest
         self._result = None
 
     def add(self, messages: list[bus.Message], now_ms: int) -> list[DeadLetter]:
         """Validate each message: a COPY line for a trade, a dead letter (with the reason) otherwise."""
         lines, sources, dead, skew, days = self.lines, self.sources, [], self.max_skew_ms, self.days
+        newest = self.newest if self.newest is not None else {}
         for m in messages:
             try:
                 trade = decode_trade(m.value, m.timestamp_ms or now_ms, skew)
                 lines.append(copy_line(trade, m.partition, m.offset))
-                days.add(trade.timestamp_ms // DAY_MS)
+                ms, trade_id = trade.timestamp_ms, trade.trade_id
+                days.add(ms // DAY_MS)
+                old = newest.get(trade.symbol)
+                if old is None or ms > old[0] or (ms == old[0] and trade_id > old[1]):
+                    newest[trade.symbol] = (ms, trade_id, len(lines) - 1)
                 sources.append(m)
             except InvalidTrade as error:
                 dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, str(error), m.timestamp_ms))
@@ -100,7 +106,8 @@ class _Batch(runtime.Stage):
         return len(self.lines) + len(self.dead)
 
     def write(self, conn, cur) -> None:
-        self._result = result = write_batch(cur, self.lines, self.dead, self.days)
+        newest = None if self.newest is None else [i for *_, i in self.newest.values()]
+        self._result = result = write_batch(cur, self.lines, self.dead, self.days, newest)
         refused = [DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, r.reason, m.timestamp_ms)
                    for r in result.refused for m in (self.sources[r.index],)]
         for letter in refused:
@@ -124,13 +131,14 @@ class _Batch(runtime.Stage):
         s.dead_letters += result.dead_letters + len(result.refused)
         s.batches += 1
         s.partitions.update(m.partition for m in self.sources)
-        self.lines, self.sources, self.dead, self.days = [], [], [], set()
+        self.lines, self.sources, self.dead, self.days, self.newest = [], [], [], set(), {}
 
     def drop(self, partitions: list[int]) -> None:
         lost = set(partitions)
         kept = [(line, m) for line, m in zip(self.lines, self.sources) if m.partition not in lost]
         self.lines, self.sources = [line for line, _ in kept], [m for _, m in kept]
         self.dead = [d for d in self.dead if d.partition not in lost]
+        self.newest = None      # positions changed: write_batch finds them again
 
 
 class Ingest(runtime.Stage):

@@ -25,7 +25,7 @@ from tradewatch.detect import forest
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import DetectorConfig, RuleDetector
 from tradewatch.events import InvalidTrade, parse_trade
-from tradewatch.outbox import AlertOutbox, WebhookOutbox
+from tradewatch.outbox import AlertOutbox, delivery_outboxes
 from tradewatch.store import detections as store
 
 log = logging.getLogger("tradewatch.detector")
@@ -60,14 +60,16 @@ class Detect(runtime.Stage):
         self.pipeline = DetectionPipeline(RuleDetector(detector_config(settings)), load_model(settings))
         self.dedup = Deduplicator.from_settings(settings)
         self.outbox = AlertOutbox(settings)
-        self.webhook = WebhookOutbox(settings, settings.alert_webhook_url) if settings.alert_webhook_url else None
-        self.outboxes = [self.outbox] + ([self.webhook] if self.webhook else [])
+        self.routes = settings.routes                     # ALERT_ROUTES: severity -> channels
+        self.deliveries = delivery_outboxes(settings)     # webhook, e-mail: threads of their own
+        self.outboxes = [self.outbox, *self.deliveries]
         self.symbols = runtime.Symbols(settings.symbol_idle_evict_seconds)   # each one's partition
         self.changed: set[str] = set()       # symbols whose state the next checkpoint writes
         self.evicted: set[str] = set()       # symbols whose stored state the next checkpoint deletes
         self.flagged_pending = self.pending_effects()
         self.alerts_pending = self.pending_effects()
         self.transitions = self.pending_effects()
+        self.events = self.pending_effects()     # pump-and-dump events, the newest snapshot of each
         self.appended_ms: dict[str, int | None] = {}   # alert_id -> Kafka append time of its trade
         self.read = 0
         self.flagged = 0
@@ -106,6 +108,8 @@ class Detect(runtime.Stage):
             self.symbols.touch(m.partition, t.symbol, t.timestamp_ms)
             self.changed.add(t.symbol)
         for d, m in zip(self.pipeline.process(trades), origins):
+            if d.event is not None:
+                self.events.add(m.partition, d.event, key=(d.event["event_id"],))
             if d.is_anomaly:
                 self.flagged_pending.add(m.partition, d)
                 for a in alerts_for(d):
@@ -121,8 +125,9 @@ class Detect(runtime.Stage):
 
     def write(self, conn, cur) -> None:
         store.write_flags(cur, self.flagged_pending.items(), self.pipeline.version)
-        store.write_alerts(cur, self.alerts_pending.tagged(), webhook=self.webhook is not None)
+        store.write_alerts(cur, self.alerts_pending.tagged(), self.routes)
         store.write_breakers(cur, self.transitions.items())
+        store.write_events(cur, self.events.items())
         idle = self.symbols.idle()
         if idle:                                  # their state leaves memory and the table
             self._forget(idle)

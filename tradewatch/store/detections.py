@@ -36,18 +36,43 @@ def write_flags(cur: Cursor, flagged: list[Detection], version: str) -> None:
         template=f"(%s, %s, {_MS}, %s, %s, %s, %s)")
 
 
-def write_alerts(cur: Cursor, alerts: list[tuple[int, Alert]], webhook: bool) -> None:
+# the delivery channels of ALERT_ROUTES and the column that says an alert still awaits each
+DUE_COLUMNS = {"webhook": "webhook_due", "email": "email_due"}
+
+
+def write_alerts(cur: Cursor, alerts: list[tuple[int, Alert]], routes: dict[str, frozenset[str]] | None = None) -> None:
     """Store (source partition, alert) pairs unpublished: the outbox (tradewatch/outbox.py) sends
-    each to Kafka and, when `webhook`, to the webhook, and marks each delivery done."""
+    each to Kafka and to the channels `routes` gives its severity, and marks each delivery done."""
     if alerts:
+        routes = routes or {}
         partitions.ensure(cur, "alerts", {partitions.day_of(a.timestamp_ms) for _, a in alerts})
         execute_values(
             cur,
             "INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, details, trade_id,"
-            " kafka_partition, webhook_due) VALUES %s ON CONFLICT (alert_id, ts) DO NOTHING",
+            " kafka_partition, webhook_due, email_due) VALUES %s ON CONFLICT (alert_id, ts) DO NOTHING",
             [(a.alert_id, a.timestamp_ms, a.symbol, a.alert_type, a.severity, a.message,
-              json.dumps(a.details, default=str), a.trade_id, p, webhook) for p, a in alerts],
-            template=f"(%s, {_MS}, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)")
+              json.dumps(a.details, default=str), a.trade_id, p,
+              *(channel in routes.get(a.severity, ()) for channel in DUE_COLUMNS)) for p, a in alerts],
+            template=f"(%s, {_MS}, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)")
+
+
+def write_events(cur: Cursor, events: list[dict]) -> None:
+    """Upsert pump-and-dump events (pump.Event dicts, the newest snapshot of each) into
+    `manipulation_events`; a snapshot older than the stored one (a re-delivered batch) changes nothing."""
+    if events:
+        execute_values(
+            cur,
+            "INSERT INTO manipulation_events (event_id, symbol, state, started_at, start_price, peak_at, peak_price,"
+            " gain_pct, volume_multiple, burst_trades, buy_share, dump_depth_pct, dump_seconds, ended_at, updated_at)"
+            " VALUES %s ON CONFLICT (event_id) DO UPDATE SET state = EXCLUDED.state, peak_at = EXCLUDED.peak_at,"
+            " peak_price = EXCLUDED.peak_price, gain_pct = EXCLUDED.gain_pct, burst_trades = EXCLUDED.burst_trades,"
+            " dump_depth_pct = EXCLUDED.dump_depth_pct, dump_seconds = EXCLUDED.dump_seconds,"
+            " ended_at = EXCLUDED.ended_at, updated_at = EXCLUDED.updated_at"
+            " WHERE manipulation_events.updated_at <= EXCLUDED.updated_at",
+            [(e["event_id"], e["symbol"], e["state"], e["started_ms"], e["start_price"], e["peak_ms"], e["peak_price"],
+              e["gain_pct"], e["volume_multiple"], e["burst_trades"], e["buy_share"], e["dump_depth_pct"],
+              e["dump_seconds"], e["ended_ms"], e["updated_ms"]) for e in events],
+            template=f"(%s, %s, %s, {_MS}, %s, {_MS}, %s, %s, %s, %s, %s, %s, %s, {_MS}, {_MS})")
 
 
 def write_breakers(cur: Cursor, transitions: list[BreakerTransition]) -> None:
@@ -109,15 +134,15 @@ def mark_published(cur: Cursor, alert_ids: list[str]) -> None:
                 (alert_ids,))
 
 
-def webhook_due(cur: Cursor, partitions: list[int], limit: int) -> list[Alert]:
-    """The webhook outbox of a detector holding `partitions`, oldest first."""
-    cur.execute(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE webhook_due AND {_OURS}"
+def due(cur: Cursor, channel: str, partitions: list[int], limit: int) -> list[Alert]:
+    """The `channel` outbox (webhook, email) of a detector holding `partitions`, oldest first."""
+    cur.execute(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE {DUE_COLUMNS[channel]} AND {_OURS}"
                 " ORDER BY created_at, alert_id LIMIT %s", (partitions, limit))
     return _alerts(cur)
 
 
-def mark_posted(cur: Cursor, alert_id: str) -> None:
-    cur.execute("UPDATE alerts SET webhook_due = false WHERE alert_id = %s", (alert_id,))
+def mark_delivered(cur: Cursor, channel: str, alert_id: str) -> None:
+    cur.execute(f"UPDATE alerts SET {DUE_COLUMNS[channel]} = false WHERE alert_id = %s", (alert_id,))
 
 
 def acknowledge_alert(engine: Engine, alert_id: str) -> bool:

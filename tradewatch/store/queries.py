@@ -10,6 +10,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from tradewatch.candles import BASE_SIZE
 from tradewatch.events import Trade
+from tradewatch.indicators import INDICATOR_COLUMNS
 from tradewatch.store import health
 
 Connection = psycopg2.extensions.connection
@@ -98,7 +99,7 @@ def kpis(engine: Engine, source: str, symbols: list[str] | None, since, until) -
 
 
 def candles(engine: Engine, source: str, symbol: str, size: str, since, until) -> pd.DataFrame:
-    """Candles of one size with the aggregator's indicators. Flink writes 1-minute candles only: its
+    """Candles of one size with every indicator the aggregator stores (INDICATOR_COLUMNS). Flink writes 1-minute candles only: its
     5- and 15-minute ones are rolled up from them here (epoch-aligned, as every window)."""
     table = _table(source)
     if table == "flink_metrics" and size != BASE_SIZE:
@@ -115,7 +116,7 @@ def candles(engine: Engine, source: str, symbol: str, size: str, since, until) -
                      GROUP BY symbol, bucket)"""
     return _frame(engine, f"""
         SELECT m.window_start, m.open, m.high, m.low, m.close, m.volume, m.vwap, m.trade_count, m.is_final,
-               i.sma_20, i.sma_50, i.bollinger_upper, i.bollinger_lower
+               {', '.join(f'i.{c}' for c in INDICATOR_COLUMNS)}
         FROM {table} m
         LEFT JOIN indicators i ON i.symbol = m.symbol AND i.window_size = m.window_size
                               AND i.window_start = m.window_start
@@ -202,6 +203,16 @@ def trade_tape(engine: Engine, symbols: list[str] | None, anomalies_only: bool, 
         ORDER BY {newest_first} LIMIT :limit""", symbols=symbols, limit=limit)
 
 
+def symbol_flags(engine: Engine, symbol: str, since, until, limit: int = 50) -> pd.DataFrame:
+    """The newest flagged trades of one symbol with what the detector said about each."""
+    return _frame(engine, """
+        SELECT f.ts, t.side, t.price, t.quantity, f.anomaly_severity AS severity,
+               array_to_string(f.anomaly_types, ', ') AS types, f.anomaly_score AS score
+        FROM trade_flags f JOIN trades t USING (trade_id, ts)
+        WHERE f.symbol = :symbol AND f.ts >= :since AND f.ts < :until AND t.ts >= :since AND t.ts < :until
+        ORDER BY f.ts DESC LIMIT :limit""", symbol=symbol, since=since, until=until, limit=limit)
+
+
 def stage_health(engine: Engine) -> pd.DataFrame:
     """Per stage process: seconds since its last heartbeat, what it handled, its lag and partitions.
     Rows of processes that are gone stay until the stage's next start, so a crash stays visible."""
@@ -218,8 +229,8 @@ def alerts_feed(engine: Engine, severities: list[str], symbols: list[str] | None
 # ---------------------------------------------------------------- the read API (tradewatch/api_app.py)
 
 def latest_trades(engine: Engine) -> pd.DataFrame:
-    """The newest trade of each symbol, from `latest_trades` (one row per symbol, kept by a trigger
-    on trades: schema.sql): the same cost however many day partitions `trades` has."""
+    """The newest trade of each symbol, from `latest_trades` (one row per symbol, kept by
+    writer.write_batch: schema.sql): the same cost however many day partitions `trades` has."""
     return _frame(engine, "SELECT symbol, ts, price, quantity, side, exchange, trade_id FROM latest_trades"
                           " ORDER BY symbol")
 
@@ -234,6 +245,17 @@ def trades_page(engine: Engine, symbol: str, since, until, after: tuple | None, 
           AND (CAST(:after_ts AS timestamptz) IS NULL OR (ts, trade_id) > (CAST(:after_ts AS timestamptz), :after_id))
         ORDER BY ts, trade_id LIMIT :limit""", symbol=symbol, since=since, until=until,
                   after_ts=after[0] if after else None, after_id=after[1] if after else None, limit=limit)
+
+
+def manipulation_events(engine: Engine, symbol: str | None, since, limit: int) -> pd.DataFrame:
+    """Pump-and-dump events, newest first (tradewatch/detect/pump.py)."""
+    return _frame(engine, """
+        SELECT event_id, symbol, state, started_at, start_price, peak_at, peak_price, gain_pct, volume_multiple,
+               burst_trades, buy_share, dump_depth_pct, dump_seconds, ended_at, updated_at
+        FROM manipulation_events
+        WHERE (CAST(:symbol AS text) IS NULL OR symbol = :symbol)
+          AND (CAST(:since AS timestamptz) IS NULL OR started_at >= :since)
+        ORDER BY started_at DESC, event_id LIMIT :limit""", symbol=symbol, since=since, limit=limit)
 
 
 def alerts_page(engine: Engine, symbol: str | None, alert_type: str | None, severities: list[str] | None,
@@ -322,6 +344,19 @@ def report_symbols(engine: Engine, symbols: list[str] | None, since, until, excl
         ORDER BY totals.symbol""", exact=True, symbols=symbols, since=since, until=until, excluded=excluded)
 
 
+def report_closing_indicators(engine: Engine, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    """Per symbol, the indicators of its last 1-minute window in [since, until), with the MACD
+    histogram of the window before (a change of sign there is a crossing)."""
+    return _frame(engine, f"""
+        SELECT DISTINCT ON (symbol) symbol, window_start, close, rsi_14, macd, macd_signal, macd_histogram,
+               previous_histogram
+        FROM (SELECT *, lag(macd_histogram) OVER (PARTITION BY symbol ORDER BY window_start) AS previous_histogram
+              FROM indicators
+              WHERE window_size = '{BASE_SIZE}' AND window_start >= :since AND window_start < :until
+                AND {_SYMBOLS}) windows
+        ORDER BY symbol, window_start DESC""", symbols=symbols, since=since, until=until)
+
+
 def report_gaps(engine: Engine, symbols: list[str] | None, since, until, at_least_s: float) -> pd.DataFrame:
     """Stretches of at least `at_least_s` seconds without any trade (of the chosen symbols)."""
     return _frame(engine, f"""
@@ -364,6 +399,16 @@ def report_breaker_openings(engine: Engine, symbols: list[str] | None, since, un
     return _frame(engine, f"""
         SELECT symbol, at FROM breaker_transitions
         WHERE state = 'OPEN' AND at >= :since AND at < :until AND {_SYMBOLS} ORDER BY at, symbol""",
+                  symbols=symbols, since=since, until=until)
+
+
+def report_events(engine: Engine, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    """Pump-and-dump events that started in the period, in the order they started."""
+    return _frame(engine, f"""
+        SELECT symbol, state, started_at, start_price, peak_at, peak_price, gain_pct, volume_multiple,
+               burst_trades, buy_share, dump_depth_pct, dump_seconds, ended_at
+        FROM manipulation_events
+        WHERE started_at >= :since AND started_at < :until AND {_SYMBOLS} ORDER BY started_at, symbol""",
                   symbols=symbols, since=since, until=until)
 
 

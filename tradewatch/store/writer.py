@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import time
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -74,15 +75,22 @@ class BatchResult:
     refused: list[Refused]
 
 
-def write_batch(cur: psycopg2.extensions.cursor, lines: list[str],
-                dead_letters: list[DeadLetter], days: set[int] | None = None) -> BatchResult:
+def write_batch(cur: psycopg2.extensions.cursor, lines: list[str], dead_letters: list[DeadLetter],
+                days: set[int] | None = None, newest: list[int] | None = None) -> BatchResult:
     """Write one batch — trades as `copy_line`s, of the event days `days` (found from the lines
     when not given) — inside the caller's transaction (the stage runtime commits it, then the
-    Kafka offsets). Lines the database refuses are not written and come back in `refused`; the
-    caller dead-letters them (`write_dead_letters`)."""
+    Kafka offsets), and bring `latest_trades` up to date from the batch's newest line of each
+    symbol (`newest`: their positions, found from the lines when not given). Lines the database
+    refuses are not written and come back in `refused`; the caller dead-letters them
+    (`write_dead_letters`)."""
     if lines:
         partitions.ensure(cur, "trades", days if days is not None else {_day_of_line(line) for line in lines})
     inserted, refused = _store(cur, lines, 0, 0) if lines else (0, [])
+    if lines:
+        gone = {r.index for r in refused}
+        if newest is None or gone.intersection(newest):
+            newest = newest_lines(lines, gone)
+        keep_latest(cur, [lines[i] for i in newest])
     write_dead_letters(cur, dead_letters)
     return BatchResult(inserted, len(lines) - inserted - len(refused), len(dead_letters), refused)
 
@@ -122,6 +130,53 @@ def _copy(cur, text: str) -> int:
     cur.copy_expert(f"COPY trades_incoming ({COLUMNS}) FROM STDIN", io.StringIO(text))
     cur.execute(_MERGE)
     return cur.rowcount
+
+
+def newest_lines(lines: list[str], skip: set[int] = frozenset()) -> list[int]:
+    """The position of each symbol's newest line (by ts, then trade_id, as `latest_trades` orders
+    them), leaving out the positions in `skip`. The consumer finds them as it decodes (cheaper)."""
+    best: dict[str, tuple[str, str, int]] = {}
+    for i, line in enumerate(lines):
+        if i in skip:
+            continue
+        trade_id, symbol, ts, _ = line.split("\t", 3)
+        old = best.get(symbol)
+        # the ts literals are fixed-width (sorting as text sorts by time); trade_id compares as the
+        # database's C collation does, on its unescaped text
+        if old is None or (ts, _unescape(trade_id)) > old[:2]:
+            best[symbol] = (ts, _unescape(trade_id), i)
+    return [i for *_, i in best.values()]
+
+
+_KEEP_LATEST = """
+INSERT INTO latest_trades (symbol, ts, trade_id, price, quantity, side, exchange) VALUES %s
+ON CONFLICT (symbol) DO UPDATE SET ts = EXCLUDED.ts, trade_id = EXCLUDED.trade_id, price = EXCLUDED.price,
+    quantity = EXCLUDED.quantity, side = EXCLUDED.side, exchange = EXCLUDED.exchange
+WHERE (latest_trades.ts, latest_trades.trade_id) < (EXCLUDED.ts, EXCLUDED.trade_id)
+"""
+
+
+def keep_latest(cur, lines: list[str]) -> None:
+    """Upsert the given stored lines (one per symbol) into `latest_trades`, where newer than the
+    row kept. In symbol order: two writers lock shared symbols in the same order. In the writer's
+    transaction, so a rolled-back batch leaves no trace; one statement of a few rows per batch,
+    where the trigger it replaced cost 8-10 % of the consumer's speed."""
+    rows = []
+    for line in lines:
+        trade_id, symbol, ts, price, quantity, side, exchange, _ = line.split("\t", 7)
+        rows.append((symbol, ts, _unescape(trade_id), float(price), float(quantity), side, _unescape(exchange)))
+    rows.sort()
+    execute_values(cur, _KEEP_LATEST, rows, template="(%s, %s::timestamptz, %s, %s, %s, %s, %s)", page_size=10_000)
+
+
+def _unescape(value: str) -> str:
+    """The inverse of `_text` (COPY text escapes)."""
+    if "\\" not in value:
+        return value
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), value)
+
+
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
 
 
 def write_dead_letters(cur: psycopg2.extensions.cursor, dead_letters: list[DeadLetter]) -> None:
@@ -230,8 +285,8 @@ def _timestamp(ms: int) -> str:
     second, milli = divmod(ms, 1000)
     prefix = _SECONDS.get(second)
     if prefix is None:
-        if len(_SECONDS) > 100_000:
-            _SECONDS.clear()
+        if len(_SECONDS) > 4_096:      # a feed is roughly in time order: recent seconds are enough, and
+            _SECONDS.clear()            # the consumer's memory stays flat over days of sparse trades
         prefix = _SECONDS[second] = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     return f"{prefix}.{milli:03d}+00"
 

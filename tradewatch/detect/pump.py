@@ -1,0 +1,184 @@
+"""Pump-and-dump detection from trade prints alone (no order book, no account ids).
+
+What studies of announced pumps measure in the prints, and what this watches per symbol:
+- a *burst*: the trades of the last `BURST_S` seconds against the symbol's own baseline rate
+  (an exponentially decayed count of the trades before the burst, time constant `BASELINE_TAU_S`);
+- *aggressive buying*: the taker-buy share of the burst's notional (trades with side "unknown"
+  say nothing; when fewer than half the burst's trades have a side, the share is not required);
+- the *run-up*: the price against the last price before the burst, in percent and in ticks.
+A burst of at least `MIN_TRADES` trades at `MIN_DISTINCT_MS` distinct timestamps (one market order
+sweeping the book prints many trades at one instant: not a crowd) and `RATE_MULTIPLE` × the expected
+count, `MIN_BUY_SHARE` of it bought, the price up at least `MIN_GAIN` and `MIN_GAIN_TICKS` ticks,
+starts an *event*:
+
+    pump   the trigger (CRITICAL alert); the peak is followed as the price makes new highs
+    peak   the price gave back `PEAK_RETRACE` of the gain, or made no new high for `PEAK_QUIET_S` (HIGH)
+    dump   it gave back `DUMP_RETRACE` of the gain (HIGH)
+    over   back within `OVER_RETRACE` of the start, or `EVENT_MAX_S` after the start (MEDIUM)
+
+One alert per phase (a phase may be skipped: a price that falls straight through the dump level
+goes pump → dump). Everything is event time, per symbol; the state is JSON-able so it follows the
+symbol's partition through checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+BURST_S = 20.0
+BASELINE_TAU_S = 3600.0
+MAX_WINDOW = 1000            # trades kept in the burst window: memory and checkpoint size stay bounded on a
+                             # liquid symbol (50 trades/s is its baseline, never a burst by this measure)
+WARMUP_S = 1800.0            # of the symbol's event time before a burst can count as one
+MIN_TRADES = 12
+MIN_DISTINCT_MS = 8
+RATE_MULTIPLE = 8.0
+MIN_BUY_SHARE = 0.6
+MIN_GAIN = 0.08
+MIN_GAIN_TICKS = 4
+PEAK_RETRACE = 0.30
+PEAK_QUIET_S = 120.0
+DUMP_RETRACE = 0.70
+OVER_RETRACE = 0.90
+EVENT_MAX_S = 1800.0
+REARM_S = 600.0              # after an event ends, the next may start this much later
+PHASES = ("pump", "peak", "dump", "over")
+PHASE_SEVERITY = {"pump": "CRITICAL", "peak": "HIGH", "dump": "HIGH", "over": "MEDIUM"}
+
+
+@dataclass
+class Event:
+    """One pump, as it unfolds (the `manipulation_events` row)."""
+    event_id: str
+    symbol: str
+    state: str
+    started_ms: int
+    start_price: float
+    peak_ms: int
+    peak_price: float
+    volume_multiple: float        # the burst's trade count / the count the baseline expects
+    burst_trades: int
+    buy_share: float | None
+    low_after_peak: float | None = None
+    dump_depth_pct: float | None = None     # (peak - lowest after it) / peak
+    dump_seconds: float | None = None       # from the peak to that low
+    ended_ms: int | None = None
+    updated_ms: int = 0
+
+    @property
+    def gain_pct(self) -> float:
+        return (self.peak_price / self.start_price - 1) * 100
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Event":
+        return cls(**data)
+
+
+class PumpWatch:
+    """Per symbol: the burst window, the baseline and the open event. `observe` each trade in
+    event order; it returns the phase the event entered with this trade, if any."""
+
+    def __init__(self) -> None:
+        self.window: deque[tuple[int, float, float, int]] = deque()   # (ms, price, notional, side +1/-1/0)
+        self.before_price: float | None = None     # the last price before the window
+        self.decayed = 0.0          # trades that left the window, decayed with BASELINE_TAU_S
+        self.decayed_ms: int | None = None
+        self.first_ms: int | None = None
+        self.event: Event | None = None
+        self.ended_ms = -(1 << 62)     # when the last event ended (a new one waits REARM_S)
+
+    def to_dict(self) -> dict:
+        return {"window": [list(w) for w in self.window], "before_price": self.before_price,
+                "decayed": self.decayed, "decayed_ms": self.decayed_ms, "first_ms": self.first_ms,
+                "event": self.event.to_dict() if self.event else None, "ended_ms": self.ended_ms}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PumpWatch":
+        watch = cls()
+        watch.window.extend(tuple(w) for w in data["window"])
+        watch.before_price, watch.decayed = data["before_price"], data["decayed"]
+        watch.decayed_ms, watch.first_ms = data["decayed_ms"], data["first_ms"]
+        watch.event = Event.from_dict(data["event"]) if data["event"] else None
+        watch.ended_ms = data["ended_ms"]
+        return watch
+
+    def expected(self, now_ms: int) -> float:
+        """Trades the baseline expects in a burst window (decayed count / its effective span)."""
+        if self.decayed_ms is None or self.first_ms is None:
+            return 0.0
+        decay = math.exp(-max(now_ms - self.decayed_ms, 0) / 1000 / BASELINE_TAU_S)
+        age_s = max((now_ms - self.first_ms) / 1000 - BURST_S, 1.0)
+        span_s = BASELINE_TAU_S * (1 - math.exp(-age_s / BASELINE_TAU_S))     # unbiased for a short history
+        return self.decayed * decay / span_s * BURST_S
+
+    def observe(self, symbol: str, ms: int, price: float, quantity: float, side: str,
+                tick: float | None) -> tuple[str | None, Event | None]:
+        """Fold one trade in: (the phase its event entered with it or None, the event it belongs to
+        or None)."""
+        if self.first_ms is None:
+            self.first_ms = ms
+        window = self.window
+        window.append((ms, price, price * quantity, 1 if side == "buy" else -1 if side == "sell" else 0))
+        while window and (window[0][0] < ms - BURST_S * 1000 or len(window) > MAX_WINDOW):
+            old_ms, old_price, _, _ = window.popleft()
+            self.before_price = old_price
+            self._count_out(old_ms)
+        if self.event is not None:
+            event = self.event
+            return self._follow(ms, price), event
+        if (self.before_price is None or ms - self.first_ms < WARMUP_S * 1000 or len(window) < MIN_TRADES
+                or ms - self.ended_ms < REARM_S * 1000):
+            return None, None
+        expected = self.expected(ms)
+        if len(window) < RATE_MULTIPLE * expected:
+            return None, None
+        gain = price / self.before_price - 1
+        ticks = (price - self.before_price) / tick if tick else math.inf
+        if gain < MIN_GAIN or ticks < MIN_GAIN_TICKS - 1e-6 or len({w[0] for w in window}) < MIN_DISTINCT_MS:
+            return None, None
+        sided = [w for w in window if w[3]]
+        buy_share = None
+        if len(sided) * 2 >= len(window):
+            total = sum(w[2] for w in sided)
+            buy_share = sum(w[2] for w in sided if w[3] > 0) / total if total else 0.0
+            if buy_share < MIN_BUY_SHARE:
+                return None, None
+        start_ms = window[0][0]
+        self.event = Event(f"{symbol}:{start_ms}", symbol, "pump", start_ms, self.before_price, ms, price,
+                           round(len(window) / max(expected, 1e-9), 2), len(window),
+                           None if buy_share is None else round(buy_share, 4), updated_ms=ms)
+        return "pump", self.event
+
+    def _count_out(self, ms: int) -> None:
+        if self.decayed_ms is not None:
+            self.decayed *= math.exp(-max(ms - self.decayed_ms, 0) / 1000 / BASELINE_TAU_S)
+        self.decayed += 1.0
+        self.decayed_ms = ms if self.decayed_ms is None else max(ms, self.decayed_ms)
+
+    def _follow(self, ms: int, price: float) -> str | None:
+        e = self.event
+        e.updated_ms = ms
+        if e.state == "pump":
+            e.burst_trades = max(e.burst_trades, len(self.window))
+        if price > e.peak_price:
+            e.peak_price, e.peak_ms, e.low_after_peak = price, ms, None
+            e.dump_depth_pct = e.dump_seconds = None
+        elif e.low_after_peak is None or price < e.low_after_peak:
+            e.low_after_peak = price
+            e.dump_depth_pct = round((e.peak_price - price) / e.peak_price * 100, 3)
+            e.dump_seconds = (ms - e.peak_ms) / 1000
+        gain = e.peak_price - e.start_price
+        given_back = (e.peak_price - price) / gain if gain > 0 else 1.0
+        entered = None
+        if given_back >= OVER_RETRACE or ms - e.started_ms >= EVENT_MAX_S * 1000:
+            e.state, e.ended_ms, entered = "over", ms, "over"
+            self.event, self.ended_ms = None, ms
+        elif given_back >= DUMP_RETRACE and e.state in ("pump", "peak"):
+            e.state = entered = "dump"
+        elif e.state == "pump" and (given_back >= PEAK_RETRACE or ms - e.peak_ms >= PEAK_QUIET_S * 1000):
+            e.state = entered = "peak"
+        return entered
