@@ -4,6 +4,7 @@ bench/demo_start.py."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,29 +16,32 @@ from playwright.sync_api import Page
 
 from tests.conftest import free_port, wait_for
 from tradewatch.config import PROJECT_ROOT, Settings
+from tradewatch.store.health import EXPECTED_STAGES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FIRST_ANOMALY_BUDGET_S = 60
+# issue 27 asks for the first live anomaly on the page within 30 s of `make demo`: measured p50 ~25 s
+# on this 2-core machine (services alone 8-10 s, runs vary by +-5 s), so the suite's budget is 45 s
+FIRST_ANOMALY_BUDGET_S = 45
 STOP_BUDGET_S = 10
 
 
 class Demo:
     """One `python -m tradewatch.demo` (what `make demo` runs) in its own process group."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, **overrides):
         self.home = PROJECT_ROOT / ".tradewatch" / f"e2e-{name}"
         self.settings = Settings.load(
             tradewatch_home=str(self.home), kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
             kafka_controller_port=free_port(), postgres_port=free_port(), dashboard_port=free_port(),
             api_port=free_port(),
-            dashboard_refresh_seconds=1, run_flink_in_demo=False)
+            run_flink_in_demo=False, **overrides)       # every other setting as a user gets it
         self.url = f"http://127.0.0.1:{self.settings.dashboard_port}"
         self.log = PROJECT_ROOT / ".tradewatch" / f"e2e-{name}.log"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)   # an empty data folder, as on a fresh clone
-        env = {**os.environ, **self.settings.as_env(), "DEMO_RATE": "100", "DEMO_ANOMALY_RATE": "0.01"}
+        env = {**os.environ, **self.settings.as_env()}       # DEMO_RATE, DEMO_ANOMALY_RATE: the user's defaults
         self.started_at = time.monotonic()
         self.process = subprocess.Popen([sys.executable, "-m", "tradewatch.demo"], cwd=PROJECT_ROOT, env=env,
                                         stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
@@ -155,8 +159,20 @@ def page_state(page: Page) -> dict:
     }""")
 
 
+# the strip's labels, in its order: each stage's badge ("consumer up · lag 0 · 10 partitions"), then the disk's
+STRIP_LABELS = (*EXPECTED_STAGES, "flink", "database")
+
+
+def badge(state: dict, stage: str) -> str:
+    """One stage's badge on the health strip ("up · lag 0 · 10 partitions"), or "" if not shown. The
+    badges share a line of the page's text, so a badge ends where the next label begins."""
+    others = "|".join(label for label in STRIP_LABELS if label != stage)
+    found = re.search(rf"\b{stage} ((?:up|late|down|stopped)\b.*?)(?=\b(?:{others}) |\n|$)", state["text"])
+    return found.group(1) if found else ""
+
+
 def stage_shown(state: dict, stage: str, status: str) -> bool:
-    return f"{stage} {status}" in state["text"]
+    return badge(state, stage).startswith(f"{status} ")
 
 
 def everything_on_the_page(state: dict) -> bool:
@@ -164,8 +180,8 @@ def everything_on_the_page(state: dict) -> bool:
     return (state["trades"] > 0
             and any(t["type"] == "candlestick" and t["points"] > 0 for t in traces)
             and any(t["name"].endswith("anomaly") and t["points"] > 0 for t in traces)
-            and "🔔" in state["text"]
-            and all(stage_shown(state, s, "up") for s in ("consumer", "aggregator", "detector")))
+            and "notifications_active" in state["text"]        # an unacknowledged alert's icon (Material Symbols)
+            and all(stage_shown(state, s, "up") for s in EXPECTED_STAGES))
 
 
 def wait_for_everything(page: Page, demo: Demo, budget_s: float) -> dict:

@@ -1,6 +1,7 @@
 """`make demo` as a new user runs it: from an empty data folder, the demo runner starts Kafka,
 PostgreSQL and every stage; a real headless Chromium must see trades, candles, an anomaly marker,
-an alert and a green health strip within 60 s; Ctrl-C (SIGINT to the process group) must leave no
+an alert and a green health strip within 45 s (the goal is 30: demo_driver.py), at the user's defaults (20 trades/s, anomaly rate
+0.005, a first anomaly injected once a symbol is warm); Ctrl-C (SIGINT to the process group) must leave no
 process behind within 10 s. The brand-new broker (no `__consumer_offsets` yet) and stages that start
 together are exactly the start-up a new user gets. A second test kills stages with SIGKILL and
 checks that the supervisor brings them back and nothing is lost or doubled.
@@ -19,7 +20,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from tests.conftest import query, wait_for
-from tests.e2e.demo_driver import (FIRST_ANOMALY_BUDGET_S, Demo, launch_browser, open_dashboard, page_state,
+from tests.e2e.demo_driver import (FIRST_ANOMALY_BUDGET_S, Demo, badge, launch_browser, open_dashboard, page_state,
                                    stage_shown, wait_for_everything)
 from tradewatch import bus
 from tradewatch.detect.pipeline import DetectionPipeline
@@ -39,7 +40,7 @@ def browser_page():
 @pytest.mark.browser
 @pytest.mark.alone
 @pytest.mark.parametrize("attempt", [1, 2, 3])
-def test_fresh_demo_shows_an_anomaly_within_a_minute_and_stops_cleanly(attempt, browser_page):
+def test_fresh_demo_shows_an_anomaly_at_the_users_defaults_and_stops_cleanly(attempt, browser_page):
     demo = Demo(f"fresh{attempt}")
     demo.start()
     try:
@@ -61,10 +62,18 @@ def test_fresh_demo_shows_an_anomaly_within_a_minute_and_stops_cleanly(attempt, 
         demo.kill_everything()
 
 
+def killed_shown(state: dict, stage: str) -> bool:
+    return stage_shown(state, stage, "down") or "restarted" in badge(state, stage)
+
+
 @pytest.mark.browser
 @pytest.mark.alone
 def test_killed_stages_are_restarted_and_nothing_is_lost_or_doubled(browser_page):
-    demo = Demo("kill")
+    # what is tested is the supervisor, the strip and exactness, not the first minute: the market is
+    # busier, so enough price moves are flagged to compare. The page refreshes at the user's default
+    # (3 s): a successor quicker than that is shown "restarted" (at 1 s, a CI run's page never drew
+    # its first chart within the budget)
+    demo = Demo("kill", demo_rate=100.0, demo_anomaly_rate=0.01)
     demo.start()
     try:
         open_dashboard(browser_page, demo)
@@ -73,8 +82,10 @@ def test_killed_stages_are_restarted_and_nothing_is_lost_or_doubled(browser_page
             victim = demo.stage_pid(command)
             os.kill(victim, signal.SIGKILL)
             killed_at = time.monotonic()
-            wait_for(lambda: stage_shown(page_state(browser_page), stage, "down"), timeout=10, interval=0.3,
-                     message=f"the strip to show {stage} down")
+            # down until its successor beats; a successor quicker than a refresh is shown up and
+            # "restarted, a process died N s ago" for a minute instead: either way the kill is on the page
+            wait_for(lambda: killed_shown(page_state(browser_page), stage), timeout=20, interval=0.3,
+                     message=f"the strip to show {stage} down or restarted")
             shown_down_s = time.monotonic() - killed_at
             wait_for(lambda: stage_shown(page_state(browser_page), stage, "up"), timeout=30, interval=0.3,
                      message=f"the strip to show {stage} up again")
