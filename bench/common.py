@@ -17,8 +17,10 @@ from tradewatch.config import PROJECT_ROOT, Settings  # noqa: E402
 
 
 def bench_settings(**overrides: object) -> Settings:
-    settings = Settings.load(tradewatch_home=".tradewatch/bench", kafka_bootstrap_servers="127.0.0.1:39092",
-                             kafka_controller_port=39093, postgres_port=35432, **overrides)
+    # below the kernel's ephemeral range (32768-60999), where a client's outgoing socket can hold a
+    # port, and clear of the suite's (tests/conftest.py: 25432/29092 + 1000 per worker, 10000-19999)
+    settings = Settings.load(tradewatch_home=".tradewatch/bench", kafka_bootstrap_servers="127.0.0.1:22092",
+                             kafka_controller_port=22093, postgres_port=22432, **overrides)
     stack.start(settings)
     return settings
 

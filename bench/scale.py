@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--trades", type=int, default=600_000)
     parser.add_argument("--skip-flink", action="store_true")
     args = parser.parse_args()
-    settings = bench_settings(flink_rest_port=38081, flink_rpc_port=36123, idle_timeout_seconds=2.0)
+    settings = bench_settings(flink_rest_port=28081, flink_rpc_port=28123, idle_timeout_seconds=2.0)
     result = {"benchmark": "scale", "cores": 2, "consumers": consumers(settings, args.trades)}
     if not args.skip_flink:
         result["flink"] = flink(settings)
