@@ -197,17 +197,63 @@ def test_nab_scorer_counts_exactly_on_a_hand_made_series():
     assert windows == 2 and counts == {"windows": 2, "detected": 1, "outside": 2}
 
 
-def test_series_detectors_are_causal():
-    """The detections on the first k points do not change when later points are appended."""
+@pytest.mark.parametrize("which", ["tweets", "daily_cycle"])
+def test_series_detectors_are_causal(which):
+    """The detections on the first k points do not change when later points are appended (on a
+    daily cycle: before and after the detector finds the cycle, and across the anomaly)."""
     import pandas as pd
-    frame = pd.read_csv(SHARED_DATA / "nab" / "realTweets" / "Twitter_volume_CRM.csv", parse_dates=["timestamp"])
-    series = pd.Series(frame["value"].to_numpy(dtype=float), index=frame["timestamp"])
+    if which == "tweets":
+        frame = pd.read_csv(SHARED_DATA / "nab" / "realTweets" / "Twitter_volume_CRM.csv", parse_dates=["timestamp"])
+        series, cuts = pd.Series(frame["value"].to_numpy(dtype=float), index=frame["timestamp"]), (6000, 11000)
+    else:
+        series, _ = evaluate.daily_cycle_series("missing_peak", 2)
+        cuts = (1000, 2900, 3400)
     for name, detect in SERIES_DETECTORS.items():
         full = detect(series)
-        for k in (6000, 11000):
+        for k in cuts:
             prefix = detect(series.iloc[:k])
             assert list(prefix.index) == [t for t in full.index if t < series.index[k]], name
             assert prefix.to_numpy() == pytest.approx(full[full.index < series.index[k]].to_numpy()), name
+
+
+@pytest.mark.parametrize("kind", ["peak_down", "flat_day", "missing_peak"])
+def test_a_series_with_a_daily_cycle_is_judged_against_the_same_time_on_earlier_days(kind):
+    """A day whose plateau is too low, flat or missing is within the series' overall range: only a
+    comparison with the same time on the previous days finds it. The default detector finds it in
+    its window, with and without noise, and nothing before; the same detector without the daily
+    cycle (period=None, as it was) finds none of them."""
+    from tradewatch.detect.series import likelihood
+    for seed in (0, 1):
+        series, [(start, end)] = evaluate.daily_cycle_series(kind, seed)
+        found = likelihood(series)
+        assert any(start <= t <= end for t in found.index), (kind, seed, list(found.index))
+        assert not any(t < start for t in found.index[found.index > series.index[750]]), (kind, seed)
+        assert not any(start <= t <= end for t in likelihood(series, period=None).index), (kind, seed)
+
+
+def test_daily_cycle_series_scored_like_nab():
+    """Generated series (not NAB's, no setting chosen on them): the default >= 70, every kind but
+    the spike train found in every series."""
+    result = evaluate.score_daily_cycles()["likelihood"]
+    assert result["score"] >= 70, result
+    for kind, counts in result["per_kind"].items():
+        if kind != "spike_train":
+            assert counts["detected"] == counts["series"], (kind, counts)
+
+
+def test_a_negative_series_is_judged_like_its_mirror():
+    """Values below zero keep their sign (sign · log(1 + |v|)): a series and its negation give the
+    same detections, where clamping at zero saw a flat line in the negated one."""
+    import pandas as pd
+    from tradewatch.detect.series import likelihood
+    frame = pd.read_csv(SHARED_DATA / "nab" / "realKnownCause" / "ambient_temperature_system_failure.csv",
+                        parse_dates=["timestamp"])
+    series = pd.Series(frame["value"].to_numpy(dtype=float), index=frame["timestamp"])
+    found = likelihood(series)
+    assert len(found) >= 3
+    mirrored = likelihood(-series)
+    assert list(mirrored.index) == list(found.index)
+    assert mirrored.to_numpy() == pytest.approx(found.to_numpy())
 
 
 def test_analyze_csv_on_a_nab_file_prints_flagged_timestamps():

@@ -12,7 +12,9 @@ tradewatch/detect/inject.py, scored with recall per kind and false alarms per 10
 trades. The rules were tuned on the SPY day; the IBM day (another symbol) is only scored.
 
 NAB: the series detectors run point by point over each file and are scored with NAB's own rules
-(standard profile, see nab_raw_score), normalised to NAB's 0–100 scale.
+(standard profile, see nab_raw_score), normalised to NAB's 0–100 scale; the same rules score them
+on generated daily-cycle series with known anomalies (daily_cycle_series), a kind of series no
+detector setting was chosen on.
 """
 from __future__ import annotations
 
@@ -205,6 +207,69 @@ def score_nab(data_dir: Path, detectors: dict | None = None) -> dict:
                                                                                  if f[0] == c),
                                            "windows": int(w), "detections_outside_windows": outside}
                                        for c, (raw, w, outside) in sorted(totals.items())}
+    return result
+
+
+DAILY_CYCLE_KINDS = ("peak_up", "peak_down", "flat_day", "missing_peak", "spike_train", "level_shift")
+
+
+def daily_cycle_series(kind: str, seed: int, days: int = 14) -> tuple[pd.Series, list]:
+    """A generated series (not NAB's files) of 5-minute points with one anomaly and its NAB-style
+    window (10 % of the points, centred on the anomaly's start): a daily cycle — a low level and a
+    plateau of random height, start and length, noise-free on odd seeds, with noise on even ones —
+    where, on a day between the 8th and 12th, the plateau rises by 60 % of the cycle's amplitude
+    (peak_up) or drops by half (peak_down), the whole day stays flat at mid-height (flat_day), the
+    plateau does not come (missing_peak) or a spike every hour rides on the cycle (spike_train);
+    level_shift is a noisy sine with no plateau whose level rises by four noise deviations for good.
+    What a detector of "the same time yesterday" must find and a plain z-score cannot."""
+    rng = np.random.default_rng(seed)
+    per_day = 288
+    low, high = 20.0 + rng.uniform(-5, 5), 80.0 + rng.uniform(-10, 10)
+    start, length = int(rng.integers(60, 160)), int(rng.integers(60, 120))
+    day = np.full(per_day, low)
+    day[start:start + length] = high
+    noise = 1.5 if seed % 2 == 0 else 0.0
+    values = np.tile(day, days) + rng.normal(0, noise, per_day * days)
+    first = int(rng.integers(7, 12)) * per_day + start
+    if kind == "peak_up":
+        values[first:first + length] += 0.6 * (high - low)
+    elif kind == "peak_down":
+        values[first:first + length] -= 0.5 * (high - low)
+    elif kind == "flat_day":
+        first -= start
+        values[first:first + per_day] = (low + high) / 2 + rng.normal(0, noise / 5, per_day)
+    elif kind == "missing_peak":
+        values[first:first + length] = low + rng.normal(0, noise, length)
+    elif kind == "spike_train":
+        values[first:first + per_day:12] += high - low
+    elif kind == "level_shift":
+        values = rng.normal(10, 1.5, len(values)) + 3 * np.sin(np.arange(len(values)) * 2 * np.pi / per_day)
+        values[first:] += 6
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    times = pd.date_range("2020-01-01", periods=len(values), freq="5min")
+    half = len(values) // 20
+    return pd.Series(values, index=times), [(times[first - half], times[min(first + half, len(values) - 1)])]
+
+
+def score_daily_cycles(seeds=range(4), detectors: dict | None = None) -> dict:
+    """The series detectors on daily_cycle_series (every kind × seed), scored like NAB: the score
+    over all, and per kind how many of its series had a detection in the window, and how many
+    detections fell outside."""
+    result: dict = {}
+    for det, fn in (detectors or SERIES_DETECTORS).items():
+        raw = windows = 0.0
+        kinds = {}
+        for kind in DAILY_CYCLE_KINDS:
+            found = outside = 0
+            for seed in seeds:
+                series, spans = daily_cycle_series(kind, seed)
+                file_raw, file_windows, counts = nab_raw_score(list(series.index.isin(fn(series).index)),
+                                                              series.index, spans)
+                raw, windows = raw + file_raw, windows + file_windows
+                found, outside = found + counts["detected"], outside + counts["outside"]
+            kinds[kind] = {"series": len(seeds), "detected": found, "detections_outside_windows": outside}
+        result[det] = {"score": _normalised(raw, windows), "per_kind": kinds}
     return result
 
 
