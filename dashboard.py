@@ -13,6 +13,7 @@ from tradewatch.access import LOOPBACK, may_acknowledge
 from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.formatting import compact, exact
+from tradewatch.market import history
 from tradewatch.store import detections, queries
 from tradewatch.store.health import gone_from_this_host, stage_statuses
 from tradewatch.windows import parse_size
@@ -136,6 +137,19 @@ def sensible_time_axis(figure, starts: pd.Series, step: timedelta, at_least: int
     figure.update_xaxes(range=[oldest, newest])
 
 
+def shade_simulated_history(figure, subplots: int = 0) -> None:
+    """The past `make demo` simulated at start (producer.py --history), shaded and named on a chart
+    (on each of its `subplots` rows, if it has them)."""
+    span = history.span(settings)
+    if span is None:
+        return
+    for row in range(1, subplots + 1) if subplots else [None]:
+        figure.add_vrect(x0=span[0], x1=span[1], fillcolor="#7f7f7f", opacity=0.08, line_width=0, layer="below",
+                         **({"row": row, "col": 1} if row else {}))
+    figure.add_annotation(x=span[1], y=1, xref="x", yref="paper", xanchor="right", yanchor="bottom",
+                          showarrow=False, text="simulated at start │ live", font=dict(color="#7f7f7f", size=11))
+
+
 def candle_panel(symbols, since, until) -> None:
     # read again on every refresh: a page opened before the first window was written must not
     # keep the empty list it started with
@@ -179,6 +193,7 @@ def candle_panel(symbols, since, until) -> None:
                             marker_color=["#d62728" if pd.notna(v) and v < 0 else "#2ca02c" for v in frame.macd_histogram]),
                      4, 1)
     figure.update_yaxes(range=[0, 100], row=3, col=1)
+    shade_simulated_history(figure, subplots=4)
     sensible_time_axis(figure, x, timedelta(milliseconds=parse_size(size)), at_least=30)
     figure.update_layout(height=760, margin=dict(l=10, r=10, t=30, b=10), xaxis_rangeslider_visible=False,
                          title=f"{symbol} {size} candles", uirevision=f"{symbol}-{size}")
@@ -210,6 +225,7 @@ def price_panel(symbols, since, until) -> None:
              if flagged else "no anomalies in range")
     sensible_time_axis(figure, pd.concat([prices.ts, marks.ts]) if not marks.empty else prices.ts,
                        timedelta(minutes=1), at_least=15)
+    shade_simulated_history(figure)
     figure.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="% vs range start",
                          title=f"Price (1-minute closes) with anomalies — {shown}", uirevision="prices")
     st.plotly_chart(figure, width="stretch", key="prices")
@@ -354,8 +370,11 @@ def live() -> None:
         span = timedelta(minutes=RANGES[range_name])
         until = anchor + timedelta(milliseconds=1)
         since = until - span
+        simulated = history.span(settings)
         st.caption(f"{range_name} of data, up to {anchor:%Y-%m-%d %H:%M:%S} UTC · refreshing every {refresh} s · "
-                   f"metrics from `{source}`")
+                   f"metrics from `{source}`" + ("" if simulated is None or simulated[1] <= since else
+                   f" · {simulated[0]:%H:%M:%S}–{simulated[1]:%H:%M:%S} UTC (shaded) was simulated when the "
+                   f"demo started, live since"))
         if view != ALL_SYMBOLS:
             symbol_view(view, since, until, since - span)
             return

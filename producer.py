@@ -10,6 +10,7 @@ import time
 from tradewatch import bus, prometheus
 from tradewatch.cli import StopFlag, load_settings, setup_logging
 from tradewatch.events import Trade
+from tradewatch.market import history as history_mark
 from tradewatch.market import replay
 from tradewatch.market.live import VENUES, FeedFailed, LiveFeed
 from tradewatch.market.simulator import DEFAULT_SYMBOLS, FIRST_ANOMALY_HISTORY, MarketSimulator
@@ -39,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="inject a price spike this many seconds into the feed, on the first symbol with "
                           f"{FIRST_ANOMALY_HISTORY} trades (what `make demo` does, so a class sees one early)")
     sim.add_argument("--start", help="event time of the first trade, ISO-8601 (default: now)")
+    sim.add_argument("--history", type=float, metavar="SECONDS",
+                     help="first send a simulated past, event time from SECONDS ago up to now, as fast as it "
+                          "goes, then trade live: charts full from the first minute (`make demo` sends an hour "
+                          "into an empty data folder; the dashboard marks it as simulated)")
     rep = parser.add_argument_group("replay")
     rep.add_argument("--replay", metavar="FILE", help="CSV (or .csv.gz) of trades or 1-minute bars")
     rep.add_argument("--speed", default="1", help="1 = real pace, N = N times faster, 'max' = no waiting")
@@ -79,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.live and args.replay:
         print("error: --live and --replay are two different sources: choose one", file=sys.stderr)
         return 2
+    if args.history is not None and (args.live or args.replay or args.start or args.history <= 0
+                                     or args.rate.lower() == "max"):
+        print("error: --history is a simulated past before live trades: a number of seconds > 0, "
+              "with the simulator at a --rate in trades per second (not max, --start, --replay or --live)",
+              file=sys.stderr)
+        return 2
     if args.live:
         venue = VENUES[args.live]
         symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()] if args.symbols \
@@ -104,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.start:
             start_ms = replay.parse_time_ms(args.start)
         symbols = [s.strip().upper() for s in (args.symbols or ",".join(DEFAULT_SYMBOLS)).split(",") if s.strip()]
-        def simulator(start_ms: int) -> MarketSimulator:
-            # With --rate max, event time still advances 1 ms per trade on average.
-            return MarketSimulator(symbols, rate or 1000.0, args.seed, args.anomaly_rate, start_ms,
-                                   args.first_anomaly_after)
+        def simulator(start_ms: int, history_s: float = 0.0) -> MarketSimulator:
+            # With --rate max, event time still advances 1 ms per trade on average. The first
+            # anomaly is due that long into the live trades, after any history.
+            first = None if args.first_anomaly_after is None else history_s + args.first_anomaly_after
+            return MarketSimulator(symbols, rate or 1000.0, args.seed, args.anomaly_rate, start_ms, first)
         try:
             trades = simulator(start_ms)
         except ValueError as error:
@@ -127,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         # rule (MAX_CLOCK_SKEW_SECONDS) would reject what lies more than 5 minutes ahead.
         backdate_ms = args.count if rate is None and args.count else 0
         trades = simulator(int(time.time() * 1000) - backdate_ms)
+    past = None              # the simulated past, sent first when asked for
+    if args.history:
+        now_ms = int(time.time() * 1000)
+        trades = simulator(now_ms - int(args.history * 1000), args.history)
+        history_mark.mark(settings, now_ms - int(args.history * 1000), now_ms)
+        past = trades.trades_until(now_ms)
 
     def send(trade: Trade) -> bool:
         return publisher.send(topic, trade.symbol.encode(), trade.to_json_bytes())
@@ -136,8 +154,14 @@ def main(argv: list[str] | None = None) -> int:
               + (f", injected {stats.injected}" if stats.injected else ""), file=sys.stderr, flush=True)
 
     try:
-        stats = publish(send, trades, speed=speed, count=args.count, duration_s=args.duration,
-                        stop=stop, progress=progress)
+        sent = 0
+        if past is not None:
+            sent = publish(send, past, speed=None, count=args.count, stop=stop, progress=progress).sent
+            print(f"sent {sent:,} trades of simulated history ({args.history:g} s); now live", file=sys.stderr)
+            trades.skip_to(int(time.time() * 1000))       # live event time is the wall clock again
+        stats = publish(send, trades, speed=speed, count=None if args.count is None else args.count - sent,
+                        duration_s=args.duration, stop=stop, progress=progress)
+        stats.sent += sent
     except FeedFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

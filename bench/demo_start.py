@@ -1,6 +1,7 @@
-"""Fresh `make demo` starts, measured the way a user sees them: for each run, an empty data folder,
-the demo runner, and headless Chromium polling the dashboard until it shows trades, candles, an
-anomaly marker, an alert and a green health strip. Beside each time: how long the services alone
+"""Fresh `make demo` starts at the user's defaults, measured the way a user sees them: for each run,
+an empty data folder, the demo runner (an hour of simulated past first), and headless Chromium
+polling the dashboard until it shows that hour of candles, a live anomaly marker, an alert and a
+green health strip. Beside each time: how long the services alone
 took to answer (the floor no stage can beat) and how long Ctrl-C took to stop everything.
 
     ../.venv/bin/python demo_start.py --runs 10

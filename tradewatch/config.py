@@ -110,6 +110,7 @@ class Settings:
     # make demo: the simulator's rate and anomaly rate, consumers in the group, a live venue instead
     demo_rate: float = 20.0
     demo_anomaly_rate: float = 0.005
+    demo_history_minutes: float = 60.0       # simulated past sent into an empty data folder first; 0: none
     consumers: int = 1
     demo_live: str = ""
     demo_live_url: str = ""
@@ -274,7 +275,7 @@ SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW")
 CHANNELS = ("webhook", "email", "log")
 
 # numbers that may be 0 (the others must be more than 0)
-_MAY_BE_ZERO = {"allowed_lateness_seconds", "max_clock_skew_seconds", "breaker_cool_off_seconds",
+_MAY_BE_ZERO = {"allowed_lateness_seconds", "demo_history_minutes", "max_clock_skew_seconds", "breaker_cool_off_seconds",
                 "alert_cooldown_critical_seconds", "alert_cooldown_high_seconds", "alert_cooldown_medium_seconds",
                 "demo_anomaly_rate"}
 _CHOICES = {"log_format": ("text", "json"), "kafka_client": ("confluent", "kafka-python"),

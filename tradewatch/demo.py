@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from tradewatch import stack
 from tradewatch.cli import load_settings, setup_logging
 from tradewatch.config import PROJECT_ROOT, Settings
+from tradewatch.store import db
 
 log = logging.getLogger("tradewatch.demo")
 
@@ -52,10 +53,12 @@ class Child:
     deaths: deque[float] = field(default_factory=lambda: deque(maxlen=50))
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     start_after_s: float = 0.0      # what the first minute does not need starts later, off the busy start
+    first_start_only: list[str] = field(default_factory=list)   # arguments of the first start, not of a restart
 
     def start(self) -> None:
         self.tail.clear()
-        self.process = subprocess.Popen(self.command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+        command = self.command + (self.first_start_only if not self.deaths else [])
+        self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.started_at = time.monotonic()
         self.restart_at = None
@@ -71,7 +74,9 @@ class Child:
             sys.stdout.flush()
 
 
-def stages(settings: Settings) -> list[Child]:
+def stages(settings: Settings, history_s: float = 0.0) -> list[Child]:
+    """`history_s`: seconds of simulated past the producer sends first (its first start only: a
+    restarted producer must not send a second past over the first)."""
     python = sys.executable
     consumers = settings.consumers                          # CONSUMERS=3 make demo: a group of three
     commands = [(f"consumer-{i + 1}" if consumers > 1 else "consumer", [python, "consumer.py"])
@@ -101,7 +106,22 @@ def stages(settings: Settings) -> list[Child]:
     # on two cores, eight interpreters importing pandas at once delay the first anomaly by seconds:
     # the API, the reports and maintenance start once the path to the page is up
     later = {"api": LATER_S, "reports": LATER_S, "maintain": LATER_S}
-    return [Child(name, command, start_after_s=later.get(name, 0.0)) for name, command in commands]
+    children = [Child(name, command, start_after_s=later.get(name, 0.0)) for name, command in commands]
+    if history_s and not settings.demo_live:
+        next(c for c in children if c.name == "producer").first_start_only = ["--history", f"{history_s:g}"]
+    return children
+
+
+def history_seconds(settings: Settings) -> float:
+    """DEMO_HISTORY_MINUTES of simulated past, into a data folder that holds no trade yet (a
+    second run opens on the first one's data instead)."""
+    if not settings.demo_history_minutes or settings.demo_live:
+        return 0.0
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.execute("SELECT EXISTS (SELECT 1 FROM trades)")
+        empty = not cur.fetchone()[0]
+    conn.close()
+    return settings.demo_history_minutes * 60 if empty else 0.0
 
 
 class Supervisor:
@@ -184,12 +204,13 @@ def main() -> int:
 def _run(settings: Settings) -> int:
     already_up = stack.status(settings)
     we_started_services = not (already_up["kafka"].startswith("up") and already_up["postgres"].startswith("up"))
-    supervisor = Supervisor(stages(settings))
+    supervisor = Supervisor([])
     signal.signal(signal.SIGINT, supervisor.request_stop)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     try:
         stack.start(settings)
-    except stack.StackError as error:
+        supervisor.stages = stages(settings, history_seconds(settings))
+    except (stack.StackError, db.DatabaseUnavailable, db.DatabaseRefused) as error:
         log.error("%s", error)
         return 1
     try:

@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
 from playwright.sync_api import Page
 
 from tests.conftest import free_port, wait_for
 from tradewatch.config import PROJECT_ROOT, Settings
+from tradewatch.market import history
 from tradewatch.store.health import EXPECTED_STAGES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -150,7 +153,8 @@ def page_state(page: Page) -> dict:
     return page.evaluate("""() => {
         const plots = [...document.querySelectorAll('.js-plotly-plot')];
         const traces = plots.flatMap(p => (p.data || []).map(t => ({type: t.type, name: t.name || '',
-                                                                      points: (t.x || []).length})));
+                                                                      points: (t.x || []).length,
+                                                                      last: [...(t.x || [])].map(String).sort().pop()})));
         const text = document.body.innerText;
         const tile = [...document.querySelectorAll('[data-testid="stMetric"]')]
             .find(m => m.innerText.startsWith('Trades'));
@@ -175,27 +179,40 @@ def stage_shown(state: dict, stage: str, status: str) -> bool:
     return badge(state, stage).startswith(f"{status} ")
 
 
-def everything_on_the_page(state: dict) -> bool:
+def everything_on_the_page(state: dict, live_from: datetime | None = None, candles: int = 1) -> bool:
+    """Trades, `candles` candles, an anomaly marker at or after `live_from` (a live one, past any
+    simulated history), an alert, and every stage up."""
     traces = state["traces"]
     return (state["trades"] > 0
-            and any(t["type"] == "candlestick" and t["points"] > 0 for t in traces)
-            and any(t["name"].endswith("anomaly") and t["points"] > 0 for t in traces)
+            and any(t["type"] == "candlestick" and t["points"] >= candles for t in traces)
+            and any(t["name"].endswith("anomaly") and t["points"] > 0
+                    and (live_from is None or utc(t["last"]) >= live_from) for t in traces)
             and "notifications_active" in state["text"]        # an unacknowledged alert's icon (Material Symbols)
             and all(stage_shown(state, s, "up") for s in EXPECTED_STAGES))
+
+
+def utc(shown: str) -> datetime:
+    stamp = pd.Timestamp(shown)
+    return (stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")).to_pydatetime()
 
 
 def wait_for_everything(page: Page, demo: Demo, budget_s: float) -> dict:
     """Wait until the page shows everything a user expects; fail with what it showed and the log."""
     last: dict = {}
+    past = demo.settings.demo_history_minutes
 
     def complete() -> bool:
         nonlocal last
         assert demo.process.poll() is None, f"the demo exited:\n{demo.output()[-3000:]}"
         last = page_state(page)
-        return everything_on_the_page(last)
+        if not past:
+            return everything_on_the_page(last)
+        span = history.span(demo.settings)     # the past's 1-minute candles, then a live anomaly
+        return span is not None and everything_on_the_page(last, span[1], candles=int(past * 0.9))
     try:
         wait_for(complete, timeout=budget_s, interval=0.5,
-                 message="trades, candles, an anomaly marker, an alert and a green health strip")
+                 message="trades, candles (of the simulated past too), a live anomaly marker, an alert and a "
+                         "green health strip")
     except AssertionError as error:
         raise AssertionError(f"{error}\ntraces: {last.get('traces')}\npage: {last.get('text', '')[:1500]}\n"
                              f"--- demo log ---\n{demo.output()[-5000:]}") from None

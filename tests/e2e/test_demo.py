@@ -1,7 +1,8 @@
 """`make demo` as a new user runs it: from an empty data folder, the demo runner starts Kafka,
-PostgreSQL and every stage; a real headless Chromium must see trades, candles, an anomaly marker,
-an alert and a green health strip within 45 s (the goal is 30: demo_driver.py), at the user's defaults (20 trades/s, anomaly rate
-0.005, a first anomaly injected once a symbol is warm); Ctrl-C (SIGINT to the process group) must leave no
+PostgreSQL and every stage, and the producer sends an hour of simulated past first; a real headless
+Chromium must see that hour of candles (marked as simulated), a live anomaly marker, an alert and a
+green health strip within 45 s (the goal is 30: demo_driver.py), at the user's defaults (20 trades/s,
+anomaly rate 0.005, a first live anomaly injected once the past is sent); Ctrl-C (SIGINT to the process group) must leave no
 process behind within 10 s. The brand-new broker (no `__consumer_offsets` yet) and stages that start
 together are exactly the start-up a new user gets. A second test kills stages with SIGKILL and
 checks that the supervisor brings them back and nothing is lost or doubled.
@@ -27,6 +28,7 @@ from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.stages.detector import detector_config
 from tradewatch.events import Trade
+from tradewatch.market import history
 
 
 @pytest.fixture
@@ -49,6 +51,12 @@ def test_fresh_demo_shows_an_anomaly_at_the_users_defaults_and_stops_cleanly(att
         assert "Deploy" not in shown["text"], "Streamlit's Deploy menu is hidden"
         first_anomaly_s = time.monotonic() - demo.started_at
         print(f"fresh start {attempt}: everything on the page {first_anomaly_s:.1f}s after `make demo`")
+        assert "(shaded) was simulated when the demo started, live since" in shown["text"]
+        # the past went through the real pipeline: an hour of trades at the demo's rate, stored
+        span = history.span(demo.settings)
+        past = query(demo.settings, "SELECT count(*) FROM trades WHERE ts < %s", (span[1],))[0][0]
+        expected = demo.settings.demo_rate * demo.settings.demo_history_minutes * 60
+        assert abs(past - expected) < 4 * expected ** 0.5, (past, expected)
 
         # the consumer is what fills `trades` (the only writer): it keeps growing
         before = query(demo.settings, "SELECT count(*) FROM trades")[0][0]
@@ -73,7 +81,9 @@ def test_killed_stages_are_restarted_and_nothing_is_lost_or_doubled(browser_page
     # busier, so enough price moves are flagged to compare. The page refreshes at the user's default
     # (3 s): a successor quicker than that is shown "restarted" (at 1 s, a CI run's page never drew
     # its first chart within the budget)
-    demo = Demo("kill", demo_rate=100.0, demo_anomaly_rate=0.01)
+    # (no simulated past: at 100 trades/s an hour is 360,000 trades to wait for, and this test is
+    # about the supervisor)
+    demo = Demo("kill", demo_rate=100.0, demo_anomaly_rate=0.01, demo_history_minutes=0)
     demo.start()
     try:
         open_dashboard(browser_page, demo)

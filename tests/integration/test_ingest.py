@@ -266,3 +266,32 @@ def test_a_large_burst_at_max_rate_is_stamped_no_later_than_now(settings, tmp_pa
     assert query(settings, "SELECT count(*) FROM dead_letters")[0][0] == 0
     newest = query(settings, "SELECT extract(epoch FROM max(ts)) * 1000 FROM trades")[0][0]
     assert newest <= time.time() * 1000 and newest >= before - 10_000
+
+
+def test_a_simulated_past_goes_first_then_trades_follow_the_clock(settings, tmp_path):
+    """`producer.py --history 600` (what `make demo` does with an hour): ten minutes of simulated
+    past reach Kafka in a few seconds, marked for the dashboard; then live trades stamped with the
+    wall clock; the first anomaly is a live one. Through the consumer into PostgreSQL, every one."""
+    home = tmp_path / "home"                  # the mark is the dashboard's business: not the suite's home
+    began_ms = time.time() * 1000
+    producer = start_script(settings.with_overrides(tradewatch_home=str(home)), "producer.py", "--rate", "20",
+                            "--history", "600", "--first-anomaly-after", "1", "--duration", "4", "--seed", "3",
+                            log=tmp_path / "producer.log")
+    consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
+    assert producer.wait(timeout=120) == 0
+    ended_ms = time.time() * 1000
+    log = (tmp_path / "producer.log").read_text()
+    sent = int(re.search(r"done: sent ([\d,]+) trades", log).group(1).replace(",", ""))
+    wait_for(lambda: count(settings) == sent, timeout=60, message=f"{sent} rows")
+    assert stop_gracefully(consumer) == 0
+
+    mark = json.loads((home / "simulated-history.json").read_text())
+    assert mark["until_ms"] - mark["from_ms"] == 600_000 and began_ms <= mark["until_ms"] <= began_ms + 10_000
+    rows = query(settings, "SELECT (extract(epoch FROM ts) * 1000)::bigint, injected_anomaly FROM trades ORDER BY ts")
+    past = [ts for ts, _ in rows if ts < mark["until_ms"]]
+    live = [ts for ts, _ in rows if ts >= mark["until_ms"]]
+    assert min(past) >= mark["from_ms"] and abs(len(past) - 12_000) < 450, len(past)     # 20/s, within 4 σ
+    assert live and max(live) <= ended_ms, "live trades are stamped with the clock, never ahead of it"
+    assert 40 <= len(live) <= 150, len(live)                                           # ~4 s at 20/s
+    assert [ts >= mark["until_ms"] for ts, label in rows if label] == [True], "one anomaly, a live one"
+    assert "of simulated history (600 s); now live" in log

@@ -107,3 +107,31 @@ def test_the_demo_first_anomaly_comes_early_once_and_is_caught():
         detections = DetectionPipeline().process(trades)
         caught = next(d for d in detections if d.trade.trade_id == spike.trade_id)
         assert "PRICE_SPIKE" in caught.types, (seed, caught.types, caught.details)
+
+
+def test_a_simulated_past_then_live_trades_is_one_market():
+    """`producer.py --history` (what `make demo` sends into an empty data folder): the trades before
+    `until` are the past, the clock then stands at `until`; after a pause (the time sending it took)
+    trading goes on at the same rate, with no trade inside the pause, and the demo's first anomaly is
+    a live one, on a symbol the past warmed."""
+    hour_ms = 3_600_000
+    sim = MarketSimulator(rate=20.0, seed=8, start_ms=START, first_anomaly_after_s=3600 + 1.0)
+    past = list(sim.trades_until(START + hour_ms))
+    assert all(START < t.timestamp_ms < START + hour_ms for t in past)
+    assert abs(len(past) - 20 * 3600) < 4 * math.sqrt(20 * 3600), len(past)      # Poisson: within 4 σ
+    assert not any(t.injected_anomaly for t in past), "the first anomaly is not spent on the past"
+    assert list(sim.trades_until(START + hour_ms)) == [], "the clock stands at the end of the past"
+
+    sim.skip_to(START + hour_ms + 5_000)          # 5 s to send it
+    live = take(sim, 20 * 60)
+    assert live[0].timestamp_ms >= START + hour_ms + 5_000
+    assert abs(live[-1].timestamp_ms - live[0].timestamp_ms - 60_000) < 10_000, "the same rate, live"
+    injected = [t for t in live if t.injected_anomaly]
+    assert [t.injected_anomaly for t in injected] == ["price_spike"]
+    assert injected[0].timestamp_ms - (START + hour_ms + 5_000) < 1_000, "due at once: every symbol is warm"
+    assert len({t.trade_id for t in past + live}) == len(past) + len(live)
+    # the pause moved prices on as time does, not as a jump
+    before, after = {t.symbol: t for t in past}, {}
+    for t in live:
+        after.setdefault(t.symbol, t)
+    assert all(abs(after[s].price / before[s].price - 1) < 0.05 for s in after if after[s].injected_anomaly is None)

@@ -55,3 +55,34 @@ def test_demo_live_runs_the_producer_on_a_live_feed(monkeypatch):
     monkeypatch.delenv("DEMO_LIVE")
     producer = {s.name: s.command for s in stages(Settings.load())}["producer"]
     assert "--live" not in producer and "--rate" in producer
+
+
+def test_the_producer_sends_its_simulated_past_on_its_first_start_only(monkeypatch, capsys):
+    """`make demo` into an empty data folder opens on DEMO_HISTORY_MINUTES of simulated past; a
+    producer the supervisor restarts must not send a second past over the first."""
+    from tradewatch.config import Settings
+    from tradewatch.demo import stages
+
+    producer = {s.name: s for s in stages(Settings.load(), history_s=3600)}["producer"]
+    assert producer.first_start_only == ["--history", "3600"]
+    monkeypatch.setenv("DEMO_LIVE", "coinbase")
+    assert {s.name: s for s in stages(Settings.load(), 3600)}["producer"].first_start_only == [], "live: no past"
+
+    echo = Child("producer", [sys.executable, "-c", "import sys; print(' '.join(sys.argv[1:]) or 'none')"],
+                 first_start_only=["--history", "3600"])
+    supervisor = Supervisor([echo])
+    watcher = threading.Thread(target=supervisor.watch)
+    supervisor.start_all()
+    watcher.start()
+    try:
+        wait = time.monotonic() + 10
+        while len(echo.deaths) < 2 and time.monotonic() < wait:      # exited, restarted (1 s), exited
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        supervisor.request_stop()
+        watcher.join(timeout=5)
+        supervisor.stop_all()
+    assert len(echo.deaths) >= 2
+    assert capsys.readouterr().out.splitlines()[:2] == ["[producer] --history 3600", "[producer] none"], \
+        "the first start sent the past, the restart did not"

@@ -114,8 +114,27 @@ class MarketSimulator:
             yield self.next_trade()
 
     def next_trade(self) -> Trade:
+        self._now_ms += self._rng.expovariate(self.rate) * 1000.0
+        return self._trade_now()
+
+    def trades_until(self, until_ms: int) -> Iterator[Trade]:
+        """The trades with event time before `until_ms` (a simulated past, sent as fast as it goes);
+        the clock then stands at `until_ms`. Arrivals are memoryless, so stopping there and going on
+        with `next_trade()` is the same market as never stopping."""
+        while True:
+            gap_ms = self._rng.expovariate(self.rate) * 1000.0
+            if self._now_ms + gap_ms >= until_ms:
+                self._now_ms = max(self._now_ms, float(until_ms))
+                return
+            self._now_ms += gap_ms
+            yield self._trade_now()
+
+    def skip_to(self, ms: int) -> None:
+        """No trade until `ms` (the time it took to send a past): prices move on over the gap."""
+        self._now_ms = max(self._now_ms, float(ms))
+
+    def _trade_now(self) -> Trade:
         rng = self._rng
-        self._now_ms += rng.expovariate(self.rate) * 1000.0
         now_ms = int(self._now_ms)
         state = rng.choices(self._states, cum_weights=self._cum_weights)[0]
         profile = state.profile
