@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 JARS := .tradewatch/jars
+PROM := .tradewatch/tools/prometheus
 
 .PHONY: demo test services doctor stop status bench setup venv jars system flink-cluster flink-stop clean
 
@@ -56,12 +57,22 @@ $(JARS)/.fetched: infra/pom.xml
 	mvn -q -B -f infra/pom.xml -P flink dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(JARS)/flink
 	touch $@
 
-system:                     ## Debian packages the tests need: chromium (browser tests), docker-compose (checks docker-compose.yml without an engine)
+system: $(PROM)/promtool    ## Debian packages the tests need: chromium (browser tests), docker-compose (checks
+                            ## docker-compose.yml without an engine), promtool and prometheus (infra/prometheus/)
 	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing:$$missing — sudo apt-get install$$missing (needed by the tests)"; exit 1; fi; fi
+
+# promtool and prometheus from Debian's prometheus package, unpacked here, not installed: they check,
+# unit-test and run infra/prometheus/ in the tests (installing the package starts a server on :9090)
+$(PROM)/promtool:
+	rm -rf $(PROM) && mkdir -p $(PROM)/deb
+	cd $(PROM)/deb && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; } \
+	  || { echo "cannot download Debian's prometheus package (apt-get update needs root)"; exit 1; }; }
+	dpkg-deb -x $(PROM)/deb/prometheus_*.deb $(PROM)/deb/files
+	mv $(PROM)/deb/files/usr/bin/prometheus $(PROM)/deb/files/usr/bin/promtool $(PROM)/ && rm -rf $(PROM)/deb
 
 clean: stop                 ## remove local data (keeps the venv and jars)
 	rm -rf .tradewatch/demo .tradewatch/test .tradewatch/test-gw* .tradewatch/test-kafka3 .tradewatch/e2e-* .tradewatch/bench

@@ -231,6 +231,24 @@ def wait_for(condition, timeout: float = 60, interval: float = 0.2, message: str
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
+def metrics_url(log: Path, name: str = "stage") -> str:
+    """The /metrics URL a started stage logged (it takes the next free port when its own is taken)."""
+    import re
+    return "http://" + wait_for(lambda: (re.search(r"metrics of the \w+ on http://([\d.:]+)/metrics",
+                                                   log.read_text() if log.exists() else "") or [None, None])[1],
+                                message=f"{name} metrics port") + "/metrics"
+
+
+PROMETHEUS_TOOLS = PROJECT_ROOT / ".tradewatch" / "tools" / "prometheus"
+
+
+def prometheus_tool(name: str) -> Path:
+    """promtool or prometheus from Debian's package, unpacked by `make system` (make test runs it)."""
+    path = PROMETHEUS_TOOLS / name
+    assert path.exists(), f"{path} is missing: `make system` unpacks it (make test runs that first)"
+    return path
+
+
 def wait_for_progress(measure, target: int, stalled_after: float = 60, interval: float = 0.2,
                       message: str = "progress", details=lambda: "") -> int:
     """Wait until `measure()` reaches `target` for as long as it keeps growing: fails only when it

@@ -8,18 +8,15 @@ the dashboard and API ports, free disk under TRADEWATCH_HOME.
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
-from tradewatch import bus
+from tradewatch import bus, disk
 from tradewatch.config import Settings
 from tradewatch.stack import JARS_DIR
 from tradewatch.store import db, health
-
-MIN_FREE_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -138,7 +135,7 @@ def check_ports(settings: Settings) -> list[Check]:
 
 
 def check_storage(settings: Settings) -> list[Check]:
-    """The database's size and data span, and the free disk (✘ below 10 % or 2 GiB)."""
+    """The database's size and data span, and the free disk (✘ when low: tradewatch/disk.py)."""
     from tradewatch.store import queries
     checks = []
     try:
@@ -151,13 +148,9 @@ def check_storage(settings: Settings) -> list[Check]:
         checks.append(Check("database", True, f"{found['database_bytes'] / 1024**3:.2f} GiB{span}"
                             f"; oldest partition {found['oldest_partition'] or 'none'}"
                             f"; archive {found['archive_bytes'] / 1024**3:.2f} GiB in {settings.home / 'archive'}"))
-    folder = settings.home if settings.home.exists() else settings.home.parent
-    while not folder.exists():
-        folder = folder.parent
-    usage = shutil.disk_usage(folder)
-    percent = 100.0 * usage.free / usage.total if usage.total else 0.0
-    ok = usage.free >= MIN_FREE_BYTES and percent >= 10.0
-    checks.append(Check("free disk", ok, f"{usage.free / 1024**3:.1f} GiB free ({percent:.0f} %) at {folder}",
+    found = disk.usage(settings.home)
+    checks.append(Check("free disk", not found.low,
+                        f"{found.free / 1024**3:.1f} GiB free ({found.free_percent:.0f} %) at {found.folder}",
                         f"Kafka and PostgreSQL keep their data under {settings.home}: free space, lower "
                         "KAFKA_RETENTION_*, or `make clean`"))
     return checks

@@ -15,6 +15,10 @@ Each stage process serves its metrics on its own port (`CONSUMER_METRICS_PORT`,
     tradewatch_latency_seconds{path}        histogram: Kafka append time → row committed
                                             (trade_to_row) and → alert committed (trade_to_alert)
     tradewatch_stage_starts_total           process starts (a supervisor restart counts one more)
+    tradewatch_disk_free_bytes{folder}      free and total bytes of the disk holding TRADEWATCH_HOME,
+    tradewatch_disk_size_bytes{folder}      measured when scraped (tradewatch/disk.py)
+
+The Prometheus alert rules on these are in infra/prometheus/alerts.yml.
 
 producer.py --live (PRODUCER_METRICS_PORT), labelled by venue:
     tradewatch_live_trades_total            trades received (after repeats are dropped)
@@ -30,6 +34,8 @@ import logging
 import re
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from tradewatch import disk
 
 log = logging.getLogger("tradewatch.metrics")
 
@@ -48,6 +54,8 @@ LATENCY = Histogram("tradewatch_latency_seconds", "From the Kafka append time of
                                                 5, 10, 30, 60))
 SYMBOLS = Gauge("tradewatch_symbols_held", "Symbols whose state the stage holds (idle ones are evicted)", ["stage"])
 STARTS = Counter("tradewatch_stage_starts", "Process starts", ["stage"])
+DISK_FREE = Gauge("tradewatch_disk_free_bytes", "Free bytes of the disk holding TRADEWATCH_HOME", ["stage", "folder"])
+DISK_SIZE = Gauge("tradewatch_disk_size_bytes", "Size of the disk holding TRADEWATCH_HOME", ["stage", "folder"])
 LIVE_TRADES = Counter("tradewatch_live_trades", "Trades received from a live venue", ["venue"])
 LIVE_GAPS = Counter("tradewatch_live_gaps", "Jumps in a symbol's trade-id sequence", ["venue", "symbol"])
 LIVE_MISSING = Counter("tradewatch_live_missing_trades", "Trade ids skipped by those jumps", ["venue", "symbol"])
@@ -87,6 +95,9 @@ def serve(settings, stage: str, tries: int = 20) -> int | None:
     port = getattr(settings, f"{stage}_metrics_port", 0)
     if not port:
         return None
+    folder = str(disk.usage(settings.home).folder)
+    DISK_FREE.labels(stage, folder).set_function(lambda: disk.usage(folder).free)
+    DISK_SIZE.labels(stage, folder).set_function(lambda: disk.usage(folder).total)
     for candidate in range(port, port + tries):
         try:
             start_http_server(candidate, addr=settings.metrics_address)

@@ -521,6 +521,7 @@ class Runtime:
         messages_in = prometheus.MESSAGES_IN.labels(stage.name)
         failed = None
         last_lags = 0.0
+        lag_partitions: set[str] = set()
         try:
             self.wait_for("PostgreSQL", lambda: db.apply_schema(self.settings))
             # topics are created here, never by the broker on first use (tradewatch/stack.py turns
@@ -568,9 +569,13 @@ class Runtime:
                     last_lags = now
                     if stage.watches_quiet:
                         self._check_quiet(now)
-                    prometheus.LAG.clear()
-                    for p, lag in self.consumer.partition_lags().items():
-                        prometheus.LAG.labels(stage.name, str(p)).set(lag)
+                    # set, then remove the partitions no longer held: a scrape never sees none
+                    lags = {str(p): lag for p, lag in self.consumer.partition_lags().items()}
+                    for p, lag in lags.items():
+                        prometheus.LAG.labels(stage.name, p).set(lag)
+                    for p in lag_partitions - lags.keys():
+                        prometheus.LAG.remove(stage.name, p)
+                    lag_partitions = set(lags)
                 if now - last_report >= 10:
                     self.log.info("%s", stage.report())
                     last_report = now

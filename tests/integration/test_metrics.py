@@ -2,14 +2,13 @@
 text and move when trades flow (issue 13)."""
 from __future__ import annotations
 
-import re
 import signal
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import query, run_script, start_script, wait_for
-from tradewatch import bus
+from tests.conftest import metrics_url, query, run_script, start_script, wait_for
+from tradewatch import bus, disk
 
 STAGES = {"consumer": ("consumer.py",), "aggregator": ("aggregator.py",), "detector": ("anomaly_detector.py", "run")}
 
@@ -27,9 +26,7 @@ def total(samples, name: str, **labels) -> float:
 def test_stage_metrics_parse_and_move_with_the_trades(settings, tmp_path):
     logs = {name: tmp_path / f"{name}.log" for name in STAGES}
     running = {name: start_script(settings, *STAGES[name], log=logs[name]) for name in STAGES}
-    urls = {name: "http://" + wait_for(lambda n=name: (re.search(r"metrics of the \w+ on http://([\d.:]+)/metrics",
-                                                                  logs[n].read_text()) or [None, None])[1],
-                                        message=f"{name} metrics port") + "/metrics" for name in STAGES}
+    urls = {name: metrics_url(logs[name], name) for name in STAGES}
     run_script(settings, "producer.py", "--count", "3000", "--rate", "max", "--seed", "5", "--anomaly-rate", "0.02")
     publisher = bus.publisher(settings)
     for raw in (b"not json", b"[]", b'{"schema_version": 7}'):
@@ -56,6 +53,11 @@ def test_stage_metrics_parse_and_move_with_the_trades(settings, tmp_path):
     # (read right after the last row it still said 1,204 in one CI run)
     wait_for(lambda: total(scrape(urls["consumer"]), "tradewatch_lag_records") == 0, timeout=30,
              message="the consumer's lag gauge at 0")
+    # the disk holding TRADEWATCH_HOME, measured when scraped (the rule TradeWatchDiskLow reads it)
+    found = disk.usage(settings.home)
+    assert total(consumer, "tradewatch_disk_size_bytes", folder=str(found.folder)) == found.total
+    free = total(consumer, "tradewatch_disk_free_bytes", folder=str(found.folder))
+    assert abs(free - found.free) < 0.01 * found.total
     aggregator = scrape(urls["aggregator"])
     assert total(aggregator, "tradewatch_rows_written_total", table="stock_metrics") > 0
     detector = scrape(urls["detector"])

@@ -95,7 +95,7 @@ def test_prometheus_and_grafana_files_match_the_stages_metrics():
 
     from tradewatch import prometheus
     env = dotenv_values(PROJECT_ROOT / ".env")
-    scrape = yaml.safe_load((PROJECT_ROOT / "infra" / "prometheus.yml").read_text())
+    scrape = yaml.safe_load((PROJECT_ROOT / "infra" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
     assert targets == {f"consumer:{env['CONSUMER_METRICS_PORT']}", f"aggregator:{env['AGGREGATOR_METRICS_PORT']}",
                        f"detector:{env['DETECTOR_METRICS_PORT']}", f"api:{env['API_PORT']}"}
@@ -107,6 +107,10 @@ def test_prometheus_and_grafana_files_match_the_stages_metrics():
     assert used and used <= exported, used - exported
     services = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]
     assert {"prometheus", "grafana"} <= set(services)
+    # the rule file sits beside the configuration that names it
+    mounts = dict(v.rsplit(":", 1)[0].split(":") for v in services["prometheus"]["volumes"])
+    assert mounts == {f"./infra/prometheus/{name}": f"/etc/prometheus/{name}"
+                      for name in ("prometheus.yml", *scrape["rule_files"])}
     assert services["consumer"]["environment"]["METRICS_ADDRESS"] == "0.0.0.0"
 
 

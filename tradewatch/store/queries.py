@@ -442,15 +442,14 @@ def flag_counts(engine: Engine, symbols: list[str] | None, since, until, bucket:
                   symbols=symbols, since=since, until=until, bucket=bucket)
 
 
-LOW_DISK_PERCENT = 10.0
-
-
 def storage(engine: Engine, home) -> dict:
     """What the data takes and what is left: the database's size, the span of the stored trades,
-    the oldest trades partition, the Parquet archive's size, and the free disk where TRADEWATCH_HOME (Kafka's and PostgreSQL's data) lives; `low` below
-    LOW_DISK_PERCENT free. Shown by doctor, /health and the dashboard's health strip."""
-    import shutil
+    the oldest trades partition, the Parquet archive's size, and the free disk where TRADEWATCH_HOME
+    (Kafka's and PostgreSQL's data) lives; `low` below tradewatch.disk's line. Shown by doctor, /health
+    and the dashboard's health strip."""
     from pathlib import Path
+
+    from tradewatch import disk
 
     row = _frame(engine, "SELECT pg_database_size(current_database()) AS database_bytes,"
                          " (SELECT min(ts) FROM trades) AS oldest, (SELECT max(ts) FROM trades) AS newest").iloc[0]
@@ -460,16 +459,12 @@ def storage(engine: Engine, home) -> dict:
     oldest_partition = min(names, key=lambda n: n[8:] + "0101" if n[7] == "y" else n[8:], default=None)
     archive = Path(home) / "archive"
     archive_bytes = sum(p.stat().st_size for p in archive.rglob("*.parquet")) if archive.exists() else 0
-    folder = Path(home)
-    while not folder.exists():
-        folder = folder.parent
-    disk = shutil.disk_usage(folder)
-    free_percent = 100.0 * disk.free / disk.total if disk.total else 0.0
+    found = disk.usage(home)
     stamp = lambda v: None if pd.isna(v) else pd.Timestamp(v).isoformat()       # noqa: E731
     return {"database_bytes": int(row["database_bytes"]), "oldest_trade": stamp(row["oldest"]),
             "newest_trade": stamp(row["newest"]), "oldest_partition": oldest_partition,
-            "archive_bytes": int(archive_bytes), "free_disk_bytes": int(disk.free),
-            "free_disk_percent": round(free_percent, 1), "low": free_percent < LOW_DISK_PERCENT}
+            "archive_bytes": int(archive_bytes), "free_disk_bytes": found.free,
+            "free_disk_percent": round(found.free_percent, 1), "low": found.low}
 
 
 def oldest_open_window(engine: Engine, since) -> pd.Timestamp | None:
