@@ -13,14 +13,18 @@ from tradewatch.access import LOOPBACK, may_acknowledge
 from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.formatting import compact, exact
+from tradewatch.heartbeat import LATENCY_MEANS
 from tradewatch.market import history
 from tradewatch.store import detections, queries
-from tradewatch.store.health import gone_from_this_host, stage_statuses
+from tradewatch.store.health import EXPECTED_STAGES, gone_from_this_host, stage_statuses
 from tradewatch.windows import parse_size
 
 RANGES = {"Last 15 minutes": 15, "Last hour": 60, "Last 6 hours": 360, "Last 24 hours": 1440, "Last 7 days": 10080}
 SEVERITY_COLORS = {"CRITICAL": "#d62728", "HIGH": "#ff7f0e", "MEDIUM": "#e6c229", "LOW": "#1f77b4"}
 SEVERITIES = list(SEVERITY_COLORS)
+# 120 points per stage for the hour: a third of the rows of the 10-s samples, read in a third of the time
+PIPELINE_STEP_S = 30
+STAGE_COLORS = {"consumer": "#1f77b4", "aggregator": "#2ca02c", "detector": "#d62728", "flink": "#9467bd"}
 
 # icons are Material Symbols, which Streamlit serves with its own font: an emoji is an empty box on a
 # machine without an emoji font
@@ -307,6 +311,66 @@ def events_panel(symbols) -> None:
     }).set_index("Started (UTC)").head(20))
 
 
+def pipeline_panel() -> None:
+    """The pipeline over the last hour of the clock, from the samples each stage's heartbeat writes
+    every 10 s (a point per PIPELINE_STEP_S): records per second, lag, and the latency the stages
+    measure."""
+    st.subheader("Pipeline over the last hour")
+    now = pd.Timestamp.now(tz="UTC")
+    frame = q("pipeline", now.floor(f"{PIPELINE_STEP_S}s") - timedelta(hours=1), PIPELINE_STEP_S)
+    if frame.empty:
+        st.info("No pipeline samples yet: each running stage writes one every 10 s.", icon=":material/hourglass_empty:")
+        return
+    order = [*EXPECTED_STAGES, *sorted(set(frame.stage) - set(EXPECTED_STAGES))]
+    stages = {stage: frame[frame.stage == stage] for stage in order if stage in set(frame.stage)}
+    flow, lag, latency = go.Figure(), go.Figure(), go.Figure()
+    if "consumer" in stages:
+        rows = stages["consumer"]
+        flow.add_trace(go.Scatter(x=rows["at"], y=rows.arriving_per_s, name="arriving in Kafka",
+                                  line=dict(dash="dot", color="#7f7f7f")))
+    for stage, rows in stages.items():
+        color = STAGE_COLORS.get(stage)
+        flow.add_trace(go.Scatter(x=rows["at"], y=rows.per_s, name=stage, line=dict(color=color)))
+        lag.add_trace(go.Scatter(x=rows["at"], y=rows.lag, name=stage, line=dict(color=color)))
+        if stage in LATENCY_MEANS:
+            timed = rows[rows.p99_ms.notna()]
+            for column, dash in (("p50_ms", "solid"), ("p99_ms", "dot")):
+                latency.add_trace(go.Scatter(x=timed["at"], y=timed[column], mode="lines+markers",
+                                             name=f"{LATENCY_MEANS[stage]} {column[:3]}",
+                                             line=dict(dash=dash, color=color)))
+    # the hour, or from the first sample when the stages started since (ten minutes at least)
+    oldest = min(max(pd.Timestamp(frame["at"].min()), now - timedelta(hours=1)), now - timedelta(minutes=10))
+    for figure, title, unit in ((flow, "Records per second", "records/s"), (lag, "Lag", "records behind"),
+                                (latency, "Latency from Kafka", "ms (log)")):
+        figure.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10), title=title, yaxis_title=unit,
+                             legend=dict(orientation="h", y=-0.25), uirevision=title)
+        figure.update_xaxes(range=[oldest, now])
+    latency.update_yaxes(type="log")
+    for column, figure, key in zip(st.columns(3), (flow, lag, latency), ("pipeline_flow", "pipeline_lag",
+                                                                          "pipeline_latency")):
+        column.plotly_chart(figure, width="stretch", key=key)
+    st.caption("Now: " + " · ".join(pipeline_now(stages)))
+
+
+def pipeline_now(stages: dict[str, pd.DataFrame]) -> list[str]:
+    """The newest sample of each stage in words, e.g. "consumer 20.0/s, lag 3" and
+    "trade → row p50 4 ms, p99 41 ms"."""
+    said = []
+    for stage, rows in stages.items():
+        last = rows.iloc[-1]
+        rate = "" if pd.isna(last.per_s) else f" {last.per_s:,.1f}/s,"
+        said.append(f"{stage}{rate} lag {'?' if pd.isna(last.lag) else f'{last.lag:,.0f}'}")
+        timed = rows[rows.p99_ms.notna()]
+        if stage in LATENCY_MEANS and not timed.empty:
+            said.append(f"{LATENCY_MEANS[stage]} p50 {milliseconds(timed.p50_ms.iloc[-1])}, "
+                        f"p99 {milliseconds(timed.p99_ms.iloc[-1])}")
+    return said
+
+
+def milliseconds(value: float) -> str:
+    return f"{value:.1f} ms" if value < 10 else f"{value:,.0f} ms"
+
+
 def acknowledge_allowed() -> tuple[bool, str]:
     return may_acknowledge(st.get_option("server.address") or "", settings.api_key,
                            st.session_state.get("api_key_entered"))
@@ -386,6 +450,7 @@ def live() -> None:
         whales_and_tape(symbols, since, until)
         events_panel(symbols)
         alert_feed(symbols)
+        pipeline_panel()
     except DBAPIError as error:
         database_down(error)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from common import bench_settings, load_trades, percentile, report
 
+from tradewatch import heartbeat
 from tradewatch.store import db, queries
 
 
@@ -49,7 +50,27 @@ def refresh_queries(engine, anchor, symbols, home):
         ("trade_tape_anomalies", lambda: queries.trade_tape(engine, None, True)),
         ("manipulation_events", lambda: queries.manipulation_events(engine, None, None, 50)),
         ("alerts_feed", lambda: queries.alerts_feed(engine, ["CRITICAL", "HIGH", "MEDIUM", "LOW"], None)),
+        # the pipeline panel: the last hour in the dashboard's 30-s steps (PIPELINE_STEP_S)
+        ("pipeline", lambda: queries.pipeline(engine, datetime.now(timezone.utc) - timedelta(hours=1), 30)),
     ]
+
+
+def day_of_samples(settings) -> None:
+    """What `stage_samples` holds at its bound (heartbeat.SAMPLES_KEPT): a day of samples every
+    SAMPLE_INTERVAL_S for each of the three stages, ending now (the pipeline panel reads the last hour)."""
+    conn = db.connect(settings)
+    with conn, conn.cursor() as cur:
+        cur.execute(f"DELETE FROM stage_samples WHERE at < now() - interval '{heartbeat.SAMPLES_KEPT}'"
+                    " OR host = 'bench'")
+        cur.execute(
+            "INSERT INTO stage_samples (stage, host, pid, at, processed, per_s, arriving_per_s, lag, latency_p50_ms,"
+            " latency_p99_ms, latency_count) SELECT stage, 'bench', 1, to_timestamp(floor(extract(epoch FROM now())"
+            " / %(s)s) * %(s)s) - i * %(s)s * interval '1 second', 100000000 - i * 200, 20, 20, i %% 50, 5.0, 40.0, 20"
+            " FROM unnest(ARRAY['consumer', 'aggregator', 'detector']) stage,"
+            " generate_series(0, (extract(epoch FROM interval %(kept)s) / %(s)s)::int - 1) i",
+            {"s": heartbeat.SAMPLE_INTERVAL_S, "kept": heartbeat.SAMPLES_KEPT})
+        cur.execute("ANALYZE stage_samples")       # as autovacuum soon would, after a day of inserts
+    conn.close()
 
 
 def main() -> None:
@@ -65,6 +86,8 @@ def main() -> None:
         present = cur.fetchone()[0]
     conn.close()
     loading = load_trades(settings, args.trades) if args.reload or present != args.trades else {"reused": present}
+    db.apply_schema(settings)        # as every stage does at start: a home loaded by an older build gains new tables
+    day_of_samples(settings)
     engine = queries.engine_for(settings.sqlalchemy_url)
     anchor = queries.data_anchor(engine)
     symbols = queries.symbols(engine)

@@ -191,6 +191,12 @@ def create_app(settings: Settings) -> FastAPI:
                                              for s in statuses],
                 "storage": queries.storage(engine, settings.home)}
 
+    @app.get("/pipeline", summary="The pipeline over the last minutes, a point per stage and step: records/s"
+                                  " handled and arriving, lag, latency p50/p99 (ms)")
+    def pipeline(minutes: Annotated[int, Query(ge=1, le=1440)] = 60,
+                 step: Annotated[int, Query(ge=10, le=3600, description="seconds")] = 10) -> list[dict]:
+        return rows_response(queries.pipeline(engine, datetime.now(timezone.utc) - timedelta(minutes=minutes), step))
+
     @app.get("/symbols", summary="Symbols with 1-minute candles")
     def symbols(source: Source = Source.aggregator) -> list[str]:
         return queries.symbols(engine, SOURCES[source])

@@ -88,6 +88,37 @@ def reason_kind(reason: str) -> str:
     return next((kind for kind, pattern in REASON_KINDS if pattern.search(reason)), "other")
 
 
+def latency_buckets(stage: str) -> dict[float, float]:
+    """The stage's latency histogram so far (every path it measures): each bucket's upper bound
+    (seconds, the last one infinite) -> observations at or below it."""
+    counts: dict[float, float] = {}
+    for family in LATENCY.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket") and sample.labels["stage"] == stage:
+                bound = float(sample.labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+    return counts
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """The q-quantile (0..1) of cumulative `buckets` (upper bound -> count) as Prometheus'
+    histogram_quantile estimates it: linear within the bucket the rank falls in, the last finite
+    bound when it falls in the infinite one; None without observations."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return None
+    rank, below, lower = q * total, 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank and count > below:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        below, lower = count, bound
+    return lower
+
+
 def serve(settings, stage: str, tries: int = 20) -> int | None:
     """Serve the default registry on the stage's port (or the next free one); the port used, None
     when off."""

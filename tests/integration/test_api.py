@@ -11,6 +11,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,9 @@ def test_the_api_refuses_to_listen_beyond_this_machine_without_a_key(settings):
     ("/alerts", {"severity": "URGENT"}),
     ("/alerts", {"type": "X' OR '1'='1"}),
     ("/trades", {"symbol": "AAPL\n"}),
+    ("/pipeline", {"minutes": 0}),
+    ("/pipeline", {"minutes": 1441}),     # a day of samples is kept
+    ("/pipeline", {"step": 5}),           # samples are 10 s apart
 ])
 def test_bad_and_hostile_parameters_get_a_4xx_and_change_nothing(api, path, params):
     settings, base = api
@@ -185,6 +189,23 @@ def test_bad_and_hostile_parameters_get_a_4xx_and_change_nothing(api, path, para
     status, body = call(base, path, **params)
     assert status == 422 and body["detail"], body
     assert query(settings, "SELECT (SELECT count(*) FROM trades), (SELECT count(*) FROM alerts)") == before
+
+
+def test_the_pipeline_over_time_from_the_stages_samples(api):
+    settings, base = api
+    assert call(base, "/pipeline") == (200, [])
+    now = datetime.now(timezone.utc)
+    for seconds, per_s, p99 in ((-200, None, None), (-190, 50.0, 41.5), (-20, 2.0, None), (-10, 10.0, 35.0)):
+        query(settings, "INSERT INTO stage_samples (stage, host, pid, at, processed, per_s, lag, latency_p99_ms)"
+                        " VALUES ('consumer', 'h', 1, %s, 0, %s, 0, %s)", (now + timedelta(seconds=seconds), per_s, p99))
+    status, recent = call(base, "/pipeline", minutes=1)
+    assert status == 200 and [(r["stage"], r["per_s"], r["p99_ms"]) for r in recent] == \
+        [("consumer", 2.0, None), ("consumer", 10.0, 35.0)], "the last minute"
+    status, hour = call(base, "/pipeline")
+    assert [r["per_s"] for r in hour] == [None, 50.0, 2.0, 10.0] and hour[1]["p99_ms"] == 41.5
+    status, steps = call(base, "/pipeline", step=3600)
+    assert status == 200 and len(steps) in (1, 2) and sum(r["measured"] for r in steps) == 0
+    assert all(set(r) >= {"at", "stage", "per_s", "arriving_per_s", "lag", "p50_ms", "p99_ms", "measured"} for r in hour)
 
 
 def test_request_metrics(api):

@@ -2,6 +2,10 @@
 every number shown equals the SQL truth computed straight from the trades table."""
 from __future__ import annotations
 
+import base64
+import json
+
+import numpy as np
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -130,3 +134,32 @@ def test_database_down_shows_a_banner_not_a_traceback(settings, app, monkeypatch
     monkeypatch.setenv("POSTGRES_PORT", "1")
     at = app()
     assert any("Database unavailable" in e.value for e in at.error)
+
+
+def test_the_pipeline_panel_draws_the_stages_samples(settings, app):
+    load_known_market(settings)
+    assert any("No pipeline samples yet" in i.value for i in app().info)
+    # two 30-s steps of the panel: each stage's first sample (no rate yet), then one a step later
+    rows = [("consumer", 0, None, 40, None, None, 0), ("consumer", 30, 150.0, 60, 6.0, 90.0, 16),
+            ("detector", 0, None, 0, None, None, 0), ("detector", 30, 149.0, 2, 120.0, 800.0, 2)]
+    for stage, seconds, per_s, lag, p50, p99, count in rows:
+        query(settings, "INSERT INTO stage_samples (stage, host, pid, at, processed, per_s, arriving_per_s, lag,"
+                        " latency_p50_ms, latency_p99_ms, latency_count) VALUES (%s, 'h', 1, to_timestamp(floor(extract("
+                        "epoch FROM now()) / 30) * 30 - 60 + %s), 0, %s, %s, %s, %s, %s, %s)",
+              (stage, seconds, per_s, per_s, lag, p50, p99, count))
+    st.cache_data.clear()
+    at = app()
+    assert any(s.value == "Pipeline over the last hour" for s in at.subheader)
+    assert "Now: consumer 150.0/s, lag 60 · trade → row p50 6.0 ms, p99 90 ms · detector 149.0/s, lag 2 · " \
+           "trade → alert p50 120 ms, p99 800 ms" in [c.value for c in at.caption]
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    charts = {s["layout"]["title"]["text"]: s for s in specs if s["layout"].get("title", {}).get("text") in
+              ("Records per second", "Lag", "Latency from Kafka")}
+    names = sorted(t["name"] for spec in charts.values() for t in spec["data"])
+    assert names == sorted(["arriving in Kafka", "consumer", "detector", "consumer", "detector",
+                            "trade → row p50", "trade → row p99", "trade → alert p50", "trade → alert p99"])
+    consumer = next(t for t in charts["Records per second"]["data"] if t["name"] == "consumer")
+    y = consumer["y"]          # plotly sends a numpy array as its bytes
+    values = np.frombuffer(base64.b64decode(y["bdata"]), dtype=y["dtype"])
+    assert np.isnan(values[0]) and values[-1] == 150.0, "no rate at the first sample"
+    assert charts["Latency from Kafka"]["layout"]["yaxis"]["type"] == "log"

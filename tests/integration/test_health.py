@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
+
+import pandas as pd
+import pytest
 
 from tests.conftest import PROJECT_ROOT, query, wait_for
 from tradewatch import heartbeat
@@ -51,3 +55,58 @@ def test_heartbeat_never_raises_when_the_database_is_unreachable(settings):
     beat = heartbeat.Heartbeat(settings.with_overrides(postgres_port=1), "aggregator")
     beat.beat(1, force=True)       # logged once, no exception
     beat.stopped(1)
+
+
+def test_each_beat_past_a_whole_interval_samples_the_stage_with_the_latency_measured_since(settings):
+    from tradewatch import prometheus
+
+    timing = prometheus.LATENCY.labels("consumer", "trade_to_row")
+    beat = heartbeat.Heartbeat(settings, "consumer", sample_interval_s=1.0)
+    query(settings, "INSERT INTO stage_samples (stage, host, pid, at, processed) VALUES"
+                    " ('consumer', 'gone', 1, now() - interval '2 days', 5)")
+    began = time.time()
+    beat.beat(0, lag=5, force=True)
+    for _ in range(100):
+        timing.observe(0.004)
+    timing.observe(3.0)
+    mine = "FROM stage_samples WHERE pid = %s ORDER BY at"
+    wait_for(lambda: beat.beat(50, lag=2, force=True) or len(query(settings, f"SELECT 1 {mine}", (os.getpid(),))) == 2,
+             timeout=5, interval=0.05, message="a second sample")
+    elapsed = time.time() - began
+    (first, p50_0, count_0, lag_0, rate_0), (second, p50, count, lag, rate, arriving) = (
+        row[:5] if i == 0 else row for i, row in enumerate(query(
+            settings, f"SELECT at, latency_p50_ms, latency_count, lag, per_s, arriving_per_s {mine}", (os.getpid(),))))
+    assert (p50_0, count_0, lag_0, lag, rate_0) == (None, 0, 5, 2, None), "the first sample measured nothing yet"
+    assert count == 101 and 2.5 < p50 <= 5.0, "the 101 observations since the first, p50 in the 4 ms bucket"
+    assert first.microsecond == second.microsecond == 0 and (second - first).total_seconds() >= 1, \
+        "on whole seconds of the clock"
+    seconds = 50 / rate
+    assert 0 < seconds <= elapsed and arriving == pytest.approx(47 / seconds), \
+        "50 records handled, and 47 arrived (the lag fell by 3)"
+    assert query(settings, "SELECT count(*) FROM stage_samples WHERE host = 'gone'") == [(0,)], \
+        "a sample older than SAMPLES_KEPT is deleted"
+
+
+def test_the_pipeline_read_model_sums_processes_and_steps_never_hide_a_stall(settings):
+    # two consumer processes and a restarted detector, samples 10 s apart over one minute
+    rows = [("consumer", 1, 0, 100.0, 100.0, 40, 4.0, 40.0, 16), ("consumer", 2, 0, 50.0, 60.0, 0, 6.0, 90.0, 8),
+            ("consumer", 1, 10, 100.0, 100.0, 0, 3.0, 30.0, 16), ("consumer", 1, 20, 90.0, 90.0, 900, 5.0, 500.0, 9),
+            ("detector", 3, 0, 150.0, 150.0, 10, None, None, 0), ("detector", 4, 10, None, None, 0, 120.0, 800.0, 2)]
+    minute = query(settings, "SELECT date_trunc('minute', now()) - interval '2 minutes'")[0][0]
+    for stage, pid, seconds, per_s, arriving, lag, p50, p99, count in rows:
+        query(settings, "INSERT INTO stage_samples (stage, host, pid, at, processed, per_s, arriving_per_s, lag,"
+                        " latency_p50_ms, latency_p99_ms, latency_count) VALUES (%s, 'h', %s, %s, 0, %s, %s, %s, %s, %s, %s)",
+              (stage, pid, minute + timedelta(seconds=seconds), per_s, arriving, lag, p50, p99, count))
+    engine = queries.engine_for(settings.sqlalchemy_url)
+    by_sample = queries.pipeline(engine, minute)
+    first = by_sample[by_sample["at"] == minute].set_index("stage")
+    assert first.loc["consumer", ["per_s", "arriving_per_s", "lag", "p50_ms", "p99_ms", "measured"]].tolist() == \
+        [150.0, 160.0, 40, 6.0, 90.0, 24], "processes summed, latencies of the slowest"
+    assert len(by_sample) == 5 and pd.isna(by_sample.set_index(["at", "stage"]).loc[
+        (minute + timedelta(seconds=10), "detector"), "per_s"]), "a new process has no rate at its first sample"
+    (consumer, detector) = queries.pipeline(engine, minute, 30).set_index("stage").loc[["consumer", "detector"]] \
+        .to_dict("records")
+    assert consumer == {"at": consumer["at"], "per_s": (150 + 100 + 90) / 3, "arriving_per_s": (160 + 100 + 90) / 3,
+                        "lag": 900, "p50_ms": 6.0, "p99_ms": 500.0, "measured": 49}, "the step's worst lag and p99"
+    assert (detector["per_s"], detector["p99_ms"]) == (150.0, 800.0)
+    assert queries.pipeline(engine, minute + timedelta(minutes=5)).empty

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import signal
 import urllib.request
+from datetime import datetime, timedelta, timezone
+
+import pandas as pd
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import metrics_url, query, run_script, start_script, wait_for
-from tradewatch import bus, disk
+from tradewatch import bus, disk, heartbeat
+from tradewatch.store import queries
 
 STAGES = {"consumer": ("consumer.py",), "aggregator": ("aggregator.py",), "detector": ("anomaly_detector.py", "run")}
 
@@ -69,6 +73,37 @@ def test_stage_metrics_parse_and_move_with_the_trades(settings, tmp_path):
     run_script(settings, "producer.py", "--count", "500", "--rate", "max", "--seed", "6")
     wait_for(lambda: total(scrape(urls["consumer"]), "tradewatch_rows_written_total", table="trades") == 3500,
              message="the counters move with the next trades")
+    for name, process in running.items():
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, name
+
+
+def test_the_stages_sample_the_pipeline_over_time(settings, tmp_path):
+    """What the dashboard's pipeline panel and GET /pipeline show: real stages fed at a known rate
+    record it, with the latency they measured (consumer: trade → row, detector: trade → alert)."""
+    running = {name: start_script(settings, *STAGES[name], log=tmp_path / f"{name}.log") for name in STAGES}
+    engine = queries.engine_for(settings.sqlalchemy_url)
+    started = datetime.now(timezone.utc)
+    run_script(settings, "producer.py", "--rate", "200", "--duration", "35", "--seed", "8", "--anomaly-rate", "0.02")
+    ended = datetime.now(timezone.utc)
+    wait_for(lambda: (frame := queries.pipeline(engine, started))["at"].max() >= pd.Timestamp(ended) + timedelta(
+        seconds=heartbeat.SAMPLE_INTERVAL_S), timeout=60, message="a sample after the producer stopped")
+    frame = queries.pipeline(engine, started)
+    assert set(frame.stage) == set(STAGES)
+    # samples whose whole interval lies inside the producing: every stage kept up with 200 trades/s
+    inside = frame[(frame["at"] >= pd.Timestamp(started) + timedelta(seconds=heartbeat.SAMPLE_INTERVAL_S + 2))
+                   & (frame["at"] <= pd.Timestamp(ended))]
+    assert len(inside) >= 2 * len(STAGES), inside
+    for stage, rows in inside.groupby("stage"):
+        assert rows.per_s.between(150, 250).all(), (stage, rows.per_s.tolist())
+        assert rows.lag.max() < 1000, (stage, rows.lag.tolist())
+    consumer = inside[inside.stage == "consumer"]
+    assert consumer.arriving_per_s.between(150, 250).all(), consumer.arriving_per_s.tolist()
+    assert (consumer.measured > 0).all() and consumer.p99_ms.between(0, 5000).all()
+    assert (consumer.p50_ms <= consumer.p99_ms).all()
+    alerts = query(settings, "SELECT count(*) FROM alerts")[0][0]
+    assert frame[frame.stage == "detector"].measured.sum() <= alerts and alerts > 0
+    assert frame[frame.stage == "aggregator"].measured.sum() == 0, "the aggregator measures no latency"
     for name, process in running.items():
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, name

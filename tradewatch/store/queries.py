@@ -219,6 +219,23 @@ def stage_health(engine: Engine) -> pd.DataFrame:
     return _frame(engine, health.STAGE_HEALTH_SQL)
 
 
+def pipeline(engine: Engine, since, step_s: int = 10) -> pd.DataFrame:
+    """The pipeline over time from `stage_samples` (tradewatch/heartbeat.py), a row per stage and
+    `step_s` seconds (on whole steps of the clock): records handled and arriving per second, lag,
+    latency p50/p99 and how many measurements they rest on. A stage's processes are summed at
+    each sample time (latencies: the slowest); within a step, the rates are averaged and the lag
+    and latencies are the highest sample's, so a step never hides a stall."""
+    return _frame(engine, """
+        WITH at_once AS (
+            SELECT at, stage, sum(per_s) AS per_s, sum(arriving_per_s) AS arriving_per_s, sum(lag) AS lag,
+                   max(latency_p50_ms) AS p50_ms, max(latency_p99_ms) AS p99_ms, sum(latency_count) AS measured
+            FROM stage_samples WHERE at >= :since GROUP BY at, stage)
+        SELECT date_bin(make_interval(secs => :step), at, TIMESTAMPTZ 'epoch') AS at, stage,
+               avg(per_s)::float8 AS per_s, avg(arriving_per_s)::float8 AS arriving_per_s, max(lag)::float8 AS lag,
+               max(p50_ms) AS p50_ms, max(p99_ms) AS p99_ms, sum(measured)::bigint AS measured
+        FROM at_once GROUP BY 1, stage ORDER BY 1, stage""", since=since, step=step_s)
+
+
 def alerts_feed(engine: Engine, severities: list[str], symbols: list[str] | None, limit: int = 50) -> pd.DataFrame:
     return _frame(engine, f"""
         SELECT alert_id, ts, symbol, alert_type, severity, message, acknowledged

@@ -507,6 +507,25 @@ CREATE TABLE IF NOT EXISTS stage_health (
     PRIMARY KEY (stage, host, pid)
 );
 
+-- The pipeline over time (the dashboard's pipeline panel, GET /pipeline): a sample of every stage
+-- process every 10 s, written only by tradewatch/heartbeat.py, which deletes those older than a day.
+CREATE TABLE IF NOT EXISTS stage_samples (
+    stage           text NOT NULL,
+    host            text NOT NULL,
+    pid             integer NOT NULL,
+    at              timestamptz NOT NULL,           -- on a whole 10 s of the clock, the same for every process
+    processed       bigint NOT NULL,                -- records handled since the process started
+    per_s           double precision,               -- records handled per second since the previous sample
+    arriving_per_s  double precision,               -- records reaching its Kafka partitions per second (per_s
+                                                    --   plus the lag's growth); both NULL in a process's first
+    lag             bigint,                         -- records behind the end of the Kafka log
+    latency_p50_ms  double precision,               -- of the latency measured since the previous sample
+    latency_p99_ms  double precision,               --   (tradewatch_latency_seconds), NULL when none was
+    latency_count   integer NOT NULL DEFAULT 0,     -- how many measurements those are
+    PRIMARY KEY (stage, host, pid, at)
+);
+CREATE INDEX IF NOT EXISTS stage_samples_at ON stage_samples (at);
+
 -- A database made before partitioning: copy each renamed plain table into its partitioned
 -- successor (the days it holds get their partitions first), then drop it.
 DO $$
