@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Read API benchmark, two parts, printed as JSON:
+"""Read API benchmark, three parts, printed as JSON:
 
 1. Requests: the 10-million-trade database of bench/dashboard.py (loaded once, kept in
    .tradewatch/bench), api.py as a real process, CONCURRENCY keep-alive clients: requests/s and
@@ -11,6 +11,13 @@
    -> api.py -> SSE clients. Latency from the trade's event time (stamped when the producer sends
    it) to each client receiving its alert, p50/p95/p99, beside the same for the alert reaching
    the topic (published_at in the table): the API's share is the difference. Goal: p99 <= 250 ms.
+3. Candle fan-out: the producer (at DEMO_RATE, what `make demo` runs) -> aggregator -> candles
+   topic -> api.py -> SSE clients on /candles/stream. Latency from the candle turning final (the
+   start of the aggregator's checkpoint transaction, `final_at`) to each client receiving it,
+   beside the same to the topic (`published_at`), and from the window's end (which includes
+   ALLOWED_LATENESS_SECONDS: a window waits that long for late trades).
+
+`--parts` picks some of them (e.g. `--parts candles`).
 """
 from __future__ import annotations
 
@@ -125,14 +132,14 @@ def request_part(settings, trades: int, requests: int, concurrency: int) -> dict
             "goal_p95_ms": 50}
 
 
-async def sse_reader(port: int, received: list[tuple[float, dict]], ready: asyncio.Event, counter: list[int],
-                     clients: int) -> None:
+async def sse_reader(port: int, path: str, received: list[tuple[float, dict]], ready: asyncio.Event,
+                     counter: list[int], clients: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-    writer.write(b"GET /alerts/stream HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: text/event-stream\r\n\r\n" % port)
+    writer.write(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: text/event-stream\r\n\r\n" % (path.encode(), port))
     await writer.drain()
     status = await reader.readline()
     if b" 200 " not in status:                  # a refused stream would look like a quiet one
-        raise RuntimeError(f"/alerts/stream answered {status.decode(errors='replace').strip()!r}")
+        raise RuntimeError(f"{path} answered {status.decode(errors='replace').strip()!r}")
     while (await reader.readline()) not in (b"\r\n", b""):
         pass
     counter[0] += 1
@@ -146,13 +153,14 @@ async def sse_reader(port: int, received: list[tuple[float, dict]], ready: async
             received.append((time.time(), json.loads(line[6:])))
 
 
-async def fan_out(port: int, clients: int, run_producer) -> list[tuple[float, dict]]:
+async def fan_out(port: int, clients: int, run_producer, path: str = "/alerts/stream",
+                  linger: float = 5) -> list[tuple[float, dict]]:
     received: list[tuple[float, dict]] = []
     ready, counter = asyncio.Event(), [0]
-    readers = [asyncio.create_task(sse_reader(port, received, ready, counter, clients)) for _ in range(clients)]
+    readers = [asyncio.create_task(sse_reader(port, path, received, ready, counter, clients)) for _ in range(clients)]
     await asyncio.wait_for(ready.wait(), 60)
     await asyncio.to_thread(run_producer)
-    await asyncio.sleep(5)         # the last alerts on their way
+    await asyncio.sleep(linger)    # the last items on their way
     for reader in readers:
         reader.cancel()
     return received
@@ -191,6 +199,46 @@ def fan_out_part(settings, clients: int, seconds: int, rate: int) -> dict:
             "goal_p99_ms": 250}
 
 
+def candle_fan_out_part(settings, clients: int, seconds: int, rate: float) -> dict:
+    tag = uuid.uuid4().hex[:8]
+    run = settings.with_overrides(trades_topic=f"trades-api-{tag}", candles_topic=f"candles-api-{tag}",
+                                  aggregator_group=f"aggregator-api-{tag}", api_port=free_port())
+    bus.ensure_topic(run, run.trades_topic, run.trades_partitions)
+    bus.ensure_topic(run, run.candles_topic, 1)
+    started = time.time()
+    stages = [start_stage(run, "api.py"), start_stage(run, "aggregator.py")]
+    try:
+        wait_until_up(run.api_port)
+        time.sleep(3)       # the aggregator joins its group
+        producer = lambda: start_stage(run, "producer.py", "--rate", str(rate), "--duration", str(seconds),
+                                       "--seed", "3").wait()
+        # the last minute turns final once the watermark passes it: ALLOWED_LATENESS + IDLE_TIMEOUT after the end
+        linger = run.allowed_lateness_seconds + run.idle_timeout_seconds + 65
+        received = asyncio.run(fan_out(run.api_port, clients, producer, "/candles/stream", linger))
+        stopped_reading = time.time()
+    finally:
+        for stage in stages:
+            stage.terminate()
+        for stage in stages:
+            stage.wait(30)
+    stored = {row[0]: row[1:] for row in query(run, """
+        SELECT symbol || ':' || window_size || ':' || (extract(epoch FROM window_start) * 1000)::bigint,
+               extract(epoch FROM final_at), extract(epoch FROM published_at) FROM candle_outbox
+        WHERE final_at >= to_timestamp(%s)""", started)}
+    final_to_client = [at - float(stored[c["candle_id"]][0]) for at, c in received]
+    end_to_client = [at - c["window_end_ms"] / 1000 for at, c in received]
+    final_to_topic = [float(published - final) for final, published in stored.values() if published is not None]
+    ms = lambda values: {q: round(percentile(values, int(q[1:])) * 1000) for q in ("p50", "p95", "p99")}
+    # what each client must have had: the candles final a second before the readers stopped
+    due = {i for i, (final, _) in stored.items() if float(final) < stopped_reading - 1}
+    got = [sum(1 for _, c in received if c["candle_id"] == i) for i in due]
+    return {"clients": clients, "trades_per_s": rate, "seconds": seconds, "final_candles": len(stored),
+            "streamed_candles": len({c["candle_id"] for _, c in received}), "deliveries": len(received),
+            "every_client_got_every_candle": bool(due) and set(got) == {clients},
+            "final_to_client_ms": ms(final_to_client), "final_to_candles_topic_ms": ms(final_to_topic),
+            "window_end_to_client_ms": ms(end_to_client), "allowed_lateness_s": run.allowed_lateness_seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trades", type=int, default=10_000_000)
@@ -199,11 +247,21 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--candle-seconds", type=int, default=150, help="the candle part's producer run")
+    parser.add_argument("--candle-rate", type=float, help="the candle part's trades/s (default: DEMO_RATE, a user's)")
+    parser.add_argument("--parts", default="requests,alerts,candles")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     settings = bench_settings()
-    report({"benchmark": "api",
-            "requests": request_part(settings, args.trades, args.requests, args.concurrency),
-            "alert_fan_out": fan_out_part(settings, args.clients, args.seconds, args.rate)})
+    result = {"benchmark": "api"}
+    if "requests" in parts:
+        result["requests"] = request_part(settings, args.trades, args.requests, args.concurrency)
+    if "alerts" in parts:
+        result["alert_fan_out"] = fan_out_part(settings, args.clients, args.seconds, args.rate)
+    if "candles" in parts:
+        result["candle_fan_out"] = candle_fan_out_part(settings, args.clients, args.candle_seconds,
+                                                       args.candle_rate or settings.demo_rate)
+    report(result)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ EXPECTED_SECONDS = {
     "tests/integration/test_api.py": 60, "tests/integration/test_fuzz.py": 50, "tests/e2e/test_browser.py": 50,
     "tests/integration/test_soak.py": 150, "tests/integration/test_bounded_state.py": 90,
     "tests/integration/test_maintain.py": 40, "tests/integration/test_bus.py": 40, "tests/integration/test_detector.py": 40, "tests/unit/test_detect.py": 35,
+    "tests/integration/test_candle_stream.py": 80,
 }
 
 
@@ -114,6 +115,7 @@ def fresh_settings(services: Settings) -> Settings:
 
     tag = uuid.uuid4().hex[:8]
     fresh = services.with_overrides(trades_topic=f"trades-{tag}", alerts_topic=f"alerts-{tag}",
+                                    candles_topic=f"candles-{tag}",
                                     consumer_group=f"group-{tag}", aggregator_group=f"aggregator-{tag}",
                                     detector_group=f"detector-{tag}")
     bus.ensure_topic(fresh, fresh.trades_topic, fresh.trades_partitions)

@@ -4,8 +4,9 @@ Every read goes through tradewatch/store/queries.py (shared with the dashboard);
 validated by FastAPI with a clear 422 body, and no SQL is built from input. `POST
 /alerts/{alert_id}/acknowledge` needs the header `X-API-Key` when API_KEY is set. Request counts
 and durations are Prometheus metrics on /metrics. The OpenAPI schema is at /openapi.json, the
-interactive page at /docs. The live alert stream (`/alerts/stream`, `/alerts/ws`) is fed from the
-Kafka `alerts` topic (tradewatch/alert_stream.py).
+interactive page at /docs. The live streams of alerts (`/alerts/stream`, `/alerts/ws`) and final
+candles (`/candles/stream`, `/candles/ws`) are fed from the Kafka topics `alerts` and `candles`
+(tradewatch/streams.py).
 """
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
 from tradewatch.access import key_matches
-from tradewatch.alert_stream import AlertHub, StreamedAlert, Subscriber
 from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.store import detections, queries
 from tradewatch.store.health import gone_from_this_host, stage_statuses
+from tradewatch.streams import Hub, Streamed, Subscriber, alert_feed, candle_feed
 
 REQUESTS = Counter("tradewatch_api_requests", "API requests", ["route", "status"])
 REQUEST_SECONDS = Histogram("tradewatch_api_request_seconds", "API request duration", ["route"],
@@ -89,6 +90,8 @@ class Source(str, Enum):
 StreamSymbols = Annotated[list[SymbolText] | None, Query(alias="symbol", max_length=100,
                                                        description="only these symbols (repeat the parameter)")]
 StreamSeverities = Annotated[list[Severity] | None, Query(alias="severity", description="only these severities")]
+LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID", max_length=200)]
+LastEventId = Annotated[str | None, Query(max_length=200, description="resume after this id (as Last-Event-ID)")]
 
 SOURCES = {Source.aggregator: "stock_metrics", Source.flink: "flink_metrics"}
 
@@ -120,11 +123,11 @@ def records(frame: pd.DataFrame) -> list[dict]:
     return orjson.loads(json_rows(frame))
 
 
-class AlertEvents(EventSourceResponse):
+class StreamEvents(EventSourceResponse):
     """The SSE response of one stream client: a write that blocks longer than the send timeout
     (a client that stopped reading) drops the client, and the connection is closed."""
 
-    def __init__(self, hub: AlertHub, subscriber: Subscriber, *args, **kwargs):
+    def __init__(self, hub: Hub, subscriber: Subscriber, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hub, self.subscriber = hub, subscriber
 
@@ -141,22 +144,78 @@ def allowed(settings: Settings) -> list[str]:
     return [h.strip() for h in settings.api_allowed_hosts.split(",") if h.strip()]
 
 
-def too_many(settings: Settings) -> str:
-    return (f"{settings.api_stream_clients} clients follow the alert stream already (API_STREAM_CLIENTS);"
-            " try again later")
+def event_stream(settings: Settings, hub: Hub, symbols: list[str] | None, kinds: list[str] | None,
+                 last_event_id: str | None) -> EventSourceResponse:
+    """A live stream as Server-Sent Events: one event per item (named after the feed, its id the
+    item's), notes as comments, a `dropped` event before a client that does not keep up is closed."""
+    subscriber = hub.subscribe(symbols, kinds)
+    if subscriber is None:
+        raise HTTPException(503, hub.too_many(), headers={"Retry-After": "30"})
+
+    async def events():
+        try:
+            async for item in hub.items(subscriber, last_event_id):
+                if isinstance(item, Streamed):
+                    yield ServerSentEvent(data=item.data, id=item.id, event=hub.feed.name)
+                else:
+                    yield ServerSentEvent(comment=item)
+            yield ServerSentEvent(data=subscriber.dropped, event="dropped")
+        finally:
+            hub.unsubscribe(subscriber)
+
+    return StreamEvents(hub, subscriber, events(), ping=settings.api_stream_heartbeat_seconds,
+                        ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"),
+                        send_timeout=settings.api_stream_send_timeout_seconds)
+
+
+async def socket_stream(settings: Settings, hub: Hub, socket: WebSocket, symbols: list[str] | None,
+                        kinds: list[str] | None, last_event_id: str | None) -> None:
+    """The same stream over a WebSocket: one JSON text message per item; closed with 1013 (try
+    again later) when the stream is full or the client does not keep up."""
+    subscriber = hub.subscribe(symbols, kinds)
+    await socket.accept()
+    if subscriber is None:
+        await socket.close(code=1013, reason=hub.too_many()[:120])
+        return
+
+    async def send_items() -> None:
+        async for item in hub.items(subscriber, last_event_id):
+            if isinstance(item, Streamed):
+                try:
+                    await asyncio.wait_for(socket.send_text(item.data), settings.api_stream_send_timeout_seconds)
+                except TimeoutError:
+                    hub.drop(subscriber, f"one send blocked {settings.api_stream_send_timeout_seconds:g} s")
+                    return
+
+    async def until_closed() -> None:
+        while (await socket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    sending, listening = asyncio.create_task(send_items()), asyncio.create_task(until_closed())
+    try:
+        await asyncio.wait((sending, listening), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sending, listening):
+            task.cancel()
+        hub.unsubscribe(subscriber)
+    if subscriber.dropped and not listening.done():
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(socket.close(code=1013, reason=subscriber.dropped[:120]), 2)
 
 
 def create_app(settings: Settings) -> FastAPI:
     # the candle sizes WINDOW_SIZES configures, listed in the OpenAPI schema; any other is a 422
     Size = Enum("Size", {label: label for label in settings.window_labels}, type=str)
     engine = queries.engine_for(settings.sqlalchemy_url)
-    hub = AlertHub(settings, engine)
+    alert_hub, candle_hub = Hub(settings, engine, alert_feed(settings)), Hub(settings, engine, candle_feed(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        hub.start()
+        alert_hub.start()
+        candle_hub.start()
         yield
-        hub.stop()
+        alert_hub.stop()
+        candle_hub.stop()
 
     app = FastAPI(title="TradeWatch API", version="1", lifespan=lifespan,
                   description="Trades, candles, indicators, alerts and the health of a TradeWatch pipeline.")
@@ -252,60 +311,39 @@ def create_app(settings: Settings) -> FastAPI:
                          "`last_event_id`) first sends the alerts stored after that one. A client that falls "
                          f"{settings.api_stream_queue} alerts behind gets a `dropped` event and is disconnected.")
     async def alert_stream(symbols: StreamSymbols = None, severities: StreamSeverities = None,
-                           last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", max_length=200)] = None,
-                           last_event_id: Annotated[str | None, Query(max_length=200)] = None) -> EventSourceResponse:
-        subscriber = hub.subscribe(symbols, [s.value for s in severities] if severities else None)
-        if subscriber is None:
-            raise HTTPException(503, too_many(settings), headers={"Retry-After": "30"})
-
-        async def events():
-            try:
-                async for item in hub.alerts(subscriber, last_event_id_header or last_event_id):
-                    if isinstance(item, StreamedAlert):
-                        yield ServerSentEvent(data=item.data, id=item.alert_id, event="alert")
-                    else:
-                        yield ServerSentEvent(comment=item)
-                yield ServerSentEvent(data=subscriber.dropped, event="dropped")
-            finally:
-                hub.unsubscribe(subscriber)
-
-        return AlertEvents(hub, subscriber, events(), ping=settings.api_stream_heartbeat_seconds,
-                           ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"),
-                           send_timeout=settings.api_stream_send_timeout_seconds)
+                           last_event_id_header: LastEventIdHeader = None,
+                           last_event_id: LastEventId = None) -> EventSourceResponse:
+        return event_stream(settings, alert_hub, symbols, [s.value for s in severities] if severities else None,
+                            last_event_id_header or last_event_id)
 
     @app.websocket("/alerts/ws")
     async def alert_socket(socket: WebSocket, symbols: StreamSymbols = None, severities: StreamSeverities = None,
-                           last_event_id: Annotated[str | None, Query(max_length=200)] = None) -> None:
-        """The same stream over a WebSocket: one JSON text message per alert; `last_event_id` resumes."""
-        subscriber = hub.subscribe(symbols, [s.value for s in severities] if severities else None)
-        await socket.accept()
-        if subscriber is None:
-            await socket.close(code=1013, reason=too_many(settings)[:120])      # 1013: try again later
-            return
+                           last_event_id: LastEventId = None) -> None:
+        """The alert stream over a WebSocket: one JSON text message per alert; `last_event_id` resumes."""
+        await socket_stream(settings, alert_hub, socket, symbols, [s.value for s in severities] if severities else None,
+                            last_event_id)
 
-        async def send_alerts() -> None:
-            async for item in hub.alerts(subscriber, last_event_id):
-                if isinstance(item, StreamedAlert):
-                    try:
-                        await asyncio.wait_for(socket.send_text(item.data), settings.api_stream_send_timeout_seconds)
-                    except TimeoutError:
-                        hub.drop(subscriber, f"one send blocked {settings.api_stream_send_timeout_seconds:g} s")
-                        return
+    async def candle_stream(symbols: StreamSymbols = None, sizes=None, last_event_id_header: LastEventIdHeader = None,
+                            last_event_id: LastEventId = None) -> EventSourceResponse:
+        return event_stream(settings, candle_hub, symbols, [s.value for s in sizes] if sizes else None,
+                            last_event_id_header or last_event_id)
 
-        async def until_closed() -> None:
-            while (await socket.receive())["type"] != "websocket.disconnect":
-                pass
+    async def candle_socket(socket: WebSocket, symbols: StreamSymbols = None, sizes=None,
+                            last_event_id: LastEventId = None) -> None:
+        """The candle stream over a WebSocket: one JSON text message per final candle; `last_event_id` resumes."""
+        await socket_stream(settings, candle_hub, socket, symbols, [s.value for s in sizes] if sizes else None,
+                            last_event_id)
 
-        sending, listening = asyncio.create_task(send_alerts()), asyncio.create_task(until_closed())
-        try:
-            await asyncio.wait((sending, listening), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sending, listening):
-                task.cancel()
-            hub.unsubscribe(subscriber)
-        if subscriber.dropped and not listening.done():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(socket.close(code=1013, reason=subscriber.dropped[:120]), 2)
+    for endpoint in (candle_stream, candle_socket):
+        endpoint.__annotations__["sizes"] = Annotated[list[Size] | None, Query(
+            alias="size", description="only these candle sizes (repeat the parameter; WINDOW_SIZES)")]
+    app.get("/candles/stream", response_class=EventSourceResponse,
+            summary="Live final candles with their indicators as Server-Sent Events (from the Kafka candles topic)",
+            description="One `candle` event per final candle (the aggregator's, with every indicator), its id the "
+                        "candle id `<symbol>:<size>:<window start, ms since 1970>`; otherwise as /alerts/stream: "
+                        "heartbeats, `Last-Event-ID` resume from the stored candles (up to a day back), a client "
+                        "that does not keep up is dropped.")(candle_stream)
+    app.websocket("/candles/ws")(candle_socket)
 
     @app.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert (X-API-Key when API_KEY is set)",
               responses={401: {"description": "missing or wrong API key"}, 404: {"description": "no such alert"}})

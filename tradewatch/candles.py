@@ -10,13 +10,19 @@ adding a column is one line here, one in schema.sql per table and, for Flink, fl
 - CANDLE: what both candle tables hold (the aggregator's `stock_metrics`, Flink's `flink_metrics`).
 - STATE: what `stock_metrics` keeps beside them so a restarted aggregator resumes an open window
   exactly (where open and close came from, the source partition).
+- STREAMED: what a final candle carries on the Kafka topic `candles` and the candle stream of the
+  API (`message`), with every indicator; its id is `candle_id`.
 Columns named like a Window attribute are restored into it by name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from datetime import datetime, timezone
 from typing import Callable
 
+import orjson
+
+from tradewatch.indicators import INDICATOR_COLUMNS
 from tradewatch.windows import Window, size_label
 
 # the backfill's PostgreSQL filter of the trades that may set open/high/low/close
@@ -105,3 +111,21 @@ def restore(symbol: str, size_ms: int, start_ms: int, partition: int, stored: di
     if stored["close_ts_ms"] is not None:
         window.close_key = (stored["close_ts_ms"], stored["close_seq"])
     return window
+
+
+# a final candle as published: its figures (times as epoch ms), then every indicator
+FIGURES = ("open", "high", "low", "close", "volume", "traded_value", "vwap", "trade_count", "buy_volume", "sell_volume")
+STREAMED = ("symbol", "window_size", "window_start_ms", "window_end_ms", *FIGURES, *INDICATOR_COLUMNS)
+
+
+def candle_id(symbol: str, size: str, start_ms: int) -> str:
+    """A final candle's id (its key): `AAPL:1m:1767225600000`. A symbol never holds a colon."""
+    return f"{symbol}:{size}:{start_ms}"
+
+
+def message(row: dict) -> bytes:
+    """A final candle as JSON (`row`: the STREAMED fields): its id, the figures, `window_start` also as
+    ISO-8601 UTC for a person reading the stream."""
+    start = datetime.fromtimestamp(row["window_start_ms"] / 1000, timezone.utc).isoformat().replace("+00:00", "Z")
+    return orjson.dumps({"candle_id": candle_id(row["symbol"], row["window_size"], row["window_start_ms"]),
+                         "window_start": start, **{name: row[name] for name in STREAMED}})

@@ -36,6 +36,7 @@ class Settings:
     kafka_client: str = "confluent"
     trades_topic: str = "trades"
     alerts_topic: str = "alerts"
+    candles_topic: str = "candles"           # each final candle with its indicators (the aggregator)
     trades_partitions: int = 10
     kafka_retention_hours: float = 168.0
     kafka_retention_mb: int = 500             # per partition

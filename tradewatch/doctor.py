@@ -64,7 +64,8 @@ def check_kafka(settings: Settings) -> list[Check]:
                                 "`make services` starts the missing ones (each partition has three replicas: "
                                 "the cluster works on with one node down)"))
     partitions = bus.topic_partitions(settings)
-    for topic, wanted in ((settings.trades_topic, settings.trades_partitions), (settings.alerts_topic, 1)):
+    for topic, wanted in ((settings.trades_topic, settings.trades_partitions), (settings.alerts_topic, 1),
+                           (settings.candles_topic, 1)):
         have = partitions.get(topic)
         if have is None:
             checks.append(Check(f"topic {topic}", False, "missing", "`make services` creates it (or any stage does)"))

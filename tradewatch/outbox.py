@@ -1,4 +1,7 @@
-"""Step 2 of the commit protocol (tradewatch/runtime.py): the alert outbox.
+"""Step 2 of the commit protocol (tradewatch/runtime.py): the outboxes.
+
+The aggregator's checkpoint queues each final candle in `candle_outbox`; `CandleOutbox` publishes
+them to the `candles` topic as `AlertOutbox` (below) publishes alerts — one `KafkaOutbox`.
 
 The detector's checkpoint stores each alert with the trades partition it came from, unpublished
 (`published_at` NULL, and `webhook_due` / `email_due` as ALERT_ROUTES sends its severity). Two deliveries then work
@@ -9,8 +12,8 @@ Each is a sink of the stage runtime (`Stage.outboxes`): woken when alerts were s
 every assignment: a former owner may have left some), delivered by the runtime after each commit
 and while idle, closed when the stage stops.
 
-- **Kafka** (`AlertOutbox`, on the stage's thread after each commit and while idle): oldest first,
-  each alert sent and waited for; only those Kafka acknowledged are marked published. Refused
+- **Kafka** (`AlertOutbox`, a `KafkaOutbox`, on the stage's thread after each commit and while
+  idle): oldest first, each alert sent and waited for; only those Kafka acknowledged are marked published. Refused
   ones (a topic limit, a broken ACL …) stay, one log line per round, tried again every
   RETRY_S — nothing refused is ever marked sent.
 - **Routes** (ALERT_ROUTES: each severity to webhook, email or the log only; a `DeliveryOutbox`
@@ -21,8 +24,8 @@ and while idle, closed when the stage stops.
   logs name only its host); `EmailOutbox` mails over SMTP (STARTTLS, login from settings; the
   password is never logged).
 
-Both are at least once: a crash between the delivery and the mark sends that alert again (readers
-dedupe by alert_id).
+All are at least once: a crash between the delivery and the mark sends that alert (candle) again
+(readers dedupe by alert_id, candle_id).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import requests
 
 from tradewatch import bus
 from tradewatch.config import Settings
+from tradewatch.store import candles as candle_store
 from tradewatch.store import db
 from tradewatch.store import detections as store
 
@@ -57,22 +61,33 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or '?'}" + (f":{parts.port}" if parts.port else "")
 
 
-class AlertOutbox:
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.waiting = True          # a previous run (or owner) may have left alerts unpublished
+class KafkaOutbox:
+    """Publishes the rows a stage's checkpoint left in an outbox table to a Kafka topic, for the
+    partitions the stage holds. Subclasses say where the rows are (`unpublished`: (id, key, value)
+    oldest first) and how one is marked published (`mark`)."""
+    what = ""
+
+    def __init__(self, settings: Settings, topic: str):
+        self.settings, self.topic = settings, topic
+        self.waiting = True          # a previous run (or owner) may have left rows unpublished
         self.retry_at = 0.0
         self.sent = 0
 
+    def unpublished(self, cur, partitions: list[int], limit: int) -> list[tuple[object, bytes, bytes]]:
+        raise NotImplementedError
+
+    def mark(self, cur, ids: list) -> None:
+        raise NotImplementedError
+
     def wake(self) -> None:
-        """Alerts were stored (or partitions gained): look in the table at the next delivery."""
+        """Rows were stored (or partitions gained): look in the table at the next delivery."""
         self.waiting = True
 
     def close(self) -> None:
         """Nothing of its own: the runtime closes its publisher."""
 
     def deliver(self, rt) -> None:
-        """Send this process's unpublished alerts to Kafka; called by the runtime after each commit
+        """Send this process's unpublished rows to Kafka; called by the runtime after each commit
         and while idle. Returns early (they stay in the outbox) on a stop or a refusal."""
         if not self.waiting or time.monotonic() < self.retry_at or not rt.epochs:
             return
@@ -80,29 +95,67 @@ class AlertOutbox:
             rt.publisher = rt.wait_for("Kafka", lambda: bus.publisher(self.settings, stop=rt.stop))
         partitions = sorted(rt.epochs)
         while True:
-            alerts = rt.transaction(lambda _conn, cur: store.unpublished_alerts(cur, partitions, BATCH))
-            answers: dict[str, str | None] = {}
-            for alert in alerts:
-                if not rt.publisher.send(self.settings.alerts_topic, alert.symbol.encode(), alert.to_json_bytes(),
-                                         on_delivery=lambda error, i=alert.alert_id: answers.__setitem__(i, error)):
+            rows = rt.transaction(lambda _conn, cur: self.unpublished(cur, partitions, BATCH))
+            answers: dict[object, str | None] = {}
+            for row_id, key, value in rows:
+                if not rt.publisher.send(self.topic, key, value,
+                                         on_delivery=lambda error, i=row_id: answers.__setitem__(i, error)):
                     break       # asked to stop while Kafka was away
-            finished = rt.publisher.flush() if alerts else True
+            finished = rt.publisher.flush() if rows else True
             acknowledged = [i for i, error in list(answers.items()) if error is None]
             if acknowledged:
-                rt.transaction(lambda _conn, cur: store.mark_published(cur, acknowledged))
+                rt.transaction(lambda _conn, cur: self.mark(cur, acknowledged))
                 self.sent += len(acknowledged)
             refused = {i: error for i, error in list(answers.items()) if error is not None}
             if refused:
-                log.warning("Kafka refused %d of %d alerts on topic %s (%s); they stay in the outbox, tried "
-                            "again in %.0f s", len(refused), len(alerts), self.settings.alerts_topic,
+                log.warning("Kafka refused %d of %d %s on topic %s (%s); they stay in the outbox, tried "
+                            "again in %.0f s", len(refused), len(rows), self.what, self.topic,
                             next(iter(refused.values())), RETRY_S)
                 self.retry_at = time.monotonic() + RETRY_S
                 return
             if not finished:
-                return          # stopping: unacknowledged alerts stay unpublished
-            if len(alerts) < BATCH:
+                return          # stopping: unacknowledged rows stay unpublished
+            if len(rows) < BATCH:
                 self.waiting = False
                 return
+
+
+class AlertOutbox(KafkaOutbox):
+    """The detector's alerts (`alerts.published_at`) to the `alerts` topic, keyed by symbol."""
+    what = "alerts"
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings, settings.alerts_topic)
+
+    def unpublished(self, cur, partitions, limit):
+        return [(a.alert_id, a.symbol.encode(), a.to_json_bytes())
+                for a in store.unpublished_alerts(cur, partitions, limit)]
+
+    def mark(self, cur, ids):
+        store.mark_published(cur, ids)
+
+
+class CandleOutbox(KafkaOutbox):
+    """The aggregator's final candles (`candle_outbox`) to the `candles` topic, keyed by symbol,
+    each with its indicators (tradewatch/candles.py `message`). Published rows are kept a day, for
+    a resumed candle stream, then deleted here (at most once an hour)."""
+    what = "candles"
+    KEPT = "1 day"
+    PRUNE_EVERY_S = 3600.0
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings, settings.candles_topic)
+        self.pruned_at = 0.0
+
+    def unpublished(self, cur, partitions, limit):
+        return [(seq, symbol.encode(), value)
+                for seq, symbol, value in candle_store.unpublished(cur, partitions, limit)]
+
+    def mark(self, cur, ids):
+        candle_store.mark_published(cur, ids)
+        if time.monotonic() - self.pruned_at >= self.PRUNE_EVERY_S:
+            self.pruned_at = time.monotonic()
+            candle_store.forget_published(cur, self.KEPT)
 
 
 class DeliveryOutbox:

@@ -19,10 +19,11 @@ durable, in this order:
 2. **Side effects outside the database** are published from an outbox after that commit (and
    while the stage is idle, so a refused delivery is tried again with no new message): the rows
    written in (1) are marked unpublished with the partition they came from (e.g.
-   `alerts.published_at IS NULL`); the owner of that partition sends them (Kafka topic `alerts`,
-   webhook) and marks each one done only once its receiver acknowledged it. A crash in between
-   sends them again: delivered at least once (readers dedupe by id). A stage lists its sinks in
-   `outboxes` (the detector: Kafka and the webhook, tradewatch/outbox.py); the runtime delivers them.
+   `alerts.published_at IS NULL`, a `candle_outbox` row); the owner of that partition sends them
+   (Kafka topics `alerts` and `candles`, webhook, e-mail) and marks each one done only once its
+   receiver acknowledged it. A crash in between sends them again: delivered at least once (readers
+   dedupe by id). A stage lists its sinks in `outboxes` (the detector: Kafka and the alert routes;
+   the aggregator: Kafka; tradewatch/outbox.py); the runtime delivers them.
 3. **Kafka offsets are committed last.** A crash before this re-delivers messages whose effects
    are already stored; every write is keyed (trade_id, window, alert_id), so redoing it changes
    nothing. A checkpoint that cannot finish (database down while asked to stop) commits nothing.

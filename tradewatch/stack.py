@@ -508,6 +508,7 @@ def _start(settings: Settings, timeout_s: float) -> None:
         raise StackError(f"{what}; end of {logfile}:\n{tail}") from None
     bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
     bus.ensure_topic(settings, settings.alerts_topic, 1)
+    bus.ensure_topic(settings, settings.candles_topic, 1)
 
 
 def stop(settings: Settings) -> None:

@@ -92,10 +92,12 @@ class SSEClient:
         self.writer.close()
 
 
-def total(base: str, name: str) -> float:
+def total(base: str, name: str, stream: str = "alert") -> float:
+    """The API's metric `name` of one stream (alert, candle)."""
     with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
         text = response.read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    labelled = f'{name}{{stream="{stream}"}} '
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(labelled))
 
 
 def published_alerts(settings, count: int, symbols=("AAPL", "MSFT"), pad: int = 0, start: int = 0) -> list[dict]:

@@ -157,6 +157,7 @@ def test_checkpoint_of_a_stale_owner_writes_nothing(settings):
         return rt
 
     publish_replay(settings)
+    bus.ensure_topic(settings, settings.candles_topic, 1)     # the final candles' (a running stage makes it)
     messages = bus.read_topic(settings, settings.trades_topic, lambda got: len(got) >= N)
     kept, stolen = sorted({m.partition for m in messages})     # AAPL's and MSFT's partitions
     a_stage = Aggregate(settings)
@@ -177,6 +178,8 @@ def test_checkpoint_of_a_stale_owner_writes_nothing(settings):
     assert positions == {kept}
     for rt in (a, b):
         rt.conn.close()
+        if rt.publisher is not None:
+            rt.publisher.close()
 
 
 def heartbeating(settings, process: subprocess.Popen) -> bool:

@@ -133,12 +133,14 @@ def test_the_broker_never_creates_a_topic_on_first_use_and_stages_create_theirs(
     broker = ConfigResource("broker", "1")
     config = admin.describe_configs([broker])[broker].result(10)
     assert config["auto.create.topics.enable"].value == "false"
-    fresh = settings.with_overrides(trades_topic=settings.trades_topic + "-new", alerts_topic=settings.alerts_topic + "-new")
+    fresh = settings.with_overrides(trades_topic=settings.trades_topic + "-new",
+                                    alerts_topic=settings.alerts_topic + "-new",
+                                    candles_topic=settings.candles_topic + "-new")
     stages = run_stages(fresh, tmp_path, "only")
-    wait_for(lambda: {fresh.trades_topic, fresh.alerts_topic} <= set(bus.topic_partitions(fresh)), timeout=60,
-             message="the stages' topics created")
+    made = {fresh.trades_topic, fresh.alerts_topic, fresh.candles_topic}
+    wait_for(lambda: made <= set(bus.topic_partitions(fresh)), timeout=60, message="the stages' topics created")
     assert bus.topic_partitions(fresh)[fresh.trades_topic] == fresh.trades_partitions
-    for topic in (fresh.trades_topic, fresh.alerts_topic):
+    for topic in sorted(made):
         resource = ConfigResource("topic", topic)
         described = admin.describe_configs([resource])[resource].result(10)
         assert described["message.timestamp.type"].value == "LogAppendTime", topic

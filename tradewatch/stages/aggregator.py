@@ -1,4 +1,5 @@
-"""The aggregator stage: Kafka `trades` → event-time windows → `stock_metrics` and `indicators`.
+"""The aggregator stage: Kafka `trades` → event-time windows → `stock_metrics` and `indicators` (and the
+final candles → Kafka `candles`).
 
 It keeps its Kafka position in the database: the window rows, the late trades, the indicator rows
 *and the position* (next offset and watermark per partition, which the runtime stores in
@@ -9,6 +10,10 @@ transaction that claims the partition, and Kafka starts reading there. So a kill
 loses at most the work since the last checkpoint, which is then redone from exactly the same
 offsets — never counted twice — and a stalled former owner cannot write over the new owner.
 (Recomputing from the `trades` table instead would race the consumer, which may lag behind Kafka.)
+
+The same transaction queues each newly final candle in `candle_outbox`; after the commit the
+runtime delivers that outbox to the Kafka topic `candles` (tradewatch/outbox.py `CandleOutbox`):
+every final candle with its indicators, at least once, in the order the aggregator closed them.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from tradewatch import bus, prometheus, runtime
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, parse_trade
 from tradewatch.indicators import IndicatorState
+from tradewatch.outbox import CandleOutbox
 from tradewatch.store import candles as store
 from tradewatch.windows import PartitionClock, Window, WindowSet, size_label
 
@@ -57,6 +63,11 @@ class Aggregate(runtime.Stage):
         self.indicator_rows = self.pending_effects()
         self.folded_since = 0
         self.invalid_skipped = self.late_total = 0
+        self.outbox = CandleOutbox(settings)         # each final candle to the `candles` topic
+        self.outboxes = [self.outbox]
+
+    def output_topics(self) -> dict[str, int]:
+        return {self.settings.candles_topic: 1}
 
     def assigned(self, cur, partitions: list[int], stored: dict[int, tuple[int, dict]]) -> dict[int, int | None]:
         starts = {}
@@ -125,6 +136,7 @@ class Aggregate(runtime.Stage):
         if idle:        # open windows close by time alone; what else a symbol holds goes now
             self.indicator_states = {k: v for k, v in self.indicator_states.items() if k[0] not in idle}
         store.write_windows(cur, self.dirty.items() + self.final.items())
+        store.queue_final(cur, self.final.items())
         store.write_late(cur, self.late.items())
         store.write_indicators(cur, self.indicator_rows.items())
 
@@ -150,6 +162,8 @@ class Aggregate(runtime.Stage):
             if late.size_ms == smallest:           # one per trade (there is a row per window size)
                 prometheus.LATE.labels("aggregator", late.reason).inc()
         self.late_total += len(self.late)
+        if self.final:
+            self.outbox.wake()
         self.released.clear()
         self.stored.update(self._positions)
         self.folded_since = 0
@@ -180,7 +194,7 @@ class Aggregate(runtime.Stage):
     def report(self) -> str:
         open_windows = sum(len(ws.open_windows) for ws in self.partitions.values())
         return (f"folded {self.processed} trades; {open_windows} open windows; late trades {self.late_total}; "
-                f"invalid skipped {self.invalid_skipped}")
+                f"invalid skipped {self.invalid_skipped}; final candles published {self.outbox.sent}")
 
 
 def run(settings: Settings, stop: Callable[[], bool]) -> Aggregate:

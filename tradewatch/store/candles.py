@@ -1,6 +1,6 @@
-"""Writes and restart state of the window tables (stock_metrics, late_trades, indicators), and the
-backfill that rebuilds windows straight from `trades`. (The aggregator's position is kept by the
-stage runtime: tradewatch/store/positions.py.)"""
+"""Writes and restart state of the window tables (stock_metrics, late_trades, indicators), the
+outbox of the `candles` topic (candle_outbox), and the backfill that rebuilds windows straight
+from `trades`. (The aggregator's position is kept by the stage runtime: tradewatch/store/positions.py.)"""
 from __future__ import annotations
 
 from datetime import datetime
@@ -39,6 +39,46 @@ def write_windows(cur: Cursor, windows: list[Window]) -> None:
         template=_TEMPLATE,
         page_size=1000,
     )
+
+
+def queue_final(cur: Cursor, final: list[Window]) -> None:
+    """The newly final windows into the `candles` outbox, in the checkpoint's transaction (a
+    redone checkpoint finds them there: each candle is queued once, at its first place)."""
+    if final:
+        execute_values(cur, "INSERT INTO candle_outbox (symbol, window_size, window_start, kafka_partition) "
+                            "VALUES %s ON CONFLICT DO NOTHING",
+                       [(w.symbol, size_label(w.size_ms), w.start_ms, w.partition) for w in final],
+                       template=f"(%s, %s, {_MS}, %s)")
+
+
+# a queued candle as it is published (candles.STREAMED), with its place in the outbox
+FINAL_CANDLES = f"""
+    SELECT o.seq, o.symbol, o.window_size, (extract(epoch FROM o.window_start) * 1000)::bigint AS window_start_ms,
+           (extract(epoch FROM m.window_end) * 1000)::bigint AS window_end_ms,
+           {', '.join(f'm.{c}' for c in candles.FIGURES)},
+           {', '.join(f'i.{c}' for c in INDICATOR_COLUMNS)}
+    FROM candle_outbox o
+    JOIN stock_metrics m USING (symbol, window_size, window_start)
+    LEFT JOIN indicators i USING (symbol, window_size, window_start)"""
+
+
+def unpublished(cur: Cursor, partitions: list[int], limit: int) -> list[tuple[int, str, bytes]]:
+    """The `candles` outbox of an aggregator holding `partitions`, oldest first: (seq, symbol, message)."""
+    with cur.connection.cursor(cursor_factory=RealDictCursor) as named:
+        named.execute(FINAL_CANDLES + " WHERE o.published_at IS NULL AND o.kafka_partition = ANY(%s)"
+                                      " ORDER BY o.seq LIMIT %s", (partitions, limit))
+        return [(r["seq"], r["symbol"], candles.message(r)) for r in named.fetchall()]
+
+
+def mark_published(cur: Cursor, seqs: list[int]) -> None:
+    cur.execute("UPDATE candle_outbox SET published_at = now() WHERE seq = ANY(%s) AND published_at IS NULL", (seqs,))
+
+
+def forget_published(cur: Cursor, older_than: str) -> int:
+    """Delete the published candles final longer ago than `older_than` (a resume reaches no further)."""
+    cur.execute("DELETE FROM candle_outbox WHERE published_at IS NOT NULL AND final_at < now() - CAST(%s AS interval)",
+                (older_than,))
+    return cur.rowcount
 
 
 def write_late(cur: Cursor, late: list[LateTrade]) -> None:

@@ -8,10 +8,11 @@ import pandas as pd
 import psycopg2.extensions
 from sqlalchemy import Engine, create_engine, text
 
-from tradewatch.candles import BASE_SIZE
+from tradewatch.candles import BASE_SIZE, message as candle_message
 from tradewatch.events import Trade
 from tradewatch.indicators import INDICATOR_COLUMNS
 from tradewatch.store import health
+from tradewatch.store.candles import FINAL_CANDLES
 
 Connection = psycopg2.extensions.connection
 
@@ -305,6 +306,27 @@ def alerts_after(engine: Engine, alert_id: str, symbols: list[str] | None, sever
           AND (CAST(:severities AS text[]) IS NULL OR a.severity = ANY(CAST(:severities AS text[])))
         ORDER BY a.created_at, a.alert_id LIMIT :limit""", alert_id=alert_id, symbols=symbols,
                   severities=severities, limit=limit)
+
+
+def candles_after(engine: Engine, candle_id: str, symbols: list[str] | None, sizes: list[str] | None,
+                  limit: int) -> list[bytes] | None:
+    """The final candles the aggregator queued after `candle_id` (`AAPL:1m:<start ms>`; oldest first,
+    as the `candles` topic has them), as that topic's messages; None when it is not in the outbox
+    (never final, or published more than a day ago)."""
+    symbol, size, start_ms = ([*candle_id.rsplit(":", 2)] + ["", ""])[:3]
+    if not start_ms.isdigit() or len(start_ms) > 15:
+        return None
+    anchor = _frame(engine, "SELECT seq FROM candle_outbox WHERE symbol = :symbol AND window_size = :size"
+                            " AND window_start = timestamptz 'epoch' + CAST(:ms AS bigint) * interval '1 millisecond'",
+                    symbol=symbol, size=size, ms=int(start_ms))
+    if anchor.empty:
+        return None
+    rows = _frame(engine, FINAL_CANDLES + """
+        WHERE o.seq > :seq
+          AND (CAST(:symbols AS text[]) IS NULL OR o.symbol = ANY(CAST(:symbols AS text[])))
+          AND (CAST(:sizes AS text[]) IS NULL OR o.window_size = ANY(CAST(:sizes AS text[])))
+        ORDER BY o.seq LIMIT :limit""", seq=int(anchor["seq"].iloc[0]), symbols=symbols, sizes=sizes, limit=limit)
+    return [candle_message(row) for row in rows.to_dict("records")]
 
 
 def alert_exists(engine: Engine, alert_id: str) -> bool:

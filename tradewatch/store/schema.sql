@@ -526,6 +526,24 @@ CREATE TABLE IF NOT EXISTS stage_samples (
 );
 CREATE INDEX IF NOT EXISTS stage_samples_at ON stage_samples (at);
 
+-- The final candles in the order the aggregator closed them: the outbox of the Kafka topic
+-- `candles` (published_at NULL until Kafka acknowledged it; each aggregator publishes the rows of
+-- the trades partitions it holds) and what a resumed candle stream (GET /candles/stream with
+-- Last-Event-ID) reads after its id. Written only by store/candles.py, in the aggregator's
+-- checkpoint transaction; the published rows older than a day are deleted by the outbox.
+CREATE TABLE IF NOT EXISTS candle_outbox (
+    seq              bigserial PRIMARY KEY,
+    symbol           text NOT NULL,
+    window_size      text NOT NULL,
+    window_start     timestamptz NOT NULL,
+    kafka_partition  integer NOT NULL,
+    final_at         timestamptz NOT NULL DEFAULT now(),
+    published_at     timestamptz,
+    UNIQUE (symbol, window_size, window_start)
+);
+CREATE INDEX IF NOT EXISTS candle_outbox_unpublished ON candle_outbox (kafka_partition, seq) WHERE published_at IS NULL;
+CREATE INDEX IF NOT EXISTS candle_outbox_final_at ON candle_outbox (final_at);
+
 -- A database made before partitioning: copy each renamed plain table into its partitioned
 -- successor (the days it holds get their partitions first), then drop it.
 DO $$
