@@ -181,19 +181,22 @@ def test_bad_stream_parameters_get_422_and_no_stream(settings, tmp_path):
 
     async def scenario():
         for path in ("/alerts/stream?symbol=aapl;DROP", "/alerts/stream?severity=HUGE",
-                     "/alerts/stream?last_event_id=" + "x" * 300, "/alerts/stream?symbol=" + "A" * 5000):
+                     "/alerts/stream?last_event_id=" + "x" * 300, "/alerts/stream?symbol=" + "A" * 5000,
+                     "/candles/stream?size=7m", "/candles/stream?size=1h", "/candles/stream?symbol=aapl;DROP",
+                     "/candles/stream?last_event_id=" + "x" * 300):
             client = SSEClient(settings.api_port, path)
             await client.connect()
             assert client.status == 422, path
             client.close()
-        try:
-            async with websockets.connect(f"ws://127.0.0.1:{settings.api_port}/alerts/ws?severity=HUGE") as ws:
-                await asyncio.wait_for(ws.recv(), 10)
-            raise AssertionError("a WebSocket with a bad filter was served")
-        except websockets.ConnectionClosed as closed:
-            assert closed.rcvd.code == 1008
-        except websockets.InvalidStatus as refused:
-            assert refused.response.status_code == 403
+        for path in ("/alerts/ws?severity=HUGE", "/candles/ws?size=7m"):
+            try:
+                async with websockets.connect(f"ws://127.0.0.1:{settings.api_port}{path}") as ws:
+                    await asyncio.wait_for(ws.recv(), 10)
+                raise AssertionError(f"a WebSocket with a bad filter was served: {path}")
+            except websockets.ConnectionClosed as closed:
+                assert closed.rcvd.code == 1008
+            except websockets.InvalidStatus as refused:
+                assert refused.response.status_code == 403
     asyncio.run(scenario())
 
 
