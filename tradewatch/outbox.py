@@ -13,9 +13,9 @@ every assignment: a former owner may have left some), delivered by the runtime a
 and while idle, closed when the stage stops.
 
 - **Kafka** (`AlertOutbox`, a `KafkaOutbox`, on the stage's thread after each commit and while
-  idle): oldest first, each alert sent and waited for; only those Kafka acknowledged are marked published. Refused
-  ones (a topic limit, a broken ACL …) stay, one log line per round, tried again every
-  RETRY_S — nothing refused is ever marked sent.
+  idle): oldest first, each alert sent and waited for; only those Kafka acknowledged are marked
+  published. Refused ones (a topic limit, a broken ACL …) stay, one log line per round, tried
+  again every RETRY_S — nothing refused is ever marked sent.
 - **Routes** (ALERT_ROUTES: each severity to webhook, email or the log only; a `DeliveryOutbox`
   per channel, each a thread of its own so a slow endpoint never holds up detection): oldest
   first, one at a time; a delivery clears the alert's `webhook_due` / `email_due`; a failure backs
