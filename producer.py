@@ -138,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         # time per trade) ends now instead of running ahead of the clock, where the consumers' clock-skew
         # rule (MAX_CLOCK_SKEW_SECONDS) would reject what lies more than 5 minutes ahead.
         backdate_ms = args.count if rate is None and args.count else 0
-        trades = simulator(int(time.time() * 1000) - backdate_ms)
+        origin_ms = int(time.time() * 1000) - backdate_ms
+        trades = simulator(origin_ms)
+    else:
+        origin_ms = None     # paced from the first trade's time
     past = None              # the simulated past, sent first when asked for
     if args.history:
         now_ms = int(time.time() * 1000)
@@ -158,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if past is not None:
             sent = publish(send, past, speed=None, count=args.count, stop=stop, progress=progress).sent
             print(f"sent {sent:,} trades of simulated history ({args.history:g} s); now live", file=sys.stderr)
-            trades.skip_to(int(time.time() * 1000))       # live event time is the wall clock again
+            origin_ms = int(time.time() * 1000)
+            trades.skip_to(origin_ms)                       # live event time is the wall clock again
         stats = publish(send, trades, speed=speed, count=None if args.count is None else args.count - sent,
-                        duration_s=args.duration, stop=stop, progress=progress)
+                        duration_s=args.duration, stop=stop, progress=progress, origin_ms=origin_ms)
         stats.sent += sent
     except FeedFailed as error:
         print(f"error: {error}", file=sys.stderr)

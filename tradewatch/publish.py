@@ -25,10 +25,12 @@ class PublishStats:
 def publish(send: Callable[[Trade], bool], trades: Iterable[Trade], speed: float | None = 1.0,
             count: int | None = None, duration_s: float | None = None,
             stop: Callable[[], bool] = lambda: False,
-            progress: Callable[[PublishStats], None] | None = None) -> PublishStats:
+            progress: Callable[[PublishStats], None] | None = None, origin_ms: int | None = None) -> PublishStats:
     """Send trades so that wall time follows event time divided by `speed` (None = as fast as possible).
 
-    Stops after `count` trades, after `duration_s` seconds, when `trades` ends, or when `stop()`.
+    `origin_ms` is the event time that stands for the moment sending starts (a live feed: the wall
+    clock, so no trade goes out before its own time); by default the first trade's. Stops after
+    `count` trades, after `duration_s` seconds, when `trades` ends, or when `stop()`.
     """
     stats = PublishStats()
     started = time.monotonic()
@@ -42,7 +44,7 @@ def publish(send: Callable[[Trade], bool], trades: Iterable[Trade], speed: float
             break
         if speed is not None:
             if first_event_ms is None:
-                first_event_ms = trade.timestamp_ms
+                first_event_ms = trade.timestamp_ms if origin_ms is None else origin_ms
             due = started + (trade.timestamp_ms - first_event_ms) / 1000.0 / speed
             while now < due and not stop():
                 time.sleep(min(due - now, 0.2))

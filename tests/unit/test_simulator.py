@@ -135,3 +135,26 @@ def test_a_simulated_past_then_live_trades_is_one_market():
     for t in live:
         after.setdefault(t.symbol, t)
     assert all(abs(after[s].price / before[s].price - 1) < 0.05 for s in after if after[s].injected_anomaly is None)
+
+
+def test_a_live_feed_never_sends_a_trade_before_its_own_time():
+    """Issue found in CI: pacing from the first trade's time let that trade (stamped a random gap
+    after the clock) go out at once, and every later one as early: the last trade of a run was
+    stamped after the producer had exited. Paced from the clock (`origin_ms`), none is early."""
+    import time
+
+    from tradewatch.publish import publish
+
+    for origin in (True, False):
+        start_ms = int(time.time() * 1000)
+        early = []
+
+        def send(trade) -> bool:
+            early.append(trade.timestamp_ms - time.time() * 1000)
+            return True
+        publish(send, MarketSimulator(rate=20, seed=5, start_ms=start_ms), speed=1.0, duration_s=1.5,
+                origin_ms=start_ms if origin else None)
+        if origin:
+            assert len(early) > 10 and max(early) <= 2, f"a trade went out {max(early):.0f} ms before its time"
+        else:
+            assert max(early) > 2, "pacing from the first trade sends them early (what the test guards against)"
