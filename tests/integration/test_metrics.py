@@ -95,7 +95,9 @@ def test_the_stages_sample_the_pipeline_over_time(settings, tmp_path):
                    & (frame["at"] <= pd.Timestamp(ended))]
     assert len(inside) >= 2 * len(STAGES), inside
     for stage, rows in inside.groupby("stage"):
-        assert rows.per_s.between(150, 250).all(), (stage, rows.per_s.tolist())
+        # a stage that fell behind for a moment (a loaded machine) catches up faster than 200/s: each
+        # sample within reason, their mean the producer's rate
+        assert rows.per_s.between(100, 400).all() and 150 <= rows.per_s.mean() <= 250, (stage, rows.per_s.tolist())
         assert rows.lag.max() < 1000, (stage, rows.lag.tolist())
     consumer = inside[inside.stage == "consumer"]
     assert consumer.arriving_per_s.between(150, 250).all(), consumer.arriving_per_s.tolist()
