@@ -69,6 +69,9 @@ def test_rules_run_on_the_stages_metrics_and_a_killed_stage_is_reported_down(set
         free = series(base, "min by (folder) (tradewatch_disk_free_bytes)")
         assert [s["metric"] for s in free] == [{"folder": str(home.folder)}]
         assert abs(float(free[0]["value"][1]) - home.free) < 0.01 * home.total
+        # each target is first scraped at its own offset within the interval: the stages' counters
+        # can be complete at their first scrape, before the api's (nothing listens there) has run
+        wait_for(lambda: len(series(base, "up")) == 4, timeout=30, message="every target scraped once")
         assert {s["metric"]["service"]: s["value"][1] for s in series(base, "up")} \
             == {"consumer": "1", "aggregator": "1", "detector": "1", "api": "0"}
 
