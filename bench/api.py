@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Read API benchmark, three parts, printed as JSON:
+"""Read API benchmark, four parts, printed as JSON:
 
 1. Requests: the 10-million-trade database of bench/dashboard.py (loaded once, kept in
    .tradewatch/bench), api.py as a real process, CONCURRENCY keep-alive clients: requests/s and
@@ -16,6 +16,12 @@
    start of the aggregator's checkpoint transaction, `final_at`) to each client receiving it,
    beside the same to the topic (`published_at`), and from the window's end (which includes
    ALLOWED_LATENESS_SECONDS: a window waits that long for late trades).
+4. Trade fan-out: the producer (at DEMO_RATE unless `--trade-rate`) -> trades topic -> api.py ->
+   SSE clients on /trades/stream, half of them on every trade, half on one symbol: latency from
+   the trade's event time (stamped when the producer sends it) to each client. Then what the
+   stream costs the API when nobody follows it: the API process's CPU while `--idle-trades`
+   trades go through the topic as fast as the producer sends them, with no trade client and with
+   one client of one symbol.
 
 `--parts` picks some of them (e.g. `--parts candles`).
 """
@@ -25,6 +31,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import os
 import socket
 import statistics
 import threading
@@ -239,6 +246,69 @@ def candle_fan_out_part(settings, clients: int, seconds: int, rate: float) -> di
             "window_end_to_client_ms": ms(end_to_client), "allowed_lateness_s": run.allowed_lateness_seconds}
 
 
+def cpu_seconds(process) -> float:
+    """User + system CPU time of a running process (Linux's /proc)."""
+    with open(f"/proc/{process.pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def trade_fan_out_part(settings, clients: int, seconds: int, rate: float, idle_trades: int) -> dict:
+    tag = uuid.uuid4().hex[:8]
+    run = settings.with_overrides(trades_topic=f"trades-api-{tag}", api_port=free_port())
+    bus.ensure_topic(run, run.trades_topic, run.trades_partitions)
+    api = start_stage(run, "api.py")
+    try:
+        wait_until_up(run.api_port)
+        producer = lambda: start_stage(run, "producer.py", "--rate", str(rate), "--duration", str(seconds),
+                                       "--seed", "3", "--symbols", "AAPL,MSFT,BTC-USD").wait()
+
+        async def both_kinds() -> list[tuple[float, dict]]:
+            received: list[tuple[float, dict]] = []
+            ready, counter = asyncio.Event(), [0]
+            paths = ["/trades/stream", "/trades/stream?symbol=AAPL"]
+            readers = [asyncio.create_task(sse_reader(run.api_port, paths[i % 2], received, ready, counter, clients))
+                       for i in range(clients)]
+            await asyncio.wait_for(ready.wait(), 60)
+            await asyncio.to_thread(producer)
+            await asyncio.sleep(5)
+            for reader in readers:
+                reader.cancel()
+            return received
+        received = asyncio.run(both_kinds())
+        sent = {t["trade_id"]: t for _, t in received}
+        aapl = sum(1 for t in sent.values() if t["symbol"] == "AAPL")
+        to_client = [at * 1000 - t["timestamp_ms"] for at, t in received]
+
+        def cpu_while_flowing(follow: str | None) -> dict:
+            async def run_with_client() -> float:
+                ready, counter = asyncio.Event(), [0]
+                reader = follow and asyncio.create_task(sse_reader(run.api_port, follow, [], ready, counter, 1))
+                if reader:
+                    await asyncio.wait_for(ready.wait(), 60)
+                before, started = cpu_seconds(api), time.monotonic()
+                await asyncio.to_thread(lambda: start_stage(run, "producer.py", "--rate", "max", "--count",
+                                                            str(idle_trades), "--seed", "4").wait())
+                elapsed = time.monotonic() - started
+                if reader:
+                    reader.cancel()
+                return (cpu_seconds(api) - before) / elapsed, idle_trades / elapsed
+            share, trades_per_s = asyncio.run(run_with_client())
+            return {"trades": idle_trades, "trades_per_s": round(trades_per_s),
+                    "api_cpu_percent": round(share * 100, 1)}
+        idle = {"no_trade_client": cpu_while_flowing(None),
+                "one_client_of_one_symbol": cpu_while_flowing("/trades/stream?symbol=AAPL")}
+    finally:
+        api.terminate()
+        api.wait(30)
+    ms = lambda values: {q: round(percentile(values, int(q[1:]))) for q in ("p50", "p95", "p99")}
+    return {"clients": clients, "trades_per_s": rate, "seconds": seconds, "streamed_trades": len(sent),
+            "deliveries": len(received),
+            "every_client_got_every_trade": bool(sent) and len(received) == (clients // 2) * (len(sent) + aapl)
+            + (clients % 2) * len(sent),
+            "trade_to_client_ms": ms(to_client), "api_while_trades_flow": idle}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trades", type=int, default=10_000_000)
@@ -249,7 +319,11 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--candle-seconds", type=int, default=150, help="the candle part's producer run")
     parser.add_argument("--candle-rate", type=float, help="the candle part's trades/s (default: DEMO_RATE, a user's)")
-    parser.add_argument("--parts", default="requests,alerts,candles")
+    parser.add_argument("--trade-rate", type=float, help="the trade part's trades/s (default: DEMO_RATE, a user's)")
+    parser.add_argument("--trade-seconds", type=int, default=60, help="the trade part's producer run")
+    parser.add_argument("--idle-trades", type=int, default=300_000,
+                        help="trades sent at full speed to measure the API's cost of the trade stream")
+    parser.add_argument("--parts", default="requests,alerts,candles,trades")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     settings = bench_settings()
@@ -261,6 +335,9 @@ def main() -> None:
     if "candles" in parts:
         result["candle_fan_out"] = candle_fan_out_part(settings, args.clients, args.candle_seconds,
                                                        args.candle_rate or settings.demo_rate)
+    if "trades" in parts:
+        result["trade_fan_out"] = trade_fan_out_part(settings, args.clients, args.trade_seconds,
+                                                     args.trade_rate or settings.demo_rate, args.idle_trades)
     report(result)
 
 

@@ -4,9 +4,9 @@ Every read goes through tradewatch/store/queries.py (shared with the dashboard);
 validated by FastAPI with a clear 422 body, and no SQL is built from input. `POST
 /alerts/{alert_id}/acknowledge` needs the header `X-API-Key` when API_KEY is set. Request counts
 and durations are Prometheus metrics on /metrics. The OpenAPI schema is at /openapi.json, the
-interactive page at /docs. The live streams of alerts (`/alerts/stream`, `/alerts/ws`) and final
-candles (`/candles/stream`, `/candles/ws`) are fed from the Kafka topics `alerts` and `candles`
-(tradewatch/streams.py).
+interactive page at /docs. The live streams of alerts (`/alerts/stream`, `/alerts/ws`), final
+candles (`/candles/stream`, `/candles/ws`) and trades (`/trades/stream`, `/trades/ws`) are fed from
+the Kafka topics `alerts`, `candles` and `trades` (tradewatch/streams.py).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.store import detections, queries
 from tradewatch.store.health import gone_from_this_host, stage_statuses
-from tradewatch.streams import Hub, Streamed, Subscriber, alert_feed, candle_feed
+from tradewatch.streams import Hub, Streamed, Subscriber, TradeHub, alert_feed, candle_feed
 
 REQUESTS = Counter("tradewatch_api_requests", "API requests", ["route", "status"])
 REQUEST_SECONDS = Histogram("tradewatch_api_request_seconds", "API request duration", ["route"],
@@ -90,8 +90,8 @@ class Source(str, Enum):
 StreamSymbols = Annotated[list[SymbolText] | None, Query(alias="symbol", max_length=100,
                                                        description="only these symbols (repeat the parameter)")]
 StreamSeverities = Annotated[list[Severity] | None, Query(alias="severity", description="only these severities")]
-LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID", max_length=200)]
-LastEventId = Annotated[str | None, Query(max_length=200, description="resume after this id (as Last-Event-ID)")]
+LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID", max_length=1000)]
+LastEventId = Annotated[str | None, Query(max_length=1000, description="resume after this id (as Last-Event-ID)")]
 
 SOURCES = {Source.aggregator: "stock_metrics", Source.flink: "flink_metrics"}
 
@@ -144,13 +144,18 @@ def allowed(settings: Settings) -> list[str]:
     return [h.strip() for h in settings.api_allowed_hosts.split(",") if h.strip()]
 
 
-def event_stream(settings: Settings, hub: Hub, symbols: list[str] | None, kinds: list[str] | None,
-                 last_event_id: str | None) -> EventSourceResponse:
+async def event_stream(settings: Settings, hub: Hub, symbols: list[str] | None, kinds: list[str] | None,
+                       last_event_id: str | None) -> EventSourceResponse:
     """A live stream as Server-Sent Events: one event per item (named after the feed, its id the
     item's), notes as comments, a `dropped` event before a client that does not keep up is closed."""
     subscriber = hub.subscribe(symbols, kinds)
     if subscriber is None:
         raise HTTPException(503, hub.too_many(), headers={"Retry-After": "30"})
+    try:
+        await hub.ready(subscriber)
+    except BaseException:       # the client went away meanwhile
+        hub.unsubscribe(subscriber)
+        raise
 
     async def events():
         try:
@@ -173,10 +178,16 @@ async def socket_stream(settings: Settings, hub: Hub, socket: WebSocket, symbols
     """The same stream over a WebSocket: one JSON text message per item; closed with 1013 (try
     again later) when the stream is full or the client does not keep up."""
     subscriber = hub.subscribe(symbols, kinds)
-    await socket.accept()
     if subscriber is None:
+        await socket.accept()
         await socket.close(code=1013, reason=hub.too_many()[:120])
         return
+    try:
+        await hub.ready(subscriber)
+        await socket.accept()
+    except BaseException:
+        hub.unsubscribe(subscriber)
+        raise
 
     async def send_items() -> None:
         async for item in hub.items(subscriber, last_event_id):
@@ -208,14 +219,16 @@ def create_app(settings: Settings) -> FastAPI:
     Size = Enum("Size", {label: label for label in settings.window_labels}, type=str)
     engine = queries.engine_for(settings.sqlalchemy_url)
     alert_hub, candle_hub = Hub(settings, engine, alert_feed(settings)), Hub(settings, engine, candle_feed(settings))
+    trade_hub = TradeHub(settings, engine)
+    hubs = (alert_hub, candle_hub, trade_hub)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        alert_hub.start()
-        candle_hub.start()
+        for hub in hubs:
+            hub.start()
         yield
-        alert_hub.stop()
-        candle_hub.stop()
+        for hub in hubs:
+            hub.stop()
 
     app = FastAPI(title="TradeWatch API", version="1", lifespan=lifespan,
                   description="Trades, candles, indicators, alerts and the health of a TradeWatch pipeline.")
@@ -313,7 +326,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def alert_stream(symbols: StreamSymbols = None, severities: StreamSeverities = None,
                            last_event_id_header: LastEventIdHeader = None,
                            last_event_id: LastEventId = None) -> EventSourceResponse:
-        return event_stream(settings, alert_hub, symbols, [s.value for s in severities] if severities else None,
+        return await event_stream(settings, alert_hub, symbols, [s.value for s in severities] if severities else None,
                             last_event_id_header or last_event_id)
 
     @app.websocket("/alerts/ws")
@@ -325,7 +338,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def candle_stream(symbols: StreamSymbols = None, sizes=None, last_event_id_header: LastEventIdHeader = None,
                             last_event_id: LastEventId = None) -> EventSourceResponse:
-        return event_stream(settings, candle_hub, symbols, [s.value for s in sizes] if sizes else None,
+        return await event_stream(settings, candle_hub, symbols, [s.value for s in sizes] if sizes else None,
                             last_event_id_header or last_event_id)
 
     async def candle_socket(socket: WebSocket, symbols: StreamSymbols = None, sizes=None,
@@ -344,6 +357,24 @@ def create_app(settings: Settings) -> FastAPI:
                         "heartbeats, `Last-Event-ID` resume from the stored candles (up to a day back), a client "
                         "that does not keep up is dropped.")(candle_stream)
     app.websocket("/candles/ws")(candle_socket)
+
+    @app.get("/trades/stream", response_class=EventSourceResponse,
+             summary="Live trades as Server-Sent Events (from the Kafka trades topic)",
+             description="One `trade` event per valid trade (the wire format of the trades topic plus `position`, "
+                         "its place in the topic, which is also the event id), in the order each symbol's trades "
+                         "were sent; heartbeats as /alerts/stream. Reconnecting with `Last-Event-ID` (or "
+                         f"`last_event_id`) first sends the trades missed since, read again from Kafka (up to "
+                         f"{settings.api_stream_catch_up}), then the live ones: no gap, no duplicate. A client "
+                         "that does not keep up is dropped.")
+    async def trade_stream(symbols: StreamSymbols = None, last_event_id_header: LastEventIdHeader = None,
+                           last_event_id: LastEventId = None) -> EventSourceResponse:
+        return await event_stream(settings, trade_hub, symbols, None, last_event_id_header or last_event_id)
+
+    @app.websocket("/trades/ws")
+    async def trade_socket(socket: WebSocket, symbols: StreamSymbols = None, last_event_id: LastEventId = None) -> None:
+        """The trade stream over a WebSocket: one JSON text message per trade; `last_event_id` (a trade's
+        `position`) resumes."""
+        await socket_stream(settings, trade_hub, socket, symbols, None, last_event_id)
 
     @app.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert (X-API-Key when API_KEY is set)",
               responses={401: {"description": "missing or wrong API key"}, 404: {"description": "no such alert"}})

@@ -1,5 +1,6 @@
 """The API's live streams: alerts (`GET /alerts/stream` as Server-Sent Events, `/alerts/ws` as a
-WebSocket) and final candles (`/candles/stream`, `/candles/ws`), each a `Hub` over a `Feed`.
+WebSocket), final candles (`/candles/stream`, `/candles/ws`), each a `Hub` over a `Feed`, and
+trades (`/trades/stream`, `/trades/ws`, a `TradeHub`: see there how it resumes).
 
 One thread per hub follows its Kafka topic (bus.Tail: every partition, no group) and hands each
 batch to the event loop, which copies every item into the bounded queue of each client whose
@@ -13,6 +14,7 @@ subscribed before that read, so what is published meanwhile waits in its queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -20,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Callable
 
+import msgspec
 import orjson
 from prometheus_client import Counter, Gauge
 from sqlalchemy.engine import Engine
@@ -27,9 +30,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tradewatch import bus
 from tradewatch.config import Settings
+from tradewatch.events import InvalidTrade, decode_trade
 from tradewatch.store import queries
 
 log = logging.getLogger("tradewatch.api")
+
+# A resuming trade client is read at most this many messages of the trades topic (every symbol's:
+# its own are picked by key): about a second of reading here, so a client back after a long
+# absence at a high rate gets what the limit reached and a note instead of holding a thread.
+CATCH_UP_SCAN = 1_000_000
+READY_WAIT_S = 2.0      # a new trade client's symbols are read with the next batch: a poll (0.2 s) away
 
 CLIENTS = Gauge("tradewatch_api_stream_clients", "Clients following a live stream", ["stream"])
 STREAMED = Counter("tradewatch_api_stream_items", "Items read from a stream's topic", ["stream"])
@@ -44,6 +54,8 @@ class Streamed:
     symbol: str
     kind: str          # what the second filter picks: an alert's severity, a candle's size
     data: str          # the item as JSON (the topic's message)
+    partition: int = -1     # where in the topic it was read (the trade stream resumes from there)
+    offset: int = -1
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,9 @@ class Subscriber:
         self.kinds = frozenset(kinds) if kinds else None
         self.queue: asyncio.Queue[Streamed] = asyncio.Queue(size)
         self.dropped: str | None = None    # why the stream dropped this client
+        self.started = asyncio.Event()      # live items go into the queue from now on
+        self.generation = 0                 # TradeHub: the subscription's number
+        self.start: dict[int, int] = {}     # TradeHub: where in the topic its live items begin
 
     def wants(self, item: Streamed) -> bool:
         return ((self.symbols is None or item.symbol in self.symbols)
@@ -90,6 +105,8 @@ class Subscriber:
 
 
 class Hub:
+    starts_later = False    # True: a client's live items start when the reading thread says so
+
     def __init__(self, settings: Settings, engine: Engine, feed: Feed):
         self.settings, self.engine, self.feed = settings, engine, feed
         self.subscribers: set[Subscriber] = set()
@@ -115,9 +132,17 @@ class Hub:
             REFUSED.labels(self.feed.name).inc()
             return None
         subscriber = Subscriber(symbols, kinds, self.settings.api_stream_queue)
+        if not self.starts_later:
+            subscriber.started.set()
         self.subscribers.add(subscriber)
         CLIENTS.labels(self.feed.name).set(len(self.subscribers))
         return subscriber
+
+    async def ready(self, subscriber: Subscriber) -> None:
+        """Wait (a moment at most) until the client's live items go into its queue, so that an item
+        published once the client has its answer reaches it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(subscriber.started.wait(), READY_WAIT_S)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self.subscribers.discard(subscriber)
@@ -152,6 +177,8 @@ class Hub:
     def _fan_out(self, items: list[Streamed]) -> None:
         """On the event loop: into every interested client's queue, never waiting for one."""
         for subscriber in list(self.subscribers):
+            if not subscriber.started.is_set():
+                continue
             for item in items:
                 if not subscriber.wants(item):
                     continue
@@ -193,3 +220,144 @@ class Hub:
                 self._loop.call_soon_threadsafe(self._fan_out, batch)
         if tail is not None:
             tail.close()
+
+
+class TradeHub(Hub):
+    """The trade stream: the trades topic's messages that pass the consumer's validation
+    (events.decode_trade; the others are left out, the consumer dead-letters them), each sent as
+    its wire-format JSON plus `position`, which is also its event id.
+
+    Trades reach the topic before the table (the consumer stores them after), so a client resumes
+    from the topic: `position` is where the hub had read each partition when it read that trade
+    (offsets joined by dots, partition 0 first). A resuming client is read its partitions from
+    that position up to where its live items start (`Subscriber.start`), then gets its queue:
+    without gaps or duplicates, and across restarts of the API as long as Kafka keeps the trades.
+
+    Only the trades some client asked for are decoded: messages whose key (the symbol) no client
+    follows are passed over, and while no client follows the stream nothing is read at all (the
+    first client starts it at the end of the topic), so an API nobody streams trades from costs
+    nothing at the pipeline's full rate. A client's symbols join that set between two batches; the
+    first batch read with them sets its `start`."""
+
+    starts_later = True
+
+    def __init__(self, settings: Settings, engine: Engine):
+        super().__init__(settings, engine, Feed("trade", settings.trades_topic, "position", "", lambda *_: None))
+        self._wanted: tuple[int, frozenset[bytes] | None] = (0, frozenset())   # (generation, keys; None: all)
+        self._encode = msgspec.json.Encoder().encode
+        self._wake = threading.Event()      # the clients changed
+
+    def subscribe(self, symbols: list[str] | None, kinds: list[str] | None) -> Subscriber | None:
+        subscriber = super().subscribe(symbols, None)
+        if subscriber is not None:
+            subscriber.generation = self._wanted[0] + 1
+            self._want(subscriber.generation)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        super().unsubscribe(subscriber)
+        self._want(self._wanted[0])
+
+    def _want(self, generation: int) -> None:
+        everyone = [s.symbols for s in self.subscribers]
+        keys = None if None in everyone else frozenset(symbol.encode() for s in everyone for symbol in s)
+        self._wanted = (generation, keys)
+        self._wake.set()
+
+    async def items(self, subscriber: Subscriber, last_event_id: str | None) -> AsyncIterator[Streamed | str]:
+        floor = None
+        if last_event_id:
+            floor = parse_position(last_event_id)
+            if floor is None:
+                yield f"unknown Last-Event-ID {last_event_id[:80]!r}: live trades only"
+        await subscriber.started.wait()
+        if floor is not None:
+            async for item in self._missed(subscriber, floor):
+                yield item
+        while subscriber.dropped is None:
+            item = await subscriber.queue.get()
+            if subscriber.dropped is None and (floor is None or item.offset >= floor.get(item.partition, 0)):
+                yield item
+
+    async def _missed(self, subscriber: Subscriber, floor: dict[int, int]) -> AsyncIterator[Streamed | str]:
+        """The trades read between the client's `floor` and its `start`."""
+        keys = frozenset(symbol.encode() for symbol in subscriber.symbols) if subscriber.symbols else None
+        since = {p: floor.get(p, 0) for p in subscriber.start}     # a partition newer than the id: all of it
+        try:
+            found, complete = await asyncio.to_thread(
+                bus.read_between, self.settings, self.feed.topic, since, subscriber.start, keys,
+                self.settings.api_stream_catch_up, CATCH_UP_SCAN)
+        except bus.KafkaUnavailable as error:
+            log.warning("trade stream: cannot read the missed trades (%s)", error)
+            yield "Kafka cannot be read now: live trades only (the missed ones are in GET /trades)"
+            return
+        position = {**since, **floor}
+        for item in self._decoded(found, position, subscriber.symbols):
+            yield item
+        if not complete:
+            yield (f"more trades were missed than the {len(found)} sent (API_STREAM_CATCH_UP, or older than "
+                   "Kafka keeps): the rest are in GET /trades; live trades from here")
+
+    def _decoded(self, messages: list, position: dict[int, int], symbols: frozenset[str] | None) -> list[Streamed]:
+        """The valid trades among `messages`, each with its position (`position` moved on in place)."""
+        items, skew_ms = [], int(self.settings.max_clock_skew_seconds * 1000)
+        for m in messages:
+            partition, offset = m.partition(), m.offset()
+            position[partition] = offset + 1
+            try:
+                trade = decode_trade(m.value(), m.timestamp()[1] if m.timestamp()[0] else None, skew_ms)
+            except InvalidTrade:
+                continue
+            if symbols is not None and trade.symbol not in symbols:
+                continue
+            at = ".".join(str(position.get(p, 0)) for p in range(max(position) + 1))
+            data = self._encode(trade)[:-1] + b',"position":"' + at.encode() + b'"}'
+            items.append(Streamed(at, trade.symbol, "", data.decode(), partition, offset))
+        return items
+
+    def _fan_out_read(self, items: list[Streamed], before: dict[int, int], generation: int) -> None:
+        """On the event loop: clients whose symbols this batch was read with start here."""
+        for subscriber in self.subscribers:
+            if not subscriber.started.is_set() and subscriber.generation <= generation:
+                subscriber.start = before
+                subscriber.started.set()
+        self._fan_out(items)
+
+    def _follow(self) -> None:
+        tail, warned = None, False
+        while not self._stopping.is_set():
+            try:
+                tail = tail or bus.Tail(self.settings, self.feed.topic)
+            except bus.KafkaUnavailable as error:
+                if not warned:
+                    log.warning("trade stream: %s; retrying", error)
+                    warned = True
+                time.sleep(1)
+                continue
+            generation, keys = self._wanted
+            if keys == frozenset():         # nobody follows: read nothing, then on from the end
+                if tail.listed:
+                    tail.stop_reading()
+                self._wake.wait(0.2)
+                self._wake.clear()
+                continue
+            tail.read_from_end()
+            if not tail.listed:             # where its clients start is not known yet
+                time.sleep(0.2)
+                continue
+            before = dict(tail.positions)
+            read = tail.read(1000, 200)
+            wanted = read if keys is None else [m for m in read if m.key() in keys]
+            items = self._decoded(wanted, dict(before), None)
+            STREAMED.labels("trade").inc(len(items))
+            self._loop.call_soon_threadsafe(self._fan_out_read, items, before, generation)
+        if tail is not None:
+            tail.close()
+
+
+def parse_position(text: str) -> dict[int, int] | None:
+    """A trade's `position` (`12.0.7…`: one offset per partition), or None when `text` is not one."""
+    parts = text.split(".")
+    if len(parts) > 10_000 or not all(part.isdigit() and len(part) <= 18 for part in parts):
+        return None
+    return {p: int(offset) for p, offset in enumerate(parts)}

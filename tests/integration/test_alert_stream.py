@@ -181,14 +181,15 @@ def test_bad_stream_parameters_get_422_and_no_stream(settings, tmp_path):
 
     async def scenario():
         for path in ("/alerts/stream?symbol=aapl;DROP", "/alerts/stream?severity=HUGE",
-                     "/alerts/stream?last_event_id=" + "x" * 300, "/alerts/stream?symbol=" + "A" * 5000,
+                     "/alerts/stream?last_event_id=" + "x" * 1001, "/alerts/stream?symbol=" + "A" * 5000,
                      "/candles/stream?size=7m", "/candles/stream?size=1h", "/candles/stream?symbol=aapl;DROP",
-                     "/candles/stream?last_event_id=" + "x" * 300):
+                     "/candles/stream?last_event_id=" + "x" * 1001, "/trades/stream?symbol=aapl;DROP",
+                     "/trades/stream?last_event_id=" + "1." * 501):
             client = SSEClient(settings.api_port, path)
             await client.connect()
             assert client.status == 422, path
             client.close()
-        for path in ("/alerts/ws?severity=HUGE", "/candles/ws?size=7m"):
+        for path in ("/alerts/ws?severity=HUGE", "/candles/ws?size=7m", "/trades/ws?symbol=aapl;DROP"):
             try:
                 async with websockets.connect(f"ws://127.0.0.1:{settings.api_port}{path}") as ws:
                     await asyncio.wait_for(ws.recv(), 10)

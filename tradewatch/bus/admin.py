@@ -160,10 +160,12 @@ def group_lag(settings: Settings, group_id: str, topic: str) -> dict[int, tuple[
 
 class Tail:
     """Every new message of `topic`, on all its partitions, without a group: nothing is committed
-    and no rebalance pauses it (for readers that follow a topic live, like the API's alert stream).
+    and no rebalance pauses it (for readers that follow a topic live, like the API's streams).
     Partitions that exist when it starts are read from their end; partitions, or the topic itself,
-    that appear later are read from their beginning, since everything in them is new. librdkafka
-    reconnects by itself after a Kafka outage."""
+    that appear later are read from their beginning, since everything in them is new. `positions`
+    holds, per partition, the offset the next message read will have at least (where reading
+    started, then one after the last message read). librdkafka reconnects by itself after a Kafka
+    outage."""
 
     LIST_EVERY_S = 5.0
 
@@ -171,6 +173,7 @@ class Tail:
         from confluent_kafka import Consumer
         require_reachable(settings)
         self.topic = topic
+        self.positions: dict[int, int] = {}
         self._outage = OutageLog(settings)
         self._reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "tradewatch-tail",
                                  "enable.auto.commit": False, "fetch.wait.max.ms": 50,
@@ -183,34 +186,104 @@ class Tail:
         self._outage.librdkafka(error)
 
     def _list(self) -> None:
-        from confluent_kafka import OFFSET_END, KafkaException, TopicPartition
+        from confluent_kafka import KafkaException, TopicPartition
         self._listed_at = time.monotonic()
         try:
             described = self._reader.list_topics(self.topic, timeout=2).topics.get(self.topic)
+            partitions = set(described.partitions) if described is not None and described.error is None else set()
+            new = sorted(partitions - (self._known or set()))
+            starts = {p: self._reader.get_watermark_offsets(TopicPartition(self.topic, p), timeout=2)[
+                0 if self._known is not None else 1] for p in new}
         except KafkaException:
             return
-        partitions = set(described.partitions) if described is not None and described.error is None else set()
-        new = partitions - (self._known or set())
         if new:
-            start = OFFSET_END if self._known is None else BEGINNING
-            self._reader.incremental_assign([TopicPartition(self.topic, p, start) for p in sorted(new)])
+            self._reader.incremental_assign([TopicPartition(self.topic, p, starts[p]) for p in new])
+            self.positions.update(starts)
         self._known = (self._known or set()) | partitions
 
-    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+    @property
+    def listed(self) -> bool:
+        """Whether it knows the topic's partitions (False until Kafka has answered once)."""
+        return self._known is not None
+
+    def stop_reading(self) -> None:
+        """Fetch nothing until `read_from_end` (a follower with nobody to follow costs nothing)."""
+        from confluent_kafka import TopicPartition
+        self._reader.incremental_unassign([TopicPartition(self.topic, p) for p in sorted(self._known or ())])
+        self._known, self.positions = None, {}
+
+    def read_from_end(self) -> None:
+        """Read on from the end of every partition, as when it started."""
+        if self._known is None:
+            self._list()
+
+    def read(self, max_records: int, timeout_ms: int) -> list:
+        """The next messages as confluent-kafka returns them (errors left out), `positions` moved on."""
         if time.monotonic() - self._listed_at > self.LIST_EVERY_S:
             self._list()
         raw = self._reader.consume(max_records, 0)
         if not raw:      # wait for the first message only, then take what came with it (as in poll above)
             first = self._reader.poll(timeout_ms / 1000.0)
             raw = [first, *self._reader.consume(max_records - 1, 0)] if first is not None else []
-        messages = [Message(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
-                            m.timestamp()[1] if m.timestamp()[0] else None) for m in raw if m.error() is None]
+        messages = [m for m in raw if m.error() is None]
+        positions = self.positions
+        for m in messages:
+            positions[m.partition()] = m.offset() + 1
         if self._outage.down_since is not None:
             self._outage.check(bool(messages))
         return messages
 
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        return [Message(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
+                        m.timestamp()[1] if m.timestamp()[0] else None) for m in self.read(max_records, timeout_ms)]
+
     def close(self) -> None:
         self._reader.close()
+
+
+def read_between(settings: Settings, topic: str, starts: dict[int, int], ends: dict[int, int],
+                 keys: frozenset[bytes] | None, limit: int, scan_limit: int,
+                 timeout_s: float = 10.0) -> tuple[list, bool]:
+    """The messages of `topic` at offsets [starts[p], ends[p]) of each partition p whose key is in
+    `keys` (None: every key), in the order read (each partition's in offset order), at most `limit`
+    of them after reading at most `scan_limit`; and whether that is all of them (False: a limit or
+    `timeout_s` came first, or the range starts before the oldest message kept)."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    ranges = {p: (start, ends[p]) for p, start in starts.items() if p in ends and start < ends[p]}
+    if not ranges:
+        return [], True
+    require_reachable(settings)
+    reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "tradewatch-reader",
+                       "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                       "logger": logging.getLogger("tradewatch.librdkafka")})
+    found: list = []
+    complete, scanned, deadline = True, 0, time.monotonic() + timeout_s
+    try:
+        for p, (start, _end) in ranges.items():
+            if reader.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[0] > start:
+                complete = False        # deleted by retention: read from the oldest kept
+        reader.incremental_assign([TopicPartition(topic, p, start) for p, (start, _end) in ranges.items()])
+        while ranges:
+            if time.monotonic() > deadline or scanned >= scan_limit:
+                return found, False
+            batch = reader.consume(1000, 0.5)
+            scanned += len(batch)
+            for m in batch:
+                if m.error() is not None or m.partition() not in ranges or m.offset() >= ranges[m.partition()][1]:
+                    continue
+                if keys is None or m.key() in keys:
+                    if len(found) == limit:
+                        return found, False
+                    found.append(m)
+            for tp in reader.position([TopicPartition(topic, p) for p in list(ranges)]):
+                if tp.offset >= ranges[tp.partition][1]:
+                    del ranges[tp.partition]
+                    reader.incremental_unassign([TopicPartition(topic, tp.partition)])
+        return found, complete
+    except KafkaException as error:
+        raise KafkaUnavailable(f"cannot read {topic}: {error.args[0].str()}") from None
+    finally:
+        reader.close()
 
 
 def read_topic(settings: Settings, topic: str, until: Callable[[list[Message]], bool],
