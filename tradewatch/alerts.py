@@ -1,6 +1,7 @@
 """Alerts: one per anomaly type of a flagged trade, deduplicated per (symbol, type) with cooldowns
-in event time. Stored in the `alerts` table and delivered from there to the Kafka topic `alerts`
-and an optional webhook (tradewatch/outbox.py)."""
+in event time, each with its evidence (tradewatch/detect/evidence.py) and a message that says why
+it fired in one line. Stored in the `alerts` table and delivered from there to the Kafka topic
+`alerts`, a webhook and e-mail (tradewatch/outbox.py)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ class Alert:
     message: str
     trade_id: str
     details: dict = field(default_factory=dict)
+    evidence: dict | None = None    # why it fired (tradewatch/detect/evidence.py); None if stored before
 
     def to_json_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":"), default=str).encode()
@@ -38,28 +40,11 @@ def alerts_for(detection: Detection) -> list[Alert]:
         severity = detection.severity_of(kind)
         details = {"price": t.price, "quantity": t.quantity, "side": t.side, "score": round(detection.score, 3),
                    "types": detection.types, **detection.details}
-        message = f"{severity} {kind} {t.symbol} at {when} UTC: price {t.price:g}, quantity {t.quantity:g}"
-        if kind == "PUMP_AND_DUMP":
-            message = f"{severity} {kind} {t.symbol} at {when} UTC: {_phase_text(detection)}"
-        elif "move_pct" in detection.details:
-            message += f", move {detection.details['move_pct']:+.2f}% vs rolling average"
+        evidence = detection.evidence[kind]
+        message = f"{severity} {kind} {t.symbol} at {when} UTC: {evidence.sentence}"
         alerts.append(Alert(f"{t.trade_id}:{kind}", t.timestamp_ms, t.symbol, kind, severity,
-                            message, t.trade_id, details))
+                            message, t.trade_id, details, evidence.to_dict()))
     return alerts
-
-
-def _phase_text(detection: Detection) -> str:
-    e, price = detection.event, detection.trade.price
-    if detection.phase == "pump":
-        buys = f", {e['buy_share'] * 100:.0f}% of it bought" if e["buy_share"] is not None else ""
-        return (f"pump — price {price:g}, {e['gain_pct']:+.1f}% on a burst of {e['burst_trades']} trades in "
-                f"{(e['peak_ms'] - e['started_ms']) / 1000:.0f} s ({e['volume_multiple']:g}x its baseline{buys})")
-    if detection.phase == "peak":
-        return f"peak at {e['peak_price']:g} ({e['gain_pct']:+.1f}% from {e['start_price']:g}); price now {price:g}"
-    if detection.phase == "dump":
-        return (f"dump — price {price:g}, {e['dump_depth_pct']:.1f}% below the peak {e['peak_price']:g} in "
-                f"{e['dump_seconds']:.0f} s")
-    return f"over — price {price:g} (start {e['start_price']:g}, peak {e['peak_price']:g})"
 
 
 class Deduplicator:

@@ -376,6 +376,17 @@ def create_app(settings: Settings) -> FastAPI:
         `position`) resumes."""
         await socket_stream(settings, trade_hub, socket, symbols, None, last_event_id)
 
+    @app.get("/alerts/{alert_id}", summary="One alert with its evidence: why it fired",
+             description="`evidence` (null for an alert stored before evidence was kept): the rule and its "
+                         "parameters, the measured value, the baseline it was compared with and how, the threshold "
+                         "crossed and how it was set, the tick, the trades that made it, and one `sentence`.",
+             responses={404: {"description": "no such alert"}})
+    def alert(alert_id: Annotated[str, Path(max_length=200)]) -> dict:
+        rows = queries.alert(engine, alert_id)
+        if rows.empty:
+            raise HTTPException(404, f"no alert {alert_id!r}")
+        return records(rows)[0]
+
     @app.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert (X-API-Key when API_KEY is set)",
               responses={401: {"description": "missing or wrong API key"}, 404: {"description": "no such alert"}})
     def acknowledge(alert_id: Annotated[str, Path(max_length=200)],

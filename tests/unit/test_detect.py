@@ -129,7 +129,8 @@ def test_one_alert_per_type_with_a_readable_message():
     assert {a.alert_type for a in alerts} >= {"CIRCUIT_BREAKER", "PRICE_DROP"}
     critical = next(a for a in alerts if a.alert_type == "CIRCUIT_BREAKER")
     assert critical.severity == "CRITICAL" and critical.alert_id == "p0:CIRCUIT_BREAKER"
-    assert "move -12.00% vs rolling average" in critical.message
+    assert "price 88 is -12.00 % under the mean of the previous 50 normal trades" in critical.message
+    assert critical.evidence["sentence"] in critical.message and critical.evidence["version"] == 1
 
 
 def test_model_train_save_load_round_trip(tmp_path):

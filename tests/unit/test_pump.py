@@ -52,7 +52,7 @@ def test_a_pump_is_followed_through_its_phases_with_one_alert_each():
     assert [a.severity for a in pump] == ["CRITICAL", "HIGH", "HIGH", "MEDIUM"]
     start = START + 7_200_000
     assert 0 <= pump[0].timestamp_ms - start <= 5_000, "raised within seconds of the first buy"
-    assert "pump" in pump[0].message and "% of it bought" in pump[0].message
+    assert "pump" in pump[0].message and "% of its notional bought" in pump[0].message
     # inside the event the other rules' alerts are held back (their flags stay on the trades)
     inside = [a for a in alerts if start <= a.timestamp_ms <= pump[-1].timestamp_ms and a.alert_type != "PUMP_AND_DUMP"]
     assert inside == []

@@ -88,13 +88,13 @@ class _RecentMax:
 
     def __init__(self, n: int):
         self.n, self.seen = n, 0
-        self.queue: deque[tuple[int, float]] = deque()    # (position, value), values decreasing
+        self.queue: deque[tuple[int, float, str]] = deque()    # (position, value, trade id), values decreasing
 
-    def push(self, value: float) -> None:
+    def push(self, value: float, trade_id: str = "") -> None:
         queue = self.queue
         while queue and queue[-1][1] <= value:
             queue.pop()
-        queue.append((self.seen, value))
+        queue.append((self.seen, value, trade_id))
         self.seen += 1
         if queue[0][0] <= self.seen - 1 - self.n:
             queue.popleft()
@@ -107,14 +107,24 @@ class _RecentMax:
     def max(self) -> float:
         return self.queue[0][1] if self.queue else 0.0
 
+    @property
+    def max_id(self) -> str:
+        """The trade of the largest value ("" in state restored from before ids were kept)."""
+        return self.queue[0][2] if self.queue else ""
+
     def to_list(self) -> list:
-        return [self.seen, *[x for pair in self.queue for x in pair]]
+        return [self.seen, *[x for entry in self.queue for x in entry[:2]]]
+
+    def ids(self) -> list[str]:
+        return [entry[2] for entry in self.queue]
 
     @classmethod
-    def from_list(cls, n: int, data: list) -> "_RecentMax":
+    def from_list(cls, n: int, data: list, ids: list[str] | None = None) -> "_RecentMax":
         recent = cls(n)
         recent.seen = data[0]
-        recent.queue.extend((int(data[k]), data[k + 1]) for k in range(1, len(data), 2))
+        pairs = [(int(data[k]), data[k + 1]) for k in range(1, len(data), 2)]
+        ids = ids if ids is not None and len(ids) == len(pairs) else [""] * len(pairs)
+        recent.queue.extend((position, value, trade_id) for (position, value), trade_id in zip(pairs, ids))
         return recent
 
 
@@ -126,6 +136,10 @@ class SymbolState:
         self.gaps = _Rolling(volume_window)
         self.largest = _RecentMax(WHALE_WINDOW)       # of every trade's quantity, whales included
         self.recent: deque[float] = deque(maxlen=21)   # last normal prices, for returns
+        # the trades of `prices` (id, event ms), named by the evidence of the price rules
+        self.price_trades: deque[tuple[str, int]] = deque(maxlen=price_window)
+        self.last_trade: tuple[str, int] | None = None        # the trade of `last_price`
+        self.run_start_trade: tuple[str, int] | None = None   # the trade of `run_start_price`
         self.last_ts: int | None = None
         self.last_price: float | None = None
         self.run_direction = 0
@@ -140,7 +154,10 @@ class SymbolState:
         """The whole state as JSON-able values (floats round-trip exactly through JSON)."""
         return {"prices": self.prices.to_list(), "log_quantities": self.log_quantities.to_list(),
                 "quantities": self.quantities.to_list(), "gaps": self.gaps.to_list(), "recent": list(self.recent),
-                "largest": self.largest.to_list(),
+                "largest": self.largest.to_list(), "largest_ids": self.largest.ids(),
+                "price_trades": [list(t) for t in self.price_trades],
+                "last_trade": self.last_trade and list(self.last_trade),
+                "run_start_trade": self.run_start_trade and list(self.run_start_trade),
                 "last_ts": self.last_ts, "last_price": self.last_price, "run_direction": self.run_direction,
                 "run_length": self.run_length, "run_start_price": self.run_start_price,
                 "shift_streak": self.shift_streak, "tick": self.tick, "last_any": self.last_any,
@@ -153,7 +170,13 @@ class SymbolState:
         for name in ("log_quantities", "quantities", "gaps"):
             setattr(state, name, _Rolling.from_list(volume_window, data[name]))
         state.recent.extend(data["recent"])
-        state.largest = _RecentMax.from_list(WHALE_WINDOW, data["largest"])
+        state.largest = _RecentMax.from_list(WHALE_WINDOW, data["largest"], data.get("largest_ids"))
+        # state stored before the evidence named trades: the window's trades are unknown ("", 0)
+        held = len(state.prices.values)
+        if held:
+            state.price_trades.extend(tuple(t) for t in (data.get("price_trades") or [("", 0)] * held)[-held:])
+        for name in ("last_trade", "run_start_trade"):
+            setattr(state, name, tuple(data[name]) if data.get(name) else None)
         state.last_ts, state.last_price = data["last_ts"], data["last_price"]
         state.run_direction, state.run_length = data["run_direction"], data["run_length"]
         state.run_start_price, state.shift_streak = data["run_start_price"], data["shift_streak"]
@@ -212,31 +235,34 @@ class SymbolState:
 
     def update(self, trade: Trade, features: TradeFeatures, price_is_normal: bool, volume_is_normal: bool) -> None:
         """Fold the trade into the rolling state (anomalous values stay out)."""
-        self.largest.push(trade.quantity)
+        self.largest.push(trade.quantity, trade.trade_id)
         if self.last_ts is not None:
             self.gaps.push(float(max(trade.timestamp_ms - self.last_ts, 0)))
         self.last_ts = trade.timestamp_ms
         if price_is_normal:
             self.shift_streak = 0
-            self._take_price(trade.price, features)
+            self._take_price(trade, features)
         else:
             self.shift_streak += 1
             if self.shift_streak >= LEVEL_SHIFT_TRADES:  # the market really moved: accept the new level
                 self.prices = _Rolling(self.prices.values.maxlen or 50)
                 self.recent.clear()
+                self.price_trades.clear()
                 self.shift_streak = 0
-                self._take_price(trade.price, features)
+                self._take_price(trade, features)
         if volume_is_normal:
             self.quantities.push(trade.quantity)
             self.log_quantities.push(math.log(trade.quantity))
 
-    def _take_price(self, price: float, features: TradeFeatures) -> None:
+    def _take_price(self, trade: Trade, features: TradeFeatures) -> None:
+        price = trade.price
         self.prices.push(price)
         self.recent.append(price)
+        self.price_trades.append((trade.trade_id, trade.timestamp_ms))
         direction = 0 if self.last_price is None or price == self.last_price else (1 if price > self.last_price else -1)
         if direction:
             if direction != self.run_direction:
-                self.run_start_price = self.last_price
+                self.run_start_price, self.run_start_trade = self.last_price, self.last_trade
             self.run_direction = direction
             self.run_length = features.run_length
-        self.last_price = price
+        self.last_price, self.last_trade = price, (trade.trade_id, trade.timestamp_ms)

@@ -3,7 +3,8 @@
 One pooled model for all symbols: every feature is scale-free (returns, z-scores, ratios, basis
 points), so trades of a $3 and a $90,000 instrument are comparable, and rarely traded symbols
 borrow strength from the busy ones. The flag threshold is the `flag_quantile` of the training
-scores, so about that share of training-like trades is flagged.
+scores, so about that share of training-like trades is flagged. What drove a score: each feature
+set alone to its training median, the score it would have had (`drivers`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:      # scikit-learn and joblib load when a model is trained or
 from tradewatch.detect.features import FEATURE_NAMES
 
 MIN_TRAIN_TRADES = 1000
+DRIVERS = 3
+# a model saved before the training medians were: a typical trade, every feature at rest
+NEUTRAL = tuple(1.0 if name == "volume_ratio" else 0.0 for name in FEATURE_NAMES)
 
 
 class NotEnoughData(ValueError):
@@ -37,6 +41,7 @@ class ForestModel:
     params: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     version: str = "unsaved"
+    medians: tuple[float, ...] | None = None     # of each feature over the training trades
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         """Anomaly strength: > 1 means beyond the threshold (higher = more anomalous)."""
@@ -44,6 +49,22 @@ class ForestModel:
             return np.zeros(0)
         raw = -self.forest.score_samples(rows)           # larger = more anomalous
         return raw / self.threshold
+
+    def drivers(self, rows: np.ndarray, scores: np.ndarray) -> list[list[dict]]:
+        """For each row (with its `scores`), the features that raised its score most: the score
+        each would leave with that feature alone at its training median, largest drop first."""
+        typical = np.array(self.medians if self.medians is not None else NEUTRAL)
+        k = len(self.features)
+        probes = np.repeat(rows, k, axis=0)
+        for j in range(k):
+            probes[j::k, j] = typical[j]
+        without = self.score(probes).reshape(len(rows), k)
+        found = []
+        for row, score, alone in zip(rows, scores, without):
+            order = [j for j in np.argsort(alone) if alone[j] < score][:DRIVERS]
+            found.append([{"feature": self.features[j], "value": float(row[j]), "typical": float(typical[j]),
+                           "score_without": float(alone[j])} for j in order])
+        return found
 
 
 def train(rows: np.ndarray, training: dict, n_estimators: int = 200, flag_quantile: float = 0.0002,
@@ -58,7 +79,8 @@ def train(rows: np.ndarray, training: dict, n_estimators: int = 200, flag_quanti
     forest.fit(rows)
     raw = -forest.score_samples(rows)
     threshold = float(np.quantile(raw, 1 - flag_quantile))
-    return ForestModel(forest, threshold, FEATURE_NAMES, params, training)
+    medians = tuple(float(m) for m in np.median(rows, axis=0))
+    return ForestModel(forest, threshold, FEATURE_NAMES, params, training, medians=medians)
 
 
 def save(model: ForestModel, directory: Path) -> Path:
@@ -69,7 +91,7 @@ def save(model: ForestModel, directory: Path) -> Path:
     model.version = f"v{max(versions, default=0) + 1}"
     path = directory / f"model-{model.version}.joblib"
     meta = {"version": model.version, "features": list(model.features), "params": model.params,
-            "threshold": model.threshold, "training": model.training,
+            "threshold": model.threshold, "training": model.training, "medians": model.medians,
             "saved_at": datetime.now(timezone.utc).isoformat()}
     import joblib
 
@@ -86,8 +108,9 @@ def load(path: Path) -> ForestModel:
     if tuple(meta["features"]) != FEATURE_NAMES:
         raise ValueError(f"{path} was trained on features {meta['features']}, this code computes "
                          f"{list(FEATURE_NAMES)}; train a new model")
+    medians = meta.get("medians")        # absent in a model saved before drivers were explained
     return ForestModel(data["forest"], meta["threshold"], tuple(meta["features"]), meta["params"],
-                       meta["training"], meta["version"])
+                       meta["training"], meta["version"], tuple(medians) if medians else None)
 
 
 def latest(directory: Path) -> Path | None:

@@ -26,6 +26,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from tradewatch.detect.evidence import Evidence, num, trades_named
+
 BURST_S = 20.0
 BASELINE_TAU_S = 3600.0
 MAX_WINDOW = 1000            # trades kept in the burst window: memory and checkpoint size stay bounded on a
@@ -152,6 +154,53 @@ class PumpWatch:
                            round(len(window) / max(expected, 1e-9), 2), len(window),
                            None if buy_share is None else round(buy_share, 4), updated_ms=ms)
         return "pump", self.event
+
+    def evidence(self, phase: str, e: Event, trade_id: str, ms: int, price: float, tick: float | None) -> Evidence:
+        """Why the event entered `phase` with this trade (called right after `observe`)."""
+        params = {"burst_s": BURST_S, "rate_multiple": RATE_MULTIPLE, "min_trades": MIN_TRADES,
+                  "min_gain": MIN_GAIN, "min_gain_ticks": MIN_GAIN_TICKS, "min_buy_share": MIN_BUY_SHARE,
+                  "peak_retrace": PEAK_RETRACE, "peak_quiet_s": PEAK_QUIET_S, "dump_retrace": DUMP_RETRACE,
+                  "over_retrace": OVER_RETRACE, "event_max_s": EVENT_MAX_S}
+        extra = {"event_id": e.event_id, "phase": phase, "start_price": e.start_price, "peak_price": e.peak_price,
+                 "peak_ms": e.peak_ms, "started_ms": e.started_ms}
+        if phase == "pump":
+            expected = self.expected(ms)
+            count = len(self.window)
+            gain = price / e.start_price - 1
+            ticks = (price - e.start_price) / tick if tick else None
+            bought = (f"; {e.buy_share * 100:.0f} % of its notional bought (threshold {MIN_BUY_SHARE * 100:g} %)"
+                      if e.buy_share is not None else "; too few trades have a side to weigh the buying")
+            sentence = (f"pump: a burst of {count} trades in {(ms - e.started_ms) / 1000:.0f} s is "
+                        f"{count / max(expected, 1e-9):.1f}× the {expected:.2f} the symbol's own baseline expects in "
+                        f"{BURST_S:g} s (threshold {RATE_MULTIPLE:g}×); price {num(price)} is {gain * 100:+.1f} %"
+                        f"{f' ({ticks:.0f} ticks)' if ticks is not None else ''} over {num(e.start_price)}, the last "
+                        f"price before the burst (thresholds {MIN_GAIN * 100:g} % and {MIN_GAIN_TICKS} ticks){bought}")
+            return Evidence("PUMP_AND_DUMP", params, "burst", count, expected,
+                            f"the trades the symbol's decayed rate (time constant {BASELINE_TAU_S:g} s) expects in "
+                            f"{BURST_S:g} s", count / max(expected, 1e-9), RATE_MULTIPLE,
+                            f"{RATE_MULTIPLE:g} × the expected count", "x", sentence,
+                            trades_named(trade_id, [], e.started_ms, ms, count), level=e.start_price * (1 + MIN_GAIN),
+                            tick=tick, extra={**extra, "gain_pct": gain * 100, "gain_ticks": ticks,
+                                              "buy_share": e.buy_share})
+        gain = e.peak_price - e.start_price
+        given_back = (e.peak_price - price) / gain if gain > 0 else 1.0
+        line = {"peak": PEAK_RETRACE, "dump": DUMP_RETRACE, "over": OVER_RETRACE}[phase]
+        timed_out = given_back < line        # the peak went quiet, or the event reached its longest
+        if timed_out:
+            limit_s, since_ms = (PEAK_QUIET_S, e.peak_ms) if phase == "peak" else (EVENT_MAX_S, e.started_ms)
+            elapsed = (ms - since_ms) / 1000
+            what = "no new high" if phase == "peak" else "the event"
+            sentence = (f"{phase}: {what} for {elapsed:.0f} s (limit {limit_s:g} s); price {num(price)}, peak "
+                        f"{num(e.peak_price)}, start {num(e.start_price)}")
+            return Evidence("PUMP_AND_DUMP", params, "price", price, e.peak_price, "the event's peak price",
+                            elapsed, limit_s, f"{limit_s:g} s {'after the peak' if phase == 'peak' else 'in all'}",
+                            "s", sentence, trades_named(trade_id, [], since_ms, ms, 0), tick=tick, extra=extra)
+        sentence = (f"{phase}: price {num(price)} gave back {given_back * 100:.0f} % of the gain from {num(e.start_price)} "
+                    f"to the peak {num(e.peak_price)} (threshold {line * 100:g} %)")
+        return Evidence("PUMP_AND_DUMP", params, "price", price, e.peak_price, "the event's peak price",
+                        given_back * 100, line * 100, f"{line * 100:g} % of the gain given back", "%", sentence,
+                        trades_named(trade_id, [], e.peak_ms, ms, 0), level=e.peak_price - line * gain, tick=tick,
+                        extra=extra)
 
     def _count_out(self, ms: int) -> None:
         if self.decayed_ms is not None:

@@ -22,13 +22,17 @@ must add up to `run_ticks` ticks per move. So a one-tick bounce on an illiquid p
 is 1 % of the price, is never a "5 % move". While a symbol's pump-and-dump event is open its other
 alerts are held back (their flags are kept): the event is the story.
 
-Rules stay silent until a symbol has `min_history` normal trades.
+Rules stay silent until a symbol has `min_history` normal trades. Each firing carries its
+evidence (tradewatch/detect/evidence.py): the threshold and how it was set, the baseline and the
+trades it was computed over.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tradewatch.detect.features import SymbolState, TradeFeatures
+from tradewatch.detect import pump
+from tradewatch.detect.evidence import Evidence, num, percent, trades_named
+from tradewatch.detect.features import WHALE_WINDOW, PRICE_Z_MIN_STD, SymbolState, TradeFeatures
 from tradewatch.detect.pump import PHASE_SEVERITY
 from tradewatch.events import Trade
 
@@ -63,6 +67,7 @@ class Detection:
     types: list[str] = field(default_factory=list)
     score: float = 0.0          # strength: max over fired rules of observed / threshold (>= 1 when flagged)
     details: dict = field(default_factory=dict)
+    evidence: dict[str, Evidence] = field(default_factory=dict)   # why each type fired
     event: dict | None = None   # the symbol's pump-and-dump event as of this trade (see pump.Event)
     phase: str | None = None    # the phase that event entered with this trade
 
@@ -84,10 +89,11 @@ class Detection:
     def severity_of(self, kind: str) -> str:
         return PHASE_SEVERITY[self.phase] if kind == "PUMP_AND_DUMP" and self.phase else TYPE_SEVERITY[kind]
 
-    def flag(self, kind: str, strength: float, **details: object) -> None:
+    def flag(self, kind: str, strength: float, evidence: Evidence, **details: object) -> None:
         if kind not in self.types:
             self.types.append(kind)
         self.score = max(self.score, strength)
+        self.evidence[kind] = evidence
         self.details.update(details)
 
 
@@ -175,19 +181,22 @@ class RuleDetector:
         circuit = max(c.circuit_pct, 2 * spike)
         if warm:
             if move > circuit:
-                d.flag("CIRCUIT_BREAKER", move / circuit, move_pct=round(f.deviation * 100, 3))
+                d.flag("CIRCUIT_BREAKER", move / circuit, self._move_evidence("CIRCUIT_BREAKER", trade, state, f, circuit, spike),
+                       move_pct=round(f.deviation * 100, 3))
             if move > spike:
-                d.flag("PRICE_SPIKE" if f.deviation > 0 else "PRICE_DROP", move / spike,
+                kind = "PRICE_SPIKE" if f.deviation > 0 else "PRICE_DROP"
+                d.flag(kind, move / spike, self._move_evidence(kind, trade, state, f, spike, spike),
                        move_pct=round(f.deviation * 100, 3))
             if f.whale_ratio > c.whale_factor:
-                d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor, times_recent_max=round(f.whale_ratio, 2),
-                       volume_ratio=round(f.volume_ratio, 2))
+                d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor, self._whale_evidence(trade, state, f),
+                       times_recent_max=round(f.whale_ratio, 2), volume_ratio=round(f.volume_ratio, 2))
             if abs(f.price_z) > c.zscore_threshold:
-                d.flag("PRICE_ZSCORE", abs(f.price_z) / c.zscore_threshold, price_z=round(f.price_z, 2))
+                d.flag("PRICE_ZSCORE", abs(f.price_z) / c.zscore_threshold, self._zscore_evidence(trade, state, f),
+                       price_z=round(f.price_z, 2))
             run_needed = max(c.run_move_pct, c.run_ticks * f.run_length * tick)
             if f.run_length >= c.run_length and abs(f.run_move) > run_needed:
-                d.flag("MOMENTUM_RUN", abs(f.run_move) / run_needed, run_length=f.run_length,
-                       run_move_pct=round(f.run_move * 100, 3))
+                d.flag("MOMENTUM_RUN", abs(f.run_move) / run_needed, self._run_evidence(trade, state, f, run_needed),
+                       run_length=f.run_length, run_move_pct=round(f.run_move * 100, 3))
             transition = self.breaker_for(trade.symbol).observe(trade.timestamp_ms, move > circuit, move <= spike)
             if transition:
                 self.transitions.append(transition)
@@ -196,13 +205,95 @@ class RuleDetector:
         if event is not None:
             d.event, d.phase = {**event.to_dict(), "gain_pct": round(event.gain_pct, 3)}, phase
             if phase:
-                d.flag("PUMP_AND_DUMP", max(event.volume_multiple / 8, 1.0), phase=phase, event_id=event.event_id,
-                       gain_pct=round(event.gain_pct, 2), volume_multiple=event.volume_multiple)
+                d.flag("PUMP_AND_DUMP", max(event.volume_multiple / 8, 1.0),
+                       state.pump.evidence(phase, event, trade.trade_id, trade.timestamp_ms, trade.price, state.tick),
+                       phase=phase, event_id=event.event_id, gain_pct=round(event.gain_pct, 2),
+                       volume_multiple=event.volume_multiple)
         price_normal = not warm or move <= spike
         volume_normal = "VOLUME_SPIKE" not in d.types
         state.learn_tick(trade.price)
         state.update(trade, f, price_normal, volume_normal)
         return d
+
+    # The evidence of each rule: built only for a trade that fired, from the state it was judged on.
+
+    def _window(self, trade: Trade, state: SymbolState) -> dict:
+        """The trades of the rolling price window (the baseline of the price rules)."""
+        window = state.price_trades
+        return trades_named(trade.trade_id, [t for t, _ in window], window[0][1] if window else None,
+                            window[-1][1] if window else trade.timestamp_ms)
+
+    def _spike_how(self, state: SymbolState) -> str:
+        c, mean, tick = self.config, state.prices.mean, state.tick or 0.0
+        sigma = state.prices.std
+        return (f"the largest of {percent(c.spike_pct)}, {c.spike_ticks:g} ticks of {num(tick)} = "
+                f"{percent(c.spike_ticks * state.tick_share())} and {c.spike_sigmas:g} σ of {num(sigma)} = "
+                f"{percent(c.spike_sigmas * sigma / mean if mean else 0.0)}")
+
+    def _move_evidence(self, kind: str, trade: Trade, state: SymbolState, f: TradeFeatures, line: float,
+                       spike: float) -> Evidence:
+        c, mean, n = self.config, state.prices.mean, len(state.prices.values)
+        how = self._spike_how(state)
+        params = {"spike_pct": c.spike_pct, "spike_ticks": c.spike_ticks, "spike_sigmas": c.spike_sigmas,
+                  "price_window": c.price_window, "min_history": c.min_history}
+        if kind == "CIRCUIT_BREAKER":
+            how = f"the larger of {percent(c.circuit_pct)} and twice the spike threshold {percent(spike)}"
+            params["circuit_pct"] = c.circuit_pct
+        up = f.deviation > 0
+        baseline_how = f"the mean of the previous {n} normal trades (anomalous prices left out)"
+        sentence = (f"price {num(trade.price)} is {f.deviation * 100:+.2f} % {'over' if up else 'under'} the mean of "
+                    f"the previous {n} normal trades, {num(mean)}; threshold {percent(line)} ({how})")
+        return Evidence(kind, params, "price", trade.price, mean, baseline_how, f.deviation * 100, line * 100, how,
+                        "%", sentence, self._window(trade, state), level=mean * (1 + line if up else 1 - line),
+                        tick=state.tick, extra={"sigma": state.prices.std})
+
+    def _zscore_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures) -> Evidence:
+        c, mean, n = self.config, state.prices.mean, len(state.prices.values)
+        sigma = max(state.prices.std, PRICE_Z_MIN_STD * mean, state.tick or 0.0)
+        sigma_how = (f"σ {num(sigma)}: the largest of the window's standard deviation {num(state.prices.std)}, "
+                     f"{PRICE_Z_MIN_STD * 100:g} % of the mean and one tick {num(state.tick or 0.0)}")
+        up = f.price_z > 0
+        sentence = (f"price {num(trade.price)} is {abs(f.price_z):.1f} σ {'above' if up else 'below'} the mean of the "
+                    f"previous {n} normal trades, {num(mean)} ({sigma_how}); threshold {c.zscore_threshold:g} σ")
+        return Evidence("PRICE_ZSCORE", {"zscore_threshold": c.zscore_threshold, "price_window": c.price_window,
+                                         "min_history": c.min_history},
+                        "price", trade.price, mean, f"the mean of the previous {n} normal trades", f.price_z,
+                        c.zscore_threshold, f"{c.zscore_threshold:g} standard deviations ({sigma_how})", "sigma",
+                        sentence, self._window(trade, state),
+                        level=mean + (1 if up else -1) * c.zscore_threshold * sigma, tick=state.tick,
+                        extra={"sigma": sigma, "window_std": state.prices.std})
+
+    def _whale_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures) -> Evidence:
+        c, largest = self.config, state.largest
+        n, biggest = largest.count, largest.max
+        named = f" (trade {largest.max_id})" if largest.max_id else ""
+        sentence = (f"quantity {num(trade.quantity)} is {f.whale_ratio:.2f}× the largest of the symbol's previous "
+                    f"{n:,} trades, {num(biggest)}{named}; threshold {c.whale_factor:g}×")
+        return Evidence("VOLUME_SPIKE", {"whale_factor": c.whale_factor, "whale_window": WHALE_WINDOW},
+                        "quantity", trade.quantity, biggest,
+                        f"the largest quantity of the previous {n:,} trades (whales included)", f.whale_ratio,
+                        c.whale_factor, f"{c.whale_factor:g} × that largest quantity", "x", sentence,
+                        trades_named(trade.trade_id, [largest.max_id] if largest.max_id else [], None,
+                                     state.last_ts or trade.timestamp_ms, n),
+                        level=c.whale_factor * biggest)
+
+    def _run_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures, needed: float) -> Evidence:
+        c, start, start_price = self.config, state.run_start_trade, state.run_start_price
+        up = f.run_move > 0
+        how = (f"the largest of {percent(c.run_move_pct)} and {c.run_ticks:g} ticks of {num(state.tick or 0.0)} "
+               f"per move × {f.run_length} moves = {percent(c.run_ticks * f.run_length * state.tick_share())}")
+        sentence = (f"{f.run_length} {'rises' if up else 'falls'} in a row moved the price {f.run_move * 100:+.2f} % "
+                    f"from {num(start_price)}{f' (trade {start[0]})' if start and start[0] else ''} to "
+                    f"{num(trade.price)}; threshold {percent(needed)} ({how})")
+        return Evidence("MOMENTUM_RUN", {"run_length": c.run_length, "run_move_pct": c.run_move_pct,
+                                         "run_ticks": c.run_ticks},
+                        "run", trade.price, start_price,
+                        f"the last normal price before the run of {f.run_length} same-direction moves",
+                        f.run_move * 100, needed * 100, how, "%", sentence,
+                        trades_named(trade.trade_id, [start[0]] if start and start[0] else [],
+                                     start[1] if start else None, state.last_ts or trade.timestamp_ms),
+                        level=start_price * (1 + needed if up else 1 - needed), tick=state.tick,
+                        extra={"moves": f.run_length})
 
     def take_transitions(self) -> list[BreakerTransition]:
         done, self.transitions = self.transitions, []

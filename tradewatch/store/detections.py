@@ -48,12 +48,12 @@ def write_alerts(cur: Cursor, alerts: list[tuple[int, Alert]], routes: dict[str,
         partitions.ensure(cur, "alerts", {partitions.day_of(a.timestamp_ms) for _, a in alerts})
         execute_values(
             cur,
-            "INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, details, trade_id,"
+            "INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, details, evidence, trade_id,"
             " kafka_partition, webhook_due, email_due) VALUES %s ON CONFLICT (alert_id, ts) DO NOTHING",
             [(a.alert_id, a.timestamp_ms, a.symbol, a.alert_type, a.severity, a.message,
-              json.dumps(a.details, default=str), a.trade_id, p,
-              *(channel in routes.get(a.severity, ()) for channel in DUE_COLUMNS)) for p, a in alerts],
-            template=f"(%s, {_MS}, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)")
+              json.dumps(a.details, default=str), None if a.evidence is None else json.dumps(a.evidence, default=str),
+              a.trade_id, p, *(channel in routes.get(a.severity, ()) for channel in DUE_COLUMNS)) for p, a in alerts],
+            template=f"(%s, {_MS}, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, %s)")
 
 
 def write_events(cur: Cursor, events: list[dict]) -> None:
@@ -112,13 +112,13 @@ def load_symbols(cur: Cursor, group: str, topic: str, partition: int) -> dict[st
 
 
 _ALERT_COLUMNS = ("alert_id, (extract(epoch FROM ts) * 1000)::bigint, symbol, alert_type, severity, message,"
-                  " trade_id, details")
+                  " trade_id, details, evidence")
 _OURS = "(kafka_partition = ANY(%s) OR kafka_partition IS NULL)"   # NULL: stored before the column
 
 
 def _alerts(cur: Cursor) -> list[Alert]:
-    return [Alert(alert_id, int(ms), symbol, kind, severity, message, trade_id or "", details or {})
-            for alert_id, ms, symbol, kind, severity, message, trade_id, details in cur.fetchall()]
+    return [Alert(alert_id, int(ms), symbol, kind, severity, message, trade_id or "", details or {}, evidence)
+            for alert_id, ms, symbol, kind, severity, message, trade_id, details, evidence in cur.fetchall()]
 
 
 def unpublished_alerts(cur: Cursor, partitions: list[int], limit: int) -> list[Alert]:

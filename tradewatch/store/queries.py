@@ -279,7 +279,7 @@ def manipulation_events(engine: Engine, symbol: str | None, since, limit: int) -
 def alerts_page(engine: Engine, symbol: str | None, alert_type: str | None, severities: list[str] | None,
                 since, until, acknowledged: bool | None, limit: int) -> pd.DataFrame:
     return _frame(engine, """
-        SELECT alert_id, ts, symbol, alert_type, severity, message, trade_id, acknowledged, acknowledged_at
+        SELECT alert_id, ts, symbol, alert_type, severity, message, trade_id, acknowledged, acknowledged_at, evidence
         FROM alerts
         WHERE (CAST(:symbol AS text) IS NULL OR symbol = :symbol)
           AND (CAST(:alert_type AS text) IS NULL OR alert_type = :alert_type)
@@ -299,7 +299,7 @@ def alerts_after(engine: Engine, alert_id: str, symbols: list[str] | None, sever
         return None
     return _frame(engine, """
         SELECT a.alert_id, (extract(epoch FROM a.ts) * 1000)::bigint AS timestamp_ms, a.symbol, a.alert_type,
-               a.severity, a.message, a.trade_id, a.details
+               a.severity, a.message, a.trade_id, a.details, a.evidence
         FROM alerts a, (SELECT created_at, alert_id FROM alerts WHERE alert_id = :alert_id) AS anchor
         WHERE (a.created_at, a.alert_id) > (anchor.created_at, anchor.alert_id)
           AND (CAST(:symbols AS text[]) IS NULL OR a.symbol = ANY(CAST(:symbols AS text[])))
@@ -327,6 +327,14 @@ def candles_after(engine: Engine, candle_id: str, symbols: list[str] | None, siz
           AND (CAST(:sizes AS text[]) IS NULL OR o.window_size = ANY(CAST(:sizes AS text[])))
         ORDER BY o.seq LIMIT :limit""", seq=int(anchor["seq"].iloc[0]), symbols=symbols, sizes=sizes, limit=limit)
     return [candle_message(row) for row in rows.to_dict("records")]
+
+
+def alert(engine: Engine, alert_id: str) -> pd.DataFrame:
+    """One alert with its evidence (null for an alert stored before evidence was kept); no row if none."""
+    return _frame(engine, """
+        SELECT alert_id, ts, symbol, alert_type, severity, message, trade_id, details, evidence, acknowledged,
+               acknowledged_at, created_at
+        FROM alerts WHERE alert_id = :alert_id ORDER BY ts LIMIT 1""", alert_id=alert_id)
 
 
 def alert_exists(engine: Engine, alert_id: str) -> bool:

@@ -399,6 +399,8 @@ CREATE INDEX IF NOT EXISTS alerts_webhook_due ON alerts (created_at) WHERE webho
 ALTER TABLE alerts ADD COLUMN IF NOT EXISTS email_due boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS alerts_email_due ON alerts (created_at) WHERE email_due;
 CREATE INDEX IF NOT EXISTS alerts_by_id ON alerts (alert_id);
+-- why it fired (tradewatch/detect/evidence.py); NULL for an alert stored before evidence was kept
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS evidence jsonb;
 -- resuming the live alert stream after an alert id (GET /alerts/stream with Last-Event-ID)
 CREATE INDEX IF NOT EXISTS alerts_created ON alerts (created_at, alert_id);
 
