@@ -143,6 +143,30 @@ def test_acknowledge_needs_the_api_key(api):
     assert [a["alert_id"] for a in acked] == [alert_id]
 
 
+def test_one_alert_with_its_evidence_and_one_stored_before_evidence_was_kept(api):
+    settings, base = api
+    alert_id, trade_id = query(settings, "SELECT alert_id, trade_id FROM alerts WHERE alert_type = 'PRICE_SPIKE'"
+                                         " ORDER BY alert_id LIMIT 1")[0]
+    status, alert = call(base, f"/alerts/{urllib.parse.quote(alert_id, safe='')}")
+    evidence = alert["evidence"]
+    assert status == 200 and alert["alert_id"] == alert_id and evidence["sentence"] in alert["message"]
+    prices = [p for p, in query(settings, "SELECT price FROM trades WHERE trade_id = ANY(%s)",
+                                (evidence["trades"]["ids"],))]
+    (price,), = query(settings, "SELECT price FROM trades WHERE trade_id = %s", (trade_id,))
+    assert len(prices) == evidence["trades"]["count"] and evidence["baseline"] == pytest.approx(sum(prices) / len(prices))
+    assert evidence["value"] == price and evidence["trades"]["trade_id"] == trade_id
+    listed = {a["alert_id"]: a for a in call(base, "/alerts", limit=1000)[1]}
+    assert listed[alert_id]["evidence"] == evidence
+
+    query(settings, "INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message)"
+                    " SELECT 'old:PRICE_SPIKE', ts, symbol, alert_type, severity, 'HIGH PRICE_SPIKE before evidence'"
+                    " FROM alerts WHERE alert_id = %s", (alert_id,))
+    status, old = call(base, "/alerts/old:PRICE_SPIKE")
+    assert status == 200 and old["evidence"] is None and old["message"] == "HIGH PRICE_SPIKE before evidence"
+    assert call(base, "/alerts", limit=1000)[0] == 200
+    assert call(base, "/alerts/nope")[0] == 404 and call(base, "/alerts/" + "x" * 201)[0] == 422
+
+
 def test_foreign_hosts_and_cross_site_writes_are_refused(api):
     """A page on another site (or a DNS name rebound to 127.0.0.1) cannot use the API through a
     browser: its Host is not in API_ALLOWED_HOSTS (400), and its POSTs carry a foreign Origin (403)."""

@@ -104,6 +104,28 @@ def test_stream_with_injected_anomalies_gives_flags_alerts_topic_and_webhook(set
     assert {p["alert_id"] for p in published} == {a[0] for a in alerts}
     assert all("text" in post and post["alert"]["alert_id"] for post in received)
 
+    # every alert says why it fired, the same in the table, on the topic and in the webhook
+    stored = {alert_id: evidence for alert_id, evidence in query(settings, "SELECT alert_id, evidence FROM alerts")}
+    messages = {a[0]: a[3] for a in alerts}
+    assert all(e and e["version"] == 1 and e["sentence"] in messages[i] for i, e in stored.items())
+    assert all(p["evidence"] == stored[p["alert_id"]] for p in published)
+    assert all(post["alert"]["evidence"] == stored[post["alert"]["alert_id"]] for post in received)
+    assert all(post["text"].endswith(stored[post["alert"]["alert_id"]]["sentence"]) for post in received)
+    # a spike's baseline, re-derived from the stored trades it names
+    spikes = [e for e in stored.values() if e["rule"] == "PRICE_SPIKE"]
+    for e in spikes[:5]:
+        prices = query(settings, "SELECT price FROM trades WHERE trade_id = ANY(%s)", (e["trades"]["ids"],))
+        price = query(settings, "SELECT price FROM trades WHERE trade_id = %s", (e["trades"]["trade_id"],))[0][0]
+        mean = sum(p for p, in prices) / len(prices)
+        assert 20 <= len(prices) == e["trades"]["count"] <= settings.zscore_window
+        assert e["baseline"] == pytest.approx(mean, rel=1e-9) and e["value"] == price
+        assert e["change"] == pytest.approx((price / mean - 1) * 100, rel=1e-6) and e["change"] > e["threshold"]
+    whales = [e for e in stored.values() if e["rule"] == "VOLUME_SPIKE"]
+    for e in whales[:5]:
+        (largest,) = query(settings, "SELECT quantity FROM trades WHERE trade_id = ANY(%s)", (e["trades"]["ids"],))
+        assert e["baseline"] == largest[0] and e["value"] / e["baseline"] == pytest.approx(e["change"])
+    assert spikes and whales
+
     report = json.loads(run_script(settings, "anomaly_detector.py", "analyze", "--json").stdout)
     assert sum(s["trades"] for s in report["symbols"].values()) == 20000
     assert report["top_anomalies"][0]["score"] >= report["top_anomalies"][-1]["score"]

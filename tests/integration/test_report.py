@@ -145,6 +145,12 @@ def test_daily_report_figures_equal_direct_sql(replayed, tmp_path):
                                                        " acknowledged) FROM alerts GROUP BY 1")}
     assert {r["Severity"]: (r["Alerts"], r["Acknowledged"]) for r in markdown_table(text, "Severity")} == \
         {s: (integer(n), integer(a)) for s, (n, a) in alerts.items()}
+    why = markdown_table(text, "Alert time")          # #37: the most severe alerts say why they fired
+    expected = query(settings, """
+        SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'), symbol, alert_type, severity,
+               evidence->>'sentence' FROM alerts
+        ORDER BY array_position(ARRAY['CRITICAL', 'HIGH', 'MEDIUM', 'LOW'], severity), ts, alert_id LIMIT 20""")
+    assert [tuple(r.values()) for r in why] == [tuple(e) for e in expected] and all(e[4] for e in expected)
     top = markdown_table(text, "Time")
     assert len(top) == min(20, query(settings, "SELECT count(*) FROM trade_flags")[0][0])
     kept_out = dict(query(settings, "SELECT condition, count(*) FROM trades WHERE condition = ANY(%s) GROUP BY 1",

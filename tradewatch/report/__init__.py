@@ -36,6 +36,7 @@ class Report:
     anomalies: pd.DataFrame = field(default_factory=pd.DataFrame)
     top_flags: pd.DataFrame = field(default_factory=pd.DataFrame)
     alerts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    alert_reasons: pd.DataFrame = field(default_factory=pd.DataFrame)   # the most severe, with why each fired
     breakers: pd.DataFrame = field(default_factory=pd.DataFrame)
     events: pd.DataFrame = field(default_factory=pd.DataFrame)      # pump-and-dump (tradewatch/detect/pump.py)
     closing: pd.DataFrame = field(default_factory=pd.DataFrame)     # indicators of each symbol's last window
@@ -93,6 +94,7 @@ def build(engine: Engine, settings: Settings, since: datetime, until: datetime,
     report.anomalies = queries.report_anomalies(engine, symbols, since, until)
     report.top_flags = queries.report_top_flags(engine, symbols, since, until, TOP)
     report.alerts = queries.report_alerts(engine, symbols, since, until)
+    report.alert_reasons = queries.report_alert_reasons(engine, symbols, since, until, TOP)
     report.breakers = queries.report_breaker_openings(engine, symbols, since, until)
     report.events = queries.report_events(engine, symbols, since, until)
     report.quality = queries.report_data_quality(engine, symbols, since, until, excluded)
@@ -203,6 +205,12 @@ def sections(report: Report) -> list[Section]:
     alerts = [_table(["Severity", "Alerts", "Acknowledged"],
                      [[a.severity, integer(a.alerts), integer(a.acknowledged)] for a in report.alerts.itertuples()],
                      "No alert was raised.")]
+    if not report.alert_reasons.empty:
+        alerts += [("p", f"The most severe alerts (at most {TOP}) and why each fired: the value measured, the "
+                         "baseline it was compared with and the threshold it crossed."),
+                   _table(["Alert time", "Symbol", "Type", "Severity", "Why it fired"],
+                          [[stamp(a.ts), a.symbol, a.alert_type, a.severity, a.why]
+                           for a in report.alert_reasons.itertuples()], "")]
     breakers = [_table(["Symbol", "Opened at"], [[b.symbol, stamp(b.at)] for b in report.breakers.itertuples()],
                        "No circuit breaker opened.")]
     events = [_table(["Symbol", "Started", "Start price", "Peak at", "Peak price", "Gain", "Volume multiple",

@@ -434,6 +434,16 @@ def report_top_flags(engine: Engine, symbols: list[str] | None, since, until, li
                   symbols=symbols, since=since, until=until, limit=limit)
 
 
+def report_alert_reasons(engine: Engine, symbols: list[str] | None, since, until, limit: int) -> pd.DataFrame:
+    """The most severe alerts of the period, earliest first within a severity, and why each fired
+    (its evidence's sentence; the message of an alert stored before evidence was kept)."""
+    return _frame(engine, f"""
+        SELECT ts, symbol, alert_type, severity, coalesce(evidence->>'sentence', message) AS why
+        FROM alerts WHERE ts >= :since AND ts < :until AND {_SYMBOLS}
+        ORDER BY array_position(ARRAY['CRITICAL', 'HIGH', 'MEDIUM', 'LOW'], severity), ts, alert_id
+        LIMIT :limit""", symbols=symbols, since=since, until=until, limit=limit)
+
+
 def report_alerts(engine: Engine, symbols: list[str] | None, since, until) -> pd.DataFrame:
     return _frame(engine, f"""
         SELECT severity, count(*) AS alerts, count(*) FILTER (WHERE acknowledged) AS acknowledged
