@@ -383,8 +383,20 @@ def acknowledge(alert_id: str) -> None:
         q.clear()
 
 
+def open_alert(alert_id: str | None) -> None:
+    """Button callback: the alert opened below the feed, named in the address (?alert=…) so a link
+    to it can be shared."""
+    if alert_id is None:
+        st.query_params.pop("alert", None)
+    else:
+        st.query_params["alert"] = alert_id
+
+
 def alert_feed(symbols) -> None:
     st.subheader("Alerts")
+    opened = st.query_params.get("alert")
+    if opened:
+        alert_detail(opened)
     severities = st.multiselect("Severity", SEVERITIES, default=SEVERITIES, key="alert_severities")
     alerts = q("alerts_feed", severities, symbols)
     if alerts.empty:
@@ -394,13 +406,96 @@ def alert_feed(symbols) -> None:
     if note:
         st.caption(note)
     for row in alerts.head(20).itertuples():
-        text, button = st.columns([6, 1])
+        text, why, button = st.columns([6, 1, 1])
         mark = ":material/check_circle:" if row.acknowledged else ":material/notifications_active:"
         text.markdown(f"{mark} :{'red' if row.severity == 'CRITICAL' else 'orange' if row.severity == 'HIGH' else 'blue'}"
                       f"[**{row.severity}**] {row.message}")
+        why.button("Why?", key=f"why-{row.alert_id}", on_click=open_alert, args=(row.alert_id,),
+                   help="The evidence: what was measured, against which baseline and threshold, with a chart")
         if not row.acknowledged:
             button.button("Acknowledge", key=f"ack-{row.alert_id}", on_click=acknowledge, args=(row.alert_id,),
                           disabled=not allowed)
+
+
+# around an alert: the baseline's trades (or this much before it when it names none) and after it
+AROUND_BEFORE, AROUND_AFTER = timedelta(minutes=2), timedelta(minutes=1)
+
+
+def alert_detail(alert_id: str) -> None:
+    """One alert opened: why it fired in a sentence, its evidence, and the symbol's trades around
+    it with the baseline and the threshold drawn (tradewatch/detect/evidence.py)."""
+    found = q("alert", alert_id)
+    with st.container(border=True):
+        head, close = st.columns([7, 1])
+        close.button("Close", key="close-alert", on_click=open_alert, args=(None,))
+        if found.empty:
+            head.warning(f"No alert {alert_id} (dropped by retention, or a wrong link).")
+            return
+        alert = found.iloc[0]
+        ts = pd.Timestamp(alert.ts)
+        head.markdown(f"**{alert.severity} {alert.alert_type} {alert.symbol}** at {ts:%Y-%m-%d %H:%M:%S} UTC")
+        evidence = alert.evidence if isinstance(alert.evidence, dict) else None
+        if evidence is None:
+            st.markdown(f"{alert.message}  \n_Stored before alerts carried their evidence: no baseline or "
+                        "threshold to show._")
+        else:
+            st.markdown(f"**Why:** {evidence['sentence']}")
+        first_ms = (evidence or {}).get("trades", {}).get("first_ms")
+        since = min(ts - AROUND_BEFORE, pd.Timestamp(first_ms, unit="ms", tz="UTC") if first_ms else ts)
+        trades = q("trades_page", alert.symbol, since, ts + AROUND_AFTER, None, 5000)
+        if not trades.empty:
+            st.plotly_chart(alert_chart(alert, evidence, trades), width="stretch", key="alert_chart")
+        if evidence is not None:
+            evidence_table(evidence)
+
+
+def alert_chart(alert, evidence: dict | None, trades: pd.DataFrame) -> go.Figure:
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.05)
+    figure.add_trace(go.Scatter(x=trades.ts, y=trades.price, name="Price", mode="lines+markers",
+                                marker=dict(size=4), line=dict(color="#1f77b4", width=1)), 1, 1)
+    figure.add_trace(go.Bar(x=trades.ts, y=trades.quantity, name="Quantity", marker_color="#7f7f7f"), 2, 1)
+    fired = trades[trades.trade_id == alert.trade_id]
+    if not fired.empty:
+        figure.add_trace(go.Scatter(x=fired.ts, y=fired.price, name="This trade", mode="markers",
+                                    marker=dict(color=SEVERITY_COLORS.get(alert.severity, "#000"), size=14,
+                                                symbol="star")), 1, 1)
+    if evidence is not None:
+        row = 2 if evidence["measured"] == "quantity" else 1      # a whale's lines are on the quantities
+        start = trades.ts.min()
+        if evidence["trades"].get("first_ms"):
+            start = pd.Timestamp(evidence["trades"]["first_ms"], unit="ms", tz="UTC")
+        span = [start, pd.Timestamp(alert.ts)]      # as the trade was judged
+        lines = [("Threshold", evidence.get("level"), dict(dash="dot", color="#d62728"))]
+        if evidence["measured"] != "burst":         # a burst's baseline is a count of trades, not a price
+            lines.append(("Baseline", evidence.get("baseline"), dict(dash="dash", color="#2ca02c")))
+        for name, value, style in lines:
+            if value is not None:
+                figure.add_trace(go.Scatter(x=span, y=[value, value], name=name, mode="lines", line=style), row, 1)
+    figure.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=-0.15),
+                         title=f"{alert.symbol}: trades around the alert")
+    return figure
+
+
+def evidence_table(evidence: dict) -> None:
+    unit = {"%": " %", "x": "×", "sigma": " σ", "score": "", "s": " s"}.get(evidence["unit"], "")
+    trades = evidence["trades"]
+    span = " → ".join(f"{pd.Timestamp(ms, unit='ms', tz='UTC'):%H:%M:%S.%f}"[:-3]
+                      for ms in (trades.get("first_ms"), trades.get("last_ms")) if ms)
+    rows = {"Rule": evidence["rule"], "Measured": f"{evidence['measured']} {exact(evidence['value'])}",
+            "Baseline": "—" if evidence["baseline"] is None else exact(evidence["baseline"]),
+            "Baseline is": evidence["baseline_how"],
+            "Change": f"{evidence['change']:+.3f}{unit}", "Threshold": f"{evidence['threshold']:g}{unit}",
+            "Threshold is": evidence["threshold_how"],
+            "Tick": "—" if evidence.get("tick") is None else exact(evidence["tick"]),
+            "Trades": f"{trades['count']:,} named" + (f" ({span} UTC)" if span else "")
+                      + f"; fired on {trades['trade_id']}",
+            "Parameters": ", ".join(f"{k}={v}" for k, v in evidence["params"].items())}
+    st.table(pd.DataFrame({"": list(rows), "Evidence": list(rows.values())}).set_index(""))
+    drivers = evidence.get("extra", {}).get("drivers")
+    if drivers:
+        st.table(pd.DataFrame({"Feature": [d["feature"] for d in drivers], "Value": [f"{d['value']:.4g}" for d in drivers],
+                               "Typical": [f"{d['typical']:.4g}" for d in drivers],
+                               "Score without it": [f"{d['score_without']:.2f}" for d in drivers]}).set_index("Feature"))
 
 
 def symbol_view(symbol: str, since, until, previous_since) -> None:

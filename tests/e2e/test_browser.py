@@ -135,6 +135,33 @@ def test_symbol_view_is_shared_by_its_address(settings, dashboard):
         browser.close()
 
 
+@pytest.mark.browser
+def test_an_alert_opens_with_why_it_fired_and_its_chart(settings, dashboard):
+    """#37: "Why?" opens the alert: its sentence, and a chart of the trades around it with the
+    baseline and the threshold drawn at the evidence's values; the address names it."""
+    alert_id, symbol, evidence = query(settings, "SELECT alert_id, symbol, evidence FROM alerts"
+                                                 " WHERE alert_type = 'PRICE_SPIKE' ORDER BY ts DESC LIMIT 1")[0]
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1600, "height": 2400})
+        page.goto(f"{dashboard}/?symbol={symbol}")
+        expect(page.get_by_text(f"{symbol} in depth")).to_be_visible(timeout=60_000)
+        shown = [r[0] for r in query(settings, "SELECT alert_id FROM alerts WHERE symbol = %s"
+                                               " ORDER BY ts DESC, alert_id LIMIT 20", (symbol,))]
+        page.locator("button", has_text="Why?").nth(shown.index(alert_id)).click()
+        expect(page.get_by_text(evidence["sentence"][:60], exact=False)).to_be_visible(timeout=30_000)
+        page.wait_for_function(f"{ALERT_PLOT} !== undefined", timeout=30_000)
+        lines = page.evaluate(f"Object.fromEntries({ALERT_PLOT}._fullData.filter(t => t.name === 'Baseline' "
+                              "|| t.name === 'Threshold').map(t => [t.name, Array.from(t.y)]))")
+        assert lines == {"Baseline": [evidence["baseline"]] * 2, "Threshold": [evidence["level"]] * 2}
+        page.wait_for_function("new URLSearchParams(location.search).get('alert') !== null", timeout=10_000)
+        browser.close()
+
+
+ALERT_PLOT = ("[...document.querySelectorAll('.js-plotly-plot')].find(d => d.layout && d.layout.title"
+              " && String(d.layout.title.text).includes('around the alert'))")
+
+
 def launch(p):
     return p.chromium.launch(executable_path=CHROMIUM, args=[
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -163,3 +163,36 @@ def test_the_pipeline_panel_draws_the_stages_samples(settings, app):
     values = np.frombuffer(base64.b64decode(y["bdata"]), dtype=y["dtype"])
     assert np.isnan(values[0]) and values[-1] == 150.0, "no rate at the first sample"
     assert charts["Latency from Kafka"]["layout"]["yaxis"]["type"] == "log"
+
+
+def test_an_opened_alert_shows_why_with_its_baseline_and_threshold(settings, app):
+    """#37: "Why?" on an alert opens its evidence: the sentence, the table, and a chart of the
+    symbol's trades around it with the baseline and the threshold at the evidence's values."""
+    load_known_market(settings)
+    at = app()
+    alert_id, evidence = query(settings, "SELECT alert_id, evidence FROM alerts WHERE alert_type = 'PRICE_SPIKE'"
+                                         " ORDER BY ts DESC LIMIT 1")[0]
+    at.button(key=f"why-{alert_id}").click()
+    at = app(at)
+    assert at.query_params["alert"] == [alert_id] or at.query_params["alert"] == alert_id
+    assert any(evidence["sentence"] in m.value for m in at.markdown)
+    table = next(t.value for t in at.table if "Evidence" in t.value.columns)
+    assert table.loc["Rule", "Evidence"] == "PRICE_SPIKE" and table.loc["Baseline", "Evidence"] == exact(evidence["baseline"])
+    chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "around the alert" in c.proto.spec)
+    lines = {t["name"]: t for t in chart["data"]}
+    assert lines["Baseline"]["y"] == [evidence["baseline"]] * 2 and lines["Threshold"]["y"] == [evidence["level"]] * 2
+    trade_ms = query(settings, "SELECT extract(epoch FROM ts) * 1000 FROM trades WHERE trade_id = %s",
+                     (evidence["trades"]["trade_id"],))[0][0]
+    assert "This trade" in lines and lines["Price"]["x"], "the trades around it, this one marked"
+    assert float(trade_ms) >= evidence["trades"]["first_ms"]
+    at.button(key="close-alert").click()
+    at = app(at)
+    assert "alert" not in at.query_params and not [t for t in at.table if "Evidence" in t.value.columns]
+
+    query(settings, "INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message)"
+                    " SELECT 'old:PRICE_SPIKE', ts, symbol, alert_type, severity, 'HIGH PRICE_SPIKE from before'"
+                    " FROM alerts WHERE alert_id = %s", (alert_id,))
+    st.cache_data.clear()
+    at.query_params["alert"] = "old:PRICE_SPIKE"
+    at = app(at)
+    assert any("Stored before alerts carried their evidence" in m.value for m in at.markdown)

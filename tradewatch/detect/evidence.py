@@ -14,7 +14,8 @@ dashboard. Alerts stored before it have none (`evidence` is null) and are shown 
     change     the value against the baseline, in `unit` ("%", "x", "sigma", "score")
     threshold  the line `change` crossed, in `unit`
     threshold_how  how the threshold was set (which of its parts was the largest)
-    level      the threshold as a value (a price or a quantity) where one exists: the line to draw
+    level      the threshold as a price (a quantity for a whale) where one exists: the line a chart
+               draws (a pump's: the price its run-up had to pass)
     tick       the symbol's tick (its smallest price step, learned from its prices) where it matters
     trades     {"trade_id": the trade that fired, "ids": the baseline's trades, oldest first, or []
                when named by time only, "count", "first_ms", "last_ms"}
