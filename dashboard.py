@@ -493,9 +493,11 @@ def evidence_table(evidence: dict) -> None:
     st.table(pd.DataFrame({"": list(rows), "Evidence": list(rows.values())}).set_index(""))
     drivers = evidence.get("extra", {}).get("drivers")
     if drivers:
-        st.table(pd.DataFrame({"Feature": [d["feature"] for d in drivers], "Value": [f"{d['value']:.4g}" for d in drivers],
+        st.table(pd.DataFrame({"Feature": [d["feature"] for d in drivers],
+                               "Value": [f"{d['value']:.4g}" for d in drivers],
                                "Typical": [f"{d['typical']:.4g}" for d in drivers],
-                               "Score without it": [f"{d['score_without']:.2f}" for d in drivers]}).set_index("Feature"))
+                               "Score without it": [f"{d['score_without']:.2f}" for d in drivers]})
+                 .set_index("Feature"))
 
 
 def symbol_view(symbol: str, since, until, previous_since) -> None:

@@ -153,7 +153,8 @@ def test_one_alert_with_its_evidence_and_one_stored_before_evidence_was_kept(api
     prices = [p for p, in query(settings, "SELECT price FROM trades WHERE trade_id = ANY(%s)",
                                 (evidence["trades"]["ids"],))]
     (price,), = query(settings, "SELECT price FROM trades WHERE trade_id = %s", (trade_id,))
-    assert len(prices) == evidence["trades"]["count"] and evidence["baseline"] == pytest.approx(sum(prices) / len(prices))
+    assert len(prices) == evidence["trades"]["count"]
+    assert evidence["baseline"] == pytest.approx(sum(prices) / len(prices))
     assert evidence["value"] == price and evidence["trades"]["trade_id"] == trade_id
     listed = {a["alert_id"]: a for a in call(base, "/alerts", limit=1000)[1]}
     assert listed[alert_id]["evidence"] == evidence

@@ -177,7 +177,8 @@ def test_an_opened_alert_shows_why_with_its_baseline_and_threshold(settings, app
     assert at.query_params["alert"] == [alert_id] or at.query_params["alert"] == alert_id
     assert any(evidence["sentence"] in m.value for m in at.markdown)
     table = next(t.value for t in at.table if "Evidence" in t.value.columns)
-    assert table.loc["Rule", "Evidence"] == "PRICE_SPIKE" and table.loc["Baseline", "Evidence"] == exact(evidence["baseline"])
+    assert table.loc["Rule", "Evidence"] == "PRICE_SPIKE"
+    assert table.loc["Baseline", "Evidence"] == exact(evidence["baseline"])
     chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "around the alert" in c.proto.spec)
     lines = {t["name"]: t for t in chart["data"]}
     assert lines["Baseline"]["y"] == [evidence["baseline"]] * 2 and lines["Threshold"]["y"] == [evidence["level"]] * 2

@@ -195,8 +195,8 @@ class PumpWatch:
             return Evidence("PUMP_AND_DUMP", params, "price", price, e.peak_price, "the event's peak price",
                             elapsed, limit_s, f"{limit_s:g} s {'after the peak' if phase == 'peak' else 'in all'}",
                             "s", sentence, trades_named(trade_id, [], since_ms, ms, 0), tick=tick, extra=extra)
-        sentence = (f"{phase}: price {num(price)} gave back {given_back * 100:.0f} % of the gain from {num(e.start_price)} "
-                    f"to the peak {num(e.peak_price)} (threshold {line * 100:g} %)")
+        sentence = (f"{phase}: price {num(price)} gave back {given_back * 100:.0f} % of the gain from "
+                    f"{num(e.start_price)} to the peak {num(e.peak_price)} (threshold {line * 100:g} %)")
         return Evidence("PUMP_AND_DUMP", params, "price", price, e.peak_price, "the event's peak price",
                         given_back * 100, line * 100, f"{line * 100:g} % of the gain given back", "%", sentence,
                         trades_named(trade_id, [], e.peak_ms, ms, 0), level=e.peak_price - line * gain, tick=tick,

@@ -181,7 +181,8 @@ class RuleDetector:
         circuit = max(c.circuit_pct, 2 * spike)
         if warm:
             if move > circuit:
-                d.flag("CIRCUIT_BREAKER", move / circuit, self._move_evidence("CIRCUIT_BREAKER", trade, state, f, circuit, spike),
+                d.flag("CIRCUIT_BREAKER", move / circuit,
+                       self._move_evidence("CIRCUIT_BREAKER", trade, state, f, circuit, spike),
                        move_pct=round(f.deviation * 100, 3))
             if move > spike:
                 kind = "PRICE_SPIKE" if f.deviation > 0 else "PRICE_DROP"
