@@ -164,3 +164,24 @@ def test_each_pump_phase_follows_from_the_trades():
             given_back = (peak.price - trade.price) / (peak.price - start_price)
             assert ev["change"] == pytest.approx(given_back * 100) and ev["threshold"] == line * 100
             assert given_back >= line
+
+
+def test_state_checkpointed_before_evidence_restores_and_names_only_what_it_knows():
+    """A detector resuming from a checkpoint written before trades were named: its alerts still
+    carry evidence, naming only the trades seen since."""
+    trades = calm_stream(120)
+    detector = RuleDetector()
+    for t in trades[:100]:
+        detector.process(t)
+    old = detector.export({"AAPL"})
+    for key in ("price_trades", "largest_ids", "last_trade", "run_start_trade"):
+        del old["AAPL"][key]
+    resumed = RuleDetector()
+    resumed.restore(json.loads(json.dumps(old)))
+    for t in trades[100:]:
+        resumed.process(t)
+    d = resumed.process(after(trades, 106.0))
+    ev = d.evidence["PRICE_SPIKE"].to_dict()
+    assert ev["trades"]["ids"] == [t.trade_id for t in trades[100:]] and ev["trades"]["count"] == 20
+    assert ev["trades"]["first_ms"] == trades[100].timestamp_ms
+    assert ev["baseline"] == pytest.approx(np.mean([t.price for t in trades[-50:]]), rel=1e-12)

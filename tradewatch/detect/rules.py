@@ -220,7 +220,7 @@ class RuleDetector:
 
     def _window(self, trade: Trade, state: SymbolState) -> dict:
         """The trades of the rolling price window (the baseline of the price rules)."""
-        window = state.price_trades
+        window = [(t, ms) for t, ms in state.price_trades if t]     # none unknown (state from before ids were kept)
         return trades_named(trade.trade_id, [t for t, _ in window], window[0][1] if window else None,
                             window[-1][1] if window else trade.timestamp_ms)
 
