@@ -148,6 +148,19 @@ def _tidy(where: Path) -> None:
         leftover.unlink()
 
 
+# json and jsonb columns (alerts' details and evidence) are archived as their JSON text: their shape
+# varies from row to row, which a Parquet struct cannot hold
+JSON_TYPES = {114, 3802}
+
+
+def _json_as_text(row: tuple, columns: list[int]) -> tuple:
+    values = list(row)
+    for i in columns:
+        if values[i] is not None:
+            values[i] = json.dumps(values[i], separators=(",", ":"))
+    return tuple(values)
+
+
 def archive(conn, settings: Settings, day: Day, rows: int, checksum: int) -> dict:
     where = folder(settings, day)
     where.mkdir(parents=True, exist_ok=True)
@@ -159,7 +172,12 @@ def archive(conn, settings: Settings, day: Day, rows: int, checksum: int) -> dic
         cur.execute(f"SELECT * FROM {day.name}")
         while batch := cur.fetchmany(CHUNK_ROWS):
             columns = [c.name for c in cur.description]
+            texts = [i for i, c in enumerate(cur.description) if c.type_code in JSON_TYPES]
+            if texts:
+                batch = [_json_as_text(r, texts) for r in batch]
             table = pa.Table.from_pylist([dict(zip(columns, r)) for r in batch])
+            for i in texts:         # all NULL in this batch: still text, as in every other one
+                table = table.set_column(i, columns[i], table.column(i).cast(pa.string()))
             if writer is None:
                 writer = pq.ParquetWriter(temporary, table.schema)
             writer.write_table(table.cast(writer.schema))

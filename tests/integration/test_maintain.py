@@ -6,6 +6,7 @@ with another timestamp is a second row that `maintain` reports. Days far from to
 partition, so a sender spreading trades over decades cannot make a partition per day."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from tests.conftest import query, scratch_database
 from tradewatch.alerts import alerts_for
 from tradewatch.config import PROJECT_ROOT
+from tradewatch.detect.evidence import Evidence, trades_named
 from tradewatch.detect.rules import Detection
 from tradewatch.events import Trade
 from tradewatch.store import db, detections
@@ -26,6 +28,14 @@ from tradewatch.store.writer import DeadLetter, copy_line, write_batch, write_de
 START = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=12)
 DAYS = 10
 TABLES = ("trades", "trade_flags", "alerts", "dead_letters")
+
+
+def flagged(t: Trade) -> Detection:
+    """A trade flagged PRICE_SPIKE, with the evidence every alert carries."""
+    d = Detection(t, None)
+    d.flag("PRICE_SPIKE", 2.0, Evidence("PRICE_SPIKE", {}, "price", t.price, t.price, "a test's", 0.0, 5.0, "test",
+                                        "%", "a test's spike", trades_named(t.trade_id, [], None, t.timestamp_ms)))
+    return d
 
 
 def load(settings) -> list[Trade]:
@@ -38,9 +48,9 @@ def load(settings) -> list[Trade]:
     try:
         with conn.cursor() as cur:
             write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
-            flagged = [Detection(t, None, ["PRICE_SPIKE"], 2.0) for t in trades[::6]]
-            detections.write_flags(cur, flagged, "test")
-            detections.write_alerts(cur, [(0, a) for d in flagged for a in alerts_for(d)])
+            spikes = [flagged(t) for t in trades[::6]]
+            detections.write_flags(cur, spikes, "test")
+            detections.write_alerts(cur, [(0, a) for d in spikes for a in alerts_for(d)])
             write_dead_letters(cur, [DeadLetter("trades", 0, 10_000 + i, b"SPY", b"not json", "not JSON", t.timestamp_ms)
                                      for i, t in enumerate(trades[::12])])
         conn.commit()
@@ -202,7 +212,7 @@ def write_alerts_at(settings, days_ago: list[int]) -> list[str]:
     now = datetime.now(timezone.utc)
     trades = [Trade(f"a{d}", "SPY", int((now - timedelta(days=d)).timestamp() * 1000), 170.0, 1.0, "buy", "X")
               for d in days_ago]
-    alerts = [a for t in trades for a in alerts_for(Detection(t, None, ["PRICE_SPIKE"], 2.0))]
+    alerts = [a for t in trades for a in alerts_for(flagged(t))]
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
@@ -232,6 +242,8 @@ def test_alerts_are_kept_by_month_and_dropped_by_whole_months(archive_home):
     assert sorted(stored + archived) == sorted(ids) and not set(stored) & set(archived)
     assert archived, "the oldest months are archived"
     assert query(settings, "SELECT min(ts) FROM alerts")[0][0] >= first_kept
+    evidence = [json.loads(e) for e in archived_ids(settings, "alerts", "evidence")]   # as JSON text
+    assert [e["sentence"] for e in evidence] == ["a test's spike"] * len(archived)
     assert {p.name for p in (settings.home / "archive" / "alerts").iterdir()} == {
         f"date={n[8:12]}-{n[12:14]}" for n in set(names) - set(partition_names(settings, "alerts"))}
 
