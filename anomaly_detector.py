@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tradewatch.alerts import PRECISION_MIN_MARKED, per_rule
 from tradewatch.cli import StopFlag, iso_time, load_settings, setup_logging
 from tradewatch.config import Settings, shared_data_dir
 from tradewatch.detect import evaluate, forest, quality
@@ -98,13 +99,17 @@ def cmd_analyze(args, settings: Settings) -> int:
             flush()
     flush()
     conn.close()
+    engine = queries.engine_for(settings.sqlalchemy_url)
+    rules = per_rule(queries.rule_precision(engine, symbols, args.since, args.until))
+    engine.dispose()
     top.sort(key=lambda d: d.score, reverse=True)
     report = {"symbols": {s: {**v, "by_type": dict(v["by_type"]), "by_severity": dict(v["by_severity"])}
                           for s, v in sorted(per_symbol.items())},
               "top_anomalies": [{"time": d.trade.event_time.isoformat(), "symbol": d.trade.symbol,
                                  "price": d.trade.price, "quantity": d.trade.quantity,
                                  "move_pct": round(d.features.deviation * 100, 3), "score": round(d.score, 3),
-                                 "severity": d.severity, "types": d.types} for d in top[:args.top]]}
+                                 "severity": d.severity, "types": d.types} for d in top[:args.top]],
+              "rules": rules}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -118,7 +123,21 @@ def cmd_analyze(args, settings: Settings) -> int:
     for a in report["top_anomalies"]:
         print(f"  {a['time']}  {a['symbol']:8} price {a['price']:>12,.4f}  move {a['move_pct']:+7.2f}%  "
               f"score {a['score']:6.2f}  {a['severity']:8} {','.join(a['types'])}")
+    print_rules(rules)
     return 0
+
+
+def print_rules(rules: list[dict]) -> None:
+    """The stored alerts per rule and what analysts said of them."""
+    if not rules:
+        print("\nno stored alerts in that range")
+        return
+    print(f"\nstored alerts by rule (precision once {PRECISION_MIN_MARKED} are marked true or false positive):")
+    print(f"  {'rule':18} {'alerts':>7} {'true':>6} {'false':>6} {'review':>6}  precision")
+    for r in rules:
+        shown = "—" if r["precision"] is None else f"{r['precision'] * 100:.0f} %"
+        print(f"  {r['rule']:18} {r['alerts']:>7,} {r['true_positive']:>6,} {r['false_positive']:>6,} "
+              f"{r['needs_review']:>6,}  {shown}")
 
 
 def analyze_csv(args) -> int:

@@ -408,8 +408,9 @@ def alert_feed(symbols) -> None:
     for row in alerts.head(20).itertuples():
         text, why, button = st.columns([6, 1, 1])
         mark = ":material/check_circle:" if row.acknowledged else ":material/notifications_active:"
+        verdict = f" :gray-badge[{VERDICTS[row.disposition]}]" if row.disposition in VERDICTS else ""
         text.markdown(f"{mark} :{'red' if row.severity == 'CRITICAL' else 'orange' if row.severity == 'HIGH' else 'blue'}"
-                      f"[**{row.severity}**] {row.message}")
+                      f"[**{row.severity}**] {row.message}{verdict}")
         why.button("Why?", key=f"why-{row.alert_id}", on_click=open_alert, args=(row.alert_id,),
                    help="The evidence: what was measured, against which baseline and threshold, with a chart")
         if not row.acknowledged:
@@ -447,6 +448,38 @@ def alert_detail(alert_id: str) -> None:
             st.plotly_chart(alert_chart(alert, evidence, trades), width="stretch", key="alert_chart")
         if evidence is not None:
             evidence_table(evidence)
+        verdict_panel(alert_id, alert.disposition)
+
+
+VERDICTS = {"true_positive": "True positive", "false_positive": "False positive", "needs_review": "Needs review"}
+
+
+def record_verdict(alert_id: str) -> None:
+    """Button callback: the verdict, its note and the analyst's name from the panel's widgets."""
+    if acknowledge_allowed()[0]:         # the same rule as acknowledging, checked here too
+        note = (st.session_state.get(f"note-{alert_id}") or "").replace("\x00", "")
+        detections.set_disposition(engine(), alert_id, st.session_state[f"verdict-{alert_id}"], note,
+                                   (st.session_state.get("analyst") or "").strip() or "dashboard", "dashboard")
+        q.clear()
+
+
+def verdict_panel(alert_id: str, current: str | None) -> None:
+    """Mark the alert true or false positive, or for review, with a note; every change is kept."""
+    allowed, note = acknowledge_allowed()
+    st.markdown(f"**Disposition:** {VERDICTS.get(current, 'not marked yet')}")
+    choice, text, name, button = st.columns([3, 3, 2, 1], vertical_alignment="bottom")
+    choice.radio("Verdict", list(VERDICTS), format_func=VERDICTS.get, key=f"verdict-{alert_id}", horizontal=True)
+    text.text_input("Note (optional)", key=f"note-{alert_id}", max_chars=2000)
+    name.text_input("Your name", key="analyst", max_chars=100, placeholder="dashboard")
+    button.button("Record", key="record-verdict", on_click=record_verdict, args=(alert_id,), disabled=not allowed,
+                  help=note or "Adds the verdict to the alert's history")
+    history = q("disposition_history", alert_id)
+    if not history.empty:
+        st.table(pd.DataFrame({
+            "When (UTC)": [f"{pd.Timestamp(t):%Y-%m-%d %H:%M:%S}" for t in history["at"]],
+            "Who": [f"{w} ({v})" for w, v in zip(history.by_whom, history.via)],
+            "From": [VERDICTS.get(p, "not marked") for p in history.previous],
+            "To": [VERDICTS[d] for d in history.disposition], "Note": history.note.fillna("")}).set_index("When (UTC)"))
 
 
 def alert_chart(alert, evidence: dict | None, trades: pd.DataFrame) -> go.Figure:

@@ -28,6 +28,24 @@ class Alert:
         return json.dumps(asdict(self), separators=(",", ":"), default=str).encode()
 
 
+# A rule's precision is shown once this many of its alerts are marked true or false positive: with
+# fewer, one mark moves it by 20 points or more.
+PRECISION_MIN_MARKED = 5
+
+
+def precision(true_positive: int, false_positive: int) -> float | None:
+    """Of a rule's alerts analysts marked true or false, the share that were true; None when too
+    few are marked to say (`needs_review` counts as not yet judged)."""
+    marked = true_positive + false_positive
+    return true_positive / marked if marked >= PRECISION_MIN_MARKED else None
+
+
+def per_rule(frame) -> list[dict]:
+    """The rows of queries.rule_precision, each with its precision (None: too few marked)."""
+    return [{**row, "precision": precision(row["true_positive"], row["false_positive"])}
+            for row in frame.to_dict("records")]
+
+
 def alerts_for(detection: Detection) -> list[Alert]:
     """One alert per anomaly type of the trade; inside a pump-and-dump event only the event's
     phase alert (the other flags stay on the trade)."""

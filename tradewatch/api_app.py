@@ -26,7 +26,7 @@ from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Respon
 from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import AfterValidator, BeforeValidator, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
@@ -34,6 +34,7 @@ from tradewatch.access import key_matches
 from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.store import detections, queries
+from tradewatch.store.detections import DISPOSITIONS
 from tradewatch.store.health import gone_from_this_host, stage_statuses
 from tradewatch.streams import Hub, Streamed, Subscriber, TradeHub, alert_feed, candle_feed
 
@@ -85,6 +86,19 @@ class Severity(str, Enum):
 class Source(str, Enum):
     aggregator = "aggregator"
     flink = "flink"
+
+
+Disposition = Enum("Disposition", {d: d for d in DISPOSITIONS}, type=str)
+DispositionFilter = Enum("DispositionFilter", {d: d for d in (*DISPOSITIONS, "unmarked")}, type=str)
+
+
+class Verdict(BaseModel):
+    """An analyst's verdict on an alert."""
+    model_config = ConfigDict(extra="forbid")
+    disposition: Disposition
+    note: Annotated[str | None, StringConstraints(max_length=2000, pattern=r"^[^\x00]*$")] = None   # PostgreSQL text
+    by: Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f]+$")] = Field(
+        "api", description="who decided (a name; the history keeps it)")
 
 
 StreamSymbols = Annotated[list[SymbolText] | None, Query(alias="symbol", max_length=100,
@@ -308,9 +322,12 @@ def create_app(settings: Settings) -> FastAPI:
                type: Annotated[str | None, Query(pattern=r"^[A-Z_]{1,32}$")] = None,
                severity: Annotated[list[Severity] | None, Query()] = None,
                since: Instant | None = None, until: Instant | None = None, acknowledged: bool | None = None,
+               disposition: Annotated[DispositionFilter | None, Query(
+                   description="an analyst's verdict, or `unmarked` for the alerts nobody judged yet")] = None,
                limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> list[dict]:
         severities = [s.value for s in severity] if severity else None
-        return rows_response(queries.alerts_page(engine, symbol, type, severities, since, until, acknowledged, limit))
+        return rows_response(queries.alerts_page(engine, symbol, type, severities, since, until, acknowledged, limit,
+                                                 disposition.value if disposition else None))
 
     @app.get("/events", summary="Pump-and-dump events, newest first: start, peak, gain, burst, dump, state")
     def events(symbol: Annotated[str | None, Query(pattern=SYMBOL_PATTERN)] = None, since: Instant | None = None,
@@ -385,7 +402,22 @@ def create_app(settings: Settings) -> FastAPI:
         rows = queries.alert(engine, alert_id)
         if rows.empty:
             raise HTTPException(404, f"no alert {alert_id!r}")
-        return records(rows)[0]
+        return {**records(rows)[0], "history": records(queries.disposition_history(engine, alert_id))}
+
+    @app.post("/alerts/{alert_id}/disposition",
+              summary="Record an analyst's verdict on an alert (X-API-Key when API_KEY is set)",
+              description="`true_positive`, `false_positive` or `needs_review`, an optional note and who decided; "
+                          "the change is added to the alert's history (`GET /alerts/{alert_id}`), never overwritten.",
+              responses={401: {"description": "missing or wrong API key"}, 404: {"description": "no such alert"}})
+    def disposition(alert_id: Annotated[str, Path(max_length=200)], verdict: Verdict,
+                    x_api_key: Annotated[str | None, Header()] = None) -> dict:
+        if settings.api_key and not key_matches(x_api_key, settings.api_key):
+            raise HTTPException(401, "this API needs the header X-API-Key (API_KEY is set)")
+        changed = detections.set_disposition(engine, alert_id, verdict.disposition.value, verdict.note, verdict.by,
+                                             "api")
+        if changed is None:
+            raise HTTPException(404, f"no alert {alert_id!r}")
+        return changed
 
     @app.post("/alerts/{alert_id}/acknowledge", summary="Acknowledge an alert (X-API-Key when API_KEY is set)",
               responses={401: {"description": "missing or wrong API key"}, 404: {"description": "no such alert"}})

@@ -296,15 +296,21 @@ def run(settings: Settings, dry_run: bool = False, out=print) -> int:
 
 
 def _old_events(conn, settings: Settings, dry_run: bool, out) -> None:
-    """Pump-and-dump events (a few a day, not partitioned) older than the alerts' retention go, by DELETE."""
-    with conn.cursor() as cur:
-        cur.execute(f"{'SELECT count(*) FROM' if dry_run else 'DELETE FROM'} manipulation_events"
-                    " WHERE started_at < now() - %s * interval '1 day'", (settings.retention_days_alerts,))
-        n = cur.fetchone()[0] if dry_run else cur.rowcount
-    conn.commit()
-    if n:
-        out(f"manipulation_events: {'would delete' if dry_run else 'deleted'} {n:,} events older than"
-            f" {settings.retention_days_alerts} days")
+    """Pump-and-dump events older than the alerts' retention, and the disposition history of alerts
+    gone with their month (a few rows a day, not partitioned), go by DELETE."""
+    gone = ("AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.alert_id = alert_dispositions.alert_id"
+            " AND a.ts = alert_dispositions.alert_ts)")
+    for table, column, what, also in (("manipulation_events", "started_at", "events", ""),
+                                      ("alert_dispositions", "alert_ts", "disposition changes of dropped alerts",
+                                       gone)):
+        with conn.cursor() as cur:
+            cur.execute(f"{'SELECT count(*) FROM' if dry_run else 'DELETE FROM'} {table}"
+                        f" WHERE {column} < now() - %s * interval '1 day' {also}", (settings.retention_days_alerts,))
+            n = cur.fetchone()[0] if dry_run else cur.rowcount
+        conn.commit()
+        if n:
+            out(f"{table}: {'would delete' if dry_run else 'deleted'} {n:,} {what} older than"
+                f" {settings.retention_days_alerts} days")
 
 
 def main_loop(settings: Settings, every_s: float, stop) -> None:

@@ -1,11 +1,13 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright) against real PostgreSQL."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from datetime import datetime
 
@@ -13,7 +15,7 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
-from tests.conftest import free_port, query
+from tests.conftest import free_port, query, start_script, wait_for
 from tests.market_fixture import load_known_market
 from tradewatch.config import PROJECT_ROOT
 
@@ -155,7 +157,38 @@ def test_an_alert_opens_with_why_it_fired_and_its_chart(settings, dashboard):
                               "|| t.name === 'Threshold').map(t => [t.name, Array.from(t.y)]))")
         assert lines == {"Baseline": [evidence["baseline"]] * 2, "Threshold": [evidence["level"]] * 2}
         page.wait_for_function("new URLSearchParams(location.search).get('alert') !== null", timeout=10_000)
+
+        # the analyst's verdict, recorded on the page, is what the API returns, with its history
+        page.get_by_text("False positive", exact=True).click()
+        page.get_by_label("Note (optional)").fill("a news spike, not manipulation")
+        page.get_by_label("Note (optional)").press("Tab")
+        page.get_by_label("Your name").fill("ana")
+        page.get_by_label("Your name").press("Tab")
+        page.get_by_role("button", name="Record").click()
+        wait_for(lambda: query(settings, "SELECT disposition FROM alerts WHERE alert_id = %s",
+                               (alert_id,)) == [("false_positive",)], timeout=30, message="the verdict stored")
+        expect(page.get_by_text("ana (dashboard)")).to_be_visible(timeout=30_000)
         browser.close()
+    api = settings.with_overrides(api_port=free_port())
+    process = start_script(api, "api.py")
+    try:
+        url = f"http://127.0.0.1:{api.api_port}/alerts/{urllib.parse.quote(alert_id, safe='')}"
+        wait_for(lambda: answers(url), timeout=60, message="the API to answer")
+        with urllib.request.urlopen(url, timeout=10) as response:
+            alert = json.loads(response.read())
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert alert["disposition"] == "false_positive"
+    assert [(h["previous"], h["disposition"], h["note"], h["by_whom"], h["via"]) for h in alert["history"]] == [
+        (None, "false_positive", "a news spike, not manipulation", "ana", "dashboard")]
+
+
+def answers(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
 
 
 ALERT_PLOT = ("[...document.querySelectorAll('.js-plotly-plot')].find(d => d.layout && d.layout.title"

@@ -34,11 +34,8 @@ def call(base: str, path: str, method: str = "GET", headers: dict | None = None,
         return error.code, json.loads(body) if "json" in error.headers.get("content-type", "") else body
 
 
-@pytest.fixture
-def api(settings, tmp_path):
-    settings = settings.with_overrides(api_port=free_port(), api_key="s3cret")
-    load_known_market(settings)
-    process = start_script(settings, "api.py", log=tmp_path / "api.log")
+def serve_api(settings, log) -> tuple[subprocess.Popen, str]:
+    process = start_script(settings, "api.py", log=log)
     base = f"http://127.0.0.1:{settings.api_port}"
 
     def up():
@@ -47,6 +44,14 @@ def api(settings, tmp_path):
         except OSError:
             return False
     wait_for(up, timeout=60, message="the API to answer")
+    return process, base
+
+
+@pytest.fixture
+def api(settings, tmp_path):
+    settings = settings.with_overrides(api_port=free_port(), api_key="s3cret")
+    load_known_market(settings)
+    process, base = serve_api(settings, tmp_path / "api.log")
     yield settings, base
     process.terminate()
     process.wait(timeout=30)
@@ -166,6 +171,68 @@ def test_one_alert_with_its_evidence_and_one_stored_before_evidence_was_kept(api
     assert status == 200 and old["evidence"] is None and old["message"] == "HIGH PRICE_SPIKE before evidence"
     assert call(base, "/alerts", limit=1000)[0] == 200
     assert call(base, "/alerts/nope")[0] == 404 and call(base, "/alerts/" + "x" * 201)[0] == 422
+
+
+def post_json(base: str, path: str, body: dict, headers: dict | None = None) -> tuple[int, object]:
+    request = urllib.request.Request(f"{base}{path}", method="POST", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_dispositions_need_the_key_keep_every_change_and_survive_a_restart(settings, tmp_path):
+    """#37: an analyst marks an alert true/false positive or for review, with a note; every change
+    is kept (who, when, from what, to what); a missing or wrong key, or a write from another site,
+    changes nothing; the history survives a restart of the API."""
+    settings = settings.with_overrides(api_port=free_port(), api_key="s3cret")
+    load_known_market(settings)
+    process, base = serve_api(settings, tmp_path / "api.log")
+    alert_id, total = query(settings, "SELECT min(alert_id), count(*) FROM alerts")[0]
+    path = f"/alerts/{urllib.parse.quote(alert_id, safe='')}/disposition"
+    key = {"X-API-Key": "s3cret"}
+    verdict = {"disposition": "false_positive", "note": "bounce", "by": "eve"}
+
+    def unchanged():
+        return (query(settings, "SELECT count(*) FROM alert_dispositions")[0][0] == 0
+                and query(settings, "SELECT count(*) FROM alerts WHERE disposition IS NOT NULL")[0][0] == 0)
+    assert post_json(base, path, verdict)[0] == 401 and unchanged()
+    assert post_json(base, path, verdict, {"X-API-Key": "s3cre"})[0] == 401 and unchanged()
+    status, body = post_json(base, path, verdict, {**key, "Origin": "https://attacker.example"})
+    assert status == 403 and unchanged()
+    assert post_json(base, path, {"disposition": "maybe"}, key)[0] == 422 and unchanged()
+    assert post_json(base, path, {"disposition": "false_positive", "note": "x" * 2001}, key)[0] == 422 and unchanged()
+    assert post_json(base, "/alerts/nope/disposition", verdict, key)[0] == 404 and unchanged()
+
+    status, first = post_json(base, path, {"disposition": "needs_review", "note": "look at the tape", "by": "ana"}, key)
+    assert status == 200 and first["previous"] is None and first["disposition"] == "needs_review"
+    status, second = post_json(base, path, {"disposition": "false_positive", "note": "one-tick bounce", "by": "bo"},
+                               key)
+    assert status == 200 and second["previous"] == "needs_review"
+    assert post_json(base, path, {"disposition": "false_positive"}, key)[1]["previous"] == "false_positive"
+
+    def history(at: str) -> list[tuple]:
+        status, alert = call(at, f"/alerts/{urllib.parse.quote(alert_id, safe='')}")
+        assert status == 200 and alert["disposition"] == "false_positive"
+        return [(h["previous"], h["disposition"], h["note"], h["by_whom"], h["via"], h["at"]) for h in alert["history"]]
+    before = history(base)
+    assert [h[:5] for h in before] == [(None, "needs_review", "look at the tape", "ana", "api"),
+                                       ("needs_review", "false_positive", "one-tick bounce", "bo", "api"),
+                                       ("false_positive", "false_positive", None, "api", "api")]
+    assert before[0][5] < before[1][5] < before[2][5], "when, in order"
+    assert [a["alert_id"] for a in call(base, "/alerts", disposition="false_positive")[1]] == [alert_id]
+    unmarked = call(base, "/alerts", disposition="unmarked", limit=1000)[1]
+    assert len(unmarked) == total - 1 and alert_id not in {a["alert_id"] for a in unmarked}
+    assert call(base, "/alerts", disposition="maybe")[0] == 422
+
+    process.terminate()
+    process.wait(timeout=30)
+    process, base = serve_api(settings, tmp_path / "api-again.log")
+    assert history(base) == before, "the history survives a restart"
+    process.terminate()
+    process.wait(timeout=30)
 
 
 def test_foreign_hosts_and_cross_site_writes_are_refused(api):

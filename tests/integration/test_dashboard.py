@@ -197,3 +197,27 @@ def test_an_opened_alert_shows_why_with_its_baseline_and_threshold(settings, app
     at.query_params["alert"] = "old:PRICE_SPIKE"
     at = app(at)
     assert any("Stored before alerts carried their evidence" in m.value for m in at.markdown)
+
+
+def test_an_analyst_records_a_verdict_and_its_history_is_shown(settings, app):
+    """#37: the opened alert's verdict, note and name go into its history; the feed shows it."""
+    load_known_market(settings)
+    at = app()
+    alert_id = query(settings, "SELECT alert_id FROM alerts ORDER BY ts DESC, alert_id LIMIT 1")[0][0]
+    at.button(key=f"why-{alert_id}").click()
+    at = app(at)
+    assert any("not marked yet" in m.value for m in at.markdown)
+    at.radio(key=f"verdict-{alert_id}").set_value("false_positive")
+    at.text_input(key=f"note-{alert_id}").input("one-tick bounce")
+    at.text_input(key="analyst").input("ana")
+    at = app(at)
+    at.button(key="record-verdict").click()
+    at = app(at)
+    assert query(settings, "SELECT disposition FROM alerts WHERE alert_id = %s", (alert_id,)) == [("false_positive",)]
+    assert query(settings, "SELECT previous, disposition, note, by_whom, via FROM alert_dispositions"
+                           " WHERE alert_id = %s", (alert_id,)) == [(None, "false_positive", "one-tick bounce", "ana",
+                                                                     "dashboard")]
+    history = next(t.value for t in at.table if "Who" in t.value.columns)
+    assert list(history.Who) == ["ana (dashboard)"] and list(history.To) == ["False positive"]
+    assert any("**Disposition:** False positive" in m.value for m in at.markdown)
+    assert any(alert_id and ":gray-badge[False positive]" in m.value for m in at.markdown), "the feed shows it"

@@ -21,7 +21,7 @@ from tradewatch.config import PROJECT_ROOT
 from tradewatch.detect.evidence import Evidence, trades_named
 from tradewatch.detect.rules import Detection
 from tradewatch.events import Trade
-from tradewatch.store import db, detections
+from tradewatch.store import db, detections, queries
 from tradewatch.store.writer import DeadLetter, copy_line, write_batch, write_dead_letters
 
 # recent days are day partitions (schema.sql): the ten days end two days ago
@@ -229,6 +229,10 @@ def test_alerts_are_kept_by_month_and_dropped_by_whole_months(archive_home):
     By month: 13. A month goes once it ended the retention before the newest alert."""
     settings = archive_home
     ids = write_alerts_at(settings, [130, 100, 70, 40, 10, 9])
+    engine = queries.engine_for(settings.sqlalchemy_url)
+    for alert_id in ids:                   # a verdict on each: its history goes with its alert
+        detections.set_disposition(engine, alert_id, "false_positive", "noise", "ana", "api")
+    engine.dispose()
     names = partition_names(settings, "alerts")
     assert names and all(n.startswith("alerts_m") for n in names), names
     assert len(names) <= 5
@@ -244,6 +248,8 @@ def test_alerts_are_kept_by_month_and_dropped_by_whole_months(archive_home):
     assert query(settings, "SELECT min(ts) FROM alerts")[0][0] >= first_kept
     evidence = [json.loads(e) for e in archived_ids(settings, "alerts", "evidence")]   # as JSON text
     assert [e["sentence"] for e in evidence] == ["a test's spike"] * len(archived)
+    assert sorted(r[0] for r in query(settings, "SELECT alert_id FROM alert_dispositions")) == sorted(stored)
+    assert archived_ids(settings, "alerts", "disposition") == ["false_positive"] * len(archived)
     assert {p.name for p in (settings.home / "archive" / "alerts").iterdir()} == {
         f"date={n[8:12]}-{n[12:14]}" for n in set(names) - set(partition_names(settings, "alerts"))}
 

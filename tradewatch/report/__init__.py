@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 import pandas as pd
 from sqlalchemy.engine import Engine
 
+from tradewatch.alerts import PRECISION_MIN_MARKED, per_rule
 from tradewatch.config import Settings
 from tradewatch.detect import quality as market_quality
 from tradewatch.formatting import exact, integer, money, percent
@@ -37,6 +38,7 @@ class Report:
     top_flags: pd.DataFrame = field(default_factory=pd.DataFrame)
     alerts: pd.DataFrame = field(default_factory=pd.DataFrame)
     alert_reasons: pd.DataFrame = field(default_factory=pd.DataFrame)   # the most severe, with why each fired
+    rules: list[dict] = field(default_factory=list)      # alerts per rule, analysts' verdicts, precision
     breakers: pd.DataFrame = field(default_factory=pd.DataFrame)
     events: pd.DataFrame = field(default_factory=pd.DataFrame)      # pump-and-dump (tradewatch/detect/pump.py)
     closing: pd.DataFrame = field(default_factory=pd.DataFrame)     # indicators of each symbol's last window
@@ -95,6 +97,7 @@ def build(engine: Engine, settings: Settings, since: datetime, until: datetime,
     report.top_flags = queries.report_top_flags(engine, symbols, since, until, TOP)
     report.alerts = queries.report_alerts(engine, symbols, since, until)
     report.alert_reasons = queries.report_alert_reasons(engine, symbols, since, until, TOP)
+    report.rules = per_rule(queries.rule_precision(engine, symbols, since, until))
     report.breakers = queries.report_breaker_openings(engine, symbols, since, until)
     report.events = queries.report_events(engine, symbols, since, until)
     report.quality = queries.report_data_quality(engine, symbols, since, until, excluded)
@@ -205,6 +208,14 @@ def sections(report: Report) -> list[Section]:
     alerts = [_table(["Severity", "Alerts", "Acknowledged"],
                      [[a.severity, integer(a.alerts), integer(a.acknowledged)] for a in report.alerts.itertuples()],
                      "No alert was raised.")]
+    if report.rules:
+        alerts += [_table(["Rule", "Alerts", "True positive", "False positive", "Needs review", "Precision"],
+                          [[r["rule"], integer(r["alerts"]), integer(r["true_positive"]), integer(r["false_positive"]),
+                            integer(r["needs_review"]),
+                            "—" if r["precision"] is None else percent(r["precision"], 0).lstrip("+")]
+                           for r in report.rules], ""),
+                   ("p", "What analysts marked of each rule's alerts (dashboard or API). Precision: the share "
+                         f"marked true of those marked true or false, once {PRECISION_MIN_MARKED} are.")]
     if not report.alert_reasons.empty:
         alerts += [("p", f"The most severe alerts (at most {TOP}) and why each fired: the value measured, the "
                          "baseline it was compared with and the threshold it crossed."),

@@ -145,6 +145,32 @@ def mark_delivered(cur: Cursor, channel: str, alert_id: str) -> None:
     cur.execute(f"UPDATE alerts SET {DUE_COLUMNS[channel]} = false WHERE alert_id = %s", (alert_id,))
 
 
+DISPOSITIONS = ("true_positive", "false_positive", "needs_review")
+
+
+def set_disposition(engine: Engine, alert_id: str, disposition: str, note: str | None, by_whom: str,
+                    via: str) -> dict | None:
+    """Record an analyst's verdict on an alert (the dashboard's and the API's): the alert's current
+    disposition changes and the change is added to its history, in one transaction (the alert row
+    locked, so two analysts at once each see the other's as `previous`). None: no such alert."""
+    if disposition not in DISPOSITIONS:
+        raise ValueError(f"disposition must be one of {', '.join(DISPOSITIONS)}, not {disposition!r}")
+    with engine.begin() as conn:
+        found = conn.execute(text("SELECT ts, disposition FROM alerts WHERE alert_id = :alert_id ORDER BY ts"
+                                  " LIMIT 1 FOR UPDATE"), {"alert_id": alert_id}).first()
+        if found is None:
+            return None
+        ts, previous = found
+        conn.execute(text("UPDATE alerts SET disposition = :disposition WHERE alert_id = :alert_id AND ts = :ts"),
+                     {"disposition": disposition, "alert_id": alert_id, "ts": ts})
+        at = conn.execute(text(
+            "INSERT INTO alert_dispositions (alert_id, alert_ts, previous, disposition, note, by_whom, via)"
+            " VALUES (:alert_id, :ts, :previous, :disposition, :note, :by_whom, :via) RETURNING at"),
+            {"alert_id": alert_id, "ts": ts, "previous": previous, "disposition": disposition,
+             "note": note or None, "by_whom": by_whom, "via": via}).scalar_one()
+    return {"alert_id": alert_id, "disposition": disposition, "previous": previous, "at": at.isoformat()}
+
+
 def acknowledge_alert(engine: Engine, alert_id: str) -> bool:
     """Mark an alert acknowledged (the dashboard's button, the API's POST); False if it was already."""
     with engine.begin() as conn:

@@ -239,7 +239,7 @@ def pipeline(engine: Engine, since, step_s: int = 10) -> pd.DataFrame:
 
 def alerts_feed(engine: Engine, severities: list[str], symbols: list[str] | None, limit: int = 50) -> pd.DataFrame:
     return _frame(engine, f"""
-        SELECT alert_id, ts, symbol, alert_type, severity, message, acknowledged
+        SELECT alert_id, ts, symbol, alert_type, severity, message, acknowledged, disposition
         FROM alerts WHERE severity = ANY(CAST(:severities AS text[])) AND {_SYMBOLS}
         ORDER BY ts DESC, alert_id LIMIT :limit""", severities=severities, symbols=symbols, limit=limit)
 
@@ -277,9 +277,11 @@ def manipulation_events(engine: Engine, symbol: str | None, since, limit: int) -
 
 
 def alerts_page(engine: Engine, symbol: str | None, alert_type: str | None, severities: list[str] | None,
-                since, until, acknowledged: bool | None, limit: int) -> pd.DataFrame:
+                since, until, acknowledged: bool | None, limit: int, disposition: str | None = None) -> pd.DataFrame:
+    """`disposition`: one of store.detections.DISPOSITIONS, or 'unmarked' for the alerts nobody judged."""
     return _frame(engine, """
-        SELECT alert_id, ts, symbol, alert_type, severity, message, trade_id, acknowledged, acknowledged_at, evidence
+        SELECT alert_id, ts, symbol, alert_type, severity, message, trade_id, acknowledged, acknowledged_at,
+               disposition, evidence
         FROM alerts
         WHERE (CAST(:symbol AS text) IS NULL OR symbol = :symbol)
           AND (CAST(:alert_type AS text) IS NULL OR alert_type = :alert_type)
@@ -287,8 +289,10 @@ def alerts_page(engine: Engine, symbol: str | None, alert_type: str | None, seve
           AND (CAST(:since AS timestamptz) IS NULL OR ts >= :since)
           AND (CAST(:until AS timestamptz) IS NULL OR ts < :until)
           AND (CAST(:acknowledged AS boolean) IS NULL OR acknowledged = :acknowledged)
+          AND (CAST(:disposition AS text) IS NULL OR disposition = :disposition
+               OR (:disposition = 'unmarked' AND disposition IS NULL))
         ORDER BY ts DESC, alert_id LIMIT :limit""", symbol=symbol, alert_type=alert_type, severities=severities,
-                  since=since, until=until, acknowledged=acknowledged, limit=limit)
+                  since=since, until=until, acknowledged=acknowledged, limit=limit, disposition=disposition)
 
 
 def alerts_after(engine: Engine, alert_id: str, symbols: list[str] | None, severities: list[str] | None,
@@ -333,8 +337,28 @@ def alert(engine: Engine, alert_id: str) -> pd.DataFrame:
     """One alert with its evidence (null for an alert stored before evidence was kept); no row if none."""
     return _frame(engine, """
         SELECT alert_id, ts, symbol, alert_type, severity, message, trade_id, details, evidence, acknowledged,
-               acknowledged_at, created_at
+               acknowledged_at, disposition, created_at
         FROM alerts WHERE alert_id = :alert_id ORDER BY ts LIMIT 1""", alert_id=alert_id)
+
+
+def disposition_history(engine: Engine, alert_id: str) -> pd.DataFrame:
+    """Every change of an alert's disposition, oldest first."""
+    return _frame(engine, """
+        SELECT at, previous, disposition, note, by_whom, via FROM alert_dispositions
+        WHERE alert_id = :alert_id ORDER BY change_id""", alert_id=alert_id)
+
+
+def rule_precision(engine: Engine, symbols: list[str] | None, since, until) -> pd.DataFrame:
+    """Per alert type over [since, until): alerts, how many analysts marked true, false and for
+    review (tradewatch/alerts.py `precision` reads it)."""
+    return _frame(engine, f"""
+        SELECT alert_type AS rule, count(*) AS alerts,
+               count(*) FILTER (WHERE disposition = 'true_positive') AS true_positive,
+               count(*) FILTER (WHERE disposition = 'false_positive') AS false_positive,
+               count(*) FILTER (WHERE disposition = 'needs_review') AS needs_review
+        FROM alerts WHERE (CAST(:since AS timestamptz) IS NULL OR ts >= :since)
+          AND (CAST(:until AS timestamptz) IS NULL OR ts < :until) AND {_SYMBOLS}
+        GROUP BY alert_type ORDER BY count(*) DESC, alert_type""", symbols=symbols, since=since, until=until)
 
 
 def alert_exists(engine: Engine, alert_id: str) -> bool:

@@ -401,6 +401,25 @@ CREATE INDEX IF NOT EXISTS alerts_email_due ON alerts (created_at) WHERE email_d
 CREATE INDEX IF NOT EXISTS alerts_by_id ON alerts (alert_id);
 -- why it fired (tradewatch/detect/evidence.py); NULL for an alert stored before evidence was kept
 ALTER TABLE alerts ADD COLUMN IF NOT EXISTS evidence jsonb;
+-- an analyst's verdict: true_positive | false_positive | needs_review (NULL: not marked); its every
+-- change is a row of alert_dispositions
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS disposition text;
+
+-- Every change of an alert's disposition, never updated (store/detections.py); kept as long as the
+-- alerts (maintain.py deletes those of alerts past ALERTS retention).
+CREATE TABLE IF NOT EXISTS alert_dispositions (
+    change_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    alert_id     text NOT NULL,
+    alert_ts     timestamptz NOT NULL,          -- the alert's event time (its partition)
+    previous     text,                          -- the disposition before (NULL: not marked)
+    disposition  text NOT NULL CHECK (disposition IN ('true_positive', 'false_positive', 'needs_review')),
+    note         text CHECK (length(note) <= 2000),
+    by_whom      text NOT NULL,                 -- the name the analyst gave
+    via          text NOT NULL,                 -- api | dashboard
+    at           timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS alert_dispositions_by_alert ON alert_dispositions (alert_id, change_id);
+CREATE INDEX IF NOT EXISTS alert_dispositions_alert_ts ON alert_dispositions (alert_ts);
 -- resuming the live alert stream after an alert id (GET /alerts/stream with Last-Event-ID)
 CREATE INDEX IF NOT EXISTS alerts_created ON alerts (created_at, alert_id);
 
