@@ -151,6 +151,11 @@ def _tidy(where: Path) -> None:
 # json and jsonb columns (alerts' details and evidence) are archived as their JSON text: their shape
 # varies from row to row, which a Parquet struct cannot hold
 JSON_TYPES = {114, 3802}
+# The archive's type of a column NULL all through the first chunk (Arrow would make it the null
+# type, and a value in a later chunk could not be written), by PostgreSQL type oid: bool, int8,
+# int2, int4, float4, float8, timestamp, timestamptz; any other (text, json) is archived as text.
+ARROW_TYPES = {16: pa.bool_(), 20: pa.int64(), 21: pa.int16(), 23: pa.int32(), 700: pa.float32(),
+               701: pa.float64(), 1114: pa.timestamp("us"), 1184: pa.timestamp("us", tz="UTC")}
 
 
 def _json_as_text(row: tuple, columns: list[int]) -> tuple:
@@ -176,8 +181,10 @@ def archive(conn, settings: Settings, day: Day, rows: int, checksum: int) -> dic
             if texts:
                 batch = [_json_as_text(r, texts) for r in batch]
             table = pa.Table.from_pylist([dict(zip(columns, r)) for r in batch])
-            for i in texts:         # all NULL in this batch: still text, as in every other one
-                table = table.set_column(i, columns[i], table.column(i).cast(pa.string()))
+            for i, column in enumerate(cur.description):     # all NULL in this chunk: still its own type
+                if i in texts or table.column(i).type == pa.null():
+                    kind = pa.string() if i in texts else ARROW_TYPES.get(column.type_code, pa.string())
+                    table = table.set_column(i, columns[i], table.column(i).cast(kind))
             if writer is None:
                 writer = pq.ParquetWriter(temporary, table.schema)
             writer.write_table(table.cast(writer.schema))

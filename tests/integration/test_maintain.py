@@ -121,6 +121,27 @@ def test_expired_days_are_archived_verified_and_dropped_and_every_row_is_in_one_
     assert report.returncode == 1 and f"the trades of {second_day} are archived" in report.stderr, report.stderr
 
 
+def test_a_column_empty_in_the_first_chunk_keeps_its_type_in_the_archive(archive_home, monkeypatch):
+    """The archive is written a chunk at a time and Parquet takes its column types from the first:
+    a column NULL all through it (trades without bid and ask, then a feed that sends them) once
+    became Arrow's null type, and the first bid in a later chunk failed the whole day."""
+    from tradewatch import maintain as maintenance
+    settings = archive_home
+    start_ms = int(START.timestamp() * 1000)
+    trades = [Trade(f"q{i}", "SPY", start_ms + i, 170.0, 1.0, "buy", "X", *((169.9, 170.1) if i >= 3 else ()))
+              for i in range(6)]
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
+        day = next(d for d in maintenance.day_partitions(cur, "trades", "ts") if d.day == START.date())
+        rows, checksum = maintenance.measure(cur, day)
+    monkeypatch.setattr(maintenance, "CHUNK_ROWS", 3)
+    record = maintenance.archive(conn, settings, day, rows, checksum)
+    conn.close()
+    table = pq.read_table(maintenance.folder(settings, day) / record["file"]).sort_by("trade_id")
+    assert table.schema.field("bid").type == "double" and table.schema.field("condition").type == "string"
+    assert table.column("bid").to_pylist() == [None] * 3 + [169.9] * 3
+
+
 def test_a_redelivered_trade_is_never_doubled_and_one_resent_with_another_time_is_reported(archive_home):
     settings = archive_home
     trade = Trade("same", "SPY", int(START.timestamp() * 1000), 170.0, 10.0, "buy", "X")
