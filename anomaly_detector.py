@@ -135,7 +135,7 @@ def print_rules(rules: list[dict]) -> None:
     print(f"\nstored alerts by rule (precision once {PRECISION_MIN_MARKED} are marked true or false positive):")
     print(f"  {'rule':18} {'alerts':>7} {'true':>6} {'false':>6} {'review':>6}  precision")
     for r in rules:
-        shown = "—" if r["precision"] is None else f"{r['precision'] * 100:.0f} %"
+        shown = "—" if r["precision"] is None else f"{r['precision']:.0%}"
         print(f"  {r['rule']:18} {r['alerts']:>7,} {r['true_positive']:>6,} {r['false_positive']:>6,} "
               f"{r['needs_review']:>6,}  {shown}")
 

@@ -159,6 +159,53 @@ def test_daily_report_figures_equal_direct_sql(replayed, tmp_path):
         == {c: integer(n) for c, n in kept_out.items()}
 
 
+def test_per_rule_precision_from_what_analysts_marked(replayed, tmp_path):
+    """#37: the report and `analyze` count each rule's alerts and verdicts, and give a precision
+    only once five of its alerts are marked true or false (needs_review is not a verdict)."""
+    from tradewatch.store import detections, queries
+    settings = replayed
+    by_rule = query(settings, "SELECT alert_type, array_agg(alert_id ORDER BY alert_id) FROM alerts"
+                              " GROUP BY 1 ORDER BY count(*) DESC, 1")
+    assert by_rule, "the detector raised alerts on the real days"
+    busiest, ids = by_rule[0]
+    assert len(ids) >= 7, by_rule
+    engine = queries.engine_for(settings.sqlalchemy_url)
+
+    def mark(alert_ids, verdict):
+        for alert_id in alert_ids:
+            detections.set_disposition(engine, alert_id, verdict, None, "test", "api")
+
+    def report() -> dict[str, tuple]:
+        expected = {rule: tuple(integer(n) for n in counts) for rule, *counts in query(
+            settings, "SELECT alert_type, count(*), count(*) FILTER (WHERE disposition = 'true_positive'),"
+                      " count(*) FILTER (WHERE disposition = 'false_positive'),"
+                      " count(*) FILTER (WHERE disposition = 'needs_review') FROM alerts GROUP BY 1")}
+        report_cli(settings, "--date", "2013-10-07", "--out", str(tmp_path))
+        rows = markdown_table((tmp_path / "report-2013-10-07.md").read_text(), "Rule")
+        assert {r["Rule"]: (r["Alerts"], r["True positive"], r["False positive"], r["Needs review"])
+                for r in rows} == expected
+        return {r["Rule"]: r["Precision"] for r in rows}
+    try:
+        mark(ids[:2], "true_positive")
+        mark(ids[2:4], "false_positive")
+        mark(ids[4:6], "needs_review")
+        assert report()[busiest] == "—", "four marked: too few to say"
+        mark(ids[6:7], "false_positive")
+        assert report()[busiest] == "40%"
+        analyzed = json.loads(run_script(settings, "anomaly_detector.py", "analyze", "--json").stdout)["rules"]
+        assert {r["rule"]: r["precision"] for r in analyzed} == {
+            rule: 0.4 if rule == busiest else None for rule, _ in by_rule}
+        assert sum(r["alerts"] for r in analyzed) == query(settings, "SELECT count(*) FROM alerts")[0][0]
+        text = run_script(settings, "anomaly_detector.py", "analyze").stdout
+        line = next(line for line in text.splitlines() if line.strip().startswith(busiest))
+        assert line.split()[1:] == [integer(len(ids)), "2", "3", "2", "40%"], line
+    finally:
+        with engine.begin() as conn:                      # the module's other tests see no verdicts
+            conn.exec_driver_sql("UPDATE alerts SET disposition = NULL")
+            conn.exec_driver_sql("DELETE FROM alert_dispositions")
+        engine.dispose()
+
+
 def test_market_quality_of_the_recorded_days_is_unremarkable(replayed, tmp_path):
     """`anomaly_detector.py quality` and the report's section read the stored days: the same
     statistics as the recorded files give, and both regulated days unremarkable."""
