@@ -408,7 +408,8 @@ def create_app(settings: Settings) -> FastAPI:
               summary="Record an analyst's verdict on an alert (X-API-Key when API_KEY is set)",
               description="`true_positive`, `false_positive` or `needs_review`, an optional note and who decided; "
                           "the change is added to the alert's history (`GET /alerts/{alert_id}`), never overwritten.",
-              responses={401: {"description": "missing or wrong API key"}, 404: {"description": "no such alert"}})
+              responses={400: {"description": "the body is not JSON text (e.g. not UTF-8)"},
+                         401: {"description": "missing or wrong API key"}, 404: {"description": "no such alert"}})
     def disposition(alert_id: Annotated[str, Path(max_length=200)], verdict: Verdict,
                     x_api_key: Annotated[str | None, Header()] = None) -> dict:
         if settings.api_key and not key_matches(x_api_key, settings.api_key):

@@ -173,8 +173,9 @@ def test_one_alert_with_its_evidence_and_one_stored_before_evidence_was_kept(api
     assert call(base, "/alerts/nope")[0] == 404 and call(base, "/alerts/" + "x" * 201)[0] == 422
 
 
-def post_json(base: str, path: str, body: dict, headers: dict | None = None) -> tuple[int, object]:
-    request = urllib.request.Request(f"{base}{path}", method="POST", data=json.dumps(body).encode(),
+def post_json(base: str, path: str, body: dict | bytes, headers: dict | None = None) -> tuple[int, object]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{base}{path}", method="POST", data=data,
                                      headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -203,6 +204,7 @@ def test_dispositions_need_the_key_keep_every_change_and_survive_a_restart(setti
     status, body = post_json(base, path, verdict, {**key, "Origin": "https://attacker.example"})
     assert status == 403 and unchanged()
     assert post_json(base, path, {"disposition": "maybe"}, key)[0] == 422 and unchanged()
+    assert post_json(base, path, b"\xff", key)[0] == 400 and unchanged()      # not text: documented, as 400
     assert post_json(base, path, {"disposition": "false_positive", "note": "x" * 2001}, key)[0] == 422 and unchanged()
     assert post_json(base, "/alerts/nope/disposition", verdict, key)[0] == 404 and unchanged()
 
