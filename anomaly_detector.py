@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Anomaly detection: train the Isolation Forest, analyze trades or any CSV series, run live, evaluate."""
+"""Anomaly detection: train the Isolation Forest, analyze trades or any CSV series, run live, evaluate,
+backtest changed settings on stored trades."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ from tradewatch.detect import evaluate, forest, quality
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
-from tradewatch import runtime
+from tradewatch import backtest, runtime
 from tradewatch.stages.detector import detector_config, load_model
 from tradewatch.stages.detector import run as run_detector
 from tradewatch.store import db, queries
@@ -182,6 +183,29 @@ def cmd_evaluate(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_backtest(args, settings: Settings) -> int:
+    if args.until <= args.since:
+        print("error: --until must be after --since", file=sys.stderr)
+        return 2
+    try:
+        variant, changes = backtest.changed(settings, args.set or [])
+    except backtest.BadSetting as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    variants = {"today": backtest.Variant(settings)}
+    if changes:
+        variants["changed"] = variant
+    conn = db.connect(settings)
+    try:
+        result = backtest.run(settings, conn, args.since, args.until, args.symbols, variants, load_model(settings))
+        report = backtest.summary(result, backtest.stored(conn, args.since, args.until, args.symbols), args.since,
+                                  args.until, args.symbols, changes)
+    finally:
+        conn.close()
+    print(json.dumps(report, indent=2) if args.json else backtest.text(report))
+    return 0
+
+
 def describe_quality(q: dict) -> str:
     """One line of market-quality statistics (tradewatch/detect/quality.py) for a symbol-day."""
     b, c, t, v = q["benford"], q["clustering"], q["tail"], q["volume_volatility"]
@@ -246,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--nab-dir", default=str(shared_data_dir() / "nab"))
     ev.add_argument("--lean-dir", default=str(shared_data_dir() / "lean"),
                     help="recorded trading days the real-data evaluation injects anomalies into")
+    back = sub.add_parser("backtest", help="replay stored trades (database and archive) through the live "
+                                           "detection code with today's settings and changed ones; writes nothing")
+    back.add_argument("--since", type=iso_time, required=True)
+    back.add_argument("--until", type=iso_time, required=True)
+    back.add_argument("--symbols", type=symbols_arg, help="comma-separated (default: every symbol)")
+    back.add_argument("--set", action="append", metavar="NAME=VALUE",
+                      help="a detection setting or rule parameter to try, e.g. zscore_threshold=10 (repeatable)")
+    back.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     setup_logging()
     settings = load_settings()
@@ -258,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(args, settings)
         if args.command == "quality":
             return cmd_quality(args, settings)
+        if args.command == "backtest":
+            return cmd_backtest(args, settings)
         run_detector(settings, StopFlag())
         return 0
     except runtime.StageFailed:

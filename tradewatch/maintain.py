@@ -88,6 +88,10 @@ class Day:
         return datetime.combine(last, datetime.min.time(), timezone.utc)
 
     @property
+    def start(self) -> datetime:
+        return datetime.combine(self.day, datetime.min.time(), timezone.utc)
+
+    @property
     def label(self) -> str:
         return {"day": self.day.isoformat(), "month": self.day.isoformat()[:7], "year": str(self.day.year)}[self.span]
 
@@ -139,6 +143,23 @@ def folder(settings: Settings, day: Day) -> Path:
 
 def records(where: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(where.glob("part-*.json"))]
+
+
+SPANS = {10: ("day", "p", "%Y-%m-%d"), 7: ("month", "m", "%Y-%m"), 4: ("year", "y", "%Y")}   # by label length
+
+
+def archived(settings: Settings, table: str, key: str) -> list[tuple[Day, list[Path]]]:
+    """The spans of `table` in the archive, oldest first, each with its recorded files (a file
+    without its record is not part of the archive); a span's Day names the partition it was."""
+    found = []
+    for where in (settings.home / "archive" / table).glob("date=*"):
+        label = where.name[len("date="):]
+        span, letter, pattern = SPANS.get(len(label), (None, "", ""))
+        files = [where / r["file"] for r in records(where) if r.get("file")]
+        if span and files:
+            day = datetime.strptime(label, pattern).date()
+            found.append((Day(table, key, day, f"{table}_{letter}{label.replace('-', '')}", span), files))
+    return sorted(found, key=lambda f: f[0].day)
 
 
 def _tidy(where: Path) -> None:
