@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Consume trades from Kafka and store each exactly once in PostgreSQL; bad messages go to dead_letters."""
+"""Consume trades from Kafka and store each exactly once in PostgreSQL; bad messages go to dead_letters.
+With --quotes: the order book stage instead (Kafka `quotes` → quotes, book_snapshots, order_books)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from tradewatch import bus, runtime
 from tradewatch.cli import StopFlag, iso_time, load_settings, setup_logging
 from tradewatch.config import Settings
 from tradewatch.stages.consumer import run as run_consumer
+from tradewatch.stages.quotes import run as run_quotes
 from tradewatch.store import db, writer
 
 
@@ -18,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Read the Kafka topic `trades` in a consumer group and write every trade once into "
                     "the PostgreSQL table `trades`, in batches. Start several to share the partitions. "
                     "Ctrl-C stores the batch in hand, commits and exits.")
-    parser.add_argument("--group", help="consumer group (default: CONSUMER_GROUP from .env)")
+    parser.add_argument("--quotes", action="store_true",
+                        help="run the order book stage: read the topic `quotes` (QUOTES_TOPIC; `producer.py --book`"
+                             " fills it), keep each symbol's book and store its quotes (every change of the best bid"
+                             " or ask), depth snapshots and current book (what /orderbook reads)")
+    parser.add_argument("--group", help="consumer group (default: CONSUMER_GROUP from .env; QUOTES_GROUP with"
+                                        " --quotes)")
     parser.add_argument("--batch-size", type=int, help="most messages per database transaction")
     parser.add_argument("--client", choices=bus.CLIENTS, help="Kafka client library (default: KAFKA_CLIENT)")
     replay = parser.add_argument_group("dead letters, after a fix (a clock corrected, a limit relaxed)")
@@ -37,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size:
         settings = settings.with_overrides(consumer_batch_size=args.batch_size)
     try:
-        run_consumer(settings, StopFlag(), args.group, args.client)
+        (run_quotes if args.quotes else run_consumer)(settings, StopFlag(), args.group, args.client)
     except runtime.StageFailed:
         return 1            # the stage logged why
     return 0

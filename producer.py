@@ -9,9 +9,11 @@ import time
 
 from tradewatch import bus, prometheus
 from tradewatch.cli import StopFlag, load_settings, setup_logging
+from tradewatch.book import MAX_LEVELS, BookMessage
 from tradewatch.events import Trade
 from tradewatch.market import history as history_mark
 from tradewatch.market import replay
+from tradewatch.market.books import with_books
 from tradewatch.market.live import VENUES, FeedFailed, LiveFeed
 from tradewatch.market.simulator import DEFAULT_SYMBOLS, FIRST_ANOMALY_HISTORY, MarketSimulator
 from tradewatch.publish import PublishStats, publish
@@ -25,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="examples:\n"
                "  python producer.py --rate 50 --anomaly-rate 0.01\n"
                "  python producer.py --count 10000 --rate max --seed 7\n"
+               "  python producer.py --book          # and an order book: python consumer.py --quotes\n"
                "  python producer.py --replay ../shared/data/lean/spy_20131007_trades.csv.gz --speed 60\n"
                "  python producer.py --live coinbase --symbols BTC-USD,ETH-USD\n"
                "  python producer.py --live binance --url ws://127.0.0.1:8765   # python -m tradewatch.market.replay_server binance",
@@ -44,6 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="first send a simulated past, event time from SECONDS ago up to now, as fast as it "
                           "goes, then trade live: charts full from the first minute (`make demo` sends an hour "
                           "into an empty data folder; the dashboard marks it as simulated)")
+    book = parser.add_argument_group("order book")
+    book.add_argument("--book", action="store_true",
+                      help="also keep a limit order book per symbol around the trades' quotes (the simulator, or a "
+                           "replayed file with bid and ask) and send its snapshots and changes, about ten per trade, "
+                           "to the topic `quotes` (QUOTES_TOPIC); `python consumer.py --quotes` stores them")
+    book.add_argument("--book-depth", type=int, help="levels a side (default BOOK_DEPTH from .env, 10)")
     rep = parser.add_argument_group("replay")
     rep.add_argument("--replay", metavar="FILE", help="CSV (or .csv.gz) of trades or 1-minute bars")
     rep.add_argument("--speed", default="1", help="1 = real pace, N = N times faster, 'max' = no waiting")
@@ -90,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
               "with the simulator at a --rate in trades per second (not max, --start, --replay or --live)",
               file=sys.stderr)
         return 2
+    if args.book and args.live:
+        print("error: --book works with the simulator and --replay (a file with bid and ask): live venues' books are"
+              " not read yet", file=sys.stderr)
+        return 2
+    if args.book_depth is not None and not 1 <= args.book_depth <= MAX_LEVELS:
+        print(f"error: --book-depth must be 1..{MAX_LEVELS}, got {args.book_depth}", file=sys.stderr)
+        return 2
     if args.live:
         venue = VENUES[args.live]
         symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()] if args.symbols \
@@ -129,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bus.ensure_topic(settings, topic, settings.trades_partitions)
+        if args.book:
+            bus.ensure_topic(settings, settings.quotes_topic, settings.trades_partitions)
         publisher = bus.publisher(settings, stop=stop)
     except bus.KafkaUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
@@ -149,11 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         history_mark.mark(settings, now_ms - int(args.history * 1000), now_ms)
         past = trades.trades_until(now_ms)
 
-    def send(trade: Trade) -> bool:
-        return publisher.send(topic, trade.symbol.encode(), trade.to_json_bytes())
+    # the live part only: a simulated past (--history) has trades alone
+    live = with_books(trades, args.book_depth or settings.book_depth, seed=args.seed) if args.book else trades
+
+    def send(event: Trade | BookMessage) -> bool:
+        return publisher.send(topic if type(event) is Trade else settings.quotes_topic, event.symbol.encode(),
+                              event.to_json_bytes())
 
     def progress(stats: PublishStats) -> None:
         print(f"sent {stats.sent:,} trades ({stats.rate:,.0f}/s)"
+              + (f", {stats.book_messages:,} book messages" if stats.book_messages else "")
               + (f", injected {stats.injected}" if stats.injected else ""), file=sys.stderr, flush=True)
 
     try:
@@ -163,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sent {sent:,} trades of simulated history ({args.history:g} s); now live", file=sys.stderr)
             origin_ms = int(time.time() * 1000)
             trades.skip_to(origin_ms)                       # live event time is the wall clock again
-        stats = publish(send, trades, speed=speed, count=None if args.count is None else args.count - sent,
+        stats = publish(send, live, speed=speed, count=None if args.count is None else args.count - sent,
                         duration_s=args.duration, stop=stop, progress=progress, origin_ms=origin_ms)
         stats.sent += sent
     except FeedFailed as error:
@@ -173,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         publisher.flush()
         publisher.close()
     print(f"done: sent {stats.sent:,} trades in {stats.elapsed_s:.1f}s ({stats.rate:,.0f}/s)"
+          + (f" and {stats.book_messages:,} book messages" if stats.book_messages else "")
           + (f", injected anomalies {stats.injected}" if stats.injected else ""), file=sys.stderr)
     return 0
 

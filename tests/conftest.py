@@ -85,6 +85,7 @@ def make_test_settings() -> Settings:
         postgres_port=25432 + 1000 * n,
         consumer_metrics_port=9101 + 300 * n, aggregator_metrics_port=9102 + 300 * n,
         detector_metrics_port=9103 + 300 * n, producer_metrics_port=9104 + 300 * n,
+        quotes_metrics_port=9105 + 300 * n,
         trades_partitions=6,
     )
 
@@ -115,9 +116,9 @@ def fresh_settings(services: Settings) -> Settings:
 
     tag = uuid.uuid4().hex[:8]
     fresh = services.with_overrides(trades_topic=f"trades-{tag}", alerts_topic=f"alerts-{tag}",
-                                    candles_topic=f"candles-{tag}",
+                                    candles_topic=f"candles-{tag}", quotes_topic=f"quotes-{tag}",
                                     consumer_group=f"group-{tag}", aggregator_group=f"aggregator-{tag}",
-                                    detector_group=f"detector-{tag}")
+                                    detector_group=f"detector-{tag}", quotes_group=f"quotes-{tag}")
     bus.ensure_topic(fresh, fresh.trades_topic, fresh.trades_partitions)
     empty_tables(fresh)
     return fresh

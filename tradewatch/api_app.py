@@ -31,6 +31,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
 from tradewatch.access import key_matches
+from tradewatch.book import MAX_LEVELS
 from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.store import detections, queries
@@ -46,6 +47,8 @@ REQUEST_SECONDS = Histogram("tradewatch_api_request_seconds", "API request durat
 SYMBOL_PATTERN = r"^[A-Z0-9._/^=-]{1,20}$"      # the trade event's symbol rule (tradewatch/events.py)
 Symbol = Annotated[str, Query(pattern=SYMBOL_PATTERN, description="e.g. AAPL, BTC-USD")]
 SymbolText = Annotated[str, StringConstraints(pattern=SYMBOL_PATTERN)]
+SymbolPath = Annotated[str, Path(pattern=SYMBOL_PATTERN, description="e.g. AAPL, BTC-USD")]
+BookDepth = Annotated[int, Query(ge=1, le=MAX_LEVELS, description="levels a side (default BOOK_DEPTH)")]
 MAX_PAGE = 1000
 ISO_8601 = re.compile(r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?([Zz]|[+-]\d{2}(:?\d{2})?)?")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -290,6 +293,36 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/latest", summary="The newest trade of each symbol")
     def latest() -> list[dict]:
         return rows_response(queries.latest_trades(engine))
+
+    def book_or_404(symbol: str, depth: int) -> dict:
+        book = queries.order_book(engine, symbol, depth)
+        if book is None:
+            raise HTTPException(404, f"no order book for {symbol!r}: no quote of it was read (`producer.py --book`, "
+                                     "`consumer.py --quotes`), or none for SYMBOL_IDLE_EVICT_SECONDS")
+        return book
+
+    @app.get("/quotes/{symbol}", summary="The latest best bid and ask of a symbol, with sizes, spread and mid",
+             description="From the quotes stage's book as of its last checkpoint (a quarter of a second). `stale`: "
+                         "a sequence gap since its last snapshot, so the values are the last known, not trusted.",
+             responses={404: {"description": "no book for this symbol"}})
+    def quote(symbol: SymbolPath) -> dict:
+        book = book_or_404(symbol, 1)
+        (bid, bid_size), (ask, ask_size) = (book["bids"] or [[None, None]])[0], (book["asks"] or [[None, None]])[0]
+        both = bid is not None and ask is not None
+        return {"symbol": symbol, "exchange": book["exchange"], "ts": book["ts"], "seq": book["seq"],
+                "bid": bid, "bid_size": bid_size, "ask": ask, "ask_size": ask_size,
+                "spread": ask - bid if both else None, "mid": (ask + bid) / 2 if both else None,
+                "stale": book["stale"]}
+
+    @app.get("/orderbook/{symbol}", summary="The current order book of a symbol: its best `depth` levels a side",
+             description="Bids and asks as [price, size], best first, from the quotes stage's book as of its last "
+                         "checkpoint; `imbalance`: (bid size − ask size) / (both) over those levels; `gaps`: "
+                         "sequence gaps seen; `stale`: one since the last snapshot.",
+             responses={404: {"description": "no book for this symbol"}})
+    def orderbook(symbol: SymbolPath, depth: BookDepth = settings.book_depth) -> dict:
+        book = book_or_404(symbol, depth)
+        b, a = sum(s for _, s in book["bids"]), sum(s for _, s in book["asks"])
+        return {**book, "imbalance": (b - a) / (b + a) if b + a else None}
 
     @app.get("/trades", summary="Trades of a symbol in a time range, oldest first, a page at a time")
     def trades(symbol: Symbol, since: Instant | None = None, until: Instant | None = None,

@@ -37,6 +37,7 @@ class Settings:
     trades_topic: str = "trades"
     alerts_topic: str = "alerts"
     candles_topic: str = "candles"           # each final candle with its indicators (the aggregator)
+    quotes_topic: str = "quotes"             # order book messages (tradewatch/book.py), TRADES_PARTITIONS partitions
     trades_partitions: int = 10
     kafka_retention_hours: float = 168.0
     kafka_retention_mb: int = 500             # per partition
@@ -58,6 +59,7 @@ class Settings:
     retention_days_late_trades: int = 30
     retention_days_dead_letters: int = 30
     retention_days_alerts: int = 365
+    retention_days_quotes: int = 2             # quotes and book_snapshots: ten messages a trade
     retention_days_minute_candles: int = 90     # stock_metrics and indicators of windows up to 1 minute
     retention_days_candles: int = 365           # … of longer windows
     allowed_lateness_seconds: float = 5.0
@@ -65,11 +67,15 @@ class Settings:
     aggregator_flush_ms: int = 500
     ohlc_exclude_conditions: str = ""
     detector_group: str = "tradewatch-detector"
+    quotes_group: str = "tradewatch-quotes"
+    book_depth: int = 10                     # levels a side the simulator keeps and the snapshots store
+    book_snapshot_seconds: float = 10.0      # a depth snapshot per symbol every this much event time
     metrics_address: str = "127.0.0.1"
     consumer_metrics_port: int = 9101
     aggregator_metrics_port: int = 9102
     detector_metrics_port: int = 9103
     producer_metrics_port: int = 9104
+    quotes_metrics_port: int = 9105
     api_address: str = "127.0.0.1"
     api_port: int = 8000
     api_key: str = ""

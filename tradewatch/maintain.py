@@ -1,7 +1,8 @@
 """`python -m tradewatch maintain [--dry-run] [--every SECONDS]`: retention of the tables that grow
 with the feed, by whole partitions (tradewatch/store/partitions.py), never by DELETE.
 
-For each table — trades, trade_flags, late_trades, dead_letters, alerts, each window size's
+For each table — trades, trade_flags, late_trades, dead_letters, alerts, quotes and book_snapshots
+(RETENTION_DAYS_QUOTES), each window size's
 candle tables (stock_metrics_1m, indicators_1m, …: RETENTION_DAYS_MINUTE_CANDLES for windows up to
 a minute, RETENTION_DAYS_CANDLES for longer ones) and Flink's 1-minute flink_metrics (as the
 minute candles; first its DEFAULT partition's rows are moved into their months) — a partition (a day, a month for candles, or a
@@ -58,7 +59,8 @@ def retention_days(cur, settings: Settings) -> list[tuple[str, str, int]]:
     each window size's candle tables (stock_metrics_1m, indicators_5m, …; found in the catalog)."""
     kept = [("trades", settings.retention_days_trades), ("trade_flags", settings.retention_days_trade_flags),
             ("late_trades", settings.retention_days_late_trades),
-            ("dead_letters", settings.retention_days_dead_letters), ("alerts", settings.retention_days_alerts)]
+            ("dead_letters", settings.retention_days_dead_letters), ("alerts", settings.retention_days_alerts),
+            ("quotes", settings.retention_days_quotes), ("book_snapshots", settings.retention_days_quotes)]
     found = [(t, partitions.PARTITIONED[t], days) for t, days in kept]
     found.append((partitions.FLINK, "window_start", settings.retention_days_minute_candles))   # 1m windows
     for table in partitions.CANDLES:

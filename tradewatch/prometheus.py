@@ -1,7 +1,7 @@
 """Prometheus metrics of the stages (prometheus-client), one place for all of them.
 
 Each stage process serves its metrics on its own port (`CONSUMER_METRICS_PORT`,
-`AGGREGATOR_METRICS_PORT`, `DETECTOR_METRICS_PORT`; 0 = off); a second process of the same stage
+`AGGREGATOR_METRICS_PORT`, `DETECTOR_METRICS_PORT`, `QUOTES_METRICS_PORT`; 0 = off); a second process of the same stage
 (scale-out) takes the next free port and logs it. Every series carries the label `stage`.
 
     tradewatch_messages_in_total            messages read from Kafka
@@ -15,6 +15,8 @@ Each stage process serves its metrics on its own port (`CONSUMER_METRICS_PORT`,
     tradewatch_latency_seconds{path}        histogram: Kafka append time → row committed
                                             (trade_to_row) and → alert committed (trade_to_alert)
     tradewatch_stage_starts_total           process starts (a supervisor restart counts one more)
+    tradewatch_book_gaps_total              quotes: sequence gaps in the book messages (a book is
+                                            stale until its next snapshot)
     tradewatch_disk_free_bytes{folder}      free and total bytes of the disk holding TRADEWATCH_HOME,
     tradewatch_disk_size_bytes{folder}      measured when scraped (tradewatch/disk.py)
 
@@ -53,6 +55,7 @@ LATENCY = Histogram("tradewatch_latency_seconds", "From the Kafka append time of
                     ["stage", "path"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                                 5, 10, 30, 60))
 SYMBOLS = Gauge("tradewatch_symbols_held", "Symbols whose state the stage holds (idle ones are evicted)", ["stage"])
+BOOK_GAPS = Counter("tradewatch_book_gaps", "Sequence gaps in the book messages (the quotes stage)")
 STARTS = Counter("tradewatch_stage_starts", "Process starts", ["stage"])
 DISK_FREE = Gauge("tradewatch_disk_free_bytes", "Free bytes of the disk holding TRADEWATCH_HOME", ["stage", "folder"])
 DISK_SIZE = Gauge("tradewatch_disk_size_bytes", "Size of the disk holding TRADEWATCH_HOME", ["stage", "folder"])

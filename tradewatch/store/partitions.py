@@ -12,7 +12,8 @@ from datetime import date, timedelta
 from typing import Iterable
 
 DAY_MS = 86_400_000
-PARTITIONED = {"trades": "ts", "trade_flags": "ts", "late_trades": "ts", "alerts": "ts", "dead_letters": "sent_at"}
+PARTITIONED = {"trades": "ts", "trade_flags": "ts", "late_trades": "ts", "alerts": "ts", "dead_letters": "sent_at",
+               "quotes": "ts", "book_snapshots": "ts"}
 UNIT = {"alerts": "month"}                         # the others by day (schema.sql says why)
 CANDLES = ("stock_metrics", "indicators")          # by window size, then month of window_start
 FLINK = "flink_metrics"                            # by month of window_start, with a DEFAULT partition

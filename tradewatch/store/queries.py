@@ -260,6 +260,20 @@ def latest_trades(engine: Engine) -> pd.DataFrame:
                           " ORDER BY symbol")
 
 
+def order_book(engine: Engine, symbol: str, depth: int) -> dict | None:
+    """The book the quotes stage holds for `symbol` as of its last checkpoint (`order_books`), its
+    best `depth` levels a side; None when it holds none."""
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT symbol, exchange, ts, seq, stale, gaps, updated_at,"
+            " (SELECT coalesce(jsonb_agg(l ORDER BY n), '[]') FROM jsonb_array_elements(bids) WITH ORDINALITY AS b(l, n)"
+            "  WHERE n <= :depth) AS bids,"
+            " (SELECT coalesce(jsonb_agg(l ORDER BY n), '[]') FROM jsonb_array_elements(asks) WITH ORDINALITY AS a(l, n)"
+            "  WHERE n <= :depth) AS asks"
+            " FROM order_books WHERE symbol = :symbol"), {"symbol": symbol, "depth": depth}).mappings().first()
+    return dict(row) if row is not None else None
+
+
 def trades_page(engine: Engine, symbol: str, since, until, after: tuple | None, limit: int) -> pd.DataFrame:
     """Keyset pagination on (ts, trade_id): a page never skips or repeats a trade."""
     return _frame(engine, """

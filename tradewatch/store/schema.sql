@@ -264,6 +264,48 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS raw_bytes integer;
 ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS raw_sha256 bytea;
 
+-- The order book (the quotes stage, tradewatch/stages/quotes.py; kept RETENTION_DAYS_QUOTES).
+-- Top of book over time: a row for each change of a symbol's best bid or ask (price or size), not
+-- a sample — what the spread, the trade rules and the book rules read must be exact, and a change
+-- at the touch is one message in ten on a busy book. Keyed by the book's own seq, so a message
+-- read again after a crash writes nothing new.
+CREATE TABLE IF NOT EXISTS quotes (
+    symbol           text NOT NULL,
+    ts               timestamptz NOT NULL,           -- event time of the message that changed it
+    seq              bigint NOT NULL,                -- the book's sequence number after that message
+    bid              double precision,               -- NULL: that side is empty
+    bid_size         double precision,
+    ask              double precision,
+    ask_size         double precision,
+    PRIMARY KEY (symbol, ts, seq)
+) PARTITION BY RANGE (ts);
+-- Depth: each symbol's best BOOK_DEPTH levels a side at the first message of every
+-- BOOK_SNAPSHOT_SECONDS of event time (on the clock's grid, so a run read again writes the same).
+CREATE TABLE IF NOT EXISTS book_snapshots (
+    symbol           text NOT NULL,
+    ts               timestamptz NOT NULL,
+    seq              bigint NOT NULL,
+    bids             jsonb NOT NULL,                 -- [[price, size], …] best first
+    asks             jsonb NOT NULL,
+    PRIMARY KEY (symbol, ts)
+) PARTITION BY RANGE (ts);
+-- The book of every symbol the quotes stage holds, as of its last checkpoint (in the transaction
+-- that stores its position): what /orderbook and /quotes read, and what the stage loads again when
+-- it is given the symbol's Kafka partition. A symbol idle for SYMBOL_IDLE_EVICT_SECONDS leaves it.
+CREATE TABLE IF NOT EXISTS order_books (
+    symbol           text PRIMARY KEY,
+    exchange         text NOT NULL,
+    kafka_partition  integer NOT NULL,
+    ts               timestamptz NOT NULL,
+    seq              bigint NOT NULL,
+    stale            boolean NOT NULL,               -- a gap since its last snapshot: not to be trusted
+    gaps             bigint NOT NULL,                -- sequence gaps seen in this symbol's messages
+    bids             jsonb NOT NULL,                 -- every level held, best first
+    asks             jsonb NOT NULL,
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS order_books_partition ON order_books (kafka_partition);
+
 -- Windowed metrics from aggregator.py: one row per symbol × window size × window start.
 CREATE TABLE IF NOT EXISTS stock_metrics (
     symbol           text NOT NULL,

@@ -1,0 +1,148 @@
+"""The quotes stage: Kafka `quotes` (book snapshots and changes, tradewatch/book.py) → the book of
+every symbol in memory → PostgreSQL `quotes` (each change of the top of book), `book_snapshots`
+(depth every BOOK_SNAPSHOT_SECONDS of event time) and `order_books` (each book as of the last
+checkpoint), bad messages → `dead_letters`.
+
+It keeps its position in the database, as the aggregator does: the rows, the changed books and the
+next offset of each partition are written in one fenced transaction (tradewatch/runtime.py), and a
+partition it is given starts from its stored books at the stored offset. So after a kill -9 it
+reads again from exactly the state it had stored: the same rows come out, keyed, written once.
+
+A sequence gap (an update that does not follow the book's seq) is counted and logged, and the
+book is `stale` — no quote rows, shown as such — until the next snapshot rebuilds it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from tradewatch import bus, prometheus, runtime
+from tradewatch.book import InvalidBook, OrderBook, decode_book
+from tradewatch.config import Settings
+from tradewatch.stages.consumer import DeadLetterLog
+from tradewatch.store import books as store
+from tradewatch.store.writer import DeadLetter, write_dead_letters
+
+log = logging.getLogger("tradewatch.quotes")
+
+
+class Quotes(runtime.Stage):
+    name = "quotes"
+    keeps_position = True
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.settings = settings
+        self.flush_interval_s = 0.25
+        self.batch_size = settings.consumer_batch_size
+        self.depth = settings.book_depth
+        self.snapshot_ms = max(int(settings.book_snapshot_seconds * 1000), 1)
+        self.max_skew_ms = int(settings.max_clock_skew_seconds * 1000)
+        self.books: dict[str, OrderBook] = {}
+        self.symbols = runtime.Symbols(settings.symbol_idle_evict_seconds)
+        self.quotes = self.pending_effects()        # top-of-book rows
+        self.snapshots = self.pending_effects()
+        self.changed = self.pending_effects()       # books to store, by symbol
+        self.dead = self.pending_effects()
+        self.gone: set[str] = set()
+        self.read_since = 0
+        self.gaps = self.dead_total = 0
+        self.say = DeadLetterLog()
+
+    def output_topics(self) -> dict[str, int]:
+        return {}
+
+    def assigned(self, cur, partitions: list[int], stored: dict[int, tuple[int, dict]]) -> dict[int, int | None]:
+        for p, book in store.load_books(cur, partitions):
+            self.books[book.symbol] = book
+            self.symbols.touch(p, book.symbol, book.timestamp_ms)
+        log.info("partitions %s: %d books loaded", partitions, sum(1 for s in self.books
+                                                                      if self.symbols.partition_of(s) in partitions))
+        return {p: bus.BEGINNING for p in partitions if p not in stored}
+
+    def take(self, messages: list[bus.Message]) -> None:
+        now_ms = int(time.time() * 1000)
+        for m in messages:
+            self.read_since += 1
+            try:
+                book_message = decode_book(m.value, m.timestamp_ms or now_ms, self.max_skew_ms)
+                self._apply(m.partition, book_message)
+            except InvalidBook as error:
+                self._dead(m, str(error))
+            except Exception as error:  # noqa: BLE001 - no single message may stop the stage
+                self._dead(m, f"cannot be applied: {type(error).__name__}: {error}")
+            self.processed += 1
+
+    def _dead(self, m: bus.Message, reason: str) -> None:
+        letter = DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, reason, m.timestamp_ms)
+        self.dead.add(m.partition, letter)
+        self.say(letter)
+
+    def _apply(self, partition: int, m) -> None:
+        book = self.books.get(m.symbol)
+        if book is None:
+            book = self.books[m.symbol] = OrderBook(m.symbol, m.exchange)
+        before = None if book.stale else book.top()
+        slot = None if book.timestamp_ms is None or book.stale else book.timestamp_ms // self.snapshot_ms
+        was_stale = book.stale
+        if not book.apply(m):
+            if book.stale and not was_stale:
+                self.gaps += 1
+                prometheus.BOOK_GAPS.inc()
+                log.warning("%s: sequence gap (update %d follows %d, not %d): the book is stale until the next"
+                            " snapshot", m.symbol, m.seq, m.prev_seq, book.seq)
+                self.changed.add(partition, book, (m.symbol,))
+            return
+        self.symbols.touch(partition, m.symbol, m.timestamp_ms)
+        self.changed.add(partition, book, (m.symbol,))
+        top = book.top()
+        if top != before:
+            self.quotes.add(partition, (m.symbol, m.timestamp_ms, m.seq, top.bid, top.bid_size, top.ask, top.ask_size))
+        if slot is None or m.timestamp_ms // self.snapshot_ms > slot:
+            bids, asks = book.depth(self.depth)
+            self.snapshots.add(partition, (m.symbol, m.timestamp_ms, m.seq, bids, asks))
+
+    def pending(self) -> int:
+        return self.read_since
+
+    def write(self, conn, cur) -> None:
+        idle = self.symbols.idle()
+        for symbol in idle:
+            self.books.pop(symbol, None)
+            self.changed.pop((symbol,))
+        self.gone |= idle
+        store.write_quotes(cur, self.quotes.items())
+        store.write_snapshots(cur, self.snapshots.items())
+        store.write_books(cur, self.changed.tagged(), self.gone)
+        write_dead_letters(cur, self.dead.items())
+
+    def written(self) -> None:
+        prometheus.ROWS.labels("quotes", "quotes").inc(len(self.quotes))
+        prometheus.ROWS.labels("quotes", "book_snapshots").inc(len(self.snapshots))
+        for letter in self.dead.items():
+            prometheus.DEAD_LETTERS.labels("quotes", prometheus.reason_kind(letter.reason)).inc()
+        self.dead_total += len(self.dead)
+        self.gone = set()
+        self.read_since = 0
+        prometheus.SYMBOLS.labels("quotes").set(len(self.books))
+
+    def drop(self, partitions: list[int]) -> None:
+        for symbol in self.symbols.drop(partitions):
+            self.books.pop(symbol, None)
+
+    def close(self) -> None:
+        self.say.flush()
+
+    def report(self) -> str:
+        self.say.tick()
+        stale = sum(1 for b in self.books.values() if b.stale)
+        return (f"applied {self.processed} book messages; {len(self.books)} books ({stale} stale); "
+                f"sequence gaps {self.gaps}; dead letters {self.dead_total}")
+
+
+def run(settings: Settings, stop: Callable[[], bool], group_id: str | None = None,
+        client: str | None = None) -> Quotes:
+    stage = Quotes(settings)
+    runtime.Runtime(settings, stage, group_id or settings.quotes_group, settings.quotes_topic, stop, client).run()
+    return stage

@@ -1,0 +1,82 @@
+"""Writes of the quotes stage (tradewatch/stages/quotes.py): `quotes`, `book_snapshots` and
+`order_books`, all keyed, so a checkpoint written again after a crash changes nothing."""
+from __future__ import annotations
+
+import io
+
+import orjson
+from psycopg2.extras import execute_values
+
+from tradewatch.book import OrderBook
+from tradewatch.store import partitions
+
+_CREATE_INCOMING = """
+CREATE TEMP TABLE IF NOT EXISTS quotes_incoming (
+    symbol text, ms bigint, seq bigint, bid float8, bid_size float8, ask float8, ask_size float8
+) ON COMMIT DELETE ROWS
+"""
+_MERGE = """
+INSERT INTO quotes (symbol, ts, seq, bid, bid_size, ask, ask_size)
+SELECT symbol, timestamptz 'epoch' + ms * interval '1 millisecond', seq, bid, bid_size, ask, ask_size
+FROM quotes_incoming ON CONFLICT DO NOTHING
+"""
+_MS = "timestamptz 'epoch' + %s * interval '1 millisecond'"
+
+
+def _cell(value) -> str:
+    return r"\N" if value is None else repr(value)
+
+
+def write_quotes(cur, rows: list[tuple]) -> None:
+    """rows: (symbol, ms, seq, bid, bid_size, ask, ask_size), through COPY (symbols are validated
+    against a pattern with no tab, backslash or newline)."""
+    if not rows:
+        return
+    partitions.ensure(cur, "quotes", {partitions.day_of(r[1]) for r in rows})
+    cur.execute(_CREATE_INCOMING)
+    text = "".join(f"{s}\t{ms}\t{seq}\t{_cell(b)}\t{_cell(bs)}\t{_cell(a)}\t{_cell(az)}\n"
+                   for s, ms, seq, b, bs, a, az in rows)
+    cur.copy_expert("COPY quotes_incoming FROM STDIN", io.StringIO(text))
+    cur.execute(_MERGE)
+
+
+def write_snapshots(cur, rows: list[tuple]) -> None:
+    """rows: (symbol, ms, seq, bids, asks), the sides as lists of (price, size) best first."""
+    if not rows:
+        return
+    partitions.ensure(cur, "book_snapshots", {partitions.day_of(r[1]) for r in rows})
+    execute_values(cur, "INSERT INTO book_snapshots (symbol, ts, seq, bids, asks) VALUES %s ON CONFLICT DO NOTHING",
+                   [(s, ms, seq, orjson.dumps(b).decode(), orjson.dumps(a).decode()) for s, ms, seq, b, a in rows],
+                   template=f"(%s, {_MS}, %s, %s::jsonb, %s::jsonb)")
+
+
+def write_books(cur, books: list[tuple[int, OrderBook]], gone: set[str]) -> None:
+    """The current book of each (partition, book) changed since the last checkpoint; `gone`: symbols
+    no longer held (idle)."""
+    if books:
+        rows = []
+        for p, b in books:
+            bids, asks = b.depth(len(b.bids) + len(b.asks))
+            rows.append((b.symbol, b.exchange, p, b.timestamp_ms, b.seq, b.stale, b.gaps,
+                         orjson.dumps(bids).decode(), orjson.dumps(asks).decode()))
+        execute_values(
+            cur, "INSERT INTO order_books (symbol, exchange, kafka_partition, ts, seq, stale, gaps, bids, asks)"
+                 " VALUES %s ON CONFLICT (symbol) DO UPDATE SET exchange = EXCLUDED.exchange,"
+                 " kafka_partition = EXCLUDED.kafka_partition, ts = EXCLUDED.ts, seq = EXCLUDED.seq,"
+                 " stale = EXCLUDED.stale, gaps = EXCLUDED.gaps, bids = EXCLUDED.bids, asks = EXCLUDED.asks,"
+                 " updated_at = now()",
+            rows, template=f"(%s, %s, %s, {_MS}, %s, %s, %s, %s::jsonb, %s::jsonb)")
+    if gone:
+        cur.execute("DELETE FROM order_books WHERE symbol = ANY(%s)", (sorted(gone),))
+
+
+def load_books(cur, kafka_partitions: list[int]) -> list[tuple[int, OrderBook]]:
+    """The stored books of these Kafka partitions, as the last checkpoint left them."""
+    cur.execute("SELECT kafka_partition, symbol, exchange, (extract(epoch FROM ts) * 1000)::bigint, seq, stale, gaps,"
+                " bids, asks FROM order_books WHERE kafka_partition = ANY(%s)", (kafka_partitions,))
+    found = []
+    for p, symbol, exchange, ms, seq, stale, gaps, bids, asks in cur.fetchall():
+        book = OrderBook(symbol, exchange, seq, ms, {pr: s for pr, s in bids}, {pr: s for pr, s in asks}, stale)
+        book.gaps = gaps
+        found.append((p, book))
+    return found
