@@ -24,7 +24,8 @@ SEVERITY_COLORS = {"CRITICAL": "#d62728", "HIGH": "#ff7f0e", "MEDIUM": "#e6c229"
 SEVERITIES = list(SEVERITY_COLORS)
 # 120 points per stage for the hour: a third of the rows of the 10-s samples, read in a third of the time
 PIPELINE_STEP_S = 30
-STAGE_COLORS = {"consumer": "#1f77b4", "aggregator": "#2ca02c", "detector": "#d62728", "flink": "#9467bd"}
+STAGE_COLORS = {"consumer": "#1f77b4", "aggregator": "#2ca02c", "detector": "#d62728", "flink": "#9467bd",
+                "quotes": "#8c564b"}
 
 # icons are Material Symbols, which Streamlit serves with its own font: an emoji is an empty box on a
 # machine without an emoji font

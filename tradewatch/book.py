@@ -27,7 +27,6 @@ prev_seq == the book's seq — finds every gap. Unknown extra fields are ignored
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -87,15 +86,13 @@ def decode_book(raw: bytes | None, sent_ms: int | None = None, max_skew_ms: int 
         raise InvalidBook(f"not a book message: {error}") from None
     except (msgspec.DecodeError, ValueError) as error:
         raise InvalidBook(f"not JSON: {error}") from None
+    # (JSON has no NaN or Infinity, and a number too large for a double is out of range: every price
+    # and size is finite once decoded)
     limit = (sent_ms if sent_ms is not None else int(time.time() * 1000)) + max_skew_ms
     if m.timestamp_ms > limit:
         raise InvalidBook(f"timestamp_ms {m.timestamp_ms} is {(m.timestamp_ms - limit + max_skew_ms) / 1000:g} s ahead "
                           f"of the time the message was sent; the clock-skew limit is {max_skew_ms / 1000:g} s "
                           "(MAX_CLOCK_SKEW_SECONDS)")
-    for side in (m.bids, m.asks):
-        for price, size in side:
-            if not (math.isfinite(price) and math.isfinite(size)):
-                raise InvalidBook("prices and sizes must be finite numbers")
     if m.type == "update":
         if m.prev_seq is None:
             raise InvalidBook("an update needs prev_seq (the seq of the book it applies to)")
@@ -137,7 +134,7 @@ class OrderBook:
     so a gap is never papered over). Each side holds at most MAX_LEVELS levels: past that the
     levels farthest from the touch go."""
 
-    __slots__ = ("symbol", "exchange", "seq", "timestamp_ms", "stale", "bids", "asks", "gaps")
+    __slots__ = ("symbol", "exchange", "seq", "timestamp_ms", "stale", "bids", "asks", "gaps", "_top")
 
     def __init__(self, symbol: str, exchange: str = "", seq: int | None = None, timestamp_ms: int | None = None,
                  bids: dict[float, float] | None = None, asks: dict[float, float] | None = None,
@@ -147,12 +144,14 @@ class OrderBook:
         self.asks: dict[float, float] = asks or {}
         self.stale = stale        # no snapshot yet, or a gap since the last one
         self.gaps = 0
+        self._top: Top | None = None      # cached; found again only after a change at or past the touch
 
     def apply(self, m: BookMessage) -> bool:
         if m.type == "snapshot":
             self.bids = {p: s for p, s in m.bids}
             self.asks = {p: s for p, s in m.asks}
             self.stale = False
+            self._top = None
         elif self.stale:
             return False
         elif m.prev_seq != self.seq:
@@ -160,13 +159,18 @@ class OrderBook:
             self.stale = True
             return False
         else:
-            for levels, side in ((m.bids, self.bids), (m.asks, self.asks)):
+            top = self._top
+            for levels, side, better in ((m.bids, self.bids, 1.0), (m.asks, self.asks, -1.0)):
+                touch = None if top is None else (top.bid if better > 0 else top.ask)
                 for price, size in levels:
                     if size > 0:
                         side[price] = size
                     else:
                         side.pop(price, None)
-            self._trim()
+                    if touch is None or (price - touch) * better >= 0:
+                        self._top = None          # at or past the touch: the top may have changed
+            if len(self.bids) > MAX_LEVELS or len(self.asks) > MAX_LEVELS:
+                self._trim()
         self.seq, self.timestamp_ms, self.exchange = m.seq, m.timestamp_ms, m.exchange
         return True
 
@@ -176,9 +180,11 @@ class OrderBook:
                 del side[worst(side)]
 
     def top(self) -> Top:
-        bid = max(self.bids) if self.bids else None
-        ask = min(self.asks) if self.asks else None
-        return Top(bid, None if bid is None else self.bids[bid], ask, None if ask is None else self.asks[ask])
+        if self._top is None:
+            bid = max(self.bids) if self.bids else None
+            ask = min(self.asks) if self.asks else None
+            self._top = Top(bid, None if bid is None else self.bids[bid], ask, None if ask is None else self.asks[ask])
+        return self._top
 
     def depth(self, n: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
         """The best `n` levels of each side, best first: (bids, asks)."""

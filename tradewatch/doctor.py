@@ -98,7 +98,7 @@ def check_postgres(settings: Settings) -> list[Check]:
 
 
 STAGE_COMMANDS = {"consumer": "python consumer.py", "aggregator": "python aggregator.py",
-                  "detector": "python anomaly_detector.py run"}
+                  "detector": "python anomaly_detector.py run", "quotes": "python consumer.py --quotes"}
 
 
 def check_stages(settings: Settings) -> list[Check]:

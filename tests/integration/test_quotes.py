@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import free_port, query, run_script, start_script, wait_for
+from tests.conftest import free_port, query, start_script, wait_for
 from tests.integration.test_api import call, serve_api
 from tests.integration.test_ingest import START, stop_gracefully
 from tradewatch import bus
@@ -78,9 +78,9 @@ def test_the_stored_book_equals_the_simulators_after_kill_9s_mid_stream(settings
 
     books, quotes, snapshots = expected_run(5, trades)
     stored = query(settings, "SELECT symbol, seq, stale, gaps, bids::text, asks::text FROM order_books")
-    assert {row[0]: row[1:] for row in stored} == {
-        s: (b.seq, False, 0, json.dumps([list(x) for x in b.depth(99)[0]]), json.dumps([list(x) for x in b.depth(99)[1]]))
-        for s, b in books.items()}, "each stored book is the simulator's, level for level"
+    levels = {s: [json.dumps([list(x) for x in side]) for side in b.depth(99)] for s, b in books.items()}
+    assert {row[0]: row[1:] for row in stored} == {s: (b.seq, False, 0, *levels[s]) for s, b in books.items()}, \
+        "each stored book is the simulator's, level for level"
     rows = query(settings, "SELECT symbol, (extract(epoch FROM ts) * 1000)::bigint, seq, bid, bid_size, ask, ask_size"
                            " FROM quotes")
     assert len(rows) == len(set(rows)) and set(rows) == quotes, "every change of a top of book, once"

@@ -122,7 +122,7 @@ def test_every_simulated_trade_is_at_the_touch_and_the_rebuilt_book_equals_the_s
             trades += 1
             top = rebuilt[event.symbol].top()
             assert (top.bid, top.ask) == (event.bid, event.ask), "the trade's quotes are the book's"
-            assert event.price == (top.ask if event.side == "buy" else top.bid), "a buy lifts the ask, a sell hits the bid"
+            assert event.price == (top.ask if event.side == "buy" else top.bid), "a buy lifts the ask, a sell the bid"
             assert (top.ask_size if event.side == "buy" else top.bid_size) > event.quantity, "enough size at the touch"
             continue
         messages += 1

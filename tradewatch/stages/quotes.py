@@ -34,7 +34,6 @@ class Quotes(runtime.Stage):
     def __init__(self, settings: Settings):
         super().__init__()
         self.settings = settings
-        self.flush_interval_s = 0.25
         self.batch_size = settings.consumer_batch_size
         self.depth = settings.book_depth
         self.snapshot_ms = max(int(settings.book_snapshot_seconds * 1000), 1)
@@ -63,6 +62,7 @@ class Quotes(runtime.Stage):
 
     def take(self, messages: list[bus.Message]) -> None:
         now_ms = int(time.time() * 1000)
+        self._touched: dict[str, tuple[int, int]] = {}      # symbol -> (partition, newest event ms)
         for m in messages:
             self.read_since += 1
             try:
@@ -73,6 +73,8 @@ class Quotes(runtime.Stage):
             except Exception as error:  # noqa: BLE001 - no single message may stop the stage
                 self._dead(m, f"cannot be applied: {type(error).__name__}: {error}")
             self.processed += 1
+        for symbol, (partition, ms) in self._touched.items():      # once a batch: idle symbols leave
+            self.symbols.touch(partition, symbol, ms)
 
     def _dead(self, m: bus.Message, reason: str) -> None:
         letter = DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, reason, m.timestamp_ms)
@@ -94,7 +96,7 @@ class Quotes(runtime.Stage):
                             " snapshot", m.symbol, m.seq, m.prev_seq, book.seq)
                 self.changed.add(partition, book, (m.symbol,))
             return
-        self.symbols.touch(partition, m.symbol, m.timestamp_ms)
+        self._touched[m.symbol] = (partition, m.timestamp_ms)
         self.changed.add(partition, book, (m.symbol,))
         top = book.top()
         if top != before:

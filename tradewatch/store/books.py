@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 
 import orjson
+import psycopg2.errors
 from psycopg2.extras import execute_values
 
 from tradewatch.book import OrderBook
 from tradewatch.store import partitions
+from tradewatch.store.writer import copy_number, copy_timestamp
 
 _CREATE_INCOMING = """
 CREATE TEMP TABLE IF NOT EXISTS quotes_incoming (
@@ -23,20 +25,26 @@ FROM quotes_incoming ON CONFLICT DO NOTHING
 _MS = "timestamptz 'epoch' + %s * interval '1 millisecond'"
 
 
-def _cell(value) -> str:
-    return r"\N" if value is None else repr(value)
-
-
 def write_quotes(cur, rows: list[tuple]) -> None:
-    """rows: (symbol, ms, seq, bid, bid_size, ask, ask_size), through COPY (symbols are validated
-    against a pattern with no tab, backslash or newline)."""
+    """rows: (symbol, ms, seq, bid, bid_size, ask, ask_size). COPY straight into `quotes` (symbols
+    are validated against a pattern with no tab, backslash or newline); when a row is already
+    stored (a checkpoint written again after a crash), merged through a temp table instead."""
     if not rows:
         return
     partitions.ensure(cur, "quotes", {partitions.day_of(r[1]) for r in rows})
+    n = copy_number
+    cur.execute("SAVEPOINT quotes_copy")
+    try:
+        cur.copy_expert("COPY quotes (symbol, ts, seq, bid, bid_size, ask, ask_size) FROM STDIN", io.StringIO("".join(
+            f"{s}\t{copy_timestamp(ms)}\t{seq}\t{n(b)}\t{n(bs)}\t{n(a)}\t{n(az)}\n" for s, ms, seq, b, bs, a, az in rows)))
+        cur.execute("RELEASE SAVEPOINT quotes_copy")
+        return
+    except psycopg2.errors.UniqueViolation:
+        cur.execute("ROLLBACK TO SAVEPOINT quotes_copy")
+        cur.execute("RELEASE SAVEPOINT quotes_copy")
     cur.execute(_CREATE_INCOMING)
-    text = "".join(f"{s}\t{ms}\t{seq}\t{_cell(b)}\t{_cell(bs)}\t{_cell(a)}\t{_cell(az)}\n"
-                   for s, ms, seq, b, bs, a, az in rows)
-    cur.copy_expert("COPY quotes_incoming FROM STDIN", io.StringIO(text))
+    cur.copy_expert("COPY quotes_incoming FROM STDIN", io.StringIO("".join(
+        f"{s}\t{ms}\t{seq}\t{n(b)}\t{n(bs)}\t{n(a)}\t{n(az)}\n" for s, ms, seq, b, bs, a, az in rows)))
     cur.execute(_MERGE)
 
 

@@ -266,10 +266,10 @@ def order_book(engine: Engine, symbol: str, depth: int) -> dict | None:
     with engine.connect() as conn:
         row = conn.execute(text(
             "SELECT symbol, exchange, ts, seq, stale, gaps, updated_at,"
-            " (SELECT coalesce(jsonb_agg(l ORDER BY n), '[]') FROM jsonb_array_elements(bids) WITH ORDINALITY AS b(l, n)"
-            "  WHERE n <= :depth) AS bids,"
-            " (SELECT coalesce(jsonb_agg(l ORDER BY n), '[]') FROM jsonb_array_elements(asks) WITH ORDINALITY AS a(l, n)"
-            "  WHERE n <= :depth) AS asks"
+            " (SELECT coalesce(jsonb_agg(l ORDER BY n), '[]')"
+            "  FROM jsonb_array_elements(bids) WITH ORDINALITY AS b(l, n) WHERE n <= :depth) AS bids,"
+            " (SELECT coalesce(jsonb_agg(l ORDER BY n), '[]')"
+            "  FROM jsonb_array_elements(asks) WITH ORDINALITY AS a(l, n) WHERE n <= :depth) AS asks"
             " FROM order_books WHERE symbol = :symbol"), {"symbol": symbol, "depth": depth}).mappings().first()
     return dict(row) if row is not None else None
 

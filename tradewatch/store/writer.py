@@ -270,16 +270,16 @@ def copy_line(t: Trade, partition: int | None, offset: int | None) -> str:
     """One trade in COPY text format (columns `COLUMNS`). symbol, side and injected_anomaly are
     validated against patterns without special characters; the free-text fields are escaped.
     `t` may be any record with the Trade's attribute names (the decoder's own, on the fast path)."""
-    return (f"{_text(t.trade_id)}\t{t.symbol}\t{_timestamp(t.timestamp_ms)}\t{t.price!r}\t{t.quantity!r}\t"
-            f"{t.side}\t{_text(t.exchange)}\t{_number(t.bid)}\t{_number(t.ask)}\t{_text(t.condition)}\t"
-            f"{t.schema_version}\t{t.injected_anomaly or NULL}\t{_number(partition)}\t{_number(offset)}")
+    return (f"{_text(t.trade_id)}\t{t.symbol}\t{copy_timestamp(t.timestamp_ms)}\t{t.price!r}\t{t.quantity!r}\t"
+            f"{t.side}\t{_text(t.exchange)}\t{copy_number(t.bid)}\t{copy_number(t.ask)}\t{_text(t.condition)}\t"
+            f"{t.schema_version}\t{t.injected_anomaly or NULL}\t{copy_number(partition)}\t{copy_number(offset)}")
 
 
 NULL = r"\N"
 _SECONDS: dict[int, str] = {}
 
 
-def _timestamp(ms: int) -> str:
+def copy_timestamp(ms: int) -> str:
     """Epoch ms as a timestamptz literal; the date-time part is cached per second (trades of
     one second share it)."""
     second, milli = divmod(ms, 1000)
@@ -299,5 +299,5 @@ def _text(value: str | None) -> str:
     return value
 
 
-def _number(value: float | int | None) -> str:
+def copy_number(value: float | int | None) -> str:
     return NULL if value is None else repr(value)

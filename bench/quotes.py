@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Order book benchmark, on a private local stack, with the defaults a user gets.
+
+Prints JSON:
+- book messages/s through the topic into storage: the simulator's books (`producer.py --book`)
+  in a fresh `quotes` topic, then `consumer.py --quotes` timed from the moment it has its
+  partitions until its committed offsets reach the end (quotes, book_snapshots and order_books
+  written): what it drains from a backlog, with no producer beside it on the two cores;
+- beside it, in the same run and the same way, the trade path: `consumer.py` draining the same
+  run's trades into `trades`; and PostgreSQL's raw COPY ceiling on this machine;
+- the book endpoint: `GET /orderbook/{symbol}?depth=10` p50/p95 over `--requests` requests across
+  1,000 symbols' books (20 levels a side) held in `order_books`.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import signal
+import time
+import urllib.request
+import uuid
+
+from common import bench_settings, percentile, query, raw_copy_rate, report, start_stage
+
+from tradewatch import bus
+from tradewatch.book import OrderBook
+from tradewatch.events import Trade
+from tradewatch.market.books import with_books
+from tradewatch.market.simulator import MarketSimulator
+from tradewatch.store import books as store, db
+
+
+def drained(settings, group: str, topic: str) -> bool:
+    ends = bus.group_lag(settings, group, topic)
+    return bool(ends) and all(committed == end for committed, end in ends.values())
+
+
+def drain_rate(settings, script_args: list[str], group: str, topic: str, items: list) -> float:
+    """Messages/s a stage stores from a topic holding `items`: from the moment it has its
+    partitions (its start-up not counted) until its committed offsets reach the end."""
+    bus.ensure_topic(settings, topic, settings.trades_partitions)
+    publisher = bus.publisher(settings)
+    publisher.send_many(topic, items)
+    publisher.flush()
+    publisher.close()
+    stage = start_stage(settings, *script_args)
+    while not query(settings, "SELECT 1 FROM stage_health WHERE pid = %s AND cardinality(partitions) = %s",
+                    stage.pid, settings.trades_partitions):
+        time.sleep(0.02)
+    started = time.perf_counter()
+    done_before = sum(committed for committed, _ in bus.group_lag(settings, group, topic).values())
+    while not drained(settings, group, topic):
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    stage.send_signal(signal.SIGTERM)
+    stage.wait(timeout=60)
+    return (len(items) - done_before) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trades", type=int, default=60_000, help="simulated trades (about ten book messages each)")
+    parser.add_argument("--requests", type=int, default=2_000, help="book endpoint requests")
+    args = parser.parse_args()
+
+    tag = uuid.uuid4().hex[:6]
+    settings = bench_settings(trades_topic=f"bench-trades-{tag}", quotes_topic=f"bench-quotes-{tag}",
+                              consumer_group=f"bench-{tag}", quotes_group=f"bench-q-{tag}")
+    conn = db.connect(settings)
+    with conn.cursor() as cur:
+        cur.execute("TRUNCATE trades, dead_letters, quotes, book_snapshots, order_books")
+    conn.commit()
+    conn.close()
+
+    sim = MarketSimulator(seed=1, rate=1000.0, start_ms=int(time.time() * 1000) - 3_600_000)
+    trades, messages = [], []
+    for event in with_books(sim, settings.book_depth, seed=1):
+        if type(event) is Trade:
+            trades.append(event)
+            if len(trades) == args.trades:
+                break
+        else:
+            messages.append((event.symbol.encode(), event.to_json_bytes()))
+    quotes_rate = drain_rate(settings, ["consumer.py", "--quotes"], settings.quotes_group, settings.quotes_topic,
+                             messages)
+    quote_rows = query(settings, "SELECT count(*) FROM quotes")[0][0]
+    trades_rate = drain_rate(settings, ["consumer.py"], settings.consumer_group, settings.trades_topic,
+                             [(t.symbol.encode(), t.to_json_bytes()) for t in trades])
+    copy_rate = raw_copy_rate(settings, trades)
+
+    # the book endpoint with 1,000 symbols' books of 20 levels a side
+    rng = random.Random(3)
+    books = []
+    for i in range(1000):
+        mid = rng.uniform(5, 500)
+        book = OrderBook(f"B{i:04d}", "SIM", 1, int(time.time() * 1000),
+                         {round(mid - 0.01 * (k + 1), 2): float(rng.randint(1, 900)) for k in range(20)},
+                         {round(mid + 0.01 * (k + 1), 2): float(rng.randint(1, 900)) for k in range(20)}, False)
+        books.append((i % settings.trades_partitions, book))
+    conn = db.connect(settings)
+    with conn.cursor() as cur:
+        store.write_books(cur, books, set())
+    conn.commit()
+    conn.close()
+    api = start_stage(settings, "api.py")
+    base = f"http://127.0.0.1:{settings.api_port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"{base}/orderbook/B0000", timeout=5).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    latencies = []
+    for n in range(args.requests):
+        started = time.perf_counter()
+        with urllib.request.urlopen(f"{base}/orderbook/B{rng.randrange(1000):04d}?depth=10", timeout=10) as response:
+            response.read()
+        latencies.append((time.perf_counter() - started) * 1000)
+    api.send_signal(signal.SIGTERM)
+    api.wait(timeout=30)
+
+    report({
+        "benchmark": "quotes",
+        "book_messages": len(messages),
+        "book_messages_per_s_into_storage": round(quotes_rate),
+        "quote_rows_written": quote_rows,
+        "trades": len(trades),
+        "trades_per_s_into_storage_same_run": round(trades_rate),
+        "ceiling_postgres_copy_rows_per_s": round(copy_rate),
+        "orderbook_endpoint": {"symbols": 1000, "levels_a_side": 20, "depth": 10, "requests": len(latencies),
+                               "p50_ms": round(percentile(latencies, 50), 2),
+                               "p95_ms": round(percentile(latencies, 95), 2)},
+    })
+
+
+if __name__ == "__main__":
+    main()
