@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", choices=bus.CLIENTS, help="Kafka client library (default: KAFKA_CLIENT)")
     replay = parser.add_argument_group("dead letters, after a fix (a clock corrected, a limit relaxed)")
     replay.add_argument("--replay-dead-letters", action="store_true",
-                        help="validate the dead letters again with today's settings: store the valid ones "
-                             "(never twice), keep the rest with their reason brought up to date; then exit")
+                        help="validate the dead letters of TRADES_TOPIC again with today's settings: store the "
+                             "valid ones (never twice), keep the rest with their reason brought up to date; then exit")
     replay.add_argument("--reason", help="only those whose reason contains this text, e.g. 'ahead of'")
     replay.add_argument("--since", type=iso_time, help="only those received since (ISO-8601, UTC if no offset)")
     args = parser.parse_args(argv)
@@ -58,7 +58,8 @@ def replay_dead_letters(settings: Settings, reason: str | None, since) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:
-        done = writer.replay_dead_letters(conn, reason, since, int(settings.max_clock_skew_seconds * 1000))
+        done = writer.replay_dead_letters(conn, settings.trades_topic, reason, since,
+                                          int(settings.max_clock_skew_seconds * 1000))
     finally:
         conn.close()
     print(f"dead letters validated again: {done.stored} stored, {done.already_stored} already stored "

@@ -101,3 +101,21 @@ def test_ten_thousand_distinct_bad_messages_make_few_metric_series_and_few_log_l
     lines = text.count("WARNING tradewatch.consumer: dead letter ")
     assert 0 < lines <= 40, f"{lines} dead-letter lines"      # at most two minutes' worth
     assert "more dead letters in the last minute" in text, "the rest summed up"
+
+
+def test_the_replay_leaves_the_quote_stages_dead_letters_alone(settings):
+    """dead_letters also holds the quotes stage's (another topic, another message): validating those
+    as trades again would overwrite their reason with a trade's."""
+    from tradewatch.store import db
+    from tradewatch.store.writer import DeadLetter, write_dead_letters
+    conn = db.connect(settings)
+    with conn, conn.cursor() as cur:
+        write_dead_letters(cur, [DeadLetter(settings.quotes_topic, 0, 1, b"ACME", b'{"type": "snapshot"}',
+                                            "snapshot is crossed: best bid 10 is not below best ask 9", None),
+                                 DeadLetter(settings.trades_topic, 0, 1, b"ACME", b"not json", "not JSON: x", None)])
+    conn.close()
+    out = run_script(settings, "consumer.py", "--replay-dead-letters").stdout
+    assert "0 stored" in out and "1 still invalid" in out, out
+    assert query(settings, "SELECT topic, reason FROM dead_letters ORDER BY topic") == sorted([
+        (settings.quotes_topic, "snapshot is crossed: best bid 10 is not below best ask 9"),
+        (settings.trades_topic, "not JSON: Expecting value at line 1 column 1")])

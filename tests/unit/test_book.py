@@ -7,11 +7,14 @@ from itertools import islice
 
 import pytest
 
+from tradewatch import bus
 from tradewatch.book import MAX_LEVELS, BookMessage, InvalidBook, OrderBook, decode_book
 from tradewatch.events import Trade
 from tradewatch.market.books import with_books
 from tradewatch.market.simulator import MarketSimulator
+from tradewatch.config import Settings
 from tradewatch.publish import publish
+from tradewatch.stages.quotes import Quotes
 
 T0 = 1_767_225_600_000
 
@@ -151,3 +154,16 @@ def test_a_counted_publish_counts_trades_and_stops_right_after_the_last():
     stats = publish(lambda e: sent.append(e) or True, events, speed=None, count=500)
     assert stats.sent == 500 and type(sent[-1]) is Trade
     assert stats.book_messages == len(sent) - 500 > 4000
+
+
+def test_the_quotes_stage_holds_no_book_for_a_symbol_before_its_first_snapshot():
+    """Updates of symbols that never sent a snapshot (joined mid-stream, or a hostile sender making
+    up symbols) cost no memory: a book starts at its snapshot."""
+    stage = Quotes(Settings())
+    stage.take([bus.Message("quotes", 0, i, b"S", raw({**update(2, 1), "symbol": f"S{i}"}), T0) for i in range(1000)])
+    assert not stage.books and stage.before_snapshot == 1000 and not stage.changed
+    stage.take([bus.Message("quotes", 0, 1000, b"AAPL", raw(snapshot()), T0),
+                bus.Message("quotes", 0, 1001, b"AAPL", raw(update(2, 1, asks=[(100.3, 1)])), T0)])
+    assert list(stage.books) == ["AAPL"] and stage.books["AAPL"].seq == 2
+    assert len(stage.quotes) == 1, "a change away from the touch is no new quote"
+    assert len(stage.snapshots) == 1 and len(stage.changed) == 1

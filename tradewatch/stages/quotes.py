@@ -47,6 +47,7 @@ class Quotes(runtime.Stage):
         self.gone: set[str] = set()
         self.read_since = 0
         self.gaps = self.dead_total = 0
+        self.before_snapshot = 0                    # updates of a symbol with no snapshot yet (skipped)
         self.say = DeadLetterLog()
 
     def output_topics(self) -> dict[str, int]:
@@ -84,7 +85,11 @@ class Quotes(runtime.Stage):
     def _apply(self, partition: int, m) -> None:
         book = self.books.get(m.symbol)
         if book is None:
+            if m.type != "snapshot":        # a book starts at its first snapshot: nothing to apply this to
+                self.before_snapshot += 1   # (and no memory for symbols that never send one)
+                return
             book = self.books[m.symbol] = OrderBook(m.symbol, m.exchange)
+        self._touched[m.symbol] = (partition, m.timestamp_ms)
         before = None if book.stale else book.top()
         slot = None if book.timestamp_ms is None or book.stale else book.timestamp_ms // self.snapshot_ms
         was_stale = book.stale
@@ -96,7 +101,6 @@ class Quotes(runtime.Stage):
                             " snapshot", m.symbol, m.seq, m.prev_seq, book.seq)
                 self.changed.add(partition, book, (m.symbol,))
             return
-        self._touched[m.symbol] = (partition, m.timestamp_ms)
         self.changed.add(partition, book, (m.symbol,))
         top = book.top()
         if top != before:
@@ -139,8 +143,9 @@ class Quotes(runtime.Stage):
     def report(self) -> str:
         self.say.tick()
         stale = sum(1 for b in self.books.values() if b.stale)
-        return (f"applied {self.processed} book messages; {len(self.books)} books ({stale} stale); "
-                f"sequence gaps {self.gaps}; dead letters {self.dead_total}")
+        return (f"read {self.processed} book messages; {len(self.books)} books ({stale} stale); "
+                f"sequence gaps {self.gaps}; updates before a symbol's first snapshot skipped {self.before_snapshot};"
+                f" dead letters {self.dead_total}")
 
 
 def run(settings: Settings, stop: Callable[[], bool], group_id: str | None = None,

@@ -211,10 +211,12 @@ class Replayed:
     last_ms: int | None = None
 
 
-def replay_dead_letters(conn, reason: str | None, since, max_skew_ms: int, batch: int = 1000) -> Replayed:
-    """Validate dead letters again with today's rules (against the Kafka timestamp each was sent
-    with): the valid ones go into `trades` (a trade_id already stored keeps its row: never twice)
-    and leave dead_letters; the others stay, their reason brought up to date. One transaction per batch."""
+def replay_dead_letters(conn, topic: str, reason: str | None, since, max_skew_ms: int,
+                        batch: int = 1000) -> Replayed:
+    """Validate the dead letters of the trades topic `topic` again with today's rules (against the
+    Kafka timestamp each was sent with): the valid ones go into `trades` (a trade_id already stored
+    keeps its row: never twice) and leave dead_letters; the others stay, their reason brought up to
+    date. Those of other topics (the quotes stage's) are left alone. One transaction per batch."""
     from tradewatch.events import InvalidTrade, parse_trade
     done, after = Replayed(), 0
     while True:
@@ -222,9 +224,9 @@ def replay_dead_letters(conn, reason: str | None, since, max_skew_ms: int, batch
             cur.execute(
                 "SELECT id, kafka_partition, kafka_offset, raw, reason,"
                 " (extract(epoch FROM coalesce(sent_at, received_at)) * 1000)::bigint FROM dead_letters"
-                " WHERE id > %s AND (%s::text IS NULL OR strpos(lower(reason), lower(%s::text)) > 0)"
+                " WHERE id > %s AND topic = %s AND (%s::text IS NULL OR strpos(lower(reason), lower(%s::text)) > 0)"
                 " AND (%s::timestamptz IS NULL OR received_at >= %s::timestamptz) ORDER BY id LIMIT %s FOR UPDATE",
-                (after, reason, reason, since, since, batch))
+                (after, topic, reason, reason, since, since, batch))
             rows = cur.fetchall()
             if not rows:
                 return done
