@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "  python producer.py --count 10000 --rate max --seed 7\n"
                "  python producer.py --book          # and an order book: python consumer.py --quotes\n"
                "  python producer.py --replay ../shared/data/lean/spy_20131007_trades.csv.gz --speed 60\n"
-               "  python producer.py --live coinbase --symbols BTC-USD,ETH-USD\n"
+               "  python producer.py --live coinbase --symbols BTC-USD,ETH-USD --book\n"
                "  python producer.py --live binance --url ws://127.0.0.1:8765   # python -m tradewatch.market.replay_server binance",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sim = parser.add_argument_group("simulator")
@@ -49,10 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "into an empty data folder; the dashboard marks it as simulated)")
     book = parser.add_argument_group("order book")
     book.add_argument("--book", action="store_true",
-                      help="also keep a limit order book per symbol around the trades' quotes (the simulator, or a "
-                           "replayed file with bid and ask) and send its snapshots and changes, about ten per trade, "
-                           "to the topic `quotes` (QUOTES_TOPIC); `python consumer.py --quotes` stores them")
-    book.add_argument("--book-depth", type=int, help="levels a side (default BOOK_DEPTH from .env, 10)")
+                      help="also send an order book per symbol, its snapshots and changes, to the topic `quotes` "
+                           "(QUOTES_TOPIC; `python consumer.py --quotes` stores them): with --live the venue's own "
+                           "(Binance depth diffs with their REST snapshot, Coinbase level2_batch); else one kept "
+                           "around the trades' quotes (the simulator, or a replayed file with bid and ask), about "
+                           "ten messages per trade")
+    book.add_argument("--book-depth", type=int,
+                      help="levels a side of a simulated book (default BOOK_DEPTH from .env, 10)")
     rep = parser.add_argument_group("replay")
     rep.add_argument("--replay", metavar="FILE", help="CSV (or .csv.gz) of trades or 1-minute bars")
     rep.add_argument("--speed", default="1", help="1 = real pace, N = N times faster, 'max' = no waiting")
@@ -60,10 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, default in vars(replay.ColumnMap()).items():
         rep.add_argument(f"--{name.replace('_', '-')}-column", dest=f"{name}_column", default=default,
                          help=f"column holding the {name.replace('_', ' ')} (default {default!r})")
-    live = parser.add_argument_group("live (public trade streams, no API key)")
+    live = parser.add_argument_group("live (public trade and book streams, no API key)")
     live.add_argument("--live", choices=sorted(VENUES), help="the venue: coinbase (matches channel) or binance (@trade)")
     live.add_argument("--url", help="WebSocket endpoint instead of the venue's, e.g. ws://127.0.0.1:8765 "
-                                    "(python -m tradewatch.market.replay_server)")
+                                    "(python -m tradewatch.market.replay_server); Binance book snapshots are then "
+                                    "fetched from the same host and port over http")
     stop = parser.add_argument_group("when to stop (default: never, or at the end of the file)")
     stop.add_argument("--count", type=int, help="stop after this many trades")
     stop.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -99,10 +103,6 @@ def main(argv: list[str] | None = None) -> int:
               "with the simulator at a --rate in trades per second (not max, --start, --replay or --live)",
               file=sys.stderr)
         return 2
-    if args.book and args.live:
-        print("error: --book works with the simulator and --replay (a file with bid and ask): live venues' books are"
-              " not read yet", file=sys.stderr)
-        return 2
     if args.book_depth is not None and not 1 <= args.book_depth <= MAX_LEVELS:
         print(f"error: --book-depth must be 1..{MAX_LEVELS}, got {args.book_depth}", file=sys.stderr)
         return 2
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         venue = VENUES[args.live]
         symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()] if args.symbols \
             else list(venue.default_symbols)
-        trades = LiveFeed(venue, symbols, args.url, stop=stop)
+        trades = LiveFeed(venue, symbols, args.url, stop=stop, book=args.book)
         speed = None
         prometheus.serve(settings, "producer")
     elif args.replay:
@@ -167,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         history_mark.mark(settings, now_ms - int(args.history * 1000), now_ms)
         past = trades.trades_until(now_ms)
 
-    # the live part only: a simulated past (--history) has trades alone
-    live = with_books(trades, args.book_depth or settings.book_depth, seed=args.seed) if args.book else trades
+    # the live part only: a simulated past (--history) has trades alone; a venue's feed brings its own book
+    live = trades
+    if args.book and not args.live:
+        live = with_books(trades, args.book_depth or settings.book_depth, seed=args.seed)
 
     def send(event: Trade | BookMessage) -> bool:
         return publisher.send(topic if type(event) is Trade else settings.quotes_topic, event.symbol.encode(),

@@ -65,6 +65,10 @@ LIVE_MISSING = Counter("tradewatch_live_missing_trades", "Trade ids skipped by t
 LIVE_DUPLICATES = Counter("tradewatch_live_duplicates", "Trades received again (dropped)", ["venue"])
 LIVE_UNEXPECTED = Counter("tradewatch_live_unexpected_messages", "Messages of an unexpected shape (skipped)", ["venue"])
 LIVE_RECONNECTS = Counter("tradewatch_live_reconnects", "Connections lost and opened again", ["venue"])
+LIVE_BOOK_MESSAGES = Counter("tradewatch_live_book_messages", "Book messages sent on from a live venue", ["venue"])
+LIVE_BOOK_SNAPSHOTS = Counter("tradewatch_live_book_snapshots", "Venue book snapshots taken in", ["venue"])
+LIVE_BOOK_GAPS = Counter("tradewatch_live_book_gaps", "Jumps in a book's update ids (the book fetched again)",
+                         ["venue", "symbol"])
 
 # A dead letter's reason (its detail, with words from the message, stays in its row) as one of a
 # fixed list of label values: a sender cannot make new Prometheus series.

@@ -1,7 +1,8 @@
 """`producer.py --live` against the local replay server speaking each venue's format (the samples in
 tests/data): every sample trade reaches Kafka and `trades` exactly once with the right fields, across
 a connection the server drops mid-stream; the gap is reported, the malformed messages are counted and
-skipped, and Ctrl-C stops the producer."""
+skipped, and Ctrl-C stops the producer. With `--book`, the venue's order books reach `order_books`
+(consumer.py --quotes) equal to the venue's own, through a dropped connection and a lost message."""
 from __future__ import annotations
 
 import calendar
@@ -20,6 +21,7 @@ import pytest
 from tests.conftest import free_port, query, start_script, wait_for
 from tradewatch import bus
 from tradewatch.config import PROJECT_ROOT
+from tradewatch.market import live
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -70,9 +72,9 @@ def metric(port: int, name: str) -> float:
 def replay_server(request):
     servers = []
 
-    def start(venue: str, log: Path) -> str:
+    def start(venue: str, log: Path, *options: str) -> str:
         server = subprocess.Popen([sys.executable, "-m", "tradewatch.market.replay_server", venue, "--port", "0",
-                                   "--rate", "400", "--ping-interval", "0.5"], cwd=PROJECT_ROOT,
+                                   "--rate", "400", "--ping-interval", "0.5", *options], cwd=PROJECT_ROOT,
                                   stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
         servers.append(server)
         line = server.stdout.readline()
@@ -133,3 +135,72 @@ def test_a_url_that_is_no_websocket_ends_the_producer_with_the_reason(settings):
     assert result.returncode == 1
     assert "error: http://127.0.0.1:1/ is not a WebSocket URL" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def venue_books(venue: str) -> dict[str, tuple[dict, dict]]:
+    """Each book of a book sample as the venue holds it at the end: its `# book` state with every
+    change applied, the `# lost` one too (the client never got it, the venue's book has it)."""
+    books = {}
+    for line in (DATA / f"{venue}_book.jsonl").read_text().splitlines():
+        if line.startswith("# book "):
+            m = json.loads(line[len("# book "):])
+            books[m.get("s") or m.get("product_id")] = ({float(p): float(q) for p, q in m["bids"]},
+                                                          {float(p): float(q) for p, q in m["asks"]})
+            continue
+        try:
+            m = json.loads(line.removeprefix("# lost "))
+        except ValueError:
+            continue
+        if isinstance(m, dict) and m.get("e") == "depthUpdate" and isinstance(m["U"], int):
+            symbol, changes = m["s"], [(0, p, q) for p, q in m["b"]] + [(1, p, q) for p, q in m["a"]]
+        elif isinstance(m, dict) and m.get("type") == "l2update" and all(c[0] in ("buy", "sell") for c in m["changes"]):
+            symbol, changes = m["product_id"], [(0 if side == "buy" else 1, p, q) for side, p, q in m["changes"]]
+        else:
+            continue                                         # trades, and the malformed change
+        for side, price, size in changes:
+            levels = books[symbol][side]
+            if float(size) == 0:
+                levels.pop(float(price), None)
+            else:
+                levels[float(price)] = float(size)
+    return {live.binance_symbol(s) if venue == "binance" else s: book for s, book in books.items()}
+
+
+@pytest.mark.parametrize("venue", sorted(VENUES))
+def test_live_books_end_equal_to_the_venues_through_a_dropped_connection_and_a_lost_message(
+        settings, tmp_path, replay_server, venue):
+    expected = venue_books(venue)
+    assert len(expected) == 2 and all(len(bids) > 10 and len(asks) > 10 for bids, asks in expected.values())
+    sample = DATA / f"{venue}_book.jsonl"
+    trades = sum(1 for line in sample.read_text().splitlines() if '"trade"' in line or '"match"' in line)
+    url = replay_server(venue, tmp_path / "server.log", "--file", str(sample), "--now")
+    port = free_port()
+    stage = start_script(settings, "consumer.py", "--quotes", log=tmp_path / "quotes.log")
+    producer = start_script(settings, "producer.py", "--live", venue, "--book", "--url", url,
+                            log=tmp_path / "producer.log", env={"PRODUCER_METRICS_PORT": str(port)})
+
+    def stored() -> dict:
+        rows = query(settings, "SELECT symbol, stale, gaps, bids::text, asks::text FROM order_books")
+        assert all(not stale and gaps == 0 for _, stale, gaps, _, _ in rows), "no gap on our side of Kafka"
+        return {symbol: ({p: q for p, q in json.loads(bids)}, {p: q for p, q in json.loads(asks)})
+                for symbol, _, _, bids, asks in rows}
+    wait_for(lambda: stored() == expected, timeout=90, message="the venue's books, rebuilt from the topic")
+    wait_for(lambda: "the client answers pings" in (tmp_path / "server.log").read_text(), timeout=30,
+             message="the end of the sample")
+
+    # one reconnect (the sample's drop): every book taken in again — Binance over REST, with one more
+    # fetch after the lost change (a gap, counted); Coinbase from the snapshot of each subscription
+    assert metric(port, "tradewatch_live_reconnects_total") == 1
+    assert metric(port, "tradewatch_live_book_gaps_total") == (1 if venue == "binance" else 0)
+    assert metric(port, "tradewatch_live_book_snapshots_total") == (5 if venue == "binance" else 4)
+    assert metric(port, "tradewatch_live_unexpected_messages_total") == 1, "the sample's malformed change"
+    assert metric(port, "tradewatch_live_trades_total") == trades, "trades and the book on one connection"
+    producer.send_signal(signal.SIGINT)
+    assert producer.wait(timeout=15) == 0, (tmp_path / "producer.log").read_text()[-3000:]
+    log = (tmp_path / "producer.log").read_text()
+    assert "Traceback" not in log
+    if venue == "binance":
+        assert "book update ids jump from" in log and "fetching the book again" in log
+    stage.send_signal(signal.SIGTERM)
+    assert stage.wait(timeout=30) == 0
+    assert "sequence gaps 0;" in (tmp_path / "quotes.log").read_text()

@@ -124,23 +124,57 @@ def test_sequencer_remembers_a_bounded_number_of_symbols():
 def test_replay_server_checks_subscriptions_and_stamps_trades_with_now():
     import time
 
-    from tradewatch.market.replay_server import BadSubscription, ReplayServer, binance_accept, coinbase_accept
+    from tradewatch.market.replay_server import (BadSubscription, ReplayServer, Subscription, binance_accept,
+                                                 coinbase_accept)
 
-    with pytest.raises(BadSubscription, match="<symbol>@trade"):
-        binance_accept({"method": "SUBSCRIBE", "params": ["bnbbtc@depth"], "id": 3})
-    with pytest.raises(BadSubscription, match="matches channel"):
-        coinbase_accept({"type": "subscribe", "product_ids": ["BTC-USD"], "channels": ["level2"]})
-    symbols, ack = binance_accept(orjson.loads(live.binance_subscribe(["BNBBTC"])[0]))
-    assert symbols == {"BNBBTC"} and orjson.loads(ack) == {"result": None, "id": 1}
-    symbols, ack = coinbase_accept(orjson.loads(live.coinbase_subscribe(["BTC-USD"])[0]))
-    assert symbols == {"BTC-USD"} and orjson.loads(ack)["type"] == "subscriptions"
+    with pytest.raises(BadSubscription, match="<symbol>@trade or <symbol>@depth@100ms"):
+        binance_accept({"method": "SUBSCRIBE", "params": ["bnbbtc@kline_1m"], "id": 3})
+    with pytest.raises(BadSubscription, match="matches or level2_batch channel"):
+        coinbase_accept({"type": "subscribe", "product_ids": ["BTC-USD"], "channels": ["heartbeat"]})
+    subscription, ack = binance_accept(orjson.loads(live.binance_subscribe(["BNBBTC"])[0]))
+    assert subscription == Subscription({"BNBBTC"}, {"trade"}) and orjson.loads(ack) == {"result": None, "id": 1}
+    assert binance_accept(orjson.loads(live.binance_subscribe(["BNBBTC"], book=True)[0]))[0].channels == {"trade", "book"}
+    subscription, ack = coinbase_accept(orjson.loads(live.coinbase_subscribe(["BTC-USD"], book=True)[0]))
+    assert subscription == Subscription({"BTC-USD"}, {"trade", "heartbeat", "book"})
+    assert orjson.loads(ack)["type"] == "subscriptions"
 
     server = ReplayServer("binance", [], now=True)
+    trades = Subscription({"BNBBTC"}, {"trade"})
     before = int(time.time() * 1000)
-    stamped = orjson.loads(server._for(orjson.dumps(BINANCE_TRADE).decode(), {"BNBBTC"}))
+    stamped = orjson.loads(server._for(orjson.dumps(BINANCE_TRADE).decode(), trades))
     assert stamped["T"] >= before and stamped["E"] == stamped["T"] and stamped["t"] == BINANCE_TRADE["t"]
-    assert server._for(orjson.dumps(BINANCE_TRADE).decode(), {"ETHBTC"}) is None, "only subscribed symbols"
-    assert server._for("not json", {"BNBBTC"}) == "not json", "malformed frames go out as written"
+    assert server._for(orjson.dumps(BINANCE_TRADE).decode(), Subscription({"ETHBTC"}, {"trade"})) is None, \
+        "only subscribed symbols"
+    depth = orjson.dumps({"e": "depthUpdate", "E": 1, "s": "BNBBTC", "U": 1, "u": 2, "b": [], "a": []}).decode()
+    assert server._for(depth, trades) is None, "only subscribed channels"
+    assert server._for("not json", trades) == "not json", "malformed frames go out as written"
+
+
+def test_replay_server_answers_the_binance_snapshot_its_book_makes():
+    """The REST snapshot is the server's book: the `# book` state with every change it has passed,
+    a `# lost` one included (never sent)."""
+    from tradewatch.market.replay_server import ReplayServer, Subscription
+
+    class Connection:
+        def respond(self, status, text):
+            return status, orjson.loads(text)
+
+    class Request:
+        def __init__(self, path):
+            self.path = path
+
+    lines = ['# book {"s":"BNBBTC","lastUpdateId":10,"bids":[["1.0","2"],["0.9","1"]],"asks":[["1.1","2"]]}',
+             '{"e":"depthUpdate","E":1,"s":"BNBBTC","U":11,"u":12,"b":[["0.9","0"]],"a":[["1.2","5"]]}',
+             '# lost {"e":"depthUpdate","E":2,"s":"BNBBTC","U":13,"u":13,"b":[["0.5","7"]],"a":[]}']
+    server = ReplayServer("binance", lines)
+    book = Subscription({"BNBBTC"}, {"book"})
+    assert server._for(lines[1], book, apply=True) == lines[1] and server._for(lines[2], book, apply=True) is None
+    status, answer = server.depth(Connection(), Request("/api/v3/depth?symbol=BNBBTC&limit=100"))
+    assert status == 200 and answer == {"lastUpdateId": 13, "bids": [["1.0", "2"], ["0.5", "7"]],
+                                        "asks": [["1.1", "2"], ["1.2", "5"]]}
+    assert server.depth(Connection(), Request("/api/v3/depth?symbol=BNBBTC&limit=1"))[1]["asks"] == [["1.1", "2"]]
+    assert server.depth(Connection(), Request("/api/v3/depth?symbol=XYZ"))[0] == 400
+    assert server.depth(Connection(), Request("/")) is None, "the WebSocket stream"
 
 
 def test_replay_server_loop_goes_on_with_the_ids_where_the_sample_ended():

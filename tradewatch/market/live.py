@@ -11,7 +11,8 @@ exponential backoff and jitter and subscribes again; pings are answered by the l
 it drops trade ids it has seen (a venue repeats recent trades after a reconnect) and reports gaps in
 the id sequence (logged, counted); a message of an unexpected shape is logged once per kind with a
 sample, counted and skipped. Its metrics (tradewatch_live_*, tradewatch/prometheus.py) are served by
-producer.py on PRODUCER_METRICS_PORT.
+producer.py on PRODUCER_METRICS_PORT. With `book=True` it also subscribes to the venue's book stream
+and yields its book messages (tradewatch/market/live_books.py).
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ import queue
 import random
 import threading
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Callable, Iterator
+from urllib.parse import urlsplit
+from urllib.request import urlopen
 
 import orjson
+from tradewatch.book import BookMessage
 from tradewatch.events import Trade
+from tradewatch.market.live_books import SNAPSHOT_LEVELS, BinanceBooks, CoinbaseBooks, Malformed, iso_ms
 from tradewatch.prometheus import (LIVE_DUPLICATES as DUPLICATES, LIVE_GAPS as GAPS, LIVE_MISSING as MISSING,
                                 LIVE_RECONNECTS as RECONNECTS, LIVE_TRADES as TRADES, LIVE_UNEXPECTED as UNEXPECTED)
 
@@ -56,8 +60,9 @@ class VenueTrade:
 
 # --------------------------------------------------------------------------------- Coinbase
 
-def coinbase_subscribe(symbols: list[str]) -> list[str]:
-    return [orjson.dumps({"type": "subscribe", "product_ids": symbols, "channels": ["matches", "heartbeat"]}).decode()]
+def coinbase_subscribe(symbols: list[str], book: bool = False) -> list[str]:
+    channels = ["matches", "heartbeat"] + (["level2_batch"] if book else [])
+    return [orjson.dumps({"type": "subscribe", "product_ids": symbols, "channels": channels}).decode()]
 
 
 def coinbase_trade(message: dict) -> VenueTrade | None:
@@ -75,7 +80,7 @@ def coinbase_trade(message: dict) -> VenueTrade | None:
         product, trade_id, maker_side = message["product_id"], message["trade_id"], message["side"]
         if not isinstance(trade_id, int) or maker_side not in ("buy", "sell") or not isinstance(product, str):
             raise Unexpected("match with a malformed trade_id, side or product_id")
-        time_ms = _iso_ms(message["time"])
+        time_ms = iso_ms(message["time"])
         price, size = _positive(message["price"]), _positive(message["size"])
     except Unexpected:
         raise
@@ -94,14 +99,6 @@ def _positive(text: object) -> float:
     return value
 
 
-def _iso_ms(text: str) -> int:
-    """'2014-11-07T08:19:27.028459Z' -> milliseconds since the epoch (microseconds dropped)."""
-    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if when.tzinfo is None:
-        raise ValueError("time without a zone")
-    return int(when.replace(microsecond=0).timestamp()) * 1000 + when.microsecond // 1000
-
-
 # ---------------------------------------------------------------------------------- Binance
 
 # quote assets, longest first, that split a Binance symbol into base and quote: BTCUSDT -> BTC-USDT
@@ -117,8 +114,8 @@ def binance_symbol(symbol: str) -> str:
     return symbol
 
 
-def binance_subscribe(symbols: list[str]) -> list[str]:
-    streams = [f"{s.lower()}@trade" for s in symbols]
+def binance_subscribe(symbols: list[str], book: bool = False) -> list[str]:
+    streams = [f"{s.lower()}@trade" for s in symbols] + ([f"{s.lower()}@depth@100ms" for s in symbols] if book else [])
     return [orjson.dumps({"method": "SUBSCRIBE", "params": streams, "id": 1}).decode()]
 
 
@@ -155,16 +152,28 @@ class Venue:
     name: str
     url: str
     default_symbols: tuple[str, ...]
-    subscribe: Callable[[list[str]], list[str]]
+    subscribe: Callable[[list[str], bool], list[str]]
     parse: Callable[[dict], VenueTrade | None]
+    books: Callable[[frozenset[str]], BinanceBooks | CoinbaseBooks]
+    rest_url: str | None = None          # where book snapshots are fetched (Binance)
 
 
 VENUES = {
     "coinbase": Venue("coinbase", "wss://ws-feed.exchange.coinbase.com", ("BTC-USD", "ETH-USD"),
-                      coinbase_subscribe, coinbase_trade),
+                      coinbase_subscribe, coinbase_trade, CoinbaseBooks),
     "binance": Venue("binance", "wss://stream.binance.com:9443/ws", ("BTCUSDT", "ETHUSDT"),
-                     binance_subscribe, binance_trade),
+                     binance_subscribe, binance_trade, lambda labelled: BinanceBooks(binance_symbol, labelled),
+                     "https://api.binance.com"),
 }
+
+
+def rest_url_for(venue: Venue, url: str | None) -> str | None:
+    """The REST base beside a WebSocket endpoint given instead of the venue's (the replay server
+    answers both on one port): ws://host:port/… -> http://host:port."""
+    if url is None or venue.rest_url is None:
+        return venue.rest_url
+    parts = urlsplit(url)
+    return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
 
 
 # ------------------------------------------------------------------------------ the client
@@ -200,20 +209,24 @@ class Sequencer:
 
 
 class LiveFeed:
-    """Trades of `symbols` from `venue`, as an iterator that ends when `stop()` is true."""
+    """Trades of `symbols` from `venue` (and with `book`, the book messages of their order books), as an
+    iterator that ends when `stop()` is true."""
 
     def __init__(self, venue: Venue, symbols: list[str], url: str | None = None,
-                 stop: Callable[[], bool] = lambda: False, backoff_s: float = 1.0, max_backoff_s: float = 60.0):
+                 stop: Callable[[], bool] = lambda: False, backoff_s: float = 1.0, max_backoff_s: float = 60.0,
+                 book: bool = False):
         self.venue, self.symbols, self.url = venue, symbols, url or venue.url
         self.stop, self.backoff_s, self.max_backoff_s = stop, backoff_s, max_backoff_s
         self.sequencer = Sequencer(venue.name, labelled=frozenset(symbols))
-        self._queue: queue.Queue[Trade] = queue.Queue(maxsize=100_000)
+        self.books = venue.books(frozenset(s.upper() for s in symbols)) if book else None
+        self.rest_url = rest_url_for(venue, url)
+        self._queue: queue.Queue[Trade | BookMessage] = queue.Queue(maxsize=100_000)
         self._logged: set[str] = set()
         self._thread = threading.Thread(target=self._run, name=f"live-{venue.name}", daemon=True)
         self._started = False
         self._failed: str | None = None
 
-    def __iter__(self) -> Iterator[Trade]:
+    def __iter__(self) -> Iterator[Trade | BookMessage]:
         if not self._started:
             self._started = True
             self._thread.start()
@@ -244,16 +257,21 @@ class LiveFeed:
             try:
                 async with websockets.connect(self.url, open_timeout=10, ping_interval=20, ping_timeout=20,
                                               max_size=2**20) as connection:
-                    for message in self.venue.subscribe(self.symbols):
+                    for message in self.venue.subscribe(self.symbols, self.books is not None):
                         await connection.send(message)
-                    log.info("%s: connected to %s, subscribed to %s", self.venue.name, self.url, ", ".join(self.symbols))
+                    if self.books is not None:
+                        self.books.reset()          # a new connection: every book taken in again
+                    log.info("%s: connected to %s, subscribed to %s%s", self.venue.name, self.url,
+                             ", ".join(self.symbols), " with their books" if self.books else "")
                     while not self.stop():
                         try:
                             text = await asyncio.wait_for(connection.recv(), timeout=0.5)
+                            received = True
+                            self._take(text)
                         except asyncio.TimeoutError:
-                            continue
-                        received = True
-                        self._take(text)
+                            pass
+                        if self.books is not None and self.books.wanted():
+                            await self._fetch_snapshots()
                     return
             except websockets.exceptions.InvalidURI:
                 raise
@@ -269,24 +287,49 @@ class LiveFeed:
             while not self.stop() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.1)
 
+    async def _fetch_snapshots(self) -> None:
+        """The REST snapshot of each book waiting for one (Binance); a failed fetch is tried again
+        5 s later, the diffs still buffered."""
+        for symbol in self.books.wanted():
+            url = f"{self.rest_url}/api/v3/depth?symbol={symbol}&limit={SNAPSHOT_LEVELS}"
+            try:
+                answer = await asyncio.to_thread(_get_json, url)
+                messages = self.books.snapshot(symbol, answer)
+            except (OSError, ValueError, Malformed) as error:        # HTTPError and URLError are OSErrors
+                self.books.failed(symbol, 5.0)
+                log.warning("%s %s: the book snapshot %s failed (%s: %s); trying again in 5 s", self.venue.name,
+                            symbol, url, type(error).__name__, error)
+                continue
+            for m in messages:
+                self._put(m)
+
     def _take(self, text: str | bytes) -> None:
         try:
             message = orjson.loads(text)
             if not isinstance(message, dict):
                 raise Unexpected(f"a JSON {type(message).__name__}, not an object")
-            item = self.venue.parse(message)
+            book = None if self.books is None else self.books.take(message)
+            item = None if book is not None else self.venue.parse(message)
         except orjson.JSONDecodeError:
             self._unexpected("not JSON", text)
             return
         except Unexpected as error:
             self._unexpected(error.kind, text)
             return
+        except Malformed as error:
+            self._unexpected(str(error), text)
+            return
+        for m in book or ():
+            self._put(m)
         if item is None or not self.sequencer.admit(item):
             return
         TRADES.labels(self.venue.name).inc()
+        self._put(item.trade)
+
+    def _put(self, item: Trade | BookMessage) -> None:
         while not self.stop():
             try:
-                self._queue.put(item.trade, timeout=0.5)
+                self._queue.put(item, timeout=0.5)
                 return
             except queue.Full:      # Kafka slower than the venue: hold the socket back
                 continue
@@ -299,3 +342,8 @@ class LiveFeed:
             sample = text[:300] if isinstance(text, str) else text[:300].decode("utf-8", "replace")
             log.warning("%s: skipped a message of an unexpected shape (%s; logged once per kind, all counted): %.300s",
                         self.venue.name, kind, sample)
+
+
+def _get_json(url: str) -> object:
+    with urlopen(url, timeout=10) as response:
+        return orjson.loads(response.read())
