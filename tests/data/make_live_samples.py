@@ -157,7 +157,8 @@ def binance_book(rng: random.Random) -> list[str]:
         bids, asks = ladder.far() if n == 100 else ladder.changes()
         first = update_ids[symbol] + 1
         update_ids[symbol] += rng.randint(1, 6)
-        event = {"e": "depthUpdate", "E": when_ms, "s": symbol, "U": first, "u": update_ids[symbol], "b": bids, "a": asks}
+        event = {"e": "depthUpdate", "E": when_ms, "s": symbol, "U": first, "u": update_ids[symbol],
+                 "b": bids, "a": asks}
         line = json.dumps(event, separators=(",", ":"))
         lines.append(("# lost " if n == 100 else "") + line)
         if n % 6 == 5:

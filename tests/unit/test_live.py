@@ -133,7 +133,8 @@ def test_replay_server_checks_subscriptions_and_stamps_trades_with_now():
         coinbase_accept({"type": "subscribe", "product_ids": ["BTC-USD"], "channels": ["heartbeat"]})
     subscription, ack = binance_accept(orjson.loads(live.binance_subscribe(["BNBBTC"])[0]))
     assert subscription == Subscription({"BNBBTC"}, {"trade"}) and orjson.loads(ack) == {"result": None, "id": 1}
-    assert binance_accept(orjson.loads(live.binance_subscribe(["BNBBTC"], book=True)[0]))[0].channels == {"trade", "book"}
+    with_book = orjson.loads(live.binance_subscribe(["BNBBTC"], book=True)[0])
+    assert binance_accept(with_book)[0].channels == {"trade", "book"}
     subscription, ack = coinbase_accept(orjson.loads(live.coinbase_subscribe(["BTC-USD"], book=True)[0]))
     assert subscription == Subscription({"BTC-USD"}, {"trade", "heartbeat", "book"})
     assert orjson.loads(ack)["type"] == "subscriptions"

@@ -83,8 +83,9 @@ def binance_accept(request: dict) -> tuple[Subscription, str]:
     if request.get("method") != "SUBSCRIBE" or not params or not all(
             isinstance(p, str) and p.partition("@")[2] in BINANCE_STREAMS for p in params):
         raise BadSubscription("expected SUBSCRIBE with <symbol>@trade or <symbol>@depth@100ms streams")
-    return (Subscription({p.split("@")[0].upper() for p in params}, {BINANCE_STREAMS[p.partition("@")[2]] for p in params}),
-            orjson.dumps({"result": None, "id": request.get("id")}).decode())
+    subscription = Subscription({p.split("@")[0].upper() for p in params},
+                                {BINANCE_STREAMS[p.partition("@")[2]] for p in params})
+    return subscription, orjson.dumps({"result": None, "id": request.get("id")}).decode()
 
 
 def coinbase_symbol(message: dict) -> str | None:
@@ -96,7 +97,8 @@ def binance_symbol(message: dict) -> str | None:
 
 
 def coinbase_channel(message: dict) -> str | None:
-    return {"match": "trade", "last_match": "trade", "heartbeat": "heartbeat", "l2update": "book"}.get(message.get("type"))
+    channels = {"match": "trade", "last_match": "trade", "heartbeat": "heartbeat", "l2update": "book"}
+    return channels.get(message.get("type"))
 
 
 def binance_channel(message: dict) -> str | None:
