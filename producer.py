@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Produce trades into Kafka: simulated (GBM with labelled anomalies), replayed from a CSV file, or
-live from an exchange's public trade stream (Coinbase, Binance)."""
+"""Produce trades into Kafka: simulated (GBM with labelled anomalies), replayed from CSV files (trades,
+bars, quotes), or live from an exchange's public trade stream (Coinbase, Binance)."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "  python producer.py --count 10000 --rate max --seed 7\n"
                "  python producer.py --book          # and an order book: python consumer.py --quotes\n"
                "  python producer.py --replay ../shared/data/lean/spy_20131007_trades.csv.gz --speed 60\n"
+               "  python producer.py --replay trades.csv --replay quotes.csv --book   # a day with its quotes\n"
                "  python producer.py --live coinbase --symbols BTC-USD,ETH-USD --book\n"
                "  python producer.py --live binance --url ws://127.0.0.1:8765   # python -m tradewatch.market.replay_server binance",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,13 +52,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     book.add_argument("--book", action="store_true",
                       help="also send an order book per symbol, its snapshots and changes, to the topic `quotes` "
                            "(QUOTES_TOPIC; `python consumer.py --quotes` stores them): with --live the venue's own "
-                           "(Binance depth diffs with their REST snapshot, Coinbase level2_batch); else one kept "
-                           "around the trades' quotes (the simulator, or a replayed file with bid and ask), about "
-                           "ten messages per trade")
+                           "(Binance depth diffs with their REST snapshot, Coinbase level2_batch); with a replayed "
+                           "quotes file its quotes (a one-level book); else one kept around the trades' quotes (the "
+                           "simulator, or a replayed trades file with bid and ask), about ten messages per trade")
     book.add_argument("--book-depth", type=int,
                       help="levels a side of a simulated book (default BOOK_DEPTH from .env, 10)")
     rep = parser.add_argument_group("replay")
-    rep.add_argument("--replay", metavar="FILE", help="CSV (or .csv.gz) of trades or 1-minute bars")
+    rep.add_argument("--replay", metavar="FILE", action="append",
+                     help="CSV (or .csv.gz) of trades, of 1-minute bars or of quotes (bid, bid_size, ask, ask_size, "
+                          "no price); repeat it to replay files as one, e.g. a day's trades and its quotes: each trade "
+                          "takes the quote of its moment, and its side from it (above the midpoint a buy)")
     rep.add_argument("--speed", default="1", help="1 = real pace, N = N times faster, 'max' = no waiting")
     rep.add_argument("--symbol", help="symbol for files without a symbol column")
     for name, default in vars(replay.ColumnMap()).items():
@@ -117,14 +121,24 @@ def main(argv: list[str] | None = None) -> int:
         speed = _positive_or_max(args.speed, "--speed")
         columns = replay.ColumnMap(**{name: getattr(args, f"{name}_column") for name in vars(replay.ColumnMap())})
         try:
-            loaded = replay.load(args.replay, columns, symbol=args.symbol)
-        except (OSError, ValueError) as error:
-            print(f"error: cannot replay {args.replay}: {error}", file=sys.stderr)
+            loaded = replay.load_files(args.replay, columns, symbol=args.symbol)
+        except replay.ReplayError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if not loaded.trades and not (loaded.quotes and args.book):
+            print("error: no trades to replay" + (": a quotes file alone is sent as a book with --book"
+                                                  if loaded.quotes else ""), file=sys.stderr)
             return 2
         trades: object = loaded.trades
-        print(f"replaying {len(loaded.trades):,} trades from {args.replay}"
+        if loaded.quotes and args.book:
+            trades = replay.events(loaded)      # the recorded quotes are the book: with_books is not used
+        print(f"replaying {len(loaded.trades):,} trades"
+              + (f" and {len(loaded.quotes):,} quotes" if loaded.quotes else "") + f" from {', '.join(args.replay)}"
               + (f" ({len(loaded.skipped_rows)} unreadable rows skipped)" if loaded.skipped_rows else ""),
               file=sys.stderr)
+        if args.book and not loaded.quotes and all(t.bid is None and t.ask is None for t in loaded.trades):
+            print("note: these trades have no bid and ask and there is no quotes file, so no book is sent "
+                  "(add one: --replay quotes.csv)", file=sys.stderr)
     else:
         rate = _positive_or_max(args.rate, "--rate")
         start_ms = int(time.time() * 1000)
@@ -169,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the live part only: a simulated past (--history) has trades alone; a venue's feed brings its own book
     live = trades
-    if args.book and not args.live:
+    if args.book and not args.live and not (args.replay and loaded.quotes):
         live = with_books(trades, args.book_depth or settings.book_depth, seed=args.seed)
 
     def send(event: Trade | BookMessage) -> bool:

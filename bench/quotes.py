@@ -9,22 +9,28 @@ Prints JSON:
 - beside it, in the same run and the same way, the trade path: `consumer.py` draining the same
   run's trades into `trades`; and PostgreSQL's raw COPY ceiling on this machine;
 - the book endpoint: `GET /orderbook/{symbol}?depth=10` p50/p95 over `--requests` requests across
-  1,000 symbols' books (20 levels a side) held in `order_books`.
+  1,000 symbols' books (20 levels a side) held in `order_books`;
+- a recorded quotes file (`producer.py --replay quotes.csv --book`): quotes/s read, checked and
+  turned into encoded book messages — the producer's own part, before Kafka — for a file of the
+  simulated books' tops.
 """
 from __future__ import annotations
 
 import argparse
 import random
 import signal
+import tempfile
 import time
+from pathlib import Path
 import urllib.request
 import uuid
 
 from common import bench_settings, percentile, query, raw_copy_rate, report, start_stage
 
 from tradewatch import bus
-from tradewatch.book import OrderBook
+from tradewatch.book import OrderBook, Top
 from tradewatch.events import Trade
+from tradewatch.market import replay
 from tradewatch.market.books import with_books
 from tradewatch.market.simulator import MarketSimulator
 from tradewatch.store import books as store, db
@@ -57,6 +63,21 @@ def drain_rate(settings, script_args: list[str], group: str, topic: str, items: 
     return (len(items) - done_before) / elapsed
 
 
+def replay_rate(tops: list[tuple[int, str, Top]]) -> tuple[int, float]:
+    """Quotes/s from a CSV of the given tops of book (time, symbol, top) to encoded book messages."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "quotes.csv"
+        with path.open("w") as out:
+            out.write("timestamp,symbol,bid,bid_size,ask,ask_size\n")
+            for ms, symbol, top in tops:
+                out.write(f"{ms},{symbol},{top.bid or ''},{top.bid_size or 0},{top.ask or ''},{top.ask_size or 0}\n")
+        started = time.perf_counter()
+        loaded = replay.load_files([path])
+        for event in replay.events(loaded):
+            event.to_json_bytes()
+        return len(loaded.quotes), len(loaded.quotes) / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trades", type=int, default=60_000, help="simulated trades (about ten book messages each)")
@@ -73,7 +94,7 @@ def main() -> None:
     conn.close()
 
     sim = MarketSimulator(seed=1, rate=1000.0, start_ms=int(time.time() * 1000) - 3_600_000)
-    trades, messages = [], []
+    trades, messages, tops, rebuilt = [], [], [], {}
     for event in with_books(sim, settings.book_depth, seed=1):
         if type(event) is Trade:
             trades.append(event)
@@ -81,12 +102,16 @@ def main() -> None:
                 break
         else:
             messages.append((event.symbol.encode(), event.to_json_bytes()))
+            book = rebuilt.setdefault(event.symbol, OrderBook(event.symbol))
+            book.apply(event)
+            tops.append((event.timestamp_ms, event.symbol, book.top()))
     quotes_rate = drain_rate(settings, ["consumer.py", "--quotes"], settings.quotes_group, settings.quotes_topic,
                              messages)
     quote_rows = query(settings, "SELECT count(*) FROM quotes")[0][0]
     trades_rate = drain_rate(settings, ["consumer.py"], settings.consumer_group, settings.trades_topic,
                              [(t.symbol.encode(), t.to_json_bytes()) for t in trades])
     copy_rate = raw_copy_rate(settings, trades)
+    replayed, replay_per_s = replay_rate(tops)
 
     # the book endpoint with 1,000 symbols' books of 20 levels a side
     rng = random.Random(3)
@@ -130,6 +155,7 @@ def main() -> None:
         "orderbook_endpoint": {"symbols": 1000, "levels_a_side": 20, "depth": 10, "requests": len(latencies),
                                "p50_ms": round(percentile(latencies, 50), 2),
                                "p95_ms": round(percentile(latencies, 95), 2)},
+        "quotes_file_replay": {"quotes": replayed, "quotes_per_s_to_book_messages": round(replay_per_s)},
     })
 
 

@@ -41,6 +41,7 @@ MAX_LEVELS = 1000                 # a side of a snapshot, and of a book held in 
 MAX_BOOK_BYTES = 64 * 1024
 BOOK_LABELS = ("spoofing", "quote_stuffing")
 MAX_SEQ = 2 ** 63 - 1
+SNAPSHOT_EVERY_MS = 60_000        # a book sent whole again this often (event time), so a late reader rebuilds it
 
 _Price = Annotated[float, msgspec.Meta(gt=0, le=MAX_PRICE)]
 _Size = Annotated[float, msgspec.Meta(ge=0, le=MAX_QUANTITY)]

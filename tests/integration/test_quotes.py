@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import free_port, query, start_script, wait_for
+from tests.conftest import free_port, query, run_script, start_script, wait_for
 from tests.integration.test_api import call, serve_api
 from tests.integration.test_ingest import START, stop_gracefully
 from tradewatch import bus
@@ -179,3 +179,70 @@ def test_quotes_and_snapshots_past_their_retention_are_archived_and_dropped(sett
         assert sorted(kept + archived) == list(hours) and not set(kept) & set(archived), table
         # the newest row is on day five at 21:00: a day goes once it ended a day before that
         assert min(kept) == 3 * 24, table
+
+
+def recorded_day(tmp_path, seed: int = 3) -> tuple[list[list], list[list]]:
+    """A trades file without sides and its quotes file (three symbols, twenty minutes, ticks of a cent):
+    each quote changes its symbol's book; each trade is at its moment's bid or ask."""
+    import random
+    rng = random.Random(seed)
+    t0 = iso_to_ms(START)
+    state = {s: [round(rng.uniform(20, 200), 2), 3] for s in ("AAA", "BBB", "CCC")}  # bid, spread in ticks
+    quotes, trades, last = [], [], {}
+    for n in range(4_500):
+        symbol = rng.choice(sorted(state))
+        bid, ticks = state[symbol]
+        bid, ticks = round(bid + rng.choice((-0.01, 0, 0.01)), 2), max(1, ticks + rng.choice((-1, 0, 1)))
+        state[symbol] = [bid, ticks]
+        row = [t0 + n * 266, symbol, bid, rng.randint(1, 9) * 100, round(bid + ticks / 100, 2), rng.randint(1, 9) * 100]
+        if last.get(symbol) and last[symbol][2:] == row[2:]:
+            row[3] += 1                                  # every row changes its book
+        quotes.append(row)
+        last[symbol] = row
+        if rng.random() < 0.15:                          # a trade in the same millisecond or after
+            side = rng.choice(("buy", "sell"))
+            trades.append([f"T{n}", row[0] + rng.choice((0, 100)), symbol, row[4] if side == "buy" else row[2],
+                           rng.randint(1, 5) * 10, side])
+    header = "timestamp,symbol,bid,bid_size,ask,ask_size\n"
+    (tmp_path / "quotes.csv").write_text(header + "".join(",".join(map(str, q)) + "\n" for q in quotes))
+    (tmp_path / "trades.csv").write_text("trade_id,timestamp,symbol,price,quantity\n" + "".join(
+        f"{t[0]},{t[1]},{t[2]},{t[3]},{t[4]}\n" for t in trades))        # epoch ms, no side column
+    return quotes, trades
+
+
+def test_a_recorded_day_and_its_quotes_replay_into_trades_with_their_quotes_and_the_book(settings, tmp_path):
+    """`producer.py --replay trades.csv --replay quotes.csv --book`: every quote is in `quotes` with its
+    seq, the stored books are the last quotes, and each stored trade carries the quote of its moment
+    and its side read from it (the file has none)."""
+    import bisect
+    quotes, trades = recorded_day(tmp_path)
+    stages = [start_script(settings, "consumer.py", log=tmp_path / "consumer.log"),
+              start_script(settings, "consumer.py", "--quotes", log=tmp_path / "quotes.log")]
+    result = run_script(settings, "producer.py", "--replay", str(tmp_path / "trades.csv"), "--replay",
+                        str(tmp_path / "quotes.csv"), "--book", "--speed", "max")
+    assert f"replaying {len(trades):,} trades and {len(quotes):,} quotes from" in result.stderr
+    wait_for(lambda: stored_quotes(settings) == len(quotes) and query(settings, "SELECT count(*) FROM trades")[0][0]
+             == len(trades), timeout=120, message="every quote and trade stored")
+    assert [stop_gracefully(stage) for stage in stages] == [0, 0]
+
+    seqs: dict[str, int] = {}
+    expected = set()
+    for ms, symbol, bid, bid_size, ask, ask_size in quotes:
+        seqs[symbol] = seqs.get(symbol, 0) + 1
+        expected.add((symbol, ms, seqs[symbol], bid, bid_size, ask, ask_size))
+    rows = query(settings, "SELECT symbol, (extract(epoch FROM ts) * 1000)::bigint, seq, bid, bid_size, ask, ask_size"
+                           " FROM quotes")
+    assert set(rows) == expected and len(rows) == len(quotes)
+    books = query(settings, "SELECT symbol, seq, stale, gaps, bids::text, asks::text FROM order_books")
+    final = {q[1]: q for q in quotes}
+    assert {b[0]: b[1:] for b in books} == {
+        s: (seqs[s], False, 0, f"[[{q[2]}, {float(q[3])}]]", f"[[{q[4]}, {float(q[5])}]]") for s, q in final.items()}
+    times = {s: [q[0] for q in quotes if q[1] == s] for s in final}
+    by_symbol = {s: [q for q in quotes if q[1] == s] for s in final}
+    stored = {r[0]: r[1:] for r in query(settings, "SELECT trade_id, bid, ask, side FROM trades")}
+    for trade_id, ms, symbol, price, _, side in trades:
+        quote = by_symbol[symbol][bisect.bisect_right(times[symbol], ms) - 1]
+        assert stored[trade_id] == (quote[2], quote[4], side), trade_id
+    assert query(settings, "SELECT count(*) FROM dead_letters")[0][0] == 0
+    assert query(settings, "SELECT count(*) FROM book_snapshots")[0][0] == len({(q[1], q[0] // SNAPSHOT_MS)
+                                                                               for q in quotes})

@@ -104,3 +104,114 @@ def test_files_that_cannot_be_read_say_where_and_why(tmp_path):
         replay.load(cut, columns)
     with pytest.raises(ValueError, match=r"^line 3: not UTF-8"):
         replay.load(latin, columns)
+
+
+QUOTES = ("timestamp,symbol,bid,bid_size,ask,ask_size\n"
+          "2024-01-02T10:00:00.000Z,ABC,10.00,100,10.02,200\n"
+          "2024-01-02T10:00:00.400Z,ABC,10.00,100,10.01,50\n"
+          "2024-01-02T10:00:00.450Z,ABC,10.00,100,10.01,50\n"      # repeats the last: no message
+          "2024-01-02T10:00:00.900Z,ABC,10.01,100,10.00,50\n"      # crossed: a book cannot hold it
+          "2024-01-02T10:00:00.950Z,ABC,9.99,80,,\n"               # no ask: that side empty
+          "2024-01-02T10:00:00.970Z,ABC,x,1,10.5,1\n")
+TRADES = ("timestamp,symbol,price,quantity\n"
+          "2024-01-02T10:00:00.000Z,ABC,10.02,5\n"                 # the quote of the same millisecond is its
+          "2024-01-02T10:00:00.500Z,ABC,10.01,5\n"                 # at the ask after a downtick: a buy
+          "2024-01-02T10:00:01.000Z,ABC,10.00,5\n"                 # no ask to a midpoint: the tick rule
+          "2024-01-02T09:59:59.000Z,ABC,10.00,5\n")                # before any quote: none
+
+
+def test_a_day_with_its_quotes_file_replays_as_trades_with_their_quotes_and_a_one_level_book(tmp_path):
+    from tradewatch.book import OrderBook, decode_book
+    from tradewatch.events import Trade
+    (tmp_path / "t.csv").write_text(TRADES)
+    (tmp_path / "q.csv").write_text(QUOTES)
+    loaded = replay.load_files([tmp_path / "t.csv", tmp_path / "q.csv"])
+    assert [(t.price, t.bid, t.ask, t.side) for t in loaded.trades] == [
+        (10.00, None, None, "unknown"), (10.02, 10.00, 10.02, "buy"), (10.01, 10.00, 10.01, "buy"),
+        (10.00, 9.99, None, "sell")]
+    assert [row.split(": ", 1)[1][:17] for row in loaded.skipped_rows] == ["line 5: not a quo", "line 7: unreadabl"]
+    assert str(tmp_path / "q.csv") in loaded.skipped_rows[0] and "crossed" in loaded.skipped_rows[0]
+    assert len(loaded.quotes) == 4
+
+    events = list(replay.events(loaded))
+    assert [type(e).__name__[0] + (e.type[0] if type(e) is not Trade else "") for e in events] == \
+        ["T", "Bs", "T", "Bu", "T", "Bu", "T"], "a quote before a trade of its millisecond; a repeat sends nothing"
+    book = OrderBook("ABC")
+    for event in events:
+        if type(event) is Trade:
+            top = book.top()
+            assert (top.bid, top.ask) == (event.bid, event.ask), "the book at each trade is the trade's quote"
+        else:
+            assert decode_book(event.to_json_bytes()) == event and book.apply(event)
+    assert (book.bids, book.asks, book.seq, book.gaps) == ({9.99: 80.0}, {}, 3, 0)
+
+
+def test_quote_books_rebuild_every_quote_and_send_the_book_whole_each_minute():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tradewatch.book import OrderBook
+
+    side = st.one_of(st.none(), st.tuples(st.sampled_from([1.0, 1.01, 1.02]), st.sampled_from([1.0, 2.0])))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 40_000), side, side), max_size=30))
+    def rebuilt(rows):
+        quotes, ms = [], 0
+        for step, bid, ask in rows:
+            ms += step
+            bid = bid and (bid[0] - 0.05, bid[1])              # bids below asks: never crossed
+            quotes.append(replay.Quote(ms, "X", *(bid or (None, 0.0)), *(ask or (None, 0.0))))
+        book, due = OrderBook("X"), 0
+        messages = iter(replay.quote_books(quotes))
+        last = None
+        for quote in quotes:
+            now = (quote.bid, quote.bid_size, quote.ask, quote.ask_size)
+            if now == last and quote.timestamp_ms < due:
+                continue                                         # nothing sent
+            message = next(messages)
+            assert message.timestamp_ms == quote.timestamp_ms and book.apply(message)
+            assert message.type == ("snapshot" if quote.timestamp_ms >= due else "update")
+            if message.type == "snapshot":
+                due = quote.timestamp_ms + 60_000
+            top = book.top()
+            assert (top.bid, top.bid_size or 0.0, top.ask, top.ask_size or 0.0) == now
+            assert len(book.bids) <= 1 and len(book.asks) <= 1
+            last = now
+        assert next(messages, None) is None
+
+    rebuilt()
+
+
+def test_a_trades_file_with_bid_and_ask_columns_keeps_them_and_sides_follow_the_quote(tmp_path):
+    """(A replayed trades file's bid and ask were dropped, so `--replay … --book` sent no book.)"""
+    from tradewatch.market.books import with_books
+    path = tmp_path / "t.csv"
+    path.write_text("timestamp,symbol,price,quantity,bid,ask\n2024-01-02T10:00:00Z,ABC,10.02,5,10.00,10.02\n"
+                    "2024-01-02T10:00:01Z,ABC,10.00,5,10.00,10.01\n2024-01-02T10:00:02Z,ABC,10.00,5,,\n")
+    trades = replay.load(path).trades
+    assert [(t.bid, t.ask, t.side) for t in trades] == [(10.0, 10.02, "buy"), (10.0, 10.01, "sell"),
+                                                         (None, None, "sell")]
+    assert sum(type(e) is not type(trades[0]) for e in with_books(trades, seed=1)) > 2
+
+
+def test_a_quotes_file_needs_its_sizes_and_a_quotes_file_alone_needs_book(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tradewatch.config import PROJECT_ROOT
+    path = tmp_path / "q.csv"
+    path.write_text("timestamp,symbol,bid,ask\n2024-01-02T10:00:00Z,ABC,10.00,10.02\n")
+    with pytest.raises(ValueError, match=r"a quotes file \(bid and ask, no price\) needs the column\(s\) 'bid_size', "
+                                         "'ask_size'"):
+        replay.load(path)
+    path.write_text(QUOTES)
+    run = [sys.executable, "producer.py", "--replay", str(path)]
+    env = {**os.environ, "TRADEWATCH_HOME": str(tmp_path / "home")}
+    result = subprocess.run(run, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "error: no trades to replay: a quotes file alone is sent as a book with --book" \
+        in result.stderr, result.stderr[-2000:]
+    result = subprocess.run(run + ["--replay", str(tmp_path / "none.csv")], cwd=PROJECT_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"error: cannot replay {tmp_path / 'none.csv'}: " in result.stderr

@@ -22,7 +22,7 @@ import math
 import random
 from typing import Iterable, Iterator
 
-from tradewatch.book import BookMessage, OrderBook
+from tradewatch.book import SNAPSHOT_EVERY_MS, BookMessage, OrderBook
 from tradewatch.events import Trade
 
 TICK = 0.01                  # the simulator quotes in cents
@@ -42,7 +42,7 @@ class _Ladder:
 
 
 def with_books(trades: Iterable[Trade], depth: int = 10, noise: float = 8.0, seed: int | None = None,
-               snapshot_every_ms: int = 60_000,
+               snapshot_every_ms: int = SNAPSHOT_EVERY_MS,
                books: dict[str, OrderBook] | None = None) -> Iterator[Trade | BookMessage]:
     """The trades with their books' messages. Trades without a bid and ask pass through alone.
     `books` (optional): filled with each symbol's book as it stands, to compare with a reader's."""

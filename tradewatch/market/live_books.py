@@ -32,13 +32,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from tradewatch.book import BookMessage, OrderBook
+from tradewatch.book import SNAPSHOT_EVERY_MS, BookMessage, OrderBook
 from tradewatch.prometheus import LIVE_BOOK_GAPS, LIVE_BOOK_MESSAGES, LIVE_BOOK_SNAPSHOTS
 
 log = logging.getLogger("tradewatch.live")
 
 SNAPSHOT_LEVELS = 100            # a side, of a venue snapshot asked for and of one we send
-SNAPSHOT_EVERY_MS = 60_000
 BUFFER = 1_000                   # diffs held a symbol while its snapshot is fetched (older ones go)
 
 

@@ -1,10 +1,19 @@
-"""Replay of recorded data: a CSV (optionally gzipped) of trades or of 1-minute bars.
+"""Replay of recorded data: CSV files (optionally gzipped) of trades, of 1-minute bars or of quotes.
 
-Trades files need a timestamp and a price column; quantity, symbol, trade id, exchange, side and
-sale condition are mapped by name (defaults fit ../shared/data/lean/*_trades.csv.gz). Files
-without a side column get one from the tick rule (uptick = buy, downtick = sell, unchanged =
-previous side). A bars file (open, high, low, close, volume columns) becomes four trades per bar
-at the bar's open, high, low and close, splitting its volume evenly.
+Trades files need a timestamp and a price column; quantity, symbol, trade id, exchange, side, sale
+condition and the bid and ask of the trade's moment are mapped by name (defaults fit
+../shared/data/lean/*_trades.csv.gz). A bars file (open, high, low, close, volume columns) becomes
+four trades per bar at the bar's open, high, low and close, splitting its volume evenly. A quotes
+file (timestamp, bid, bid_size, ask, ask_size; no price column) is the top of a book over time:
+each row a best bid and ask with their sizes, an empty or 0 price an empty side.
+
+Several files replay as one (`load_files`, what `producer.py --replay A --replay B` does): a day's
+trades with its quotes. A trade without its own bid and ask takes those of its symbol's last quote
+at or before it. Trades without a side get one by the quote rule where the quote is known (above
+the midpoint a buy, below a sell; Lee and Ready, 1991), else by the tick rule (uptick buy,
+downtick sell, unchanged the previous side). `events` merges the trades with the quotes as book
+messages of a one-level book (tradewatch/book.py) in event time, a quote before a trade of the
+same millisecond.
 
 Rows that cannot be read are reported with their line number and skipped; the rest replays.
 """
@@ -12,12 +21,15 @@ from __future__ import annotations
 
 import csv
 import gzip
+import heapq
 import logging
 import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
+from tradewatch.book import SNAPSHOT_EVERY_MS, BookMessage, InvalidBook, decode_book
 from tradewatch.events import InvalidTrade, Trade, iso_to_ms, trade_from_dict
 
 log = logging.getLogger(__name__)
@@ -36,11 +48,27 @@ class ColumnMap:
     exchange: str = "exchange"
     side: str = "side"
     condition: str = "condition"
+    bid: str = "bid"
+    bid_size: str = "bid_size"
+    ask: str = "ask"
+    ask_size: str = "ask_size"
+
+
+@dataclass(slots=True)
+class Quote:
+    """One row of a quotes file: a symbol's best bid and ask with their sizes (None, 0: an empty side)."""
+    timestamp_ms: int
+    symbol: str
+    bid: float | None
+    bid_size: float
+    ask: float | None
+    ask_size: float
 
 
 @dataclass
 class ReplayFile:
     trades: list[Trade]
+    quotes: list[Quote] = field(default_factory=list)
     skipped_rows: list[str] = field(default_factory=list)  # "line N: reason"
 
 
@@ -58,9 +86,44 @@ def parse_time_ms(text: str) -> int:
     return int(round(number * 1000))    # seconds
 
 
+class ReplayError(ValueError):
+    """A file of a replay that cannot be read: which one, and why."""
+    def __init__(self, path: str | Path, error: Exception):
+        super().__init__(f"cannot replay {path}: {error}")
+
+
+def load_files(paths: Sequence[str | Path], columns: ColumnMap | None = None, symbol: str | None = None,
+               exchange: str = "REPLAY") -> ReplayFile:
+    """Several files as one replay: their trades and quotes each sorted by event time (stable), the
+    trades given the quote of their moment and a side (the module's docstring). Raises ReplayError."""
+    parts = []
+    for path in paths:
+        try:
+            parts.append(_load(path, columns, symbol, exchange))
+        except (OSError, ValueError) as error:
+            raise ReplayError(path, error) from None
+    result = ReplayFile([t for p in parts for t in p.trades], [q for p in parts for q in p.quotes],
+                        [f"{path}: {row}" if len(paths) > 1 else row for path, p in zip(paths, parts)
+                         for row in p.skipped_rows])
+    if len(parts) > 1:
+        result.trades.sort(key=lambda t: t.timestamp_ms)
+        result.quotes.sort(key=lambda q: q.timestamp_ms)
+    return _joined(result)
+
+
 def load(path: str | Path, columns: ColumnMap | None = None, symbol: str | None = None,
          exchange: str = "REPLAY") -> ReplayFile:
-    """Read a trades or bars CSV into trades sorted by event time (stable for equal times)."""
+    """Read one trades, bars or quotes CSV (as load_files does; raises OSError or ValueError)."""
+    return _joined(_load(path, columns, symbol, exchange))
+
+
+def _joined(result: ReplayFile) -> ReplayFile:
+    _attach_quotes(result.trades, result.quotes)
+    infer_sides(result.trades)
+    return result
+
+
+def _load(path: str | Path, columns: ColumnMap | None, symbol: str | None, exchange: str) -> ReplayFile:
     path = Path(path)
     columns = columns or ColumnMap()
     opener = gzip.open if path.suffix == ".gz" else open
@@ -77,7 +140,7 @@ def load(path: str | Path, columns: ColumnMap | None = None, symbol: str | None 
             raise ValueError(f"after line {reader.line_num}: the compressed file is cut short or damaged ({error})"
                              ) from None
     result.trades.sort(key=lambda t: t.timestamp_ms)
-    _apply_tick_rule(result.trades)
+    result.quotes.sort(key=lambda q: q.timestamp_ms)
     if result.skipped_rows:
         log.warning("%s: skipped %d unreadable rows, first: %s", path, len(result.skipped_rows), result.skipped_rows[0])
     return result
@@ -97,15 +160,29 @@ def _first_not_utf8(path: Path, opener) -> int | str:
 def _read(reader: csv.DictReader, path: Path, columns: ColumnMap, symbol: str | None, exchange: str) -> ReplayFile:
     header = set(reader.fieldnames or [])
     is_bars = {"open", "high", "low", "close"} <= header and columns.price not in header
-    if not is_bars:
+    is_quotes = {columns.bid, columns.ask} <= header and columns.price not in header
+    if is_quotes:
+        missing = [c for c in (columns.timestamp, columns.bid_size, columns.ask_size) if c not in header]
+        if missing:
+            raise ValueError(f"{path}: a quotes file (bid and ask, no price) needs the column(s) "
+                             f"{', '.join(map(repr, missing))} (columns are {', '.join(sorted(header))}); map them "
+                             "with --timestamp-column/--bid-size-column/--ask-size-column")
+    elif not is_bars:
         missing = [c for c in (columns.timestamp, columns.price) if c not in header]
         if missing:
-            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} "
-                             f"(columns are {', '.join(sorted(header))}); map them with --time-column/--price-column")
+            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} (columns are "
+                             f"{', '.join(sorted(header))}); map them with --timestamp-column/--price-column")
     if columns.symbol not in header and not symbol:
         raise ValueError(f"{path}: no '{columns.symbol}' column; pass --symbol to name the instrument")
-    rows = _bar_rows(reader, columns, symbol) if is_bars else _trade_rows(reader, columns, symbol, path.stem)
     result = ReplayFile([])
+    if is_quotes:
+        for line, row in _quote_rows(reader, columns, symbol, exchange):
+            if isinstance(row, str):
+                result.skipped_rows.append(f"line {line}: {row}")
+            else:
+                result.quotes.append(row)
+        return result
+    rows = _bar_rows(reader, columns, symbol) if is_bars else _trade_rows(reader, columns, symbol, path.stem)
     for line, row in rows:
         if isinstance(row, str):
             result.skipped_rows.append(f"line {line}: {row}")
@@ -134,6 +211,10 @@ def _trade_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None, 
             }
             if raw.get(columns.exchange):
                 row["exchange"] = raw[columns.exchange]
+            for name in ("bid", "ask"):
+                price = _price(raw.get(getattr(columns, name)))
+                if price is not None:
+                    row[name] = price
         except (ValueError, TypeError) as error:
             yield line, f"unreadable value ({error})"
             continue
@@ -156,6 +237,34 @@ def _bar_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None):
                          "timestamp_ms": start + offset, "price": price, "quantity": volume, "side": "unknown"}
 
 
+def _quote_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None, exchange: str):
+    for line, raw in enumerate(reader, start=2):
+        try:
+            bid, ask = _price(raw[columns.bid]), _price(raw[columns.ask])
+            bid_size = _float(raw[columns.bid_size]) if bid is not None else 0.0
+            ask_size = _float(raw[columns.ask_size]) if ask is not None else 0.0
+            quote = Quote(parse_time_ms(raw[columns.timestamp]), (raw.get(columns.symbol) or symbol or "").upper(),
+                          bid if bid_size else None, bid_size if bid else 0.0,
+                          ask if ask_size else None, ask_size if ask else 0.0)
+        except (ValueError, TypeError, KeyError) as error:
+            yield line, f"unreadable quote ({error})"
+            continue
+        try:           # what the quotes stage would refuse, refused here with its reason
+            decode_book(_message(quote, exchange, 0, None).to_json_bytes())
+        except InvalidBook as error:
+            yield line, f"not a quote a book can hold ({error})"
+            continue
+        yield line, quote
+
+
+def _price(text: str | None) -> float | None:
+    """A quote's price: empty or 0 is no price (that side of the book is empty)."""
+    if text is None or not text.strip():
+        return None
+    value = _float(text)
+    return value if value != 0 else None
+
+
 def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
@@ -163,13 +272,32 @@ def _float(text: str) -> float:
     return value
 
 
-def _apply_tick_rule(trades: list[Trade]) -> None:
-    """Infer buy/sell for trades without a side: uptick buy, downtick sell, zero tick repeats."""
+def _attach_quotes(trades: list[Trade], quotes: list[Quote]) -> None:
+    """Give each trade without a bid and ask those of its symbol's last quote at or before it (both
+    lists sorted by event time)."""
+    latest: dict[str, Quote] = {}
+    i = 0
+    for trade in trades:
+        while i < len(quotes) and quotes[i].timestamp_ms <= trade.timestamp_ms:
+            latest[quotes[i].symbol] = quotes[i]
+            i += 1
+        quote = latest.get(trade.symbol)
+        if quote is not None and trade.bid is None and trade.ask is None:
+            trade.bid, trade.ask = quote.bid, quote.ask
+
+
+def infer_sides(trades: list[Trade]) -> None:
+    """Buy or sell for trades without a side (sorted by event time): the quote rule where the trade
+    has a bid and ask and is off their midpoint, else the tick rule (uptick buy, downtick sell, zero
+    tick the previous side)."""
     last_price: dict[str, float] = {}
     last_side: dict[str, str] = {}
     for trade in trades:
         previous = last_price.get(trade.symbol)
-        if trade.side == "unknown" and previous is not None:
+        mid = None if trade.bid is None or trade.ask is None else (trade.bid + trade.ask) / 2
+        if trade.side == "unknown" and mid is not None and trade.price != mid:
+            trade.side = "buy" if trade.price > mid else "sell"
+        elif trade.side == "unknown" and previous is not None:
             if trade.price > previous:
                 trade.side = "buy"
             elif trade.price < previous:
@@ -178,3 +306,47 @@ def _apply_tick_rule(trades: list[Trade]) -> None:
                 trade.side = last_side.get(trade.symbol, "unknown")
         last_price[trade.symbol] = trade.price
         last_side[trade.symbol] = trade.side
+
+
+def events(replayed: ReplayFile, exchange: str = "REPLAY") -> Iterator[Trade | BookMessage]:
+    """The trades with their quotes as book messages, in event time (a quote first at equal times)."""
+    return heapq.merge(quote_books(replayed.quotes, exchange), replayed.trades, key=lambda e: e.timestamp_ms)
+
+
+def quote_books(quotes: Iterable[Quote], exchange: str = "REPLAY",
+                snapshot_every_ms: int = SNAPSHOT_EVERY_MS) -> Iterator[BookMessage]:
+    """Each symbol's quotes as book messages of a one-level book: a snapshot first and every
+    `snapshot_every_ms` of event time after, an update for each quote that changed the book (the old
+    level removed where the price moved), nothing for a quote that repeats the last."""
+    last: dict[str, Quote] = {}
+    seqs: dict[str, int] = {}
+    due: dict[str, int] = {}
+    for quote in quotes:
+        before = last.get(quote.symbol)
+        snapshot = before is None or quote.timestamp_ms >= due[quote.symbol]
+        if not snapshot and (before.bid, before.bid_size, before.ask, before.ask_size) == \
+                (quote.bid, quote.bid_size, quote.ask, quote.ask_size):
+            continue
+        seq = seqs[quote.symbol] = seqs.get(quote.symbol, 0) + 1
+        last[quote.symbol] = quote
+        if snapshot:
+            due[quote.symbol] = quote.timestamp_ms + snapshot_every_ms
+            yield _message(quote, exchange, seq, None)
+        else:
+            yield _message(quote, exchange, seq, before)
+
+
+def _message(quote: Quote, exchange: str, seq: int, before: Quote | None) -> BookMessage:
+    """The snapshot of a quote's one-level book (`before` None), or the update from `before` to it."""
+    if before is None:
+        return BookMessage(quote.symbol, exchange, quote.timestamp_ms, "snapshot", seq,
+                           [] if quote.bid is None else [(quote.bid, quote.bid_size)],
+                           [] if quote.ask is None else [(quote.ask, quote.ask_size)])
+    sides = []
+    for old, old_size, new, new_size in ((before.bid, before.bid_size, quote.bid, quote.bid_size),
+                                         (before.ask, before.ask_size, quote.ask, quote.ask_size)):
+        change = [] if old is None or old == new else [(old, 0.0)]
+        if new is not None and (new != old or new_size != old_size):
+            change.append((new, new_size))
+        sides.append(change)
+    return BookMessage(quote.symbol, exchange, quote.timestamp_ms, "update", seq, sides[0], sides[1], seq - 1)
