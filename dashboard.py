@@ -10,6 +10,7 @@ from plotly.subplots import make_subplots
 from sqlalchemy.exc import DBAPIError
 
 from tradewatch.access import LOOPBACK, may_acknowledge
+from tradewatch.book import Top, imbalance
 from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.formatting import compact, exact
@@ -203,6 +204,72 @@ def candle_panel(symbols, since, until) -> None:
     figure.update_layout(height=760, margin=dict(l=10, r=10, t=30, b=10), xaxis_rangeslider_visible=False,
                          title=f"{symbol} {size} candles", uirevision=f"{symbol}-{size}")
     st.plotly_chart(figure, width="stretch", key="candles")
+
+
+def book_quote(book: dict) -> dict:
+    """What the page shows of one book: its top, spread (also in basis points of the mid) and
+    imbalance over the levels read — the definitions of tradewatch/book.py, as the API's."""
+    top = Top.of(book["bids"], book["asks"])
+    return {"top": top, "bps": None if top.spread is None else top.spread / top.mid * 1e4,
+            "imbalance": imbalance(book["bids"], book["asks"])}
+
+
+def no_book(symbol: str) -> None:
+    st.info(f"No order book of {symbol}: books come from `producer.py --book` through `consumer.py --quotes` "
+            "(`make demo` runs both).", icon=":material/hourglass_empty:")
+
+
+def book_panel(symbol: str) -> None:
+    """The symbol's order book as the quotes stage holds it (`order_books`, a quarter of a second
+    old at most): best bid and ask, spread, imbalance, and a depth chart of BOOK_DEPTH levels a side."""
+    found = q("order_books", [symbol], settings.book_depth)
+    if not found:
+        no_book(symbol)
+        return
+    book = found[0]
+    shown = book_quote(book)
+    top = shown["top"]
+    bid, ask, spread, lean = st.columns(4)
+    bid.metric("Best bid", exact(top.bid), help=f"size {exact(top.bid_size, 0)}")
+    ask.metric("Best ask", exact(top.ask), help=f"size {exact(top.ask_size, 0)}")
+    spread.metric("Spread", exact(top.spread), delta=None if shown["bps"] is None else f"{shown['bps']:.1f} bps",
+                  delta_color="off", delta_arrow="off", help="best ask − best bid; in basis points of the mid")
+    lean.metric("Imbalance", "—" if shown["imbalance"] is None else f"{shown['imbalance']:+.2f}",
+                help=f"(bid size − ask size) / both, over the {settings.book_depth} best levels a side: "
+                     "+1 all bids, −1 all asks")
+    if book["stale"]:
+        st.warning("A sequence gap since the last snapshot: these are the last known levels, not trusted "
+                   "until the next snapshot.", icon=":material/warning:")
+    figure = go.Figure()
+    for name, levels, color in (("Bids", book["bids"], "#2ca02c"), ("Asks", book["asks"], "#d62728")):
+        prices = [p for p, _ in levels]
+        depth = pd.Series([s for _, s in levels]).cumsum().tolist()
+        figure.add_trace(go.Scatter(x=prices, y=depth, name=name, mode="lines", line=dict(color=color, shape="hv"),
+                                    fill="tozeroy"))
+    figure.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="price",
+                         yaxis_title="size, cumulative from the touch", uirevision=f"depth-{symbol}",
+                         title=f"{symbol} depth · {len(book['bids'])} bids, {len(book['asks'])} asks · "
+                               f"as of {pd.Timestamp(book['ts']):%H:%M:%S.%f}"[:-3] + " UTC")
+    st.plotly_chart(figure, width="stretch", key="depth")
+
+
+def books_panel(symbols) -> None:
+    """Every symbol's top of book, spread and imbalance; nothing when no book is held."""
+    books = q("order_books", symbols, settings.book_depth)
+    if not books:
+        return
+    st.subheader("Order books")
+    shown = [book_quote(b) for b in books]
+    st.dataframe(pd.DataFrame({
+        "Symbol": [b["symbol"] for b in books],
+        "Bid": [exact(s["top"].bid) for s in shown], "Bid size": [exact(s["top"].bid_size, 0) for s in shown],
+        "Ask": [exact(s["top"].ask) for s in shown], "Ask size": [exact(s["top"].ask_size, 0) for s in shown],
+        "Spread": [exact(s["top"].spread) for s in shown],
+        "Spread (bps)": [None if s["bps"] is None else round(s["bps"], 1) for s in shown],
+        f"Imbalance ({settings.book_depth} levels)": [None if s["imbalance"] is None else round(s["imbalance"], 2)
+                                                     for s in shown],
+        "As of (UTC)": [f"{pd.Timestamp(b['ts']):%H:%M:%S}" for b in books],
+        "Stale": ["gap" if b["stale"] else "" for b in books]}).set_index("Symbol"), width="stretch")
 
 
 def price_panel(symbols, since, until) -> None:
@@ -537,7 +604,11 @@ def evidence_table(evidence: dict) -> None:
 def symbol_view(symbol: str, since, until, previous_since) -> None:
     st.subheader(f"{symbol} in depth")
     kpi_row([symbol], since, until, previous_since)
-    candle_panel([symbol], since, until)
+    candles, book = st.columns([3, 2])
+    with candles:
+        candle_panel([symbol], since, until)
+    with book:
+        book_panel(symbol)
     st.subheader("Flagged trades")
     flagged = q("symbol_flags", symbol, since, until)
     if flagged.empty:
@@ -575,6 +646,7 @@ def live() -> None:
             return
         kpi_row(symbols, since, until, since - span)
         candle_panel(symbols, since, until)
+        books_panel(symbols)
         price_panel(symbols, since, until)
         share_panels(symbols, since, until)
         scanner_panel(symbols, since, until)

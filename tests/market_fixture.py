@@ -6,9 +6,13 @@ from datetime import datetime, timedelta, timezone
 from itertools import islice
 
 from tradewatch.alerts import Deduplicator, alerts_for
+from tradewatch.book import OrderBook
 from tradewatch.detect.pipeline import DetectionPipeline
+from tradewatch.events import Trade
+from tradewatch.market.books import with_books
 from tradewatch.market.simulator import MarketSimulator
 from tradewatch.store import db
+from tradewatch.store.books import write_books
 from tradewatch.store import detections as flags
 from tradewatch.store.candles import backfill
 from tradewatch.store.writer import copy_line, write_batch
@@ -25,6 +29,24 @@ def load_known_market(settings, count: int = 6000, seed: int = 8) -> int:
         return _load(conn, trades)
     finally:
         conn.close()      # never left open in a transaction: its locks would hold up every TRUNCATE
+
+
+def load_known_books(settings, count: int = 2000, seed: int = 8) -> dict[str, OrderBook]:
+    """Each symbol's book after `count` trades of the simulator's market with its books, stored in
+    `order_books` as the quotes stage stores its checkpoint (store/books.py)."""
+    books: dict[str, OrderBook] = {}
+    events = with_books(MarketSimulator(seed=seed, rate=20.0, start_ms=int(T0.timestamp() * 1000)), 10, seed=seed,
+                        books=books)
+    for _ in islice((e for e in events if type(e) is Trade), count):
+        pass
+    conn = db.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            write_books(cur, [(0, book) for book in books.values()], set())
+        conn.commit()
+    finally:
+        conn.close()
+    return books
 
 
 def _load(conn, trades) -> int:

@@ -31,7 +31,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
 from tradewatch.access import key_matches
-from tradewatch.book import MAX_LEVELS
+from tradewatch.book import MAX_LEVELS, Top, imbalance
 from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.store import detections, queries
@@ -307,12 +307,10 @@ def create_app(settings: Settings) -> FastAPI:
              responses={404: {"description": "no book for this symbol"}})
     def quote(symbol: SymbolPath) -> dict:
         book = book_or_404(symbol, 1)
-        (bid, bid_size), (ask, ask_size) = (book["bids"] or [[None, None]])[0], (book["asks"] or [[None, None]])[0]
-        both = bid is not None and ask is not None
+        top = Top.of(book["bids"], book["asks"])
         return {"symbol": symbol, "exchange": book["exchange"], "ts": book["ts"], "seq": book["seq"],
-                "bid": bid, "bid_size": bid_size, "ask": ask, "ask_size": ask_size,
-                "spread": ask - bid if both else None, "mid": (ask + bid) / 2 if both else None,
-                "stale": book["stale"]}
+                "bid": top.bid, "bid_size": top.bid_size, "ask": top.ask, "ask_size": top.ask_size,
+                "spread": top.spread, "mid": top.mid, "stale": book["stale"]}
 
     @app.get("/orderbook/{symbol}", summary="The current order book of a symbol: its best `depth` levels a side",
              description="Bids and asks as [price, size], best first, from the quotes stage's book as of its last "
@@ -321,8 +319,7 @@ def create_app(settings: Settings) -> FastAPI:
              responses={404: {"description": "no book for this symbol"}})
     def orderbook(symbol: SymbolPath, depth: BookDepth = settings.book_depth) -> dict:
         book = book_or_404(symbol, depth)
-        b, a = sum(s for _, s in book["bids"]), sum(s for _, s in book["asks"])
-        return {**book, "imbalance": (b - a) / (b + a) if b + a else None}
+        return {**book, "imbalance": imbalance(book["bids"], book["asks"])}
 
     @app.get("/trades", summary="Trades of a symbol in a time range, oldest first, a page at a time")
     def trades(symbol: Symbol, since: Instant | None = None, until: Instant | None = None,

@@ -124,9 +124,26 @@ class Top:
     ask: float | None
     ask_size: float | None
 
+    @classmethod
+    def of(cls, bids: list, asks: list) -> Top:
+        """The top of levels listed best first ([price, size] each; an empty side has none)."""
+        (bid, bid_size), (ask, ask_size) = (bids[0] if bids else (None, None)), (asks[0] if asks else (None, None))
+        return cls(bid, bid_size, ask, ask_size)
+
     @property
     def spread(self) -> float | None:
         return None if self.bid is None or self.ask is None else self.ask - self.bid
+
+    @property
+    def mid(self) -> float | None:
+        return None if self.bid is None or self.ask is None else (self.bid + self.ask) / 2
+
+
+def imbalance(bids: list, asks: list) -> float | None:
+    """(bid size − ask size) / (bid size + ask size) over the levels given ([price, size] each): +1 all
+    bids, −1 all asks, None for an empty book."""
+    b, a = sum(s for _, s in bids), sum(s for _, s in asks)
+    return None if b + a == 0 else (b - a) / (b + a)
 
 
 class OrderBook:
@@ -200,7 +217,5 @@ class OrderBook:
                            self.seq or 0, bids, asks)
 
     def imbalance(self, n: int = 10) -> float | None:
-        """(bid size − ask size) / (bid size + ask size) over the best `n` levels: +1 all bids, −1 all asks."""
-        bids, asks = self.depth(n)
-        b, a = sum(s for _, s in bids), sum(s for _, s in asks)
-        return None if b + a == 0 else (b - a) / (b + a)
+        """`imbalance` over the best `n` levels a side."""
+        return imbalance(*self.depth(n))

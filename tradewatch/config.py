@@ -121,6 +121,7 @@ class Settings:
     consumers: int = 1
     demo_live: str = ""
     demo_live_url: str = ""
+    demo_book: bool = True                   # the producer sends order books and the quotes stage keeps them
 
     def __post_init__(self) -> None:
         self._validate()

@@ -90,6 +90,8 @@ def stages(settings: Settings, history_s: float = 0.0) -> list[Child]:
         producer = [python, "producer.py", "--live", settings.demo_live]
         if settings.demo_live_url:
             producer += ["--url", settings.demo_live_url]
+    if settings.demo_book:      # the simulator's book, or the venue's own
+        producer.append("--book")
     commands += [
         ("producer", producer),
         ("aggregator", [python, "aggregator.py"]),
@@ -101,11 +103,13 @@ def stages(settings: Settings, history_s: float = 0.0) -> list[Child]:
                        "--server.address", settings.dashboard_address, "--server.port", str(settings.dashboard_port),
                        "--browser.gatherUsageStats", "false"]),
     ]
+    if settings.demo_book:
+        commands.append(("quotes", [python, "consumer.py", "--quotes"]))
     if settings.run_flink_in_demo:
         commands.append(("flink", [python, "flink_job.py"]))
     # on two cores, eight interpreters importing pandas at once delay the first anomaly by seconds:
-    # the API, the reports and maintenance start once the path to the page is up
-    later = {"api": LATER_S, "reports": LATER_S, "maintain": LATER_S}
+    # the API, the quotes stage, the reports and maintenance start once the path to the page is up
+    later = {"api": LATER_S, "quotes": LATER_S, "reports": LATER_S, "maintain": LATER_S}
     children = [Child(name, command, start_after_s=later.get(name, 0.0)) for name, command in commands]
     if history_s and not settings.demo_live:
         next(c for c in children if c.name == "producer").first_start_only = ["--history", f"{history_s:g}"]

@@ -65,11 +65,15 @@ class Demo:
             found.add(int(postmaster.read_text().split()[0]))
         return found
 
-    def stage_pid(self, command_part: str) -> int:
+    def stage_pid(self, command: str) -> int:
+        """The stage started as `python <command> …` (its first arguments, e.g. "anomaly_detector.py run");
+        "consumer.py" is the trade consumer, not the quotes stage (`consumer.py --quotes`)."""
+        wanted = command.split()
         for pid in children(self.process.pid):
-            if command_part in cmdline(pid):
+            words = cmdline(pid).split()[1:]
+            if words[:len(wanted)] == wanted and "--quotes" not in words[len(wanted):]:
                 return pid
-        raise AssertionError(f"no running stage matching {command_part!r}")
+        raise AssertionError(f"no running stage started as {command!r}")
 
     def interrupt_and_wait(self) -> float:
         """Ctrl-C in the terminal: SIGINT to the whole process group. Seconds until all are gone."""
@@ -164,7 +168,7 @@ def page_state(page: Page) -> dict:
 
 
 # the strip's labels, in its order: each stage's badge ("consumer up · lag 0 · 10 partitions"), then the disk's
-STRIP_LABELS = (*EXPECTED_STAGES, "flink", "database")
+STRIP_LABELS = (*EXPECTED_STAGES, "flink", "quotes", "database")
 
 
 def badge(state: dict, stage: str) -> str:

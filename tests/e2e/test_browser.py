@@ -10,14 +10,19 @@ import time
 import urllib.parse
 import urllib.request
 from datetime import datetime
+from itertools import accumulate
 
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
-from tests.conftest import free_port, query, start_script, wait_for
+from tests.conftest import free_port, query, run_script, start_script, wait_for
+from tests.integration.test_api import call, serve_api
+from tests.integration.test_ingest import START, stop_gracefully
+from tests.integration.test_quotes import caught_up
 from tests.market_fixture import load_known_market
 from tradewatch.config import PROJECT_ROOT
+from tradewatch.formatting import exact
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -225,4 +230,45 @@ def test_page_opened_before_any_data_shows_candles_once_they_exist(settings, emp
                                  f"{(tmp_path / 'streamlit.log').read_text()[-3000:]}") from None
         # five minutes of 1-minute candles: the axis still spans 30 windows, never fractions of a millisecond
         assert 30 <= axis_span_minutes(page) <= 40
+        browser.close()
+
+
+DEPTH_PLOT = ("[...document.querySelectorAll('.js-plotly-plot')].find(d => d.layout && d.layout.title"
+              " && String(d.layout.title.text).includes(' depth '))")
+
+
+@pytest.mark.browser
+def test_the_book_on_the_page_is_the_one_the_api_serves(settings, dashboard, tmp_path):
+    """#38: books from `producer.py --book` through Kafka and `consumer.py --quotes`: a symbol's view in
+    a real browser draws the depth chart and spread that GET /orderbook and GET /quotes return."""
+    run_script(settings, "producer.py", "--book", "--count", "1500", "--rate", "max", "--seed", "11",
+               "--start", START)
+    stage = start_script(settings, "consumer.py", "--quotes", log=tmp_path / "quotes.log")
+    wait_for(lambda: caught_up(settings), timeout=90, message="the quotes stage to store the whole topic")
+    stop_gracefully(stage)
+    api, base = serve_api(settings.with_overrides(api_port=free_port()), tmp_path / "api.log")
+    try:
+        symbol = query(settings, "SELECT min(symbol) FROM order_books")[0][0]
+        status, book = call(base, f"/orderbook/{symbol}")
+        assert status == 200 and len(book["bids"]) == settings.book_depth, book
+        status, quote = call(base, f"/quotes/{symbol}")
+        assert status == 200 and quote["spread"] > 0, quote
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1600, "height": 2400})
+        page.goto(f"{dashboard}/?symbol={symbol}")
+        page.wait_for_function(f"{DEPTH_PLOT} !== undefined", timeout=60_000)
+        drawn = page.evaluate(f"Object.fromEntries({DEPTH_PLOT}.data.map(t => [t.name, [Array.from(t.x), "
+                              "Array.from(t.y)]]))")
+        for side in ("bids", "asks"):
+            prices, cumulative = drawn[side.capitalize()]
+            assert prices == [price for price, _ in book[side]]
+            assert cumulative == pytest.approx(list(accumulate(size for _, size in book[side])))
+        spread = page.locator('[data-testid="stMetric"]', has_text="Spread")
+        expect(spread.locator('[data-testid="stMetricValue"]')).to_have_text(exact(quote["spread"]))
+        expect(page.locator('[data-testid="stMetric"]', has_text="Best bid")
+               .locator('[data-testid="stMetricValue"]')).to_have_text(exact(quote["bid"]))
         browser.close()

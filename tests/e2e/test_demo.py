@@ -62,6 +62,13 @@ def test_fresh_demo_shows_an_anomaly_at_the_users_defaults_and_stops_cleanly(att
         before = query(demo.settings, "SELECT count(*) FROM trades")[0][0]
         wait_for(lambda: query(demo.settings, "SELECT count(*) FROM trades")[0][0] > before + 100, timeout=20,
                  message="trades to grow")
+        # the order book runs too (#38): every symbol's book kept by the quotes stage, on the page
+        symbols = query(demo.settings, "SELECT count(DISTINCT symbol) FROM trades")[0][0]
+        wait_for(lambda: query(demo.settings, "SELECT count(*) FROM order_books WHERE NOT stale")[0][0] == symbols,
+                 timeout=60, message="a book of every symbol stored by the quotes stage")
+        wait_for(lambda: "Order books" in page_state(browser_page)["text"]
+                 and stage_shown(page_state(browser_page), "quotes", "up"), timeout=30,
+                 message="the books and the quotes stage on the page")
         assert "Traceback" not in demo.output(), demo.output()[-4000:]
         assert "exited with code" not in demo.output(), "a stage died during a fresh start"
         stopped_in = demo.interrupt_and_wait()

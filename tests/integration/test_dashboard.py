@@ -11,8 +11,9 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import query
-from tests.market_fixture import load_known_market
+from tests.market_fixture import load_known_books, load_known_market
 from tradewatch.config import PROJECT_ROOT
+from tradewatch.book import imbalance
 from tradewatch.formatting import compact, exact
 
 APP = str(PROJECT_ROOT / "dashboard.py")
@@ -221,3 +222,44 @@ def test_an_analyst_records_a_verdict_and_its_history_is_shown(settings, app):
     assert list(history.Who) == ["ana (dashboard)"] and list(history.To) == ["False positive"]
     assert any("**Disposition:** False positive" in m.value for m in at.markdown)
     assert any(alert_id and ":gray-badge[False positive]" in m.value for m in at.markdown), "the feed shows it"
+
+
+def test_the_order_book_is_shown_beside_the_candles_as_stored(settings, app):
+    """#38: a symbol's view shows its book as the quotes stage stored it (order_books): best bid and
+    ask, spread in price and basis points, imbalance, and a depth chart cumulated from the touch; the
+    overview lists every symbol's top of book."""
+    load_known_market(settings)
+    at = app()
+    assert not any(s.value == "Order books" for s in at.subheader), "no book stored: no panel"
+    books = load_known_books(settings)
+    st.cache_data.clear()
+    at = app(at)
+    table = next(d.value for d in at.dataframe if "Spread (bps)" in d.value.columns)
+    assert list(table.index) == sorted(books)
+    symbol = sorted(books)[0]
+    bids, asks = query(settings, "SELECT bids, asks FROM order_books WHERE symbol = %s", (symbol,))[0]
+    (bid, _), (ask, ask_size) = bids[0], asks[0]
+    assert table.loc[symbol, "Bid"] == exact(bid) and table.loc[symbol, "Ask size"] == exact(ask_size, 0)
+    assert table.loc[symbol, "Spread (bps)"] == round((ask - bid) / ((ask + bid) / 2) * 1e4, 1)
+
+    at.selectbox(key="view").set_value(symbol)
+    at = app(at)
+    assert metric(at, "Best bid") == exact(bid) and metric(at, "Best ask") == exact(ask)
+    assert metric(at, "Spread") == exact(ask - bid)
+    assert next(m for m in at.metric if m.label == "Spread").delta == f"{(ask - bid) / ((ask + bid) / 2) * 1e4:.1f} bps"
+    assert metric(at, "Imbalance") == f"{imbalance(bids[:10], asks[:10]):+.2f}"
+    chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if f"{symbol} depth" in c.proto.spec)
+    sides = {t["name"]: t for t in chart["data"]}
+    assert sides["Bids"]["x"] == [p for p, _ in bids[:10]] and sides["Asks"]["x"] == [p for p, _ in asks[:10]]
+    assert sides["Bids"]["y"] == pytest.approx(np.cumsum([s for _, s in bids[:10]]).tolist())
+    assert sides["Asks"]["y"] == pytest.approx(np.cumsum([s for _, s in asks[:10]]).tolist())
+    assert books[symbol].depth(10) == ([tuple(b) for b in bids[:10]], [tuple(a) for a in asks[:10]])
+
+
+def test_a_symbol_without_a_book_says_where_books_come_from(settings, app):
+    load_known_market(settings)
+    symbol = query(settings, "SELECT min(symbol) FROM trades")[0][0]
+    at = app()
+    at.selectbox(key="view").set_value(symbol)
+    at = app(at)
+    assert any(f"No order book of {symbol}" in i.value and "consumer.py --quotes" in i.value for i in at.info)

@@ -8,7 +8,7 @@ from itertools import islice
 import pytest
 
 from tradewatch import bus
-from tradewatch.book import MAX_LEVELS, BookMessage, InvalidBook, OrderBook, decode_book
+from tradewatch.book import MAX_LEVELS, BookMessage, InvalidBook, OrderBook, Top, decode_book, imbalance
 from tradewatch.events import Trade
 from tradewatch.market.books import with_books
 from tradewatch.market.simulator import MarketSimulator
@@ -72,6 +72,17 @@ def test_a_bad_message_is_refused_with_its_reason(message, reason):
     with pytest.raises(InvalidBook) as refused:
         decode_book(message, T0)
     assert reason in str(refused.value)
+
+
+def test_a_stored_books_top_spread_mid_and_imbalance_have_one_definition():
+    """What /quotes, /orderbook and the dashboard show of stored levels ([price, size], best first)."""
+    top = Top.of([[99.9, 5], [99.8, 1]], [[100.1, 2]])
+    assert (top.bid, top.bid_size, top.ask, top.ask_size) == (99.9, 5, 100.1, 2)
+    assert top.spread == pytest.approx(0.2) and top.mid == pytest.approx(100.0)
+    assert imbalance([[99.9, 5], [99.8, 1]], [[100.1, 2]]) == pytest.approx((6 - 2) / 8)
+    one_sided = Top.of([], [[100.1, 2]])
+    assert one_sided.bid is None and one_sided.spread is None and one_sided.mid is None
+    assert imbalance([], []) is None and imbalance([[1.0, 3]], []) == 1.0
 
 
 def test_a_book_applies_changes_and_a_gap_makes_it_stale_until_the_next_snapshot():

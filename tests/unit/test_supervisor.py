@@ -51,10 +51,25 @@ def test_demo_live_runs_the_producer_on_a_live_feed(monkeypatch):
     monkeypatch.setenv("DEMO_LIVE", "binance")
     monkeypatch.setenv("DEMO_LIVE_URL", "ws://127.0.0.1:8765")
     producer = {s.name: s.command for s in stages(Settings.load())}["producer"]
-    assert producer[1:] == ["producer.py", "--live", "binance", "--url", "ws://127.0.0.1:8765"]
+    assert producer[1:] == ["producer.py", "--live", "binance", "--url", "ws://127.0.0.1:8765", "--book"]
     monkeypatch.delenv("DEMO_LIVE")
     producer = {s.name: s.command for s in stages(Settings.load())}["producer"]
     assert "--live" not in producer and "--rate" in producer
+
+
+def test_the_demo_runs_the_order_book_unless_told_not_to(monkeypatch):
+    """#38: the producer sends books and the quotes stage keeps them, started with the API once the
+    path to the first anomaly is up; DEMO_BOOK=false runs trades alone."""
+    from tradewatch.config import Settings
+    from tradewatch.demo import LATER_S, stages
+
+    children = {s.name: s for s in stages(Settings.load())}
+    assert "--book" in children["producer"].command
+    assert children["quotes"].command[1:] == ["consumer.py", "--quotes"]
+    assert children["quotes"].start_after_s == LATER_S and children["consumer"].start_after_s == 0
+    monkeypatch.setenv("DEMO_BOOK", "false")
+    children = {s.name: s for s in stages(Settings.load())}
+    assert "--book" not in children["producer"].command and "quotes" not in children
 
 
 def test_the_producer_sends_its_simulated_past_on_its_first_start_only(monkeypatch, capsys):

@@ -260,18 +260,25 @@ def latest_trades(engine: Engine) -> pd.DataFrame:
                           " ORDER BY symbol")
 
 
-def order_book(engine: Engine, symbol: str, depth: int) -> dict | None:
-    """The book the quotes stage holds for `symbol` as of its last checkpoint (`order_books`), its
-    best `depth` levels a side; None when it holds none."""
+def order_books(engine: Engine, symbols: list[str] | None, depth: int) -> list[dict]:
+    """The books the quotes stage holds (`order_books`, as of its last checkpoint), of `symbols` (None:
+    all), each with its best `depth` levels a side, by symbol."""
     with engine.connect() as conn:
-        row = conn.execute(text(
+        rows = conn.execute(text(
             "SELECT symbol, exchange, ts, seq, stale, gaps, updated_at,"
             " (SELECT coalesce(jsonb_agg(l ORDER BY n), '[]')"
             "  FROM jsonb_array_elements(bids) WITH ORDINALITY AS b(l, n) WHERE n <= :depth) AS bids,"
             " (SELECT coalesce(jsonb_agg(l ORDER BY n), '[]')"
             "  FROM jsonb_array_elements(asks) WITH ORDINALITY AS a(l, n) WHERE n <= :depth) AS asks"
-            " FROM order_books WHERE symbol = :symbol"), {"symbol": symbol, "depth": depth}).mappings().first()
-    return dict(row) if row is not None else None
+            " FROM order_books WHERE CAST(:symbols AS text[]) IS NULL OR symbol = ANY(:symbols) ORDER BY symbol"),
+            {"symbols": symbols, "depth": depth}).mappings().all()
+    return [dict(row) for row in rows]
+
+
+def order_book(engine: Engine, symbol: str, depth: int) -> dict | None:
+    """One symbol's book as `order_books` gives it; None when the quotes stage holds none."""
+    found = order_books(engine, [symbol], depth)
+    return found[0] if found else None
 
 
 def trades_page(engine: Engine, symbol: str, since, until, after: tuple | None, limit: int) -> pd.DataFrame:
