@@ -5,8 +5,9 @@ validated by FastAPI with a clear 422 body, and no SQL is built from input. `POS
 /alerts/{alert_id}/acknowledge` needs the header `X-API-Key` when API_KEY is set. Request counts
 and durations are Prometheus metrics on /metrics. The OpenAPI schema is at /openapi.json, the
 interactive page at /docs. The live streams of alerts (`/alerts/stream`, `/alerts/ws`), final
-candles (`/candles/stream`, `/candles/ws`) and trades (`/trades/stream`, `/trades/ws`) are fed from
-the Kafka topics `alerts`, `candles` and `trades` (tradewatch/streams.py).
+candles (`/candles/stream`, `/candles/ws`), trades (`/trades/stream`, `/trades/ws`), order books
+(`/orderbook/stream`, `/orderbook/ws`) and quotes (`/quotes/stream`, `/quotes/ws`) are fed from the
+Kafka topics `alerts`, `candles`, `trades` and `quotes` (tradewatch/streams.py).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from tradewatch.config import Settings
 from tradewatch.store import detections, queries
 from tradewatch.store.detections import DISPOSITIONS
 from tradewatch.store.health import gone_from_this_host, stage_statuses
-from tradewatch.streams import Hub, Streamed, Subscriber, TradeHub, alert_feed, candle_feed
+from tradewatch.streams import BookHub, Hub, QuoteView, Streamed, Subscriber, TradeHub, alert_feed, candle_feed
 
 REQUESTS = Counter("tradewatch_api_requests", "API requests", ["route", "status"])
 REQUEST_SECONDS = Histogram("tradewatch_api_request_seconds", "API request duration", ["route"],
@@ -236,8 +237,9 @@ def create_app(settings: Settings) -> FastAPI:
     Size = Enum("Size", {label: label for label in settings.window_labels}, type=str)
     engine = queries.engine_for(settings.sqlalchemy_url)
     alert_hub, candle_hub = Hub(settings, engine, alert_feed(settings)), Hub(settings, engine, candle_feed(settings))
-    trade_hub = TradeHub(settings, engine)
-    hubs = (alert_hub, candle_hub, trade_hub)
+    trade_hub, book_hub = TradeHub(settings, engine), BookHub(settings, engine)
+    quote_view = QuoteView(book_hub)
+    hubs = (alert_hub, candle_hub, trade_hub, book_hub)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -293,6 +295,41 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/latest", summary="The newest trade of each symbol")
     def latest() -> list[dict]:
         return rows_response(queries.latest_trades(engine))
+
+    @app.get("/orderbook/stream", response_class=EventSourceResponse,
+             summary="Live order books as Server-Sent Events (from the Kafka quotes topic)",
+             description="One `book` event per book message (the quotes topic's wire format, a `snapshot` or an "
+                         "`update` of the levels that changed, plus `position`, its place in the topic, which is "
+                         "also the event id). A new client first gets a snapshot of each of its symbols' books as "
+                         "the quotes stage last stored them, then every message after: each update applies to the "
+                         "book the client holds (its `prev_seq` is that book's `seq`). Reconnecting with "
+                         "`Last-Event-ID` (or `last_event_id`) sends the messages missed since, read again from "
+                         f"Kafka (up to {settings.api_stream_catch_up}), then the live ones: no gap, no duplicate. "
+                         "Heartbeats as /alerts/stream; a client that does not keep up is dropped.")
+    async def book_stream(symbols: StreamSymbols = None, last_event_id_header: LastEventIdHeader = None,
+                          last_event_id: LastEventId = None) -> EventSourceResponse:
+        return await event_stream(settings, book_hub, symbols, None, last_event_id_header or last_event_id)
+
+    @app.websocket("/orderbook/ws")
+    async def book_socket(socket: WebSocket, symbols: StreamSymbols = None, last_event_id: LastEventId = None) -> None:
+        """The book stream over a WebSocket: one JSON text message per book message; `last_event_id` (a
+        message's `position`) resumes."""
+        await socket_stream(settings, book_hub, socket, symbols, None, last_event_id)
+
+    @app.get("/quotes/stream", response_class=EventSourceResponse,
+             summary="Live best bid and ask as Server-Sent Events (from the Kafka quotes topic)",
+             description="One `quote` event (symbol, exchange, timestamp_ms, seq, bid, bid_size, ask, ask_size, "
+                         "position) each time a symbol's top of book changes; first the current one of each symbol "
+                         "(as the quotes stage last stored its book). A quote is state: a reconnecting client gets "
+                         "the current ones again, then each change (those it missed are in the `quotes` table). "
+                         "Nothing while a book is stale (a sequence gap). Heartbeats and dropping as /alerts/stream.")
+    async def quote_stream(symbols: StreamSymbols = None) -> EventSourceResponse:
+        return await event_stream(settings, quote_view, symbols, None, None)
+
+    @app.websocket("/quotes/ws")
+    async def quote_socket(socket: WebSocket, symbols: StreamSymbols = None) -> None:
+        """The quote stream over a WebSocket: one JSON text message per change of a top of book."""
+        await socket_stream(settings, quote_view, socket, symbols, None, None)
 
     def book_or_404(symbol: str, depth: int) -> dict:
         book = queries.order_book(engine, symbol, depth)

@@ -81,7 +81,7 @@ class Settings:
     api_key: str = ""
     api_allowed_hosts: str = "127.0.0.1,localhost,::1"   # Host headers the API answers (DNS rebinding)
     api_stream_clients: int = 100       # live stream clients at once (SSE + WebSocket); more get 503
-    api_stream_catch_up: int = 1_000    # stored alerts a resumed stream (Last-Event-ID) sends at most
+    api_stream_catch_up: int = 1_000    # missed items a resumed stream (Last-Event-ID) sends at most
     api_stream_queue: int = 1000
     api_stream_heartbeat_seconds: float = 15.0
     api_stream_send_timeout_seconds: float = 10.0

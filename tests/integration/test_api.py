@@ -315,13 +315,15 @@ def test_request_metrics(api):
 def test_generated_requests_against_the_live_schema_get_no_5xx_and_only_documented_answers(api, tmp_path):
     """schemathesis reads /openapi.json from the running API and sends generated requests (valid
     and invalid) to every operation: no 5xx, every status code and body as documented. The endpoints
-    that never end (/alerts/stream, /candles/stream, /trades/stream) are left to
-    tests/integration/test_alert_stream.py, test_candle_stream.py and test_trade_stream.py."""
+    that never end (/alerts/stream, /candles/stream, /trades/stream, /orderbook/stream, /quotes/stream)
+    are left to tests/integration/test_alert_stream.py, test_candle_stream.py, test_trade_stream.py
+    and test_book_stream.py."""
     settings, base = api
     before = query(settings, "SELECT (SELECT count(*) FROM trades), (SELECT count(*) FROM alerts)")
     result = subprocess.run(
         [str(Path(sys.executable).parent / "schemathesis"), "run", f"{base}/openapi.json", "--checks", "all",
-         "--exclude-path", "/alerts/stream", "--exclude-path", "/candles/stream", "--exclude-path", "/trades/stream",
+         *(arg for path in ("alerts", "candles", "trades", "orderbook", "quotes")
+           for arg in ("--exclude-path", f"/{path}/stream")),
          "--max-examples", "40", "--seed", "1", "--workers", "2",
          "--header", "X-API-Key: s3cret", "--request-timeout", "10", "--suppress-health-check", "all",
          "--report", "junit", "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,

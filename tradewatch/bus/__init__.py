@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tradewatch.bus.admin import (Tail, admin_client, ensure_topic, group_lag, read_between, read_topic, topic_config,
-                                  topic_id, topic_partitions, wait_for_kafka)
+from tradewatch.bus.admin import (Tail, admin_client, end_offsets, ensure_topic, group_lag, read_between, read_topic,
+                                  topic_config, topic_id, topic_partitions, wait_for_kafka)
 from tradewatch.bus.confluent import ConfluentConsumer, ConfluentPublisher
 from tradewatch.bus.core import (BEGINNING, CLIENTS, AssignCallback, BusConsumer, Interrupt, KafkaUnavailable,
                                  Message, PartitionsCallback, Publisher, client_of, kafka_reachable,
@@ -30,7 +30,7 @@ from tradewatch.bus.kafka_python import KafkaPythonConsumer, KafkaPythonPublishe
 from tradewatch.config import Settings
 
 __all__ = ["BEGINNING", "CLIENTS", "BusConsumer", "Interrupt", "KafkaUnavailable", "Message", "Publisher", "Tail",
-           "admin_client", "client_of", "consumer", "ensure_topic", "group_lag", "kafka_reachable",
+           "admin_client", "client_of", "consumer", "end_offsets", "ensure_topic", "group_lag", "kafka_reachable",
            "murmur2_partition", "publisher", "read_between", "read_topic", "topic_config", "topic_id",
            "topic_partitions", "unavailable_message", "wait_for_kafka"]
 

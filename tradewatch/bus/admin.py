@@ -241,6 +241,25 @@ class Tail:
         self._reader.close()
 
 
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """Per partition of `topic`: the offset its next message will get ({} when the topic does not
+    exist yet)."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    require_reachable(settings)
+    reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "tradewatch-reader",
+                       "enable.auto.commit": False, "logger": logging.getLogger("tradewatch.librdkafka")})
+    try:
+        described = reader.list_topics(topic, timeout=5).topics.get(topic)
+        if described is None or described.error is not None:
+            return {}
+        return {p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+                for p in sorted(described.partitions)}
+    except KafkaException as error:
+        raise KafkaUnavailable(f"cannot read the end of {topic}: {error.args[0].str()}") from None
+    finally:
+        reader.close()
+
+
 def read_between(settings: Settings, topic: str, starts: dict[int, int], ends: dict[int, int],
                  keys: frozenset[bytes] | None, limit: int, scan_limit: int,
                  timeout_s: float = 10.0) -> tuple[list, bool]:

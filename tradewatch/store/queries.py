@@ -281,6 +281,22 @@ def order_book(engine: Engine, symbol: str, depth: int) -> dict | None:
     return found[0] if found else None
 
 
+def book_checkpoint(engine: Engine, group: str, topic: str, symbols: list[str] | None) -> tuple[list[dict], dict]:
+    """The quotes stage's last checkpoint: its books of `symbols` (None: all) that are not stale,
+    every level (symbol, exchange, ms, seq, bids, asks), and the next offset of each partition of
+    `topic` it had read them to. Read in one snapshot of the database, so the two agree (the stage
+    writes them in one transaction)."""
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+        books = conn.execute(text(
+            "SELECT symbol, exchange, (extract(epoch FROM ts) * 1000)::bigint AS ms, seq, bids, asks FROM order_books"
+            " WHERE NOT stale AND (CAST(:symbols AS text[]) IS NULL OR symbol = ANY(:symbols)) ORDER BY symbol"),
+            {"symbols": symbols}).mappings().all()
+        positions = conn.execute(text("SELECT kafka_partition, next_offset FROM stage_positions"
+                                      " WHERE consumer_group = :group AND topic = :topic"),
+                                 {"group": group, "topic": topic}).all()
+    return [dict(book) for book in books], dict(positions)
+
+
 def trades_page(engine: Engine, symbol: str, since, until, after: tuple | None, limit: int) -> pd.DataFrame:
     """Keyset pagination on (ts, trade_id): a page never skips or repeats a trade."""
     return _frame(engine, """
