@@ -32,7 +32,7 @@ EXPECTED_SECONDS = {
     "tests/integration/test_chaos.py": 70, "tests/integration/test_aggregator.py": 70,
     "tests/integration/test_chaos_time.py": 100, "tests/integration/test_outbox.py": 45,
     "tests/integration/test_api.py": 60, "tests/integration/test_fuzz.py": 50, "tests/e2e/test_browser.py": 50,
-    "tests/integration/test_soak.py": 150, "tests/integration/test_bounded_state.py": 90,
+    "tests/integration/test_soak.py": 110, "tests/integration/test_bounded_state.py": 95,
     "tests/integration/test_maintain.py": 40, "tests/integration/test_bus.py": 40, "tests/integration/test_detector.py": 40, "tests/unit/test_detect.py": 35,
     "tests/integration/test_candle_stream.py": 80,
 }

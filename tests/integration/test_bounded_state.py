@@ -1,4 +1,4 @@
-"""Memory and checkpoints follow the active symbols, not every symbol ever seen (issue 23): 100,000
+"""Memory and checkpoints follow the active symbols, not every symbol ever seen (issue 23): 60,000
 distinct symbols through the consumer, aggregator and detector over 90 minutes of event time, each
 trading once and then never again; with SYMBOL_IDLE_EVICT_SECONDS=5 the detector's stored state
 and both stages' memory stop growing once symbols go idle."""
@@ -15,12 +15,12 @@ from tradewatch import bus
 from tradewatch.events import Trade
 
 T0 = 1_767_657_600_000          # 2026-01-06T00:00:00Z
-PART = 33_334                   # symbols per part, one after the other, 54 ms apart: 30 minutes each
+PART = 20_000                   # symbols per part, one after the other, 90 ms apart: 30 minutes each
 
 
 def part(n: int) -> list[Trade]:
     """Symbol k trades once and never again."""
-    return [Trade(f"b{n}-{k}", f"S{n}X{k:05d}", T0 + (n * PART + k) * 54, 100.0 + k % 7, 1.0, "buy", "X")
+    return [Trade(f"b{n}-{k}", f"S{n}X{k:05d}", T0 + (n * PART + k) * 90, 100.0 + k % 7, 1.0, "buy", "X")
             for k in range(PART)]
 
 
@@ -64,8 +64,8 @@ def test_state_of_idle_symbols_is_evicted_from_memory_and_checkpoints(settings, 
     # (the aggregator's open windows are bounded by time too: the largest, 15 minutes, closes)
     assert max(stored) <= 200, f"{stored} symbols in the detector's checkpoint"
     assert all(h[name] <= 200 for h in held for name in h), f"symbols held in memory: {held}"
-    # RSS: kept, a part's 33,334 symbols would cost the aggregator ~45 MB (three open windows of
-    # ~0.5 KB each) and the detector more. What remains is allocator and librdkafka noise (measured
+    # RSS: kept, a part's 20,000 symbols would cost the aggregator ~27 MB (three open windows of
+    # ~0.5 KB each), a quarter of its ~110 MB, and the detector more. What remains is allocator and librdkafka noise (measured
     # +1.4 MB a part over six parts, once +11 MB on a loaded CI machine): a bound of 15 %
     for name in ("aggregator", "detector"):       # the first part warms the allocator up
         assert rss[2][name] <= rss[1][name] * 1.15, f"{name} grew from {rss[1][name]:.0f} to {rss[2][name]:.0f} MB"

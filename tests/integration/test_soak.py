@@ -1,5 +1,5 @@
 """Soak, accelerated (issue 23): ten days of event time, compressed into a couple of minutes, for a
-symbol set that keeps changing — 1,000 symbols active at a time, 100 new ones each day and 100
+symbol set that keeps changing — 600 symbols active at a time, 60 new ones each day and 60
 gone quiet for good, each active symbol trading one hour in four (quiet gaps of three hours) —
 through the real consumer, aggregator and detector, with every feed table's retention at 3 days
 and `python -m tradewatch maintain --every` running beside them as in `make demo`. Each stage is
@@ -31,7 +31,7 @@ from tradewatch.events import Trade
 from tradewatch.market.simulator import rotating_days
 from tradewatch.store import db
 
-DAYS, ACTIVE, NEW_PER_DAY = 10, 1_000, 100
+DAYS, ACTIVE, NEW_PER_DAY = 10, 600, 60
 RETENTION = 3
 # recent days (day partitions): the ten days end yesterday
 START = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=DAYS + 1)
