@@ -178,6 +178,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
         "pumps_illiquid_rules_and_forest": evaluate.score_pumps(seeds, config=config, model=model),
         "nab": evaluate.score_nab(Path(args.nab_dir)) if Path(args.nab_dir).is_dir() else "NAB data not found",
         "series_daily_cycles": evaluate.score_daily_cycles(),
+        "book_simulated": evaluate.score_book(),
     }
     print(json.dumps(result, indent=2))
     return 0

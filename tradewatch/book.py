@@ -146,6 +146,16 @@ def imbalance(bids: list, asks: list) -> float | None:
     return None if b + a == 0 else (b - a) / (b + a)
 
 
+def median_size(levels: list) -> float | None:
+    """The median size of the levels given ([price, size] each): a side's typical resting level,
+    what a large order is measured against. None for no levels."""
+    sizes = sorted(size for _, size in levels)
+    if not sizes:
+        return None
+    mid = len(sizes) // 2
+    return sizes[mid] if len(sizes) % 2 else (sizes[mid - 1] + sizes[mid]) / 2
+
+
 class OrderBook:
     """One symbol's book, built from snapshots and updates. `apply` returns False for a message it
     could not apply (a gap: the book is then `stale` and applies nothing until the next snapshot,

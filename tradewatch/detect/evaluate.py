@@ -11,6 +11,11 @@ Real recorded trades (../shared/data/lean): known anomalies injected into a real
 tradewatch/detect/inject.py, scored with recall per kind and false alarms per 10,000 normal
 trades. The rules were tuned on the SPY day; the IBM day (another symbol) is only scored.
 
+Simulated order books (tradewatch/market/books.py): spoofing and quote-stuffing episodes injected
+into the books, watched by tradewatch/detect/book_rules.py; recall per kind and false alarms per
+10,000 book updates, on the run the thresholds were chosen on and on runs with other seeds, book
+noise, depth and trade rates (scored only); and the same runs with nothing injected (calm).
+
 NAB: the series detectors run point by point over each file and are scored with NAB's own rules
 (standard profile, see nab_raw_score), normalised to NAB's 0–100 scale; the same rules score them
 on generated daily-cycle series with known anomalies (daily_cycle_series), a kind of series no
@@ -270,6 +275,70 @@ def score_daily_cycles(seeds=range(4), detectors: dict | None = None) -> dict:
                 found, outside = found + counts["detected"], outside + counts["outside"]
             kinds[kind] = {"series": len(seeds), "detected": found, "detections_outside_windows": outside}
         result[det] = {"score": _normalised(raw, windows), "per_kind": kinds}
+    return result
+
+
+BOOK_KINDS = {"spoofing": "SPOOFING", "quote_stuffing": "QUOTE_STUFFING"}
+BOOK_MATCH_MS = 1_000       # an alert this soon after an episode's last message is about that episode
+# (seed, book noise: updates per trade, depth, trades per second): the thresholds were chosen on
+# "tuning"; "scoring" changes everything they could have been fitted to
+BOOK_RUNS = {"tuning": [(1, 8.0, 10, 20.0)],
+             "scoring": [(11, 4.0, 10, 50.0), (12, 20.0, 20, 20.0), (13, 8.0, 15, 5.0)]}
+
+
+def book_detections(events) -> tuple[list, int]:
+    """The book messages among `events` through a BookWatch: (its detections, updates applied)."""
+    from tradewatch.book import BookMessage, OrderBook
+    from tradewatch.detect.book_rules import BookWatch
+    books, watch, found, applied = {}, BookWatch(), [], 0
+    for e in events:
+        if isinstance(e, BookMessage):
+            book = books.get(e.symbol) or books.setdefault(e.symbol, OrderBook(e.symbol))
+            ok, detections = watch.apply(book, e)
+            applied += ok
+            found += detections
+    return found, applied
+
+
+def score_book(trades: int = 20_000, anomaly_rate: float = 0.005, runs: dict = BOOK_RUNS) -> dict:
+    """Per role, summed over its runs: episodes injected and caught per kind (an alert of its type
+    on its symbol from its first message to BOOK_MATCH_MS after its last), false alarms (alerts in
+    no episode) per 10,000 book updates, and the alerts of the same runs with nothing injected."""
+    from tradewatch.market.books import with_books
+    result = {}
+    for role, specs in runs.items():
+        injected, caught, false, updates, calm_alerts, calm_updates = Counter(), Counter(), Counter(), 0, Counter(), 0
+        for seed, noise, depth, rate in specs:
+            def events(rate_of_anomalies: float, episodes: list):
+                sim = MarketSimulator(seed=seed, rate=rate, start_ms=1_767_225_600_000)
+                return with_books(islice(sim, trades), depth, noise, seed=seed, anomaly_rate=rate_of_anomalies,
+                                  episodes=episodes)
+            episodes: list = []
+            found, n = book_detections(events(anomaly_rate, episodes))
+            updates += n
+            matched = set()
+            for e in episodes:
+                injected[e.kind] += 1
+                mine = [i for i, d in enumerate(found) if d.kind == BOOK_KINDS[e.kind] and d.symbol == e.symbol
+                        and e.first_ms <= d.timestamp_ms <= e.last_ms + BOOK_MATCH_MS]
+                caught[e.kind] += bool(mine)
+                matched.update(mine)
+            for i, d in enumerate(found):
+                if i not in matched:
+                    false[d.kind] += 1
+            calm, n = book_detections(events(0.0, []))
+            calm_updates += n
+            calm_alerts.update(d.kind for d in calm)
+        result[role] = {
+            "runs": [{"seed": s, "noise": n, "depth": d, "rate": r} for s, n, d, r in specs],
+            "book_updates": updates,
+            "per_kind": {kind: {"injected": injected[kind], "caught": caught[kind],
+                                "recall": round(caught[kind] / injected[kind], 4) if injected[kind] else None,
+                                "false_alarms_per_10k_updates": round(false[alert] / updates * 1e4, 3)}
+                         for kind, alert in BOOK_KINDS.items()},
+            "calm": {"book_updates": calm_updates,
+                     "alerts": {alert: calm_alerts[alert] for alert in BOOK_KINDS.values()}},
+        }
     return result
 
 

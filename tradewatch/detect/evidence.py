@@ -1,13 +1,14 @@
 """Why an alert fired: the one definition of an alert's evidence.
 
-Every rule, the Isolation Forest and the pump-and-dump watch describe a firing in this shape; it
+Every rule, the Isolation Forest, the pump-and-dump watch and the book's watch describe a firing in this shape; it
 is stored with the alert (`alerts.evidence`, JSON), sent in the Kafka alert message, the webhook
 and the e-mail, returned by `GET /alerts/{alert_id}`, written into reports and drawn on the
 dashboard. Alerts stored before it have none (`evidence` is null) and are shown without.
 
     rule       the alert type
     params     the rule's settings that set its threshold (names as in .env, values as used)
-    measured   what was measured: "price", "quantity", "run", "features" or "burst"
+    measured   what was measured: "price", "quantity", "run", "features", "burst", or on the book
+               "size" (an order's, SPOOFING) and "updates" (QUOTE_STUFFING)
     value      the measured value (a price, a quantity, a forest score, a trade count)
     baseline   what it was compared with, in the units of `value` (null where there is none)
     baseline_how   how that baseline was computed, in words
@@ -18,7 +19,9 @@ dashboard. Alerts stored before it have none (`evidence` is null) and are shown 
                draws (a pump's: the price its run-up had to pass)
     tick       the symbol's tick (its smallest price step, learned from its prices) where it matters
     trades     {"trade_id": the trade that fired, "ids": the baseline's trades, oldest first, or []
-               when named by time only, "count", "first_ms", "last_ms"}
+               when named by time only, "count", "first_ms", "last_ms"}; for a book alert
+               (tradewatch/detect/book_rules.py) the book message that fired ("SYMBOL@seq") and
+               the time range of the messages that made it
     extra      what only this rule has (the forest's drivers, the pump's event id, sigma ...)
     sentence   all of it in one line for a person
 """
