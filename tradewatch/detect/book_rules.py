@@ -2,30 +2,32 @@
 alone (tradewatch/book.py). Pure code, no I/O; detectors never read `injected_anomaly`.
 
     SPOOFING        an order at least SPOOF_SIZE_MULTIPLE × the side's typical resting level (the
-                    median size of its best TYPICAL_LEVELS levels) placed within SPOOF_NEAR_LEVELS
-                    levels of its touch, then cancelled without trading within SPOOF_MAX_LIFE_S
-                    of event time. "Without trading": it left while it was not the best level (a
-                    trade takes size at the touch only; a sweep through it would also empty the
-                    levels in front of it in the same message, which does not count as a cancel).
-                    Several such orders on one side at once is layering: one alert names every
-                    layer. HIGH.
+                    median size of its best TYPICAL_LEVELS levels, without what the same message
+                    added) placed within SPOOF_NEAR_LEVELS levels of its touch — together with the
+                    side's other large orders, at least SPOOF_DEPTH_SHARE of the size on those
+                    levels — then cancelled without trading within SPOOF_MAX_LIFE_S of event time.
+                    "Without trading": it left while it was not the best level (a trade takes size
+                    at the touch only; a sweep through it would also empty the levels in front of
+                    it in the same message, which does not count as a cancel). Several such orders
+                    on one side at once is layering: one alert names every layer. HIGH.
     QUOTE_STUFFING  a burst of book updates: at least STUFFING_MULTIPLE × what the symbol's own
                     decayed update rate (time constant STUFFING_TAU_S) expects in STUFFING_WINDOW_S,
-                    and at least STUFFING_MIN_UPDATES. MEDIUM.
+                    and at least STUFFING_MIN_UPDATES; one alert a burst. MEDIUM.
 
 Every threshold is in the book's own units: sizes against the symbol's resting levels, distances in
 levels from its touch, rates against its own rate. Why each number:
-  - 8× the typical level: a resting order that size moves the book's imbalance (it is what a
-    spoofer places to be seen); the simulator's ordinary orders stay under 3× and its refills
-    under 4× (their largest), so ordinary flow never reaches it.
+  - 8× the typical level, and a third of the side's visible size: what a spoofer places is meant
+    to change what the book looks like (its imbalance); one large order among many large levels
+    does not. Refills of a simulated ladder after a move can pass 8× alone, not with the third.
   - within 5 levels: what a depth panel shows near the touch and what a trader reads as pressure;
     farther out an order is rarely seen and rarely meant to be.
   - 10 s: spoofing orders live seconds (cancelled as the price nears them, the order on the other
     side once filled); liquidity that rests longer is liquidity.
-  - 10× the own rate in 1 s, at least 50 updates: a burst a book's ordinary flicker does not
-    reach (the simulator's busiest second is about 4× its mean), and 50 keeps a near-silent book,
-    whose rate is tiny, from alerting on a handful of updates. A venue stream that batches its
-    changes (Binance's diff stream: at most 10 messages a second) cannot show stuffing at all.
+  - 20× the own rate in 1 s, at least 100 updates: 50 and 10× alerted on ordinary bursts of the
+    simulator's busy seconds (many trades at once, each with its updates); 100 keeps a near-silent
+    book, whose rate is tiny, from alerting on a handful. A venue stream that batches its changes
+    (Binance's diff stream: at most 10 messages a second) cannot show stuffing at all.
+The scores (tradewatch/detect/evaluate.py `score_book`) are in README.
 """
 from __future__ import annotations
 
@@ -51,10 +53,12 @@ STUFFING_MULTIPLE = 20.0
 STUFFING_MIN_UPDATES = 100
 BUCKET_MS = 100                  # updates are counted in buckets: the window is ten of them
 BOOK_TYPE_SEVERITY = {"SPOOFING": "HIGH", "QUOTE_STUFFING": "MEDIUM"}
-PARAMS = {"spoof_size_multiple": SPOOF_SIZE_MULTIPLE, "spoof_near_levels": SPOOF_NEAR_LEVELS,
-          "spoof_max_life_s": SPOOF_MAX_LIFE_S, "typical_levels": TYPICAL_LEVELS}
+PARAMS = {"spoof_size_multiple": SPOOF_SIZE_MULTIPLE, "spoof_depth_share": round(SPOOF_DEPTH_SHARE, 4),
+          "spoof_near_levels": SPOOF_NEAR_LEVELS, "spoof_max_life_s": SPOOF_MAX_LIFE_S,
+          "typical_levels": TYPICAL_LEVELS}
 STUFFING_PARAMS = {"stuffing_window_s": STUFFING_WINDOW_S, "stuffing_tau_s": STUFFING_TAU_S,
-                   "stuffing_multiple": STUFFING_MULTIPLE, "stuffing_min_updates": STUFFING_MIN_UPDATES}
+                   "stuffing_warmup_s": STUFFING_WARMUP_S, "stuffing_multiple": STUFFING_MULTIPLE,
+                   "stuffing_min_updates": STUFFING_MIN_UPDATES}
 
 
 @dataclass(frozen=True)
@@ -288,8 +292,9 @@ def _spoof_evidence(m: BookMessage, layers: list[_Order], level_now: int, restin
                     f"the median size of the {first.side} side's best {TYPICAL_LEVELS} levels",
                     first.added / first.typical, SPOOF_SIZE_MULTIPLE,
                     f"{SPOOF_SIZE_MULTIPLE:g} × the typical level, within {SPOOF_NEAR_LEVELS} levels of the touch, "
-                    f"cancelled within {SPOOF_MAX_LIFE_S:g} s", "x", sentence,
-                    _messages(m, min(o.placed_ms for o in layers), 2),
+                    f"with the side's other large orders at least {SPOOF_DEPTH_SHARE:.0%} of its best "
+                    f"{TYPICAL_LEVELS} levels, cancelled within {SPOOF_MAX_LIFE_S:g} s", "x", sentence,
+                    _messages(m, min(o.placed_ms for o in layers), len({o.placed_seq for o in layers}) + 1),
                     level=first.price, extra={"side": first.side, "layers": len(layers), "total_size": size,
                                               "life_s": life_s, "placed_seq": first.placed_seq,
                                               "levels_from_touch_placed": [o.level for o in layers],
