@@ -27,7 +27,8 @@ log = logging.getLogger("tradewatch.flink")
 
 def placeholders(settings: Settings) -> dict[str, str]:
     codes = [c.strip() for c in settings.ohlc_exclude_conditions.split(",") if c.strip()]
-    values = {k: v for k, v in settings.as_env().items()}
+    # every setting sits inside a quoted literal of flink_job.sql: a quote in a value is doubled
+    values = {k: v.replace("'", "''") for k, v in settings.as_env().items()}
     values["IDLE_TIMEOUT_SECONDS"] = f"{settings.idle_timeout_seconds:g}"
     skew_ms = int(settings.max_clock_skew_seconds * 1000)
     days, rest = divmod(skew_ms, 86_400_000)
@@ -50,9 +51,28 @@ def render(settings: Settings, sql: str | None = None) -> str:
 
 
 def statements(sql: str) -> list[str]:
-    without_comments = "\n".join(line.split("--")[0] if not line.strip().startswith("--") else ""
-                                 for line in sql.splitlines())
-    return [s.strip() for s in without_comments.split(";") if s.strip()]
+    """The statements of the filled-in SQL, without its `--` comments. A comment or a `;` counts
+    only outside a quoted literal or name: a value (a generated password) may hold `--` or `;`."""
+    found, current, quote, i = [], [], "", 0
+    while i < len(sql):
+        char = sql[i]
+        if quote or char not in "'`-;" or (char == "-" and not sql.startswith("--", i)):
+            current.append(char)
+            quote = "" if char == quote else quote      # a doubled '' closes and opens again
+        elif char in "'`":
+            current.append(char)
+            quote = char
+        elif char == ";":
+            found.append("".join(current))
+            current = []
+        else:                                           # a comment: up to the end of its line
+            i = sql.find("\n", i)
+            if i < 0:
+                break
+            continue
+        i += 1
+    found.append("".join(current))
+    return [s.strip() for s in found if s.strip()]
 
 
 def jar_urls() -> list[str]:
