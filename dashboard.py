@@ -560,7 +560,9 @@ def alert_chart(alert, evidence: dict | None, trades: pd.DataFrame) -> go.Figure
         figure.add_trace(go.Scatter(x=fired.ts, y=fired.price, name="This trade", mode="markers",
                                     marker=dict(color=SEVERITY_COLORS.get(alert.severity, "#000"), size=14,
                                                 symbol="star")), 1, 1)
-    if evidence is not None:
+    if evidence is not None and evidence["measured"] in BOOK_MEASURES:
+        book_lines(figure, evidence)
+    elif evidence is not None:
         row = 2 if evidence["measured"] == "quantity" else 1      # a whale's lines are on the quantities
         start = trades.ts.min()
         if evidence["trades"].get("first_ms"):
@@ -577,6 +579,23 @@ def alert_chart(alert, evidence: dict | None, trades: pd.DataFrame) -> go.Figure
     return figure
 
 
+# what the book's rules measure (tradewatch/detect/book_rules.py): an order's size, a count of updates
+BOOK_MEASURES = ("size", "updates")
+
+
+def book_lines(figure: go.Figure, evidence: dict) -> None:
+    """A book alert over the trades: the time its messages span, shaded, and for a spoof each
+    order's price over its life (from placed to cancelled)."""
+    first, last = (pd.Timestamp(evidence["trades"][k], unit="ms", tz="UTC") for k in ("first_ms", "last_ms"))
+    figure.add_vrect(x0=first, x1=max(last, first + pd.Timedelta(milliseconds=200)), fillcolor="#ff7f0e",
+                     opacity=0.15, line_width=0, row=1, col=1)
+    extra = evidence.get("extra", {})
+    for price in extra.get("prices", []):
+        figure.add_trace(go.Scatter(x=[first, last], y=[price, price], mode="lines",
+                                    name=f"Pulled {extra.get('side', '')} order", line=dict(color="#d62728", width=3),
+                                    showlegend=price == extra["prices"][0]), 1, 1)
+
+
 def evidence_table(evidence: dict) -> None:
     unit = {"%": " %", "x": "×", "sigma": " σ", "score": "", "s": " s"}.get(evidence["unit"], "")
     trades = evidence["trades"]
@@ -588,8 +607,8 @@ def evidence_table(evidence: dict) -> None:
             "Change": f"{evidence['change']:+.3f}{unit}", "Threshold": f"{evidence['threshold']:g}{unit}",
             "Threshold is": evidence["threshold_how"],
             "Tick": "—" if evidence.get("tick") is None else exact(evidence["tick"]),
-            "Trades": f"{trades['count']:,} named" + (f" ({span} UTC)" if span else "")
-                      + f"; fired on {trades['trade_id']}",
+            "Book messages" if evidence["measured"] in BOOK_MEASURES else "Trades":
+                f"{trades['count']:,} named" + (f" ({span} UTC)" if span else "") + f"; fired on {trades['trade_id']}",
             "Parameters": ", ".join(f"{k}={v}" for k, v in evidence["params"].items())}
     st.table(pd.DataFrame({"": list(rows), "Evidence": list(rows.values())}).set_index(""))
     drivers = evidence.get("extra", {}).get("drivers")

@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            "simulator, or a replayed trades file with bid and ask), about ten messages per trade")
     book.add_argument("--book-depth", type=int,
                       help="levels a side of a simulated book (default BOOK_DEPTH from .env, 10)")
+    book.add_argument("--book-anomaly-rate", type=float, default=0.0,
+                      help="chance per trade, 0..1, that a simulated book starts a labelled spoofing (2 in 3) or "
+                           "quote-stuffing episode, for the quotes stage's book watch to catch (default 0)")
     rep = parser.add_argument_group("replay")
     rep.add_argument("--replay", metavar="FILE", action="append",
                      help="CSV (or .csv.gz) of trades, of 1-minute bars or of quotes (bid, bid_size, ask, ask_size, "
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.book_depth is not None and not 1 <= args.book_depth <= MAX_LEVELS:
         print(f"error: --book-depth must be 1..{MAX_LEVELS}, got {args.book_depth}", file=sys.stderr)
+        return 2
+    if not 0 <= args.book_anomaly_rate <= 1 or (args.book_anomaly_rate and not args.book):
+        print(f"error: --book-anomaly-rate is a chance per trade, 0..1, for a simulated --book; got "
+              f"{args.book_anomaly_rate:g}" + ("" if args.book else " without --book"), file=sys.stderr)
         return 2
     if args.live:
         venue = VENUES[args.live]
@@ -184,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     # the live part only: a simulated past (--history) has trades alone; a venue's feed brings its own book
     live = trades
     if args.book and not args.live and not (args.replay and loaded.quotes):
-        live = with_books(trades, args.book_depth or settings.book_depth, seed=args.seed)
+        live = with_books(trades, args.book_depth or settings.book_depth, seed=args.seed,
+                          anomaly_rate=args.book_anomaly_rate)
 
     def send(event: Trade | BookMessage) -> bool:
         return publisher.send(topic if type(event) is Trade else settings.quotes_topic, event.symbol.encode(),

@@ -121,7 +121,7 @@ def main() -> None:
         book = OrderBook(f"B{i:04d}", "SIM", 1, int(time.time() * 1000),
                          {round(mid - 0.01 * (k + 1), 2): float(rng.randint(1, 900)) for k in range(20)},
                          {round(mid + 0.01 * (k + 1), 2): float(rng.randint(1, 900)) for k in range(20)}, False)
-        books.append((i % settings.trades_partitions, book))
+        books.append((i % settings.trades_partitions, book, None))
     conn = db.connect(settings)
     with conn.cursor() as cur:
         store.write_books(cur, books, set())

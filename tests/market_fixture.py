@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from itertools import islice
 
-from tradewatch.alerts import Deduplicator, alerts_for
+from tradewatch.alerts import Deduplicator, alerts_for, book_alert
 from tradewatch.book import OrderBook
+from tradewatch.detect.evaluate import book_detections
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.events import Trade
 from tradewatch.market.books import with_books
@@ -31,18 +32,27 @@ def load_known_market(settings, count: int = 6000, seed: int = 8) -> int:
         conn.close()      # never left open in a transaction: its locks would hold up every TRUNCATE
 
 
-def load_known_books(settings, count: int = 2000, seed: int = 8) -> dict[str, OrderBook]:
+def load_known_books(settings, count: int = 2000, seed: int = 8, anomaly_rate: float = 0.0) -> dict[str, OrderBook]:
     """Each symbol's book after `count` trades of the simulator's market with its books, stored in
-    `order_books` as the quotes stage stores its checkpoint (store/books.py)."""
+    `order_books` as the quotes stage stores its checkpoint (store/books.py); with `anomaly_rate`,
+    spoofing and quote stuffing injected and the book watch's alerts stored as the stage stores them."""
     books: dict[str, OrderBook] = {}
     events = with_books(MarketSimulator(seed=seed, rate=20.0, start_ms=int(T0.timestamp() * 1000)), 10, seed=seed,
-                        books=books)
-    for _ in islice((e for e in events if type(e) is Trade), count):
-        pass
+                        books=books, anomaly_rate=anomaly_rate)
+    messages, trades = [], 0
+    for e in events:
+        if type(e) is not Trade:
+            messages.append(e)
+            continue
+        trades += 1
+        if trades == count:
+            break
+    found, _ = book_detections(messages)
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
-            write_books(cur, [(0, book) for book in books.values()], set())
+            write_books(cur, [(0, book, None) for book in books.values()], set())
+            flags.write_alerts(cur, [(0, book_alert(d)) for d in found], source="quotes")
         conn.commit()
     finally:
         conn.close()

@@ -1,7 +1,8 @@
-"""Alerts: one per anomaly type of a flagged trade, deduplicated per (symbol, type) with cooldowns
-in event time, each with its evidence (tradewatch/detect/evidence.py) and a message that says why
-it fired in one line. Stored in the `alerts` table and delivered from there to the Kafka topic
-`alerts`, a webhook and e-mail (tradewatch/outbox.py)."""
+"""Alerts: one per anomaly type of a flagged trade (the detector's) and one per pattern the book
+watch finds (the quotes stage's), deduplicated per (symbol, type) with cooldowns in event time,
+each with its evidence (tradewatch/detect/evidence.py) and a message that says why it fired in one
+line. Stored in the `alerts` table and delivered from there to the Kafka topic `alerts`, a webhook
+and e-mail (tradewatch/outbox.py)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from tradewatch.config import Settings
+from tradewatch.detect.book_rules import BookDetection
 from tradewatch.detect.rules import Detection
 
 
@@ -50,7 +52,7 @@ def alerts_for(detection: Detection) -> list[Alert]:
     """One alert per anomaly type of the trade; inside a pump-and-dump event only the event's
     phase alert (the other flags stay on the trade)."""
     t = detection.trade
-    when = datetime.fromtimestamp(t.timestamp_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    when = _utc(t.timestamp_ms)
     alerts = []
     for kind in detection.types:
         if detection.quiet and kind != "PUMP_AND_DUMP":
@@ -63,6 +65,22 @@ def alerts_for(detection: Detection) -> list[Alert]:
         alerts.append(Alert(f"{t.trade_id}:{kind}", t.timestamp_ms, t.symbol, kind, severity,
                             message, t.trade_id, details, evidence.to_dict()))
     return alerts
+
+
+def book_alert(detection: BookDetection) -> Alert:
+    """The alert of a book pattern (tradewatch/detect/book_rules.py), keyed by the book message that
+    completed it (symbol@seq), as a trade's alert is keyed by the trade."""
+    d = detection
+    when = _utc(d.timestamp_ms)
+    fired = f"{d.symbol}@{d.seq}"
+    message = f"{d.severity} {d.kind} {d.symbol} at {when} UTC: {d.evidence.sentence}"
+    details = {"book_seq": d.seq, **{k: v for k, v in d.evidence.extra.items() if k in ("side", "layers", "prices")}}
+    return Alert(f"{fired}:{d.kind}", d.timestamp_ms, d.symbol, d.kind, d.severity, message, fired, details,
+                 d.evidence.to_dict())
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
 class Deduplicator:

@@ -39,6 +39,9 @@ STOP_GRACE_S = 6.0
 TAIL_LINES = 25
 DEMO_FIRST_ANOMALY_S = 1.0       # producer --first-anomaly-after: once a symbol is warm (~8 s at 20/s)
 LATER_S = 20.0
+# the simulated book's spoofing and quote-stuffing episodes, per trade, as a share of DEMO_ANOMALY_RATE:
+# at the default 20 trades/s and 0.005, one every ~50 s, beside about six trade anomalies a minute
+DEMO_BOOK_ANOMALY_SHARE = 0.2
 
 
 @dataclass
@@ -92,6 +95,8 @@ def stages(settings: Settings, history_s: float = 0.0) -> list[Child]:
             producer += ["--url", settings.demo_live_url]
     if settings.demo_book:      # the simulator's book, or the venue's own
         producer.append("--book")
+        if not settings.demo_live:
+            producer += ["--book-anomaly-rate", f"{settings.demo_anomaly_rate * DEMO_BOOK_ANOMALY_SHARE:g}"]
     commands += [
         ("producer", producer),
         ("aggregator", [python, "aggregator.py"]),

@@ -4,9 +4,10 @@ The aggregator's checkpoint queues each final candle in `candle_outbox`; `Candle
 them to the `candles` topic as `AlertOutbox` (below) publishes alerts — one `KafkaOutbox`.
 
 The detector's checkpoint stores each alert with the trades partition it came from, unpublished
-(`published_at` NULL, and `webhook_due` / `email_due` as ALERT_ROUTES sends its severity). Two deliveries then work
-from the table, each for the partitions this process holds, so with N detectors each alert is
-sent by its partition's owner:
+(`published_at` NULL, and `webhook_due` / `email_due` as ALERT_ROUTES sends its severity); the
+quotes stage's stores its book alerts the same way with its `quotes` partition, `source` 'quotes'.
+Two deliveries then work from the table, each for the stage's own alerts (`source`) of the
+partitions this process holds, so with N detectors each alert is sent by its partition's owner:
 
 Each is a sink of the stage runtime (`Stage.outboxes`): woken when alerts were stored (and on
 every assignment: a former owner may have left some), delivered by the runtime after each commit
@@ -121,15 +122,17 @@ class KafkaOutbox:
 
 
 class AlertOutbox(KafkaOutbox):
-    """The detector's alerts (`alerts.published_at`) to the `alerts` topic, keyed by symbol."""
+    """A stage's alerts (`alerts.published_at`; `source`: detector or quotes) to the `alerts`
+    topic, keyed by symbol."""
     what = "alerts"
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, source: str = "detector"):
         super().__init__(settings, settings.alerts_topic)
+        self.source = source
 
     def unpublished(self, cur, partitions, limit):
         return [(a.alert_id, a.symbol.encode(), a.to_json_bytes())
-                for a in store.unpublished_alerts(cur, partitions, limit)]
+                for a in store.unpublished_alerts(cur, partitions, limit, self.source)]
 
     def mark(self, cur, ids):
         store.mark_published(cur, ids)
@@ -165,8 +168,8 @@ class DeliveryOutbox:
     one alert is sent (`send`, None when delivered, else a short reason with no secret in it)."""
     channel = ""
 
-    def __init__(self, settings: Settings, where: str):
-        self.settings, self.where = settings, where
+    def __init__(self, settings: Settings, where: str, source: str):
+        self.settings, self.where, self.source = settings, where, source
         self.partitions: tuple[int, ...] = ()
         self.delivered = 0
         self._wake, self._stopping = threading.Event(), threading.Event()
@@ -194,7 +197,8 @@ class DeliveryOutbox:
                     conn = db.connect(self.settings)
                     conn.autocommit = True
                 with conn.cursor() as cur:
-                    due = store.due(cur, self.channel, list(self.partitions), 50) if self.partitions else []
+                    due = store.due(cur, self.channel, list(self.partitions), 50, self.source) \
+                        if self.partitions else []
                 for alert in due:
                     if self._stopping.is_set():
                         break
@@ -236,9 +240,9 @@ class WebhookOutbox(DeliveryOutbox):
     """Posts Slack-compatible JSON ({"text": …, "alert": …}); a 2xx is delivered."""
     channel = "webhook"
 
-    def __init__(self, settings: Settings, url: str):
+    def __init__(self, settings: Settings, url: str, source: str):
         self.url, self.session = url, requests.Session()
-        super().__init__(settings, redact(url))
+        super().__init__(settings, redact(url), source)
 
     def send(self, alert) -> str | None:
         payload = {"text": f":rotating_light: {alert.message}", "alert": asdict(alert)}
@@ -254,9 +258,9 @@ class EmailOutbox(DeliveryOutbox):
     login when SMTP_USER is set. The alert id is in a header, so a reader can drop a repeat."""
     channel = "email"
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, source: str):
         self.recipients = [a.strip() for a in settings.alert_email_to.split(",") if a.strip()]
-        super().__init__(settings, f"smtp://{settings.smtp_host}:{settings.smtp_port}")
+        super().__init__(settings, f"smtp://{settings.smtp_host}:{settings.smtp_port}", source)
 
     def send(self, alert) -> str | None:
         s = self.settings
@@ -279,8 +283,8 @@ class EmailOutbox(DeliveryOutbox):
         return None
 
 
-def delivery_outboxes(settings: Settings) -> list[DeliveryOutbox]:
-    """One outbox per channel ALERT_ROUTES uses."""
+def delivery_outboxes(settings: Settings, source: str = "detector") -> list[DeliveryOutbox]:
+    """One outbox per channel ALERT_ROUTES uses, for the alerts of the `source` stage."""
     used = set().union(*settings.routes.values())
-    return ([WebhookOutbox(settings, settings.alert_webhook_url)] if "webhook" in used else []) + \
-        ([EmailOutbox(settings)] if "email" in used else [])
+    return ([WebhookOutbox(settings, settings.alert_webhook_url, source)] if "webhook" in used else []) + \
+        ([EmailOutbox(settings, source)] if "email" in used else [])

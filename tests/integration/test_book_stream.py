@@ -58,7 +58,7 @@ def topic_end(settings) -> int:
 
 
 def test_a_book_client_ends_with_the_simulators_books_through_a_reconnect_and_a_dead_stage(settings, tmp_path):
-    expected, quotes, _ = expected_run(SEED, TRADES, RATE)
+    expected, quotes, _, _ = expected_run(SEED, TRADES, RATE)
     first_symbol = sorted(expected)[0]
     producer = start_script(settings, "producer.py", "--book", "--count", str(TRADES), "--rate", str(RATE),
                             "--seed", str(SEED), "--start", START, log=tmp_path / "producer.log")

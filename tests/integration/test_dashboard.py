@@ -200,6 +200,29 @@ def test_an_opened_alert_shows_why_with_its_baseline_and_threshold(settings, app
     assert any("Stored before alerts carried their evidence" in m.value for m in at.markdown)
 
 
+def test_an_opened_book_alert_shows_the_pulled_order_over_the_trades(settings, app):
+    """#38: a spoofing alert of the quotes stage opens like a trade's: its sentence, its evidence
+    (measured against the side's typical level, the book messages that made it) and the trades
+    around it with the pulled order's price over its life; no baseline drawn as a price."""
+    load_known_market(settings)
+    load_known_books(settings, anomaly_rate=0.01)
+    alert_id, evidence = query(settings, "SELECT alert_id, evidence FROM alerts WHERE alert_type = 'SPOOFING'"
+                                         " AND source = 'quotes' ORDER BY ts DESC LIMIT 1")[0]
+    at = app()
+    at.query_params["alert"] = alert_id
+    at = app(at)
+    assert any(evidence["sentence"] in m.value for m in at.markdown)
+    table = next(t.value for t in at.table if "Evidence" in t.value.columns)
+    assert table.loc["Rule", "Evidence"] == "SPOOFING"
+    assert table.loc["Baseline", "Evidence"] == exact(evidence["baseline"])
+    assert table.loc["Book messages", "Evidence"].endswith(f"fired on {alert_id.rsplit(':', 1)[0]}")
+    chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "around the alert" in c.proto.spec)
+    pulled = [t for t in chart["data"] if t["name"].startswith("Pulled")]
+    assert sorted(t["y"][0] for t in pulled) == sorted(evidence["extra"]["prices"])
+    assert not any(t["name"] in ("Baseline", "Threshold") for t in chart["data"])
+    assert len(chart["layout"]["shapes"]) == 1, "the time of the book messages, shaded"
+
+
 def test_an_analyst_records_a_verdict_and_its_history_is_shown(settings, app):
     """#37: the opened alert's verdict, note and name go into its history; the feed shows it."""
     load_known_market(settings)

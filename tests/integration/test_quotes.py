@@ -11,24 +11,31 @@ from tests.conftest import free_port, query, run_script, start_script, wait_for
 from tests.integration.test_api import call, serve_api
 from tests.integration.test_ingest import START, stop_gracefully
 from tradewatch import bus
+from tradewatch.alerts import Alert, Deduplicator, book_alert
 from tradewatch.book import OrderBook
 from tradewatch.config import PROJECT_ROOT
+from tradewatch.detect.book_rules import BookWatch
 from tradewatch.events import Trade, iso_to_ms
 from tradewatch.market.books import with_books
 from tradewatch.market.simulator import MarketSimulator
+from tradewatch.store import db, detections
 
 SNAPSHOT_MS = 10_000          # BOOK_SNAPSHOT_SECONDS
 
 
-def expected_run(seed: int, trades: int, rate: float) -> tuple[dict[str, OrderBook], set[tuple], set[tuple]]:
+def expected_run(seed: int, trades: int, rate: float, anomaly_rate: float = 0.0, settings=None
+                 ) -> tuple[dict[str, OrderBook], set[tuple], set[tuple], list[Alert]]:
     """What the stage must store for the producer's run, worked out here from the simulator: each
-    symbol's final book, a quote row for every message that changed a top of book, and a snapshot row
-    for the first message of each BOOK_SNAPSHOT_SECONDS slot of event time."""
+    symbol's final book, a quote row for every message that changed a top of book, a snapshot row
+    for the first message of each BOOK_SNAPSHOT_SECONDS slot of event time, and the book watch's
+    alerts after the cooldowns of `settings`."""
     books: dict[str, OrderBook] = {}
     rebuilt: dict[str, OrderBook] = {}
     quotes, snapshots, n = set(), set(), 0
+    watch, alerts = BookWatch(), []
+    dedup = Deduplicator.from_settings(settings) if settings else None
     for event in with_books(MarketSimulator(rate=rate, seed=seed, start_ms=iso_to_ms(START)), 10, seed=seed,
-                            books=books):
+                            books=books, anomaly_rate=anomaly_rate):
         if type(event) is Trade:
             n += 1
             if n == trades:
@@ -36,7 +43,9 @@ def expected_run(seed: int, trades: int, rate: float) -> tuple[dict[str, OrderBo
             continue
         book = rebuilt.setdefault(event.symbol, OrderBook(event.symbol))
         before = None if book.stale else (book.top(), book.timestamp_ms // SNAPSHOT_MS)
-        assert book.apply(event)
+        applied, found = watch.apply(book, event)
+        assert applied
+        alerts += [a for a in map(book_alert, found) if dedup and dedup.allow(a)]
         top = book.top()
         if before is None or top != before[0]:
             quotes.add((event.symbol, event.timestamp_ms, event.seq, top.bid, top.bid_size, top.ask, top.ask_size))
@@ -44,7 +53,7 @@ def expected_run(seed: int, trades: int, rate: float) -> tuple[dict[str, OrderBo
             bids, asks = book.depth(10)
             snapshots.add((event.symbol, event.timestamp_ms, event.seq, json.dumps([list(b) for b in bids]),
                            json.dumps([list(a) for a in asks])))
-    return books, quotes, snapshots
+    return books, quotes, snapshots, alerts
 
 
 def stored_quotes(settings) -> int:
@@ -58,11 +67,14 @@ def caught_up(settings) -> bool:
                                               " WHERE consumer_group = %s", (settings.quotes_group,))[0][0]
 
 
-def test_the_stored_book_equals_the_simulators_after_kill_9s_mid_stream(settings, tmp_path):
+def test_the_stored_book_and_its_alerts_equal_the_simulators_after_kill_9s_mid_stream(settings, tmp_path):
+    """The book, its quotes and snapshots, and the book watch's alerts (spoofing injected; a cooldown
+    short enough that a symbol alerts more than once in the run) come out as one unbroken run's."""
+    settings = settings.with_overrides(alert_cooldown_high_seconds=2.0)
     trades = 4000
     # ~10 s of book messages at 400 trades/s: the three kills below come while they flow
     producer = start_script(settings, "producer.py", "--book", "--count", str(trades), "--rate", "400", "--seed", "5",
-                            "--start", START, log=tmp_path / "producer.log")
+                            "--start", START, "--book-anomaly-rate", "0.01", log=tmp_path / "producer.log")
     log = tmp_path / "quotes.log"
     kills = 0
     while kills < 3:
@@ -79,9 +91,11 @@ def test_the_stored_book_equals_the_simulators_after_kill_9s_mid_stream(settings
     wait_for(lambda: caught_up(settings) and query(settings, "SELECT 1 FROM stage_health WHERE pid = %s"
                                                              " AND state = 'running'", (stage.pid,)),
              timeout=120, message="the stage running, its position at the end of the topic")
+    wait_for(lambda: query(settings, "SELECT count(*) FROM alerts WHERE published_at IS NULL") == [(0,)],
+             message="the stage's alerts published")
     assert stop_gracefully(stage) == 0
 
-    books, quotes, snapshots = expected_run(5, trades, rate=400.0)
+    books, quotes, snapshots, alerts = expected_run(5, trades, 400.0, 0.01, settings)
     stored = query(settings, "SELECT symbol, seq, stale, gaps, bids::text, asks::text FROM order_books")
     levels = {s: [json.dumps([list(x) for x in side]) for side in b.depth(99)] for s, b in books.items()}
     assert {row[0]: row[1:] for row in stored} == {s: (b.seq, False, 0, *levels[s]) for s, b in books.items()}, \
@@ -93,6 +107,20 @@ def test_the_stored_book_equals_the_simulators_after_kill_9s_mid_stream(settings
     rows = query(settings, "SELECT symbol, (extract(epoch FROM ts) * 1000)::bigint, seq, bids::text, asks::text"
                            " FROM book_snapshots")
     assert set(rows) == snapshots and len(snapshots) >= 10
+
+    stored = query(settings, "SELECT alert_id, alert_type, severity, message, evidence, source FROM alerts")
+    assert len(alerts) >= 15 and {a.alert_type for a in alerts} == {"SPOOFING"}
+    assert sorted(stored) == sorted((a.alert_id, a.alert_type, a.severity, a.message, a.evidence, "quotes")
+                                    for a in alerts), "each alert of an unbroken run, once, with its evidence"
+    # each stage's outboxes deliver their own: the detector's (trades partitions) never sends these
+    query(settings, "UPDATE alerts SET published_at = NULL")
+    every = list(range(settings.trades_partitions))
+    conn = db.connect(settings)
+    with conn.cursor() as cur:
+        assert detections.unpublished_alerts(cur, every, 1000, "detector") == []
+        assert {a.alert_id for a in detections.unpublished_alerts(cur, every, 1000, "quotes")} == \
+            {a.alert_id for a in alerts}
+    conn.close()
     assert query(settings, "SELECT count(*) FROM dead_letters")[0][0] == 0
     assert "Traceback" not in log.read_text()
 

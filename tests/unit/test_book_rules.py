@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from itertools import islice
 
+import orjson
+
 from tradewatch.book import BookMessage, OrderBook, decode_book
 from tradewatch.detect import book_rules
 from tradewatch.detect.book_rules import BookWatch
@@ -122,6 +124,26 @@ def test_a_watch_stays_bounded_whatever_the_book_sends():
     assert len(state.window) < book_rules.STUFFING_WINDOW_S * 1000 / book_rules.BUCKET_MS
     feed.watch.forget(["AAPL"])
     assert feed.watch.symbols == {}
+
+
+def test_a_watch_exported_and_restored_mid_stream_finds_what_an_unbroken_one_finds():
+    """The quotes stage checkpoints each symbol's watch (as JSON) with its book: a stage killed and
+    restarted from that checkpoint must raise exactly the alerts of one that never stopped."""
+    events = [e for e in simulated(3_000, 4, 0.01, []) if type(e) is not Trade]
+    unbroken, _ = book_detections(events)
+    assert {d.kind for d in unbroken} == {"SPOOFING", "QUOTE_STUFFING"}
+    books, watch, found = {}, BookWatch(), []
+    for i, m in enumerate(events):
+        if i % 997 == 0:          # a checkpoint and a restart: every symbol's watch through JSON
+            states = {s: orjson.loads(orjson.dumps(watch.export(s))) for s in books}
+            watch = BookWatch()
+            for symbol, state in states.items():
+                watch.restore(symbol, state)
+        book = books.get(m.symbol) or books.setdefault(m.symbol, OrderBook(m.symbol))
+        found += watch.apply(book, m)[1]
+    assert found == unbroken
+    watch.restore("AAPL", None)
+    assert "AAPL" not in watch.symbols and watch.export("AAPL") is None
 
 
 def simulated(n_trades: int, seed: int, anomaly_rate: float, episodes: list, books=None) -> list:

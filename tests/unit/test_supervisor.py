@@ -65,6 +65,9 @@ def test_the_demo_runs_the_order_book_unless_told_not_to(monkeypatch):
 
     children = {s.name: s for s in stages(Settings.load())}
     assert "--book" in children["producer"].command
+    producer = children["producer"].command      # with spoofing and quote stuffing for the book watch to catch
+    rate = float(producer[producer.index("--book-anomaly-rate") + 1])
+    assert 0 < rate < Settings.load().demo_anomaly_rate
     assert children["quotes"].command[1:] == ["consumer.py", "--quotes"]
     assert children["quotes"].start_after_s == LATER_S and children["consumer"].start_after_s == 0
     monkeypatch.setenv("DEMO_BOOK", "false")

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from tradewatch.book import BookMessage, OrderBook, median_size
 from tradewatch.detect.evidence import Evidence, num
@@ -103,6 +103,9 @@ class _Symbol:
     in_burst: bool = False                          # one stuffing alert per burst
 
 
+_SCALARS = ("since_typical", "first_ms", "bucket_ms", "bucket_n", "in_window", "decayed", "decayed_ms", "in_burst")
+
+
 def level_changes(book: OrderBook, m: BookMessage) -> list[tuple[str, float, float, float]]:
     """(side, price, size before, size after) of each level an update changes, read from the book
     before the update is applied; [] for a snapshot (it replaces the book: nothing was placed)."""
@@ -133,6 +136,24 @@ class BookWatch:
     def forget(self, symbols) -> None:
         for symbol in symbols:
             self.symbols.pop(symbol, None)
+
+    def export(self, symbol: str) -> dict | None:
+        """A symbol's watch as plain JSON data, for the quotes stage's checkpoint (None: not watched)."""
+        s = self.symbols.get(symbol)
+        if s is None:
+            return None
+        return {**{k: getattr(s, k) for k in _SCALARS}, "typical": dict(s.typical),
+                "orders": [asdict(o) for o in s.orders], "window": [list(b) for b in s.window]}
+
+    def restore(self, symbol: str, data: dict | None) -> None:
+        """A symbol's watch as `export` gave it: what follows is watched as if it had never stopped."""
+        if data is None:
+            self.symbols.pop(symbol, None)
+            return
+        s = self.symbols[symbol] = _Symbol(**{k: data[k] for k in _SCALARS})
+        s.typical = dict(data["typical"])
+        s.orders.extend(_Order(**o) for o in data["orders"])
+        s.window.extend(tuple(b) for b in data["window"])
 
     def apply(self, book: OrderBook, m: BookMessage) -> tuple[bool, list[BookDetection]]:
         """Apply a message to its book and watch it: (applied, what it completed). A message the

@@ -10,6 +10,12 @@ reads again from exactly the state it had stored: the same rows come out, keyed,
 
 A sequence gap (an update that does not follow the book's seq) is counted and logged, and the
 book is `stale` — no quote rows, shown as such — until the next snapshot rebuilds it.
+
+Each message goes through the book watch (tradewatch/detect/book_rules.py): SPOOFING and
+QUOTE_STUFFING alerts, cooled down per (symbol, type) like the detector's, go into `alerts`
+(`source` 'quotes') in the same transaction, and the stage's own outboxes deliver them (the
+`alerts` topic, ALERT_ROUTES). Each symbol's watch and cooldowns are stored with its book
+(`order_books.watch`), so a restart raises exactly the alerts of a run that never stopped.
 """
 from __future__ import annotations
 
@@ -18,10 +24,14 @@ import time
 from typing import Callable
 
 from tradewatch import bus, prometheus, runtime
+from tradewatch.alerts import Deduplicator, book_alert
 from tradewatch.book import InvalidBook, OrderBook, decode_book
 from tradewatch.config import Settings
+from tradewatch.detect.book_rules import BookWatch
+from tradewatch.outbox import AlertOutbox, delivery_outboxes
 from tradewatch.stages.consumer import DeadLetterLog
 from tradewatch.store import books as store
+from tradewatch.store import detections
 from tradewatch.store.writer import DeadLetter, write_dead_letters
 
 log = logging.getLogger("tradewatch.quotes")
@@ -39,11 +49,18 @@ class Quotes(runtime.Stage):
         self.snapshot_ms = max(int(settings.book_snapshot_seconds * 1000), 1)
         self.max_skew_ms = int(settings.max_clock_skew_seconds * 1000)
         self.books: dict[str, OrderBook] = {}
+        self.watch = BookWatch()
+        self.dedup = Deduplicator.from_settings(settings)
+        self.routes = settings.routes
+        self.outbox = AlertOutbox(settings, source="quotes")
+        self.outboxes = [self.outbox, *delivery_outboxes(settings, source="quotes")]
         self.symbols = runtime.Symbols(settings.symbol_idle_evict_seconds)
         self.quotes = self.pending_effects()        # top-of-book rows
         self.snapshots = self.pending_effects()
         self.changed = self.pending_effects()       # books to store, by symbol
         self.dead = self.pending_effects()
+        self.alerts = self.pending_effects()
+        self.alerted = 0
         self.gone: set[str] = set()
         self.read_since = 0
         self.gaps = self.dead_total = 0
@@ -51,11 +68,13 @@ class Quotes(runtime.Stage):
         self.say = DeadLetterLog()
 
     def output_topics(self) -> dict[str, int]:
-        return {}
+        return {self.settings.alerts_topic: 1}
 
     def assigned(self, cur, partitions: list[int], stored: dict[int, tuple[int, dict]]) -> dict[int, int | None]:
-        for p, book in store.load_books(cur, partitions):
+        for p, book, watch in store.load_books(cur, partitions):
             self.books[book.symbol] = book
+            self.watch.restore(book.symbol, None if watch is None else watch["watch"])
+            self.dedup.restore(book.symbol, {} if watch is None else watch["cooldowns"])
             self.symbols.touch(p, book.symbol, book.timestamp_ms)
         log.info("partitions %s: %d books loaded", partitions, sum(1 for s in self.books
                                                                       if self.symbols.partition_of(s) in partitions))
@@ -93,7 +112,12 @@ class Quotes(runtime.Stage):
         before = None if book.stale else book.top()
         slot = None if book.timestamp_ms is None or book.stale else book.timestamp_ms // self.snapshot_ms
         was_stale = book.stale
-        if not book.apply(m):
+        applied, found = self.watch.apply(book, m)
+        for detection in found:
+            alert = book_alert(detection)
+            if self.dedup.allow(alert):
+                self.alerts.add(partition, alert)
+        if not applied:
             if book.stale and not was_stale:
                 self.gaps += 1
                 prometheus.BOOK_GAPS.inc()
@@ -117,11 +141,21 @@ class Quotes(runtime.Stage):
         for symbol in idle:
             self.books.pop(symbol, None)
             self.changed.pop((symbol,))
+        self._forget(idle)
         self.gone |= idle
         store.write_quotes(cur, self.quotes.items())
         store.write_snapshots(cur, self.snapshots.items())
-        store.write_books(cur, self.changed.tagged(), self.gone)
+        store.write_books(cur, [(p, book, self._watch_of(book.symbol)) for p, book in self.changed.tagged()], self.gone)
+        detections.write_alerts(cur, self.alerts.tagged(), self.routes, source="quotes")
         write_dead_letters(cur, self.dead.items())
+
+    def _watch_of(self, symbol: str) -> dict | None:
+        watch = self.watch.export(symbol)
+        return None if watch is None else {"watch": watch, "cooldowns": self.dedup.export(symbol)}
+
+    def _forget(self, symbols) -> None:
+        self.watch.forget(symbols)
+        self.dedup.forget(set(symbols))
 
     def written(self) -> None:
         prometheus.ROWS.labels("quotes", "quotes").inc(len(self.quotes))
@@ -129,13 +163,22 @@ class Quotes(runtime.Stage):
         for letter in self.dead.items():
             prometheus.DEAD_LETTERS.labels("quotes", prometheus.reason_kind(letter.reason)).inc()
         self.dead_total += len(self.dead)
+        for a in self.alerts.items():
+            log.warning("ALERT %s", a.message)
+            prometheus.ALERTS.labels("quotes", a.alert_type, a.severity).inc()
+        if self.alerts:
+            self.alerted += len(self.alerts)
+            for outbox in self.outboxes:
+                outbox.wake()
         self.gone = set()
         self.read_since = 0
         prometheus.SYMBOLS.labels("quotes").set(len(self.books))
 
     def drop(self, partitions: list[int]) -> None:
-        for symbol in self.symbols.drop(partitions):
+        symbols = self.symbols.drop(partitions)
+        for symbol in symbols:
             self.books.pop(symbol, None)
+        self._forget(symbols)
 
     def close(self) -> None:
         self.say.flush()
@@ -145,7 +188,8 @@ class Quotes(runtime.Stage):
         stale = sum(1 for b in self.books.values() if b.stale)
         return (f"read {self.processed} book messages; {len(self.books)} books ({stale} stale); "
                 f"sequence gaps {self.gaps}; updates before a symbol's first snapshot skipped {self.before_snapshot};"
-                f" dead letters {self.dead_total}")
+                f" dead letters {self.dead_total}; book alerts {self.alerted} (published {self.outbox.sent},"
+                f" {self.dedup.suppressed} suppressed by cooldown)")
 
 
 def run(settings: Settings, stop: Callable[[], bool], group_id: str | None = None,

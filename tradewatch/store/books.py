@@ -1,5 +1,6 @@
 """Writes of the quotes stage (tradewatch/stages/quotes.py): `quotes`, `book_snapshots` and
-`order_books`, all keyed, so a checkpoint written again after a crash changes nothing."""
+`order_books` (its alerts go through store/detections.py), all keyed, so a checkpoint written
+again after a crash changes nothing."""
 from __future__ import annotations
 
 import io
@@ -58,33 +59,36 @@ def write_snapshots(cur, rows: list[tuple]) -> None:
                    template=f"(%s, {_MS}, %s, %s::jsonb, %s::jsonb)")
 
 
-def write_books(cur, books: list[tuple[int, OrderBook]], gone: set[str]) -> None:
-    """The current book of each (partition, book) changed since the last checkpoint; `gone`: symbols
-    no longer held (idle)."""
+def write_books(cur, books: list[tuple[int, OrderBook, dict | None]], gone: set[str]) -> None:
+    """The current book of each (partition, book, watch) changed since the last checkpoint, with
+    its watch (JSON data: the book watch's state and alert cooldowns); `gone`: symbols no longer
+    held (idle)."""
     if books:
         rows = []
-        for p, b in books:
+        for p, b, watch in books:
             bids, asks = b.depth(len(b.bids) + len(b.asks))
             rows.append((b.symbol, b.exchange, p, b.timestamp_ms, b.seq, b.stale, b.gaps,
-                         orjson.dumps(bids).decode(), orjson.dumps(asks).decode()))
+                         orjson.dumps(bids).decode(), orjson.dumps(asks).decode(),
+                         None if watch is None else orjson.dumps(watch).decode()))
         execute_values(
-            cur, "INSERT INTO order_books (symbol, exchange, kafka_partition, ts, seq, stale, gaps, bids, asks)"
+            cur, "INSERT INTO order_books (symbol, exchange, kafka_partition, ts, seq, stale, gaps, bids, asks, watch)"
                  " VALUES %s ON CONFLICT (symbol) DO UPDATE SET exchange = EXCLUDED.exchange,"
                  " kafka_partition = EXCLUDED.kafka_partition, ts = EXCLUDED.ts, seq = EXCLUDED.seq,"
                  " stale = EXCLUDED.stale, gaps = EXCLUDED.gaps, bids = EXCLUDED.bids, asks = EXCLUDED.asks,"
-                 " updated_at = now()",
-            rows, template=f"(%s, %s, %s, {_MS}, %s, %s, %s, %s::jsonb, %s::jsonb)")
+                 " watch = EXCLUDED.watch, updated_at = now()",
+            rows, template=f"(%s, %s, %s, {_MS}, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb)")
     if gone:
         cur.execute("DELETE FROM order_books WHERE symbol = ANY(%s)", (sorted(gone),))
 
 
-def load_books(cur, kafka_partitions: list[int]) -> list[tuple[int, OrderBook]]:
-    """The stored books of these Kafka partitions, as the last checkpoint left them."""
+def load_books(cur, kafka_partitions: list[int]) -> list[tuple[int, OrderBook, dict | None]]:
+    """The stored books of these Kafka partitions with their watches, as the last checkpoint left
+    them (a watch is None when stored before watches were)."""
     cur.execute("SELECT kafka_partition, symbol, exchange, (extract(epoch FROM ts) * 1000)::bigint, seq, stale, gaps,"
-                " bids, asks FROM order_books WHERE kafka_partition = ANY(%s)", (kafka_partitions,))
+                " bids, asks, watch FROM order_books WHERE kafka_partition = ANY(%s)", (kafka_partitions,))
     found = []
-    for p, symbol, exchange, ms, seq, stale, gaps, bids, asks in cur.fetchall():
+    for p, symbol, exchange, ms, seq, stale, gaps, bids, asks, watch in cur.fetchall():
         book = OrderBook(symbol, exchange, seq, ms, {pr: s for pr, s in bids}, {pr: s for pr, s in asks}, stale)
         book.gaps = gaps
-        found.append((p, book))
+        found.append((p, book, watch))
     return found

@@ -1,5 +1,7 @@
 """Writes of the detector: trade flags, alerts, circuit-breaker states; and their reads at start.
-The one writer of `alerts`, the acknowledgement from the dashboard and the API included."""
+The one module that writes `alerts`: the detector's and the quotes stage's (each row says its
+`source`, and each stage's outboxes deliver only their own), the acknowledgement and disposition
+from the dashboard and the API included."""
 from __future__ import annotations
 
 import json
@@ -40,20 +42,28 @@ def write_flags(cur: Cursor, flagged: list[Detection], version: str) -> None:
 DUE_COLUMNS = {"webhook": "webhook_due", "email": "email_due"}
 
 
-def write_alerts(cur: Cursor, alerts: list[tuple[int, Alert]], routes: dict[str, frozenset[str]] | None = None) -> None:
-    """Store (source partition, alert) pairs unpublished: the outbox (tradewatch/outbox.py) sends
-    each to Kafka and to the channels `routes` gives its severity, and marks each delivery done."""
+# the stages that raise alerts: the detector (trades) and the quotes stage (the book)
+SOURCES = ("detector", "quotes")
+
+
+def write_alerts(cur: Cursor, alerts: list[tuple[int, Alert]], routes: dict[str, frozenset[str]] | None = None,
+                 source: str = "detector") -> None:
+    """Store (source partition, alert) pairs unpublished: the outbox (tradewatch/outbox.py) of the
+    `source` stage holding that partition sends each to Kafka and to the channels `routes` gives its
+    severity, and marks each delivery done."""
     if alerts:
+        assert source in SOURCES, source
         routes = routes or {}
         partitions.ensure(cur, "alerts", {partitions.day_of(a.timestamp_ms) for _, a in alerts})
         execute_values(
             cur,
             "INSERT INTO alerts (alert_id, ts, symbol, alert_type, severity, message, details, evidence, trade_id,"
-            " kafka_partition, webhook_due, email_due) VALUES %s ON CONFLICT (alert_id, ts) DO NOTHING",
+            " kafka_partition, source, webhook_due, email_due) VALUES %s ON CONFLICT (alert_id, ts) DO NOTHING",
             [(a.alert_id, a.timestamp_ms, a.symbol, a.alert_type, a.severity, a.message,
               json.dumps(a.details, default=str), None if a.evidence is None else json.dumps(a.evidence, default=str),
-              a.trade_id, p, *(channel in routes.get(a.severity, ()) for channel in DUE_COLUMNS)) for p, a in alerts],
-            template=f"(%s, {_MS}, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, %s)")
+              a.trade_id, p, source, *(channel in routes.get(a.severity, ()) for channel in DUE_COLUMNS))
+             for p, a in alerts],
+            template=f"(%s, {_MS}, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s)")
 
 
 def write_events(cur: Cursor, events: list[dict]) -> None:
@@ -113,7 +123,8 @@ def load_symbols(cur: Cursor, group: str, topic: str, partition: int) -> dict[st
 
 _ALERT_COLUMNS = ("alert_id, (extract(epoch FROM ts) * 1000)::bigint, symbol, alert_type, severity, message,"
                   " trade_id, details, evidence")
-_OURS = "(kafka_partition = ANY(%s) OR kafka_partition IS NULL)"   # NULL: stored before the column
+# a stage's own: its source, of its partitions (NULL: stored before the column, the detector's)
+_OURS = "source = %s AND (kafka_partition = ANY(%s) OR kafka_partition IS NULL)"
 
 
 def _alerts(cur: Cursor) -> list[Alert]:
@@ -121,11 +132,11 @@ def _alerts(cur: Cursor) -> list[Alert]:
             for alert_id, ms, symbol, kind, severity, message, trade_id, details, evidence in cur.fetchall()]
 
 
-def unpublished_alerts(cur: Cursor, partitions: list[int], limit: int) -> list[Alert]:
-    """The Kafka outbox of a detector holding `partitions`: their alerts not yet acknowledged on
-    the topic, oldest first."""
+def unpublished_alerts(cur: Cursor, partitions: list[int], limit: int, source: str = "detector") -> list[Alert]:
+    """The Kafka outbox of a `source` stage holding `partitions`: their alerts not yet acknowledged
+    on the topic, oldest first."""
     cur.execute(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE published_at IS NULL AND {_OURS}"
-                " ORDER BY created_at, alert_id LIMIT %s", (partitions, limit))
+                " ORDER BY created_at, alert_id LIMIT %s", (source, partitions, limit))
     return _alerts(cur)
 
 
@@ -134,10 +145,10 @@ def mark_published(cur: Cursor, alert_ids: list[str]) -> None:
                 (alert_ids,))
 
 
-def due(cur: Cursor, channel: str, partitions: list[int], limit: int) -> list[Alert]:
-    """The `channel` outbox (webhook, email) of a detector holding `partitions`, oldest first."""
+def due(cur: Cursor, channel: str, partitions: list[int], limit: int, source: str = "detector") -> list[Alert]:
+    """The `channel` outbox (webhook, email) of a `source` stage holding `partitions`, oldest first."""
     cur.execute(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE {DUE_COLUMNS[channel]} AND {_OURS}"
-                " ORDER BY created_at, alert_id LIMIT %s", (partitions, limit))
+                " ORDER BY created_at, alert_id LIMIT %s", (source, partitions, limit))
     return _alerts(cur)
 
 

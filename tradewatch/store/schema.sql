@@ -305,6 +305,9 @@ CREATE TABLE IF NOT EXISTS order_books (
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS order_books_partition ON order_books (kafka_partition);
+-- the book watch of the symbol (tradewatch/detect/book_rules.py) and its alert cooldowns, as of
+-- the same checkpoint: a restarted stage raises the alerts one that never stopped would
+ALTER TABLE order_books ADD COLUMN IF NOT EXISTS watch jsonb;
 
 -- Windowed metrics from aggregator.py: one row per symbol × window size × window start.
 CREATE TABLE IF NOT EXISTS stock_metrics (
@@ -415,10 +418,12 @@ CREATE TABLE IF NOT EXISTS indicators (
     PRIMARY KEY (symbol, window_size, window_start)
 ) PARTITION BY LIST (window_size);             -- then by month, as stock_metrics
 
--- Alerts raised by anomaly_detector.py (also published on the Kafka topic `alerts`).
+-- Alerts raised by anomaly_detector.py and by the quotes stage's book watch (also published on the
+-- Kafka topic `alerts`).
 CREATE TABLE IF NOT EXISTS alerts (
-    alert_id         text NOT NULL,                 -- '<trade_id>:<type>', so a replay never doubles it
-    ts               timestamptz NOT NULL,          -- event time of the trade
+    alert_id         text NOT NULL,                 -- '<trade_id>:<type>' ('<symbol>@<book seq>:<type>' for
+                                                    -- the book's), so a replay never doubles it
+    ts               timestamptz NOT NULL,          -- event time of the trade (the book message)
     symbol           text NOT NULL,
     alert_type       text NOT NULL,
     severity         text NOT NULL,                 -- LOW | MEDIUM | HIGH | CRITICAL
@@ -446,6 +451,9 @@ ALTER TABLE alerts ADD COLUMN IF NOT EXISTS evidence jsonb;
 -- an analyst's verdict: true_positive | false_positive | needs_review (NULL: not marked); its every
 -- change is a row of alert_dispositions
 ALTER TABLE alerts ADD COLUMN IF NOT EXISTS disposition text;
+-- the stage that raised it, whose outboxes deliver it: 'detector' (trades, kafka_partition of
+-- `trades`) or 'quotes' (the book, kafka_partition of `quotes`)
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT 'detector';
 
 -- Every change of an alert's disposition, never updated (store/detections.py); kept as long as the
 -- alerts (maintain.py deletes those of alerts past ALERTS retention).
