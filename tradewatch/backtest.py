@@ -206,9 +206,10 @@ def run(settings: Settings, conn, since: datetime, until: datetime, symbols: lis
 
 
 def stored(conn, since: datetime, until: datetime, symbols: list[str] | None) -> dict[str, str | None]:
-    """The stored alerts of the range: alert id -> its disposition (None: not marked)."""
+    """The detector's stored alerts of the range (the book's are not replayed here): alert id -> its
+    disposition (None: not marked)."""
     with conn.cursor() as cur:
-        cur.execute("SELECT alert_id, disposition FROM alerts WHERE ts >= %s AND ts < %s"
+        cur.execute("SELECT alert_id, disposition FROM alerts WHERE source = 'detector' AND ts >= %s AND ts < %s"
                     " AND (%s::text[] IS NULL OR symbol = ANY(%s))", (since, until, symbols, symbols))
         found = dict(cur.fetchall())
     conn.commit()

@@ -101,6 +101,8 @@ class _Symbol:
     decayed: float = 0.0                            # the count of updates before the window, decayed
     decayed_ms: int | None = None
     in_burst: bool = False                          # one stuffing alert per burst
+    floor_of: int | None = None                     # the bucket `floor` is for (a cache, not exported):
+    floor: float = 0.0                              # the lowest line of any message in that bucket
 
 
 _SCALARS = ("since_typical", "first_ms", "bucket_ms", "bucket_n", "in_window", "decayed", "decayed_ms", "in_burst")
@@ -111,9 +113,18 @@ def level_changes(book: OrderBook, m: BookMessage) -> list[tuple[str, float, flo
     before the update is applied; [] for a snapshot (it replaces the book: nothing was placed)."""
     if m.type != "update":
         return []
-    return [(name, price, side.get(price, 0.0), size)
-            for name, side, levels in (("bid", book.bids, m.bids), ("ask", book.asks, m.asks))
-            for price, size in levels if side.get(price, 0.0) != size]
+    changes = []
+    get = book.bids.get
+    for price, size in m.bids:
+        before = get(price, 0.0)
+        if before != size:
+            changes.append(("bid", price, before, size))
+    get = book.asks.get
+    for price, size in m.asks:
+        before = get(price, 0.0)
+        if before != size:
+            changes.append(("ask", price, before, size))
+    return changes
 
 
 def _depth_size(book: OrderBook, side: str) -> float:
@@ -174,14 +185,29 @@ class BookWatch:
         if m.type == "snapshot":
             s.orders.clear()          # a new book: what was followed may be gone unseen
             return []
-        found = []
-        stuffing = self._count(s, m)
-        if stuffing is not None:
-            found.append(stuffing)
+        # the usual message, inline (a few microseconds a message are the stage's budget): in the
+        # newest bucket under every stuffing line, nothing followed and nothing large added
+        if s.first_ms is not None and m.timestamp_ms < s.bucket_ms + BUCKET_MS \
+                and s.in_window + 1 < STUFFING_MIN_UPDATES:
+            s.bucket_n += 1
+            s.in_window += 1
+            s.in_burst = False
+            stuffing = None
+        else:
+            stuffing = self._count(s, m)
+        if not s.orders and not self._large(s, changes):
+            return [] if stuffing is None else [stuffing]
         spoof = self._orders(s, book, m, changes)
-        if spoof is not None:
-            found.append(spoof)
-        return found
+        return [d for d in (stuffing, spoof) if d is not None]
+
+    @staticmethod
+    def _large(s: _Symbol, changes) -> bool:
+        """Whether a change adds at least SPOOF_SIZE_MULTIPLE × its side's typical level."""
+        if not changes:
+            return False
+        bid, ask = s.typical["bid"] or math.inf, s.typical["ask"] or math.inf
+        return any(after - before >= SPOOF_SIZE_MULTIPLE * (bid if side == "bid" else ask)
+                   for side, _, before, after in changes)
 
     @staticmethod
     def _refresh(s: _Symbol, book: OrderBook, changed: set = frozenset(), side: str | None = None) -> None:
@@ -197,11 +223,8 @@ class BookWatch:
         ms = m.timestamp_ms
         while s.orders and ms - s.orders[0].placed_ms > SPOOF_MAX_LIFE_S * 1000:
             s.orders.popleft()
-        if not s.orders:                        # the usual case: nothing followed, nothing large added
-            bid, ask = s.typical["bid"], s.typical["ask"]
-            if not any(after - before >= SPOOF_SIZE_MULTIPLE * ((bid if side == "bid" else ask) or math.inf)
-                       for side, _, before, after in changes):
-                return None
+        if not s.orders and not self._large(s, changes):        # nothing followed, nothing large added
+            return None
         cancelled, placed = [], []
         emptied = {side for side, price, before, after in changes if after == 0.0}
         orders = s.orders
@@ -260,14 +283,17 @@ class BookWatch:
         if count < STUFFING_MIN_UPDATES:        # under every line (the usual case: nothing to work out)
             s.in_burst = False
             return None
-        expected = 0.0
-        seen_s = (bucket - s.first_ms) / 1000 - STUFFING_WINDOW_S      # the time the decayed count covers
-        if s.decayed_ms is not None and seen_s > 0:
-            # a decayed count started at zero, divided by the time it has seen (at most one time
-            # constant's worth): the symbol's own rate from its first seconds on
-            covered = STUFFING_TAU_S * (1 - math.exp(-seen_s / STUFFING_TAU_S))
-            expected = s.decayed * math.exp(-max(ms - s.decayed_ms, 0) / 1000 / STUFFING_TAU_S) \
-                / covered * STUFFING_WINDOW_S
+        if not s.in_burst:
+            # a busy symbol is over STUFFING_MIN_UPDATES all the time: below the line the latest
+            # moment of the bucket has (the lowest: the expected count only decays), it is below
+            # its own, worked out once a bucket
+            if s.floor_of != s.bucket_ms:
+                s.floor_of = s.bucket_ms
+                s.floor = max(STUFFING_MULTIPLE * _expected(s, s.bucket_ms + BUCKET_MS - 1, s.bucket_ms),
+                              STUFFING_MIN_UPDATES)
+            if count < s.floor:
+                return None
+        expected = _expected(s, ms, bucket)
         line = max(STUFFING_MULTIPLE * expected, STUFFING_MIN_UPDATES)
         if s.in_burst and count < line / 2:     # the burst is over
             s.in_burst = False
@@ -283,6 +309,17 @@ class BookWatch:
                             f"{STUFFING_MULTIPLE:g} × the expected count, at least {STUFFING_MIN_UPDATES} updates",
                             "x", sentence, _messages(m, s.window[0][0] if s.window else s.bucket_ms, count))
         return BookDetection("QUOTE_STUFFING", m.symbol, ms, m.seq, evidence)
+
+
+def _expected(s: _Symbol, ms: int, bucket: int) -> float:
+    """The updates a symbol's own rate expects in STUFFING_WINDOW_S, at `ms` (in `bucket`)."""
+    seen_s = (bucket - s.first_ms) / 1000 - STUFFING_WINDOW_S      # the time the decayed count covers
+    if s.decayed_ms is None or seen_s <= 0:
+        return 0.0
+    # a decayed count started at zero, divided by the time it has seen (at most one time
+    # constant's worth): the symbol's own rate from its first seconds on
+    covered = STUFFING_TAU_S * (1 - math.exp(-seen_s / STUFFING_TAU_S))
+    return s.decayed * math.exp(-max(ms - s.decayed_ms, 0) / 1000 / STUFFING_TAU_S) / covered * STUFFING_WINDOW_S
 
 
 def _count_out(s: _Symbol, ms: int, n: int) -> None:

@@ -141,7 +141,8 @@ class Quotes(runtime.Stage):
         for symbol in idle:
             self.books.pop(symbol, None)
             self.changed.pop((symbol,))
-        self._forget(idle)
+        if idle:
+            self._forget(idle)
         self.gone |= idle
         store.write_quotes(cur, self.quotes.items())
         store.write_snapshots(cur, self.snapshots.items())
