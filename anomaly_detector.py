@@ -176,6 +176,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
         "real_trades_rules_and_forest": evaluate.score_real(Path(args.lean_dir), config, model),
         "pumps_illiquid_rules": evaluate.score_pumps(seeds, config=config),
         "pumps_illiquid_rules_and_forest": evaluate.score_pumps(seeds, config=config, model=model),
+        "pumps_illiquid_wide_spreads_rules": evaluate.score_spreads(seeds, config=config),
         "nab": evaluate.score_nab(Path(args.nab_dir)) if Path(args.nab_dir).is_dir() else "NAB data not found",
         "series_daily_cycles": evaluate.score_daily_cycles(),
         "book_simulated": evaluate.score_book(),

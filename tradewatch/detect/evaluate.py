@@ -36,7 +36,7 @@ from tradewatch.detect import forest
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import DetectorConfig, RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
-from tradewatch.market.simulator import MarketSimulator
+from tradewatch.market.simulator import IlliquidProfile, MarketSimulator, illiquid_market
 
 LABEL_TYPES = {
     "price_spike": {"PRICE_SPIKE"},
@@ -60,7 +60,8 @@ def train_on_simulation(seed: int, count: int, anomaly_rate: float, config: Dete
 
 
 def score_simulated(seeds: list[int], count: int = 50_000, anomaly_rate: float = 0.005,
-                    config: DetectorConfig = DetectorConfig(), model: forest.ForestModel | None = None) -> dict:
+                    config: DetectorConfig = DetectorConfig(), model: forest.ForestModel | None = None,
+                profile: IlliquidProfile = IlliquidProfile()) -> dict:
     totals = {label: Counter() for label in LABEL_TYPES}
     per_type_normal: Counter = Counter()
     per_type_anomalous: Counter = Counter()
@@ -347,17 +348,17 @@ ALERT_COOLDOWNS_S = {"CRITICAL": 300.0, "HIGH": 60.0, "MEDIUM": 30.0, "LOW": 30.
 
 
 def score_pumps(seeds: list[int], symbols: int = 10, days: float = 2.0, pump_symbols: int = 5,
-                config: DetectorConfig = DetectorConfig(), model: forest.ForestModel | None = None) -> dict:
+                config: DetectorConfig = DetectorConfig(), model: forest.ForestModel | None = None,
+                profile: IlliquidProfile = IlliquidProfile()) -> dict:
     """Simulated illiquid pairs (tradewatch.market.simulator.illiquid_market), some with a pump on
     their last day, through the detection pipeline and the alert deduplication a user gets:
     recall of pumps by a PUMP_AND_DUMP alert within 5 minutes of the start, the delay, the phases
     each event's alerts went through, and alerts per symbol-day (every type) on ordinary days —
     every day of a pump-free symbol, and the first day of the others."""
     from tradewatch.alerts import Deduplicator, alerts_for
-    from tradewatch.market.simulator import illiquid_market
     caught, delays, phases, ordinary_alerts, ordinary_days, pumps_total = 0, [], Counter(), 0, 0.0, 0
     for seed in seeds:
-        trades, pumps = illiquid_market(symbols, days, seed=seed, pump_symbols=pump_symbols)
+        trades, pumps = illiquid_market(symbols, days, seed=seed, pump_symbols=pump_symbols, profile=profile)
         start = trades[0].timestamp_ms
         pumped = {p.symbol: p for p in pumps}
         dedup = Deduplicator(ALERT_COOLDOWNS_S)
@@ -384,3 +385,19 @@ def score_pumps(seeds: list[int], symbols: int = 10, days: float = 2.0, pump_sym
             "phases": dict(phases.most_common()),
             "ordinary_symbol_days": ordinary_days,
             "alerts_per_symbol_day_ordinary": round(ordinary_alerts / ordinary_days, 3) if ordinary_days else None}
+
+
+SPREADS_TICKS = (4, 10, 25, 50)     # spreads of 0.5–6 % on pairs of a few hundred ticks (a tick ≈ 0.12 %)
+
+
+def score_spreads(seeds: list[int], config: DetectorConfig = DetectorConfig(), spreads: tuple = SPREADS_TICKS) -> dict:
+    """`score_pumps` on illiquid pairs whose spread is `spreads` ticks wide (of 1e-8 at prices near
+    8.1e-6): ordinary bursts sweep up to two spreads past the touch, so the one-tick rules alone
+    would call every sweep a move."""
+    out = {}
+    for ticks in spreads:
+        r = score_pumps(seeds, config=config, profile=IlliquidProfile(tick=1e-8, spread_ticks=ticks))
+        out[f"spread_{ticks}_ticks"] = {k: r[k] for k in ("pumps", "recall_5min", "delay_s_median",
+                                                           "alerts_per_symbol_day_ordinary")}
+    return out
+

@@ -19,6 +19,8 @@ PRICE_Z_MIN_STD = 0.002     # the z-score's spread is at least 0.2 % of the pric
 FEATURE_NAMES = ("return_1", "return_5", "return_20", "price_z", "deviation", "volume_log_z",
                  "volume_ratio", "gap_log_ratio", "spread_bps", "signed_run")
 LEVEL_SHIFT_TRADES = 10
+SPREAD_WINDOW = 64          # the spread is the median of this many observations: a few quotes or bounces
+                            # across a real move do not widen it
 
 
 @dataclass(slots=True)
@@ -148,6 +150,9 @@ class SymbolState:
         self.shift_streak = 0
         self.tick: float | None = None        # the smallest price change seen: the instrument's tick
         self.last_any: float | None = None    # the previous trade's price, anomalies included
+        self.last_side: str | None = None     # ... and its aggressor side
+        self.last_change = 0.0                # ... and its price change
+        self.spreads: deque[float] = deque(maxlen=SPREAD_WINDOW)   # observed spreads (see learn_spread)
         self.pump = PumpWatch()
 
     def to_dict(self) -> dict:
@@ -161,6 +166,7 @@ class SymbolState:
                 "last_ts": self.last_ts, "last_price": self.last_price, "run_direction": self.run_direction,
                 "run_length": self.run_length, "run_start_price": self.run_start_price,
                 "shift_streak": self.shift_streak, "tick": self.tick, "last_any": self.last_any,
+                "last_side": self.last_side, "last_change": self.last_change, "spreads": list(self.spreads),
                 "pump": self.pump.to_dict()}
 
     @classmethod
@@ -181,24 +187,43 @@ class SymbolState:
         state.run_direction, state.run_length = data["run_direction"], data["run_length"]
         state.run_start_price, state.shift_streak = data["run_start_price"], data["shift_streak"]
         state.tick, state.last_any = data.get("tick"), data.get("last_any")     # absent in older checkpoints
+        state.last_side, state.last_change = data.get("last_side"), data.get("last_change", 0.0)
+        state.spreads.extend(data.get("spreads", ()))
         if data.get("pump"):
             state.pump = PumpWatch.from_dict(data["pump"])
         return state
 
-    def learn_tick(self, price: float) -> None:
-        """The tick: the smallest non-zero change between consecutive prices (a relative 1e-9
-        or less is float noise, not a tick)."""
-        last = self.last_any
-        if last is not None:
-            change = abs(price - last)
-            if change > price * 1e-9 and (self.tick is None or change < self.tick * 0.999):
-                self.tick = change
-        self.last_any = price
+    def learn(self, trade: Trade) -> None:
+        """Learn the instrument from a trade (anomalies included: a tick or a spread is not an anomaly).
+
+        The tick: the smallest non-zero change between consecutive prices (a relative 1e-9 or less
+        is float noise, not a tick). The spread: the trade's quote (ask - bid) when it carries one;
+        else a bid-ask bounce: the price change between a buy and a sell that follow each other,
+        or, where sides are unknown, the smaller change of a reversal (up then down)."""
+        price, last = trade.price, self.last_any
+        change = price - last if last is not None else 0.0
+        if trade.bid is not None and trade.ask is not None:
+            self.spreads.append(trade.ask - trade.bid)
+        elif last is not None:
+            side, last_side = trade.side, self.last_side
+            if side == "unknown" or last_side == "unknown":
+                if change * self.last_change < 0:
+                    self.spreads.append(min(abs(change), abs(self.last_change)))
+            elif side != last_side and last_side:     # a buy after a sell, or a sell after a buy
+                self.spreads.append(abs(change))
+        if abs(change) > price * 1e-9 and (self.tick is None or abs(change) < self.tick * 0.999):
+            self.tick = abs(change)
+        self.last_any, self.last_side, self.last_change = price, trade.side, change
 
     def tick_share(self) -> float:
         """One tick as a share of the rolling mean price (0 before either is known)."""
         mean = self.prices.mean
         return self.tick / mean if self.tick and mean > 0 else 0.0
+
+    def spread(self) -> float:
+        """The symbol's usual spread in price (0 before one is seen): the median observation."""
+        seen = sorted(self.spreads)
+        return seen[len(seen) // 2] if seen else 0.0
 
     def features(self, trade: Trade) -> TradeFeatures:
         price = trade.price

@@ -5,11 +5,12 @@ What studies of announced pumps measure in the prints, and what this watches per
   (an exponentially decayed count of the trades before the burst, time constant `BASELINE_TAU_S`);
 - *aggressive buying*: the taker-buy share of the burst's notional (trades with side "unknown"
   say nothing; when fewer than half the burst's trades have a side, the share is not required);
-- the *run-up*: the price against the last price before the burst, in percent and in ticks.
+- the *run-up*: the price against the last price before the burst, in percent, in ticks and in
+  spreads (a burst that only crosses a wide spread and sweeps the levels behind it is no pump).
 A burst of at least `MIN_TRADES` trades at `MIN_DISTINCT_MS` distinct timestamps (one market order
 sweeping the book prints many trades at one instant: not a crowd) and `RATE_MULTIPLE` × the expected
-count, `MIN_BUY_SHARE` of it bought, the price up at least `MIN_GAIN` and `MIN_GAIN_TICKS` ticks,
-starts an *event*:
+count, `MIN_BUY_SHARE` of it bought, the price up at least `MIN_GAIN`, `MIN_GAIN_TICKS` ticks and
+`MIN_GAIN_SPREADS` spreads, starts an *event*:
 
     pump   the trigger (CRITICAL alert); the peak is followed as the price makes new highs
     peak   the price gave back `PEAK_RETRACE` of the gain, or made no new high for `PEAK_QUIET_S` (HIGH)
@@ -25,6 +26,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from tradewatch.detect.evidence import Evidence, num, trades_named
 
@@ -39,6 +41,7 @@ RATE_MULTIPLE = 8.0
 MIN_BUY_SHARE = 0.6
 MIN_GAIN = 0.08
 MIN_GAIN_TICKS = 4
+MIN_GAIN_SPREADS = 3         # as the price rules' spike_spreads: an ordinary sweep prints up to ~2 spreads past the mid
 PEAK_RETRACE = 0.30
 PEAK_QUIET_S = 120.0
 DUMP_RETRACE = 0.70
@@ -118,9 +121,10 @@ class PumpWatch:
         return self.decayed * decay / span_s * BURST_S
 
     def observe(self, symbol: str, ms: int, price: float, quantity: float, side: str,
-                tick: float | None) -> tuple[str | None, Event | None]:
+                tick: float | None, spread: Callable[[], float]) -> tuple[str | None, Event | None]:
         """Fold one trade in: (the phase its event entered with it or None, the event it belongs to
-        or None)."""
+        or None). `spread()` gives the symbol's usual spread (asked only of a burst that could start
+        an event)."""
         if self.first_ms is None:
             self.first_ms = ms
         window = self.window
@@ -142,6 +146,8 @@ class PumpWatch:
         ticks = (price - self.before_price) / tick if tick else math.inf
         if gain < MIN_GAIN or ticks < MIN_GAIN_TICKS - 1e-6 or len({w[0] for w in window}) < MIN_DISTINCT_MS:
             return None, None
+        if price - self.before_price < MIN_GAIN_SPREADS * spread():
+            return None, None
         sided = [w for w in window if w[3]]
         buy_share = None
         if len(sided) * 2 >= len(window):
@@ -155,10 +161,12 @@ class PumpWatch:
                            None if buy_share is None else round(buy_share, 4), updated_ms=ms)
         return "pump", self.event
 
-    def evidence(self, phase: str, e: Event, trade_id: str, ms: int, price: float, tick: float | None) -> Evidence:
+    def evidence(self, phase: str, e: Event, trade_id: str, ms: int, price: float, tick: float | None,
+                 spread: float) -> Evidence:
         """Why the event entered `phase` with this trade (called right after `observe`)."""
         params = {"burst_s": BURST_S, "rate_multiple": RATE_MULTIPLE, "min_trades": MIN_TRADES,
-                  "min_gain": MIN_GAIN, "min_gain_ticks": MIN_GAIN_TICKS, "min_buy_share": MIN_BUY_SHARE,
+                  "min_gain": MIN_GAIN, "min_gain_ticks": MIN_GAIN_TICKS, "min_gain_spreads": MIN_GAIN_SPREADS,
+                  "min_buy_share": MIN_BUY_SHARE,
                   "peak_retrace": PEAK_RETRACE, "peak_quiet_s": PEAK_QUIET_S, "dump_retrace": DUMP_RETRACE,
                   "over_retrace": OVER_RETRACE, "event_max_s": EVENT_MAX_S}
         extra = {"event_id": e.event_id, "phase": phase, "start_price": e.start_price, "peak_price": e.peak_price,
@@ -168,20 +176,23 @@ class PumpWatch:
             count = len(self.window)
             gain = price / e.start_price - 1
             ticks = (price - e.start_price) / tick if tick else None
+            line = max(e.start_price * (1 + MIN_GAIN), e.start_price + MIN_GAIN_TICKS * (tick or 0.0),
+                       e.start_price + MIN_GAIN_SPREADS * spread)       # the price the run-up had to pass
             bought = (f"; {e.buy_share * 100:.0f} % of its notional bought (threshold {MIN_BUY_SHARE * 100:g} %)"
                       if e.buy_share is not None else "; too few trades have a side to weigh the buying")
             sentence = (f"pump: a burst of {count} trades in {(ms - e.started_ms) / 1000:.0f} s is "
                         f"{count / max(expected, 1e-9):.1f}× the {expected:.2f} the symbol's own baseline expects in "
                         f"{BURST_S:g} s (threshold {RATE_MULTIPLE:g}×); price {num(price)} is {gain * 100:+.1f} %"
                         f"{f' ({ticks:.0f} ticks)' if ticks is not None else ''} over {num(e.start_price)}, the last "
-                        f"price before the burst (thresholds {MIN_GAIN * 100:g} % and {MIN_GAIN_TICKS} ticks){bought}")
+                        f"price before the burst (thresholds {MIN_GAIN * 100:g} %, {MIN_GAIN_TICKS} ticks and "
+                        f"{MIN_GAIN_SPREADS} spreads of {num(spread)}){bought}")
             return Evidence("PUMP_AND_DUMP", params, "burst", count, expected,
                             f"the trades the symbol's decayed rate (time constant {BASELINE_TAU_S:g} s) expects in "
                             f"{BURST_S:g} s", count / max(expected, 1e-9), RATE_MULTIPLE,
                             f"{RATE_MULTIPLE:g} × the expected count", "x", sentence,
-                            trades_named(trade_id, [], e.started_ms, ms, count), level=e.start_price * (1 + MIN_GAIN),
+                            trades_named(trade_id, [], e.started_ms, ms, count), level=line,
                             tick=tick, extra={**extra, "gain_pct": gain * 100, "gain_ticks": ticks,
-                                              "buy_share": e.buy_share})
+                                              "buy_share": e.buy_share, "spread": spread})
         gain = e.peak_price - e.start_price
         given_back = (e.peak_price - price) / gain if gain > 0 else 1.0
         line = {"peak": PEAK_RETRACE, "dump": DUMP_RETRACE, "over": OVER_RETRACE}[phase]

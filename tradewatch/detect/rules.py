@@ -16,10 +16,12 @@
                                alert per phase (tradewatch/detect/pump.py)
 
 The price thresholds respect the instrument: a move counts only beyond `spike_pct`, `spike_ticks`
-ticks (the symbol's tick, learned from its prices) and `spike_sigmas` rolling standard deviations,
+ticks (the symbol's tick, learned from its prices), `spike_sigmas` rolling standard deviations and
+`spike_spreads` spreads (the symbol's usual spread, learned from its trades: SymbolState.learn),
 whichever is largest; the circuit breaker at twice that (at least `circuit_pct`); a momentum run
-must add up to `run_ticks` ticks per move. So a one-tick bounce on an illiquid pair, where a tick
-is 1 % of the price, is never a "5 % move". While a symbol's pump-and-dump event is open its other
+must add up to `run_ticks` ticks per move and `spike_spreads` spreads; the z-score's σ is at least
+half a spread. So a one-tick bounce on an illiquid pair, where a tick is 1 % of the price, is never
+a "5 % move", nor a buy that crosses a spread of 6 %. While a symbol's pump-and-dump event is open its other
 alerts are held back (their flags are kept): the event is the story.
 
 Rules stay silent until a symbol has `min_history` normal trades. Each firing carries its
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tradewatch.detect import pump
 from tradewatch.detect.evidence import Evidence, num, percent, trades_named
 from tradewatch.detect.features import WHALE_WINDOW, PRICE_Z_MIN_STD, SymbolState, TradeFeatures
 from tradewatch.detect.pump import PHASE_SEVERITY
@@ -58,6 +59,7 @@ class DetectorConfig:
     spike_ticks: float = 6.0
     spike_sigmas: float = 5.0
     run_ticks: float = 2.0
+    spike_spreads: float = 3.0      # an ordinary market order on a thin book prints up to ~2 spreads past the mid
 
 
 @dataclass
@@ -178,6 +180,8 @@ class RuleDetector:
         tick = state.tick_share()
         mean = state.prices.mean
         spike = max(c.spike_pct, c.spike_ticks * tick, c.spike_sigmas * state.prices.std / mean if mean else 0.0)
+        if warm and move > spike:           # the spread can only raise the line: looked up when it matters
+            spike = max(spike, c.spike_spreads * state.spread() / mean)
         circuit = max(c.circuit_pct, 2 * spike)
         if warm:
             if move > circuit:
@@ -191,28 +195,32 @@ class RuleDetector:
             if f.whale_ratio > c.whale_factor:
                 d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor, self._whale_evidence(trade, state, f),
                        times_recent_max=round(f.whale_ratio, 2), volume_ratio=round(f.volume_ratio, 2))
-            if abs(f.price_z) > c.zscore_threshold:
-                d.flag("PRICE_ZSCORE", abs(f.price_z) / c.zscore_threshold, self._zscore_evidence(trade, state, f),
-                       price_z=round(f.price_z, 2))
+            if abs(f.price_z) > c.zscore_threshold and abs(z := self._zscore(trade, state)) > c.zscore_threshold:
+                d.flag("PRICE_ZSCORE", abs(z) / c.zscore_threshold, self._zscore_evidence(trade, state, z),
+                       price_z=round(z, 2))
             run_needed = max(c.run_move_pct, c.run_ticks * f.run_length * tick)
             if f.run_length >= c.run_length and abs(f.run_move) > run_needed:
-                d.flag("MOMENTUM_RUN", abs(f.run_move) / run_needed, self._run_evidence(trade, state, f, run_needed),
-                       run_length=f.run_length, run_move_pct=round(f.run_move * 100, 3))
+                run_needed = max(run_needed, c.spike_spreads * state.spread() / mean)
+                if abs(f.run_move) > run_needed:
+                    d.flag("MOMENTUM_RUN", abs(f.run_move) / run_needed,
+                           self._run_evidence(trade, state, f, run_needed),
+                           run_length=f.run_length, run_move_pct=round(f.run_move * 100, 3))
             transition = self.breaker_for(trade.symbol).observe(trade.timestamp_ms, move > circuit, move <= spike)
             if transition:
                 self.transitions.append(transition)
         phase, event = state.pump.observe(trade.symbol, trade.timestamp_ms, trade.price, trade.quantity, trade.side,
-                                          state.tick)
+                                          state.tick, state.spread)
         if event is not None:
             d.event, d.phase = {**event.to_dict(), "gain_pct": round(event.gain_pct, 3)}, phase
             if phase:
                 d.flag("PUMP_AND_DUMP", max(event.volume_multiple / 8, 1.0),
-                       state.pump.evidence(phase, event, trade.trade_id, trade.timestamp_ms, trade.price, state.tick),
+                       state.pump.evidence(phase, event, trade.trade_id, trade.timestamp_ms, trade.price, state.tick,
+                                           state.spread()),
                        phase=phase, event_id=event.event_id, gain_pct=round(event.gain_pct, 2),
                        volume_multiple=event.volume_multiple)
         price_normal = not warm or move <= spike
         volume_normal = "VOLUME_SPIKE" not in d.types
-        state.learn_tick(trade.price)
+        state.learn(trade)
         state.update(trade, f, price_normal, volume_normal)
         return d
 
@@ -224,19 +232,24 @@ class RuleDetector:
         return trades_named(trade.trade_id, [t for t, _ in window], window[0][1] if window else None,
                             window[-1][1] if window else trade.timestamp_ms)
 
+    def _spreads_how(self, state: SymbolState) -> str:
+        spread, mean = state.spread(), state.prices.mean
+        return (f"{self.config.spike_spreads:g} spreads of {num(spread)} = "
+                f"{percent(self.config.spike_spreads * spread / mean if mean else 0.0)}")
+
     def _spike_how(self, state: SymbolState) -> str:
         c, mean, tick = self.config, state.prices.mean, state.tick or 0.0
         sigma = state.prices.std
         return (f"the largest of {percent(c.spike_pct)}, {c.spike_ticks:g} ticks of {num(tick)} = "
-                f"{percent(c.spike_ticks * state.tick_share())} and {c.spike_sigmas:g} σ of {num(sigma)} = "
-                f"{percent(c.spike_sigmas * sigma / mean if mean else 0.0)}")
+                f"{percent(c.spike_ticks * state.tick_share())}, {c.spike_sigmas:g} σ of {num(sigma)} = "
+                f"{percent(c.spike_sigmas * sigma / mean if mean else 0.0)} and {self._spreads_how(state)}")
 
     def _move_evidence(self, kind: str, trade: Trade, state: SymbolState, f: TradeFeatures, line: float,
                        spike: float) -> Evidence:
         c, mean, n = self.config, state.prices.mean, len(state.prices.values)
         how = self._spike_how(state)
         params = {"spike_pct": c.spike_pct, "spike_ticks": c.spike_ticks, "spike_sigmas": c.spike_sigmas,
-                  "price_window": c.price_window, "min_history": c.min_history}
+                  "spike_spreads": c.spike_spreads, "price_window": c.price_window, "min_history": c.min_history}
         if kind == "CIRCUIT_BREAKER":
             how = f"the larger of {percent(c.circuit_pct)} and twice the spike threshold {percent(spike)}"
             params["circuit_pct"] = c.circuit_pct
@@ -246,23 +259,34 @@ class RuleDetector:
                     f"the previous {n} normal trades, {num(mean)}; threshold {percent(line)} ({how})")
         return Evidence(kind, params, "price", trade.price, mean, baseline_how, f.deviation * 100, line * 100, how,
                         "%", sentence, self._window(trade, state), level=mean * (1 + line if up else 1 - line),
-                        tick=state.tick, extra={"sigma": state.prices.std})
+                        tick=state.tick, extra={"sigma": state.prices.std, "spread": state.spread()})
 
-    def _zscore_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures) -> Evidence:
+    @staticmethod
+    def _sigma(state: SymbolState) -> tuple[float, str]:
+        """The z-score's σ: never below 0.2 % of the mean, one tick, or half the spread (the σ of
+        prices that only bounce between bid and ask)."""
+        mean, spread = state.prices.mean, state.spread()
+        sigma = max(state.prices.std, PRICE_Z_MIN_STD * mean, state.tick or 0.0, spread / 2)
+        return sigma, (f"σ {num(sigma)}: the largest of the window's standard deviation {num(state.prices.std)}, "
+                       f"{PRICE_Z_MIN_STD * 100:g} % of the mean, one tick {num(state.tick or 0.0)} and half the "
+                       f"spread {num(spread)}")
+
+    def _zscore(self, trade: Trade, state: SymbolState) -> float:
+        return (trade.price - state.prices.mean) / self._sigma(state)[0]
+
+    def _zscore_evidence(self, trade: Trade, state: SymbolState, z: float) -> Evidence:
         c, mean, n = self.config, state.prices.mean, len(state.prices.values)
-        sigma = max(state.prices.std, PRICE_Z_MIN_STD * mean, state.tick or 0.0)
-        sigma_how = (f"σ {num(sigma)}: the largest of the window's standard deviation {num(state.prices.std)}, "
-                     f"{PRICE_Z_MIN_STD * 100:g} % of the mean and one tick {num(state.tick or 0.0)}")
-        up = f.price_z > 0
-        sentence = (f"price {num(trade.price)} is {abs(f.price_z):.1f} σ {'above' if up else 'below'} the mean of the "
+        sigma, sigma_how = self._sigma(state)
+        up = z > 0
+        sentence = (f"price {num(trade.price)} is {abs(z):.1f} σ {'above' if up else 'below'} the mean of the "
                     f"previous {n} normal trades, {num(mean)} ({sigma_how}); threshold {c.zscore_threshold:g} σ")
         return Evidence("PRICE_ZSCORE", {"zscore_threshold": c.zscore_threshold, "price_window": c.price_window,
                                          "min_history": c.min_history},
-                        "price", trade.price, mean, f"the mean of the previous {n} normal trades", f.price_z,
+                        "price", trade.price, mean, f"the mean of the previous {n} normal trades", z,
                         c.zscore_threshold, f"{c.zscore_threshold:g} standard deviations ({sigma_how})", "sigma",
                         sentence, self._window(trade, state),
                         level=mean + (1 if up else -1) * c.zscore_threshold * sigma, tick=state.tick,
-                        extra={"sigma": sigma, "window_std": state.prices.std})
+                        extra={"sigma": sigma, "window_std": state.prices.std, "spread": state.spread()})
 
     def _whale_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures) -> Evidence:
         c, largest = self.config, state.largest
@@ -281,20 +305,21 @@ class RuleDetector:
     def _run_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures, needed: float) -> Evidence:
         c, start, start_price = self.config, state.run_start_trade, state.run_start_price
         up = f.run_move > 0
-        how = (f"the largest of {percent(c.run_move_pct)} and {c.run_ticks:g} ticks of {num(state.tick or 0.0)} "
-               f"per move × {f.run_length} moves = {percent(c.run_ticks * f.run_length * state.tick_share())}")
+        how = (f"the largest of {percent(c.run_move_pct)}, {c.run_ticks:g} ticks of {num(state.tick or 0.0)} "
+               f"per move × {f.run_length} moves = {percent(c.run_ticks * f.run_length * state.tick_share())} and "
+               f"{self._spreads_how(state)}")
         sentence = (f"{f.run_length} {'rises' if up else 'falls'} in a row moved the price {f.run_move * 100:+.2f} % "
                     f"from {num(start_price)}{f' (trade {start[0]})' if start and start[0] else ''} to "
                     f"{num(trade.price)}; threshold {percent(needed)} ({how})")
         return Evidence("MOMENTUM_RUN", {"run_length": c.run_length, "run_move_pct": c.run_move_pct,
-                                         "run_ticks": c.run_ticks},
+                                         "run_ticks": c.run_ticks, "spike_spreads": c.spike_spreads},
                         "run", trade.price, start_price,
                         f"the last normal price before the run of {f.run_length} same-direction moves",
                         f.run_move * 100, needed * 100, how, "%", sentence,
                         trades_named(trade.trade_id, [start[0]] if start and start[0] else [],
                                      start[1] if start else None, state.last_ts or trade.timestamp_ms),
                         level=start_price * (1 + needed if up else 1 - needed), tick=state.tick,
-                        extra={"moves": f.run_length})
+                        extra={"moves": f.run_length, "spread": state.spread()})
 
     def take_transitions(self) -> list[BreakerTransition]:
         done, self.transitions = self.transitions, []

@@ -228,10 +228,12 @@ def rotating_days(start_ms: int, days: int, active: int = 1_000, new_per_day: in
 @dataclass(frozen=True)
 class IlliquidProfile:
     """A thinly traded pair: a price of a few ticks' hundreds (one tick ≈ 1.2 % at the default),
-    a one-tick spread, sparse trading (`trades_per_hour`, Poisson) with ordinary bursts (a market
-    order sweeping one or two ticks, a handful of traders at once)."""
+    a spread of `spread_ticks` ticks, sparse trading (`trades_per_hour`, Poisson) with ordinary
+    bursts (a market order sweeping the touch and up to two spreads past it, a handful of traders
+    at once)."""
     start_price: float = 8.1e-6
     tick: float = 1e-7
+    spread_ticks: int = 1
     trades_per_hour: float = 40.0
     bursts_per_day: float = 8.0
     median_quantity: float = 20_000.0
@@ -256,7 +258,7 @@ def illiquid_market(symbols: int = 10, days: float = 2.0, start_ms: int = 1_767_
     end_ms = start_ms + int(days * 86_400_000)
     trades: list[Trade] = []
     pumps: list[Pump] = []
-    tick = profile.tick
+    tick, spread = profile.tick, profile.spread_ticks       # prices in ticks: the bid is `level`
     for k in range(symbols):
         symbol = f"ILQ{k:02d}-BTC"
         base = max(round(profile.start_price * rng.uniform(0.5, 2.0) / tick), 20)    # price in ticks
@@ -268,7 +270,8 @@ def illiquid_market(symbols: int = 10, days: float = 2.0, start_ms: int = 1_767_
             return round(profile.median_quantity * (u / (1 - u)) ** (1 / SIZE_SHAPE), 0) + 1 if u > 0 else 1.0
 
         def trade_at(ms: int, side: str, at: int | None = None, label: str | None = None) -> None:
-            rows.append((ms, at if at is not None else (level + 1 if side == "buy" else level), side, size(), label))
+            price = at if at is not None else (level + spread if side == "buy" else level)
+            rows.append((ms, price, side, size(), label))
 
         pump_ms = (start_ms + int((days - 1) * 86_400_000) + rng.randrange(2 * 3_600_000, 20 * 3_600_000)
                    if k < pump_symbols else None)
@@ -285,18 +288,18 @@ def illiquid_market(symbols: int = 10, days: float = 2.0, start_ms: int = 1_767_
                             level += 1
                         trade_at(int(acc), "buy" if rng.random() < 0.6 else "sell")
                 start_level, gain = level, rng.uniform(0.3, 2.0)
-                peak_level = max(round(start_level * (1 + gain)), start_level + 5)
+                peak_level = max(round(start_level * (1 + gain)), start_level + 5 * spread)
                 n, span = rng.randrange(100, 401), rng.uniform(20_000, 60_000)
                 for i in range(n):
                     at = start_level + round((peak_level - start_level) * math.sqrt((i + 1) / n))
                     side = "buy" if rng.random() < 0.85 else "sell"
-                    trade_at(int(pump_ms + span * i / n), side, at if side == "buy" else at - 1, "pump_and_dump")
+                    trade_at(int(pump_ms + span * i / n), side, at if side == "buy" else at - spread, "pump_and_dump")
                 peak_at = int(pump_ms + span)
                 hold = rng.uniform(30_000, 120_000)
                 m = peak_at
                 while m < peak_at + hold:
                     m += int(rng.expovariate(1 / 2_000)) + 1
-                    trade_at(m, "buy" if rng.random() < 0.5 else "sell", peak_level - rng.randrange(0, 3))
+                    trade_at(m, "buy" if rng.random() < 0.5 else "sell", peak_level - rng.randrange(0, 2 * spread + 1))
                 dump_s, low = rng.uniform(120_000, 600_000), start_level + round((peak_level - start_level) * 0.1)
                 steps = rng.randrange(60, 200)
                 for i in range(steps):
@@ -314,7 +317,8 @@ def illiquid_market(symbols: int = 10, days: float = 2.0, start_ms: int = 1_767_
                 side = "buy" if rng.random() < 0.5 else "sell"       # an ordinary burst: a sweep, a few traders
                 for j in range(rng.randrange(3, 16)):
                     trade_at(ms + (0 if j < 4 else rng.randrange(0, 8_000)), side,
-                             (level + 1 + rng.randrange(0, 3)) if side == "buy" else (level - rng.randrange(0, 3)))
+                             (level + spread + rng.randrange(0, 2 * spread + 1)) if side == "buy"
+                             else (level - rng.randrange(0, 2 * spread + 1)))
                 continue
             r = rng.random()
             if r < 0.08:
