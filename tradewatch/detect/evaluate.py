@@ -60,8 +60,7 @@ def train_on_simulation(seed: int, count: int, anomaly_rate: float, config: Dete
 
 
 def score_simulated(seeds: list[int], count: int = 50_000, anomaly_rate: float = 0.005,
-                    config: DetectorConfig = DetectorConfig(), model: forest.ForestModel | None = None,
-                profile: IlliquidProfile = IlliquidProfile()) -> dict:
+                    config: DetectorConfig = DetectorConfig(), model: forest.ForestModel | None = None) -> dict:
     totals = {label: Counter() for label in LABEL_TYPES}
     per_type_normal: Counter = Counter()
     per_type_anomalous: Counter = Counter()
@@ -400,4 +399,3 @@ def score_spreads(seeds: list[int], config: DetectorConfig = DetectorConfig(), s
         out[f"spread_{ticks}_ticks"] = {k: r[k] for k in ("pumps", "recall_5min", "delay_s_median",
                                                            "alerts_per_symbol_day_ordinary")}
     return out
-

@@ -152,7 +152,7 @@ class SymbolState:
         self.last_any: float | None = None    # the previous trade's price, anomalies included
         self.last_side: str | None = None     # ... and its aggressor side
         self.last_change = 0.0                # ... and its price change
-        self.spreads: deque[float] = deque(maxlen=SPREAD_WINDOW)   # observed spreads (see learn_spread)
+        self.spreads: deque[float] = deque(maxlen=SPREAD_WINDOW)   # observed spreads (see learn)
         self.pump = PumpWatch()
 
     def to_dict(self) -> dict:

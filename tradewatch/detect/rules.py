@@ -21,8 +21,8 @@ ticks (the symbol's tick, learned from its prices), `spike_sigmas` rolling stand
 whichever is largest; the circuit breaker at twice that (at least `circuit_pct`); a momentum run
 must add up to `run_ticks` ticks per move and `spike_spreads` spreads; the z-score's σ is at least
 half a spread. So a one-tick bounce on an illiquid pair, where a tick is 1 % of the price, is never
-a "5 % move", nor a buy that crosses a spread of 6 %. While a symbol's pump-and-dump event is open its other
-alerts are held back (their flags are kept): the event is the story.
+a "5 % move", nor a buy that crosses a spread of 6 %. While a symbol's pump-and-dump event is open
+its other alerts are held back (their flags are kept): the event is the story.
 
 Rules stay silent until a symbol has `min_history` normal trades. Each firing carries its
 evidence (tradewatch/detect/evidence.py): the threshold and how it was set, the baseline and the
