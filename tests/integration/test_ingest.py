@@ -52,7 +52,7 @@ def test_round_trip_field_for_field(settings, tmp_path, client):
 def test_exactly_once_when_the_consumer_is_killed_repeatedly(settings, tmp_path, client):
     settings = settings.with_overrides(kafka_client=client)
     total = 30_000
-    producer = start_script(settings, "producer.py", "--count", str(total), "--rate", "1000", "--seed", "5",
+    producer = start_script(settings, "producer.py", "--count", str(total), "--rate", "1500", "--seed", "5",
                             "--start", START, log=tmp_path / "producer.log")
     log = tmp_path / "consumer.log"
     kills = 0
@@ -76,7 +76,7 @@ def test_exactly_once_when_the_consumer_is_killed_repeatedly(settings, tmp_path,
                                                           settings.trades_topic).values()),
              timeout=60, message="the last consumer at the end of the topic, committed")
     assert stop_gracefully(consumer) == 0
-    expected = {t.trade_id for t in islice(MarketSimulator(seed=5, rate=1000, start_ms=iso_to_ms(START)), total)}
+    expected = {t.trade_id for t in islice(MarketSimulator(seed=5, rate=1500, start_ms=iso_to_ms(START)), total)}
     stored = query(settings, "SELECT trade_id, count(*) FROM trades GROUP BY trade_id")
     assert {trade_id for trade_id, _ in stored} == expected
     assert all(n == 1 for _, n in stored)

@@ -45,8 +45,9 @@ COMPARED = {   # the retained range of each, beside an undisturbed run
 }
 
 
+FEED_RATE = 2_000.0            # trades a second into the soak run
 OUTAGE_S = 1.0                 # how long PostgreSQL stays down in each restart
-LOCK_S = 12.0                  # how long the stages' tables stay locked: a backlog of 12,000 trades
+LOCK_S = 6.0                   # how long the stages' tables stay locked: a backlog of 12,000 trades
 
 def feed() -> list[Trade]:
     return [t for hour in rotating_days(START_MS, DAYS, ACTIVE, NEW_PER_DAY) for t in hour]
@@ -151,7 +152,7 @@ def test_ten_days_of_a_changing_symbol_set_with_retention_kills_and_a_restart(se
                      message="every stage caught up after the disruptions")
             first_rss.update({stage: rss_mb(p.pid) for stage, p in running.items()})
 
-    feeder = Feeder(target=publish, args=(soak, trades, on_progress, 1_000.0))
+    feeder = Feeder(target=publish, args=(soak, trades, on_progress, FEED_RATE))
     feeder.start()
     feeder.join()
     took["soak feed"] = round(time.monotonic() - began - took["clean run"])
