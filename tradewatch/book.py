@@ -28,8 +28,7 @@ prev_seq == the book's seq — finds every gap. Unknown extra fields are ignored
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 
@@ -116,9 +115,9 @@ def _check_snapshot(m: BookMessage) -> None:
         raise InvalidBook(f"snapshot is crossed: best bid {m.bids[0][0]:g} is not below best ask {m.asks[0][0]:g}")
 
 
-@dataclass(frozen=True, slots=True)
-class Top:
-    """The top of a book: the best bid and ask with their sizes (None: that side is empty)."""
+class Top(NamedTuple):
+    """The top of a book: the best bid and ask with their sizes (None: that side is empty). A
+    tuple: the quotes stage builds and compares one for each message that reaches the touch."""
     bid: float | None
     bid_size: float | None
     ask: float | None
@@ -201,6 +200,13 @@ class OrderBook:
                 self._trim()
         self.seq, self.timestamp_ms, self.exchange = m.seq, m.timestamp_ms, m.exchange
         return True
+
+    def copy(self) -> OrderBook:
+        """A copy that later messages to this book do not change."""
+        book = OrderBook(self.symbol, self.exchange, self.seq, self.timestamp_ms, dict(self.bids), dict(self.asks),
+                         self.stale)
+        book.gaps, book._top = self.gaps, self._top
+        return book
 
     def _trim(self) -> None:
         for side, worst in ((self.bids, min), (self.asks, max)):

@@ -172,9 +172,24 @@ def test_the_quotes_stage_holds_no_book_for_a_symbol_before_its_first_snapshot()
     up symbols) cost no memory: a book starts at its snapshot."""
     stage = Quotes(Settings())
     stage.take([bus.Message("quotes", 0, i, b"S", raw({**update(2, 1), "symbol": f"S{i}"}), T0) for i in range(1000)])
-    assert not stage.books and stage.before_snapshot == 1000 and not stage.changed
+    assert not stage.books and stage.before_snapshot == 1000 and not stage.effects.changed
     stage.take([bus.Message("quotes", 0, 1000, b"AAPL", raw(snapshot()), T0),
                 bus.Message("quotes", 0, 1001, b"AAPL", raw(update(2, 1, asks=[(100.3, 1)])), T0)])
     assert list(stage.books) == ["AAPL"] and stage.books["AAPL"].seq == 2
-    assert len(stage.quotes) == 1, "a change away from the touch is no new quote"
-    assert len(stage.snapshots) == 1 and len(stage.changed) == 1
+    assert len(stage.effects.quotes) == 1, "a change away from the touch is no new quote"
+    assert len(stage.effects.snapshots) == 1 and len(stage.effects.changed) == 1
+
+
+def test_a_sealed_checkpoint_keeps_its_books_while_the_stage_reads_on():
+    """The quotes stage's checkpoint is written on the writer thread while the stage applies the
+    next batch: what was sealed is the books as they were, not as they become."""
+    stage = Quotes(Settings())
+    stage.take([bus.Message("quotes", 0, 0, b"AAPL", raw(snapshot()), T0),
+                bus.Message("quotes", 0, 1, b"AAPL", raw(update(2, 1, bids=[(100.05, 3.0)])), T0)])
+    sealed = stage.seal()
+    stage.take([bus.Message("quotes", 0, 2, b"AAPL", raw(update(3, 2, bids=[(100.05, 0.0), (100.0, 9.0)])), T0)])
+    [(partition, book, watch)] = sealed.books
+    assert (partition, book.seq, book.bids) == (0, 2, {100.0: 5.0, 99.9: 7.0, 100.05: 3.0})
+    assert watch is not None and sealed.pending() == 2 and len(sealed.quotes) == 2
+    assert stage.books["AAPL"].bids == {100.0: 9.0, 99.9: 7.0} and stage.pending() == 1
+    assert len(stage.effects.quotes) == 1 and len(stage.effects.changed) == 1

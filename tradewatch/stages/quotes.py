@@ -16,6 +16,10 @@ QUOTE_STUFFING alerts, cooled down per (symbol, type) like the detector's, go in
 (`source` 'quotes') in the same transaction, and the stage's own outboxes deliver them (the
 `alerts` topic, ALERT_ROUTES). Each symbol's watch and cooldowns are stored with its book
 (`order_books.watch`), so a restart raises exactly the alerts of a run that never stopped.
+
+A checkpoint's effects are sealed (`_Effects`: its rows, and copies of the books it changed) and
+written on the runtime's writer thread while the stage reads the next batch (`overlap`):
+PostgreSQL stores one batch on the other core while this one is decoded and applied.
 """
 from __future__ import annotations
 
@@ -37,9 +41,70 @@ from tradewatch.store.writer import DeadLetter, write_dead_letters
 log = logging.getLogger("tradewatch.quotes")
 
 
+class _Effects(runtime.Stage):
+    """What one checkpoint of the quotes stage writes: top-of-book rows, depth snapshots, the books
+    it changed (copies from `freeze`, so the stage may go on changing its own), the symbols gone
+    idle, alerts and dead letters."""
+    name = "quotes"
+    keeps_position = True
+
+    def __init__(self, stage: Quotes):
+        super().__init__()
+        self.stage = stage
+        self.quotes = self.pending_effects()        # top-of-book rows
+        self.snapshots = self.pending_effects()
+        self.changed = self.pending_effects()       # books to store, by symbol
+        self.dead = self.pending_effects()
+        self.alerts = self.pending_effects()
+        self.books: list[tuple[int, OrderBook, dict | None]] = []
+        self.gone: set[str] = set()
+        self.read = 0
+
+    def freeze(self, gone: set[str]) -> None:
+        """The changed books copied with their watches, as of now; `gone`: symbols evicted."""
+        for symbol in gone:
+            self.changed.pop((symbol,))
+        self.gone |= gone
+        watch_of = self.stage.watch_of
+        self.books = [(p, book.copy(), watch_of(book.symbol)) for p, book in self.changed.tagged()]
+
+    def pending(self) -> int:
+        return self.read
+
+    def write(self, conn, cur) -> None:
+        store.write_quotes(cur, self.quotes.items())
+        store.write_snapshots(cur, self.snapshots.items())
+        store.write_books(cur, self.books, self.gone)
+        detections.write_alerts(cur, self.alerts.tagged(), self.stage.routes, source="quotes")
+        write_dead_letters(cur, self.dead.items())
+
+    def written(self) -> None:
+        stage = self.stage
+        prometheus.ROWS.labels("quotes", "quotes").inc(len(self.quotes))
+        prometheus.ROWS.labels("quotes", "book_snapshots").inc(len(self.snapshots))
+        for letter in self.dead.items():
+            prometheus.DEAD_LETTERS.labels("quotes", prometheus.reason_kind(letter.reason)).inc()
+        stage.dead_total += len(self.dead)
+        for a in self.alerts.items():
+            log.warning("ALERT %s", a.message)
+            prometheus.ALERTS.labels("quotes", a.alert_type, a.severity).inc()
+        if self.alerts:
+            stage.alerted += len(self.alerts)
+            for outbox in stage.outboxes:
+                outbox.wake()
+        prometheus.SYMBOLS.labels("quotes").set(len(stage.books))
+
+    def drop(self, partitions: list[int]) -> None:
+        for buffer in self._pending:
+            buffer.drop(partitions)
+        lost = set(partitions)
+        self.books = [b for b in self.books if b[0] not in lost]
+
+
 class Quotes(runtime.Stage):
     name = "quotes"
     keeps_position = True
+    overlap = True
 
     def __init__(self, settings: Settings):
         super().__init__()
@@ -55,14 +120,8 @@ class Quotes(runtime.Stage):
         self.outbox = AlertOutbox(settings, source="quotes")
         self.outboxes = [self.outbox, *delivery_outboxes(settings, source="quotes")]
         self.symbols = runtime.Symbols(settings.symbol_idle_evict_seconds)
-        self.quotes = self.pending_effects()        # top-of-book rows
-        self.snapshots = self.pending_effects()
-        self.changed = self.pending_effects()       # books to store, by symbol
-        self.dead = self.pending_effects()
-        self.alerts = self.pending_effects()
+        self.effects = _Effects(self)
         self.alerted = 0
-        self.gone: set[str] = set()
-        self.read_since = 0
         self.gaps = self.dead_total = 0
         self.before_snapshot = 0                    # updates of a symbol with no snapshot yet (skipped)
         self.say = DeadLetterLog()
@@ -83,8 +142,8 @@ class Quotes(runtime.Stage):
     def take(self, messages: list[bus.Message]) -> None:
         now_ms = int(time.time() * 1000)
         self._touched: dict[str, tuple[int, int]] = {}      # symbol -> (partition, newest event ms)
+        self.effects.read += len(messages)
         for m in messages:
-            self.read_since += 1
             try:
                 book_message = decode_book(m.value, m.timestamp_ms or now_ms, self.max_skew_ms)
                 self._apply(m.partition, book_message)
@@ -98,7 +157,7 @@ class Quotes(runtime.Stage):
 
     def _dead(self, m: bus.Message, reason: str) -> None:
         letter = DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, reason, m.timestamp_ms)
-        self.dead.add(m.partition, letter)
+        self.effects.dead.add(m.partition, letter)
         self.say(letter)
 
     def _apply(self, partition: int, m) -> None:
@@ -113,44 +172,55 @@ class Quotes(runtime.Stage):
         slot = None if book.timestamp_ms is None or book.stale else book.timestamp_ms // self.snapshot_ms
         was_stale = book.stale
         applied, found = self.watch.apply(book, m)
+        effects = self.effects
         for detection in found:
             alert = book_alert(detection)
             if self.dedup.allow(alert):
-                self.alerts.add(partition, alert)
+                effects.alerts.add(partition, alert)
         if not applied:
             if book.stale and not was_stale:
                 self.gaps += 1
                 prometheus.BOOK_GAPS.inc()
                 log.warning("%s: sequence gap (update %d follows %d, not %d): the book is stale until the next"
                             " snapshot", m.symbol, m.seq, m.prev_seq, book.seq)
-                self.changed.add(partition, book, (m.symbol,))
+                effects.changed.add(partition, book, (m.symbol,))
             return
-        self.changed.add(partition, book, (m.symbol,))
+        effects.changed.add(partition, book, (m.symbol,))
         top = book.top()
-        if top != before:
-            self.quotes.add(partition, (m.symbol, m.timestamp_ms, m.seq, top.bid, top.bid_size, top.ask, top.ask_size))
+        if top is not before and top != before:        # the same object: the top was not touched
+            effects.quotes.add(partition, (m.symbol, m.timestamp_ms, m.seq, *top))
         if slot is None or m.timestamp_ms // self.snapshot_ms > slot:
             bids, asks = book.depth(self.depth)
-            self.snapshots.add(partition, (m.symbol, m.timestamp_ms, m.seq, bids, asks))
+            effects.snapshots.add(partition, (m.symbol, m.timestamp_ms, m.seq, bids, asks))
 
     def pending(self) -> int:
-        return self.read_since
+        return self.effects.pending()
+
+    def seal(self) -> _Effects:
+        """This checkpoint's effects, frozen, for the writer thread; the stage starts new ones."""
+        sealed, self.effects = self.effects, _Effects(self)
+        sealed.freeze(self._evict())
+        return sealed
 
     def write(self, conn, cur) -> None:
+        """(a checkpoint the runtime waits for: a rebalance, the stop) as the writer thread would."""
+        self.effects.freeze(self._evict())
+        self.effects.write(conn, cur)
+
+    def written(self) -> None:
+        self.effects.written()
+        self.effects = _Effects(self)
+
+    def _evict(self) -> set[str]:
+        """Symbols idle for SYMBOL_IDLE_EVICT_SECONDS leave memory (and, written, order_books)."""
         idle = self.symbols.idle()
         for symbol in idle:
             self.books.pop(symbol, None)
-            self.changed.pop((symbol,))
         if idle:
             self._forget(idle)
-        self.gone |= idle
-        store.write_quotes(cur, self.quotes.items())
-        store.write_snapshots(cur, self.snapshots.items())
-        store.write_books(cur, [(p, book, self._watch_of(book.symbol)) for p, book in self.changed.tagged()], self.gone)
-        detections.write_alerts(cur, self.alerts.tagged(), self.routes, source="quotes")
-        write_dead_letters(cur, self.dead.items())
+        return idle
 
-    def _watch_of(self, symbol: str) -> dict | None:
+    def watch_of(self, symbol: str) -> dict | None:
         watch = self.watch.export(symbol)
         return None if watch is None else {"watch": watch, "cooldowns": self.dedup.export(symbol)}
 
@@ -158,28 +228,12 @@ class Quotes(runtime.Stage):
         self.watch.forget(symbols)
         self.dedup.forget(set(symbols))
 
-    def written(self) -> None:
-        prometheus.ROWS.labels("quotes", "quotes").inc(len(self.quotes))
-        prometheus.ROWS.labels("quotes", "book_snapshots").inc(len(self.snapshots))
-        for letter in self.dead.items():
-            prometheus.DEAD_LETTERS.labels("quotes", prometheus.reason_kind(letter.reason)).inc()
-        self.dead_total += len(self.dead)
-        for a in self.alerts.items():
-            log.warning("ALERT %s", a.message)
-            prometheus.ALERTS.labels("quotes", a.alert_type, a.severity).inc()
-        if self.alerts:
-            self.alerted += len(self.alerts)
-            for outbox in self.outboxes:
-                outbox.wake()
-        self.gone = set()
-        self.read_since = 0
-        prometheus.SYMBOLS.labels("quotes").set(len(self.books))
-
     def drop(self, partitions: list[int]) -> None:
         symbols = self.symbols.drop(partitions)
         for symbol in symbols:
             self.books.pop(symbol, None)
         self._forget(symbols)
+        self.effects.drop(partitions)
 
     def close(self) -> None:
         self.say.flush()

@@ -33,20 +33,32 @@ def write_quotes(cur, rows: list[tuple]) -> None:
     if not rows:
         return
     partitions.ensure(cur, "quotes", {partitions.day_of(r[1]) for r in rows})
-    n = copy_number
     cur.execute("SAVEPOINT quotes_copy")
     try:
-        cur.copy_expert("COPY quotes (symbol, ts, seq, bid, bid_size, ask, ask_size) FROM STDIN", io.StringIO("".join(
-            f"{s}\t{copy_timestamp(ms)}\t{seq}\t{n(b)}\t{n(bs)}\t{n(a)}\t{n(az)}\n" for s, ms, seq, b, bs, a, az in rows)))
+        cur.copy_expert("COPY quotes (symbol, ts, seq, bid, bid_size, ask, ask_size) FROM STDIN",
+                        io.StringIO("".join(_quote_lines(rows, copy_timestamp))))
         cur.execute("RELEASE SAVEPOINT quotes_copy")
         return
     except psycopg2.errors.UniqueViolation:
         cur.execute("ROLLBACK TO SAVEPOINT quotes_copy")
         cur.execute("RELEASE SAVEPOINT quotes_copy")
     cur.execute(_CREATE_INCOMING)
-    cur.copy_expert("COPY quotes_incoming FROM STDIN", io.StringIO("".join(
-        f"{s}\t{ms}\t{seq}\t{n(b)}\t{n(bs)}\t{n(a)}\t{n(az)}\n" for s, ms, seq, b, bs, a, az in rows)))
+    cur.copy_expert("COPY quotes_incoming FROM STDIN", io.StringIO("".join(_quote_lines(rows, str))))
     cur.execute(_MERGE)
+
+
+def _quote_lines(rows: list[tuple], when) -> list[str]:
+    """COPY text lines of quote rows, the time written by `when`. A side is empty (NULL) only in a
+    book with no bid or no ask: a full book's line is written without a test per number."""
+    lines = []
+    append = lines.append
+    for s, ms, seq, b, bs, a, az in rows:
+        if b is not None and a is not None:
+            append(f"{s}\t{when(ms)}\t{seq}\t{b!r}\t{bs!r}\t{a!r}\t{az!r}\n")
+        else:
+            n = copy_number
+            append(f"{s}\t{when(ms)}\t{seq}\t{n(b)}\t{n(bs)}\t{n(a)}\t{n(az)}\n")
+    return lines
 
 
 def write_snapshots(cur, rows: list[tuple]) -> None:
