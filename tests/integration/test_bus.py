@@ -1,6 +1,7 @@
 """The Kafka layer against the real broker, with both clients: a spare group member stays idle
 without spinning and takes over; a consumer started before its topic gets every partition; and
-kafka-python's two watchdogs (lost assignment, stalled fetcher) notice and recover."""
+kafka-python's watchdogs (lost assignment, stalled fetcher, a join its poll stopped waiting for)
+notice and recover."""
 from __future__ import annotations
 
 import time
@@ -94,6 +95,36 @@ def test_kafka_python_member_that_lost_its_assignment_sees_it_and_rejoins(settin
              message="the partitions back after the rejoin")
     publish(settings, settings.trades_topic, 50)
     assert read_all(consumer, 50) == list(range(50))
+    consumer.close()
+
+
+def test_kafka_python_member_whose_join_outlasts_its_poll_stays_in_the_group(settings):
+    """kafka-python 3.0.12 loses a join that finishes after poll() stopped waiting for it when the
+    rejoin came from the topic's metadata (here a partition added): the member stays "rebalancing"
+    with its heartbeat off, the broker drops it after the session timeout, and it believes it still
+    holds the partitions it had. Polls of 1 ms make every join outlast its poll; a loaded machine
+    did the same to 100 ms polls (test_spare_member_… failed in CI so)."""
+    import kafka
+    from confluent_kafka.admin import NewPartitions
+    topic, group = f"grow-{uuid.uuid4().hex[:6]}", f"g-{uuid.uuid4().hex[:6]}"
+    bus.ensure_topic(settings, topic, 2)
+    consumer = bus.consumer(settings, group, topic, client="kafka-python",
+                            session_timeout_ms=6_000, heartbeat_interval_ms=1_000)
+    wait_for(lambda: consumer.poll(10, 100) is not None and consumer.partitions() == [0, 1], timeout=30,
+             message="both partitions assigned")
+    grower = bus.admin_client(settings)
+    grower.create_partitions([NewPartitions(topic, 3)])[topic].result(timeout=10)
+    started = time.monotonic()
+    while time.monotonic() - started < 9:          # past the session timeout
+        consumer.poll(10, 1)
+    admin = kafka.KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    described = admin.describe_groups([group])[group]
+    admin.close()
+    held = [p for m in described["members"] for a in m["member_assignment"]["assigned_partitions"]
+            for p in a["partitions"]]
+    assert described["group_state"] == "Stable" and sorted(held) == consumer.partitions() == [0, 1, 2], \
+        f"the group is {described['group_state']} and gives {held}; the consumer believes it holds " \
+        f"{consumer.partitions()}"
     consumer.close()
 
 

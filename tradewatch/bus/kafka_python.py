@@ -93,6 +93,7 @@ class KafkaPythonConsumer(BusConsumer):
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         started = time.monotonic()
+        self._keep_joining()
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         messages = [Message(r.topic, r.partition, r.offset, r.key, r.value,
                             r.timestamp if r.timestamp is not None and r.timestamp >= 0 else None)
@@ -123,6 +124,34 @@ class KafkaPythonConsumer(BusConsumer):
                 time.sleep(left)
         self._outage.check(bool(messages))
         return messages
+
+    def _keep_joining(self) -> None:
+        """Finish a group join kafka-python 3.0.12 would drop. Its poll() drives the join (JoinGroup,
+        then SyncGroup) as a task and waits for it up to the poll's timeout; a task that ends while
+        no poll waits is lost. If the group flag still asks for a rejoin, the next poll throws
+        the finished join away and starts another: a leader whose join completes when a follower
+        joins, between its own polls, rejoins for ever. If the rejoin came from topic metadata (a
+        partition added, the topic seen at last), the leader's assignment clears the condition and
+        no poll looks at the task again: the member stays "rebalancing" with its heartbeat off, is
+        dropped by the broker after the session timeout, and believes it still holds its partitions.
+        So, before each poll: a join still under way is waited for again, and a finished one is
+        completed as the library's own poll would have (state, heartbeat, the new assignment)."""
+        coordinator = self._consumer._coordinator
+        if coordinator.state is not self._kafka.structs.MemberState.REBALANCING:
+            return
+        task = coordinator._join_task
+        if task is None or not task.is_done or task.exception is not None:
+            if not coordinator.need_rejoin():     # in flight: wait for it; failed: join again
+                coordinator.request_rejoin()
+            return
+        generation = coordinator._generation
+        with coordinator._lock:
+            coordinator._join_task = None
+            coordinator.rejoining = coordinator.rejoin_needed = False
+            coordinator.state = self._kafka.structs.MemberState.STABLE
+            coordinator._enable_heartbeat()
+        coordinator._net.run(coordinator._on_join_complete_async, generation.generation_id, generation.member_id,
+                             generation.protocol, task.value)
 
     def _watch_empty_assignment(self) -> None:
         if self._consumer.assignment():
