@@ -374,9 +374,12 @@ def start_kafka(settings: Settings) -> None:
             if result.returncode != 0:
                 raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
         with open(logfile, "ab") as out:
+            # the quick JIT tier only: the optimising one spent 9 of the broker's 16 CPU seconds of a demo's
+            # first 24 s compiling, on the cores the stages need, and a warm broker moves as many trades
+            # without it (bench/ingest.py: the Python stages are the limit)
             process = subprocess.Popen(
-                [java, "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true", log4j,
-                 "-cp", classpath, "kafka.Kafka", str(config)],
+                [java, "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
+                 log4j, "-cp", classpath, "kafka.Kafka", str(config)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 **_run_as(),          # as root: the service user, which owns only the data folder
             )
