@@ -16,7 +16,7 @@ import pandas as pd
 from tradewatch.alerts import PRECISION_MIN_MARKED, per_rule
 from tradewatch.cli import StopFlag, iso_time, load_settings, setup_logging
 from tradewatch.config import Settings, shared_data_dir
-from tradewatch.detect import evaluate, forest, quality
+from tradewatch.detect import evaluate, forest
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
@@ -224,6 +224,8 @@ def describe_quality(q: dict) -> str:
 
 
 def cmd_quality(args, settings: Settings) -> int:
+    from tradewatch.detect import quality     # scipy.stats: 0.7 s of CPU a live detector's start does not need
+
     engine = queries.engine_for(settings.sqlalchemy_url)
     symbols = [args.symbol.upper()] if args.symbol else None
     histograms = queries.size_histograms(engine, symbols, args.since, args.until)

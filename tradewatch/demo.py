@@ -22,11 +22,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from tradewatch import stack
 from tradewatch.cli import load_settings, setup_logging
 from tradewatch.config import PROJECT_ROOT, Settings
-from tradewatch.store import db
+from tradewatch.store import db, health
 
 log = logging.getLogger("tradewatch.demo")
 
@@ -39,6 +40,9 @@ STOP_GRACE_S = 6.0
 TAIL_LINES = 25
 DEMO_FIRST_ANOMALY_S = 1.0       # producer --first-anomaly-after: once a symbol is warm (~8 s at 20/s)
 LATER_S = 20.0
+# ... and once the stages on the way to the page have caught up (a slow machine's start still reading
+# the simulated past is not slowed further), though never later than this
+LATER_MAX_S = 120.0
 # the simulated book's spoofing and quote-stuffing episodes, per trade, as a share of DEMO_ANOMALY_RATE:
 # at the default 20 trades/s and 0.005, one every ~50 s, beside about six trade anomalies a minute
 DEMO_BOOK_ANOMALY_SHARE = 0.2
@@ -114,6 +118,7 @@ def stages(settings: Settings, history_s: float = 0.0) -> list[Child]:
         commands.append(("flink", [python, "flink_job.py"]))
     # on two cores, eight interpreters importing pandas at once delay the first anomaly by seconds:
     # the API, the quotes stage, the reports and maintenance start once the path to the page is up
+    # and caught up (Supervisor.watch)
     later = {"api": LATER_S, "quotes": LATER_S, "reports": LATER_S, "maintain": LATER_S}
     children = [Child(name, command, start_after_s=later.get(name, 0.0)) for name, command in commands]
     if history_s and not settings.demo_live:
@@ -133,27 +138,57 @@ def history_seconds(settings: Settings) -> float:
     return settings.demo_history_minutes * 60 if empty else 0.0
 
 
+def caught_up(settings: Settings) -> bool:
+    """Every stage on the way to the page (consumer, aggregator, detector) is "up" on the health
+    strip: beating, holding partitions, within health.LATE_LAG_RECORDS of the log's end."""
+    try:
+        conn = db.connect(settings)
+    except (db.DatabaseUnavailable, db.DatabaseRefused):
+        return False
+    try:
+        with conn.cursor() as cur:
+            rows = health.read(cur)
+    finally:
+        conn.close()
+    statuses = {s.stage: s.status for s in health.stage_statuses(rows)}
+    return all(statuses.get(stage) == "up" for stage in health.EXPECTED_STAGES)
+
+
 class Supervisor:
-    def __init__(self, stages: list[Child]):
+    """`caught_up`: whether what starts later (Child.start_after_s) may start now; asked at most
+    once a second while one waits, and no longer after `later_max_s`."""
+
+    def __init__(self, stages: list[Child], caught_up: Callable[[], bool] = lambda: True,
+                 later_max_s: float = LATER_MAX_S):
         self.stages = stages
         self.stopping = False
+        self.caught_up = caught_up
+        self.later_max_s = later_max_s
+        self.started_at = time.monotonic()
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
 
     def start_all(self) -> None:
+        self.started_at = time.monotonic()
         for stage in self.stages:
             if stage.start_after_s:
-                log.info("starting %s in %.0f s: %s", stage.name, stage.start_after_s, " ".join(stage.command[1:]))
+                log.info("starting %s in %.0f s, once the pipeline has caught up: %s", stage.name, stage.start_after_s,
+                         " ".join(stage.command[1:]))
                 stage.restart_at = time.monotonic() + stage.start_after_s
             else:
                 log.info("starting %s: %s", stage.name, " ".join(stage.command[1:]))
                 stage.start()
 
     def watch(self) -> None:
-        """Until asked to stop: restart what died, with backoff."""
+        """Until asked to stop: start what waited, restart what died, with backoff."""
         while not self.stopping:
             now = time.monotonic()
+            waiting = [s for s in self.stages if s.start_after_s and s.process is None and not s.deaths
+                       and s.restart_at is not None and now >= s.restart_at]
+            if waiting and not self._later_may_start(now):
+                for stage in waiting:
+                    stage.restart_at = now + 1.0        # asked again in a second
             for stage in self.stages:
                 if stage.process is not None and stage.process.poll() is not None and not self.stopping:
                     self._died(stage, now)
@@ -161,6 +196,15 @@ class Supervisor:
                     log.info("%s %s", "restarting" if stage.deaths else "starting", stage.name)
                     stage.start()
             time.sleep(0.2)
+
+    def _later_may_start(self, now: float) -> bool:
+        if now - self.started_at >= self.later_max_s:
+            return True
+        try:
+            return self.caught_up()
+        except Exception as error:  # noqa: BLE001 - a failed look must not stop the supervisor
+            log.warning("could not tell whether the pipeline caught up: %s", error)
+            return False
 
     def _died(self, stage: Child, now: float) -> None:
         assert stage.process is not None
@@ -213,7 +257,7 @@ def main() -> int:
 def _run(settings: Settings) -> int:
     already_up = stack.status(settings)
     we_started_services = not (already_up["kafka"].startswith("up") and already_up["postgres"].startswith("up"))
-    supervisor = Supervisor([])
+    supervisor = Supervisor([], caught_up=lambda: caught_up(settings))
     signal.signal(signal.SIGINT, supervisor.request_stop)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     try:

@@ -110,3 +110,20 @@ def test_the_pipeline_read_model_sums_processes_and_steps_never_hide_a_stall(set
                         "lag": 900, "p50_ms": 6.0, "p99_ms": 500.0, "measured": 49}, "the step's worst lag and p99"
     assert (detector["per_s"], detector["p99_ms"]) == (150.0, 800.0)
     assert queries.pipeline(engine, minute + timedelta(minutes=5)).empty
+
+
+def test_the_demo_starts_its_later_stages_once_the_path_to_the_page_has_caught_up(settings):
+    """tradewatch/demo.caught_up, on the real heartbeats: the API, the quotes stage, reports and
+    maintenance wait while a stage on the way to the page is missing or far behind (a slow
+    machine's start still reading the simulated past)."""
+    from tradewatch.demo import caught_up
+
+    assert not caught_up(settings), "no stage has beaten yet"
+    beats = {stage: heartbeat.Heartbeat(settings, stage) for stage in health.EXPECTED_STAGES}
+    for stage, beat in beats.items():
+        beat.beat(100, lag=health.LATE_LAG_RECORDS * 4 if stage == "detector" else 0, partitions=[0, 1])
+    assert not caught_up(settings), "the detector is 20,000 trades behind"
+    time.sleep(heartbeat.BEAT_INTERVAL_S)
+    beats["detector"].beat(20_100, lag=12, partitions=[0, 1])
+    assert caught_up(settings)
+    assert not caught_up(settings.with_overrides(postgres_port=1)), "no database: wait (at most LATER_MAX_S)"

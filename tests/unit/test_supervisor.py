@@ -104,3 +104,44 @@ def test_the_producer_sends_its_simulated_past_on_its_first_start_only(monkeypat
     assert len(echo.deaths) >= 2
     assert capsys.readouterr().out.splitlines()[:2] == ["[producer] --history 3600", "[producer] none"], \
         "the first start sent the past, the restart did not"
+
+
+def test_what_starts_later_waits_until_the_pipeline_has_caught_up_or_for_at_most_later_max_s():
+    """`make demo` starts the API, the quotes stage, reports and maintenance LATER_S in, once the
+    stages on the way to the page have caught up, so a slow start is not slowed further; never
+    later than `later_max_s`."""
+    def child(name: str) -> Child:
+        return Child(name, [sys.executable, "-c", "import time; time.sleep(60)"], start_after_s=0.3)
+
+    ready = threading.Event()
+    looked = []
+    api, quotes = child("api"), child("quotes")
+    supervisor = Supervisor([api, quotes], caught_up=lambda: looked.append(time.monotonic()) or ready.is_set(),
+                            later_max_s=30)
+    capped = child("reports")
+    never = Supervisor([capped], caught_up=lambda: False, later_max_s=2.0)
+    watchers = [threading.Thread(target=s.watch) for s in (supervisor, never)]
+    began = time.monotonic()
+    for s in (supervisor, never):
+        s.start_all()
+    for w in watchers:
+        w.start()
+    try:
+        time.sleep(1.5)
+        assert api.process is None and quotes.process is None, "not caught up: waiting"
+        assert 1 <= len(looked) <= 3, f"asked about once a second after start_after_s: {len(looked)}"
+        ready.set()
+        deadline = time.monotonic() + 5
+        while (api.process is None or quotes.process is None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert api.process is not None and quotes.process is not None
+        while capped.process is None and time.monotonic() < began + 5:
+            time.sleep(0.05)
+        assert capped.process is not None and time.monotonic() - began >= 2.0, "started at later_max_s"
+    finally:
+        for s in (supervisor, never):
+            s.request_stop()
+        for w in watchers:
+            w.join(timeout=5)
+        for s in (supervisor, never):
+            s.stop_all()
