@@ -4,6 +4,7 @@ kafka-python's watchdogs (lost assignment, stalled fetcher, a join its poll stop
 notice and recover."""
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -209,3 +210,25 @@ def test_a_retried_batch_can_never_become_a_duplicate_record(settings, client):
     plain.produce(plain_topic, b"x")
     plain.flush(10)
     assert [b["producerId"] for b in log_batches(settings, plain_topic)] == [-1]
+
+
+def test_confluent_member_gives_its_partitions_back_in_poll_before_librdkafkas_close(settings):
+    """librdkafka can hang for ever in close() when the revocation it runs there calls assign()
+    (#4884), holding the GIL (CI: a stopped aggregator froze 60 s): close() unsubscribes first, so
+    the revocation and its unassign run in a poll on the closing thread, and the group is left."""
+    topic = f"give-{uuid.uuid4().hex[:6]}"
+    bus.ensure_topic(settings, topic, 3)
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    revoked: list[tuple[list[int], str]] = []
+    member = bus.consumer(settings, group, topic, client="confluent",
+                          on_revoke=lambda parts: revoked.append((parts, threading.current_thread().name)))
+    wait_for(lambda: member.poll(10, 100) is not None and member.partitions() == [0, 1, 2], timeout=30,
+             message="the member assigned")
+    member.close()
+    assert revoked == [([0, 1, 2], threading.current_thread().name)], "revoked by a poll of the closing thread"
+    other = bus.consumer(settings, group, topic, client="confluent")
+    started = time.monotonic()
+    wait_for(lambda: other.poll(10, 100) is not None and other.partitions() == [0, 1, 2], timeout=30,
+             message="the next member assigned")
+    assert time.monotonic() - started < 5, "the first member left the group (no session timeout to wait for)"
+    other.close()

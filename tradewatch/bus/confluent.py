@@ -188,12 +188,29 @@ class ConfluentConsumer(BusConsumer):
                 found.add(p)
         return found
 
+    def _give_back(self) -> None:
+        """The partitions go back before close(): librdkafka can wait for ever in close() when the
+        revocation it runs there calls assign() (librdkafka #4884: a group rebalancing as its member
+        stops), and it waits holding the GIL, so no timeout of ours runs (CI: an aggregator stopped
+        while the group took back a stalled member hung 60 s in unassign). Unsubscribing raises the
+        same revocation in poll, where (un)assign is the everyday path; what that poll returns is
+        dropped unread, as close() drops the fetch-ahead."""
+        try:
+            self._consumer.unsubscribe()
+            deadline = time.monotonic() + CLOSE_TIMEOUT_S
+            while self._held and time.monotonic() < deadline:
+                self._consumer.consume(1000, 0.1)
+        except self._KafkaException as error:
+            log.warning("group %s: could not give the partitions back before closing (%s)", self.group_id, error)
+
     def close(self) -> None:
         # Leaves the group at once (no session-timeout wait for the others); nothing is committed.
         # librdkafka's close waits for a commit still in flight, up to socket.timeout.ms (60 s) when
         # the broker is gone, so it runs on a thread the stop does not wait for past CLOSE_TIMEOUT_S.
         # While Kafka is away (known, or no node answers a TCP probe) nobody can confirm: no waiting.
         away = self._outage.down_since is not None or not kafka_reachable(self._outage.settings, 0.5)
+        if not away:
+            self._give_back()
         closing = threading.Thread(target=self._consumer.close, name="kafka-close", daemon=True)
         closing.start()
         closing.join(0.5 if away else CLOSE_TIMEOUT_S)
