@@ -232,3 +232,35 @@ def test_confluent_member_gives_its_partitions_back_in_poll_before_librdkafkas_c
              message="the next member assigned")
     assert time.monotonic() - started < 5, "the first member left the group (no session timeout to wait for)"
     other.close()
+
+
+@CLIENTS
+def test_caught_up_asks_kafka_once_for_every_partition_and_never_confirms_one_with_unread_records(settings, client):
+    """The runtime asks once a second which held partitions are at their log end (tradewatch/runtime.py,
+    quiet partitions close their windows by time). One fresh ask answers for all of them, however
+    many, within a fetch wait (librdkafka queues a ListOffsets behind the connection's pending Fetch:
+    one request per partition took 100 ms each, so 10 partitions ran past the ask's 1 s and the last
+    were never confirmed); a partition whose records are not all read is never confirmed."""
+    topic = f"quiet-{uuid.uuid4().hex[:6]}"
+    bus.ensure_topic(settings, topic, 10)
+    publish(settings, topic, 100, client)
+    consumer = bus.consumer(settings, f"g-{uuid.uuid4().hex[:6]}", topic, client=client)
+    got: list[bus.Message] = []
+    wait_for(lambda: got.extend(consumer.poll(500, 200)) or len(got) >= 100, timeout=60, message="messages read")
+    read = {m.partition for m in got}       # a partition never read from has no position to confirm
+    assert len(read) >= 5
+    for _ in range(3):                      # idle: every fetch now waits its full time on the broker
+        consumer.poll(10, 200)
+    started = time.monotonic()
+    assert consumer.caught_up(list(range(10))) == read
+    assert time.monotonic() - started < 0.5, "one ask, not one per partition"
+    publisher = bus.publisher(settings, client=client)
+    publisher.send(topic, b"3", b"100")         # one record on one partition
+    assert publisher.flush(30)
+    publisher.close()
+    unread = read - consumer.caught_up(list(range(10)))
+    assert len(unread) == 1, f"exactly the partition with the unread record is not caught up: {unread}"
+    got = consumer.poll(10, 1000)
+    assert [int(m.value) for m in got] == [100] and {m.partition for m in got} == unread
+    assert consumer.caught_up(list(range(10))) == read
+    consumer.close()

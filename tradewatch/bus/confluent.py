@@ -169,24 +169,31 @@ class ConfluentConsumer(BusConsumer):
         return lags
 
     def caught_up(self, partitions: list[int]) -> set[int]:
-        from confluent_kafka import KafkaException
+        from confluent_kafka import OFFSET_END, KafkaException
         if self._outage.down_since is not None:
             return set()
-        found, deadline = set(), time.monotonic() + 1.0
+        asked, positions = [], {}
         for p in partitions:
-            position, left = self._next.get(p), deadline - time.monotonic()
+            position = self._next.get(p)
             if position is None:
                 continue
-            if left <= 0:
-                break
             try:
-                low, high = self._consumer.get_watermark_offsets(self._TopicPartition(self.topic, p),
-                                                                 timeout=min(left, 0.5), cached=False)
-            except KafkaException:
-                break               # this leader (or Kafka) cannot answer now: confirm nothing more
-            if max(position, low) >= high:
-                found.add(p)
-        return found
+                low, high = self._consumer.get_watermark_offsets(self._TopicPartition(self.topic, p), cached=True)
+            except Exception:  # noqa: BLE001 - no fetch answer yet
+                low, high = -1, -1
+            positions[p] = max(position, low)       # records below the log start are gone: not unread
+            if high < 0 or positions[p] >= high:     # the last fetch did not show it behind: ask
+                asked.append(self._TopicPartition(self.topic, p, OFFSET_END))
+        if not asked:
+            return set()
+        # one ListOffsets for them all: librdkafka queues each behind the connection's pending Fetch
+        # (up to fetch.wait.max.ms), so one request per partition took ~100 ms each when quiet
+        try:
+            ends = self._consumer.offsets_for_times(asked, timeout=1.0)
+        except KafkaException:
+            return set()            # a leader (or Kafka) cannot answer now: confirm nothing
+        return {tp.partition for tp in ends if tp.error is None and tp.offset >= 0
+                and positions[tp.partition] >= tp.offset}
 
     def _give_back(self) -> None:
         """The partitions go back before close(): librdkafka can wait for ever in close() when the
