@@ -178,16 +178,14 @@ class Aggregate(runtime.Stage):
         self.indicator_states = {k: v for k, v in self.indicator_states.items() if k[0] not in symbols}
 
     def _indicator_rows(self, cur, final: list[Window]) -> list[tuple]:
+        final = [w for w in final if w.close is not None]
+        keys = [(w.symbol, size_label(w.size_ms)) for w in final]
+        loaded = store.load_indicator_states(cur, sorted(set(keys) - self.indicator_states.keys()))
         rows = []
-        for w in final:
-            if w.close is None:
-                continue
-            key = (w.symbol, size_label(w.size_ms))
-            state = self.indicator_states.get(key)
-            if state is None:
-                state = store.load_indicator_state(cur, *key)
-                if w.symbol in self.symbols:    # not evicted: keep it for the next candle
-                    self.indicator_states[key] = state
+        for w, key in zip(final, keys):
+            state = self.indicator_states.get(key) or loaded[key]
+            if w.symbol in self.symbols:    # not evicted: keep it for the next candle
+                self.indicator_states[key] = state
             rows.append((w.symbol, key[1], w.start_ms, w.close, state.update(w.close)))
         return rows
 

@@ -12,7 +12,7 @@ from tradewatch.candles import BASE_SIZE, message as candle_message
 from tradewatch.events import Trade
 from tradewatch.indicators import INDICATOR_COLUMNS
 from tradewatch.store import health
-from tradewatch.store.candles import FINAL_CANDLES
+from tradewatch.store.candles import final_candles
 
 Connection = psycopg2.extensions.connection
 
@@ -369,11 +369,10 @@ def candles_after(engine: Engine, candle_id: str, symbols: list[str] | None, siz
                     symbol=symbol, size=size, ms=int(start_ms))
     if anchor.empty:
         return None
-    rows = _frame(engine, FINAL_CANDLES + """
-        WHERE o.seq > :seq
-          AND (CAST(:symbols AS text[]) IS NULL OR o.symbol = ANY(CAST(:symbols AS text[])))
-          AND (CAST(:sizes AS text[]) IS NULL OR o.window_size = ANY(CAST(:sizes AS text[])))
-        ORDER BY o.seq LIMIT :limit""", seq=int(anchor["seq"].iloc[0]), symbols=symbols, sizes=sizes, limit=limit)
+    rows = _frame(engine, final_candles("""seq > :seq
+          AND (CAST(:symbols AS text[]) IS NULL OR symbol = ANY(CAST(:symbols AS text[])))
+          AND (CAST(:sizes AS text[]) IS NULL OR window_size = ANY(CAST(:sizes AS text[])))""", ":limit"),
+                  seq=int(anchor["seq"].iloc[0]), symbols=symbols, sizes=sizes, limit=limit)
     return [candle_message(row) for row in rows.to_dict("records")]
 
 
