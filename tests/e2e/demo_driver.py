@@ -13,10 +13,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import pandas as pd
 from playwright.sync_api import Page
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, query, wait_for
 from tradewatch.config import PROJECT_ROOT, Settings
 from tradewatch.market import history
 from tradewatch.store.health import EXPECTED_STAGES
@@ -153,17 +152,21 @@ def open_dashboard(page: Page, demo: Demo) -> None:
 
 
 def page_state(page: Page) -> dict:
-    """What a user sees: the health strip, charts with their traces, the trades tile, alerts."""
+    """What a user sees: the health strip, charts with their traces, the trades tile, alerts, and
+    the price chart's anomaly markers as [symbol, minute] ('2026-12-06T06:36', UTC)."""
     return page.evaluate("""() => {
         const plots = [...document.querySelectorAll('.js-plotly-plot')];
         const traces = plots.flatMap(p => (p.data || []).map(t => ({type: t.type, name: t.name || '',
                                                                       points: (t.x || []).length,
                                                                       last: [...(t.x || [])].map(String).sort().pop()})));
+        const marks = plots.flatMap(p => (p.data || []).filter(t => (t.name || '').endsWith('anomaly'))
+            .flatMap(t => [...(t.x || [])].map((x, i) => [String((t.text || [])[i] || '').split(' ')[0],
+                                                          String(x).slice(0, 16)])));
         const text = document.body.innerText;
         const tile = [...document.querySelectorAll('[data-testid="stMetric"]')]
             .find(m => m.innerText.startsWith('Trades'));
         const trades = tile ? parseInt(tile.querySelector('[data-testid="stMetricValue"]').innerText.replace(/,/g, '')) : 0;
-        return {text, traces, trades};
+        return {text, traces, trades, marks};
     }""")
 
 
@@ -183,21 +186,24 @@ def stage_shown(state: dict, stage: str, status: str) -> bool:
     return badge(state, stage).startswith(f"{status} ")
 
 
-def everything_on_the_page(state: dict, live_from: datetime | None = None, candles: int = 1) -> bool:
-    """Trades, `candles` candles, an anomaly marker at or after `live_from` (a live one, past any
-    simulated history), an alert, and every stage up."""
+def everything_on_the_page(state: dict, live: set[tuple[str, str]] | None = None, candles: int = 1) -> bool:
+    """Trades, `candles` candles, an anomaly marker, an alert, and every stage up. `live`: the
+    [symbol, minute] of the flags after the simulated history; the marker must stand for one of
+    them. (A marker is its minute's and symbol's strongest flag, which can be an older one: CI saw a
+    live TSLA flag at 06:36:50 drawn as the stronger simulated one of 06:36:00, "2 in that minute".)"""
     traces = state["traces"]
     return (state["trades"] > 0
             and any(t["type"] == "candlestick" and t["points"] >= candles for t in traces)
-            and any(t["name"].endswith("anomaly") and t["points"] > 0
-                    and (live_from is None or utc(t["last"]) >= live_from) for t in traces)
+            and (bool(state["marks"]) if live is None else any(tuple(m) in live for m in state["marks"]))
             and "notifications_active" in state["text"]        # an unacknowledged alert's icon (Material Symbols)
             and all(stage_shown(state, s, "up") for s in EXPECTED_STAGES))
 
 
-def utc(shown: str) -> datetime:
-    stamp = pd.Timestamp(shown)
-    return (stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")).to_pydatetime()
+def live_flags(settings: Settings, since: datetime) -> set[tuple[str, str]]:
+    """[symbol, minute] of the flagged trades at or after `since`, as page_state's marks spell them."""
+    return {(symbol, minute) for symbol, minute in query(
+        settings, "SELECT DISTINCT symbol, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI') FROM trade_flags"
+                  " WHERE ts >= %s", (since,))}
 
 
 def wait_for_everything(page: Page, demo: Demo, budget_s: float) -> dict:
@@ -212,7 +218,8 @@ def wait_for_everything(page: Page, demo: Demo, budget_s: float) -> dict:
         if not past:
             return everything_on_the_page(last)
         span = history.span(demo.settings)     # the past's 1-minute candles, then a live anomaly
-        return span is not None and everything_on_the_page(last, span[1], candles=int(past * 0.9))
+        return span is not None and everything_on_the_page(last, live_flags(demo.settings, span[1]),
+                                                           candles=int(past * 0.9))
     try:
         wait_for(complete, timeout=budget_s, interval=0.5,
                  message="trades, candles (of the simulated past too), a live anomaly marker, an alert and a "
