@@ -128,7 +128,7 @@ def open_windows(cur: Cursor, partition: int, sizes_ms: tuple[int, ...]) -> list
 
 def load_indicator_states(cur: Cursor, series: list[tuple[str, str]]) -> dict[tuple[str, str], IndicatorState]:
     """Replay the stored final candles of each series (symbol, window size) into a fresh indicator
-    state, in one query for them all (one per series cost half a catch-up's time on fresh symbols)."""
+    state, with one query per window size (one per series cost half a catch-up's time on fresh symbols)."""
     states = {key: IndicatorState() for key in series}
     for size in sorted({size for _, size in series}):     # a constant size: only its partitions are read
         cur.execute("SELECT symbol, close FROM stock_metrics WHERE window_size = %s AND symbol = ANY(%s)"
