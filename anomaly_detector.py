@@ -21,6 +21,7 @@ from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
 from tradewatch import backtest, runtime
+from tradewatch.stages.aggregator import excluded_conditions
 from tradewatch.stages.detector import detector_config, load_model
 from tradewatch.stages.detector import run as run_detector
 from tradewatch.store import db, queries
@@ -166,6 +167,10 @@ def analyze_csv(args) -> int:
 
 
 def cmd_evaluate(args, settings: Settings) -> int:
+    forecasts = evaluate.score_forecasts(Path(args.lean_dir), excluded_conditions(settings))
+    if args.forecasts:
+        print_forecasts(forecasts)
+        return 0
     config = detector_config(settings)
     seeds = [int(s) for s in args.seeds.split(",")]
     model = evaluate.train_on_simulation(args.train_seed, args.trades, args.anomaly_rate, config)
@@ -180,9 +185,24 @@ def cmd_evaluate(args, settings: Settings) -> int:
         "nab": evaluate.score_nab(Path(args.nab_dir)) if Path(args.nab_dir).is_dir() else "NAB data not found",
         "series_daily_cycles": evaluate.score_daily_cycles(),
         "book_simulated": evaluate.score_book(),
+        "forecasts": forecasts,
     }
     print(json.dumps(result, indent=2))
     return 0
+
+
+def print_forecasts(result: dict) -> None:
+    """The walk-forward scores of the forecasters, one block per data set and size."""
+    print("Forecasts of the next window's variance, walk-forward (each block forecast by forecasters fitted only on"
+          "\nwindows before it). QLIKE: lower is better; MSE of σ and of the range as a multiple of the EWMA's;"
+          "\ncoverage: the share of windows whose high and low stayed inside the 90 % band.")
+    for data, r in result.items():
+        print(f"\n{data}: {r['symbols']} symbol(s), {r['windows']:,} windows — the product uses {r['chosen']}")
+        print(f"  {'forecaster':10} {'forecasts':>9} {'QLIKE':>9} {'vs EWMA':>8} {'MSE σ':>7} {'MSE range':>9} "
+              f"{'coverage':>8}")
+        for name, f in r["forecasters"].items():
+            print(f"  {name:10} {f['forecasts']:>9,} {f['qlike']:>9.3f} {f['qlike_vs_ewma']:>+8.3f} "
+                  f"{f['mse_sigma_vs_ewma']:>6.2f}x {f['mse_range_vs_ewma']:>8.2f}x {f['coverage_90']:>8.1%}")
 
 
 def cmd_backtest(args, settings: Settings) -> int:
@@ -274,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--nab-dir", default=str(shared_data_dir() / "nab"))
     ev.add_argument("--lean-dir", default=str(shared_data_dir() / "lean"),
                     help="recorded trading days the real-data evaluation injects anomalies into")
+    ev.add_argument("--forecasts", action="store_true",
+                    help="only the volatility forecasts against their baselines, as a table")
     back = sub.add_parser("backtest", help="replay stored trades (database and archive) through the live "
                                            "detection code with today's settings and changed ones; writes nothing")
     back.add_argument("--since", type=iso_time, required=True)

@@ -16,6 +16,9 @@ into the books, watched by tradewatch/detect/book_rules.py; recall per kind and 
 10,000 book updates, on the run the thresholds were chosen on and on runs with other seeds, book
 noise, depth and trade rates (scored only); and the same runs with nothing injected (calm).
 
+Forecasts of the next window's volatility, range and 90 % band (tradewatch/detect/forecast.py),
+walk-forward on the recorded SPY and IBM day and on a simulated day, beside the naive baselines.
+
 NAB: the series detectors run point by point over each file and are scored with NAB's own rules
 (standard profile, see nab_raw_score), normalised to NAB's 0–100 scale; the same rules score them
 on generated daily-cycle series with known anomalies (daily_cycle_series), a kind of series no
@@ -32,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tradewatch.detect import forest
+from tradewatch.detect import forecast, forest
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import DetectorConfig, RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
@@ -128,6 +131,39 @@ def score_real(lean_dir: Path, config: DetectorConfig = DetectorConfig(),
             offset += len(changed)
         natural_all = {i + k * len(background) for k in range(len(seeds)) for i in natural}
         result[role] = {"day": name, "seeds": list(seeds), **inject.score(flags, events, natural_all)}
+    return result
+
+
+FORECAST_SIZES_MS = {"1m": 60_000, "5m": 300_000}
+# a simulated day for the forecasts: ten symbols at 4 trades/s (a few trades per symbol a minute, like
+# a quiet listing), nothing injected
+FORECAST_SIMULATED = {"seed": 7, "rate": 4.0, "start_ms": 1_767_225_600_000, "days": 1}
+
+
+def score_forecasts(lean_dir: Path, excluded_conditions: frozenset[str] = frozenset()) -> dict:
+    """Per data set (the recorded SPY and IBM day, candles built with `excluded_conditions` as the
+    aggregator builds them; a simulated day) and window size: the walk-forward scores of every
+    forecaster and the one the product would use."""
+    from tradewatch.market import replay
+    from tradewatch.windows import aggregate
+
+    recorded = [t for name in ("spy_20131007_trades.csv.gz", "ibm_20131007_trades.csv.gz")
+                for t in replay.load(lean_dir / name).trades]
+    recorded.sort(key=lambda t: t.timestamp_ms)
+    sim = FORECAST_SIMULATED
+    simulated = list(MarketSimulator(seed=sim["seed"], rate=sim["rate"], start_ms=sim["start_ms"])
+                     .trades_until(sim["start_ms"] + sim["days"] * 86_400_000))
+    result = {}
+    for data, trades, excluded in (("recorded SPY, IBM 2013-10-07", recorded, excluded_conditions),
+                                   (f"simulated, {sim['rate']:g} trades/s, {sim['days']} day", simulated,
+                                    frozenset())):
+        windows, _ = aggregate(trades, tuple(FORECAST_SIZES_MS.values()), ohlc_exclude_conditions=excluded)
+        candles = forecast.candle_frame(windows)
+        for label, size in FORECAST_SIZES_MS.items():
+            table = forecast.rows(candles[candles["size_ms"] == size])
+            scores = forecast.score(forecast.walk_forward(table))
+            result[f"{data} · {label}"] = {"symbols": int(table["symbol"].nunique()), "windows": len(table),
+                                           "forecasters": scores, "chosen": forecast.chosen(scores)}
     return result
 
 
