@@ -16,7 +16,7 @@ import pandas as pd
 from tradewatch.alerts import PRECISION_MIN_MARKED, per_rule
 from tradewatch.cli import StopFlag, iso_time, load_settings, setup_logging
 from tradewatch.config import Settings, shared_data_dir
-from tradewatch.detect import evaluate, forest
+from tradewatch.detect import evaluate, forecast, forest
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
@@ -59,18 +59,39 @@ def cmd_train(args, settings: Settings) -> int:
         last = trade.timestamp_ms
         if d.features.history >= rules.config.min_history:
             rows.append(d.features.vector())
-    conn.close()
     training = {"symbols": {s: counts[s] for s in usable}, "rows": len(rows), "pooled": True,
-                "from": datetime.fromtimestamp(first / 1000, timezone.utc).isoformat(),
-                "until": datetime.fromtimestamp(last / 1000, timezone.utc).isoformat()}
+                "from": utc_iso(first), "until": utc_iso(last)}
     try:
         model = forest.train(np.array(rows), training)
     except forest.NotEnoughData as error:
         print(f"error: not enough data: {error}", file=sys.stderr)
         return 2
     path = forest.save(model, settings.model_path)
-    print(json.dumps({"model": str(path), "version": model.version, **training}, indent=2))
+    candles = queries.final_candles_frame(conn, args.symbols, args.since, args.until)
+    conn.close()
+    print(json.dumps({"model": str(path), "version": model.version, **training,
+                      "forecast": train_forecast(candles, settings)}, indent=2))
     return 0
+
+
+def utc_iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat()
+
+
+def train_forecast(candles: pd.DataFrame, settings: Settings) -> dict:
+    """The volatility forecaster from the final candles, saved beside the forest when a window size
+    had enough of them; per size what was chosen and how it scored walk-forward (all in the .json)."""
+    fitted, report = forecast.train(candles)
+    sizes = {label: r if "skipped" in r else
+             {"windows": r["windows"], "chosen": r["chosen"],
+              "model_qlike_vs_ewma": round(r["walk_forward"]["model"]["qlike_vs_ewma"], 4),
+              "coverage_90": round(r["walk_forward"][r["chosen"]]["coverage_90"], 4)} for label, r in report.items()}
+    if not fitted:
+        return {"model": None, "sizes": sizes or "no final candles in that range"}
+    training = {"symbols": sorted(candles["symbol"].unique()), "from": utc_iso(int(candles["start_ms"].min())),
+                "until": utc_iso(int(candles["start_ms"].max()))}
+    path, version = forecast.save(fitted, report, training, settings.model_path)
+    return {"model": str(path), "version": version, "sizes": sizes}
 
 
 def cmd_analyze(args, settings: Settings) -> int:
@@ -265,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Detect unusual trades: rules (price move, circuit breaker, "
                                      "whale volume, z-score, momentum runs) and an Isolation Forest.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train the Isolation Forest from the trades table and save a new version")
+    train = sub.add_parser("train", help="train the Isolation Forest from the trades table and the volatility "
+                           "forecaster from the final candles; save a new version of each")
     train.add_argument("--symbols", type=symbols_arg, help="comma-separated (default: every symbol with enough data)")
     train.add_argument("--since", type=iso_time)
     train.add_argument("--until", type=iso_time)

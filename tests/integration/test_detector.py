@@ -14,7 +14,9 @@ import pytest
 from tests.conftest import publish_trades, query, run_script, start_script, wait_for
 from tradewatch import bus
 from tradewatch.config import PROJECT_ROOT
+from tradewatch.detect import forecast
 from tradewatch.events import Trade
+from tradewatch.store import db, queries
 
 
 @pytest.fixture
@@ -52,6 +54,41 @@ def test_train_with_too_little_data_stops_with_a_clear_message(settings, tmp_pat
                          capture_output=True, text=True, env={**os.environ, **env})
     assert out.returncode == 2 and "AAPL has 300 trades" in out.stderr
     assert not list(tmp_path.glob("*.joblib"))
+
+
+def test_train_fits_the_volatility_forecaster_on_the_aggregators_final_candles(settings, tmp_path):
+    # two hours of simulated history (2 trades/s over two symbols) through the consumer and the aggregator
+    settings = settings.with_overrides(model_dir=str(tmp_path / "models"), window_sizes="1m,5m")
+    run_script(settings, "producer.py", "--history", "7200", "--rate", "2", "--symbols", "AAPL,MSFT", "--seed", "9",
+               "--duration", "0.5")
+    stages = [start_script(settings, "consumer.py", log=tmp_path / "consumer.log"),
+              start_script(settings, "aggregator.py", log=tmp_path / "aggregator.log")]
+    wait_for(lambda: query(settings, "SELECT count(*) FROM stock_metrics WHERE window_size = '1m' AND is_final"
+                                     " AND window_start < now() - interval '3 minutes'")[0][0] >= 2 * 115,
+             timeout=180, message="two hours of final 1-minute candles")
+    for stage in stages:
+        stage.send_signal(signal.SIGTERM)
+        assert stage.wait(timeout=60) == 0
+    out = json.loads(run_script(settings, "anomaly_detector.py", "train").stdout)
+    fc = out["forecast"]
+    assert fc["model"] == str(tmp_path / "models" / "forecast-v1.joblib") and fc["version"] == "v1"
+    assert fc["sizes"]["1m"]["chosen"] in ("ewma", "model") and fc["sizes"]["1m"]["windows"] >= 90
+    assert "training needs" in fc["sizes"]["5m"]["skipped"]          # 24 five-minute windows are too few
+    meta = json.loads((tmp_path / "models" / "forecast-v1.json").read_text())
+    assert meta["training"]["symbols"] == ["AAPL", "MSFT"]
+    assert set(meta["sizes"]["1m"]["walk_forward"]) == {"last", "ewma", "har", "model"}
+    assert 0.6 <= meta["sizes"]["1m"]["walk_forward"][fc["sizes"]["1m"]["chosen"]]["coverage_90"] <= 1.0
+    # what it forecasts for the stored candles: a band that covers most of the next windows
+    fitted, _ = forecast.load(tmp_path / "models" / "forecast-v1.joblib")
+    conn = db.connect(settings)
+    table = forecast.rows(queries.final_candles_frame(conn))
+    conn.close()
+    one = table[table["size_ms"] == 60_000].dropna(subset=["next_v"])
+    band = fitted["1m"].forecast(one)["band"]
+    assert (band > 0).all() and 0.75 <= (one["next_excursion"] <= band).mean() <= 1.0
+    # a second training is a new version; the first stays for a detector that loaded it
+    again = json.loads(run_script(settings, "anomaly_detector.py", "train").stdout)
+    assert again["forecast"]["version"] == "v2" and (tmp_path / "models" / "forecast-v1.joblib").exists()
 
 
 def test_stream_with_injected_anomalies_gives_flags_alerts_topic_and_webhook(settings, webhook, tmp_path):

@@ -2,6 +2,7 @@
 future, the 90 % band covers about 90 % of windows when the volatility is known, and the model is
 used only where it beats the EWMA — on made-up series and, through `anomaly_detector.py evaluate
 --forecasts`, on the recorded SPY and IBM day."""
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 from tradewatch.config import PROJECT_ROOT
-from tradewatch.detect import forecast
+from tradewatch.detect import forecast, versions
 
 MINUTE = 60_000
 KNOWN = ["close", "floor", "v", "day", "week", "ewma", *forecast.FEATURES]
@@ -134,3 +135,36 @@ def test_evaluate_prints_every_forecaster_on_the_recorded_and_simulated_days():
         else:
             assert 80 <= coverage["ewma"] <= 97, (data, coverage)
         assert qlike["last"] > qlike["ewma"], data          # the last window alone is the noisiest forecast
+
+
+def test_train_saves_a_versioned_forecaster_per_size_with_its_scores_and_skips_a_size_too_short(tmp_path):
+    candles = pd.concat([gbm_candles([0.001] * 150 + [0.003] * 150, "A", seed=21),
+                         gbm_candles([0.002] * 300, "B", seed=22)])
+    five = gbm_candles([0.002] * 40, "A", seed=23).assign(size_ms=5 * MINUTE, start_ms=lambda f: f["start_ms"] * 5)
+    fitted, report = forecast.train(pd.concat([candles, five]))
+    assert list(fitted) == ["1m"] and report["1m"]["chosen"] in ("ewma", "model")
+    assert report["1m"]["windows"] == 300 - forecast.HISTORY and report["1m"]["symbols"] == 2
+    assert list(report["1m"]["walk_forward"]) == list(forecast.FORECASTERS)
+    assert report["5m"] == {"windows": 40 - forecast.HISTORY,
+                            "skipped": f"18 windows after a past of 22; training needs {forecast.MIN_WINDOWS}"}
+    first, v1 = forecast.save(fitted, report, {"symbols": ["A", "B"]}, tmp_path)
+    second, v2 = forecast.save(fitted, report, {"symbols": ["A", "B"]}, tmp_path)
+    assert (first.name, v1, second.name, v2) == ("forecast-v1.joblib", "v1", "forecast-v2.joblib", "v2")
+    meta = json.loads(second.with_suffix(".json").read_text())
+    assert meta["version"] == "v2" and meta["sizes"]["1m"]["chosen"] == report["1m"]["chosen"]
+    ewma = report["1m"]["walk_forward"]["ewma"]
+    assert meta["sizes"]["1m"]["walk_forward"]["ewma"]["coverage_90"] == ewma["coverage_90"]
+    loaded, _ = forecast.load(second)
+    table = forecast.rows(candles)
+    pd.testing.assert_frame_equal(loaded["1m"].forecast(table), fitted["1m"].forecast(table))
+    # the band follows the storm: A's last windows (σ 0.003) get a band about three times B's early ones
+    band = loaded["1m"].forecast(table)["band"]
+    a_late = band[(table["symbol"] == "A") & (table["start_ms"] > 250 * MINUTE)].median()
+    a_early = band[(table["symbol"] == "A") & (table["start_ms"] < 140 * MINUTE)].median()
+    assert 2 < a_late / a_early < 4.5
+
+
+def test_a_forecaster_trained_on_other_features_is_refused(tmp_path):
+    path, _ = versions.save(tmp_path, "forecast", {"sizes": {}}, {"features": ["return_1"], "sizes": {}})
+    with pytest.raises(ValueError, match="trained on features"):
+        forecast.load(path)

@@ -35,14 +35,22 @@ forecasters fitted only on windows that ended before it starts. QLIKE, ln σ² +
 with MSE, a loss that ranks forecasts correctly when the variance itself is measured with noise),
 the MSE of σ and of the range, and the band's coverage. A model that does not beat the EWMA on the
 held-out blocks has not earned its place: `chosen` names the EWMA then.
+
+`train` does all that per window size for `anomaly_detector.py train` and fits the chosen
+forecaster on every window; `save` writes it as `forecast-vN.joblib` beside the forest's files,
+with its scores in `forecast-vN.json`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from tradewatch.detect import versions
+from tradewatch.windows import size_label
 
 HISTORY = 22                 # windows of a symbol's past the features need (the HAR's longest mean)
 FLOOR = 1e-12                # variance floor before a symbol's tick is seen (σ of 0.01 bp a window)
@@ -53,6 +61,9 @@ FORECASTERS = ("last", "ewma", "har", "model")
 FEATURES = ("last_vs_day", "week_vs_day", "range_vs_day", "return_1", "return_5", "return_15", "volume_vs_day",
             "count_vs_day", "time_of_day")
 GK = 2 * math.log(2) - 1
+# windows with a known next one a size needs before it is trained: walk-forward scores the last two
+# thirds in 8 blocks (5 windows each at the least), and the band is set on the latest quarter of each past
+MIN_WINDOWS = 60
 
 
 def candle_frame(windows) -> pd.DataFrame:
@@ -265,3 +276,41 @@ def score(forecasts: pd.DataFrame) -> dict[str, dict]:
 def chosen(scores: dict[str, dict]) -> str:
     """The model if it beat the EWMA on QLIKE over the held-out blocks; otherwise the EWMA."""
     return "model" if scores["model"]["qlike"] < scores["ewma"]["qlike"] else "ewma"
+
+
+def train(candles: pd.DataFrame) -> tuple[dict[str, Calibrated], dict[str, dict]]:
+    """Per window size (by label): the walk-forward scores of every forecaster, the choice, and the
+    chosen forecaster fitted and calibrated on every window. A size with fewer than MIN_WINDOWS
+    windows is reported with the reason and left out."""
+    table = rows(candles)
+    fitted, report = {}, {}
+    for size in sorted(candles["size_ms"].unique()):
+        label = size_label(int(size))
+        known = table[table["size_ms"] == size].dropna(subset=["next_v"])
+        windows = int(known["next_start_ms"].nunique())
+        if windows < MIN_WINDOWS:
+            report[label] = {"windows": windows, "skipped": f"{windows} windows after a past of {HISTORY}; "
+                                                            f"training needs {MIN_WINDOWS}"}
+            continue
+        scores = score(walk_forward(known))
+        name = chosen(scores)
+        fitted[label] = fit(name, known)
+        report[label] = {"windows": windows, "symbols": int(known["symbol"].nunique()), "chosen": name,
+                         "band_ratio": fitted[label].band_ratio, "range_ratio": fitted[label].range_ratio,
+                         "walk_forward": scores}
+    return fitted, report
+
+
+def save(fitted: dict[str, Calibrated], report: dict[str, dict], training: dict, directory: Path) -> tuple[Path, str]:
+    """forecast-vN.joblib (+ .json with the scores and the choice per size), N one above the highest."""
+    meta = {"features": list(FEATURES), "sizes": report, "training": training}
+    return versions.save(directory, "forecast", {"sizes": fitted}, meta)
+
+
+def load(path: Path) -> tuple[dict[str, Calibrated], dict]:
+    """The fitted forecaster per size label, and the metadata `save` wrote."""
+    data = versions.load(path)
+    if tuple(data["meta"]["features"]) != FEATURES:
+        raise ValueError(f"{path} was trained on features {data['meta']['features']}, this code computes "
+                         f"{list(FEATURES)}; train again")
+    return data["sizes"], data["meta"]

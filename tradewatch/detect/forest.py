@@ -8,10 +8,7 @@ set alone to its training median, the score it would have had (`drivers`).
 """
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -21,6 +18,7 @@ import numpy as np
 if TYPE_CHECKING:      # scikit-learn and joblib load when a model is trained or read: a detector
     from sklearn.ensemble import IsolationForest      # without a model starts 2.5 s sooner
 
+from tradewatch.detect import versions
 from tradewatch.detect.features import FEATURE_NAMES
 
 MIN_TRAIN_TRADES = 1000
@@ -85,25 +83,14 @@ def train(rows: np.ndarray, training: dict, n_estimators: int = 200, flag_quanti
 
 def save(model: ForestModel, directory: Path) -> Path:
     """Write model-vN.joblib (+ model-vN.json metadata) with N one above the highest present."""
-    directory.mkdir(parents=True, exist_ok=True)
-    versions = [int(m.group(1)) for p in directory.glob("model-v*.joblib")
-                if (m := re.match(r"model-v(\d+)\.joblib$", p.name))]
-    model.version = f"v{max(versions, default=0) + 1}"
-    path = directory / f"model-{model.version}.joblib"
-    meta = {"version": model.version, "features": list(model.features), "params": model.params,
-            "threshold": model.threshold, "training": model.training, "medians": model.medians,
-            "saved_at": datetime.now(timezone.utc).isoformat()}
-    import joblib
-
-    joblib.dump({"forest": model.forest, "meta": meta}, path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
+    meta = {"features": list(model.features), "params": model.params, "threshold": model.threshold,
+            "training": model.training, "medians": model.medians}
+    path, model.version = versions.save(directory, "model", {"forest": model.forest}, meta)
     return path
 
 
 def load(path: Path) -> ForestModel:
-    import joblib
-
-    data = joblib.load(path)
+    data = versions.load(path)
     meta = data["meta"]
     if tuple(meta["features"]) != FEATURE_NAMES:
         raise ValueError(f"{path} was trained on features {meta['features']}, this code computes "
@@ -114,5 +101,4 @@ def load(path: Path) -> ForestModel:
 
 
 def latest(directory: Path) -> Path | None:
-    found = sorted(directory.glob("model-v*.joblib"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
-    return found[-1] if found else None
+    return versions.latest(directory, "model")

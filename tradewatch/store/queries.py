@@ -13,6 +13,7 @@ from tradewatch.events import Trade
 from tradewatch.indicators import INDICATOR_COLUMNS
 from tradewatch.store import health
 from tradewatch.store.candles import final_candles
+from tradewatch.windows import parse_size
 
 Connection = psycopg2.extensions.connection
 
@@ -51,6 +52,25 @@ def trade_counts(conn: Connection, symbols: list[str] | None = None, since: date
             " AND (%(until)s::timestamptz IS NULL OR ts < %(until)s) GROUP BY symbol",
             {"symbols": symbols, "since": since, "until": until})
         return dict(cur.fetchall())
+
+
+def final_candles_frame(conn: Connection, symbols: list[str] | None = None, since: datetime | None = None,
+                        until: datetime | None = None) -> pd.DataFrame:
+    """The aggregator's final candles of every size whose window starts in [since, until), as
+    tradewatch/detect/forecast.py's `candle_frame` shapes them (what the forecasters train on)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT symbol, window_size, (extract(epoch FROM window_start) * 1000)::bigint, open, high, low, close,"
+            " volume, trade_count FROM stock_metrics WHERE is_final"
+            " AND (%(symbols)s::text[] IS NULL OR symbol = ANY(%(symbols)s))"
+            " AND (%(since)s::timestamptz IS NULL OR window_start >= %(since)s)"
+            " AND (%(until)s::timestamptz IS NULL OR window_start < %(until)s)",
+            {"symbols": symbols, "since": since, "until": until})
+        frame = pd.DataFrame(cur.fetchall(), columns=["symbol", "size", "start_ms", "open", "high", "low", "close",
+                                                      "volume", "trade_count"])
+    sizes = frame.pop("size")
+    frame.insert(1, "size_ms", sizes.map({s: parse_size(s) for s in sizes.unique()}).astype("int64"))
+    return frame
 
 
 # ---------------------------------------------------------------- dashboard (SQLAlchemy + pandas)
