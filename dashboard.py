@@ -182,6 +182,14 @@ def candle_panel(symbols, since, until) -> None:
     for column, name, dash in overlays:
         if frame[column].notna().any():
             figure.add_trace(go.Scatter(x=x, y=frame[column], name=name, line=dict(dash=dash, width=1)), 1, 1)
+    if frame["band_high"].notna().any():
+        # the 90 % band forecast for each window at the close of the one before, held over the window
+        step = dict(shape="hv", width=0.5, color="rgba(44,160,44,0.6)")
+        figure.add_trace(go.Scatter(x=x, y=frame.band_low, name="90 % band low", line=step, showlegend=False,
+                                    legendgroup="band"), 1, 1)
+        figure.add_trace(go.Scatter(x=x, y=frame.band_high, line=step, fill="tonexty", legendgroup="band",
+                                    fillcolor="rgba(44,160,44,0.10)",
+                                    name=f"90 % band, {frame['band_forecaster'].dropna().iloc[-1]}"), 1, 1)
     marks = q("anomaly_points", [symbol], since, until)
     if not marks.empty:
         figure.add_trace(go.Scatter(x=marks.ts, y=marks.price, mode="markers", name="Anomalies",

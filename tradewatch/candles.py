@@ -23,6 +23,7 @@ from typing import Callable
 import orjson
 
 from tradewatch.indicators import INDICATOR_COLUMNS
+from tradewatch.volatility import FORECAST_COLUMNS
 from tradewatch.windows import Window, size_label
 
 # the backfill's PostgreSQL filter of the trades that may set open/high/low/close
@@ -113,9 +114,10 @@ def restore(symbol: str, size_ms: int, start_ms: int, partition: int, stored: di
     return window
 
 
-# a final candle as published: its figures (times as epoch ms), then every indicator
+# a final candle as published: its figures (times as epoch ms), every indicator, the forecast of the next window
 FIGURES = ("open", "high", "low", "close", "volume", "traded_value", "vwap", "trade_count", "buy_volume", "sell_volume")
-STREAMED = ("symbol", "window_size", "window_start_ms", "window_end_ms", *FIGURES, *INDICATOR_COLUMNS)
+STREAMED = ("symbol", "window_size", "window_start_ms", "window_end_ms", *FIGURES, *INDICATOR_COLUMNS,
+            *FORECAST_COLUMNS)
 
 
 def candle_id(symbol: str, size: str, start_ms: int) -> str:

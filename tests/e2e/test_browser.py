@@ -243,6 +243,55 @@ def test_page_opened_before_any_data_shows_candles_once_they_exist(settings, emp
         browser.close()
 
 
+@pytest.fixture
+def half_hour_dashboard(settings, tmp_path):
+    load_known_market(settings, count=36_000)        # 30 minutes at 20 trades/s: the band needs 22 windows of past
+    yield from serve_dashboard(settings, tmp_path)
+
+
+def missing(value) -> bool:
+    return value is None or value != value
+
+
+@pytest.mark.browser
+def test_the_candles_are_drawn_inside_the_band_forecast_for_them_as_the_api_returns_it(settings, half_hour_dashboard,
+                                                                                        tmp_path):
+    """#28: each 1-minute candle from the 23rd on gets the 90 % band the aggregator forecast at the
+    close of the one before (the untrained EWMA here), on the page and from GET /candles."""
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1600, "height": 2400})
+        page.goto(half_hour_dashboard)
+        page.wait_for_function(f"{CANDLE_PLOT} && {CANDLE_PLOT}.data.some(t => t.legendgroup === 'band')",
+                               timeout=60_000)
+        symbol = page.evaluate(f"{CANDLE_PLOT}.data[0].name")
+        low, high = page.evaluate(f"{CANDLE_PLOT}._fullData.filter(t => t.legendgroup === 'band')"
+                                  ".map(t => ({name: t.name, y: Array.from(t.y)}))")
+        browser.close()
+    stored = query(settings, "SELECT lag(next_band_low) OVER w, lag(next_band_high) OVER w, low, high"
+                             " FROM indicators JOIN stock_metrics USING (symbol, window_size, window_start)"
+                             " WHERE symbol = %s AND window_size = '1m' WINDOW w AS (ORDER BY window_start)"
+                             " ORDER BY window_start", (symbol,))
+    assert high["name"] == "90 % band, ewma (untrained)"
+    for drawn, column in ((low["y"], 0), (high["y"], 1)):
+        assert [missing(v) for v in drawn] == [r[column] is None for r in stored]
+        assert [v for v in drawn if not missing(v)] == pytest.approx([r[column] for r in stored if r[column]])
+    banded = [r for r in stored if r[0] is not None]
+    assert len(stored) - len(banded) == 22 and len(banded) >= 7, len(stored)
+    inside = sum(r[0] <= r[2] and r[3] <= r[1] for r in banded)       # the candle's low and high
+    assert inside >= len(banded) / 2, f"{inside} of {len(banded)} candles inside the band forecast for them"
+
+    api, base = serve_api(settings.with_overrides(api_port=free_port()), tmp_path / "api.log")
+    try:
+        status, candles = call(base, "/candles", symbol=symbol, size="1m", since="2026-01-01T00:00:00Z",
+                               until="2026-01-02T00:00:00Z")
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+    assert status == 200 and [(c["band_low"], c["band_high"]) for c in candles] == [r[:2] for r in stored]
+    assert candles[-1]["forecaster"] == "ewma (untrained)" and candles[-1]["next_sigma"] > 0
+
+
 DEPTH_PLOT = ("[...document.querySelectorAll('.js-plotly-plot')].find(d => d.layout && d.layout.title"
               " && String(d.layout.title.text).includes(' depth '))")
 

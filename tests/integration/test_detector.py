@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -69,6 +70,9 @@ def test_train_fits_the_volatility_forecaster_on_the_aggregators_final_candles(s
     for stage in stages:
         stage.send_signal(signal.SIGTERM)
         assert stage.wait(timeout=60) == 0
+    forecasters = "SELECT window_size, forecaster, count(*) FROM indicators WHERE forecaster IS NOT NULL GROUP BY 1, 2"
+    assert {(size, name) for size, name, _ in query(settings, forecasters)} == {("1m", "ewma (untrained)"),
+                                                                              ("5m", "ewma (untrained)")}
     out = json.loads(run_script(settings, "anomaly_detector.py", "train").stdout)
     fc = out["forecast"]
     assert fc["model"] == str(tmp_path / "models" / "forecast-v1.joblib") and fc["version"] == "v1"
@@ -89,6 +93,12 @@ def test_train_fits_the_volatility_forecaster_on_the_aggregators_final_candles(s
     # a second training is a new version; the first stays for a detector that loaded it
     again = json.loads(run_script(settings, "anomaly_detector.py", "train").stdout)
     assert again["forecast"]["version"] == "v2" and (tmp_path / "models" / "forecast-v1.joblib").exists()
+    # the aggregator forecasts with the latest: its rebuild of the two hours says so on every 1m forecast
+    run_script(settings, "aggregator.py", "--backfill", "--since",
+               (datetime.now(timezone.utc) - timedelta(hours=3)).isoformat())
+    chosen = again["forecast"]["sizes"]["1m"]["chosen"]
+    assert {(size, name) for size, name, _ in query(settings, forecasters)} == {("1m", f"{chosen} (forecast-v2)"),
+                                                                              ("5m", "ewma (untrained)")}
 
 
 def test_stream_with_injected_anomalies_gives_flags_alerts_topic_and_webhook(settings, webhook, tmp_path):

@@ -42,7 +42,6 @@ with its scores in `forecast-vN.json`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,17 +49,13 @@ import numpy as np
 import pandas as pd
 
 from tradewatch.detect import versions
+# the live state's definitions (the aggregator folds candles with them, without pandas)
+from tradewatch.volatility import FEATURES, FLOOR, GK, HISTORY, LAMBDA, RETURNS
 from tradewatch.windows import size_label
 
-HISTORY = 22                 # windows of a symbol's past the features need (the HAR's longest mean)
-FLOOR = 1e-12                # variance floor before a symbol's tick is seen (σ of 0.01 bp a window)
-LAMBDA = 0.94                # RiskMetrics
 COVERAGE = 0.90
 CALIBRATION = 0.25           # the share of a block's past (its latest) kept out of fitting to set the ratios
 FORECASTERS = ("last", "ewma", "har", "model")
-FEATURES = ("last_vs_day", "week_vs_day", "range_vs_day", "return_1", "return_5", "return_15", "volume_vs_day",
-            "count_vs_day", "time_of_day")
-GK = 2 * math.log(2) - 1
 # windows with a known next one a size needs before it is trained: walk-forward scores the last two
 # thirds in 8 blocks (5 windows each at the least), and the band is set on the latest quarter of each past
 MIN_WINDOWS = 60
@@ -105,7 +100,7 @@ def rows(candles: pd.DataFrame) -> pd.DataFrame:
         f["last_vs_day"] = np.log(v / day).to_numpy()
         f["week_vs_day"] = np.log(f["week"] / f["day"])
         f["range_vs_day"] = np.log(np.maximum(rng.to_numpy() ** 2, f["floor"]) / f["day"])
-        for n in (1, 5, 15):
+        for n in RETURNS:
             f[f"return_{n}"] = (logc - logc.shift(n)).to_numpy() / np.sqrt(n * f["day"])
         f["volume_vs_day"] = np.log((volume + 1) / (volume.rolling(HISTORY, min_periods=1).mean() + 1)).to_numpy()
         f["count_vs_day"] = np.log((count + 1) / (count.rolling(HISTORY, min_periods=1).mean() + 1)).to_numpy()

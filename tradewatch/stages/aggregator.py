@@ -20,10 +20,9 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from tradewatch import bus, prometheus, runtime
+from tradewatch import bus, prometheus, runtime, volatility
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, parse_trade
-from tradewatch.indicators import IndicatorState
 from tradewatch.outbox import CandleOutbox
 from tradewatch.store import candles as store
 from tradewatch.windows import PartitionClock, Window, WindowSet, size_label
@@ -53,8 +52,10 @@ class Aggregate(runtime.Stage):
         self._positions: dict[int, tuple[int, int | None]] = {}
         self.released: dict[int, int] = {}    # partition -> the offset after a held trade that time let go
         self.symbols = runtime.Symbols(settings.symbol_idle_evict_seconds)
-        # loaded from `indicators` when a symbol's window closes; evicted with the idle symbols
-        self.indicator_states: dict[tuple[str, str], IndicatorState] = {}
+        # each series' indicator and forecast state, replayed from its final candles when a window of it
+        # first closes; evicted with the idle symbols
+        self.series: dict[tuple[str, str], store.Series] = {}
+        self.forecasters = volatility.load(settings.model_path)
         # effects awaiting the next checkpoint; kept until it commits, so a retried transaction
         # writes exactly what the first attempt would have
         self.dirty = self.pending_effects()          # open windows that changed, by window
@@ -134,7 +135,7 @@ class Aggregate(runtime.Stage):
                 self.late.add(p, late)
         idle = self.symbols.idle()
         if idle:        # open windows close by time alone; what else a symbol holds goes now
-            self.indicator_states = {k: v for k, v in self.indicator_states.items() if k[0] not in idle}
+            self.series = {k: v for k, v in self.series.items() if k[0] not in idle}
         store.write_windows(cur, self.dirty.items() + self.final.items())
         store.queue_final(cur, self.final.items())
         store.write_late(cur, self.late.items())
@@ -175,18 +176,17 @@ class Aggregate(runtime.Stage):
             self.stored.pop(p, None)
             self.released.pop(p, None)
         symbols = self.symbols.drop(partitions)
-        self.indicator_states = {k: v for k, v in self.indicator_states.items() if k[0] not in symbols}
+        self.series = {k: v for k, v in self.series.items() if k[0] not in symbols}
 
-    def _indicator_rows(self, cur, final: list[Window]) -> list[tuple]:
-        final = [w for w in final if w.close is not None]
+    def _indicator_rows(self, cur, final: list[Window]) -> list[list]:
         keys = [(w.symbol, size_label(w.size_ms)) for w in final]
-        loaded = store.load_indicator_states(cur, sorted(set(keys) - self.indicator_states.keys()))
-        rows = []
-        for w, key in zip(final, keys):
-            state = self.indicator_states.get(key) or loaded[key]
-            if w.symbol in self.symbols:    # not evicted: keep it for the next candle
-                self.indicator_states[key] = state
-            rows.append((w.symbol, key[1], w.start_ms, w.close, state.update(w.close)))
+        states = store.load_series(cur, sorted(set(keys) - self.series.keys()))
+        states.update((key, self.series[key]) for key in set(keys) & self.series.keys())
+        rows = store.indicator_rows(states, self.forecasters, [
+            (w.symbol, key[1], w.start_ms, w.open, w.high, w.low, w.close, w.sum_quantity, w.trade_count)
+            for w, key in zip(final, keys)])
+        # kept for the next candle unless evicted
+        self.series.update((key, state) for key, state in states.items() if key[0] in self.symbols)
         return rows
 
     def report(self) -> str:

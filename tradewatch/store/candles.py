@@ -10,10 +10,11 @@ from psycopg2.extras import execute_values
 
 from psycopg2.extras import RealDictCursor
 
-from tradewatch import candles
+from tradewatch import candles, volatility
 from tradewatch.indicators import INDICATOR_COLUMNS, Indicators, IndicatorState
 from tradewatch.store import partitions
-from tradewatch.windows import LateTrade, Window, size_label
+from tradewatch.volatility import FORECAST_COLUMNS, ForecastState
+from tradewatch.windows import LateTrade, Window, parse_size, size_label
 
 Cursor = psycopg2.extensions.cursor
 _MS = "timestamptz 'epoch' + %s * interval '1 millisecond'"
@@ -60,7 +61,7 @@ def final_candles(picked: str, limit: str) -> str:
     SELECT o.seq, o.symbol, o.window_size, (extract(epoch FROM o.window_start) * 1000)::bigint AS window_start_ms,
            (extract(epoch FROM m.window_end) * 1000)::bigint AS window_end_ms,
            {', '.join(f'm.{c}' for c in candles.FIGURES)},
-           {', '.join(f'i.{c}' for c in INDICATOR_COLUMNS)}
+           {', '.join(f'i.{c}' for c in (*INDICATOR_COLUMNS, *FORECAST_COLUMNS))}
     FROM (SELECT seq, symbol, window_size, window_start FROM candle_outbox WHERE {picked}
           ORDER BY seq LIMIT {limit}) o
     JOIN stock_metrics m USING (symbol, window_size, window_start)
@@ -102,17 +103,48 @@ def write_late(cur: Cursor, late: list[LateTrade]) -> None:
         )
 
 
-def write_indicators(cur: Cursor, rows: list[tuple[str, str, int, float, Indicators]]) -> None:
+Series = tuple[IndicatorState, ForecastState]      # what the aggregator folds each final candle of a series into
+# a final candle as `indicator_rows` takes it
+Final = tuple[str, str, int, float | None, float | None, float | None, float | None, float, int]
+_STORED = ("close", *INDICATOR_COLUMNS, *FORECAST_COLUMNS)
+
+
+def indicator_rows(states: dict[tuple[str, str], Series], forecasters: volatility.Forecasters,
+                   final: list[Final]) -> list[tuple]:
+    """The `indicators` rows of final candles (symbol, size label, start ms, open, high, low, close,
+    volume, trade count; each series in start order) folded into their series' states: the
+    indicators at the candle's close and the forecast of the window after it. A candle without a
+    close (its trades all had excluded conditions) moves the forecast's state but has no row."""
+    rows, inputs = [], {}
+    for symbol, label, start, *candle in final:
+        indicators, forecast = states[(symbol, label)]
+        known = forecast.update(start, *candle)
+        close = candle[3]
+        if close is None:
+            continue
+        rows.append([symbol, label, start, close, *_values(indicators.update(close)), *[None] * len(FORECAST_COLUMNS)])
+        if known is not None:
+            inputs.setdefault(label, []).append((rows[-1], {"symbol": symbol, **known}))
+    for label, pairs in inputs.items():
+        for row, values in zip([r for r, _ in pairs], forecasters[label].forecast([k for _, k in pairs])):
+            row[-len(FORECAST_COLUMNS):] = values
+    return rows
+
+
+def _values(indicators: Indicators) -> list:
+    return [getattr(indicators, c) for c in INDICATOR_COLUMNS]
+
+
+def write_indicators(cur: Cursor, rows: list[list]) -> None:
     if rows:
-        partitions.ensure_candles(cur, "indicators", {(size, start) for _, size, start, _, _ in rows})
+        partitions.ensure_candles(cur, "indicators", {(r[1], r[2]) for r in rows})
         execute_values(
             cur,
-            f"INSERT INTO indicators (symbol, window_size, window_start, close, {', '.join(INDICATOR_COLUMNS)}) "
+            f"INSERT INTO indicators (symbol, window_size, window_start, {', '.join(_STORED)}) "
             f"VALUES %s ON CONFLICT (symbol, window_size, window_start) DO UPDATE SET "
-            + ", ".join(f"{c} = EXCLUDED.{c}" for c in ("close", *INDICATOR_COLUMNS)),
-            [(s, size, start, close, *(getattr(ind, c) for c in INDICATOR_COLUMNS))
-             for s, size, start, close, ind in rows],
-            template=f"(%s, %s, {_MS}, " + ", ".join(["%s"] * (1 + len(INDICATOR_COLUMNS))) + ")",
+            + ", ".join(f"{c} = EXCLUDED.{c}" for c in _STORED),
+            rows,
+            template=f"(%s, %s, {_MS}, " + ", ".join(["%s"] * len(_STORED)) + ")",
         )
 
 
@@ -126,27 +158,44 @@ def open_windows(cur: Cursor, partition: int, sizes_ms: tuple[int, ...]) -> list
                 for r in named.fetchall() if r["window_size"] in labels]
 
 
-def load_indicator_states(cur: Cursor, series: list[tuple[str, str]]) -> dict[tuple[str, str], IndicatorState]:
-    """Replay the stored final candles of each series (symbol, window size) into a fresh indicator
-    state, with one query per window size (one per series cost half a catch-up's time on fresh symbols)."""
-    states = {key: IndicatorState() for key in series}
-    for size in sorted({size for _, size in series}):     # a constant size: only its partitions are read
-        cur.execute("SELECT symbol, close FROM stock_metrics WHERE window_size = %s AND symbol = ANY(%s)"
-                    " AND is_final AND close IS NOT NULL ORDER BY symbol, window_start",
-                    (size, [symbol for symbol, s in series if s == size]))
-        for symbol, close in cur:
-            states[(symbol, size)].update(close)
+def _final_candles(cur: Cursor, label: str, symbols: list[str]) -> None:
+    """Execute: the final candles of `symbols` of one size, as `indicator_rows` takes them, in order
+    (a constant size: only its partitions are read)."""
+    cur.execute("SELECT symbol, window_size, (extract(epoch FROM window_start) * 1000)::bigint,"
+                " open, high, low, close, volume, trade_count FROM stock_metrics"
+                " WHERE window_size = %s AND symbol = ANY(%s) AND is_final ORDER BY symbol, window_start",
+                (label, symbols))
+
+
+def new_series(label: str) -> Series:
+    return IndicatorState(), ForecastState(parse_size(label))
+
+
+def load_series(cur: Cursor, series: list[tuple[str, str]]) -> dict[tuple[str, str], Series]:
+    """Replay the stored final candles of each series (symbol, window size) into fresh states, with
+    one query per window size (one per series cost half a catch-up's time on fresh symbols)."""
+    states = {key: new_series(key[1]) for key in series}
+    for label in sorted({label for _, label in series}):
+        _final_candles(cur, label, [symbol for symbol, s in series if s == label])
+        for symbol, _, start, *candle in cur:
+            indicators, forecast = states[(symbol, label)]
+            forecast.update(start, *candle)
+            if candle[3] is not None:
+                indicators.update(candle[3])
     return states
 
 
 def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datetime,
              sizes_ms: tuple[int, ...], ohlc_exclude_conditions: frozenset[str],
-             live_group: str | None = None, topic: str | None = None) -> int:
+             live_group: str | None = None, topic: str | None = None,
+             forecasters: volatility.Forecasters | None = None) -> int:
     """Rebuild the whole windows between `since` and `until` (both moved to window boundaries:
     `until` down, so no partial window is ever marked final) straight from `trades`, then
     recompute the indicators of every series touched. A window the live aggregator (`live_group`
     on `topic`) still holds open — its row is not final, or it ends after the watermark of its
-    partition — is left to the aggregator. Returns the number of windows written."""
+    partition — is left to the aggregator. `forecasters`: the live aggregator's (the untrained EWMA
+    when not given). Returns the number of windows written."""
+    forecasters = forecasters if forecasters is not None else volatility.Forecasters()
     written = 0
     excluded = sorted(ohlc_exclude_conditions)
     with conn.cursor() as cur:
@@ -181,7 +230,7 @@ def backfill(conn: psycopg2.extensions.connection, since: datetime, until: datet
             symbols = {r[0] for r in cur.fetchall()}
             written += cur.rowcount
             for symbol in symbols:
-                recompute_indicators(cur, symbol, label)
+                recompute_indicators(cur, symbol, label, forecasters)
     conn.commit()
     return written
 
@@ -195,11 +244,8 @@ def months_between(label: str, first_ms: int, last_ms: int) -> set[tuple[str, in
     return found
 
 
-def recompute_indicators(cur: Cursor, symbol: str, label: str) -> None:
-    cur.execute("SELECT (extract(epoch FROM window_start) * 1000)::bigint, close FROM stock_metrics"
-                " WHERE symbol = %s AND window_size = %s AND is_final AND close IS NOT NULL"
-                " ORDER BY window_start", (symbol, label))
-    state = IndicatorState()
-    rows = [(symbol, label, int(start), close, state.update(close)) for start, close in cur.fetchall()]
+def recompute_indicators(cur: Cursor, symbol: str, label: str, forecasters: volatility.Forecasters) -> None:
+    _final_candles(cur, label, [symbol])
+    rows = indicator_rows({(symbol, label): new_series(label)}, forecasters, cur.fetchall())
     cur.execute("DELETE FROM indicators WHERE symbol = %s AND window_size = %s", (symbol, label))
     write_indicators(cur, rows)

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, create_engine, text
 from tradewatch.candles import BASE_SIZE, message as candle_message
 from tradewatch.events import Trade
 from tradewatch.indicators import INDICATOR_COLUMNS
+from tradewatch.volatility import FORECAST_COLUMNS
 from tradewatch.store import health
 from tradewatch.store.candles import final_candles
 from tradewatch.windows import parse_size
@@ -127,8 +128,10 @@ def kpis(engine: Engine, source: str, symbols: list[str] | None, since, until) -
 
 
 def candles(engine: Engine, source: str, symbol: str, size: str, since, until) -> pd.DataFrame:
-    """Candles of one size with every indicator the aggregator stores (INDICATOR_COLUMNS). Flink writes 1-minute candles only: its
-    5- and 15-minute ones are rolled up from them here (epoch-aligned, as every window)."""
+    """Candles of one size with every indicator the aggregator stores (INDICATOR_COLUMNS), the forecast
+    made at their close (FORECAST_COLUMNS) and the band forecast for them (band_*). Flink writes
+    1-minute candles only: its 5- and 15-minute ones are rolled up from them here (epoch-aligned, as
+    every window)."""
     table = _table(source)
     if table == "flink_metrics" and size != BASE_SIZE:
         table = f"""(SELECT symbol, CAST(:size AS text) AS window_size, bucket AS window_start,
@@ -142,12 +145,19 @@ def candles(engine: Engine, source: str, symbol: str, size: str, since, until) -
                              AND window_start >= date_bin(CAST(:size AS interval), CAST(:since AS timestamptz),
                                                           TIMESTAMPTZ '1970-01-01')) one_minute
                      GROUP BY symbol, bucket)"""
+    # band_*: the forecast for this window, made at the close of the last final window before it
     return _frame(engine, f"""
         SELECT m.window_start, m.open, m.high, m.low, m.close, m.volume, m.vwap, m.trade_count, m.is_final,
-               {', '.join(f'i.{c}' for c in INDICATOR_COLUMNS)}
+               {', '.join(f'i.{c}' for c in (*INDICATOR_COLUMNS, *FORECAST_COLUMNS))},
+               f.next_band_low AS band_low, f.next_band_high AS band_high, f.next_sigma AS band_sigma,
+               f.forecaster AS band_forecaster
         FROM {table} m
         LEFT JOIN indicators i ON i.symbol = m.symbol AND i.window_size = m.window_size
                               AND i.window_start = m.window_start
+        LEFT JOIN LATERAL (SELECT next_band_low, next_band_high, next_sigma, forecaster FROM indicators p
+                           WHERE p.symbol = m.symbol AND p.window_size = m.window_size
+                             AND p.window_start < m.window_start
+                           ORDER BY p.window_start DESC LIMIT 1) f ON true
         WHERE m.symbol = :symbol AND m.window_size = :size AND m.window_start >= :since AND m.window_start < :until
         ORDER BY m.window_start""", symbol=symbol, size=size, since=since, until=until)
 

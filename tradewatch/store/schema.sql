@@ -417,6 +417,12 @@ CREATE TABLE IF NOT EXISTS indicators (
     bollinger_lower  double precision,
     PRIMARY KEY (symbol, window_size, window_start)
 ) PARTITION BY LIST (window_size);             -- then by month, as stock_metrics
+-- The forecast of the next window made at this window's close (tradewatch/volatility.py, issue 28).
+ALTER TABLE indicators ADD COLUMN IF NOT EXISTS next_sigma double precision;
+ALTER TABLE indicators ADD COLUMN IF NOT EXISTS next_range double precision;
+ALTER TABLE indicators ADD COLUMN IF NOT EXISTS next_band_low double precision;
+ALTER TABLE indicators ADD COLUMN IF NOT EXISTS next_band_high double precision;
+ALTER TABLE indicators ADD COLUMN IF NOT EXISTS forecaster text;
 
 -- Alerts raised by anomaly_detector.py and by the quotes stage's book watch (also published on the
 -- Kafka topic `alerts`).
