@@ -338,9 +338,9 @@ def test_days_far_from_today_share_a_year_and_a_wrong_clock_expires_nothing(arch
 def test_candles_are_kept_by_window_size_and_dropped_by_whole_months(archive_home):
     """1-minute candles and their indicators go after RETENTION_DAYS_MINUTE_CANDLES (here 30), longer
     ones after RETENTION_DAYS_CANDLES (here 400): a month at a time, archived first."""
-    from tradewatch.indicators import IndicatorState
-    from tradewatch.store.candles import write_indicators, write_windows
-    from tradewatch.windows import Window, parse_size
+    from tradewatch.store.candles import indicator_rows, new_series, write_indicators, write_windows
+    from tradewatch.volatility import Forecasters
+    from tradewatch.windows import Window, parse_size, size_label
     settings = archive_home
     now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
     starts = [(now_ms - k * 30 * 86_400_000) // 300_000 * 300_000 for k in range(4)]      # this month … 3 back
@@ -351,13 +351,14 @@ def test_candles_are_kept_by_window_size_and_dropped_by_whole_months(archive_hom
             w.add(Trade(f"{size}{start}", "SPY", start, 10.0, 1.0, "buy", "X"), 0)
             w.is_final = True
             windows.append(w)
-    state = IndicatorState()
+    final = sorted((w.symbol, size_label(w.size_ms), w.start_ms, w.open, w.high, w.low, w.close, w.sum_quantity,
+                    w.trade_count) for w in windows)
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
             write_windows(cur, windows)
-            write_indicators(cur, [(w.symbol, size, w.start_ms, 10.0, state.update(10.0))
-                                   for w in windows for size in ("1m" if w.size_ms == 60_000 else "5m",)])
+            write_indicators(cur, indicator_rows({("SPY", size): new_series(size) for size in ("1m", "5m")},
+                                                 Forecasters(), final))
         conn.commit()
     finally:
         conn.close()
