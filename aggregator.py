@@ -6,7 +6,7 @@ import argparse
 import sys
 from datetime import datetime, timezone
 
-from tradewatch.stages.aggregator import excluded_conditions, run
+from tradewatch.stages.aggregator import run
 from tradewatch import runtime, volatility
 from tradewatch.cli import StopFlag, iso_time, setup_logging
 from tradewatch.config import Settings
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         until = args.until or datetime.now(timezone.utc)
         conn = db.connect(settings)
-        written = backfill(conn, args.since, until, settings.window_sizes_ms, excluded_conditions(settings),
+        written = backfill(conn, args.since, until, settings.window_sizes_ms, settings.ohlc_excluded,
                            settings.aggregator_group, settings.trades_topic, volatility.load(settings.model_path))
         conn.close()
         print(f"backfilled {written} windows from {args.since.isoformat()} to {until.isoformat()}")

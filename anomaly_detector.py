@@ -21,8 +21,7 @@ from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.detect.series import SERIES_DETECTORS
 from tradewatch import backtest, runtime
-from tradewatch.stages.aggregator import excluded_conditions
-from tradewatch.stages.detector import detector_config, load_model
+from tradewatch.stages.detector import detector_config, load_model, rule_detector
 from tradewatch.stages.detector import run as run_detector
 from tradewatch.store import db, queries
 
@@ -98,7 +97,7 @@ def cmd_analyze(args, settings: Settings) -> int:
     if args.csv:
         return analyze_csv(args)
     conn = db.connect(settings)
-    pipeline = DetectionPipeline(RuleDetector(detector_config(settings)), load_model(settings))
+    pipeline = DetectionPipeline(rule_detector(settings), load_model(settings))
     per_symbol: dict[str, dict] = {}
     top = []
     batch = []
@@ -188,7 +187,7 @@ def analyze_csv(args) -> int:
 
 
 def cmd_evaluate(args, settings: Settings) -> int:
-    forecasts = evaluate.score_forecasts(Path(args.lean_dir), excluded_conditions(settings))
+    forecasts = evaluate.score_forecasts(Path(args.lean_dir), settings.ohlc_excluded)
     if args.forecasts:
         print_forecasts(forecasts)
         return 0
@@ -200,6 +199,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
         "simulated_rules_and_forest": evaluate.score_simulated(seeds, args.trades, args.anomaly_rate, config, model),
         "real_trades_rules": evaluate.score_real(Path(args.lean_dir), config),
         "real_trades_rules_and_forest": evaluate.score_real(Path(args.lean_dir), config, model),
+        "out_of_range_recorded_days": evaluate.score_out_of_range(Path(args.lean_dir), config, settings.ohlc_excluded),
         "pumps_illiquid_rules": evaluate.score_pumps(seeds, config=config),
         "pumps_illiquid_rules_and_forest": evaluate.score_pumps(seeds, config=config, model=model),
         "pumps_illiquid_wide_spreads_rules": evaluate.score_spreads(seeds, config=config),

@@ -22,9 +22,8 @@ from common import bench_settings, report
 
 from tradewatch.config import PROJECT_ROOT
 from tradewatch.detect.pipeline import DetectionPipeline
-from tradewatch.detect.rules import RuleDetector
 from tradewatch.market.simulator import MarketSimulator
-from tradewatch.stages.detector import detector_config
+from tradewatch.stages.detector import rule_detector
 from tradewatch.store import db, partitions
 from tradewatch.store.writer import COLUMNS, copy_line
 
@@ -75,7 +74,7 @@ def in_process(settings, count: int = 300_000) -> float:
     the same feed (the first minutes are cheaper: windows not full yet)."""
     day = int(settings.demo_rate * 86_400)
     trades = list(islice(simulator(settings), day, day + count))
-    pipeline = DetectionPipeline(RuleDetector(detector_config(settings)))
+    pipeline = DetectionPipeline(rule_detector(settings))
     started = time.perf_counter()
     for i in range(0, len(trades), 2000):
         pipeline.process(trades[i:i + 2000])

@@ -10,7 +10,9 @@ the order between symbols does not matter and an archived span is read one symbo
 symbol is warmed up on the hour before `--since` (its alerts not counted), as the live detector
 had been: its windows (the last 50 prices, the largest of the last 1,000 sizes), tick and pump
 baseline (decayed over an hour) are then the live one's, so today's settings give the stored alert
-ids over a range the live detector covered.
+ids over a range the live detector covered. (OUT_OF_RANGE's band is an EWMA over minutes, λ 0.94:
+after the hour, what came before it weighs 2.4 %, so an alert that crossed its line by less than
+that may differ.)
 
 Scored against what is known: analysts' dispositions of the stored alerts (store/detections.py)
 and the simulator's injected labels on the trades (an alert on a labelled trade is a true one).
@@ -33,15 +35,16 @@ from tradewatch.alerts import Deduplicator, alerts_for, precision
 from tradewatch.config import Settings
 from tradewatch.detect.forest import ForestModel
 from tradewatch.detect.pipeline import DetectionPipeline
-from tradewatch.detect.rules import DetectorConfig, RuleDetector
+from tradewatch.detect.rules import DetectorConfig
 from tradewatch.events import Trade
-from tradewatch.stages.detector import detector_config
+from tradewatch.stages.detector import detector_config, rule_detector
 from tradewatch.store import queries
 
 # the settings detection reads (stages/detector.py): through detector_config and the Deduplicator
-DETECTION_SETTINGS = ("zscore_window", "zscore_threshold", "breaker_cool_off_seconds",
+DETECTION_SETTINGS = ("zscore_window", "zscore_threshold", "breaker_cool_off_seconds", "out_of_range_widths",
                       "alert_cooldown_critical_seconds", "alert_cooldown_high_seconds", "alert_cooldown_medium_seconds")
-FROM_SETTINGS = {"price_window", "zscore_threshold", "cool_off_s"}     # DetectorConfig fields a setting gives
+# the DetectorConfig fields a setting gives
+FROM_SETTINGS = {"price_window", "zscore_threshold", "cool_off_s", "range_widths"}
 RULE_PARAMETERS = tuple(f.name for f in fields(DetectorConfig) if f.name not in FROM_SETTINGS)
 BATCH = 5_000
 WARM_UP = timedelta(hours=1)
@@ -110,7 +113,7 @@ class Replay:
     forgotten and warmed up afresh, as the stage evicts it."""
 
     def __init__(self, variant: Variant, model: ForestModel | None):
-        self.pipeline = DetectionPipeline(RuleDetector(variant.config), model)
+        self.pipeline = DetectionPipeline(rule_detector(variant.settings, variant.config), model)
         self.dedup = Deduplicator.from_settings(variant.settings)
         self.idle_ms = variant.settings.symbol_idle_evict_seconds * 1000
         self.last_ms: dict[str, int] = {}

@@ -98,6 +98,7 @@ class Settings:
     model_dir: str = "models"
     zscore_window: int = 50
     zscore_threshold: float = 8.0
+    out_of_range_widths: float = 1.0         # OUT_OF_RANGE: band widths beyond the band's edge
     breaker_cool_off_seconds: float = 300.0
     alert_webhook_url: str = setting(default="", repr=False)        # its path and query carry tokens
     # where each severity's alerts go: "CRITICAL=webhook+email,HIGH=webhook,MEDIUM=log"; channels
@@ -169,6 +170,11 @@ class Settings:
         if BASE_SIZE not in self.window_labels:
             raise ValueError(f"setting WINDOW_SIZES must include {BASE_SIZE} (the overview, the scanner and Flink's "
                              f"comparison read the 1-minute candles), got {self.window_sizes!r}")
+
+    @property
+    def ohlc_excluded(self) -> frozenset[str]:
+        """OHLC_EXCLUDE_CONDITIONS: sale conditions whose trades set no price in a candle."""
+        return frozenset(c.strip() for c in self.ohlc_exclude_conditions.split(",") if c.strip())
 
     @property
     def window_sizes_ms(self) -> tuple[int, ...]:

@@ -38,6 +38,13 @@ FEATURES = ("last_vs_day", "week_vs_day", "range_vs_day", *(f"return_{n}" for n 
             "count_vs_day", "time_of_day")
 FORECAST_COLUMNS = ("next_sigma", "next_range", "next_band_low", "next_band_high", "forecaster")
 DAY_MS = 86_400_000
+LOG_CAP = 50.0               # a band edge is never further than e^±50 × the close: past any real move, and
+                             # absurd prices (a tick a million times the price) give no overflow
+
+
+def scaled(price: float, log_move: float) -> float:
+    """price·exp(log_move), the move capped at ±LOG_CAP."""
+    return price * math.exp(max(-LOG_CAP, min(LOG_CAP, log_move)))
 
 
 class ForecastState:
@@ -58,6 +65,21 @@ class ForecastState:
         self.volume: deque[float] = deque(maxlen=HISTORY)
         self.count: deque[float] = deque(maxlen=HISTORY)
         self.log_close: deque[float] = deque(maxlen=max(RETURNS) + 1)
+
+    def to_dict(self) -> dict:
+        """The whole state as JSON-able values (the detector stores it with its symbol's state)."""
+        return {"size_ms": self.size_ms, "start_ms": self.start_ms, "close": self.close, "tick": self.tick,
+                "num": self.num, "den": self.den, "windows": self.windows, "v": list(self.v),
+                "volume": list(self.volume), "count": list(self.count), "log_close": list(self.log_close)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ForecastState":
+        state = cls(data["size_ms"])
+        state.start_ms, state.close, state.tick = data["start_ms"], data["close"], data["tick"]
+        state.num, state.den, state.windows = data["num"], data["den"], data["windows"]
+        for name in ("v", "volume", "count", "log_close"):
+            getattr(state, name).extend(data[name])
+        return state
 
     def floor(self, close: float) -> float:
         return (self.tick / (2 * close)) ** 2 if self.tick is not None else FLOOR
@@ -142,8 +164,8 @@ class Live:
         for row, variance in zip(rows, variances):
             sigma = math.sqrt(variance)
             width = self.band_ratio * sigma
-            out.append((sigma, self.range_ratio * sigma, row["close"] * math.exp(-width),
-                        row["close"] * math.exp(width), self.label))
+            out.append((sigma, self.range_ratio * sigma, scaled(row["close"], -width), scaled(row["close"], width),
+                        self.label))
         return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -12,10 +13,10 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from tests.conftest import publish_trades, query, run_script, start_script, wait_for
+from tests.conftest import SHARED_DATA, publish_trades, query, run_script, start_script, wait_for
 from tradewatch import bus
 from tradewatch.config import PROJECT_ROOT
-from tradewatch.detect import forecast
+from tradewatch.detect import forecast, inject, versions
 from tradewatch.events import Trade
 from tradewatch.store import db, queries
 
@@ -178,6 +179,54 @@ def test_stream_with_injected_anomalies_gives_flags_alerts_topic_and_webhook(set
     assert report["top_anomalies"][0]["score"] >= report["top_anomalies"][-1]["score"]
     text = run_script(settings, "anomaly_detector.py", "analyze", "AAPL").stdout
     assert "AAPL" in text and "top" in text
+
+
+def test_a_jump_on_the_recorded_ibm_day_raises_one_out_of_range_alert_that_explains_itself(settings, tmp_path):
+    """Issue 28, through Kafka, consumer.py and `anomaly_detector.py run`: the recorded IBM day's
+    regular hours with one lasting 1 % jump injected (some 20 σ of its minutes, under the price
+    rules' 5 %) raise exactly one OUT_OF_RANGE alert, on the first trade after the jump that sets a
+    price; the six and a half hours around it, none. The detector judges with the trained
+    forecaster's band, and the alert's centre and σ follow from the stored trades."""
+    from tradewatch.market import replay
+
+    day = [t for t in replay.load(SHARED_DATA / "lean" / "ibm_20131007_trades.csv.gz").trades
+           if 13 * 60 + 30 <= t.timestamp_ms // 60_000 % 1440 < 20 * 60]
+    changed, (jump,) = inject.jumps(day, 5, 1, 0.01)
+    expected = next(t for t in changed[jump:] if t.condition not in settings.ohlc_excluded)
+    models = tmp_path / "models"
+    versions.save(models, "forecast", {"sizes": {}}, {"features": [], "training": {}, "sizes": {
+        "1m": {"chosen": "ewma", "band_ratio": 2.2, "range_ratio": 1.7}}})        # what `train` writes for an EWMA
+    settings = settings.with_overrides(model_dir=str(models))
+    publish_trades(settings, changed)
+    consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
+    detector = start_script(settings, "anomaly_detector.py", "run", log=tmp_path / "detector.log")
+    wait_for(lambda: query(settings, "SELECT count(*) FROM trades")[0][0] == len(changed), timeout=120,
+             message="stored")
+    wait_for(lambda: sum(c for c, _ in bus.group_lag(settings, settings.detector_group,
+                                                     settings.trades_topic).values()) == len(changed),
+             timeout=180, message="detector examined every trade")
+    for process in (detector, consumer):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+    alerts = query(settings, "SELECT alert_id, trade_id, severity, message, evidence FROM alerts"
+                             " WHERE alert_type = 'OUT_OF_RANGE'")
+    assert [(a[1], a[2]) for a in alerts] == [(expected.trade_id, "HIGH")]
+    alert_id, _, _, message, e = alerts[0]
+    assert e["sentence"] in message and "ewma (forecast-v1)" in e["sentence"]
+    assert e["params"]["band_ratio"] == 2.2 and e["threshold"] == pytest.approx(2.2 * 3)
+    # the centre: the last trade that sets a price in the window the evidence names, as stored
+    start = e["trades"]["first_ms"]
+    closes = query(settings, "SELECT price, condition FROM trades WHERE ts >= to_timestamp(%s / 1000.0)"
+                             " AND ts < to_timestamp(%s / 1000.0) ORDER BY ts, kafka_offset", (start, start + 60_000))
+    assert e["baseline"] == [p for p, c in closes if c not in settings.ohlc_excluded][-1]
+    assert e["trades"]["count"] == len(closes) and e["value"] == expected.price
+    assert e["change"] == pytest.approx(math.log(expected.price / e["baseline"]) / e["extra"]["sigma"])
+    assert abs(e["change"]) > e["threshold"] > 0
+    assert min(e["baseline"], expected.price) < e["level"] < max(e["baseline"], expected.price)
+    published = [json.loads(m.value) for m in bus.read_topic(
+        settings, settings.alerts_topic, lambda got: any(b"OUT_OF_RANGE" in m.value for m in got), timeout_s=30)]
+    assert [p["evidence"] for p in published if p["alert_id"] == alert_id] == [e]
 
 
 T0 = 1_767_312_000_000                     # 2026-01-02T00:00:00Z

@@ -134,6 +134,47 @@ def score_real(lean_dir: Path, config: DetectorConfig = DetectorConfig(),
     return result
 
 
+JUMP_SIZES = (0.0025, 0.005, 0.01, 0.02)
+JUMP_SEEDS, JUMPS_PER_DAY = (1, 2, 3), 8
+PRICE_RULES = {"PRICE_SPIKE", "PRICE_DROP", "CIRCUIT_BREAKER", "PRICE_ZSCORE", "MOMENTUM_RUN"}
+
+
+def score_out_of_range(lean_dir: Path, config: DetectorConfig = DetectorConfig(),
+                       excluded_conditions: frozenset[str] = frozenset(), sizes: tuple = JUMP_SIZES,
+                       seeds: tuple = JUMP_SEEDS) -> dict:
+    """OUT_OF_RANGE on the recorded SPY and IBM day (tradewatch/detect/band.py): the alerts a user
+    gets on each day as recorded, every type (deduplicated as the live detector does); and lasting
+    jumps of the price by JUMP_SIZES injected JUMPS_PER_DAY times a day (inject.jumps), each found
+    when a flag lands on a trade of its first minute — by OUT_OF_RANGE, and by the fixed price rules
+    beside it."""
+    from tradewatch.alerts import Deduplicator, alerts_for
+    from tradewatch.detect import inject
+    from tradewatch.market import replay
+    result = {}
+    for name in ("spy_20131007_trades.csv.gz", "ibm_20131007_trades.csv.gz"):
+        day = replay.load(lean_dir / name).trades
+        dedup = Deduplicator(ALERT_COOLDOWNS_S)
+        calm = Counter(a.alert_type for d in DetectionPipeline(RuleDetector(config, excluded=excluded_conditions))
+                       .process(day) for a in alerts_for(d) if dedup.allow(a))
+        found = {}
+        for size in sizes:
+            by_band = by_rules = total = 0
+            for seed in seeds:
+                changed, starts = inject.jumps(day, seed, JUMPS_PER_DAY, size)
+                detections = DetectionPipeline(RuleDetector(config, excluded=excluded_conditions)).process(changed)
+                for i in starts:
+                    end = changed[i].timestamp_ms + 60_000
+                    types = set().union(*(d.types for d in detections[i:] if d.trade.timestamp_ms < end))
+                    total += 1
+                    by_band += "OUT_OF_RANGE" in types
+                    by_rules += bool(types & PRICE_RULES)
+            found[f"{size:.2%}"] = {"jumps": total, "out_of_range": round(by_band / total, 4),
+                                    "price_rules": round(by_rules / total, 4)}
+        result[name] = {"alerts_as_recorded": dict(calm.most_common()),
+                        "out_of_range_as_recorded": calm["OUT_OF_RANGE"], "jumps_found_within_a_minute": found}
+    return result
+
+
 FORECAST_SIZES_MS = {"1m": 60_000, "5m": 300_000}
 # a simulated day for the forecasts: ten symbols at 4 trades/s (a few trades per symbol a minute, like
 # a quiet listing), nothing injected

@@ -9,6 +9,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from tradewatch.detect.band import BandWatch
 from tradewatch.detect.pump import PumpWatch
 from tradewatch.events import Trade
 
@@ -154,6 +155,7 @@ class SymbolState:
         self.last_change = 0.0                # ... and its price change
         self.spreads: deque[float] = deque(maxlen=SPREAD_WINDOW)   # observed spreads (see learn)
         self.pump = PumpWatch()
+        self.band = BandWatch()
 
     def to_dict(self) -> dict:
         """The whole state as JSON-able values (floats round-trip exactly through JSON)."""
@@ -167,7 +169,7 @@ class SymbolState:
                 "run_length": self.run_length, "run_start_price": self.run_start_price,
                 "shift_streak": self.shift_streak, "tick": self.tick, "last_any": self.last_any,
                 "last_side": self.last_side, "last_change": self.last_change, "spreads": list(self.spreads),
-                "pump": self.pump.to_dict()}
+                "pump": self.pump.to_dict(), "band": self.band.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict, price_window: int, volume_window: int) -> "SymbolState":
@@ -191,6 +193,8 @@ class SymbolState:
         state.spreads.extend(data.get("spreads", ()))
         if data.get("pump"):
             state.pump = PumpWatch.from_dict(data["pump"])
+        if data.get("band"):                    # absent in checkpoints from before OUT_OF_RANGE
+            state.band = BandWatch.from_dict(data["band"])
         return state
 
     def learn(self, trade: Trade) -> None:

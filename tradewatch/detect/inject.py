@@ -13,6 +13,10 @@ after). Trades within `MARGIN` trades of an event count neither as found nor as 
 flag of any type on any other trade is a false alarm, reported per 10,000 of those normal trades.
 Natural events in the background that meet an injected definition themselves (a real trade 3× the
 largest of the previous 1,000) are counted apart, so a detector is not blamed for finding them.
+
+`jumps` makes another kind of event, the one OUT_OF_RANGE is for: a lasting jump of the price by a
+given share, smaller than the price rules' fixed 5 % line (a 1 % jump on SPY is some 30 σ of a calm
+minute), a few a day so the market around each is the day's own.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ from dataclasses import dataclass, replace
 from tradewatch.events import Trade
 
 KINDS = ("price_spike", "price_drop", "flash_crash", "whale")
-EXPECTED = {"price_spike": {"PRICE_SPIKE", "CIRCUIT_BREAKER"}, "price_drop": {"PRICE_DROP", "CIRCUIT_BREAKER"},
-            "flash_crash": {"CIRCUIT_BREAKER", "PRICE_DROP"}, "whale": {"VOLUME_SPIKE"}}
+EXPECTED = {"price_spike": {"PRICE_SPIKE", "CIRCUIT_BREAKER", "OUT_OF_RANGE"},
+            "price_drop": {"PRICE_DROP", "CIRCUIT_BREAKER", "OUT_OF_RANGE"},
+            "flash_crash": {"CIRCUIT_BREAKER", "PRICE_DROP", "OUT_OF_RANGE"}, "whale": {"VOLUME_SPIKE"}}
 LABELS = {"price_spike": "price_spike", "price_drop": "price_drop", "flash_crash": "flash_crash",
           "whale": "volume_spike"}
 SPACING, LEAD, MARGIN, WHALE_WINDOW = 600, 1000, 50, 1000
@@ -81,6 +86,23 @@ def inject(trades: list[Trade], seed: int, per_kind: int) -> tuple[list[Trade], 
         out.append(replace(trade, price=round(price, 8), quantity=quantity, injected_anomaly=label))
         recent.append(quantity)
     return out, events
+
+
+def jumps(trades: list[Trade], seed: int, count: int, size: float) -> tuple[list[Trade], list[int]]:
+    """A copy of `trades` (one symbol, in event-time order) whose price jumps by ±`size` (a share)
+    at `count` trades, one in each of `count` equal stretches after the first `LEAD` trades, and
+    stays there; and the index of each jump's first trade."""
+    rng = random.Random(seed)
+    stretch = (len(trades) - LEAD) // count
+    if stretch < 2:
+        raise ValueError(f"{len(trades)} trades hold no {count} jumps")
+    at = {LEAD + k * stretch + rng.randrange(stretch // 4, 3 * stretch // 4): rng.choice((1 + size, 1 - size))
+          for k in range(count)}
+    out, level = [], 1.0
+    for i, trade in enumerate(trades):
+        level *= at.get(i, 1.0)
+        out.append(replace(trade, price=round(trade.price * level, 8)) if level != 1.0 else trade)
+    return out, sorted(at)
 
 
 def natural_whales(trades: list[Trade], factor: float = 3.0) -> set[int]:

@@ -10,6 +10,9 @@
     PRICE_ZSCORE               |rolling z-score of price| > `zscore_threshold` (MEDIUM)
     MOMENTUM_RUN               `run_length` same-direction moves in a row adding up to > `run_move_pct`
                                (MEDIUM)
+    OUT_OF_RANGE               more than `range_widths` band widths beyond the band forecast for the
+                               trade's minute at the close of the minute before (HIGH): a line that
+                               follows the symbol's own volatility (tradewatch/detect/band.py)
     ISOLATION_FOREST           the model's score beyond its calibrated threshold (MEDIUM)
     PUMP_AND_DUMP              a burst of aggressive buying lifting the price, followed through its
                                phases pump (CRITICAL) → peak → dump (HIGH) → over (MEDIUM), one
@@ -30,18 +33,21 @@ trades it was computed over.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from tradewatch.detect.band import Band
 from tradewatch.detect.evidence import Evidence, num, percent, trades_named
 from tradewatch.detect.features import WHALE_WINDOW, PRICE_Z_MIN_STD, SymbolState, TradeFeatures
 from tradewatch.detect.pump import PHASE_SEVERITY
 from tradewatch.events import Trade
+from tradewatch.volatility import UNTRAINED, Live, scaled
 
 DETECTOR_VERSION = "rules-1"
 SEVERITY_RANK = {"LOW": 0, "MEDIUM": 1, "HIGH": 2, "CRITICAL": 3}
 TYPE_SEVERITY = {"CIRCUIT_BREAKER": "CRITICAL", "PRICE_SPIKE": "HIGH", "PRICE_DROP": "HIGH",
                  "VOLUME_SPIKE": "MEDIUM", "PRICE_ZSCORE": "MEDIUM", "MOMENTUM_RUN": "MEDIUM",
-                 "ISOLATION_FOREST": "MEDIUM", "PUMP_AND_DUMP": "CRITICAL"}
+                 "ISOLATION_FOREST": "MEDIUM", "PUMP_AND_DUMP": "CRITICAL", "OUT_OF_RANGE": "HIGH"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class DetectorConfig:
     spike_sigmas: float = 5.0
     run_ticks: float = 2.0
     spike_spreads: float = 3.0      # an ordinary market order on a thin book prints up to ~2 spreads past the mid
+    range_widths: float = 1.0       # OUT_OF_RANGE: band widths beyond the band's edge (1: 5.9 σ untrained)
 
 
 @dataclass
@@ -126,10 +133,14 @@ class CircuitBreaker:
 
 
 class RuleDetector:
-    """Feeds trades one by one (per symbol in event order) and returns a Detection for each."""
+    """Feeds trades one by one (per symbol in event order) and returns a Detection for each.
+    `forecaster` makes OUT_OF_RANGE's band (the aggregator's for 1-minute windows); a trade with a
+    sale condition in `excluded` is not judged by it (it sets no price in a candle)."""
 
-    def __init__(self, config: DetectorConfig = DetectorConfig()):
+    def __init__(self, config: DetectorConfig = DetectorConfig(), forecaster: Live = UNTRAINED,
+                 excluded: frozenset[str] = frozenset()):
         self.config = config
+        self.forecaster, self.excluded = forecaster, excluded
         self.symbols: dict[str, SymbolState] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self.transitions: list[BreakerTransition] = []
@@ -176,6 +187,9 @@ class RuleDetector:
         f = state.features(trade)
         d = Detection(trade, f)
         warm = f.history >= c.min_history
+        priced = trade.condition not in self.excluded
+        band = state.band.outside(trade.symbol, trade.timestamp_ms, trade.price if warm and priced else None,
+                                  self.forecaster, c.range_widths)
         move = abs(f.deviation)
         tick = state.tick_share()
         mean = state.prices.mean
@@ -205,6 +219,8 @@ class RuleDetector:
                     d.flag("MOMENTUM_RUN", abs(f.run_move) / run_needed,
                            self._run_evidence(trade, state, f, run_needed),
                            run_length=f.run_length, run_move_pct=round(f.run_move * 100, 3))
+            if band is not None:
+                self._judge_band(d, state, band)
             transition = self.breaker_for(trade.symbol).observe(trade.timestamp_ms, move > circuit, move <= spike)
             if transition:
                 self.transitions.append(transition)
@@ -222,7 +238,23 @@ class RuleDetector:
         volume_normal = "VOLUME_SPIKE" not in d.types
         state.learn(trade)
         state.update(trade, f, price_normal, volume_normal)
+        state.band.fold(trade.timestamp_ms, trade.price if price_normal and priced else None, trade.quantity)
         return d
+
+    def _judge_band(self, d: Detection, state: SymbolState, band: Band) -> None:
+        """OUT_OF_RANGE: beyond the band's line (BandWatch.outside), and more than `spike_spreads`
+        spreads from its centre."""
+        c, price = self.config, d.trade.price
+        move = math.log(price / band.close)
+        line = band.ratio * band.unit * (1 + 2 * c.range_widths)
+        spreads = math.log1p(c.spike_spreads * state.spread() / band.close)
+        if abs(move) <= spreads:
+            return
+        state.band.fired(band.start_ms)
+        unit = band.unit
+        d.flag("OUT_OF_RANGE", abs(move) / max(line, spreads),
+               self._band_evidence(d.trade, state, band, move / unit, max(line, spreads) / unit, spreads > line),
+               band_sigmas=round(move / unit, 2))
 
     # The evidence of each rule: built only for a trade that fired, from the state it was judged on.
 
@@ -321,6 +353,36 @@ class RuleDetector:
                         level=start_price * (1 + needed if up else 1 - needed), tick=state.tick,
                         extra={"moves": f.run_length, "spread": state.spread()})
 
+    def _band_evidence(self, trade: Trade, state: SymbolState, band: Band, sigmas: float, line: float,
+                       by_spreads: bool) -> Evidence:
+        c, up = self.config, sigmas > 0
+        minute = _hhmm(band.close_ms)
+        widths = f"{c.range_widths:g} band width{'s' if c.range_widths != 1 else ''}"
+        how = (f"{self._spreads_how(state)}, more than the band's edge ±{band.ratio:g} σ plus {widths}" if by_spreads
+               else f"the band's edge ±{band.ratio:g} σ plus {widths} of {2 * band.ratio:g} σ")
+        since = "" if band.horizon == 1 else f", per minute, × √{band.horizon} for the minutes since that close"
+        sigma = (f"σ {percent(band.unit)}: the larger of the band's {percent(band.sigma)} and the step between "
+                 f"minutes' closes, {percent(band.step_sigma)}{since}")
+        sentence = (f"price {num(trade.price)} is {abs(sigmas):.1f} σ {'above' if up else 'below'} the {minute} UTC "
+                    f"close {num(band.close)}; the band forecast for this minute by {band.forecaster} was "
+                    f"{num(band.low)}–{num(band.high)} ({sigma}); threshold {line:.1f} σ ({how})")
+        return Evidence("OUT_OF_RANGE", {"range_widths": c.range_widths, "spike_spreads": c.spike_spreads,
+                                         "window_s": band.size_ms // 1000, "band_ratio": band.ratio},
+                        "price", trade.price, band.close,
+                        f"the close of the {minute} UTC window, the centre of the band forecast at that close",
+                        sigmas, line, how, "sigma", sentence,
+                        trades_named(trade.trade_id, [], band.close_ms, band.close_ms + band.size_ms - 1,
+                                     band.trades),
+                        level=scaled(band.close, (1 if up else -1) * line * band.unit), tick=state.tick,
+                        extra={"sigma": band.unit, "band_sigma": band.sigma, "step_sigma": band.step_sigma,
+                               "forecaster": band.forecaster, "band_low": band.low, "band_high": band.high,
+                               "horizon_windows": band.horizon, "window_start_ms": band.start_ms,
+                               "spread": state.spread()})
+
     def take_transitions(self) -> list[BreakerTransition]:
         done, self.transitions = self.transitions, []
         return done
+
+
+def _hhmm(ms: int) -> str:
+    return f"{ms // 3_600_000 % 24:02d}:{ms // 60_000 % 60:02d}"

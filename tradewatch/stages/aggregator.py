@@ -30,10 +30,6 @@ from tradewatch.windows import PartitionClock, Window, WindowSet, size_label
 log = logging.getLogger("tradewatch.aggregator")
 
 
-def excluded_conditions(settings: Settings) -> frozenset[str]:
-    return frozenset(c.strip() for c in settings.ohlc_exclude_conditions.split(",") if c.strip())
-
-
 class Aggregate(runtime.Stage):
     name = "aggregator"
     watches_quiet = True      # quiet partitions close their windows (runtime.quiet_for)
@@ -45,7 +41,7 @@ class Aggregate(runtime.Stage):
         self.flush_interval_s = settings.aggregator_flush_ms / 1000.0
         self.batch_size = 5000
         self.sizes = settings.window_sizes_ms
-        self.exclude = excluded_conditions(settings)
+        self.exclude = settings.ohlc_excluded
         self.group, self.topic = settings.aggregator_group, settings.trades_topic
         self.partitions: dict[int, WindowSet] = {}
         self.stored: dict[int, tuple[int, int | None]] = {}   # partition -> (offset, watermark) last stored

@@ -18,8 +18,9 @@ import logging
 import time
 from typing import Callable
 
-from tradewatch import bus, prometheus, runtime
+from tradewatch import bus, prometheus, runtime, volatility
 from tradewatch.alerts import Deduplicator, alerts_for
+from tradewatch.candles import BASE_SIZE
 from tradewatch.config import Settings
 from tradewatch.detect import forest
 from tradewatch.detect.pipeline import DetectionPipeline
@@ -34,7 +35,14 @@ _LATENCY = prometheus.LATENCY.labels("detector", "trade_to_alert")
 
 def detector_config(settings: Settings) -> DetectorConfig:
     return DetectorConfig(price_window=settings.zscore_window, zscore_threshold=settings.zscore_threshold,
-                          cool_off_s=settings.breaker_cool_off_seconds)
+                          cool_off_s=settings.breaker_cool_off_seconds, range_widths=settings.out_of_range_widths)
+
+
+def rule_detector(settings: Settings, config: DetectorConfig | None = None) -> RuleDetector:
+    """The rules as the live detector runs them: OUT_OF_RANGE's band made by the forecaster the
+    aggregator uses for its 1-minute candles, judging no trade whose sale condition sets no price."""
+    return RuleDetector(config or detector_config(settings), volatility.load(settings.model_path)[BASE_SIZE],
+                        settings.ohlc_excluded)
 
 
 def load_model(settings: Settings) -> forest.ForestModel | None:
@@ -57,7 +65,7 @@ class Detect(runtime.Stage):
         self.settings = settings
         self.group, self.topic = settings.detector_group, settings.trades_topic
         self.max_skew_ms = int(settings.max_clock_skew_seconds * 1000)
-        self.pipeline = DetectionPipeline(RuleDetector(detector_config(settings)), load_model(settings))
+        self.pipeline = DetectionPipeline(rule_detector(settings), load_model(settings))
         self.dedup = Deduplicator.from_settings(settings)
         self.outbox = AlertOutbox(settings)
         self.routes = settings.routes                     # ALERT_ROUTES: severity -> channels
