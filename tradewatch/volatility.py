@@ -40,6 +40,12 @@ FORECAST_COLUMNS = ("next_sigma", "next_range", "next_band_low", "next_band_high
 DAY_MS = 86_400_000
 LOG_CAP = 50.0               # a band edge is never further than e^±50 × the close: past any real move, and
                              # absurd prices (a tick a million times the price) give no overflow
+VARIANCE_BOUNDS = (1e-30, LOG_CAP ** 2)   # every variance inside: finite, above 0, so logs and JSON hold
+                                          # whatever prices come (1e-300 after 1e12: a fuzzer's, not a market's)
+
+
+def bounded(variance: float) -> float:
+    return min(max(variance, VARIANCE_BOUNDS[0]), VARIANCE_BOUNDS[1])
 
 
 def scaled(price: float, log_move: float) -> float:
@@ -82,10 +88,13 @@ class ForecastState:
         return state
 
     def floor(self, close: float) -> float:
-        return (self.tick / (2 * close)) ** 2 if self.tick is not None else FLOOR
+        if self.tick is None:
+            return FLOOR
+        half = self.tick / close / 2            # (inf or 0 for absurd prices, never an exception)
+        return bounded(half * half)
 
     def update(self, start_ms: int, open_: float | None, high: float | None, low: float | None,
-               close: float | None, volume: float, count: int) -> dict | None:
+               close: float | None, volume: float, count: int, features: bool = True) -> dict | None:
         if self.close is None and close is None:
             return None                                      # no price yet
         if self.start_ms is not None:
@@ -98,10 +107,15 @@ class ForecastState:
         if step > close * 1e-9:                              # (below: float noise)
             self.tick = step if self.tick is None else min(self.tick, step)
         floor = self.floor(close)
-        v = max(0.5 * math.log(high / low) ** 2 - GK * math.log(close / open_) ** 2, floor)
+        log_range, drift = math.log(high) - math.log(low), math.log(close) - math.log(open_)    # finite, any prices
+        v = bounded(max(0.5 * log_range * log_range - GK * drift * drift, floor))
         self._push(v, float(volume or 0.0), float(count or 0), math.log(close), 1)
         self.start_ms, self.close = start_ms, close
-        return self._row(floor, math.log(high / low)) if self.windows >= HISTORY else None
+        if self.windows < HISTORY:
+            return None
+        if not features:                                     # what the EWMA needs, at a third of the cost
+            return {"start_ms": start_ms, "close": close, "floor": floor, "ewma": self.num / self.den}
+        return self._row(floor, log_range)
 
     def _flat(self, missing: int) -> None:
         """`missing` windows without a trade: the price stood at the last close."""
@@ -149,6 +163,11 @@ class Live:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.source})"
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether `forecast` reads the rows' features (the EWMA reads only `ewma` and `close`)."""
+        return self.fitted is not None
 
     def forecast(self, rows: list[dict]) -> list[tuple]:
         """FORECAST_COLUMNS for each row of ForecastState.update (each with its `symbol`)."""

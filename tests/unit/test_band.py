@@ -13,7 +13,7 @@ from tradewatch.alerts import alerts_for
 from tradewatch.detect.band import WINDOW_MS, BandWatch
 from tradewatch.detect.rules import DetectorConfig, RuleDetector
 from tradewatch.events import Trade
-from tradewatch.volatility import Live
+from tradewatch.volatility import UNTRAINED, Live
 
 T0 = 1_767_225_600_000          # 2026-01-01T00:00:00Z
 MINUTE_SIGMA = 0.0005           # σ of a minute's log price: 0.05 %
@@ -152,3 +152,27 @@ def test_a_state_stored_before_the_band_restores_and_starts_one():
     restored = RuleDetector()
     restored.restore(stored)
     assert isinstance(restored.state_for("AAPL").band, BandWatch) and restored.state_for("AAPL").band.window is None
+
+
+def test_absurd_prices_raise_nothing_and_leave_a_finite_state():
+    """What the fuzz test sends (prices from 1e-300 to 1e12 on one symbol): the detector and the
+    aggregator's forecast state go on, every number they store stays finite (orjson writes inf as
+    null, and JSON has no NaN)."""
+    import orjson
+
+    from tradewatch.volatility import ForecastState
+
+    rng = random.Random(9)
+    trades = [Trade(f"x{i}", "ODD", T0 + i * 7_000, 10 ** rng.uniform(-300, 12), 10 ** rng.uniform(-300, 15),
+                    rng.choice(("buy", "sell", "unknown")), "X") for i in range(600)]
+    detector = RuleDetector()
+    detections = run(trades, detector)
+    assert len(detections) == 600
+    stored = json.loads(orjson.dumps(detector.export({"ODD"})))
+    assert "null" not in json.dumps(stored["ODD"]["band"]) and stored["ODD"]["band"]["forecast"] is not None
+    state = ForecastState(WINDOW_MS)
+    for k in range(60):
+        prices = [10 ** rng.uniform(-300, 12) for _ in range(3)]
+        row = state.update(T0 + k * WINDOW_MS, prices[0], max(prices), min(prices), prices[-1], 1e15, 3)
+    assert all(math.isfinite(v) for k, v in row.items() if k != "start_ms")
+    assert all(math.isfinite(v) for v in UNTRAINED.forecast([{"symbol": "ODD", **row}])[0][:4])

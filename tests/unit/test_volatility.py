@@ -111,3 +111,16 @@ def test_a_trained_forecaster_is_used_live_and_the_ewma_needs_no_pandas(tmp_path
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     label, ratio, pandas_loaded = out.stdout.strip().split("|")
     assert label == "ewma (forecast-v1)" and float(ratio) == report["1m"]["band_ratio"] and pandas_loaded == "False"
+
+
+def test_the_ewma_alone_needs_no_features_and_gets_the_same_inputs():
+    candles = gbm_candles([0.001] * 60, "A", seed=37)
+    full, light = ForecastState(MINUTE), ForecastState(MINUTE)
+    for c in candles.itertuples():
+        args = (int(c.start_ms), c.open, c.high, c.low, c.close, c.volume, c.trade_count)
+        a, b = full.update(*args), light.update(*args, features=False)
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert b == {k: a[k] for k in ("start_ms", "close", "floor", "ewma")}
+            assert UNTRAINED.forecast([b]) == UNTRAINED.forecast([a])
+    assert not UNTRAINED.needs_features and b is not None

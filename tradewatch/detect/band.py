@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 
 from tradewatch.candles import BASE_SIZE
-from tradewatch.volatility import LAMBDA, ForecastState, Live, scaled
+from tradewatch.volatility import LAMBDA, ForecastState, Live, bounded, scaled
 from tradewatch.windows import parse_size
 
 WINDOW_MS = parse_size(BASE_SIZE)
@@ -162,10 +162,11 @@ class BandWatch:
         num, den, last_ms, last_close = self.step
         if close is not None:
             if last_close is not None:
-                change = math.log(close / last_close) ** 2 / ((start - last_ms) // self.size_ms)
+                step = math.log(close) - math.log(last_close)
+                change = bounded(step * step / ((start - last_ms) // self.size_ms))
                 num, den = change + LAMBDA * num, 1 + LAMBDA * den
             self.step = [num, den, start, close]
-        row = self.state.update(start, open_, high, low, close, volume, count)
+        row = self.state.update(start, open_, high, low, close, volume, count, forecaster.needs_features)
         if row is None:
             return                                           # no price yet, or a past too short
         sigma, _, _, _, label = forecaster.forecast([{"symbol": symbol, **row}])[0]

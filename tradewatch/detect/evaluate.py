@@ -141,7 +141,7 @@ PRICE_RULES = {"PRICE_SPIKE", "PRICE_DROP", "CIRCUIT_BREAKER", "PRICE_ZSCORE", "
 
 def score_out_of_range(lean_dir: Path, config: DetectorConfig = DetectorConfig(),
                        excluded_conditions: frozenset[str] = frozenset(), sizes: tuple = JUMP_SIZES,
-                       seeds: tuple = JUMP_SEEDS) -> dict:
+                       seeds: tuple = JUMP_SEEDS, days: tuple = ("spy", "ibm")) -> dict:
     """OUT_OF_RANGE on the recorded SPY and IBM day (tradewatch/detect/band.py): the alerts a user
     gets on each day as recorded, every type (deduplicated as the live detector does); and lasting
     jumps of the price by JUMP_SIZES injected JUMPS_PER_DAY times a day (inject.jumps), each found
@@ -151,7 +151,7 @@ def score_out_of_range(lean_dir: Path, config: DetectorConfig = DetectorConfig()
     from tradewatch.detect import inject
     from tradewatch.market import replay
     result = {}
-    for name in ("spy_20131007_trades.csv.gz", "ibm_20131007_trades.csv.gz"):
+    for name in (f"{d}_20131007_trades.csv.gz" for d in days):
         day = replay.load(lean_dir / name).trades
         dedup = Deduplicator(ALERT_COOLDOWNS_S)
         calm = Counter(a.alert_type for d in DetectionPipeline(RuleDetector(config, excluded=excluded_conditions))

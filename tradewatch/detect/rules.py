@@ -245,11 +245,11 @@ class RuleDetector:
         """OUT_OF_RANGE: beyond the band's line (BandWatch.outside), and more than `spike_spreads`
         spreads from its centre."""
         c, price = self.config, d.trade.price
-        move = math.log(price / band.close)
+        move = math.log(price) - math.log(band.close)
         line = band.ratio * band.unit * (1 + 2 * c.range_widths)
+        if abs(price - band.close) <= c.spike_spreads * state.spread():
+            return                                  # (as the price rules measure spreads: in price)
         spreads = math.log1p(c.spike_spreads * state.spread() / band.close)
-        if abs(move) <= spreads:
-            return
         state.band.fired(band.start_ms)
         unit = band.unit
         d.flag("OUT_OF_RANGE", abs(move) / max(line, spreads),

@@ -110,7 +110,7 @@ _STORED = ("close", *INDICATOR_COLUMNS, *FORECAST_COLUMNS)
 
 
 def indicator_rows(states: dict[tuple[str, str], Series], forecasters: volatility.Forecasters,
-                   final: list[Final]) -> list[tuple]:
+                   final: list[Final]) -> list[list]:
     """The `indicators` rows of final candles (symbol, size label, start ms, open, high, low, close,
     volume, trade count; each series in start order) folded into their series' states: the
     indicators at the candle's close and the forecast of the window after it. A candle without a
@@ -118,7 +118,7 @@ def indicator_rows(states: dict[tuple[str, str], Series], forecasters: volatilit
     rows, inputs = [], {}
     for symbol, label, start, *candle in final:
         indicators, forecast = states[(symbol, label)]
-        known = forecast.update(start, *candle)
+        known = forecast.update(start, *candle, features=forecasters[label].needs_features)
         close = candle[3]
         if close is None:
             continue
