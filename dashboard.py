@@ -651,20 +651,40 @@ def symbol_view(symbol: str, since, until, previous_since) -> None:
     alert_feed([symbol])
 
 
-@st.fragment(run_every=timedelta(seconds=refresh))
+# What moves with every trade is redrawn at the refresh the user chose; the rest of the overview —
+# the shares of volume, the scanner, the pump-and-dump events and the pipeline's samples (each stage
+# writes one every 10 s) — every PANEL_REFRESH_S, in a second fragment. Redrawn on every refresh,
+# those panels cost a browser about a third of what the page does (bench/dashboard_cpu.py). Two
+# fragments, not one per panel: every fragment's run costs the browser a pass over the page.
+PANEL_REFRESH_S = 10
+FAST = timedelta(seconds=refresh)
+SLOW = timedelta(seconds=max(refresh, PANEL_REFRESH_S))
+
+
+def shown_range() -> tuple | None:
+    """(symbols, since, until, span) of the chosen range, ending at the newest data; None before any."""
+    anchor = q("data_anchor")
+    if anchor is None:
+        return None
+    until = anchor + timedelta(milliseconds=1)
+    span = timedelta(minutes=RANGES[range_name])
+    return [view] if view != ALL_SYMBOLS else chosen or None, until - span, until, span
+
+
+@st.fragment(run_every=FAST)
 def live() -> None:
     try:
         health_strip()
-        anchor = q("data_anchor")
-        if anchor is None:
+        shown = shown_range()
+        if shown is None:
             st.info("No data yet — start the pipeline with `make demo` (or producer.py + consumer.py).", icon=":material/hourglass_empty:")
             return
-        symbols = [view] if view != ALL_SYMBOLS else chosen or None
-        span = timedelta(minutes=RANGES[range_name])
-        until = anchor + timedelta(milliseconds=1)
-        since = until - span
+        symbols, since, until, span = shown
         simulated = history.span(settings)
-        st.caption(f"{range_name} of data, up to {anchor:%Y-%m-%d %H:%M:%S} UTC · refreshing every {refresh} s · "
+        slower = ("" if view != ALL_SYMBOLS or SLOW == FAST else
+                  f" (scanner, shares and pipeline every {SLOW.seconds} s)")
+        st.caption(f"{range_name} of data, up to {until - timedelta(milliseconds=1):%Y-%m-%d %H:%M:%S} UTC · "
+                   f"refreshing every {refresh} s{slower} · "
                    f"metrics from `{source}`" + ("" if simulated is None or simulated[1] <= since else
                    f" · {simulated[0]:%H:%M:%S}–{simulated[1]:%H:%M:%S} UTC (shaded) was simulated when the "
                    f"demo started, live since"))
@@ -675,14 +695,28 @@ def live() -> None:
         candle_panel(symbols, since, until)
         books_panel(symbols)
         price_panel(symbols, since, until)
-        share_panels(symbols, since, until)
-        scanner_panel(symbols, since, until)
         whales_and_tape(symbols, since, until)
-        events_panel(symbols)
         alert_feed(symbols)
-        pipeline_panel()
     except DBAPIError as error:
         database_down(error)
 
 
+@st.fragment(run_every=SLOW)
+def slower_panels() -> None:
+    """The overview's slower half; nothing in the symbol view or before any data. A database outage
+    is said once, by `live`."""
+    try:
+        shown = shown_range()
+        if shown is None or view != ALL_SYMBOLS:
+            return
+        symbols, since, until, _ = shown
+        share_panels(symbols, since, until)
+        scanner_panel(symbols, since, until)
+        events_panel(symbols)
+        pipeline_panel()
+    except DBAPIError:
+        pass
+
+
 live()
+slower_panels()

@@ -331,3 +331,36 @@ def test_the_book_on_the_page_is_the_one_the_api_serves(settings, dashboard, tmp
         expect(page.locator('[data-testid="stMetric"]', has_text="Best bid")
                .locator('[data-testid="stMetricValue"]')).to_have_text(exact(quote["bid"]))
         browser.close()
+
+
+@pytest.fixture
+def fast_dashboard(settings, tmp_path):
+    load_known_market(settings)
+    yield from serve_dashboard(settings.with_overrides(dashboard_refresh_seconds=1), tmp_path)
+
+
+# counts, per panel heading, the times Streamlit marks that heading's element stale: it does so for
+# every element of a fragment when the fragment's run starts, until the run sends it again
+COUNT_REDRAWS = """headings => { window.redraws = Object.fromEntries(headings.map(h => [h, 0]));
+  new MutationObserver(changes => { for (const change of changes) {
+    const heading = headings.find(h => (change.target.innerText || '').startsWith(h));
+    if (heading && change.target.getAttribute('data-stale') === 'true') window.redraws[heading] += 1; } })
+  .observe(document.body, {attributes: true, attributeFilter: ['data-stale'], subtree: true}); }"""
+
+
+@pytest.mark.browser
+def test_the_slower_panels_are_redrawn_less_often_than_the_live_ones(fast_dashboard):
+    """The live panels follow the user's refresh (1 s here); the scanner, the shares and the
+    pipeline every 10 s: each panel's redraws counted on the page over 30 s."""
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1600, "height": 2400})
+        page.goto(fast_dashboard)
+        expect(page.get_by_text("Market scanner")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("scanner, shares and pipeline every 10 s", exact=False)).to_be_visible()
+        page.evaluate(COUNT_REDRAWS, ["Trade tape", "Market scanner"])
+        time.sleep(30)          # the behaviour under test is a rate: counted over a fixed span
+        counted = page.evaluate("window.redraws")
+        browser.close()
+    assert 2 <= counted["Market scanner"] <= 4, counted
+    assert counted["Trade tape"] >= 10, counted
