@@ -22,12 +22,12 @@ from tradewatch.windows import parse_size
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-def load_known_market(settings, count: int = 6000, seed: int = 8) -> int:
+def load_known_market(settings, count: int = 6000, seed: int = 8, sizes: tuple[str, ...] = ("1m", "5m", "15m")) -> int:
     trades = list(islice(MarketSimulator(seed=seed, rate=20.0, anomaly_rate=0.01,
                                          start_ms=int(T0.timestamp() * 1000)), count))
     conn = db.connect(settings)
     try:
-        return _load(conn, trades)
+        return _load(conn, trades, sizes)
     finally:
         conn.close()      # never left open in a transaction: its locks would hold up every TRUNCATE
 
@@ -59,11 +59,11 @@ def load_known_books(settings, count: int = 2000, seed: int = 8, anomaly_rate: f
     return books
 
 
-def _load(conn, trades) -> int:
+def _load(conn, trades, sizes: tuple[str, ...]) -> int:
     with conn.cursor() as cur:
         write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
     conn.commit()
-    backfill(conn, T0, T0 + timedelta(days=1), tuple(parse_size(s) for s in ("1m", "5m", "15m")), frozenset())
+    backfill(conn, T0, T0 + timedelta(days=1), tuple(parse_size(s) for s in sizes), frozenset())
     pipeline = DetectionPipeline()
     detections = pipeline.process(trades)
     dedup = Deduplicator({"CRITICAL": 300, "HIGH": 60, "MEDIUM": 30})

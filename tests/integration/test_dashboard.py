@@ -38,6 +38,13 @@ def metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
 
 
+def decoded(values) -> np.ndarray:
+    """A figure's array as plotly sends it: a list, or a numpy array as its bytes."""
+    if isinstance(values, dict):
+        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"])
+    return np.asarray(values, dtype=float)
+
+
 def test_empty_database_shows_no_data_yet(app):
     at = app()
     assert any("No data yet" in i.value for i in at.info)
@@ -58,6 +65,24 @@ def test_kpis_equal_the_sql_truth(settings, app):
     assert float(value_tile.help.removeprefix("exactly $").replace(",", "")) == pytest.approx(value, abs=0.01)
     assert metric(at, "Active symbols") == f"{symbols:,.0f}"
     assert metric(at, "Anomalies") == f"{anomalies:,.0f}" and anomalies > 10
+
+
+def test_every_configured_window_size_is_offered_and_drawn(settings, app, monkeypatch):
+    """#27: a 1h size in WINDOW_SIZES is a choice under "Candle size", and choosing it draws the
+    hour's candle as the trades make it."""
+    monkeypatch.setenv("WINDOW_SIZES", "1m,5m,15m,1h")
+    load_known_market(settings, sizes=("1m", "5m", "15m", "1h"))
+    at = app()
+    sizes = at.radio(key="candle_size")
+    assert list(sizes.options) == ["1m", "5m", "15m", "1h"]
+    sizes.set_value("1h")
+    at = app(at)
+    chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if " 1h candles" in c.proto.spec)
+    symbol = chart["layout"]["title"]["text"].split()[0]
+    candle = next(t for t in chart["data"] if t["type"] == "candlestick")
+    high, low = query(settings, "SELECT max(price), min(price) FROM trades WHERE symbol = %s", (symbol,))[0]
+    assert list(decoded(candle["high"])) == pytest.approx([float(high)])
+    assert list(decoded(candle["low"])) == pytest.approx([float(low)])
 
 
 def test_scanner_equals_the_sql_truth(settings, app):
@@ -160,8 +185,7 @@ def test_the_pipeline_panel_draws_the_stages_samples(settings, app):
     assert names == sorted(["arriving in Kafka", "consumer", "detector", "consumer", "detector",
                             "trade → row p50", "trade → row p99", "trade → alert p50", "trade → alert p99"])
     consumer = next(t for t in charts["Records per second"]["data"] if t["name"] == "consumer")
-    y = consumer["y"]          # plotly sends a numpy array as its bytes
-    values = np.frombuffer(base64.b64decode(y["bdata"]), dtype=y["dtype"])
+    values = decoded(consumer["y"])
     assert np.isnan(values[0]) and values[-1] == 150.0, "no rate at the first sample"
     assert charts["Latency from Kafka"]["layout"]["yaxis"]["type"] == "log"
 
