@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from tradewatch.alerts import PRECISION_MIN_MARKED, per_rule
-from tradewatch.cli import StopFlag, iso_time, load_settings, setup_logging
+from tradewatch.cli import StopFlag, cores, iso_time, load_settings, positive_int, setup_logging
 from tradewatch.config import Settings, shared_data_dir
 from tradewatch.detect import evaluate, forecast, forest
 from tradewatch.detect.pipeline import DetectionPipeline
@@ -240,7 +240,8 @@ def cmd_backtest(args, settings: Settings) -> int:
         variants["changed"] = variant
     conn = db.connect(settings)
     try:
-        result = backtest.run(settings, conn, args.since, args.until, args.symbols, variants, load_model(settings))
+        result = backtest.run(settings, conn, args.since, args.until, args.symbols, variants, load_model(settings),
+                              args.workers)
         report = backtest.summary(result, backtest.stored(conn, args.since, args.until, args.symbols), args.since,
                                   args.until, args.symbols, changes)
     finally:
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--symbols", type=symbols_arg, help="comma-separated (default: every symbol)")
     back.add_argument("--set", action="append", metavar="NAME=VALUE",
                       help="a detection setting or rule parameter to try, e.g. zscore_threshold=10 (repeatable)")
+    back.add_argument("--workers", type=positive_int, default=cores(),
+                      help="processes replaying symbols side by side (default: this machine's cores, %(default)s)")
     back.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     setup_logging()

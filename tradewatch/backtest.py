@@ -6,7 +6,8 @@ tradewatch/stages/detector.py builds them — once with today's settings and onc
 Trades come from the database and, for the spans `maintain` archived and dropped, from the Parquet
 archive, in the order the live detector saw them (per symbol: event time, then Kafka position).
 A symbol's state is its own (rolling windows, tick size, breaker, pump watch, alert cooldowns), so
-the order between symbols does not matter and an archived span is read one symbol at a time. Every
+the order between symbols does not matter: an archived span is read one symbol at a time, and the
+symbols are split among processes, one per core (`--workers`), each replaying its own. Every
 symbol is warmed up on the hour before `--since` (its alerts not counted), as the live detector
 had been: its windows (the last 50 prices, the largest of the last 1,000 sizes), tick and pump
 baseline (decayed over an hour) are then the live one's, so today's settings give the stored alert
@@ -21,10 +22,13 @@ from __future__ import annotations
 
 import heapq
 import math
+import multiprocessing
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Iterator, NamedTuple
 
 import pyarrow.compute as pc
@@ -38,7 +42,7 @@ from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import DetectorConfig
 from tradewatch.events import Trade
 from tradewatch.stages.detector import detector_config, rule_detector
-from tradewatch.store import queries
+from tradewatch.store import db, queries
 
 # the settings detection reads (stages/detector.py): through detector_config and the Deduplicator
 DETECTION_SETTINGS = ("zscore_window", "zscore_threshold", "breaker_cool_off_seconds", "out_of_range_widths",
@@ -178,12 +182,61 @@ def archived_rows(conn, files: list, symbols: list[str] | None, since: datetime,
 
 
 def run(settings: Settings, conn, since: datetime, until: datetime, symbols: list[str] | None,
-        variants: dict[str, Variant], model: ForestModel | None) -> dict:
+        variants: dict[str, Variant], model: ForestModel | None, workers: int = 1) -> dict:
     """Every variant over the stored trades of [since, until), warmed up on the hour before; their
-    alerts from `since` on, the trades read by source (warm_up, database, archive) and the labels."""
+    alerts from `since` on, the trades read by source (warm_up, database, archive) and the labels.
+    With `workers` > 1 the symbols are split into that many groups of about equal trades, each
+    replayed by a process of its own: a symbol's state is its own, so the alerts are one process's."""
+    started = time.perf_counter()
+    groups = split(settings, conn, since, until, symbols, workers) if workers > 1 else [symbols]
+    if len(groups) > 1:
+        with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(partial(_replay_apart, settings, since, until, variants, model), groups))
+    else:
+        parts = [replay(settings, conn, since, until, groups[0], variants, model)]
+    in_order = {name: sorted((a for p in parts for a in p["alerts"][name]), key=lambda a: (a.timestamp_ms, a.alert_id))
+                for name in variants}
+    return {"alerts": in_order,
+            "read": dict(sum((Counter(p["read"]) for p in parts), Counter())),
+            "labels": {trade: label for p in parts for trade, label in p["labels"].items()},
+            "seconds": time.perf_counter() - started}
+
+
+def split(settings: Settings, conn, since: datetime, until: datetime, symbols: list[str] | None,
+          workers: int) -> list[list[str] | None]:
+    """The symbols with trades in the range (warm-up included) in at most `workers` groups of about
+    equal trades: the busiest first, each to the group with the fewest so far."""
+    counts = Counter(queries.trade_counts(conn, symbols, since - WARM_UP, until))
+    conn.commit()
+    for start, end, files in pieces(settings, since - WARM_UP, until):
+        for f in files:
+            column = pq.read_table(f, columns=["symbol"], filters=[("ts", ">=", start), ("ts", "<", end)]).column(0)
+            counts.update({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist()
+                           if symbols is None or c["values"] in symbols})
+    loads = [0] * min(workers, len(counts))
+    groups: list[list[str]] = [[] for _ in loads]
+    for symbol, n in counts.most_common():
+        least = loads.index(min(loads))
+        loads[least] += n
+        groups[least].append(symbol)
+    return [sorted(g) for g in groups] or [symbols]
+
+
+def _replay_apart(settings: Settings, since: datetime, until: datetime, variants: dict[str, Variant],
+                  model: ForestModel | None, symbols: list[str]) -> dict:
+    conn = db.connect(settings)
+    try:
+        return replay(settings, conn, since, until, symbols, variants, model)
+    finally:
+        conn.close()
+
+
+def replay(settings: Settings, conn, since: datetime, until: datetime, symbols: list[str] | None,
+           variants: dict[str, Variant], model: ForestModel | None) -> dict:
+    """run() in one process: the trades of `symbols` (None: all) read in order, each batch through
+    every variant."""
     replays = {name: Replay(v, model) for name, v in variants.items()}
     read, labels = Counter(), {}
-    started = time.perf_counter()
     for start, end, files in pieces(settings, since - WARM_UP, since) + pieces(settings, since, until):
         source = "warm_up" if end <= since else "archive" if files else "database"
         rows = archived_rows(conn, files, symbols, start, end) if files else queries.trade_rows(conn, symbols, start,
@@ -204,8 +257,7 @@ def run(settings: Settings, conn, since: datetime, until: datetime, symbols: lis
         conn.commit()
     since_ms = since.timestamp() * 1000
     return {"alerts": {name: [a for a in r.alerts if a.timestamp_ms >= since_ms] for name, r in replays.items()},
-            "read": {source: n for source, n in read.items() if n}, "labels": labels,
-            "seconds": time.perf_counter() - started}
+            "read": read, "labels": labels}
 
 
 def stored(conn, since: datetime, until: datetime, symbols: list[str] | None) -> dict[str, str | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import signal
 import sys
 import time
@@ -89,3 +90,19 @@ def iso_time(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r} (e.g. 2013-10-07T13:30:00Z)")
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def positive_int(text: str) -> int:
+    """A whole number above 0, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, got {text!r}")
+    return value
+
+
+def cores() -> int:
+    """The cores this process may run on (all of the machine's where the OS cannot say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -8,12 +8,13 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 
 from tests.conftest import PROJECT_ROOT, query, scratch_database
 from tests.recorded_days import replay_recorded_days
-from tradewatch import maintain
+from tradewatch import backtest, maintain
 from tradewatch.events import Trade
 from tradewatch.store import db, detections, queries
 from tradewatch.store.writer import copy_line, write_batch
@@ -29,7 +30,7 @@ def replayed(services, tmp_path_factory):
     return replay_recorded_days(services, tmp_path_factory.mktemp("pipeline"))
 
 
-def backtest(settings, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_backtest(settings, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(PROJECT_ROOT / "anomaly_detector.py"), "backtest", *args],
                             cwd=PROJECT_ROOT, env={**os.environ, **settings.as_env(), **(env or {})},
                             capture_output=True, text=True, timeout=600)
@@ -47,7 +48,7 @@ def test_todays_settings_raise_the_live_alerts_again_and_write_nothing(replayed)
     before = counts(settings)
     stored = sorted(a for a, in query(settings, "SELECT alert_id FROM alerts"))
     assert stored, "the live detector raised alerts on the real days"
-    out = json.loads(backtest(settings, *DAY, "--json").stdout)
+    out = json.loads(run_backtest(settings, *DAY, "--json").stdout)
     assert out["alert_ids"] == {"today": stored}
     assert out["reproduced"] == {"stored": len(stored), "again": len(stored), "not_again": [], "not_stored": []}
     assert out["trades"] == before["trades"] and out["read"] == {"database": before["trades"]}
@@ -55,18 +56,29 @@ def test_todays_settings_raise_the_live_alerts_again_and_write_nothing(replayed)
                               " GROUP BY 1, 2 ORDER BY 1, 2")
     assert [(d["day"], d["rule"], d["today"]) for d in out["days"]] == per_day
     assert counts(settings) == before, "a backtest writes nothing"
+    alone = json.loads(run_backtest(settings, *DAY, "--json", "--workers", "1").stdout)
+    side_by_side = json.loads(run_backtest(settings, *DAY, "--json", "--workers", "2").stdout)
+    assert {k: v for k, v in alone.items() if k not in ("seconds", "trades_per_s")} == \
+        {k: v for k, v in side_by_side.items() if k not in ("seconds", "trades_per_s")} == \
+        {k: v for k, v in out.items() if k not in ("seconds", "trades_per_s")}
+    with db.connect(settings) as conn:
+        since, until = (datetime.fromisoformat(t.replace("Z", "+00:00")) for t in DAY[1::2])
+        assert backtest.split(settings, conn, since, until, None, 3) in ([["IBM"], ["SPY"]], [["SPY"], ["IBM"]]), \
+            "one symbol per process, no more processes than symbols"
+        assert backtest.split(settings, conn, since, until, ["SPY"], 2) == [["SPY"]]
+    conn.close()
 
-    spy = json.loads(backtest(settings, *DAY, "--symbols", "spy", "--json").stdout)
+    spy = json.loads(run_backtest(settings, *DAY, "--symbols", "spy", "--json").stdout)
     assert spy["alert_ids"]["today"] == sorted(a for a, in query(settings, "SELECT alert_id FROM alerts"
                                                                           " WHERE symbol = 'SPY'"))
     # from the middle of the day: warmed up on the hour before, as the live detector had been
-    midday = json.loads(backtest(settings, "--since", "2013-10-07T17:00:00Z", "--until", "2013-10-08T00:00:00Z",
+    midday = json.loads(run_backtest(settings, "--since", "2013-10-07T17:00:00Z", "--until", "2013-10-08T00:00:00Z",
                                  "--json").stdout)
     assert midday["alert_ids"]["today"] == sorted(a for a, in query(settings, "SELECT alert_id FROM alerts"
                                                                                " WHERE ts >= '2013-10-07T17:00Z'"))
     assert midday["read"]["warm_up"] == query(settings, "SELECT count(*) FROM trades WHERE ts >= '2013-10-07T16:00Z'"
                                                         " AND ts < '2013-10-07T17:00Z'")[0][0] > 0
-    text = backtest(settings, *DAY, "--symbols", "ibm").stdout
+    text = run_backtest(settings, *DAY, "--symbols", "ibm").stdout
     ibm = query(settings, "SELECT count(*) FROM alerts WHERE symbol = 'IBM'")[0][0]
     assert ibm > 0 and f"today's settings raised {ibm:,} of the {ibm:,} alerts stored for this range" in text
 
@@ -75,7 +87,7 @@ def test_a_stricter_threshold_gives_a_subset_scored_by_the_analysts_verdicts(rep
     """Without cooldowns (one alert may silence another) a stricter whale threshold flags a subset
     of the trades; the analysts' verdicts on the stored alerts score both."""
     settings = replayed
-    out = json.loads(backtest(settings, *DAY, "--set", "whale_factor=4", "--json", env=NO_COOLDOWNS).stdout)
+    out = json.loads(run_backtest(settings, *DAY, "--set", "whale_factor=4", "--json", env=NO_COOLDOWNS).stdout)
     today, changed = (set(out["alert_ids"][n]) for n in ("today", "changed"))
     assert changed < today, (len(changed), len(today))
     assert out["changes"] == {"whale_factor": {"today": 2.8, "changed": 4.0}}
@@ -88,7 +100,7 @@ def test_a_stricter_threshold_gives_a_subset_scored_by_the_analysts_verdicts(rep
             detections.set_disposition(engine, alert_id, "false_positive", None, "test", "api")
         for alert_id in kept[:5]:
             detections.set_disposition(engine, alert_id, "true_positive", None, "test", "api")
-        result = backtest(settings, *DAY, "--set", "whale_factor=4", "--json", env=NO_COOLDOWNS)
+        result = run_backtest(settings, *DAY, "--set", "whale_factor=4", "--json", env=NO_COOLDOWNS)
         (rule,) = [r for r in json.loads(result.stdout)["rules"] if r["rule"] == "VOLUME_SPIKE"]
         assert (rule["today"]["true_positive"], rule["today"]["false_positive"], rule["today"]["precision"]) == \
             (5, 5, 0.5)
@@ -96,7 +108,7 @@ def test_a_stricter_threshold_gives_a_subset_scored_by_the_analysts_verdicts(rep
             == (5, 0, 1.0)
         whales = [{a for a in ids if a.endswith(":VOLUME_SPIKE")} for ids in (today, changed)]
         assert (rule["today"]["alerts"], rule["changed"]["alerts"]) == tuple(map(len, whales))
-        text = backtest(settings, *DAY, "--set", "whale_factor=4", env=NO_COOLDOWNS).stdout
+        text = run_backtest(settings, *DAY, "--set", "whale_factor=4", env=NO_COOLDOWNS).stdout
         assert "changed: whale_factor 2.8 -> 4" in text and "5/5 (50%) -> 5/0 (100%)" in text, text
     finally:
         with engine.begin() as conn:
@@ -124,8 +136,8 @@ def test_a_range_reaching_into_archived_spans_reads_the_archive(replayed, tmp_pa
         with db.connect(scratch) as conn, conn.cursor() as cur:
             write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate([late, *later])], [])
         conn.close()
-        out = json.loads(backtest(scratch, "--since", "2013-10-07T00:00:00Z", "--until", "2014-01-03T00:00:00Z",
-                                  "--json").stdout)
+        out = json.loads(run_backtest(scratch, "--since", "2013-10-07T00:00:00Z", "--until", "2014-01-03T00:00:00Z",
+                                      "--json", "--workers", "2").stdout)
         assert out["read"] == {"archive": rows + 1, "database": len(later)}
         live = sorted(a for a, in query(replayed, "SELECT alert_id FROM alerts"))
         added = {t.trade_id for t in (late, *later)}
@@ -141,8 +153,10 @@ def test_a_bad_set_or_range_is_one_line_and_exit_status_2(replayed):
                           (["--set", "ZSCORE_THRESHOLD=0"], "setting ZSCORE_THRESHOLD must be more than 0"),
                           (["--set", "whale_factor"], "--set needs NAME=VALUE"),
                           (["--set", "whale_factor=nan"], "must be a finite number more than 0")):
-        result = backtest(replayed, *DAY, *args, check=False)
+        result = run_backtest(replayed, *DAY, *args, check=False)
         assert result.returncode == 2 and not result.stdout, (args, result.stdout)
         assert result.stderr.count("\n") == 1 and message in result.stderr, (args, result.stderr)
-    result = backtest(replayed, "--since", "2013-10-08T00:00:00Z", "--until", "2013-10-07T00:00:00Z", check=False)
+    result = run_backtest(replayed, *DAY, "--workers", "0", check=False)
+    assert result.returncode == 2 and "argument --workers: must be a whole number above 0, got '0'" in result.stderr
+    result = run_backtest(replayed, "--since", "2013-10-08T00:00:00Z", "--until", "2013-10-07T00:00:00Z", check=False)
     assert result.returncode == 2 and result.stderr == "error: --until must be after --since\n"
