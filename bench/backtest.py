@@ -11,7 +11,6 @@ change too; never slower per trade than the live detector.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import resource
 import subprocess
@@ -50,7 +49,7 @@ def load(settings, count: int) -> float:
     sim, started = simulator(settings), time.perf_counter()
     for offset in range(0, count, 200_000):
         lines = [copy_line(t, 0, offset + i) for i, t in enumerate(islice(sim, min(200_000, count - offset)))]
-        cur.copy_expert(f"COPY trades ({COLUMNS}) FROM STDIN", io.StringIO("\n".join(lines) + "\n"))
+        db.copy_in(cur, f"COPY trades ({COLUMNS}) FROM STDIN", "\n".join(lines) + "\n")
         conn.commit()
     conn.autocommit = True
     cur.execute("VACUUM ANALYZE trades")

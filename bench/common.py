@@ -1,7 +1,6 @@
 """Shared by the benchmarks: a private stack (own ports and data directory) and small helpers."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -61,9 +60,9 @@ def raw_copy_rate(settings: Settings, trades) -> float:
         cur.execute("CREATE TEMP TABLE copy_ceiling (trade_id text, symbol text, ts timestamptz, price float8,"
                     " quantity float8, side text, exchange text, bid float8, ask float8, condition text,"
                     " schema_version smallint, injected_anomaly text, kafka_partition int, kafka_offset bigint)")
-        buffer = io.StringIO("\n".join(copy_line(t, 0, i) for i, t in enumerate(trades)) + "\n")
+        text = "\n".join(copy_line(t, 0, i) for i, t in enumerate(trades)) + "\n"
         started = time.perf_counter()
-        cur.copy_expert("COPY copy_ceiling FROM STDIN", buffer)
+        db.copy_in(cur, "COPY copy_ceiling FROM STDIN", text)
         conn.commit()
         elapsed = time.perf_counter() - started
     conn.close()
@@ -159,7 +158,7 @@ def _load_simulated(settings: Settings, count: int) -> dict:
     chunk = 200_000
     for offset in range(0, count, chunk):
         lines = [copy_line(sim.next_trade(), 0, offset + i) for i in range(min(chunk, count - offset))]
-        cur.copy_expert(f"COPY trades ({COLUMNS}) FROM STDIN", io.StringIO("\n".join(lines) + "\n"))
+        db.copy_in(cur, f"COPY trades ({COLUMNS}) FROM STDIN", "\n".join(lines) + "\n")
     generated = time.perf_counter() - started
     cur.execute("""
         INSERT INTO trade_flags (trade_id, symbol, ts, anomaly_types, anomaly_score, anomaly_severity, detector_version)

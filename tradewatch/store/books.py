@@ -3,14 +3,12 @@
 again after a crash changes nothing."""
 from __future__ import annotations
 
-import io
-
 import orjson
 import psycopg2.errors
 from psycopg2.extras import execute_values
 
 from tradewatch.book import OrderBook
-from tradewatch.store import partitions
+from tradewatch.store import db, partitions
 from tradewatch.store.writer import copy_number, copy_timestamp
 
 _CREATE_INCOMING = """
@@ -35,15 +33,15 @@ def write_quotes(cur, rows: list[tuple]) -> None:
     partitions.ensure(cur, "quotes", {partitions.day_of(r[1]) for r in rows})
     cur.execute("SAVEPOINT quotes_copy")
     try:
-        cur.copy_expert("COPY quotes (symbol, ts, seq, bid, bid_size, ask, ask_size) FROM STDIN",
-                        io.StringIO("".join(_quote_lines(rows, copy_timestamp))))
+        db.copy_in(cur, "COPY quotes (symbol, ts, seq, bid, bid_size, ask, ask_size) FROM STDIN",
+                   "".join(_quote_lines(rows, copy_timestamp)))
         cur.execute("RELEASE SAVEPOINT quotes_copy")
         return
     except psycopg2.errors.UniqueViolation:
         cur.execute("ROLLBACK TO SAVEPOINT quotes_copy")
         cur.execute("RELEASE SAVEPOINT quotes_copy")
     cur.execute(_CREATE_INCOMING)
-    cur.copy_expert("COPY quotes_incoming FROM STDIN", io.StringIO("".join(_quote_lines(rows, str))))
+    db.copy_in(cur, "COPY quotes_incoming FROM STDIN", "".join(_quote_lines(rows, str)))
     cur.execute(_MERGE)
 
 

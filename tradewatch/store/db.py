@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import psycopg2
@@ -66,6 +67,17 @@ def connect(settings: Settings, database: str | None = None) -> psycopg2.extensi
             raise DatabaseRefused(refused_message(error)) from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise DatabaseUnavailable(f"{unavailable_message(settings)}: {first_line}") from None
+
+
+COPY_CHUNK = 1 << 24
+
+
+def copy_in(cur, sql: str, text: str) -> None:
+    """`COPY … FROM STDIN` of `text` (COPY text lines) in one piece. psycopg2 reads its file in
+    chunks (8 KiB by default), taking the GIL for each; while another thread of the process runs
+    Python (the consumer decodes its next batch while this one is stored), every chunk waited for
+    the GIL's switch interval, and storing 10,000 trades took about a second where it takes 35 ms."""
+    cur.copy_expert(sql, io.StringIO(text), size=COPY_CHUNK)
 
 
 def apply_schema(settings: Settings) -> None:

@@ -16,7 +16,6 @@ every other row is stored.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import psycopg2.extensions
 from psycopg2.extras import execute_values
 
 from tradewatch.events import LATEST_TIMESTAMP_MS, MAX_EVENT_BYTES, Trade
-from tradewatch.store import partitions
+from tradewatch.store import db, partitions
 
 COLUMNS = ("trade_id, symbol, ts, price, quantity, side, exchange, bid, ask, condition, schema_version, "
             "injected_anomaly, kafka_partition, kafka_offset")
@@ -120,14 +119,14 @@ def _copy(cur, text: str) -> int:
     """COPY straight into trades; when a trade_id is already stored, merge through a temp table."""
     cur.execute("SAVEPOINT direct_copy")
     try:
-        cur.copy_expert(f"COPY trades ({COLUMNS}) FROM STDIN", io.StringIO(text))
+        db.copy_in(cur, f"COPY trades ({COLUMNS}) FROM STDIN", text)
         cur.execute("RELEASE SAVEPOINT direct_copy")
         return text.count("\n")
     except psycopg2.errors.UniqueViolation:
         cur.execute("ROLLBACK TO SAVEPOINT direct_copy")
         cur.execute("RELEASE SAVEPOINT direct_copy")
     cur.execute(_CREATE_STAGE)
-    cur.copy_expert(f"COPY trades_incoming ({COLUMNS}) FROM STDIN", io.StringIO(text))
+    db.copy_in(cur, f"COPY trades_incoming ({COLUMNS}) FROM STDIN", text)
     cur.execute(_MERGE)
     return cur.rowcount
 
