@@ -27,7 +27,7 @@ from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.market.simulator import MarketSimulator
 from tradewatch.stages.detector import rule_detector
 from tradewatch.store import db, partitions
-from tradewatch.store.writer import COLUMNS, copy_line
+from tradewatch.store.writer import copy_data, copy_row, copy_trades
 
 START_MS = 1_767_225_600_000            # 2026-01-01: day partitions, as the last days of a running demo
 WEEK = 20 * 86_400 * 7
@@ -48,8 +48,8 @@ def load(settings, count: int) -> float:
     partitions.ensure(cur, "trades", days)
     sim, started = simulator(settings), time.perf_counter()
     for offset in range(0, count, 200_000):
-        lines = [copy_line(t, 0, offset + i) for i, t in enumerate(islice(sim, min(200_000, count - offset)))]
-        db.copy_in(cur, f"COPY trades ({COLUMNS}) FROM STDIN", "\n".join(lines) + "\n")
+        copy_trades(cur, copy_data([copy_row(t, 0, offset + i)
+                                    for i, t in enumerate(islice(sim, min(200_000, count - offset)))]))
         conn.commit()
     conn.autocommit = True
     cur.execute("VACUUM ANALYZE trades")

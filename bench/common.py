@@ -53,16 +53,16 @@ def start_stage(settings: Settings, script: str, *args: str) -> subprocess.Popen
 def raw_copy_rate(settings: Settings, trades) -> float:
     """PostgreSQL COPY rows/s into a temp table of the trades shape: the database ceiling."""
     from tradewatch.store import db
-    from tradewatch.store.writer import copy_line
+    from tradewatch.store.writer import copy_data, copy_row, copy_trades
 
     conn = db.connect(settings)
     with conn.cursor() as cur:
         cur.execute("CREATE TEMP TABLE copy_ceiling (trade_id text, symbol text, ts timestamptz, price float8,"
                     " quantity float8, side text, exchange text, bid float8, ask float8, condition text,"
                     " schema_version smallint, injected_anomaly text, kafka_partition int, kafka_offset bigint)")
-        text = "\n".join(copy_line(t, 0, i) for i, t in enumerate(trades)) + "\n"
+        data = copy_data([copy_row(t, 0, i) for i, t in enumerate(trades)])
         started = time.perf_counter()
-        db.copy_in(cur, "COPY copy_ceiling FROM STDIN", text)
+        copy_trades(cur, data, "copy_ceiling")
         conn.commit()
         elapsed = time.perf_counter() - started
     conn.close()
@@ -144,7 +144,7 @@ def _load_simulated(settings: Settings, count: int) -> dict:
     from tradewatch.market.simulator import MarketSimulator
     from tradewatch.store import db, partitions
     from tradewatch.store.candles import backfill
-    from tradewatch.store.writer import COLUMNS, copy_line
+    from tradewatch.store.writer import copy_data, copy_row, copy_trades
     from tradewatch.windows import parse_size
 
     conn = db.connect(settings)
@@ -157,8 +157,8 @@ def _load_simulated(settings: Settings, count: int) -> dict:
     started = time.perf_counter()
     chunk = 200_000
     for offset in range(0, count, chunk):
-        lines = [copy_line(sim.next_trade(), 0, offset + i) for i in range(min(chunk, count - offset))]
-        db.copy_in(cur, f"COPY trades ({COLUMNS}) FROM STDIN", "\n".join(lines) + "\n")
+        copy_trades(cur, copy_data([copy_row(sim.next_trade(), 0, offset + i)
+                                    for i in range(min(chunk, count - offset))]))
     generated = time.perf_counter() - started
     cur.execute("""
         INSERT INTO trade_flags (trade_id, symbol, ts, anomaly_types, anomaly_score, anomaly_severity, detector_version)

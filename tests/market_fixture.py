@@ -16,7 +16,7 @@ from tradewatch.store import db
 from tradewatch.store.books import write_books
 from tradewatch.store import detections as flags
 from tradewatch.store.candles import backfill
-from tradewatch.store.writer import copy_line, write_batch
+from tradewatch.store.writer import copy_row, write_batch
 from tradewatch.windows import parse_size
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -61,7 +61,7 @@ def load_known_books(settings, count: int = 2000, seed: int = 8, anomaly_rate: f
 
 def _load(conn, trades, sizes: tuple[str, ...]) -> int:
     with conn.cursor() as cur:
-        write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
+        write_batch(cur, [copy_row(t, 0, i) for i, t in enumerate(trades)], [])
     conn.commit()
     backfill(conn, T0, T0 + timedelta(days=1), tuple(parse_size(s) for s in sizes), frozenset())
     pipeline = DetectionPipeline()

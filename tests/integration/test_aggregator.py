@@ -209,11 +209,11 @@ def test_one_bad_clock_never_stalls_the_windows(settings, tmp_path):
 def test_backfill_writes_whole_windows_only_and_leaves_held_windows_to_the_live_aggregator(settings):
     """Issue 11: `--backfill --until` inside a window wrote that partial window marked final, and
     could finalise a window the live aggregator still held open."""
-    from tradewatch.store.writer import copy_line, write_batch
+    from tradewatch.store.writer import copy_row, write_batch
     t0 = iso_to_ms("2026-01-01T00:00:00Z")
     trades = [Trade(f"b-{n}", "AAPL", t0 + n * 10_000, 100.0 + n, 1.0, "buy", "X") for n in range(40)]  # 6.5 min
     with db.connect(settings) as conn, conn.cursor() as cur:
-        write_batch(cur, [copy_line(t, 2, n) for n, t in enumerate(trades)], [])
+        write_batch(cur, [copy_row(t, 2, n) for n, t in enumerate(trades)], [])
     conn.close()
 
     def backfill(until: str) -> None:

@@ -17,7 +17,7 @@ from tests.recorded_days import replay_recorded_days
 from tradewatch import backtest, maintain
 from tradewatch.events import Trade
 from tradewatch.store import db, detections, queries
-from tradewatch.store.writer import copy_line, write_batch
+from tradewatch.store.writer import copy_row, write_batch
 
 DAY = ("--since", "2013-10-07T00:00:00Z", "--until", "2013-10-08T00:00:00Z")
 WRITTEN = ("alerts", "trade_flags", "alert_dispositions", "manipulation_events", "breaker_transitions",
@@ -134,7 +134,7 @@ def test_a_range_reaching_into_archived_spans_reads_the_archive(replayed, tmp_pa
         late = Trade("late", "IBM", 1_381_190_400_000, 185.0, 100.0, "buy", "X")            # 2013-10-08
         later = [Trade(f"n{i}", "SPY", 1_388_664_000_000 + i * 1000, 184.0, 10.0, "sell", "X") for i in range(50)]
         with db.connect(scratch) as conn, conn.cursor() as cur:
-            write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate([late, *later])], [])
+            write_batch(cur, [copy_row(t, 0, i) for i, t in enumerate([late, *later])], [])
         conn.close()
         out = json.loads(run_backtest(scratch, "--since", "2013-10-07T00:00:00Z", "--until", "2014-01-03T00:00:00Z",
                                       "--json", "--workers", "2").stdout)

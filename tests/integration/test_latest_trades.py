@@ -14,7 +14,7 @@ from tests.conftest import query
 from tests.integration.test_maintain import maintain
 from tradewatch.events import Trade
 from tradewatch.store import db
-from tradewatch.store.writer import copy_line, write_batch
+from tradewatch.store.writer import copy_row, write_batch
 
 NEWEST = ("SELECT DISTINCT ON (symbol) symbol, ts, trade_id, price, quantity, side, exchange FROM trades"
           " ORDER BY symbol, ts DESC, trade_id DESC")
@@ -31,7 +31,7 @@ def write(settings, trades: list[Trade], commit: bool = True):
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
-            result = write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
+            result = write_batch(cur, [copy_row(t, 0, i) for i, t in enumerate(trades)], [])
         conn.commit() if commit else conn.rollback()
     finally:
         conn.close()

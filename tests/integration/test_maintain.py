@@ -22,7 +22,7 @@ from tradewatch.detect.evidence import Evidence, trades_named
 from tradewatch.detect.rules import Detection
 from tradewatch.events import Trade
 from tradewatch.store import db, detections, queries
-from tradewatch.store.writer import DeadLetter, copy_line, write_batch, write_dead_letters
+from tradewatch.store.writer import DeadLetter, copy_row, write_batch, write_dead_letters
 
 # recent days are day partitions (schema.sql): the ten days end two days ago
 START = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=12)
@@ -47,7 +47,7 @@ def load(settings) -> list[Trade]:
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
-            write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
+            write_batch(cur, [copy_row(t, 0, i) for i, t in enumerate(trades)], [])
             spikes = [flagged(t) for t in trades[::6]]
             detections.write_flags(cur, spikes, "test")
             detections.write_alerts(cur, [(0, a) for d in spikes for a in alerts_for(d)])
@@ -131,7 +131,7 @@ def test_a_column_empty_in_the_first_chunk_keeps_its_type_in_the_archive(archive
     trades = [Trade(f"q{i}", "SPY", start_ms + i, 170.0, 1.0, "buy", "X", *((169.9, 170.1) if i >= 3 else ()))
               for i in range(6)]
     with db.connect(settings) as conn, conn.cursor() as cur:
-        write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
+        write_batch(cur, [copy_row(t, 0, i) for i, t in enumerate(trades)], [])
         day = next(d for d in maintenance.day_partitions(cur, "trades", "ts") if d.day == START.date())
         rows, checksum = maintenance.measure(cur, day)
     monkeypatch.setattr(maintenance, "CHUNK_ROWS", 3)
@@ -150,7 +150,7 @@ def test_a_redelivered_trade_is_never_doubled_and_one_resent_with_another_time_i
     try:
         for batch in ([trade], [trade], [later]):          # the same trade delivered twice, then re-sent later
             with conn.cursor() as cur:
-                result = write_batch(cur, [copy_line(t, 0, 0) for t in batch], [])
+                result = write_batch(cur, [copy_row(t, 0, 0) for t in batch], [])
             conn.commit()
     finally:
         conn.close()
@@ -172,7 +172,7 @@ def test_a_redelivered_trade_is_never_doubled_and_one_resent_with_another_time_i
             cur.execute("INSERT INTO trades (trade_id, symbol, ts, price, quantity, side, exchange, schema_version,"
                         " ingested_at) VALUES ('again', 'SPY', %s, 170, 10, 'buy', 'X', 1, now() - interval '1 day')",
                         (datetime.fromtimestamp(again.timestamp_ms / 1000, timezone.utc),))
-            write_batch(cur, [copy_line(moved, 0, 1)], [])      # the old one stored long ago, re-sent now
+            write_batch(cur, [copy_row(moved, 0, 1)], [])      # the old one stored long ago, re-sent now
         conn.commit()
     finally:
         conn.close()
@@ -308,7 +308,7 @@ def test_days_far_from_today_share_a_year_and_a_wrong_clock_expires_nothing(arch
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
-            write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(spread + recent + [wrong])], [])
+            write_batch(cur, [copy_row(t, 0, i) for i, t in enumerate(spread + recent + [wrong])], [])
             write_dead_letters(cur, [DeadLetter("trades", 0, 1, None, b"x", "not JSON", 300_000_000_000_000)])
         conn.commit()
     finally:
@@ -459,7 +459,7 @@ def test_a_partition_a_writer_is_about_to_fill_is_not_dropped_from_under_it(arch
     thread.start()
     thread.join(2)
     assert thread.is_alive(), "the drop waits for the writer"
-    write_batch(cur, [copy_line(old, 0, 0)], [])
+    write_batch(cur, [copy_row(old, 0, 0)], [])
     writer.commit()
     thread.join(30)
     writer.close()

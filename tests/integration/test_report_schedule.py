@@ -11,7 +11,7 @@ from tests.conftest import query, start_script, wait_for
 from tradewatch.events import Trade
 from tradewatch.store import db
 from tradewatch.store.candles import backfill
-from tradewatch.store.writer import copy_line, write_batch
+from tradewatch.store.writer import copy_row, write_batch
 from tradewatch.windows import parse_size
 
 START = datetime(2013, 10, 1, tzinfo=timezone.utc)
@@ -25,7 +25,7 @@ def test_every_hour_starts_with_a_bounded_backlog_and_is_not_stopped_by_a_never_
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
-            write_batch(cur, [copy_line(t, 0, i) for i, t in enumerate(trades)], [])
+            write_batch(cur, [copy_row(t, 0, i) for i, t in enumerate(trades)], [])
         conn.commit()
         backfill(conn, START, START + timedelta(days=DAYS), tuple(parse_size(s) for s in ("1m", "5m", "15m")),
                  frozenset())

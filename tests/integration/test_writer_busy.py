@@ -12,20 +12,20 @@ from datetime import datetime, timezone
 
 from tradewatch.events import Trade
 from tradewatch.store import db
-from tradewatch.store.writer import copy_line, write_batch
+from tradewatch.store.writer import copy_row, write_batch
 
 NOW_MS = int(datetime.now(timezone.utc).timestamp() * 1000)
 
 
 def store(settings, first: int, n: int) -> float:
     """Seconds to write and commit trades first..first+n as one batch."""
-    lines = [copy_line(Trade(f"busy-{i}", f"S{i % 7}", NOW_MS - i, 10.0 + i % 100 / 100, 1.0, "buy", "X"), 0, i)
+    rows = [copy_row(Trade(f"busy-{i}", f"S{i % 7}", NOW_MS - i, 10.0 + i % 100 / 100, 1.0, "buy", "X"), 0, i)
              for i in range(first, first + n)]
     conn = db.connect(settings)
     try:
         started = time.perf_counter()
         with conn.cursor() as cur:
-            result = write_batch(cur, lines, [])
+            result = write_batch(cur, rows, [])
         conn.commit()
         elapsed = time.perf_counter() - started
     finally:
@@ -51,6 +51,6 @@ def test_a_batch_is_stored_as_fast_while_another_thread_runs_python(settings):
         stop.set()
         busy.join()
     assert spins[0] > 0
-    # chunked by 8 KiB it took ~15x as long (7 MB of COPY text, a 5 ms wait per chunk); a busy
+    # chunked by 8 KiB it took ~15x as long (megabytes of COPY data, a 5 ms wait per chunk); a busy
     # machine's noise stays well inside 3x
     assert meanwhile < 3 * alone + 0.5, f"alone {alone:.2f}s, beside a busy thread {meanwhile:.2f}s"

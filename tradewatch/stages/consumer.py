@@ -16,7 +16,7 @@ from tradewatch import bus, prometheus, runtime
 from tradewatch.config import Settings
 from tradewatch.events import InvalidTrade, decode_trade
 from tradewatch.store.partitions import DAY_MS
-from tradewatch.store.writer import DeadLetter, copy_line, write_batch, write_dead_letters
+from tradewatch.store.writer import DeadLetter, copy_row, write_batch, write_dead_letters
 
 log = logging.getLogger("tradewatch.consumer")
 LATENCY_SAMPLE = 64          # one trade → row latency observation per this many trades
@@ -66,33 +66,33 @@ class IngestStats:
 
 
 class _Batch(runtime.Stage):
-    """Trades (as COPY lines) and dead letters awaiting one transaction."""
+    """Trades (as COPY rows) and dead letters awaiting one transaction."""
 
     def __init__(self, stats: IngestStats, max_skew_ms: int, say: DeadLetterLog):
         super().__init__()
         self.say = say
         self.stats = stats
         self.max_skew_ms = max_skew_ms
-        self.lines: list[str] = []
-        self.sources: list[bus.Message] = []       # the message of each line
+        self.rows: list[bytes] = []
+        self.sources: list[bus.Message] = []       # the message of each row
         self.dead: list[DeadLetter] = []
-        self.days: set[int] = set()                 # event days of the lines (their partitions)
-        self.newest: dict[str, tuple[int, str, int]] | None = {}   # symbol -> (ms, trade_id, line) of its newest
+        self.days: set[int] = set()                 # event days of the rows (their partitions)
+        self.newest: dict[str, tuple[int, str, int]] | None = {}   # symbol -> (ms, trade_id, row) of its newest
         self._result = None
 
     def add(self, messages: list[bus.Message], now_ms: int) -> list[DeadLetter]:
-        """Validate each message: a COPY line for a trade, a dead letter (with the reason) otherwise."""
-        lines, sources, dead, skew, days = self.lines, self.sources, [], self.max_skew_ms, self.days
+        """Validate each message: a COPY row for a trade, a dead letter (with the reason) otherwise."""
+        rows, sources, dead, skew, days = self.rows, self.sources, [], self.max_skew_ms, self.days
         newest = self.newest if self.newest is not None else {}
         for m in messages:
             try:
                 trade = decode_trade(m.value, m.timestamp_ms or now_ms, skew)
-                lines.append(copy_line(trade, m.partition, m.offset))
+                rows.append(copy_row(trade, m.partition, m.offset))
                 ms, trade_id = trade.timestamp_ms, trade.trade_id
                 days.add(ms // DAY_MS)
                 old = newest.get(trade.symbol)
                 if old is None or ms > old[0] or (ms == old[0] and trade_id > old[1]):
-                    newest[trade.symbol] = (ms, trade_id, len(lines) - 1)
+                    newest[trade.symbol] = (ms, trade_id, len(rows) - 1)
                 sources.append(m)
             except InvalidTrade as error:
                 dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, str(error), m.timestamp_ms))
@@ -103,11 +103,11 @@ class _Batch(runtime.Stage):
         return dead
 
     def pending(self) -> int:
-        return len(self.lines) + len(self.dead)
+        return len(self.rows) + len(self.dead)
 
     def write(self, conn, cur) -> None:
         newest = None if self.newest is None else [i for *_, i in self.newest.values()]
-        self._result = result = write_batch(cur, self.lines, self.dead, self.days, newest)
+        self._result = result = write_batch(cur, self.rows, self.dead, self.days, newest)
         refused = [DeadLetter(m.topic, m.partition, m.offset, m.key, m.value, r.reason, m.timestamp_ms)
                    for r in result.refused for m in (self.sources[r.index],)]
         for letter in refused:
@@ -131,12 +131,12 @@ class _Batch(runtime.Stage):
         s.dead_letters += result.dead_letters + len(result.refused)
         s.batches += 1
         s.partitions.update(m.partition for m in self.sources)
-        self.lines, self.sources, self.dead, self.days, self.newest = [], [], [], set(), {}
+        self.rows, self.sources, self.dead, self.days, self.newest = [], [], [], set(), {}
 
     def drop(self, partitions: list[int]) -> None:
         lost = set(partitions)
-        kept = [(line, m) for line, m in zip(self.lines, self.sources) if m.partition not in lost]
-        self.lines, self.sources = [line for line, _ in kept], [m for _, m in kept]
+        kept = [(row, m) for row, m in zip(self.rows, self.sources) if m.partition not in lost]
+        self.rows, self.sources = [row for row, _ in kept], [m for _, m in kept]
         self.dead = [d for d in self.dead if d.partition not in lost]
         self.newest = None      # positions changed: write_batch finds them again
 

@@ -3,13 +3,14 @@
 again after a crash changes nothing."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import orjson
 import psycopg2.errors
 from psycopg2.extras import execute_values
 
 from tradewatch.book import OrderBook
 from tradewatch.store import db, partitions
-from tradewatch.store.writer import copy_number, copy_timestamp
 
 _CREATE_INCOMING = """
 CREATE TEMP TABLE IF NOT EXISTS quotes_incoming (
@@ -57,6 +58,26 @@ def _quote_lines(rows: list[tuple], when) -> list[str]:
             n = copy_number
             append(f"{s}\t{when(ms)}\t{seq}\t{n(b)}\t{n(bs)}\t{n(a)}\t{n(az)}\n")
     return lines
+
+
+NULL = r"\N"
+_SECONDS: dict[int, str] = {}
+
+
+def copy_timestamp(ms: int) -> str:
+    """Epoch ms as a timestamptz literal of COPY text; the date-time part is cached per second
+    (quotes of one second share it)."""
+    second, milli = divmod(ms, 1000)
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        if len(_SECONDS) > 4_096:      # a feed is roughly in time order: recent seconds are enough, and
+            _SECONDS.clear()            # the stage's memory stays flat over days of sparse quotes
+        prefix = _SECONDS[second] = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{prefix}.{milli:03d}+00"
+
+
+def copy_number(value: float | int | None) -> str:
+    return NULL if value is None else repr(value)
 
 
 def write_snapshots(cur, rows: list[tuple]) -> None:

@@ -72,12 +72,13 @@ def connect(settings: Settings, database: str | None = None) -> psycopg2.extensi
 COPY_CHUNK = 1 << 24
 
 
-def copy_in(cur, sql: str, text: str) -> None:
-    """`COPY … FROM STDIN` of `text` (COPY text lines) in one piece. psycopg2 reads its file in
-    chunks (8 KiB by default), taking the GIL for each; while another thread of the process runs
-    Python (the consumer decodes its next batch while this one is stored), every chunk waited for
-    the GIL's switch interval, and storing 10,000 trades took about a second where it takes 35 ms."""
-    cur.copy_expert(sql, io.StringIO(text), size=COPY_CHUNK)
+def copy_in(cur, sql: str, data: str | bytes) -> None:
+    """`COPY … FROM STDIN` of `data` (text lines, or bytes of the binary format) in one piece. psycopg2
+    reads its file in chunks (8 KiB by default), taking the GIL for each; while another thread of
+    the process runs Python (the consumer decodes its next batch while this one is stored), every
+    chunk waited for the GIL's switch interval, and storing 10,000 trades took about a second where
+    it takes 35 ms."""
+    cur.copy_expert(sql, io.BytesIO(data) if isinstance(data, bytes) else io.StringIO(data), size=COPY_CHUNK)
 
 
 def apply_schema(settings: Settings) -> None:
