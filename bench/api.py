@@ -30,38 +30,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
-import json
 import os
-import socket
 import statistics
 import threading
 import time
 import uuid
 from datetime import timedelta
 
-from common import bench_settings, load_trades, percentile, query, report, start_stage
+from common import (bench_settings, free_port, load_trades, percentile, query, report, sse_reader, start_stage,
+                    wait_until_up)
 
 from tradewatch import bus
 from tradewatch.store import queries
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/metrics")
-            if connection.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"api.py did not answer on port {port}")
 
 
 def hammer(port: int, path: str, requests: int, concurrency: int) -> tuple[float, list[float]]:
@@ -137,27 +117,6 @@ def request_part(settings, trades: int, requests: int, concurrency: int) -> dict
         process.wait(30)
     return {"trades": trades, "loading": loading, "requests_each": requests, "endpoints": results,
             "goal_p95_ms": 50}
-
-
-async def sse_reader(port: int, path: str, received: list[tuple[float, dict]], ready: asyncio.Event,
-                     counter: list[int], clients: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-    writer.write(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: text/event-stream\r\n\r\n" % (path.encode(), port))
-    await writer.drain()
-    status = await reader.readline()
-    if b" 200 " not in status:                  # a refused stream would look like a quiet one
-        raise RuntimeError(f"{path} answered {status.decode(errors='replace').strip()!r}")
-    while (await reader.readline()) not in (b"\r\n", b""):
-        pass
-    counter[0] += 1
-    if counter[0] == clients:
-        ready.set()
-    while True:
-        line = await reader.readline()
-        if not line:
-            return
-        if line.startswith(b"data: "):
-            received.append((time.time(), json.loads(line[6:])))
 
 
 async def fan_out(port: int, clients: int, run_producer, path: str = "/alerts/stream",

@@ -1,8 +1,12 @@
 """Shared by the benchmarks: a private stack (own ports and data directory) and small helpers."""
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +52,56 @@ def start_stage(settings: Settings, script: str, *args: str) -> subprocess.Popen
     return subprocess.Popen([sys.executable, str(PROJECT_ROOT / script), *args], cwd=PROJECT_ROOT,
                             env={**os.environ, **settings.as_env()},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def free_port(low: int = 23000, high: int = 23999) -> int:
+    """A free TCP port for a bench server, below the kernel's ephemeral range (32768-60999), where a
+    client's outgoing socket could take it between this check and the server's bind."""
+    for port in random.sample(range(low, high + 1), high - low + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit(f"no free port in {low}-{high}")
+
+
+def wait_until_up(port: int, timeout: float = 60) -> None:
+    """Until an HTTP server (api.py) answers GET /metrics on `port`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/metrics")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"api.py did not answer on port {port}")
+
+
+async def sse_reader(port: int, path: str, received: list[tuple[float, dict]], ready: asyncio.Event,
+                     counter: list[int], clients: int) -> None:
+    """One client of an SSE stream: each event's JSON with the wall time it arrived, in `received`;
+    sets `ready` once `clients` readers are connected (`counter` counts them)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    writer.write(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: text/event-stream\r\n\r\n" % (path.encode(), port))
+    await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:                  # a refused stream would look like a quiet one
+        raise RuntimeError(f"{path} answered {status.decode(errors='replace').strip()!r}")
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass
+    counter[0] += 1
+    if counter[0] == clients:
+        ready.set()
+    while True:
+        line = await reader.readline()
+        if not line:
+            return
+        if line.startswith(b"data: "):
+            received.append((time.time(), json.loads(line[6:])))
 
 
 def raw_copy_rate(settings: Settings, trades) -> float:

@@ -24,6 +24,11 @@ durable, in this order:
    receiver acknowledged it. A crash in between sends them again: delivered at least once (readers
    dedupe by id). A stage lists its sinks in `outboxes` (the detector: Kafka and the alert routes;
    the aggregator: Kafka; tradewatch/outbox.py); the runtime delivers them.
+   Effects someone is waiting for (the detector's alerts: `Stage.urgent`) do not wait for the
+   checkpoint: right after the batch that raised them they are stored in a small fenced
+   transaction of their own and delivered (`_write_urgent`). The checkpoint, with the position
+   and state, follows at its own pace; a crash in between reads those messages again from the
+   last checkpoint, and the alerts, keyed by alert_id, are stored and sent once.
 3. **Kafka offsets are committed last.** A crash before this re-delivers messages whose effects
    are already stored; every write is keyed (trade_id, window, alert_id), so redoing it changes
    nothing. A checkpoint that cannot finish (database down while asked to stop) commits nothing.
@@ -152,6 +157,18 @@ class Stage:
     def pending(self) -> int:
         """How many records await the next checkpoint."""
         return 0
+
+    def urgent(self) -> bool:
+        """Whether effects someone is waiting for (alerts) are pending: the runtime stores them
+        at once with `write_urgent`, ahead of the next checkpoint."""
+        return False
+
+    def write_urgent(self, cur) -> None:
+        """Write the urgent effects alone (inside a fenced transaction). They must be keyed, so
+        that the messages read again after a crash before the next checkpoint store them once."""
+
+    def urgent_written(self) -> None:
+        """The urgent effects are durable: forget them (the next checkpoint does not write them)."""
 
     def work_due(self) -> bool:
         """Whether a checkpoint has work although no record arrived since the last (windows that
@@ -482,6 +499,24 @@ class Runtime:
             # Effects are stored; a re-delivery is redone idempotently.
             self.log.warning("%s; those messages may be read again (their writes are idempotent)", error)
 
+    def _write_urgent(self) -> None:
+        """Effects someone is waiting for (the detector's alerts), stored ahead of the checkpoint
+        in a small fenced transaction of their own, then delivered (step 2). Positions, state and
+        offsets wait for the checkpoint; a crash in between reads those messages again from the
+        last one, and the effects are keyed, so they are stored once."""
+        self._finish_inflight()
+
+        def work(_conn, cur):
+            stale = self._fence(cur)
+            if not stale:
+                self.stage.write_urgent(cur)
+            return stale
+        if self.transaction(work):
+            self.checkpoint(wait=False)      # a partition has a newer owner: the checkpoint drops it
+            return
+        self.stage.urgent_written()
+        self._deliver()
+
     def _fence(self, cur) -> list[int]:
         """Partitions whose epoch moved on (a newer owner claimed them); locks the rest until commit."""
         held = sorted(self.epochs)
@@ -561,6 +596,8 @@ class Runtime:
                 if due:
                     self._checkpoint_overlapped() if stage.overlap else self.checkpoint(wait=False)
                     last_checkpoint, batch_since = now, 0.0
+                elif messages and stage.urgent():
+                    self._write_urgent()
                 elif not messages:
                     self._finish_inflight()          # idle: let the last offsets out too
                     self._deliver()                  # and what an outbox could not deliver before
