@@ -97,6 +97,11 @@ class Pending:
     def pop(self, key: tuple) -> None:
         self._items.pop(key, None)
 
+    def take_over(self, other: "Pending") -> None:
+        """Take `other`'s items (a checkpoint sealed for the writer thread); `other` is left empty."""
+        self._items, other._items = other._items, {}
+        self._count = other._count
+
     def items(self) -> list:
         return [item for _, item in self._items.values()]
 
@@ -281,7 +286,8 @@ class Runtime:
         self.client = client
         self.log = logging.getLogger(f"tradewatch.{stage.name}")
         self.heartbeat = Heartbeat(settings, stage.name)
-        self.conn = None
+        self.conn = None                       # the loop's PostgreSQL connection
+        self.writer_conn = None                # the writer thread's (overlap stages)
         self.consumer = None
         self.epochs: dict[int, int] = {}       # partition -> our fencing epoch
         self.offsets: dict[int, int] = {}      # partition -> next offset, read but not yet committed
@@ -294,9 +300,10 @@ class Runtime:
         self._last_commit = 0.0
 
     # -- services, each waited for without ignoring a stop -------------------------------
-    def wait_for(self, what: str, attempt: Callable[[], object]):
+    def wait_for(self, what: str, attempt: Callable[[], object], conn: str = "conn"):
         """`attempt()` until it stops failing for want of `what`: one warning per outage, one line
-        when it is back; raises Stopping when a stop is requested meanwhile."""
+        when it is back; raises Stopping when a stop is requested meanwhile. `conn`: the connection
+        an outage drops (the loop's, or the writer thread's)."""
         waiting = False
         while True:
             try:
@@ -306,7 +313,7 @@ class Runtime:
                     self.heartbeat.last_error = None
                 return value
             except (bus.KafkaUnavailable, db.DatabaseUnavailable, *db.CONNECTION_ERRORS) as error:
-                self._drop_db()
+                self._drop_db(conn)
                 if isinstance(error, db.CONNECTION_ERRORS) and not db.is_outage(error):
                     raise db.DatabaseRefused(db.refused_message(error)) from None
                 if not waiting:
@@ -320,25 +327,24 @@ class Runtime:
                         raise Stopping() from None
                     time.sleep(0.1)
 
-    def db(self):
-        if self.conn is None:
-            self.conn = self.wait_for("PostgreSQL", lambda: db.connect(self.settings))
-        return self.conn
-
-    def _drop_db(self) -> None:
-        if self.conn is not None:
+    def _drop_db(self, name: str = "conn") -> None:
+        conn = getattr(self, name)
+        if conn is not None:
             try:
-                self.conn.close()
+                conn.close()
             except Exception:  # noqa: BLE001 - already broken
                 pass
-            self.conn = None
+            setattr(self, name, None)
 
-    def transaction(self, work: Callable[[object, object], object]):
-        """Run `work(conn, cur)` and commit; retried on a new connection while the server is away."""
+    def transaction(self, work: Callable[[object, object], object], writer: bool = False):
+        """Run `work(conn, cur)` and commit; retried on a new connection while the server is away.
+        `writer`: on the writer thread's connection (the loop may write meanwhile on its own)."""
+        name = "writer_conn" if writer else "conn"
+
         def attempt():
-            if self.conn is None:
-                self.conn = db.connect(self.settings)
-            conn = self.conn
+            if getattr(self, name) is None:
+                setattr(self, name, db.connect(self.settings))
+            conn = getattr(self, name)
             try:
                 with conn.cursor() as cur:
                     result = work(conn, cur)
@@ -350,7 +356,7 @@ class Runtime:
                 if not conn.closed:
                     conn.rollback()
                 raise
-        return self.wait_for("PostgreSQL", attempt)
+        return self.wait_for("PostgreSQL", attempt, name)
 
     # -- rebalances ----------------------------------------------------------------------
     def _assigned(self, partitions: list[int]) -> dict[int, int | None]:
@@ -423,9 +429,10 @@ class Runtime:
             self._commit_offsets(wait=True)
 
     def _checkpoint_overlapped(self) -> None:
-        """For `overlap` stages: the transaction of the sealed batch runs on the writer thread
-        while this thread polls and decodes the next one (PostgreSQL works on the other core).
-        Steps 2 and 3 happen here once it has committed, so offsets still go last and in order."""
+        """For `overlap` stages: the transaction of the sealed batch runs on the writer thread, on
+        a connection of its own, while this thread polls and decodes the next one (PostgreSQL
+        works on the other core) and may store urgent effects. Steps 2 and 3 happen here once it
+        has committed, so offsets still go last and in order."""
         self._finish_inflight()
         if not self.stage.pending() and not self.offsets and not self.stage.work_due():
             return
@@ -433,10 +440,10 @@ class Runtime:
         offsets, self.offsets = self.offsets, {}
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage.name}-writer")
-        self._inflight = (self._writer.submit(self._write, effects, offsets), effects, offsets)
+        self._inflight = (self._writer.submit(self._write, effects, offsets, True), effects, offsets)
 
-    def _finish_inflight(self) -> None:
-        if self._inflight is None:
+    def _finish_inflight(self, block: bool = True) -> None:
+        if self._inflight is None or not (block or self._inflight[0].done()):
             return
         future, effects, offsets = self._inflight
         self._inflight = None
@@ -447,9 +454,10 @@ class Runtime:
             return
         self._after_write(effects, offsets, self._write(effects, offsets), wait)
 
-    def _write(self, effects: Stage, offsets: dict[int, int]) -> list[int]:
+    def _write(self, effects: Stage, offsets: dict[int, int], writer: bool = False) -> list[int]:
         """Step 1: the fenced transaction — the stage's effects and, for a stage that keeps its
-        position, its positions. Returns the partitions found stale (nothing written then)."""
+        position, its positions. Returns the partitions found stale (nothing written then).
+        `writer`: called on the writer thread."""
         def work(conn, cur):
             stale = self._fence(cur)
             if not stale:
@@ -458,7 +466,7 @@ class Runtime:
                     positions.write(cur, effects.name, self.group, self.topic, effects.positions(offsets))
             return stale
         records, started = effects.pending(), time.perf_counter()
-        stale = self.transaction(work)
+        stale = self.transaction(work, writer)
         prometheus.CHECKPOINT_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
         prometheus.CHECKPOINT_RECORDS.labels(self.stage.name).observe(records)
         return stale
@@ -502,10 +510,9 @@ class Runtime:
     def _write_urgent(self) -> None:
         """Effects someone is waiting for (the detector's alerts), stored ahead of the checkpoint
         in a small fenced transaction of their own, then delivered (step 2). Positions, state and
-        offsets wait for the checkpoint; a crash in between reads those messages again from the
-        last one, and the effects are keyed, so they are stored once."""
-        self._finish_inflight()
-
+        offsets wait for the checkpoint (which may be being written on the writer thread
+        meanwhile); a crash in between reads those messages again from the last one, and the
+        effects are keyed, so they are stored once."""
         def work(_conn, cur):
             stale = self._fence(cur)
             if not stale:
@@ -593,13 +600,13 @@ class Runtime:
                                                   or (now - batch_since >= MAX_BATCH_AGE_S and writer_idle))
                 else:
                     due = now - last_checkpoint >= stage.flush_interval_s
+                if messages and stage.urgent():
+                    self._write_urgent()
                 if due:
                     self._checkpoint_overlapped() if stage.overlap else self.checkpoint(wait=False)
                     last_checkpoint, batch_since = now, 0.0
-                elif messages and stage.urgent():
-                    self._write_urgent()
                 elif not messages:
-                    self._finish_inflight()          # idle: let the last offsets out too
+                    self._finish_inflight(block=False)   # idle: let the last offsets out too
                     self._deliver()                  # and what an outbox could not deliver before
                     self._commit_offsets(wait=False)
                 self.heartbeat.beat(stage.processed, self.consumer.lag(), self.consumer.partitions())
@@ -637,8 +644,9 @@ class Runtime:
                 outbox.close()
             if self.publisher is not None:
                 self.publisher.close()
-            if self.conn is not None:
-                self.conn.close()
+            for conn in (self.conn, self.writer_conn):
+                if conn is not None:
+                    conn.close()
         self.log.info("%s", stage.report())
         if failed:
             raise StageFailed(failed)
