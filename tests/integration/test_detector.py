@@ -418,11 +418,17 @@ def test_an_alert_does_not_wait_for_the_state_being_written(settings, monkeypatc
             release.wait(120)
         write_symbols(cur, group, topic, states, evicted)
     monkeypatch.setattr(detections, "write_symbols", held)
-    with detector_running(settings, 0.2):
+    with detector_running(settings, 0.2) as stage:
+        seal = stage.seal
+
+        def seal_once():     # the next checkpoint, due in 0.2 s, would wait for this one's write
+            stage.flush_interval_s = 3600.0
+            return seal()
+        stage.seal = seal_once
         try:
             publish_trades(settings, WARM)
             assert writing.wait(60), "a checkpoint writes the warm-up's state"
-            publish_trades(settings, [spike("s-1", T0 + 10_100, 120.0)])
+            __import__("time").sleep(0.6); publish_trades(settings, [spike("s-1", T0 + 10_100, 120.0)])
             wait_for(lambda: query(settings, "SELECT count(*) FROM alerts WHERE trade_id = 's-1'"
                                              " AND published_at IS NOT NULL")[0][0] >= 2,
                      timeout=30, message="the spike's alerts, stored and sent while the state is being written")
