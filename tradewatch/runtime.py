@@ -338,24 +338,31 @@ class Runtime:
 
     def transaction(self, work: Callable[[object, object], object], writer: bool = False):
         """Run `work(conn, cur)` and commit; retried on a new connection while the server is away.
-        `writer`: on the writer thread's connection (the loop may write meanwhile on its own)."""
+        `writer`: on the writer thread's connection (the loop may write meanwhile on its own).
+        A kept connection found dead (it sat idle through a server restart) is replaced at once;
+        only a new one that fails is an outage."""
         name = "writer_conn" if writer else "conn"
 
         def attempt():
-            if getattr(self, name) is None:
-                setattr(self, name, db.connect(self.settings))
-            conn = getattr(self, name)
-            try:
-                with conn.cursor() as cur:
-                    result = work(conn, cur)
-                conn.commit()
-                return result
-            except db.CONNECTION_ERRORS:
-                raise
-            except Exception:
-                if not conn.closed:
-                    conn.rollback()
-                raise
+            while True:
+                kept = getattr(self, name) is not None
+                if not kept:
+                    setattr(self, name, db.connect(self.settings))
+                conn = getattr(self, name)
+                try:
+                    with conn.cursor() as cur:
+                        result = work(conn, cur)
+                    conn.commit()
+                    return result
+                except db.CONNECTION_ERRORS as error:
+                    if kept and conn.closed and db.is_outage(error):
+                        self._drop_db(name)
+                        continue
+                    raise
+                except Exception:
+                    if not conn.closed:
+                        conn.rollback()
+                    raise
         return self.wait_for("PostgreSQL", attempt, name)
 
     # -- rebalances ----------------------------------------------------------------------

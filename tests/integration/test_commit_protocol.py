@@ -341,3 +341,25 @@ def publish_replay_some(settings, n: int) -> None:
         publisher.send(settings.trades_topic, t.symbol.encode(), t.to_json_bytes())
     assert publisher.flush(60)
     publisher.close()
+
+
+def test_a_connection_that_died_while_idle_is_replaced_without_an_outage(settings, caplog):
+    """An overlap stage's writer thread has a connection of its own, and the loop's sits idle
+    between rebalances. After a PostgreSQL restart the loop's next transaction found it dead and
+    took that for an outage: a second 'PostgreSQL unavailable' and a 2 s wait, with the server
+    back. A connection found dead is now replaced at once; only a new one that fails is an outage."""
+    rt = runtime.Runtime(settings, runtime.Stage(), settings.consumer_group, settings.trades_topic,
+                         stop=lambda: False)
+    backend = lambda _conn, cur: cur.execute("SELECT pg_backend_pid()") or cur.fetchone()[0]
+    try:
+        first = rt.transaction(backend)
+        assert query(settings, "SELECT pg_terminate_backend(%s)", (first,))[0][0]
+        caplog.set_level("WARNING")
+        started = time.monotonic()
+        second = rt.transaction(backend)
+        took = time.monotonic() - started
+        assert second != first, "a new connection"
+        assert "unavailable" not in caplog.text
+        assert took < runtime.RETRY_S, f"{took:.1f}s: waited as for an outage"
+    finally:
+        rt._drop_db()

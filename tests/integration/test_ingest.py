@@ -201,15 +201,18 @@ def test_consumer_rides_out_a_postgres_outage_and_a_kafka_outage(settings, tmp_p
     run_script(settings, "producer.py", "--count", "2000", "--rate", "max", "--seed", "21")
     wait_for(lambda: count(settings) == 2000, message="first 2000")
 
-    stack.stop_postgres(settings)
-    run_script(settings, "producer.py", "--count", "2000", "--rate", "max", "--seed", "22")
-    wait_for(lambda: "PostgreSQL unavailable" in log.read_text(), timeout=60, message="the consumer to see the outage")
-    stack.start_postgres(settings)
-    wait_for(lambda: count(settings) == 4000, timeout=60, message="rows after the PostgreSQL outage")
+    try:
+        stack.stop_postgres(settings)
+        run_script(settings, "producer.py", "--count", "2000", "--rate", "max", "--seed", "22")
+        wait_for(lambda: "PostgreSQL unavailable" in log.read_text(), timeout=60,
+                 message="the consumer to see the outage")
+        stack.start_postgres(settings)
+        wait_for(lambda: count(settings) == 4000, timeout=60, message="rows after the PostgreSQL outage")
 
-    stack.stop_kafka(settings)
-    wait_for(lambda: "cannot reach Kafka" in log.read_text(), timeout=60, message="the consumer to see the outage")
-    stack.start_kafka(settings)
+        stack.stop_kafka(settings)
+        wait_for(lambda: "cannot reach Kafka" in log.read_text(), timeout=60, message="the consumer to see the outage")
+    finally:        # whatever failed, the next tests of this worker find their services up
+        stack.start(settings)
     bus.wait_for_kafka(settings, 60)
     run_script(settings, "producer.py", "--count", "2000", "--rate", "max", "--seed", "23")
     wait_for(lambda: count(settings) == 6000, timeout=120, message="rows after the Kafka outage")
