@@ -351,7 +351,10 @@ COUNT_REDRAWS = """headings => { window.redraws = Object.fromEntries(headings.ma
 @pytest.mark.browser
 def test_the_slower_panels_are_redrawn_less_often_than_the_live_ones(fast_dashboard):
     """The live panels follow the user's refresh (1 s here); the scanner, the shares and the
-    pipeline every 10 s: each panel's redraws counted on the page over 30 s."""
+    pipeline every 10 s: each panel's redraws counted on the page over 30 s. Under load a live
+    tick can preempt the slower fragment's run (Streamlit interrupts a running fragment for
+    another's auto-rerun): a CI run, the other worker busy, counted the scanner once and the tape
+    31 times. So the scanner at least once, never at the live rate."""
     with sync_playwright() as p:
         browser = launch(p)
         page = browser.new_page(viewport={"width": 1600, "height": 2400})
@@ -362,5 +365,5 @@ def test_the_slower_panels_are_redrawn_less_often_than_the_live_ones(fast_dashbo
         time.sleep(30)          # the behaviour under test is a rate: counted over a fixed span
         counted = page.evaluate("window.redraws")
         browser.close()
-    assert 2 <= counted["Market scanner"] <= 4, counted
+    assert 1 <= counted["Market scanner"] <= 4, counted
     assert counted["Trade tape"] >= 10, counted
