@@ -97,11 +97,6 @@ class Pending:
     def pop(self, key: tuple) -> None:
         self._items.pop(key, None)
 
-    def take_over(self, other: "Pending") -> None:
-        """Take `other`'s items (a checkpoint sealed for the writer thread); `other` is left empty."""
-        self._items, other._items = other._items, {}
-        self._count = other._count
-
     def items(self) -> list:
         return [item for _, item in self._items.values()]
 
@@ -286,8 +281,7 @@ class Runtime:
         self.client = client
         self.log = logging.getLogger(f"tradewatch.{stage.name}")
         self.heartbeat = Heartbeat(settings, stage.name)
-        self.conn = None                       # the loop's PostgreSQL connection
-        self.writer_conn = None                # the writer thread's (overlap stages)
+        self.conn = None
         self.consumer = None
         self.epochs: dict[int, int] = {}       # partition -> our fencing epoch
         self.offsets: dict[int, int] = {}      # partition -> next offset, read but not yet committed
@@ -300,10 +294,9 @@ class Runtime:
         self._last_commit = 0.0
 
     # -- services, each waited for without ignoring a stop -------------------------------
-    def wait_for(self, what: str, attempt: Callable[[], object], conn: str = "conn"):
+    def wait_for(self, what: str, attempt: Callable[[], object]):
         """`attempt()` until it stops failing for want of `what`: one warning per outage, one line
-        when it is back; raises Stopping when a stop is requested meanwhile. `conn`: the connection
-        an outage drops (the loop's, or the writer thread's)."""
+        when it is back; raises Stopping when a stop is requested meanwhile."""
         waiting = False
         while True:
             try:
@@ -313,7 +306,7 @@ class Runtime:
                     self.heartbeat.last_error = None
                 return value
             except (bus.KafkaUnavailable, db.DatabaseUnavailable, *db.CONNECTION_ERRORS) as error:
-                self._drop_db(conn)
+                self._drop_db()
                 if isinstance(error, db.CONNECTION_ERRORS) and not db.is_outage(error):
                     raise db.DatabaseRefused(db.refused_message(error)) from None
                 if not waiting:
@@ -327,28 +320,24 @@ class Runtime:
                         raise Stopping() from None
                     time.sleep(0.1)
 
-    def _drop_db(self, name: str = "conn") -> None:
-        conn = getattr(self, name)
-        if conn is not None:
+    def _drop_db(self) -> None:
+        if self.conn is not None:
             try:
-                conn.close()
+                self.conn.close()
             except Exception:  # noqa: BLE001 - already broken
                 pass
-            setattr(self, name, None)
+            self.conn = None
 
-    def transaction(self, work: Callable[[object, object], object], writer: bool = False):
+    def transaction(self, work: Callable[[object, object], object]):
         """Run `work(conn, cur)` and commit; retried on a new connection while the server is away.
-        `writer`: on the writer thread's connection (the loop may write meanwhile on its own).
         A kept connection found dead (it sat idle through a server restart) is replaced at once;
         only a new one that fails is an outage."""
-        name = "writer_conn" if writer else "conn"
-
         def attempt():
             while True:
-                kept = getattr(self, name) is not None
+                kept = self.conn is not None
                 if not kept:
-                    setattr(self, name, db.connect(self.settings))
-                conn = getattr(self, name)
+                    self.conn = db.connect(self.settings)
+                conn = self.conn
                 try:
                     with conn.cursor() as cur:
                         result = work(conn, cur)
@@ -356,14 +345,14 @@ class Runtime:
                     return result
                 except db.CONNECTION_ERRORS as error:
                     if kept and conn.closed and db.is_outage(error):
-                        self._drop_db(name)
+                        self._drop_db()
                         continue
                     raise
                 except Exception:
                     if not conn.closed:
                         conn.rollback()
                     raise
-        return self.wait_for("PostgreSQL", attempt, name)
+        return self.wait_for("PostgreSQL", attempt)
 
     # -- rebalances ----------------------------------------------------------------------
     def _assigned(self, partitions: list[int]) -> dict[int, int | None]:
@@ -436,10 +425,9 @@ class Runtime:
             self._commit_offsets(wait=True)
 
     def _checkpoint_overlapped(self) -> None:
-        """For `overlap` stages: the transaction of the sealed batch runs on the writer thread, on
-        a connection of its own, while this thread polls and decodes the next one (PostgreSQL
-        works on the other core) and may store urgent effects. Steps 2 and 3 happen here once it
-        has committed, so offsets still go last and in order."""
+        """For `overlap` stages: the transaction of the sealed batch runs on the writer thread
+        while this thread polls and decodes the next one (PostgreSQL works on the other core).
+        Steps 2 and 3 happen here once it has committed, so offsets still go last and in order."""
         self._finish_inflight()
         if not self.stage.pending() and not self.offsets and not self.stage.work_due():
             return
@@ -447,10 +435,10 @@ class Runtime:
         offsets, self.offsets = self.offsets, {}
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage.name}-writer")
-        self._inflight = (self._writer.submit(self._write, effects, offsets, True), effects, offsets)
+        self._inflight = (self._writer.submit(self._write, effects, offsets), effects, offsets)
 
-    def _finish_inflight(self, block: bool = True) -> None:
-        if self._inflight is None or not (block or self._inflight[0].done()):
+    def _finish_inflight(self) -> None:
+        if self._inflight is None:
             return
         future, effects, offsets = self._inflight
         self._inflight = None
@@ -461,10 +449,9 @@ class Runtime:
             return
         self._after_write(effects, offsets, self._write(effects, offsets), wait)
 
-    def _write(self, effects: Stage, offsets: dict[int, int], writer: bool = False) -> list[int]:
+    def _write(self, effects: Stage, offsets: dict[int, int]) -> list[int]:
         """Step 1: the fenced transaction — the stage's effects and, for a stage that keeps its
-        position, its positions. Returns the partitions found stale (nothing written then).
-        `writer`: called on the writer thread."""
+        position, its positions. Returns the partitions found stale (nothing written then)."""
         def work(conn, cur):
             stale = self._fence(cur)
             if not stale:
@@ -473,7 +460,7 @@ class Runtime:
                     positions.write(cur, effects.name, self.group, self.topic, effects.positions(offsets))
             return stale
         records, started = effects.pending(), time.perf_counter()
-        stale = self.transaction(work, writer)
+        stale = self.transaction(work)
         prometheus.CHECKPOINT_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
         prometheus.CHECKPOINT_RECORDS.labels(self.stage.name).observe(records)
         return stale
@@ -517,9 +504,10 @@ class Runtime:
     def _write_urgent(self) -> None:
         """Effects someone is waiting for (the detector's alerts), stored ahead of the checkpoint
         in a small fenced transaction of their own, then delivered (step 2). Positions, state and
-        offsets wait for the checkpoint (which may be being written on the writer thread
-        meanwhile); a crash in between reads those messages again from the last one, and the
-        effects are keyed, so they are stored once."""
+        offsets wait for the checkpoint; a crash in between reads those messages again from the
+        last one, and the effects are keyed, so they are stored once."""
+        self._finish_inflight()
+
         def work(_conn, cur):
             stale = self._fence(cur)
             if not stale:
@@ -607,13 +595,13 @@ class Runtime:
                                                   or (now - batch_since >= MAX_BATCH_AGE_S and writer_idle))
                 else:
                     due = now - last_checkpoint >= stage.flush_interval_s
-                if messages and stage.urgent():
-                    self._write_urgent()
                 if due:
                     self._checkpoint_overlapped() if stage.overlap else self.checkpoint(wait=False)
                     last_checkpoint, batch_since = now, 0.0
+                elif messages and stage.urgent():
+                    self._write_urgent()
                 elif not messages:
-                    self._finish_inflight(block=False)   # idle: let the last offsets out too
+                    self._finish_inflight()          # idle: let the last offsets out too
                     self._deliver()                  # and what an outbox could not deliver before
                     self._commit_offsets(wait=False)
                 self.heartbeat.beat(stage.processed, self.consumer.lag(), self.consumer.partitions())
@@ -651,9 +639,8 @@ class Runtime:
                 outbox.close()
             if self.publisher is not None:
                 self.publisher.close()
-            for conn in (self.conn, self.writer_conn):
-                if conn is not None:
-                    conn.close()
+            if self.conn is not None:
+                self.conn.close()
         self.log.info("%s", stage.report())
         if failed:
             raise StageFailed(failed)

@@ -344,10 +344,10 @@ def publish_replay_some(settings, n: int) -> None:
 
 
 def test_a_connection_that_died_while_idle_is_replaced_without_an_outage(settings, caplog):
-    """An overlap stage's writer thread has a connection of its own, and the loop's sits idle
-    between rebalances. After a PostgreSQL restart the loop's next transaction found it dead and
-    took that for an outage: a second 'PostgreSQL unavailable' and a 2 s wait, with the server
-    back. A connection found dead is now replaced at once; only a new one that fails is an outage."""
+    """A stage's connection can sit idle for long (an idle detector, the loop's between
+    rebalances). After a PostgreSQL restart its next transaction found it dead and took that for an
+    outage: a 'PostgreSQL unavailable' line and a 2 s wait, with the server back. A connection found
+    dead is now replaced at once; only a new one that fails is an outage."""
     rt = runtime.Runtime(settings, runtime.Stage(), settings.consumer_group, settings.trades_topic,
                          stop=lambda: False)
     backend = lambda _conn, cur: cur.execute("SELECT pg_backend_pid()") or cur.fetchone()[0]

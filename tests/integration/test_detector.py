@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -366,75 +365,29 @@ def test_alerts_go_out_before_the_checkpoint_and_once_after_a_crash(settings):
                 rt.publisher.close()
 
 
-@contextmanager
-def detector_running(settings, checkpoint_every_s: float):
-    """The detector's stage loop in a thread, with a checkpoint every `checkpoint_every_s`; stopped
-    (a last checkpoint) on leaving."""
+def test_a_running_detector_sends_an_alert_long_before_its_next_checkpoint(settings):
+    """The stage loop writes a batch that raised an alert at once (Stage.urgent): with a
+    checkpoint due only in an hour, the spike's alerts still reach the table and the topic, and
+    the position waits for the checkpoint made on stopping."""
     from tradewatch import runtime
     from tradewatch.stages.detector import Detect
 
     stage = Detect(settings)
-    stage.flush_interval_s = checkpoint_every_s
+    stage.flush_interval_s = 3600.0
     stopping = threading.Event()
     rt = runtime.Runtime(settings, stage, settings.detector_group, settings.trades_topic, stop=stopping.is_set)
     thread = threading.Thread(target=rt.run)
     thread.start()
     try:
-        yield stage
-    finally:
-        stopping.set()
-        thread.join(60)
-    assert not thread.is_alive()
-
-
-def test_a_running_detector_sends_an_alert_long_before_its_next_checkpoint(settings):
-    """The stage loop writes a batch that raised an alert at once (Stage.urgent): with a
-    checkpoint due only in an hour, the spike's alerts still reach the table and the topic, and
-    the position waits for the checkpoint made on stopping."""
-    with detector_running(settings, 3600.0):
         publish_trades(settings, WARM + [spike("s-1", T0 + 10_100, 120.0)])
         wait_for(lambda: query(settings, "SELECT count(*) FROM alerts WHERE trade_id = 's-1'"
                                          " AND published_at IS NOT NULL")[0][0] >= 2,
                  timeout=60, message="the spike's alerts, stored and sent")
         assert not query(settings, "SELECT 1 FROM stage_positions WHERE consumer_group = %s",
                          (settings.detector_group,)), "the position waits for the checkpoint"
+    finally:
+        stopping.set()
+        thread.join(60)
+    assert not thread.is_alive()
     assert query(settings, "SELECT sum(next_offset) FROM stage_positions WHERE consumer_group = %s",
                  (settings.detector_group,))[0][0] == len(WARM) + 1
-
-
-def test_an_alert_does_not_wait_for_the_state_being_written(settings, monkeypatch):
-    """#39: the checkpoint writing each symbol's rolling state (20-90 ms with the pipeline running)
-    held the stage loop, and an alert raised meanwhile waited for it: trade -> alerts topic p99
-    80-96 ms at 1,000 trades/s. The state is now written on the runtime's writer thread: with a
-    checkpoint's state write held open, a spike read meanwhile is stored and sent."""
-    from tradewatch.store import detections
-
-    writing, release = threading.Event(), threading.Event()
-    write_symbols = detections.write_symbols
-
-    def held(cur, group, topic, states, evicted):
-        if states:
-            writing.set()
-            release.wait(120)
-        write_symbols(cur, group, topic, states, evicted)
-    monkeypatch.setattr(detections, "write_symbols", held)
-    with detector_running(settings, 0.2) as stage:
-        seal = stage.seal
-
-        def seal_once():     # the next checkpoint, due in 0.2 s, would wait for this one's write
-            stage.flush_interval_s = 3600.0
-            return seal()
-        stage.seal = seal_once
-        try:
-            publish_trades(settings, WARM)
-            assert writing.wait(60), "a checkpoint writes the warm-up's state"
-            __import__("time").sleep(0.6); publish_trades(settings, [spike("s-1", T0 + 10_100, 120.0)])
-            wait_for(lambda: query(settings, "SELECT count(*) FROM alerts WHERE trade_id = 's-1'"
-                                             " AND published_at IS NOT NULL")[0][0] >= 2,
-                     timeout=30, message="the spike's alerts, stored and sent while the state is being written")
-            assert not query(settings, "SELECT 1 FROM detector_symbols"), "the state write is still held"
-        finally:
-            release.set()
-    assert query(settings, "SELECT sum(next_offset) FROM stage_positions WHERE consumer_group = %s",
-                 (settings.detector_group,))[0][0] == len(WARM) + 1
-    assert query(settings, "SELECT count(*) FROM detector_symbols WHERE symbol = 'AAPL'")[0][0] == 1

@@ -1,27 +1,22 @@
 """`anomaly_detector.py run`: the detector stage — flag trades live from Kafka, store flags and
 alerts, publish alerts.
 
-On the stage runtime's commit protocol (tradewatch/runtime.py): a batch's alerts are stored at
-once in a fenced transaction of their own (unpublished; `write_urgent`) and the runtime delivers
-the alert outboxes, the Kafka topic `alerts` and the webhook (tradewatch/outbox.py). Once a second
-a checkpoint is sealed (`_Checkpoint`: trade_flags, breaker states, pump events, the rolling state
-of each symbol that changed, serialised then; a symbol idle for SYMBOL_IDLE_EVICT_SECONDS of event
-time is evicted from memory and from detector_symbols, and its next trade warms up afresh) and
-written with *the position* (the runtime's stage_positions) on the runtime's writer thread while
-the loop goes on detecting; then Kafka offsets. On assignment each partition's state is loaded in
-the transaction that claims it, and reading starts at its stored offset, so a restart or rebalance
-goes on exactly where the last checkpoint stopped: the same features, flags and alerts as a run
-that was never interrupted, and time never runs backwards inside a symbol's state. A symbol's
-breaker state and alert cooldowns are part of that state, so they follow its partition to the
-next owner.
+On the stage runtime's commit protocol (tradewatch/runtime.py): per checkpoint one fenced
+transaction writes trade_flags, alerts (unpublished), breaker states, the rolling state of each
+symbol that changed (detector_symbols; a symbol idle for SYMBOL_IDLE_EVICT_SECONDS of event time is
+evicted from memory and from that table, and its next trade warms up afresh) *and the position*
+(the runtime's stage_positions); then the runtime delivers the alert outboxes, the Kafka topic
+`alerts` and the webhook (tradewatch/outbox.py); then Kafka offsets. On assignment each partition's state is loaded in the transaction that claims it,
+and reading starts at its stored offset, so a restart or rebalance goes on exactly where the last
+checkpoint stopped: the same features, flags and alerts as a run that was never interrupted, and
+time never runs backwards inside a symbol's state. A symbol's breaker state and alert cooldowns
+are part of that state, so they follow its partition to the next owner.
 """
 from __future__ import annotations
 
 import logging
 import time
 from typing import Callable
-
-import orjson
 
 from tradewatch import bus, prometheus, runtime, volatility
 from tradewatch.alerts import Deduplicator, alerts_for
@@ -61,66 +56,15 @@ def load_model(settings: Settings) -> forest.ForestModel | None:
     return model
 
 
-class _Checkpoint(runtime.Stage):
-    """One checkpoint of the detector, sealed for the writer thread: the flags, breaker changes,
-    pump events and alerts pending when it was sealed, the rolling state of each symbol that
-    changed (serialised then, so the stage goes on changing its own) and the symbols evicted."""
-    name = "detector"
-    keeps_position = True
-
-    def __init__(self, stage: "Detect"):
-        super().__init__()
-        self.stage = stage
-        self.flagged, self.alerts, self.transitions, self.events = (
-            self.adopt(b) for b in (stage.flagged_pending, stage.alerts_pending, stage.transitions, stage.events))
-        self.read, stage.read = stage.read, 0
-        self.evicted = stage.symbols.idle()       # their state leaves memory and the table
-        stage._forget(self.evicted)
-        changed, stage.changed = stage.changed - self.evicted, set()
-        self.states = [(symbol, stage.symbols.partition_of(symbol),
-                        orjson.dumps({**data, "cooldowns": stage.dedup.export(symbol)}).decode())
-                       for symbol, data in stage.pipeline.rules.export(changed).items()]
-
-    def adopt(self, buffer: runtime.Pending) -> runtime.Pending:
-        """This checkpoint's own buffer with `buffer`'s items; `buffer` is left empty."""
-        own = self.pending_effects()
-        own.take_over(buffer)
-        return own
-
-    def pending(self) -> int:
-        return self.read
-
-    def write(self, conn, cur) -> None:
-        store.write_flags(cur, self.flagged.items(), self.stage.pipeline.version)
-        store.write_alerts(cur, self.alerts.tagged(), self.stage.routes)
-        store.write_breakers(cur, self.transitions.items())
-        store.write_events(cur, self.events.items())
-        store.write_symbols(cur, self.stage.group, self.stage.topic, self.states, self.evicted)
-
-    def written(self) -> None:
-        stage = self.stage
-        prometheus.ROWS.labels("detector", "trade_flags").inc(len(self.flagged))
-        stage.flagged += len(self.flagged)
-        stage._alerts_stored(self.alerts.items())
-        prometheus.SYMBOLS.labels("detector").set(len(stage.symbols))
-
-    def drop(self, partitions: list[int]) -> None:
-        for buffer in self._pending:
-            buffer.drop(partitions)
-        lost = set(partitions)
-        self.states = [s for s in self.states if s[1] not in lost]
-
-
 class Detect(runtime.Stage):
     name = "detector"
     keeps_position = True
     # A checkpoint stores the whole rolling state of each symbol that traded since the last beside
-    # the position (~40-48 KB of JSON a symbol: 20-90 ms for ten symbols with the pipeline running).
-    # It goes once a second (a restart reads at most that again) on the runtime's writer thread
-    # (`overlap`), and alerts at once in a transaction of their own (`write_urgent`): at every dry
-    # poll, on the loop, it took most of the stage at 1,000 trades/s and held new alerts up.
+    # the position (~48 KB of JSON a symbol: 20-90 ms for ten symbols with the pipeline running).
+    # At every dry poll that took most of the stage at 1,000 trades/s and held each new alert up
+    # behind it. So flags, events and state go once a second (a restart reads at most that again),
+    # and alerts at once in a transaction of their own (`write_urgent`).
     flush_interval_s = 1.0
-    overlap = True
 
     def __init__(self, settings: Settings):
         super().__init__()
@@ -135,7 +79,7 @@ class Detect(runtime.Stage):
         self.outboxes = [self.outbox, *self.deliveries]
         self.symbols = runtime.Symbols(settings.symbol_idle_evict_seconds)   # each one's partition
         self.changed: set[str] = set()       # symbols whose state the next checkpoint writes
-        self.sealed: _Checkpoint | None = None   # a checkpoint the runtime writes on the loop
+        self.evicted: set[str] = set()       # symbols whose stored state the next checkpoint deletes
         self.flagged_pending = self.pending_effects()
         self.alerts_pending = self.pending_effects()
         self.transitions = self.pending_effects()
@@ -200,53 +144,56 @@ class Detect(runtime.Stage):
         store.write_alerts(cur, self.alerts_pending.tagged(), self.routes)     # keyed by alert_id
 
     def urgent_written(self) -> None:
-        self._alerts_stored(self.alerts_pending.items())
+        self._alerts_stored()
         self.alerts_pending.clear()
 
-    def seal(self) -> _Checkpoint:
-        """This checkpoint's effects, for the writer thread; the stage starts new ones."""
-        return _Checkpoint(self)
-
     def write(self, conn, cur) -> None:
-        """(a checkpoint the runtime waits for: a rebalance, the stop) as the writer thread would;
-        sealed once, so a transaction tried again writes the same."""
-        if self.sealed is None:
-            self.sealed = self.seal()
-        self.sealed.write(conn, cur)
+        store.write_flags(cur, self.flagged_pending.items(), self.pipeline.version)
+        store.write_alerts(cur, self.alerts_pending.tagged(), self.routes)
+        store.write_breakers(cur, self.transitions.items())
+        store.write_events(cur, self.events.items())
+        idle = self.symbols.idle()
+        if idle:                                  # their state leaves memory and the table
+            self._forget(idle)
+            self.evicted |= idle
+            self.changed -= idle
+        states = self.pipeline.rules.export(self.changed)
+        store.write_symbols(cur, self.group, self.topic, [
+            (symbol, self.symbols.partition_of(symbol), {**data, "cooldowns": self.dedup.export(symbol)})
+            for symbol, data in states.items()], self.evicted)
 
     def _forget(self, symbols: set[str]) -> None:
         self.pipeline.rules.forget(symbols)
         self.dedup.forget(symbols)
 
-    def _alerts_stored(self, alerts: list) -> None:
-        """`alerts` are durable: log and count them, wake the outboxes."""
+    def _alerts_stored(self) -> None:
+        """The pending alerts are durable: log and count them, wake the outboxes."""
         now_ms = time.time() * 1000
-        prometheus.ROWS.labels("detector", "alerts").inc(len(alerts))
-        for a in alerts:
+        prometheus.ROWS.labels("detector", "alerts").inc(len(self.alerts_pending))
+        for a in self.alerts_pending.items():
             log.warning("ALERT %s", a.message)
             prometheus.ALERTS.labels("detector", a.alert_type, a.severity).inc()
             appended = self.appended_ms.pop(a.alert_id, None)
             if appended:
                 _LATENCY.observe(max(now_ms - appended, 0) / 1000)
-        if alerts:
+        if self.alerts_pending:
             for outbox in self.outboxes:
                 outbox.wake()
 
     def written(self) -> None:
-        if self.sealed is not None:
-            self.sealed.written()
-            self.sealed = None
+        prometheus.ROWS.labels("detector", "trade_flags").inc(len(self.flagged_pending))
+        self._alerts_stored()
+        self.appended_ms.clear()
+        self.flagged += len(self.flagged_pending)
+        self.changed, self.evicted = set(), set()
+        prometheus.SYMBOLS.labels("detector").set(len(self.symbols))
+        self.read = 0
 
     def drop(self, partitions: list[int]) -> None:
         symbols = self.symbols.drop(partitions)
         self._forget(symbols)
         self.changed -= symbols
-        gone = set(partitions)
-        for p, a in self.alerts_pending.tagged():       # dropped unstored: not timed
-            if p in gone:
-                self.appended_ms.pop(a.alert_id, None)
-        if self.sealed is not None:
-            self.sealed.drop(partitions)
+        self.evicted -= symbols
 
     def report(self) -> str:
         return (f"examined {self.processed} trades, flagged {self.flagged}, alerts published {self.outbox.sent} "

@@ -98,17 +98,16 @@ def write_breakers(cur: Cursor, transitions: list[BreakerTransition]) -> None:
             [(t.symbol, t.state, t.timestamp_ms) for t in latest.values()], template=f"(%s, %s, {_MS})")
 
 
-def write_symbols(cur: Cursor, group: str, topic: str, states: list[tuple[str, int, str]],
+def write_symbols(cur: Cursor, group: str, topic: str, states: list[tuple[str, int, dict]],
                   evicted: set[str]) -> None:
-    """The state of the symbols that changed (symbol, partition, state as JSON text), and forget
-    the evicted."""
+    """The state of the symbols that changed (symbol, partition, state), and forget the evicted."""
     if states:
         execute_values(
             cur,
             "INSERT INTO detector_symbols (consumer_group, topic, symbol, kafka_partition, state) VALUES %s"
             " ON CONFLICT (consumer_group, topic, symbol) DO UPDATE SET kafka_partition = EXCLUDED.kafka_partition,"
             " state = EXCLUDED.state, updated_at = now()",
-            [(group, topic, s, p, state) for s, p, state in states],
+            [(group, topic, s, p, orjson.dumps(state).decode()) for s, p, state in states],
             template="(%s, %s, %s, %s, %s::json)")
     if evicted:
         cur.execute("DELETE FROM detector_symbols WHERE consumer_group = %s AND topic = %s AND symbol = ANY(%s)",
