@@ -595,11 +595,11 @@ class Runtime:
                                                   or (now - batch_since >= MAX_BATCH_AGE_S and writer_idle))
                 else:
                     due = now - last_checkpoint >= stage.flush_interval_s
+                if messages and stage.urgent():
+                    self._write_urgent()             # ahead of a due checkpoint too: it takes longer
                 if due:
                     self._checkpoint_overlapped() if stage.overlap else self.checkpoint(wait=False)
                     last_checkpoint, batch_since = now, 0.0
-                elif messages and stage.urgent():
-                    self._write_urgent()
                 elif not messages:
                     self._finish_inflight()          # idle: let the last offsets out too
                     self._deliver()                  # and what an outbox could not deliver before

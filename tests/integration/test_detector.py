@@ -365,15 +365,11 @@ def test_alerts_go_out_before_the_checkpoint_and_once_after_a_crash(settings):
                 rt.publisher.close()
 
 
-def test_a_running_detector_sends_an_alert_long_before_its_next_checkpoint(settings):
-    """The stage loop writes a batch that raised an alert at once (Stage.urgent): with a
-    checkpoint due only in an hour, the spike's alerts still reach the table and the topic, and
-    the position waits for the checkpoint made on stopping."""
+def spike_through_a_running_stage(settings, stage, during=lambda: None) -> None:
+    """Run `stage` on the stage runtime's loop, as `anomaly_detector.py run` does, while a spike
+    after the warm-up raises alerts; `during` is called once they are stored and sent; then stop."""
     from tradewatch import runtime
-    from tradewatch.stages.detector import Detect
 
-    stage = Detect(settings)
-    stage.flush_interval_s = 3600.0
     stopping = threading.Event()
     rt = runtime.Runtime(settings, stage, settings.detector_group, settings.trades_topic, stop=stopping.is_set)
     thread = threading.Thread(target=rt.run)
@@ -383,11 +379,44 @@ def test_a_running_detector_sends_an_alert_long_before_its_next_checkpoint(setti
         wait_for(lambda: query(settings, "SELECT count(*) FROM alerts WHERE trade_id = 's-1'"
                                          " AND published_at IS NOT NULL")[0][0] >= 2,
                  timeout=60, message="the spike's alerts, stored and sent")
-        assert not query(settings, "SELECT 1 FROM stage_positions WHERE consumer_group = %s",
-                         (settings.detector_group,)), "the position waits for the checkpoint"
+        during()
     finally:
         stopping.set()
         thread.join(60)
     assert not thread.is_alive()
+
+
+def test_a_running_detector_sends_an_alert_long_before_its_next_checkpoint(settings):
+    """The stage loop writes a batch that raised an alert at once (Stage.urgent): with a
+    checkpoint due only in an hour, the spike's alerts still reach the table and the topic, and
+    the position waits for the checkpoint made on stopping."""
+    from tradewatch.stages.detector import Detect
+
+    stage = Detect(settings)
+    stage.flush_interval_s = 3600.0
+
+    def no_position_yet():
+        assert not query(settings, "SELECT 1 FROM stage_positions WHERE consumer_group = %s",
+                         (settings.detector_group,)), "the position waits for the checkpoint"
+    spike_through_a_running_stage(settings, stage, during=no_position_yet)
     assert query(settings, "SELECT sum(next_offset) FROM stage_positions WHERE consumer_group = %s",
                  (settings.detector_group,))[0][0] == len(WARM) + 1
+
+
+def test_alerts_raised_as_a_checkpoint_falls_due_go_out_ahead_of_it(settings):
+    """A checkpoint also writes each changed symbol's rolling state and takes several times longer
+    than the alerts alone: the alerts of the batch read as it falls due are stored and sent in
+    their own transaction first, so the checkpoint finds none left to write."""
+    from tradewatch.stages.detector import Detect
+
+    alerts_at_checkpoint: list[int] = []
+
+    class Watched(Detect):
+        def write(self, conn, cur):
+            alerts_at_checkpoint.append(len(self.alerts_pending))
+            super().write(conn, cur)
+
+    stage = Watched(settings)
+    stage.flush_interval_s = 0.0          # a checkpoint falls due after every poll
+    spike_through_a_running_stage(settings, stage)
+    assert alerts_at_checkpoint and max(alerts_at_checkpoint) == 0, alerts_at_checkpoint

@@ -159,7 +159,8 @@ class SymbolState:
 
     def to_dict(self) -> dict:
         """The whole state as JSON-able values (floats round-trip exactly through JSON)."""
-        return {"prices": self.prices.to_list(), "log_quantities": self.log_quantities.to_list(),
+        # log_quantities keeps its running sums only: its values are the logs of those of `quantities`
+        return {"prices": self.prices.to_list(), "log_quantities": self.log_quantities.to_list()[:2],
                 "quantities": self.quantities.to_list(), "gaps": self.gaps.to_list(), "recent": list(self.recent),
                 "largest": self.largest.to_list(), "largest_ids": self.largest.ids(),
                 "price_trades": [list(t) for t in self.price_trades],
@@ -177,6 +178,8 @@ class SymbolState:
         state.prices = _Rolling.from_list(price_window, data["prices"])
         for name in ("log_quantities", "quantities", "gaps"):
             setattr(state, name, _Rolling.from_list(volume_window, data[name]))
+        if not state.log_quantities.values:     # stored as its sums alone (older checkpoints hold the values)
+            state.log_quantities.values.extend(math.log(q) for q in state.quantities.values)
         state.recent.extend(data["recent"])
         state.largest = _RecentMax.from_list(WHALE_WINDOW, data["largest"], data.get("largest_ids"))
         # state stored before the evidence named trades: the window's trades are unknown ("", 0)

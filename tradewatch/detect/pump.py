@@ -23,6 +23,7 @@ symbol's partition through checkpoints.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ EVENT_MAX_S = 1800.0
 REARM_S = 600.0              # after an event ends, the next may start this much later
 PHASES = ("pump", "peak", "dump", "over")
 PHASE_SEVERITY = {"pump": "CRITICAL", "peak": "HIGH", "dump": "HIGH", "over": "MEDIUM"}
+_SIDE_LETTER = {1: "b", -1: "s", 0: "-"}
+_SIDE_OF_LETTER = {letter: side for side, letter in _SIDE_LETTER.items()}
 
 
 @dataclass
@@ -88,7 +91,7 @@ class PumpWatch:
     event order; it returns the phase the event entered with this trade, if any."""
 
     def __init__(self) -> None:
-        self.window: deque[tuple[int, float, float, int]] = deque()   # (ms, price, notional, side +1/-1/0)
+        self.window: deque[tuple[int, float, float, int]] = deque()   # (ms, price, quantity, side +1/-1/0)
         self.before_price: float | None = None     # the last price before the window
         self.decayed = 0.0          # trades that left the window, decayed with BASELINE_TAU_S
         self.decayed_ms: int | None = None
@@ -97,14 +100,27 @@ class PumpWatch:
         self.ended_ms = -(1 << 62)     # when the last event ended (a new one waits REARM_S)
 
     def to_dict(self) -> dict:
-        return {"window": [list(w) for w in self.window], "before_price": self.before_price,
+        # The window is most of a busy symbol's checkpoint (up to MAX_WINDOW trades), so it goes by
+        # column: times as steps from the one before, quantities rather than notionals (shorter
+        # numbers; price * quantity gives the notional back bit for bit), sides as one letter each.
+        times = [w[0] for w in self.window]
+        window = {"ms_steps": times[:1] + [b - a for a, b in zip(times, times[1:])],
+                  "prices": [w[1] for w in self.window], "quantities": [w[2] for w in self.window],
+                  "sides": "".join(_SIDE_LETTER[w[3]] for w in self.window)}
+        return {"window": window, "before_price": self.before_price,
                 "decayed": self.decayed, "decayed_ms": self.decayed_ms, "first_ms": self.first_ms,
                 "event": self.event.to_dict() if self.event else None, "ended_ms": self.ended_ms}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PumpWatch":
         watch = cls()
-        watch.window.extend(tuple(w) for w in data["window"])
+        window = data["window"]
+        if isinstance(window, list):     # stored before the columns: (ms, price, notional, side) rows
+            watch.window.extend((ms, price, notional / price if price else 0.0, side)
+                                for ms, price, notional, side in window)
+        else:
+            watch.window.extend(zip(itertools.accumulate(window["ms_steps"]), window["prices"], window["quantities"],
+                                    (_SIDE_OF_LETTER[c] for c in window["sides"])))
         watch.before_price, watch.decayed = data["before_price"], data["decayed"]
         watch.decayed_ms, watch.first_ms = data["decayed_ms"], data["first_ms"]
         watch.event = Event.from_dict(data["event"]) if data["event"] else None
@@ -128,7 +144,7 @@ class PumpWatch:
         if self.first_ms is None:
             self.first_ms = ms
         window = self.window
-        window.append((ms, price, price * quantity, 1 if side == "buy" else -1 if side == "sell" else 0))
+        window.append((ms, price, quantity, 1 if side == "buy" else -1 if side == "sell" else 0))
         while window and (window[0][0] < ms - BURST_S * 1000 or len(window) > MAX_WINDOW):
             old_ms, old_price, _, _ = window.popleft()
             self.before_price = old_price
@@ -151,8 +167,8 @@ class PumpWatch:
         sided = [w for w in window if w[3]]
         buy_share = None
         if len(sided) * 2 >= len(window):
-            total = sum(w[2] for w in sided)
-            buy_share = sum(w[2] for w in sided if w[3] > 0) / total if total else 0.0
+            total = sum(w[1] * w[2] for w in sided)      # notional
+            buy_share = sum(w[1] * w[2] for w in sided if w[3] > 0) / total if total else 0.0
             if buy_share < MIN_BUY_SHARE:
                 return None, None
         start_ms = window[0][0]
