@@ -47,6 +47,7 @@ The heartbeat is tradewatch/heartbeat.py; how the heartbeats are read, tradewatc
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -66,6 +67,12 @@ RETRY_S = 2.0
 # a poll run dry; under load, batches grow while the previous one is being written).
 MAX_BATCH_AGE_S = 0.02
 COMMIT_EVERY_S = 1.0
+# An `overlap` stage's writer thread waits for the GIL after each statement PostgreSQL answers,
+# while the stage's thread decodes the next batch. At Python's default switch interval (5 ms) that
+# was about 7 ms a statement (over a batch's statements, longer than its COPY); at 1 ms it is about
+# 1.2 (tests/integration/test_writer_busy.py). The consumer alone (issue 39, an A/B on one
+# topic): 112-119k rows/s before, 129-135k at 1 ms; 0.5 and 0.2 ms were no faster.
+WRITER_SWITCH_S = 0.001
 
 
 class Stopping(bus.Interrupt):
@@ -288,6 +295,8 @@ class Runtime:
         self.publisher = None                  # created by stages that publish (bus.Publisher)
         self.checkpoints = self.fenced = 0
         self._writer: ThreadPoolExecutor | None = None    # overlap stages only
+        if stage.overlap:
+            sys.setswitchinterval(WRITER_SWITCH_S)
         self._inflight = None                  # (future, sealed effects, their offsets)
         self._abandoned = False                # stopped mid-wait: the last checkpoint is given up
         self._to_commit: dict[int, int] = {}   # offsets of stored checkpoints, not yet committed

@@ -32,12 +32,14 @@ def ensure(cur, table: str, days: Iterable[int], unit: str | None = None) -> Non
     if not wanted:
         return
     unit = unit or UNIT.get(table, "day")
-    # held until this transaction ends: `maintain` waits for it before dropping one of them
-    cur.execute("SELECT pg_advisory_xact_lock_shared(hashtext('tw_keep:' || %s))", (table,))
     fine = "'_m' || to_char(day, 'YYYYMM')" if unit == "month" else "'_p' || to_char(day, 'YYYYMMDD')"
-    cur.execute("SELECT d FROM unnest(%s::int[]) AS d, LATERAL (SELECT date '1970-01-01' + d AS day) AS x"
+    # The lock, held until this transaction ends: `maintain` waits for it before dropping one of
+    # them. Then the days no partition holds. Two statements in one round trip, run in this order.
+    cur.execute("SELECT pg_advisory_xact_lock_shared(hashtext('tw_keep:' || %s));"
+                " SELECT d FROM unnest(%s::int[]) AS d, LATERAL (SELECT date '1970-01-01' + d AS day) AS x"
                 f" WHERE to_regclass(%s || {fine}) IS NULL AND to_regclass(%s || '_p' || to_char(day, 'YYYYMMDD'))"
-                " IS NULL AND to_regclass(%s || '_y' || to_char(day, 'YYYY')) IS NULL", (wanted, table, table, table))
+                " IS NULL AND to_regclass(%s || '_y' || to_char(day, 'YYYY')) IS NULL",
+                (table, wanted, table, table, table))
     for (day,) in cur.fetchall():
         cur.execute("SELECT tw_ensure_partition(%s, %s, %s)", (table, _EPOCH + timedelta(days=day), unit))
 

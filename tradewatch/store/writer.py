@@ -96,12 +96,23 @@ def write_batch(cur: psycopg2.extensions.cursor, rows: list[bytes], dead_letters
 
 
 def _store(cur, rows: list[bytes], first: int, depth: int) -> tuple[int, list[Refused]]:
-    """Store rows[...] (batch positions from `first`); split on a data error. Returns (rows
-    inserted, refused rows)."""
+    """Store rows[...] (batch positions from `first`) in a savepoint: COPY straight into trades;
+    when a trade_id is already stored, back to the savepoint and merge through a temp table; on a
+    data error, back to it and split. Returns (rows inserted, refused rows). One savepoint for both
+    fallbacks: each statement is a round trip, and the writer thread waits for the GIL after each."""
     savepoint = f"store_{depth}"
+    data = copy_data(rows)
     cur.execute(f"SAVEPOINT {savepoint}")
     try:
-        inserted = _copy(cur, rows)
+        try:
+            copy_trades(cur, data)
+            inserted = len(rows)
+        except psycopg2.errors.UniqueViolation:
+            cur.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+            cur.execute(_CREATE_STAGE)
+            copy_trades(cur, data, "trades_incoming")
+            cur.execute(_MERGE)
+            inserted = cur.rowcount
         cur.execute(f"RELEASE SAVEPOINT {savepoint}")
         return inserted, []
     except (psycopg2.DataError, psycopg2.IntegrityError) as error:
@@ -114,23 +125,6 @@ def _store(cur, rows: list[bytes], first: int, depth: int) -> tuple[int, list[Re
     left, left_refused = _store(cur, rows[:half], first, depth + 1)
     right, right_refused = _store(cur, rows[half:], first + half, depth + 1)
     return left + right, left_refused + right_refused
-
-
-def _copy(cur, rows: list[bytes]) -> int:
-    """COPY straight into trades; when a trade_id is already stored, merge through a temp table."""
-    data = copy_data(rows)
-    cur.execute("SAVEPOINT direct_copy")
-    try:
-        copy_trades(cur, data)
-        cur.execute("RELEASE SAVEPOINT direct_copy")
-        return len(rows)
-    except psycopg2.errors.UniqueViolation:
-        cur.execute("ROLLBACK TO SAVEPOINT direct_copy")
-        cur.execute("RELEASE SAVEPOINT direct_copy")
-    cur.execute(_CREATE_STAGE)
-    copy_trades(cur, data, "trades_incoming")
-    cur.execute(_MERGE)
-    return cur.rowcount
 
 
 def newest_rows(rows: list[bytes], skip: set[int] = frozenset()) -> list[int]:
