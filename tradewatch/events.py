@@ -102,21 +102,44 @@ _Price = Annotated[float, msgspec.Meta(gt=0, le=MAX_PRICE)]
 
 
 class _Wire(msgspec.Struct, gc=False):
-    """The fast path's view of the wire format (see the table above)."""
+    """The fast path's view of the wire format (see the table above). The text fields' characters
+    are checked by decode_trade: a `pattern` here ran Python's regex from C for each text field of
+    each message (decode_trade took 2.0 us a message with them, 1.4 without; issue 39)."""
     schema_version: Literal[1]
-    trade_id: Annotated[str, msgspec.Meta(pattern=_ID_PATTERN)]
-    symbol: Annotated[str, msgspec.Meta(pattern=_SYMBOL_PATTERN)]
+    trade_id: str
+    symbol: str
     timestamp_ms: Annotated[int, msgspec.Meta(ge=EARLIEST_TIMESTAMP_MS, le=LATEST_TIMESTAMP_MS)]
     price: _Price
     quantity: Annotated[float, msgspec.Meta(gt=0, le=MAX_QUANTITY)]
     side: Literal["buy", "sell", "unknown"]
-    exchange: Annotated[str, msgspec.Meta(pattern=_EXCHANGE_PATTERN)]
+    exchange: str
     bid: _Price | None = None
     ask: _Price | None = None
-    condition: Annotated[str, msgspec.Meta(pattern=_CONDITION_PATTERN)] | None = None
+    condition: str | None = None
     injected_anomaly: Literal["price_spike", "price_drop", "volume_spike", "flash_crash", "pump_and_dump"] | None = None
 
 
+class _Seen:
+    """Whether a value of a field that repeats (symbol, exchange) matches `pattern`: a set lookup
+    for the values seen before, the regex for a new one. Bounded: past 4,096 values it starts
+    again (a feed of ever-new values only goes back to the regex)."""
+
+    def __init__(self, pattern: str):
+        self.match, self.values = re.compile(pattern).match, set()
+
+    def __call__(self, value: str) -> bool:
+        if value in self.values:
+            return True
+        if not self.match(value):
+            return False
+        if len(self.values) >= 4_096:
+            self.values.clear()
+        self.values.add(value)
+        return True
+
+
+_symbol_ok, _exchange_ok = _Seen(_SYMBOL_PATTERN), _Seen(_EXCHANGE_PATTERN)
+_id_ok, _condition_ok = _ID.match, re.compile(_CONDITION_PATTERN).match
 _decode_wire = msgspec.json.Decoder(_Wire).decode
 
 
@@ -143,7 +166,9 @@ def decode_trade(raw: bytes | None, sent_ms: int | None = None,
             limit = (sent_ms if sent_ms is not None else int(time.time() * 1000)) + max_skew_ms
             if (w.timestamp_ms <= limit and math.isfinite(w.price) and math.isfinite(w.quantity)
                     and (w.bid is None or math.isfinite(w.bid)) and (w.ask is None or math.isfinite(w.ask))
-                    and (w.bid is None or w.ask is None or w.bid <= w.ask)):
+                    and (w.bid is None or w.ask is None or w.bid <= w.ask) and _id_ok(w.trade_id)
+                    and _symbol_ok(w.symbol) and _exchange_ok(w.exchange)
+                    and (w.condition is None or _condition_ok(w.condition))):
                 return w
     return _parse_slowly(raw, sent_ms, max_skew_ms)
 

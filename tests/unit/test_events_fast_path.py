@@ -62,3 +62,18 @@ def test_reasons_come_from_the_rules():
     assert outcome(parse_trade, raw) == "invalid: field 'trade_id' contains a NUL character"
     raw = raw.replace(b"a\\u0000b", b"ok").replace(b'"price": 1', b'"price": 1' + b"0" * 400)
     assert outcome(parse_trade, raw).startswith("invalid: field 'price' must be finite")
+
+
+def test_the_symbols_known_good_stay_bounded_and_a_bad_one_is_still_refused():
+    """The fast path remembers the symbols and exchanges it found valid (a set lookup instead of a
+    regex a message); a feed of ever-new symbols cannot grow that memory without bound."""
+    from tradewatch.events import _symbol_ok
+
+    def event(symbol: str) -> bytes:
+        return json.dumps({"schema_version": 1, "trade_id": "t-1", "symbol": symbol, "timestamp_ms": NOW_MS,
+                           "price": 1.5, "quantity": 2, "side": "buy", "exchange": "X"}).encode()
+    for i in range(10_000):
+        assert parse_trade(event(f"S{i}"), NOW_MS).symbol == f"S{i}"
+    assert 0 < len(_symbol_ok.values) <= 4_096
+    assert outcome(parse_trade, event("S1\n")).startswith("invalid: field 'symbol'")
+    assert outcome(parse_trade, event("s1")).startswith("invalid: field 'symbol'")
