@@ -134,6 +134,11 @@ class Stage:
     runtime: "Runtime"        # set by the Runtime that runs it
     flush_interval_s: float | None = None   # None: checkpoint when a poll runs dry or the batch is full
     batch_size = 2000
+    # A stage with a flush interval whose pending effects grow with what it reads (the aggregator's
+    # changed windows): a checkpoint also falls due at this many pending records, so a backlog's
+    # batch, and the memory it holds, has a bound. None: the interval alone (past `batch_size` the
+    # stage reads a message a poll until it is due).
+    max_pending: int | None = None
     overlap = False   # True: seal() hands pending effects to the writer thread (see Runtime)
 
     def __init__(self) -> None:
@@ -603,7 +608,8 @@ class Runtime:
                     due = bool(self.offsets) and (not messages or stage.pending() >= stage.batch_size
                                                   or (now - batch_since >= MAX_BATCH_AGE_S and writer_idle))
                 else:
-                    due = now - last_checkpoint >= stage.flush_interval_s
+                    due = (now - last_checkpoint >= stage.flush_interval_s
+                           or (stage.max_pending is not None and stage.pending() >= stage.max_pending))
                 if messages and stage.urgent():
                     self._write_urgent()             # ahead of a due checkpoint too: it takes longer
                 if due:

@@ -39,7 +39,7 @@ class Aggregate(runtime.Stage):
         super().__init__()
         self.settings = settings
         self.flush_interval_s = settings.aggregator_flush_ms / 1000.0
-        self.batch_size = 5000
+        self.batch_size = self.max_pending = 5000
         self.sizes = settings.window_sizes_ms
         self.exclude = settings.ohlc_excluded
         self.group, self.topic = settings.aggregator_group, settings.trades_topic
