@@ -136,8 +136,8 @@ class Stage:
     batch_size = 2000
     # A stage with a flush interval whose pending effects grow with what it reads (the aggregator's
     # changed windows): a checkpoint also falls due at this many pending records, so a backlog's
-    # batch, and the memory it holds, has a bound. None: the interval alone (past `batch_size` the
-    # stage reads a message a poll until it is due).
+    # batch, and the memory it holds, has a bound. None: `batch_size` is the bound (past it the
+    # stage reads a message a poll until its interval is due). A poll reads at most `batch_size`.
     max_pending: int | None = None
     overlap = False   # True: seal() hands pending effects to the writer thread (see Runtime)
 
@@ -586,7 +586,7 @@ class Runtime:
             last_checkpoint = last_report = time.monotonic()
             batch_since = 0.0          # when the first message of the pending batch arrived
             while not self.stop():
-                room = max(stage.batch_size - stage.pending(), 1)
+                room = max(min(stage.batch_size, (stage.max_pending or stage.batch_size) - stage.pending()), 1)
                 if stage.flush_interval_s is None:   # write as soon as a poll runs dry
                     wait_s = 0.0 if stage.pending() else 0.2
                 else:                                # never past the next checkpoint, never spinning
