@@ -145,6 +145,18 @@ def test_model_train_save_load_round_trip(tmp_path):
     assert loaded.score(np.full((1, 10), 8.0))[0] > 1.0   # far outside the training cloud
 
 
+def test_the_forest_scores_every_trade_exactly_as_scikit_learn_does_one_at_a_time_or_in_a_batch(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = rng.standard_t(3, size=(3000, 10))
+    model = forest.load(forest.save(forest.train(rows, {"source": "test"}), tmp_path))
+    probes = np.vstack([rows[:500], rng.normal(scale=6.0, size=(300, 10)), np.full((1, 10), 1e6), np.zeros((1, 10)),
+                        rows[:20].astype(np.float32).astype(float) + 1e-9])     # either side of a split on float32
+    expected = -model.forest.score_samples(probes) / model.threshold
+    assert np.array_equal(model.score(probes), expected)
+    assert np.array_equal(np.concatenate([model.score(probes[i:i + 1]) for i in range(40)]), expected[:40])
+    assert (expected > 1.0).any() and (expected < 1.0).any()
+
+
 def test_training_with_too_little_data_says_how_much_is_needed():
     with pytest.raises(forest.NotEnoughData, match="have 999 trades with features, need at least 1000"):
         forest.train(np.zeros((999, 10)), {})

@@ -4,7 +4,8 @@ One pooled model for all symbols: every feature is scale-free (returns, z-scores
 points), so trades of a $3 and a $90,000 instrument are comparable, and rarely traded symbols
 borrow strength from the busy ones. The flag threshold is the `flag_quantile` of the training
 scores, so about that share of training-like trades is flagged. What drove a score: each feature
-set alone to its training median, the score it would have had (`drivers`).
+set alone to its training median, the score it would have had (`drivers`). Scores are computed
+from the fitted trees directly (`path_score`): the same as scikit-learn's, without its per-call cost.
 """
 from __future__ import annotations
 
@@ -41,12 +42,18 @@ class ForestModel:
     version: str = "unsaved"
     medians: tuple[float, ...] | None = None     # of each feature over the training trades
 
+    _trees: tuple[list, float] | None = field(default=None, init=False, repr=False, compare=False)   # paths()
+
     def score(self, rows: np.ndarray) -> np.ndarray:
         """Anomaly strength: > 1 means beyond the threshold (higher = more anomalous)."""
         if len(rows) == 0:
             return np.zeros(0)
-        raw = -self.forest.score_samples(rows)           # larger = more anomalous
-        return raw / self.threshold
+        return path_score(self._paths(), rows) / self.threshold
+
+    def _paths(self) -> tuple[list, float]:
+        if self._trees is None:
+            self._trees = paths(self.forest)
+        return self._trees
 
     def drivers(self, rows: np.ndarray, scores: np.ndarray) -> list[list[dict]]:
         """For each row (with its `scores`), the features that raised its score most: the score
@@ -63,6 +70,43 @@ class ForestModel:
             found.append([{"feature": self.features[j], "value": float(row[j]), "typical": float(typical[j]),
                            "score_without": float(alone[j])} for j in order])
         return found
+
+
+def average_path(n: np.ndarray) -> np.ndarray:
+    """The average path length of an unsuccessful search in a binary tree of `n` points: what a
+    leaf holding n training points adds to the depth at which a point was isolated."""
+    n = np.asarray(n, dtype=float)
+    grown = 2.0 * (np.log(np.maximum(n, 3.0) - 1.0) + np.euler_gamma) - 2.0 * (n - 1.0) / np.maximum(n, 1.0)
+    return np.where(n <= 1, 0.0, np.where(n == 2, 1.0, grown))
+
+
+def paths(forest: IsolationForest) -> tuple[list, float]:
+    """Each tree of a fitted forest with the path length a point ends with in each of its leaves
+    (the depth of the leaf, counting the root as 1, plus the average path of its points, - 1), and
+    the normaliser: trees × the average path of `max_samples` points."""
+    trees = []
+    for estimator in forest.estimators_:
+        tree = estimator.tree_
+        depth, level, nodes = np.zeros(tree.node_count), 1.0, np.array([0])
+        while len(nodes):
+            depth[nodes] = level
+            children = np.concatenate((tree.children_left[nodes], tree.children_right[nodes]))
+            nodes, level = children[children >= 0], level + 1.0
+        trees.append((tree, depth + average_path(tree.n_node_samples) - 1.0))
+    return trees, len(trees) * float(average_path(np.array([forest.max_samples_]))[0])
+
+
+def path_score(compiled: tuple[list, float], rows: np.ndarray) -> np.ndarray:
+    """What IsolationForest.score_samples gives, negated (larger = more anomalous), the same to the
+    last bit: each tree's leaves looked up straight from its compiled tree, in the forest's order.
+    scikit-learn's own call dispatches every tree through joblib, about 40 µs a tree a call —
+    8 ms for 200 trees, whatever the batch, where a detector scores a few trades at a time."""
+    trees, denominator = compiled
+    points = np.ascontiguousarray(rows, dtype=np.float32)    # what the trees were split on
+    depths = np.zeros(len(points))
+    for tree, path in trees:
+        depths += path[tree.apply(points)]
+    return 2.0 ** (-depths / denominator)
 
 
 def train(rows: np.ndarray, training: dict, n_estimators: int = 200, flag_quantile: float = 0.0002,
