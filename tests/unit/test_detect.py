@@ -150,11 +150,15 @@ def test_the_forest_scores_every_trade_exactly_as_scikit_learn_does_one_at_a_tim
     rows = rng.standard_t(3, size=(3000, 10))
     model = forest.load(forest.save(forest.train(rows, {"source": "test"}), tmp_path))
     probes = np.vstack([rows[:500], rng.normal(scale=6.0, size=(300, 10)), np.full((1, 10), 1e6), np.zeros((1, 10)),
-                        rows[:20].astype(np.float32).astype(float) + 1e-9])     # either side of a split on float32
+                        rows[:20].astype(np.float32).astype(float) + 1e-9,    # either side of a split on float32
+                        np.where(rng.random((40, 10)) < 0.2, np.nan, rows[:40])])    # a tree sends NaN its own way
     expected = -model.forest.score_samples(probes) / model.threshold
-    assert np.array_equal(model.score(probes), expected)
-    assert np.array_equal(np.concatenate([model.score(probes[i:i + 1]) for i in range(40)]), expected[:40])
     assert (expected > 1.0).any() and (expected < 1.0).any()
+    assert np.array_equal(model.score(probes), expected)                      # tree by tree
+    small = forest.Paths.WALK_ALL_ROWS
+    for size in (1, 7, small):                                                  # every tree at once
+        assert np.array_equal(np.concatenate([model.score(probes[i:i + size]) for i in range(0, len(probes), size)]),
+                              expected), size
 
 
 def test_training_with_too_little_data_says_how_much_is_needed():
