@@ -13,6 +13,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tradewatch import stack  # noqa: E402
@@ -26,6 +28,46 @@ def bench_settings(**overrides: object) -> Settings:
                              kafka_controller_port=22093, postgres_port=22432, **overrides)
     stack.start(settings)
     return settings
+
+
+def with_model(settings: Settings) -> Settings:
+    """`settings` with an Isolation Forest for the detector, as a user has after `python
+    anomaly_detector.py train` (here trained on 50,000 simulated trades: the same model each run)."""
+    from tradewatch.detect import evaluate, forest
+    from tradewatch.detect.rules import DetectorConfig
+
+    directory = settings.home / "models"
+    if forest.latest(directory) is None:
+        forest.save(evaluate.train_on_simulation(1, 50_000, 0.005, DetectorConfig()), directory)
+    return settings.with_overrides(model_dir=str(directory))
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (none once it has ended)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
+    seconds = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            seconds[process.pid] = times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return seconds
+
+
+def services(settings: Settings) -> dict[str, list[psutil.Process]]:
+    """The private stack's Kafka broker and PostgreSQL server (with its backends) as processes."""
+    home = str(settings.home)
+    mine = [p for p in psutil.process_iter(["name", "cmdline"]) if home in " ".join(p.info["cmdline"] or [])]
+    return {"kafka": [p for p in mine if p.info["name"] == "java"],
+            "postgres": [q for p in mine if p.info["name"] == "postgres" for q in tree(p.pid)]}
 
 
 def query(settings: Settings, sql: str, *params: object) -> list[tuple]:

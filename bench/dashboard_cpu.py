@@ -20,30 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from common import report  # noqa: E402
+from common import cpu_seconds, report, tree  # noqa: E402
 from tests.e2e.demo_driver import (FIRST_ANOMALY_BUDGET_S, Demo, launch_browser, open_dashboard,  # noqa: E402
                                    wait_for_everything)
 
 WARM_UP_S = 20
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
-    seconds = {}
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            seconds[process.pid] = times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return seconds
 
 
 def measure(demo: Demo, seconds: float) -> dict:

@@ -12,7 +12,8 @@ and each stage's RSS and share of a core over the run. Prints JSON; goals (#39):
 the row, ≤ 50 ms to the topic, ≤ 100 ms to a client.
 
 The alert cooldowns are 0 so that a run of a minute has alerts enough for a p99: a cooldown
-decides which alerts are raised, not how fast they travel.
+decides which alerts are raised, not how fast they travel. `--model`: the detector runs with an
+Isolation Forest, as after `anomaly_detector.py train` (without, rules only: a fresh install).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import time
 import uuid
 
 import psutil
-from common import bench_settings, free_port, percentile, query, report, sse_reader, start_stage, wait_until_up
+from common import (bench_settings, free_port, percentile, query, report, sse_reader, start_stage, wait_until_up,
+                    with_model)
 
 from tradewatch import bus
 
@@ -120,8 +122,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--clients", type=int, default=10, help="SSE clients of /alerts/stream")
     parser.add_argument("--anomaly-rate", type=float, default=0.005, help="the producer's injected anomalies")
+    parser.add_argument("--model", action="store_true", help="the detector with a trained Isolation Forest")
     args = parser.parse_args()
-    settings = bench_settings()
+    settings = with_model(bench_settings()) if args.model else bench_settings()
     runs = []
     for _ in range(args.runs):
         runs.append(one_run(settings, args.rate, args.seconds, args.clients, args.anomaly_rate, seed=len(runs) + 1))
@@ -131,7 +134,7 @@ def main() -> None:
             "worst_p99_ms": {"row": worst("trade_to_row_ms"), "alerts_topic": worst("trade_to_alerts_topic_ms"),
                              "sse_client": worst("trade_to_sse_client_ms")},
             "goal_p99_ms": {"row": 50, "alerts_topic": 50, "sse_client": 100},
-            "cores": psutil.cpu_count(), "kafka_client": settings.kafka_client})
+            "cores": psutil.cpu_count(), "detector_model": args.model, "kafka_client": settings.kafka_client})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ each stage's lag behind the log end once a second; a rate *holds* when, after a 
 stage is ever more than one second of trades behind (lag < rate). Prints JSON: per rate the worst
 lag of each stage, the highest rate that holds, and the trade→row latency p50/p99 at 1k trades/s
 (ingested_at - event time, the producer stamping event time = wall time), beside the Kafka
-publish ceiling of the producer measured in the same run.
+publish ceiling of the producer measured in the same run. `--model`: the detector runs with an
+Isolation Forest, as after `anomaly_detector.py train` (without, rules only: a fresh install).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 import time
 import uuid
 
-from common import bench_settings, percentile, query, report
+from common import bench_settings, cpu_seconds, percentile, query, report, services, tree, with_model
 
 from tradewatch import bus
 from tradewatch.config import PROJECT_ROOT
@@ -46,29 +47,42 @@ def run_at(base, rate: int, seconds: int) -> dict:
     settings = base.with_overrides(trades_topic=f"pipe-{tag}", alerts_topic=f"pipe-alerts-{tag}",
                                    consumer_group=f"c-{tag}", aggregator_group=f"a-{tag}", detector_group=f"d-{tag}")
     bus.ensure_topic(settings, settings.trades_topic, settings.trades_partitions)
-    stages = [start(settings, *argv) for argv in STAGES.values()]
+    stages = {name: start(settings, *argv) for name, argv in STAGES.items()}
     time.sleep(5)   # stages join their groups before the load starts
     producer = start(settings, "producer.py", "--rate", str(rate), "--duration", str(seconds), "--seed", "4")
     started = time.monotonic()
     worst = {name: 0 for name in STAGES}
+    rss = {name: 0.0 for name in STAGES}
+    measured, cpu_before, window_s = None, {}, 0.0
     while producer.poll() is None:
         time.sleep(1.0)
         if time.monotonic() - started < 10:
             continue
+        roles = ({name: tree(p.pid) for name, p in stages.items()} | {"producer": tree(producer.pid)}
+                 | services(settings))
+        if measured is None:       # the cores each part used from the end of the ramp-up to the producer's end
+            measured, cpu_before = time.monotonic(), {name: cpu_seconds(ps) for name, ps in roles.items()}
+        else:
+            cpu_after, window_s = {name: cpu_seconds(ps) for name, ps in roles.items()}, time.monotonic() - measured
         for name, lag in lags(settings).items():
             worst[name] = max(worst[name], lag)
+        for name in STAGES:
+            rss[name] = max([rss[name], *(p.memory_info().rss / 2**20 for p in roles[name] if p.is_running())])
     sent = sum(end for _, end in bus.group_lag(settings, settings.consumer_group, settings.trades_topic).values())
     latencies = []
     if rate <= 1000:
         latencies = [float(r[0]) for r in query(
             settings, "SELECT extract(epoch FROM ingested_at - ts) * 1000 FROM trades WHERE ts > now() - interval '1 hour'")]
-    for process in stages:
+    for process in stages.values():
         process.terminate()
-    for process in stages:
+    for process in stages.values():
         process.wait(timeout=60)
     achieved = sent / seconds
     holds = all(lag < rate for lag in worst.values()) and achieved >= 0.95 * rate
-    result = {"rate_per_s": rate, "producer_achieved_per_s": round(achieved), "worst_lag": worst, "holds": holds}
+    cores = {name: round(sum(t - cpu_before[name].get(pid, 0.0) for pid, t in after.items()) / window_s, 2)
+             for name, after in cpu_after.items()} if window_s else {}
+    result = {"rate_per_s": rate, "producer_achieved_per_s": round(achieved), "worst_lag": worst, "holds": holds,
+              "cores": cores, "rss_mib": {name: round(mib) for name, mib in rss.items()}}
     if latencies:
         result["latency_ms"] = {"p50": round(percentile(latencies, 50), 1), "p99": round(percentile(latencies, 99), 1)}
     return result
@@ -78,8 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rates", default="1000,5000,10000,15000,20000,25000")
     parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--model", action="store_true", help="the detector with a trained Isolation Forest")
     args = parser.parse_args()
-    settings = bench_settings()
+    settings = with_model(bench_settings()) if args.model else bench_settings()
     from tradewatch.store import db
     with db.connect(settings) as conn, conn.cursor() as cur:
         cur.execute("TRUNCATE trades, stock_metrics, indicators, late_trades, alerts, trade_flags, circuit_breakers,"
@@ -98,7 +113,7 @@ def main() -> None:
         "runs": runs,
         "highest_rate_every_stage_within_1s": max(held) if held else None,
         "latency_at_1k_per_s": next((r.get("latency_ms") for r in runs if r["rate_per_s"] == 1000), None),
-        "kafka_client": settings.kafka_client,
+        "detector_model": args.model, "kafka_client": settings.kafka_client,
     })
 
 
