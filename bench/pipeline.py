@@ -4,8 +4,9 @@ private stack. For each producer rate (ascending) it runs every stage for `--sec
 each stage's lag behind the log end once a second; a rate *holds* when, after a 10 s ramp-up, no
 stage is ever more than one second of trades behind (lag < rate). Prints JSON: per rate the worst
 lag of each stage, the highest rate that holds, and the trade→row latency p50/p99 at 1k trades/s
-(ingested_at - event time, the producer stamping event time = wall time), beside the Kafka
-publish ceiling of the producer measured in the same run. `--model`: the detector runs with an
+(ingested_at - event time, the producer stamping event time = wall time); beside them the
+machine's ceiling, its cores, and how much of it each part used (each stage, the producer, the
+Kafka broker, PostgreSQL), with each stage's peak RSS. `--model`: the detector runs with an
 Isolation Forest, as after `anomaly_detector.py train` (without, rules only: a fresh install).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 import uuid
 
+import psutil
 from common import bench_settings, cpu_seconds, percentile, query, report, services, tree, with_model
 
 from tradewatch import bus
@@ -113,7 +115,7 @@ def main() -> None:
         "runs": runs,
         "highest_rate_every_stage_within_1s": max(held) if held else None,
         "latency_at_1k_per_s": next((r.get("latency_ms") for r in runs if r["rate_per_s"] == 1000), None),
-        "detector_model": args.model, "kafka_client": settings.kafka_client,
+        "cores": psutil.cpu_count(), "detector_model": args.model, "kafka_client": settings.kafka_client,
     })
 
 
