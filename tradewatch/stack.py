@@ -376,7 +376,8 @@ def start_kafka(settings: Settings) -> None:
         with open(logfile, "ab") as out:
             # the quick JIT tier only: the optimising one spent 9 of the broker's 16 CPU seconds of a demo's
             # first 24 s compiling, on the cores the stages need, and a warm broker moves as many trades
-            # without it (bench/ingest.py: the Python stages are the limit)
+            # without it (bench/ingest.py: the Python stages are the limit; bench/pipeline.py held 25,000
+            # trades/s with either tier, the optimising one ~0.2 core cheaper once warm, the first anomaly 3 s later)
             process = subprocess.Popen(
                 [java, "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
                  log4j, "-cp", classpath, "kafka.Kafka", str(config)],
