@@ -9,6 +9,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 from sqlalchemy.exc import DBAPIError
 
+from tradewatch import services
 from tradewatch.access import LOOPBACK, may_acknowledge
 from tradewatch.book import Top, imbalance
 from tradewatch.candles import BASE_SIZE
@@ -54,6 +55,13 @@ def q(name: str, *args):
 
 
 def database_down(error: Exception) -> None:
+    """The outage in words: what the demo watching PostgreSQL saw (its cause, from its log), else
+    what this page can tell."""
+    watched = (services.read_states(settings) or {}).get("postgres")
+    if watched is not None and watched.status != "up":
+        st.error(f"PostgreSQL {watched.words()} — `make demo` starts it again by itself; the pipeline resumes "
+                 f"where it stopped{'. ' + watched.fix if watched.fix else ''}", icon=":material/error:")
+        return
     st.error(f"Database unavailable at {settings.postgres_host}:{settings.postgres_port} — retrying "
              f"automatically. Start it with `make services`. ({type(error).__name__})", icon=":material/error:")
 
@@ -105,17 +113,36 @@ def no_data(what: str) -> None:
     st.info(f"No data yet: {what} appear once trades flow (`make demo`).", icon=":material/hourglass_empty:")
 
 
+SERVICE_COLORS = {"up": "green", "starting": "orange", "down": "red", "failed": "red"}
+
+
+def service_badges() -> str:
+    """Kafka's and PostgreSQL's badges, from the demo watching them (none without a demo): read from
+    a file, so they are shown while PostgreSQL is down too."""
+    states = services.read_states(settings) or {}
+    return " ".join(f":{SERVICE_COLORS.get(s.status, 'gray')}-badge[{s.service} "
+                    f"{s.words().replace('[', '(').replace(']', ')')}]" for s in states.values())
+
+
 def health_strip() -> None:
-    """One badge per stage from its heartbeat: green up, orange late, red down, grey stopped."""
-    if not q("table_exists", "stage_health"):
-        return
-    statuses = stage_statuses(q("stage_health").to_dict("records"), gone_from_this_host)
+    """One badge per service (from the demo) and per stage from its heartbeat: green up, orange late
+    or starting, red down or failed, grey stopped."""
+    watched = service_badges()
+    try:
+        if not q("table_exists", "stage_health"):
+            return
+        rows = q("stage_health").to_dict("records")
+    except DBAPIError:
+        if watched:
+            st.markdown(f"**Pipeline** {watched}")
+        raise
+    statuses = stage_statuses(rows, gone_from_this_host)
     badges = " ".join(f":{s.color}-badge[{s.stage} {s.status} · {s.detail}]" for s in statuses)
     store = q("storage", settings.home)
     disk = (f":{'red' if store['low'] else 'gray'}-badge[database {store['database_bytes'] / 1024**3:.2f} GiB · "
             f"archive {store['archive_bytes'] / 1024**3:.2f} GiB · "
             f"disk {store['free_disk_percent']:.0f} % free{' — LOW' if store['low'] else ''}]")
-    st.markdown(f"**Pipeline** {badges} {disk}")
+    st.markdown(f"**Pipeline** {watched} {badges} {disk}")
 
 
 def kpi_row(symbols, since, until, previous_since) -> None:

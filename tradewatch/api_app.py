@@ -27,10 +27,12 @@ from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Respon
 from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy.exc import DBAPIError
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
+from tradewatch import services
 from tradewatch.access import key_matches
 from tradewatch.book import MAX_LEVELS, Top, imbalance
 from tradewatch.candles import BASE_SIZE
@@ -275,12 +277,24 @@ def create_app(settings: Settings) -> FastAPI:
         REQUEST_SECONDS.labels(path).observe(time.perf_counter() - started)
         return response
 
-    @app.get("/health", summary="Services and stages, from the stages' heartbeats")
-    def health() -> dict:
-        statuses = stage_statuses(records(queries.stage_health(engine)), gone_from_this_host)
-        return {"database": "up", "stages": [{"stage": s.stage, "status": s.status, "detail": s.detail}
-                                             for s in statuses],
-                "storage": queries.storage(engine, settings.home)}
+    @app.get("/health", summary="Services and stages: Kafka and PostgreSQL as `make demo` watches them (their "
+                                "status and the cause of an outage), the stages from their heartbeats; 503 while "
+                                "PostgreSQL is down",
+             responses={503: {"description": "PostgreSQL is down: `cause` says why, `services` what the demo sees"}})
+    def health():
+        watched = {name: {"status": s.status, "words": s.words(), "cause": s.cause, "evidence": s.evidence,
+                          "fix": s.fix, "restarts": s.restarts}
+                   for name, s in (services.read_states(settings) or {}).items()}
+        try:
+            statuses = stage_statuses(records(queries.stage_health(engine)), gone_from_this_host)
+            storage = queries.storage(engine, settings.home)
+        except DBAPIError as error:
+            cause = watched.get("postgres", {}).get("cause") or str(error.orig).strip().split("\n")[0]
+            return JSONResponse({"database": "down", "cause": cause, "services": watched}, 503,
+                                headers={"Retry-After": "5"})
+        return {"database": "up", "services": watched,
+                "stages": [{"stage": s.stage, "status": s.status, "detail": s.detail} for s in statuses],
+                "storage": storage}
 
     @app.get("/pipeline", summary="The pipeline over the last minutes, a point per stage and step: records/s"
                                   " handled and arriving, lag, latency p50/p99 (ms)")

@@ -7,6 +7,9 @@ as the four-terminal walkthrough in the README does by hand. The supervisor keep
   back to 1 s once it has run for `STABLE_AFTER_S`), and its last output lines are logged in one
   block so the cause is readable;
 - a stage that died `LOUD_AFTER_DEATHS` times within `LOUD_WINDOW_S` is reported in a banner;
+- Kafka and PostgreSQL are watched too (`ServiceWatch`): one whose process is gone is named down
+  with its cause, read from its own log, and started again with the same back-off; their states
+  go to TRADEWATCH_HOME/services.json, which the health strip, `/health` and `doctor` read;
 - Ctrl-C (SIGINT) or SIGTERM stops every stage (SIGINT, then SIGKILL after `STOP_GRACE_S`) and
   the services when this run started them, all within about 10 s.
 
@@ -21,10 +24,11 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tradewatch import stack
+from tradewatch import services, stack
 from tradewatch.cli import load_settings, setup_logging
 from tradewatch.config import PROJECT_ROOT, Settings
 from tradewatch.store import db, health
@@ -154,17 +158,129 @@ def caught_up(settings: Settings) -> bool:
     return all(statuses.get(stage) == "up" for stage in health.EXPECTED_STAGES)
 
 
+class ServiceWatch:
+    """Kafka and PostgreSQL, watched like the stages. A service whose process is gone is named down
+    with its cause — what its log said since it was last seen up (services.read_cause), else how it
+    was killed — and started again by `start` (stack.start: whatever is not running, then the
+    database, schema and topics) after the stages' back-off. A start that does not bring it up
+    leaves it "failed" with the cause and what to do, and is tried again after a longer wait. The
+    states go to TRADEWATCH_HOME/services.json at every change and every WRITE_EVERY_S."""
+
+    WRITE_EVERY_S = 3.0
+
+    def __init__(self, settings: Settings, start: Callable[[Settings], None] = stack.start,
+                 clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.start = start
+        self.clock = clock
+        now = clock()
+        self.states = {name: services.ServiceState(name, since=now) for name in services.SERVICES}
+        self.backoff = dict.fromkeys(services.SERVICES, FIRST_BACKOFF_S)
+        self.seen = self._pids()
+        self.offsets = self._log_sizes()
+        self.starting: Future | None = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="start-services")
+        self.written = 0.0
+
+    def _nodes(self, name: str) -> list[int]:
+        return [1] if name == "postgres" else [node for node, _, _ in self.settings.kafka_nodes]
+
+    def _pids(self) -> dict[str, dict[int, int]]:
+        """service -> node -> PID of each running process"""
+        postgres = stack.postgres_pid(self.settings)
+        return {"postgres": {1: postgres} if postgres else {}, "kafka": stack.kafka_pids(self.settings)}
+
+    def _log_sizes(self) -> dict[tuple[str, int], int]:
+        return {(name, node): services.log_size(services.log_file(self.settings, name, node))
+                for name in services.SERVICES for node in self._nodes(name)}
+
+    def check(self) -> None:
+        now = self.clock()
+        changed = self.starting is not None and self.starting.done() and self._started(now)
+        pids = self._pids()
+        for name, state in self.states.items():
+            missing = [node for node in self._nodes(name) if node not in pids[name]]
+            if state.status == "up" and missing:
+                self._died(state, missing[0], now)
+                changed = True
+        due = [s for s in self.states.values() if s.status in ("down", "failed") and now >= s.next_try]
+        if due and self.starting is None:
+            for state in due:
+                state.status, state.since = "starting", now
+                log.info("starting %s again", services.NAMES[state.service])
+            self.starting = self.pool.submit(self.start, self.settings)
+            changed = True
+        if changed or now - self.written >= self.WRITE_EVERY_S:
+            services.write_states(self.settings, self.states)
+            self.written = now
+
+    def _cause(self, state: services.ServiceState, node: int, pid: int | None) -> None:
+        name = state.service
+        lines = services.log_lines(services.log_file(self.settings, name, node), self.offsets[(name, node)])
+        cause, state.evidence = services.read_cause(lines, name) or (services.killed_how(pid), "")
+        state.cause, state.fix = services.explain(cause, self.settings, name)
+
+    def _died(self, state: services.ServiceState, node: int, now: float) -> None:
+        name = state.service
+        if now - state.since >= STABLE_AFTER_S:
+            self.backoff[name] = FIRST_BACKOFF_S
+        self._cause(state, node, self.seen[name].get(node))
+        state.status, state.since, state.down_at = "down", now, now
+        self._retry_later(state, now)
+        log.error("%s stopped: %s%s; starting it again in %.0f s", services.NAMES[name], state.cause,
+                  f" (its log: {state.evidence[:300]})" if state.evidence else "", state.next_try - now)
+
+    def _retry_later(self, state: services.ServiceState, now: float) -> None:
+        state.next_try = now + self.backoff[state.service]
+        self.backoff[state.service] = min(self.backoff[state.service] * 2, MAX_BACKOFF_S)
+
+    def _started(self, now: float) -> bool:
+        """The start in flight finished: each service it was for is up, or failed with its cause."""
+        future, self.starting = self.starting, None
+        error = future.exception()
+        pids = self._pids()
+        for state in self.states.values():
+            if state.status != "starting":
+                continue
+            name = state.service
+            missing = [node for node in self._nodes(name) if node not in pids[name]]
+            if not missing:
+                state.status, state.since, state.next_try = "up", now, 0.0
+                state.down_s, state.restarts = now - state.down_at, state.restarts + 1
+                self.seen[name], self.offsets = pids[name], {**self.offsets, **{
+                    key: size for key, size in self._log_sizes().items() if key[0] == name}}
+                log.info("%s is back after %.0f s", services.NAMES[name], state.down_s)
+                continue
+            self._cause(state, missing[0], None)
+            if state.cause.startswith("killed") and error is not None:     # its start said why
+                state.cause, state.evidence, state.fix = str(error).splitlines()[0], "", ""
+            state.status, state.since = "failed", now
+            self._retry_later(state, now)
+            log.error("%s did not start: %s%s; trying again in %.0f s", services.NAMES[name], state.cause,
+                      f" — {state.fix}" if state.fix else "", state.next_try - now)
+        if error is not None:
+            log.warning("starting the services: %s", str(error).splitlines()[0] if str(error) else error)
+        return True
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        services.remove_states(self.settings)
+
+
 class Supervisor:
     """`caught_up`: whether what starts later (Child.start_after_s) may start now; asked at most
-    once a second while one waits, and no longer after `later_max_s`."""
+    once a second while one waits, and no longer after `later_max_s`. `services`: Kafka and
+    PostgreSQL, checked once a second."""
 
     def __init__(self, stages: list[Child], caught_up: Callable[[], bool] = lambda: True,
-                 later_max_s: float = LATER_MAX_S):
+                 later_max_s: float = LATER_MAX_S, services: ServiceWatch | None = None):
         self.stages = stages
         self.stopping = False
         self.caught_up = caught_up
         self.later_max_s = later_max_s
         self.started_at = time.monotonic()
+        self.services = services
+        self.services_checked = 0.0
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
@@ -184,6 +300,12 @@ class Supervisor:
         """Until asked to stop: start what waited, restart what died, with backoff."""
         while not self.stopping:
             now = time.monotonic()
+            if self.services is not None and now - self.services_checked >= 1.0:
+                self.services_checked = now
+                try:
+                    self.services.check()
+                except Exception as error:  # noqa: BLE001 - a failed look must not stop the supervisor
+                    log.warning("could not check Kafka and PostgreSQL: %s", error)
             waiting = [s for s in self.stages if s.start_after_s and s.process is None and not s.deaths
                        and s.restart_at is not None and now >= s.restart_at]
             if waiting and not self._later_may_start(now):
@@ -266,6 +388,7 @@ def _run(settings: Settings) -> int:
     except (stack.StackError, db.DatabaseUnavailable, db.DatabaseRefused) as error:
         log.error("%s", error)
         return 1
+    supervisor.services = ServiceWatch(settings)
     try:
         if not supervisor.stopping:
             supervisor.start_all()
@@ -275,6 +398,7 @@ def _run(settings: Settings) -> int:
     finally:
         log.info("stopping the demo")
         supervisor.stop_all()
+        supervisor.services.close()
         if we_started_services:
             stack.stop(settings)
         log.info("demo stopped")

@@ -2,7 +2,8 @@
 
 One line per check, ✔ or ✘, and for each failure what to do about it. Exit code 1 when anything
 failed. Checks: Java, the Kafka jars, Kafka (metadata, the trades and alerts topics and their
-partitions), PostgreSQL (connection, every table of the schema), each stage's heartbeat and lag,
+partitions), PostgreSQL (connection, every table of the schema; a service that does not answer is
+named with its cause: tradewatch/services.py), each stage's heartbeat and lag,
 the dashboard and API ports, free disk under TRADEWATCH_HOME.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
-from tradewatch import bus, disk
+from tradewatch import bus, disk, services
 from tradewatch.config import Settings
 from tradewatch.stack import JARS_DIR
 from tradewatch.store import db, health
@@ -48,12 +49,27 @@ def check_jars(_settings: Settings) -> list[Check]:
                   "run `make jars` (Maven fetches them from Maven Central)")]
 
 
+def down(name: str, settings: Settings, error: Exception) -> Check:
+    """A service that does not answer, with the cause a demo watching it saw, else the cause its
+    own log (on this machine) gives for its last stop."""
+    detail, _, fix = str(error).partition(" — ")
+    service = "postgres" if name == "PostgreSQL" else "kafka"
+    watched = (services.read_states(settings) or {}).get(service)
+    if watched is not None and watched.status != "up":
+        return Check(name, False, f"{detail} — {watched.words()}",
+                     watched.fix or "`make demo` starts it again by itself")
+    found = services.last_words(settings, service) if not services.running(settings, service) else None
+    if found is not None:
+        cause, line, its_fix = found
+        return Check(name, False, f"{detail} — its log says it stopped: {cause} ({line[:200]})", its_fix or fix)
+    return Check(name, False, detail, fix)
+
+
 def check_kafka(settings: Settings) -> list[Check]:
     try:
         bus.wait_for_kafka(settings, 5)
     except bus.KafkaUnavailable as error:
-        detail, _, fix = str(error).partition(" — ")
-        return [Check("Kafka", False, detail, fix)]
+        return [down("Kafka", settings, error)]
     checks = [Check("Kafka", True, f"answers at {settings.kafka_bootstrap_servers}")]
     if settings.kafka_brokers > 1:
         try:
@@ -80,8 +96,7 @@ def check_postgres(settings: Settings) -> list[Check]:
     try:
         conn = db.connect(settings)
     except db.DatabaseUnavailable as error:
-        detail, _, fix = str(error).partition(" — ")
-        return [Check("PostgreSQL", False, detail, fix)]
+        return [down("PostgreSQL", settings, error)]
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")

@@ -52,7 +52,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from tradewatch import bus, prometheus
+from tradewatch import bus, prometheus, services
 from tradewatch.config import Settings
 from tradewatch.heartbeat import Heartbeat
 from tradewatch.store import db, positions
@@ -311,7 +311,7 @@ class Runtime:
     def wait_for(self, what: str, attempt: Callable[[], object]):
         """`attempt()` until it stops failing for want of `what`: one warning per outage, one line
         when it is back; raises Stopping when a stop is requested meanwhile."""
-        waiting = False
+        waiting, cause = False, ""
         while True:
             try:
                 value = attempt()
@@ -332,7 +332,12 @@ class Runtime:
                 while time.monotonic() < deadline:
                     if self.stop():
                         raise Stopping() from None
-                    time.sleep(0.1)
+                    if not cause:   # the server's own words, once this machine can tell them (services.told)
+                        cause = services.told(self.settings, "postgres" if what == "PostgreSQL" else "kafka")
+                        if cause:
+                            self.log.warning("%s", cause)
+                            self.heartbeat.error(cause)
+                    time.sleep(0.25)
 
     def _drop_db(self) -> None:
         if self.conn is not None:

@@ -51,7 +51,7 @@ def _pg_bin(name: str) -> str:
     return str(Path(spec.origin).parent / "pginstall" / "bin" / name)
 
 
-def _pg_paths(settings: Settings) -> tuple[Path, Path, Path]:
+def pg_paths(settings: Settings) -> tuple[Path, Path, Path]:
     base = settings.home / "postgres"
     return base / "data", base / "server.log", base / "run"
 
@@ -143,15 +143,12 @@ def _require_password(settings: Settings, data: Path, password: str) -> None:
 
 
 def postgres_running(settings: Settings) -> bool:
-    data, _, _ = _pg_paths(settings)
-    if not (data / "PG_VERSION").exists():
-        return False
-    result = subprocess.run([_pg_bin("pg_ctl"), "status", "-D", str(data)], capture_output=True, **_run_as())
-    return result.returncode == 0
+    # not `pg_ctl status`: it takes a killed server that is not yet reaped (a zombie) for a running one
+    return postgres_pid(settings) is not None
 
 
 def start_postgres(settings: Settings) -> None:
-    data, logfile, run_dir = _pg_paths(settings)
+    data, logfile, run_dir = pg_paths(settings)
     as_user = _run_as()
     if postgres_running(settings):
         log.info("PostgreSQL already running (%s)", data)
@@ -162,10 +159,12 @@ def start_postgres(settings: Settings) -> None:
     if not run_dir.exists():
         run_dir.mkdir(mode=0o700)
         _give_to_service_user(run_dir)
-    stale = data / "postmaster.pid"
-    if stale.exists() and not _postgres_alive(stale):
-        log.info("removing stale %s", stale)
-        stale.unlink()
+    # a server killed a moment ago is not reaped yet (a zombie): PostgreSQL would take its lock files
+    # for a live server's and refuse to start
+    for stale in (data / "postmaster.pid", run_dir / f".s.PGSQL.{settings.postgres_port}.lock"):
+        if stale.exists() and not _postgres_alive(stale):
+            log.info("removing stale %s", stale)
+            stale.unlink()
     options = (f"-p {settings.postgres_port} -k {run_dir} -c listen_addresses={settings.postgres_host} "
                "-c shared_buffers=256MB -c max_connections=200 -c max_wal_size=2GB"
                # a day partition per table and day: a statement over the whole table locks each
@@ -189,8 +188,16 @@ def _postgres_alive(pid_file: Path) -> bool:
         return False
 
 
+def postgres_pid(settings: Settings) -> int | None:
+    """The PID of this home's running PostgreSQL server (read from its postmaster.pid), or None."""
+    pid_file = pg_paths(settings)[0] / "postmaster.pid"
+    if not _postgres_alive(pid_file):
+        return None
+    return int(pid_file.read_text().splitlines()[0])
+
+
 def stop_postgres(settings: Settings) -> None:
-    data, _, _ = _pg_paths(settings)
+    data, _, _ = pg_paths(settings)
     if postgres_running(settings):
         subprocess.run([_pg_bin("pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"],
                        capture_output=True, **_run_as())
@@ -225,7 +232,7 @@ def ensure_database(settings: Settings) -> None:
 
 # ---------------------------------------------------------------- Kafka
 
-def _kafka_paths(settings: Settings, node: int = 1) -> tuple[Path, Path, Path, Path]:
+def kafka_paths(settings: Settings, node: int = 1) -> tuple[Path, Path, Path, Path]:
     """data folder, configuration, log and PID file of one node (node 1 in kafka/, node n in kafka-n/)."""
     base = settings.home / ("kafka" if node == 1 else f"kafka-{node}")
     return base / "data", base / "server.properties", base / "server.log", base / "kafka.pid"
@@ -233,7 +240,7 @@ def _kafka_paths(settings: Settings, node: int = 1) -> tuple[Path, Path, Path, P
 
 def _kafka_pid(settings: Settings, node: int = 1) -> int | None:
     """PID of our running node, or None; removes a stale PID file."""
-    _, config, _, pid_file = _kafka_paths(settings, node)
+    _, config, _, pid_file = kafka_paths(settings, node)
     if not pid_file.exists():
         return None
     try:
@@ -258,7 +265,7 @@ def _write_kafka_config(settings: Settings, node: int) -> Path:
     """One node's server.properties. With three or more nodes every topic (and Kafka's own offsets
     and transaction topics) keeps three replicas and takes a write once two hold it, so one node
     can die without losing an acknowledged trade or stopping writes."""
-    data, config, _, _ = _kafka_paths(settings, node)
+    data, config, _, _ = kafka_paths(settings, node)
     host = settings.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[0]
     voters = ",".join(f"{n}@{host}:{controller}" for n, _, controller in settings.kafka_nodes)
     _, port, controller_port = settings.kafka_nodes[node - 1]
@@ -314,7 +321,7 @@ def _cluster_id(settings: Settings) -> str:
     A home holds one cluster size: its nodes' quorum and replicas were made for it."""
     size_file = settings.home / "kafka" / "brokers"
     formatted = [node for node, _, _ in settings.kafka_nodes
-                 if (_kafka_paths(settings, node)[0] / "meta.properties").exists()]
+                 if (kafka_paths(settings, node)[0] / "meta.properties").exists()]
     if not formatted:
         size_file.parent.mkdir(parents=True, exist_ok=True)
         size_file.write_text(f"{settings.kafka_brokers}\n")
@@ -325,7 +332,7 @@ def _cluster_id(settings: Settings) -> str:
             f"{settings.home} holds a Kafka cluster of {size} broker(s), not KAFKA_BROKERS={settings.kafka_brokers}: "
             f"use another TRADEWATCH_HOME for a cluster of {settings.kafka_brokers}, or `make stop` and delete "
             f"{settings.home}/kafka* to start over (its trades in Kafka are lost; PostgreSQL keeps what was stored)")
-    meta = (_kafka_paths(settings, formatted[0])[0] / "meta.properties").read_text()
+    meta = (kafka_paths(settings, formatted[0])[0] / "meta.properties").read_text()
     return next(line.split("=", 1)[1].strip() for line in meta.splitlines() if line.startswith("cluster.id="))
 
 
@@ -362,7 +369,7 @@ def start_kafka(settings: Settings) -> None:
     for node, _, _ in settings.kafka_nodes:
         if node in running:
             continue
-        data, _, logfile, pid_file = _kafka_paths(settings, node)
+        data, _, logfile, pid_file = kafka_paths(settings, node)
         config = _write_kafka_config(settings, node)
         _kafka_data_for_service_user(data)
         if not (data / "meta.properties").exists():
@@ -400,7 +407,7 @@ def stop_kafka(settings: Settings) -> None:
         if not _is_zombie(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _kafka_paths(settings, node)[3].unlink(missing_ok=True)
+        kafka_paths(settings, node)[3].unlink(missing_ok=True)
     if running:
         log.info("Kafka stopped")
 
@@ -506,7 +513,7 @@ def _start(settings: Settings, timeout_s: float) -> None:
     try:
         bus.wait_for_kafka(settings, timeout_s, brokers=settings.kafka_brokers, gone=gone)
     except bus.KafkaUnavailable as error:
-        _, _, logfile, _ = _kafka_paths(settings, exited[0] if exited else 1)
+        _, _, logfile, _ = kafka_paths(settings, exited[0] if exited else 1)
         tail = logfile.read_text()[-3000:] if logfile.exists() else ""
         what = str(error) if exited else f"Kafka did not answer within {timeout_s:.0f}s"
         raise StackError(f"{what}; end of {logfile}:\n{tail}") from None

@@ -170,15 +170,17 @@ def page_state(page: Page) -> dict:
     }""")
 
 
-# the strip's labels, in its order: each stage's badge ("consumer up · lag 0 · 10 partitions"), then the disk's
-STRIP_LABELS = (*EXPECTED_STAGES, "flink", "quotes", "database")
+# the strip's labels, in its order: the services' badges ("kafka up"), each stage's ("consumer up · lag 0 ·
+# 10 partitions"), then the disk's
+STRIP_LABELS = ("postgres", "kafka", *EXPECTED_STAGES, "flink", "quotes", "database")
 
 
 def badge(state: dict, stage: str) -> str:
-    """One stage's badge on the health strip ("up · lag 0 · 10 partitions"), or "" if not shown. The
+    """One stage's (or service's) badge on the health strip ("up · lag 0 · 10 partitions"), or "" if not shown. The
     badges share a line of the page's text, so a badge ends where the next label begins."""
     others = "|".join(label for label in STRIP_LABELS if label != stage)
-    found = re.search(rf"\b{stage} ((?:up|late|down|stopped)\b.*?)(?=\b(?:{others}) |\n|$)", state["text"])
+    found = re.search(rf"\b{stage} ((?:up|late|down|stopped|starting|failed)\b.*?)(?=\b(?:{others}) |\n|$)",
+                      state["text"])
     return found.group(1) if found else ""
 
 

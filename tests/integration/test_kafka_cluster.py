@@ -24,7 +24,7 @@ def cluster(services):
                                        kafka_bootstrap_servers="127.0.0.1:29492", kafka_controller_port=29493)
     stack.stop_kafka(settings)
     for node, _, _ in settings.kafka_nodes:
-        shutil.rmtree(stack._kafka_paths(settings, node)[0].parent, ignore_errors=True)
+        shutil.rmtree(stack.kafka_paths(settings, node)[0].parent, ignore_errors=True)
     stack.start_kafka(settings)
     bus.wait_for_kafka(settings, 120, brokers=3)
     yield settings

@@ -95,5 +95,5 @@ def test_started_as_root_kafka_runs_as_the_service_user_owning_only_its_data(ser
         uids = next(line.split()[1:] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                     if line.startswith("Uid:"))
         assert set(map(int, uids)) == {service.pw_uid}, f"Kafka node {node} runs as uid {uids}"
-        data, config, _, _ = stack._kafka_paths(services, node)
+        data, config, _, _ = stack.kafka_paths(services, node)
         assert data.stat().st_uid == service.pw_uid and config.stat().st_uid == 0, "its configuration stays root's"

@@ -174,7 +174,7 @@ def test_a_home_made_for_one_broker_refuses_a_cluster_of_three_with_a_clear_mess
 
     single = Settings.load(tradewatch_home=str(tmp_path))
     stack._cluster_id(single)                                   # a new home: made for one broker
-    data = stack._kafka_paths(single)[0]
+    data = stack.kafka_paths(single)[0]
     data.mkdir(parents=True)
     (data / "meta.properties").write_text("cluster.id=abc\nnode.id=1\n")
     assert stack._cluster_id(single) == "abc"

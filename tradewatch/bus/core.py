@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from tradewatch import services
 from tradewatch.config import Settings
 
 log = logging.getLogger("tradewatch.bus")
@@ -154,6 +155,7 @@ class OutageLog:
         self._last_probe = 0.0
         self._cluster = "," in settings.kafka_bootstrap_servers
         self._node_warned_at = -60.0
+        self._told = False
 
     def librdkafka(self, error) -> bool:
         """Take a librdkafka error callback's error; True when it was about reaching Kafka."""
@@ -172,6 +174,7 @@ class OutageLog:
     def failed(self, reason: str) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
+            self._told = False
             log.warning("%s (%s); retrying until it is back", unavailable_message(self.settings), reason)
 
     def check(self, got_data: bool) -> None:
@@ -181,6 +184,11 @@ class OutageLog:
         probe = not got_data and now - self._last_probe > 2.0      # a TCP probe every 2 s, not per poll
         if probe:
             self._last_probe = now
+            if not self._told:      # the broker's own words, once this machine can tell them
+                cause = services.told(self.settings, "kafka")
+                if cause:
+                    log.warning("%s", cause)
+                    self._told = True
         if got_data or (probe and kafka_reachable(self.settings)):
             log.info("Kafka reachable again after %.0fs", now - self.down_since)
             self.down_since = None
