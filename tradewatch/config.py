@@ -62,6 +62,9 @@ class Settings:
     retention_days_quotes: int = 2             # quotes and book_snapshots: ten messages a trade
     retention_days_minute_candles: int = 90     # stock_metrics and indicators of windows up to 1 minute
     retention_days_candles: int = 365           # … of longer windows
+    # the size bound beside the age bound: GiB the database and the Parquet archive may take together;
+    # past it (or with the disk low), `maintain` archives and drops the oldest days early. 0: no bound
+    storage_max_gb: float = 10.0
     allowed_lateness_seconds: float = 5.0
     idle_timeout_seconds: float = 10.0
     aggregator_flush_ms: int = 500
@@ -289,7 +292,7 @@ SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW")
 CHANNELS = ("webhook", "email", "log")
 
 # numbers that may be 0 (the others must be more than 0)
-_MAY_BE_ZERO = {"allowed_lateness_seconds", "demo_history_minutes", "max_clock_skew_seconds", "breaker_cool_off_seconds",
+_MAY_BE_ZERO = {"storage_max_gb", "allowed_lateness_seconds", "demo_history_minutes", "max_clock_skew_seconds", "breaker_cool_off_seconds",
                 "alert_cooldown_critical_seconds", "alert_cooldown_high_seconds", "alert_cooldown_medium_seconds",
                 "demo_anomaly_rate"}
 _CHOICES = {"log_format": ("text", "json"), "kafka_client": ("confluent", "kafka-python"),

@@ -1,8 +1,8 @@
 """The free disk where TradeWatch keeps its data (TRADEWATCH_HOME: Kafka's log, PostgreSQL's data
 folder, the Parquet archive), and the one line below which it is low: under 10 % of the disk or
-under 2 GiB, whichever is more. Used by `doctor`, `/health` (the dashboard's health strip) and the
+under 2 GiB, whichever is more. Used by `doctor`, `/health` (the dashboard's health strip), the
 stages' metrics (`tradewatch_disk_free_bytes`, which the Prometheus rule TradeWatchDiskLow compares
-with the same line)."""
+with the same line) and `maintain`'s size bound (it archives and drops old days early below it)."""
 from __future__ import annotations
 
 import shutil
@@ -35,3 +35,9 @@ def usage(home) -> Disk:
         folder = folder.parent
     found = shutil.disk_usage(folder)
     return Disk(folder, found.free, found.total)
+
+
+def archive_bytes(home) -> int:
+    """What the Parquet archive (TRADEWATCH_HOME/archive) takes."""
+    archive = Path(home) / "archive"
+    return sum(p.stat().st_size for p in archive.rglob("*.parquet")) if archive.exists() else 0

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tradewatch import disk
 from tradewatch.config import Settings
 from tradewatch.store import db, partitions
 from tradewatch.windows import parse_size
@@ -297,31 +298,111 @@ def run(settings: Settings, dry_run: bool = False, out=print) -> int:
                     out(f"flink_metrics: {moved:,} rows moved from its default partition into their months")
             for table, key, days in retention_days(cur, settings):
                 for day in expired(cur, table, key, days):
-                    rows, checksum = measure(cur, day)
-                    conn.commit()
-                    where = folder(settings, day)
-                    if dry_run:
-                        out(f"{table} {day.label}: would archive {rows:,} rows to {where} and drop {day.name}")
-                        dropped += 1
-                        continue
-                    if where.exists():
-                        _tidy(where)
-                    record = next((r for r in records(where) if (r["rows"], r["checksum"]) == (rows, checksum)),
-                                  None) if where.exists() else None
-                    if record is None:
-                        record = archive(conn, settings, day, rows, checksum)
-                    if drop(conn, day, record):
-                        dropped += 1
-                        out(f"{table} {day.label}: archived {rows:,} rows to {where}, partition dropped")
-                    else:           # rows arrived since: that archive is incomplete; next run does it again
-                        if record.get("file"):
-                            (where / record["file"]).unlink(missing_ok=True)
-                            (where / record["file"].replace(".parquet", ".json")).unlink(missing_ok=True)
-                        out(f"{table} {day.label}: changed while archived; archived again next time")
+                    dropped += retire(conn, settings, day, dry_run, out)
+            dropped += bound(conn, settings, dry_run, out)
             _old_events(conn, settings, dry_run, out)
             resent(conn, out, remember=not dry_run)
     finally:
         conn.close()
+    return dropped
+
+
+def retire(conn, settings: Settings, day: Day, dry_run: bool, out, why: str = "") -> bool:
+    """Archive, verify and drop one partition (`why`: said when it goes before its time); whether it
+    was dropped (or would be)."""
+    with conn.cursor() as cur:
+        rows, checksum = measure(cur, day)
+    conn.commit()
+    where = folder(settings, day)
+    if dry_run:
+        out(f"{day.table} {day.label}: would archive {rows:,} rows to {where} and drop {day.name}{why}")
+        return True
+    if where.exists():
+        _tidy(where)
+    record = next((r for r in records(where) if (r["rows"], r["checksum"]) == (rows, checksum)),
+                  None) if where.exists() else None
+    if record is None:
+        record = archive(conn, settings, day, rows, checksum)
+    if drop(conn, day, record):
+        out(f"{day.table} {day.label}: archived {rows:,} rows to {where}, partition dropped{why}")
+        return True
+    if record.get("file"):            # rows arrived since: that archive is incomplete; next run does it again
+        (where / record["file"]).unlink(missing_ok=True)
+        (where / record["file"].replace(".parquet", ".json")).unlink(missing_ok=True)
+    out(f"{day.table} {day.label}: changed while archived; archived again next time")
+    return False
+
+
+GIB = 1024**3
+
+
+def pressure(conn, settings: Settings) -> tuple[str, int]:
+    """Why the stored data must shrink now and by how many bytes, or ("", 0): the database and the
+    archive take more than STORAGE_MAX_GB, or the disk holding TRADEWATCH_HOME is low (below
+    tradewatch/disk.py's line)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_database_size(current_database())")
+        database = cur.fetchone()[0]
+    conn.commit()
+    stored, found = database + disk.archive_bytes(settings.home), disk.usage(settings.home)
+    over = stored - settings.storage_max_gb * GIB if settings.storage_max_gb else 0
+    if over > 0:
+        return (f"the database ({database / GIB:.2f} GiB) and the archive ({(stored - database) / GIB:.2f} GiB) "
+                f"take more than STORAGE_MAX_GB ({settings.storage_max_gb:g} GiB)"), int(over)
+    if found.low:
+        line = max(disk.LOW_FREE_FRACTION * found.total, disk.LOW_FREE_BYTES)
+        return (f"{found.free / GIB:.2f} GiB free ({found.free_percent:.0f} %) on the disk of {found.folder}, "
+                f"below the line of {disk.LOW_FREE_FRACTION:.0%} or {disk.LOW_FREE_BYTES / GIB:.0f} GiB"), \
+            int(line - found.free)
+    return "", 0
+
+
+def early(cur, settings: Settings) -> list[Day]:
+    """The partitions the size bound may take before their time, the first to go first: every one
+    that holds none of its table's newest day (of the newest row, or today if a wrong clock stamped
+    one later), ordered by how far through its table's retention it is (days since it ended, over
+    the table's RETENTION_DAYS_*): a tight bound shortens every table's retention alike, and the
+    quotes (2 days) go before the trades of the same day (7)."""
+    found = []
+    for table, key, days in retention_days(cur, settings):
+        cur.execute(f"SELECT least(max({key}), now()) FROM {table}")
+        newest = cur.fetchone()[0]
+        if newest is None:
+            continue
+        newest_day = datetime.combine(newest.astimezone(timezone.utc).date(), datetime.min.time(), timezone.utc)
+        found += [((newest - d.end) / timedelta(days=days), d) for d in day_partitions(cur, table, key)
+                  if d.end <= newest_day]
+    return [d for _, d in sorted(found, key=lambda f: (-f[0], f[1].day, f[1].table))]
+
+
+def bound(conn, settings: Settings, dry_run: bool = False, out=print) -> int:
+    """The size bound: while `pressure` names a reason, the next of the `early` partitions is
+    archived, verified and dropped (never one that is not in the archive first); returns how many
+    went (or would: a dry run counts each partition's size off what must go). What is left over the
+    bound once only the newest days remain is said, with what to do."""
+    why, excess = pressure(conn, settings)
+    if not why:
+        return 0
+    with conn.cursor() as cur:
+        candidates = early(cur, settings)
+    conn.commit()
+    log.warning("%s: archiving and dropping the oldest days early (%d partitions may go)", why, len(candidates))
+    dropped = 0
+    for day in candidates:
+        if dry_run:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_total_relation_size(%s)", (day.name,))
+                excess -= cur.fetchone()[0]
+            conn.commit()
+        dropped += retire(conn, settings, day, dry_run, out, f", before its time: {why}")
+        if not dry_run:
+            why, excess = pressure(conn, settings)
+        if excess <= 0:
+            return dropped
+    left = (f"storage: still {why}, with only each table's newest day left in the database: move old days of "
+            f"{settings.home / 'archive'} elsewhere, free disk, or raise STORAGE_MAX_GB")
+    log.warning("%s", left)
+    out(left)
     return dropped
 
 
@@ -343,12 +424,28 @@ def _old_events(conn, settings: Settings, dry_run: bool, out) -> None:
                 f" {settings.retention_days_alerts} days")
 
 
+# the size bound is checked this often between full passes (a few cheap questions): a feed of
+# 1,000 trades/s adds about … a minute
+BOUND_EVERY_S = 60.0
+
+
 def main_loop(settings: Settings, every_s: float, stop) -> None:
+    """A full pass every `every_s`, and the size bound alone every BOUND_EVERY_S between them."""
+    next_pass = time.monotonic()
     while not stop():
         started = time.monotonic()
         try:
-            run(settings, out=log.info)
+            if started >= next_pass:
+                next_pass = started + every_s
+                run(settings, out=log.info)
+            else:
+                conn = db.connect(settings)
+                try:
+                    bound(conn, settings, out=log.info)
+                finally:
+                    conn.close()
         except Exception as error:  # noqa: BLE001 - the next pass tries again; the log says why
-            log.warning("maintenance pass failed (%s); trying again in %.0f s", str(error).splitlines()[0], every_s)
-        while not stop() and time.monotonic() - started < every_s:
+            log.warning("maintenance pass failed (%s); trying again in %.0f s", str(error).splitlines()[0],
+                        min(every_s, BOUND_EVERY_S))
+        while not stop() and time.monotonic() < min(next_pass, started + BOUND_EVERY_S):
             time.sleep(0.5)

@@ -60,10 +60,10 @@ def load(settings) -> list[Trade]:
 
 
 def maintain(settings, *args: str, crash_after: str = "", days: int = 3,
-             alert_days: int = 365) -> subprocess.CompletedProcess:
+             alert_days: int = 365, **more: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **settings.as_env(), "TRADEWATCH_MAINTAIN_CRASH_AFTER": crash_after,
            **{f"RETENTION_DAYS_{t.upper()}": str(days) for t in (*TABLES, "late_trades")},
-           "RETENTION_DAYS_ALERTS": str(alert_days)}
+           "RETENTION_DAYS_ALERTS": str(alert_days), **more}
     return subprocess.run([sys.executable, "-m", "tradewatch", "maintain", *args], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -119,6 +119,67 @@ def test_expired_days_are_archived_verified_and_dropped_and_every_row_is_in_one_
                             cwd=PROJECT_ROOT, env={**os.environ, **settings.as_env()}, capture_output=True, text=True,
                             timeout=120)
     assert report.returncode == 1 and f"the trades of {second_day} are archived" in report.stderr, report.stderr
+
+
+def stored_once(settings, trades: list[Trade]) -> list:
+    """The trade_ids in the database, after checking that database and archive hold each once."""
+    stored = [r[0] for r in query(settings, "SELECT trade_id FROM trades")]
+    assert sorted(stored + archived_ids(settings, "trades", "trade_id")) == sorted(t.trade_id for t in trades)
+    return stored
+
+
+def test_past_the_size_bound_the_oldest_days_go_early_and_the_newest_day_stays(archive_home):
+    """STORAGE_MAX_GB (issue 40): nothing has expired by age (30 days), but the database is over a
+    bound of a kilobyte: every day but each table's newest is archived and dropped early, the one
+    furthest through its retention first (the trades' first day: 20 days kept, the others 30), each
+    saying why; what is left over the bound is said with what to do. With the bound off, nothing."""
+    settings = archive_home
+    trades = load(settings)
+    before = {t: query(settings, f"SELECT count(*) FROM {t}")[0][0] for t in TABLES}
+    off = maintain(settings, days=30, STORAGE_MAX_GB="0")
+    assert off.returncode == 0 and "before its time" not in off.stdout, off.stdout
+    tight = {"STORAGE_MAX_GB": "0.000001", "RETENTION_DAYS_TRADES": "20"}
+    dry = maintain(settings, "--dry-run", days=30, **tight)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith(f"trades {START.date()}: would archive 6,024 rows"), dry.stdout
+    assert {t: query(settings, f"SELECT count(*) FROM {t}")[0][0] for t in TABLES} == before, "a dry run changes nothing"
+
+    out = maintain(settings, days=30, **tight)
+    assert out.returncode == 0, out.stderr
+    early = [line for line in out.stdout.splitlines() if "before its time" in line]
+    assert early[0].startswith(f"trades {START.date()}: archived 6,024 rows"), out.stdout
+    assert all("take more than STORAGE_MAX_GB (1e-06 GiB)" in line for line in early), early
+    newest_day = START + timedelta(days=DAYS - 1)
+    for table, key in (("trades", "ts"), ("trade_flags", "ts"), ("dead_letters", "sent_at")):
+        assert query(settings, f"SELECT min({key}) FROM {table}")[0][0] == newest_day, f"{table} keeps its newest day"
+        assert len([line for line in early if line.startswith(f"{table} ")]) == DAYS - 1, out.stdout
+    assert set(stored_once(settings, trades)) == {t.trade_id for t in trades if t.timestamp_ms >= newest_day.timestamp() * 1000}
+    for table, column in (("trade_flags", "trade_id"), ("alerts", "alert_id"), ("dead_letters", "kafka_offset")):
+        total = query(settings, f"SELECT count(*) FROM {table}")[0][0] + len(archived_ids(settings, table, column))
+        assert total == before[table], table
+    assert "storage: still the database" in out.stdout and "raise STORAGE_MAX_GB" in out.stdout, out.stdout
+
+
+def test_a_low_disk_takes_the_oldest_days_early_without_a_bound(archive_home, monkeypatch):
+    """Below the free-disk line (tradewatch/disk.py: the one doctor and the health strip use) the
+    oldest days go early even with STORAGE_MAX_GB off, and the line is named."""
+    from tradewatch import disk
+    from tradewatch import maintain as maintenance
+    settings = archive_home.with_overrides(storage_max_gb=0, **{f"retention_days_{t}": 30 for t in TABLES})
+    trades = load(settings)
+    said: list[str] = []
+    conn = db.connect(settings)
+    try:
+        assert maintenance.bound(conn, settings, out=said.append) == 0 and not said, "the disk here is not low"
+        monkeypatch.setattr(disk, "LOW_FREE_BYTES", disk.usage(settings.home).total + 1)
+        assert maintenance.bound(conn, settings, out=said.append) >= 3 * (DAYS - 1)
+    finally:
+        conn.close()
+    assert "GiB free" in said[0] and "below the line of 10% or" in said[0], said[0]
+    assert said[-1].startswith("storage: still") and "free disk" in said[-1]
+    newest_day = START + timedelta(days=DAYS - 1)
+    assert query(settings, "SELECT min(ts) FROM trades")[0][0] == newest_day
+    stored_once(settings, trades)
 
 
 def test_a_column_empty_in_the_first_chunk_keeps_its_type_in_the_archive(archive_home, monkeypatch):

@@ -601,8 +601,6 @@ def storage(engine: Engine, home) -> dict:
     the oldest trades partition, the Parquet archive's size, and the free disk where TRADEWATCH_HOME
     (Kafka's and PostgreSQL's data) lives; `low` below tradewatch.disk's line. Shown by doctor, /health
     and the dashboard's health strip."""
-    from pathlib import Path
-
     from tradewatch import disk
 
     row = _frame(engine, "SELECT pg_database_size(current_database()) AS database_bytes,"
@@ -611,8 +609,7 @@ def storage(engine: Engine, home) -> dict:
                            " WHERE i.inhparent = 'trades'::regclass")["name"]
     # trades_pYYYYMMDD (a day) or trades_yYYYY (a year): the oldest by its start
     oldest_partition = min(names, key=lambda n: n[8:] + "0101" if n[7] == "y" else n[8:], default=None)
-    archive = Path(home) / "archive"
-    archive_bytes = sum(p.stat().st_size for p in archive.rglob("*.parquet")) if archive.exists() else 0
+    archive_bytes = disk.archive_bytes(home)
     found = disk.usage(home)
     stamp = lambda v: None if pd.isna(v) else pd.Timestamp(v).isoformat()       # noqa: E731
     return {"database_bytes": int(row["database_bytes"]), "oldest_trade": stamp(row["oldest"]),
