@@ -85,3 +85,21 @@ def test_killed_services_come_back_named_and_one_that_cannot_says_why(tmp_path):
         watch.close()
         stack.stop(settings)
         shutil.rmtree(settings.home, ignore_errors=True)
+
+
+def test_a_full_disk_is_waited_out_not_a_reason_to_stop(settings):
+    """PostgreSQL that cannot extend a table for want of disk answers SQLSTATE 53100 and stays up:
+    a stage once took that for a refusal no retry can fix and stopped; freeing space fixes it, so
+    the stage waits like for any outage (issue 40). Likewise out of memory (53200)."""
+    import psycopg2
+
+    for code in ("disk_full", "out_of_memory"):
+        with db.connect(settings) as conn, conn.cursor() as cur:
+            try:
+                cur.execute(f"DO $$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'"
+                            f" USING ERRCODE = '{code}'; END $$")
+            except psycopg2.OperationalError as error:
+                assert db.is_outage(error), f"{error.pgcode}: a stage would stop"
+            else:
+                raise AssertionError("the server raised nothing")
+        conn.close()

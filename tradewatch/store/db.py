@@ -15,9 +15,10 @@ SCHEMA_FILE = Path(__file__).with_name("schema.sql")
 # Errors that may mean "the server is gone for now" (is_outage tells): wait and retry, never crash.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 # SQLSTATEs an OperationalError carries when the server is away or busy for a while: connection
-# exceptions (class 08), a shutting-down or starting server (57P01-57P03), too many connections.
+# exceptions (class 08), a shutting-down or starting server (57P01-57P03), too many connections,
+# a full disk or no memory (53100, 53200: the server stays up, and freeing space fixes it).
 # Class 40 (a deadlock, a serialization failure) rolls the transaction back: running it again works.
-_OUTAGE_STATES = ("57P01", "57P02", "57P03", "53300")
+_OUTAGE_STATES = ("57P01", "57P02", "57P03", "53300", "53100", "53200")
 # what libpq says when a connection is refused for good: retrying cannot fix these
 _REFUSED = ("password authentication failed", "no password supplied", "does not exist",
             "no pg_hba.conf entry", "SSL is required")
