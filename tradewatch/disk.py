@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOW_FREE_FRACTION = 0.10        # a share: a large disk warns while there is still time to act
-LOW_FREE_BYTES = 2 * 1024**3    # PostgreSQL's WAL (max_wal_size, 1 GB by default) and a Kafka log segment
-                                # (1 GiB by default) must still fit
+LOW_FREE_BYTES = 2 * 1024**3    # PostgreSQL's WAL (max_wal_size: up to 2 GB, tradewatch/stack.py) and
+                                # Kafka's next log segments must still fit
 
 
 @dataclass(frozen=True)
