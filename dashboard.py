@@ -113,7 +113,7 @@ def no_data(what: str) -> None:
     st.info(f"No data yet: {what} appear once trades flow (`make demo`).", icon=":material/hourglass_empty:")
 
 
-SERVICE_COLORS = {"up": "green", "starting": "orange", "down": "red", "failed": "red"}
+SERVICE_COLORS = {"up": "green", "starting": "orange", "down": "red", "failed": "red", "full": "red"}
 
 
 def service_badges() -> str:

@@ -38,6 +38,9 @@ log = logging.getLogger("tradewatch.demo")
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0
+# a service is "full" (its log said a write found no space) until that has not been said for this
+# long: a stage retries a refused write every 2 s, so a disk still full says it again well before
+FULL_CLEARS_S = 10.0
 LOUD_AFTER_DEATHS = 3
 LOUD_WINDOW_S = 300.0
 STOP_GRACE_S = 6.0
@@ -178,6 +181,8 @@ class ServiceWatch:
         self.backoff = dict.fromkeys(services.SERVICES, FIRST_BACKOFF_S)
         self.seen = self._pids()
         self.offsets = self._log_sizes()
+        self.scanned = dict(self.offsets)      # how far the logs of running services were read
+        self.full_at = dict.fromkeys(services.SERVICES, 0.0)
         self.starting: Future | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="start-services")
         self.written = 0.0
@@ -200,9 +205,11 @@ class ServiceWatch:
         pids = self._pids()
         for name, state in self.states.items():
             missing = [node for node in self._nodes(name) if node not in pids[name]]
-            if state.status == "up" and missing:
+            if state.status in ("up", "full") and missing:
                 self._died(state, missing[0], now)
                 changed = True
+            elif state.status in ("up", "full"):
+                changed |= self._refusing(state, now)
         due = [s for s in self.states.values() if s.status in ("down", "failed") and now >= s.next_try]
         if due and self.starting is None:
             for state in due:
@@ -213,6 +220,32 @@ class ServiceWatch:
         if changed or now - self.written >= self.WRITE_EVERY_S:
             services.write_states(self.settings, self.states)
             self.written = now
+
+    def _refusing(self, state: services.ServiceState, now: float) -> bool:
+        """A running service whose log says since the last look that a write found no space (PostgreSQL
+        stays up and refuses each write that needs a new block) is "full" until that has not been said
+        for FULL_CLEARS_S; whether its status changed."""
+        name, said = state.service, ""
+        for node in self._nodes(name):
+            path = services.log_file(self.settings, name, node)
+            size = services.log_size(path)
+            if size != self.scanned.get((name, node), 0):
+                said = next((line for line in reversed(services.log_lines(path, self.scanned.get((name, node), 0)))
+                             if services.NO_SPACE.search(line)), "") or said
+                self.scanned[(name, node)] = size
+        if said:
+            self.full_at[name] = now
+            if state.status == "up":
+                state.cause, state.fix = services.explain("no space left on device", self.settings, name)
+                state.status, state.since, state.evidence, state.down_at = "full", now, said.strip(), now
+                log.error("%s refuses writes: %s (its log: %s) — %s", services.NAMES[name], state.cause,
+                          state.evidence[:300], state.fix)
+                return True
+        elif state.status == "full" and now - self.full_at[name] >= FULL_CLEARS_S:
+            state.status, state.since, state.down_s = "up", now, now - state.down_at
+            log.info("%s writes again after %.0f s", services.NAMES[name], state.down_s)
+            return True
+        return False
 
     def _cause(self, state: services.ServiceState, node: int, pid: int | None) -> None:
         name = state.service
@@ -249,6 +282,7 @@ class ServiceWatch:
                 state.down_s, state.restarts = now - state.down_at, state.restarts + 1
                 self.seen[name], self.offsets = pids[name], {**self.offsets, **{
                     key: size for key, size in self._log_sizes().items() if key[0] == name}}
+                self.scanned.update({key: size for key, size in self.offsets.items() if key[0] == name})
                 log.info("%s is back after %.0f s", services.NAMES[name], state.down_s)
                 continue
             self._cause(state, missing[0], None)

@@ -39,6 +39,7 @@ CAUSES = (
      r"Invalid cluster\.id|No `meta\.properties`|KafkaStorageException", "corrupted data folder"),
     (r"Permission denied|Operation not permitted", "permission denied"),
 )
+NO_SPACE = re.compile(CAUSES[0][0])       # said by a running service too: PostgreSQL refuses the write, stays up
 # a line that ends a service, though none of the causes above
 LAST_WORDS = {"postgres": re.compile(r"\b(PANIC|FATAL):"), "kafka": re.compile(r"\bFATAL\b|Exiting Kafka|[Hh]alting")}
 # PostgreSQL logs every failed statement (ERROR:) and refused client (FATAL: password …) too: of its
@@ -123,8 +124,9 @@ def explain(cause: str, settings: Settings, service: str) -> tuple[str, str]:
     if cause == "no space left on device":
         found = disk.usage(settings.home)
         return (f"no space left on device ({found.free / 1024**2:,.0f} MiB free at {found.folder})",
-                f"free space on the disk of {settings.home} (or lower RETENTION_DAYS_* and KAFKA_RETENTION_*); "
-                f"{name} starts again once there is room")
+                f"free space on the disk of {settings.home} (or set STORAGE_MAX_GB, lower RETENTION_DAYS_* and "
+                f"KAFKA_RETENTION_*); "
+                f"{name} goes on once there is room")
     if cause == "port taken":
         setting = "POSTGRES_PORT" if service == "postgres" else "KAFKA_BOOTSTRAP_SERVERS"
         number = port(settings, service)
@@ -150,7 +152,8 @@ def explain(cause: str, settings: Settings, service: str) -> tuple[str, str]:
 
 @dataclass
 class ServiceState:
-    """One service as the demo sees it. `status`: up, down (waiting to be started again), starting,
+    """One service as the demo sees it. `status`: up, full (running, but its log says writes find no
+    space: PostgreSQL refuses each one and stays up), down (waiting to be started again), starting,
     or failed (the last start did not come up: `fix` says what to do; the demo tries again)."""
     service: str
     status: str = "up"

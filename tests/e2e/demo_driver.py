@@ -179,7 +179,7 @@ def badge(state: dict, stage: str) -> str:
     """One stage's (or service's) badge on the health strip ("up · lag 0 · 10 partitions"), or "" if not shown. The
     badges share a line of the page's text, so a badge ends where the next label begins."""
     others = "|".join(label for label in STRIP_LABELS if label != stage)
-    found = re.search(rf"\b{stage} ((?:up|late|down|stopped|starting|failed)\b.*?)(?=\b(?:{others}) |\n|$)",
+    found = re.search(rf"\b{stage} ((?:up|late|down|stopped|starting|failed|full)\b.*?)(?=\b(?:{others}) |\n|$)",
                       state["text"])
     return found.group(1) if found else ""
 

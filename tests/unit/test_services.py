@@ -84,7 +84,7 @@ def test_each_cause_says_what_to_do_in_the_instruments_of_this_machine(home):
     assert "KAFKA_BOOTSTRAP_SERVERS" in services.explain("port taken", home, "kafka")[1]
     sentence, fix = services.explain("no space left on device", home, "postgres")
     assert sentence.startswith("no space left on device (") and "MiB free at" in sentence
-    assert "free space" in fix and "starts again once there is room" in fix
+    assert "free space" in fix and "goes on once there is room" in fix
     sentence, fix = services.explain("corrupted data folder", home, "kafka")
     assert str(stack.kafka_paths(home)[0]) in sentence and "PostgreSQL keeps the stored trades" in fix
     assert services.explain("killed", home, "kafka") == ("killed (a kill -9, or the out-of-memory killer), nothing "
@@ -190,6 +190,40 @@ def test_the_watch_names_a_death_restarts_with_back_off_and_says_when_a_start_fa
     assert watch.states["kafka"].status == "up" and processes.starts == 3
     watch.close()
     assert services.read_states(home) is None, "no demo, no state file"
+
+
+def test_a_running_server_refusing_writes_for_want_of_disk_is_full_until_it_stops_saying_so(home, monkeypatch):
+    """PostgreSQL stays up on a full disk and refuses each write that needs a new block (ERROR, not
+    PANIC): the watch reads the running server's new log lines too, says "full" with the cause and
+    what to do (the page, doctor, /health and the stages read it), and "up" once it has not said it
+    for FULL_CLEARS_S. A client's other errors are not a full disk."""
+    from tradewatch.demo import FULL_CLEARS_S
+    for service in services.SERVICES:
+        services.log_file(home, service).parent.mkdir(parents=True)
+    services.log_file(home, "postgres").write_text(f"{PG_START}\n{PG_READY}\n")
+    Processes(home, monkeypatch)
+    now = [1000.0]
+    watch = ServiceWatch(home, start=lambda _s: None, clock=lambda: now[0])
+
+    def check(after_s: float, *lines: str) -> services.ServiceState:
+        with open(services.log_file(home, "postgres"), "a") as log:
+            log.write("".join(f"{PG}{line}\n" for line in lines))
+        now[0] += after_s
+        watch.check()
+        return watch.states["postgres"]
+    assert check(1, 'ERROR:  duplicate key value violates unique constraint "trades_pkey"').status == "up"
+    full = 'ERROR:  could not extend file "base/16384/16799" with FileFallocate(): No space left on device'
+    state = check(1, full, "HINT:  Check free disk space.")
+    assert state.status == "full" and state.cause.startswith("no space left on device"), state
+    assert "could not extend file" in state.evidence and "STORAGE_MAX_GB" in state.fix
+    assert services.read_states(home)["postgres"].words().startswith("full · no space left on device")
+    assert services.told(home, "postgres").startswith("PostgreSQL full: no space left on device")
+    assert check(FULL_CLEARS_S - 2, full).status == "full", "said again: still full"
+    assert check(FULL_CLEARS_S - 1).status == "full"
+    state = check(1)
+    assert state.status == "up" and state.down_s == pytest.approx(2 * FULL_CLEARS_S - 2)
+    assert state.words(now[0]).startswith("up · back after")
+    watch.close()
 
 
 def test_doctor_names_a_stopped_servers_cause_from_its_own_log(home):
