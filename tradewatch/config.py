@@ -292,7 +292,8 @@ SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW")
 CHANNELS = ("webhook", "email", "log")
 
 # numbers that may be 0 (the others must be more than 0)
-_MAY_BE_ZERO = {"storage_max_gb", "allowed_lateness_seconds", "demo_history_minutes", "max_clock_skew_seconds", "breaker_cool_off_seconds",
+_MAY_BE_ZERO = {"storage_max_gb",
+                "allowed_lateness_seconds", "demo_history_minutes", "max_clock_skew_seconds", "breaker_cool_off_seconds",
                 "alert_cooldown_critical_seconds", "alert_cooldown_high_seconds", "alert_cooldown_medium_seconds",
                 "demo_anomaly_rate"}
 _CHOICES = {"log_format": ("text", "json"), "kafka_client": ("confluent", "kafka-python"),

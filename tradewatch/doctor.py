@@ -110,7 +110,8 @@ def check_postgres(settings: Settings) -> list[Check]:
     where = f"{version} at {settings.postgres_host}:{settings.postgres_port}"
     watched = (services.read_states(settings) or {}).get("postgres")
     full = watched is not None and watched.status == "full"      # up, but refusing writes for want of disk
-    return [Check("PostgreSQL", not full, f"{where} — {watched.words()}" if full else where, watched.fix if full else ""),
+    return [Check("PostgreSQL", not full, f"{where} — {watched.words()}" if full else where,
+                  watched.fix if full else ""),
             Check("schema", not missing, f"all {len(expected)} tables" if not missing else f"missing {', '.join(missing)}",
                   "start any stage (each applies the schema) or `python -m tradewatch.stack start`")]
 

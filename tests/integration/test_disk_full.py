@@ -8,8 +8,8 @@ the five oldest days archived and dropped early, every trade once in the databas
 and the consumer never stopped.
 
 Then with the bound off, 150,000 more trades in Kafka and another program's file leaving the disk
-10 MB, the consumer fills it: PostgreSQL refuses each write that needs a new block (or stops, if its WAL cannot grow); the
-demo's watch names it "full · no space left on device" (or down, failed) in the state file, on the
+10 MB, the consumer fills it: PostgreSQL refuses each write that needs a new block (or stops, if
+its WAL cannot grow); the demo's watch names it "full · no space left on device" (or down, failed) in the state file, on the
 page and in `doctor`, the waiting consumer's log says why, and once the file is removed writes go on
 and every trade is stored exactly once, by the same consumer."""
 from __future__ import annotations

@@ -142,7 +142,7 @@ def test_past_the_size_bound_the_oldest_days_go_early_and_the_newest_day_stays(a
     dry = maintain(settings, "--dry-run", days=30, **tight)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith(f"trades {START.date()}: would archive 6,024 rows"), dry.stdout
-    assert {t: query(settings, f"SELECT count(*) FROM {t}")[0][0] for t in TABLES} == before, "a dry run changes nothing"
+    assert {t: query(settings, f"SELECT count(*) FROM {t}")[0][0] for t in TABLES} == before, "a dry run: no change"
 
     out = maintain(settings, days=30, **tight)
     assert out.returncode == 0, out.stderr
@@ -153,7 +153,8 @@ def test_past_the_size_bound_the_oldest_days_go_early_and_the_newest_day_stays(a
     for table, key in (("trades", "ts"), ("trade_flags", "ts"), ("dead_letters", "sent_at")):
         assert query(settings, f"SELECT min({key}) FROM {table}")[0][0] == newest_day, f"{table} keeps its newest day"
         assert len([line for line in early if line.startswith(f"{table} ")]) == DAYS - 1, out.stdout
-    assert set(stored_once(settings, trades)) == {t.trade_id for t in trades if t.timestamp_ms >= newest_day.timestamp() * 1000}
+    newest_ms = newest_day.timestamp() * 1000
+    assert set(stored_once(settings, trades)) == {t.trade_id for t in trades if t.timestamp_ms >= newest_ms}
     for table, column in (("trade_flags", "trade_id"), ("alerts", "alert_id"), ("dead_letters", "kafka_offset")):
         total = query(settings, f"SELECT count(*) FROM {table}")[0][0] + len(archived_ids(settings, table, column))
         assert total == before[table], table
