@@ -322,3 +322,20 @@ def test_out_of_range_finds_jumps_on_a_recorded_day_the_fixed_price_rules_miss_a
     assert jumps["0.50%"]["out_of_range"] >= 12 / 16, jumps
     assert jumps["2.00%"]["price_rules"] >= 0.9, "a jump past the z-score's line: the price rules' own"
     assert r["out_of_range_as_recorded"] <= 2, r
+
+
+def test_one_detection_per_episode_however_long_it_lasts():
+    """A change that lasts (here 600 points, over eight refractory spans) is one detection, not one
+    every refractory span; once the series is back to normal the next change is found again."""
+    import numpy as np
+    import pandas as pd
+    from tradewatch.detect.series import likelihood
+    rng = np.random.default_rng(7)
+    values = rng.normal(100, 2, 7000)
+    values[3000:3600] += 30                  # an outage-like episode: 15 noise deviations for 50 hours
+    values[6400:6412] += 30                  # a separate one an hour long, once the first has left the baseline
+    series = pd.Series(values, index=pd.date_range("2022-01-01", periods=len(values), freq="5min"))
+    found = [series.index.get_loc(t) for t in likelihood(series, period=None).index]
+    assert [p for p in found if 3000 <= p < 3600] == [p for p in found if 3000 <= p < 3012], found
+    assert len([p for p in found if 3000 <= p < 3600]) == 1, found
+    assert any(6400 <= p < 6412 for p in found), found

@@ -98,7 +98,10 @@ class Likelihood:
     2. The mean of the last `short` raw scores (a sustained change outweighs one odd point).
     3. Its tail probability under the normal fitted to that mean's last `history` values (30 days):
        a detection when it is below `tail` — the threshold adapts to how noisy the series is.
-    4. One detection per episode: quiet for `refractory` points (6 hours of 5-minute points) after each.
+    4. One detection per episode: after a detection, the next needs the episode to be over — the
+       average back within the threshold for `short` points in a row (as long as the average
+       spans) — and `refractory` points (6 hours of 5-minute points) to have passed. A change that
+       lasts is one detection however long it lasts; the refractory span alone fired once a span.
     The shape of the anomaly likelihood used by NAB's best detectors (HTM, CAD OSE), over a z-score
     instead of a learned model's prediction error.
 
@@ -115,6 +118,7 @@ class Likelihood:
         self.recent: deque = deque(maxlen=4 * self.period + 1 if self.period else 1)
         self.season_acf, self.seasonal = season_acf, False
         self.position, self.last_detection = 0, -10**12
+        self.calm = short        # points in a row with the average within the threshold
 
     def update(self, value: float) -> float:
         """Take the next point; its strength (> 1 = a detection, 0 = none)."""
@@ -125,7 +129,9 @@ class Likelihood:
         if len(self.means) >= self.learning:
             mu, sigma = self.means.mean_std()
             tail = 0.5 * math.erfc((average - mu) / sigma / math.sqrt(2))
-            if tail < self.tail and self.position - self.last_detection > self.refractory:
+            over = self.calm >= self.short and self.position - self.last_detection > self.refractory
+            self.calm = 0 if tail < self.tail else self.calm + 1
+            if tail < self.tail and over:
                 strength = math.log(max(tail, 1e-300)) / math.log(self.tail)   # > 1 beyond the threshold
                 self.last_detection = self.position
         self.means.push(average)
