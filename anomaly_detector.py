@@ -205,6 +205,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
         "pumps_illiquid_wide_spreads_rules": evaluate.score_spreads(seeds, config=config),
         "nab": evaluate.score_nab(Path(args.nab_dir)) if Path(args.nab_dir).is_dir() else "NAB data not found",
         "series_daily_cycles": evaluate.score_daily_cycles(),
+        "series_other_shapes": evaluate.score_other_shapes(),
         "book_simulated": evaluate.score_book(),
         "forecasts": forecasts,
     }

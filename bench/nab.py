@@ -7,7 +7,9 @@ was not tuned on.
    probability × averaging span × refractory span) best on the other categories (the series with
    no anomaly included), scored on the one left out — the score a category gets when nothing was
    chosen on it. The default is the grid's setting best on all of them.
-3. The generated daily-cycle series (evaluate.daily_cycle_series), which no setting was chosen on.
+3. The generated daily-cycle series (evaluate.daily_cycle_series), which no setting was chosen on,
+   and the generated series of other shapes, rates and units (evaluate.other_shape_series) on seeds
+   no setting was chosen on.
 Each with the daily cycle (the default) and without it (period=None, the detector before it), so
 the gain is measured in one run.
 """
@@ -69,6 +71,7 @@ def main() -> None:
     detectors = {"daily_cycle": likelihood, "no_daily_cycle": partial(likelihood, period=None)}
     nab = evaluate.score_nab(args.nab_dir, detectors)
     cycles = evaluate.score_daily_cycles(detectors=detectors)
+    shapes = evaluate.score_other_shapes(detectors=detectors)
     report({
         "files": len(files),
         "nab_default": {name: {"score": nab["score"][name],
@@ -79,6 +82,10 @@ def main() -> None:
         "leave_one_category_out": {"daily_cycle": leave_one_out(files, True),
                                    "no_daily_cycle": leave_one_out(files, False)},
         "daily_cycle_series": {name: cycles[name]["score"] for name in detectors},
+        "other_shape_series": {name: {"score": shapes[name]["score"],
+                                      "per_kind": {kind: [v["detected"], v["detections_outside_windows"]]
+                                                   for kind, v in shapes[name]["per_kind"].items()}}
+                               for name in detectors},
         "seconds": round(time.perf_counter() - started, 1),
     })
 

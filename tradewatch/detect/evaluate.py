@@ -22,7 +22,9 @@ walk-forward on the recorded SPY and IBM day and on a simulated day, beside the 
 NAB: the series detectors run point by point over each file and are scored with NAB's own rules
 (standard profile, see nab_raw_score), normalised to NAB's 0–100 scale; the same rules score them
 on generated daily-cycle series with known anomalies (daily_cycle_series), a kind of series no
-detector setting was chosen on.
+detector setting was chosen on, and on generated series of other shapes, rates and units
+(other_shape_series: hourly, minute and 5-minute points, counts, walks, values from 0.01 to 10,000,
+series with no anomaly), on seeds no setting was chosen on.
 """
 from __future__ import annotations
 
@@ -334,25 +336,109 @@ def daily_cycle_series(kind: str, seed: int, days: int = 14) -> tuple[pd.Series,
     return pd.Series(values, index=times), [(times[first - half], times[min(first + half, len(values) - 1)])]
 
 
-def score_daily_cycles(seeds=range(4), detectors: dict | None = None) -> dict:
-    """The series detectors on daily_cycle_series (every kind × seed), scored like NAB: the score
-    over all, and per kind how many of its series had a detection in the window, and how many
-    detections fell outside."""
+OTHER_SHAPE_KINDS = ("hourly_shift", "hourly_spike", "hourly_missing_day", "walk_jump", "variance_burst",
+                     "slope_change", "count_burst", "spike_density", "stuck_sensor",
+                     "none_sine", "none_walk", "none_counts")
+
+
+def other_shape_series(kind: str, seed: int) -> tuple[pd.Series, list]:
+    """A generated series unlike NAB's five categories here, with one anomaly and its NAB-style
+    window (10 % of the points, centred on its start) at 35–85 % of the way, or none (none_*):
+    - hourly_*: 1,200–2,400 hourly points, a daily and a weekly cycle, 12 % multiplicative noise;
+      the level × 0.5 or 1.7 for 2–10 days (shift), one point × 3 or 0.15 (spike), a day at 40 %
+      of the same day a week before (missing_day)
+    - walk_jump, variance_burst, slope_change, none_walk: 3,000–8,000 minute points, a slow random
+      walk under noise; a jump of 8 noise deviations for good, two hours of six times the steps, a
+      new trend of 0.02 a point
+    - count_burst, none_counts: 5-minute Poisson counts of 2–8; four times the rate for two hours
+    - spike_density: rare spikes (0.2 %) on noise, then 8 % of points spiking for a day
+    - stuck_sensor: a noisy daily sine that repeats one value for 200 points
+    Every series is multiplied by a power of ten from 0.01 to 10,000 (units are not the shape)."""
+    rng = np.random.default_rng(10_000 + seed)
+    unit = 10.0 ** int(rng.integers(-2, 5))
+    if kind.startswith("hourly"):
+        n, freq = int(rng.integers(1200, 2400)), "1h"
+        t = np.arange(n)
+        cycle = 1 + 0.4 * np.sin(2 * np.pi * t / 24 + rng.uniform(0, 6)) + 0.2 * np.sin(2 * np.pi * t / 168)
+        values = cycle * np.exp(rng.normal(0, 0.12, n))
+    elif kind in ("walk_jump", "variance_burst", "slope_change", "none_walk"):
+        n, freq = int(rng.integers(3000, 8000)), "1min"
+        values = np.zeros(n)
+    elif kind in ("count_burst", "none_counts"):
+        n, freq = int(rng.integers(3000, 6000)), "5min"
+        values = np.zeros(n)
+    elif kind in ("spike_density", "stuck_sensor", "none_sine"):
+        n, freq = 4032, "5min"
+        values = np.zeros(n)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    first = int(rng.integers(int(0.35 * n), int(0.85 * n)))
+    if kind == "hourly_shift":
+        values[first:first + int(rng.integers(48, 240))] *= rng.choice([0.5, 1.7])
+    elif kind == "hourly_spike":
+        values[first] *= rng.choice([3.0, 0.15])
+    elif kind == "hourly_missing_day":
+        values[first:first + 24] = values[first - 168:first - 144] * 0.4
+    elif kind in ("walk_jump", "variance_burst", "slope_change", "none_walk"):
+        steps = rng.normal(0, 1, n)
+        if kind == "variance_burst":
+            steps[first:first + 120] *= 6
+        values = 110 + np.cumsum(steps) * 0.06 + rng.normal(0, 1, n)
+        if kind == "walk_jump":
+            values[first:] += rng.choice([-1, 1]) * 8
+        elif kind == "slope_change":
+            values[first:] += np.arange(n - first) * 0.02
+    elif kind in ("count_burst", "none_counts"):
+        rate = np.full(n, rng.uniform(2, 8))
+        if kind == "count_burst":
+            rate[first:first + 24] *= 4
+        values = rng.poisson(rate).astype(float)
+    elif kind == "spike_density":
+        spikes = rng.random(n) < 0.002
+        spikes[first:first + 288] = rng.random(288) < 0.08
+        values = rng.normal(10, 1, n) + 30 * spikes
+    elif kind in ("stuck_sensor", "none_sine"):
+        values = 40 + 10 * np.sin(np.arange(n) * 2 * np.pi / 288) + rng.normal(0, 1.5, n)
+        if kind == "stuck_sensor":
+            values[first:first + 200] = values[first]
+    times = pd.date_range("2021-03-01", periods=n, freq=freq)
+    series = pd.Series(values * unit, index=times)
+    if kind.startswith("none"):
+        return series, []
+    half = n // 20
+    return series, [(times[max(first - half, 0)], times[min(first + half, n - 1)])]
+
+
+def score_generated(make, kinds, seeds, detectors: dict | None = None) -> dict:
+    """The series detectors on generated series (`make(kind, seed)`, every kind × seed), scored
+    like NAB: the score over all, and per kind how many of its series had a detection in the
+    window, and how many detections fell outside (for a kind with no anomaly, every detection)."""
     result: dict = {}
     for det, fn in (detectors or SERIES_DETECTORS).items():
         raw = windows = 0.0
-        kinds = {}
-        for kind in DAILY_CYCLE_KINDS:
+        per_kind = {}
+        for kind in kinds:
             found = outside = 0
             for seed in seeds:
-                series, spans = daily_cycle_series(kind, seed)
+                series, spans = make(kind, seed)
                 file_raw, file_windows, counts = nab_raw_score(list(series.index.isin(fn(series).index)),
                                                               series.index, spans)
                 raw, windows = raw + file_raw, windows + file_windows
                 found, outside = found + counts["detected"], outside + counts["outside"]
-            kinds[kind] = {"series": len(seeds), "detected": found, "detections_outside_windows": outside}
-        result[det] = {"score": _normalised(raw, windows), "per_kind": kinds}
+            per_kind[kind] = {"series": len(seeds), "detected": found, "detections_outside_windows": outside}
+        result[det] = {"score": _normalised(raw, windows), "per_kind": per_kind}
     return result
+
+
+def score_daily_cycles(seeds=range(4), detectors: dict | None = None) -> dict:
+    return score_generated(daily_cycle_series, DAILY_CYCLE_KINDS, seeds, detectors)
+
+
+OTHER_SHAPE_SEEDS = range(10, 15)       # seeds 0-2 were looked at while changing the detector
+
+
+def score_other_shapes(seeds=OTHER_SHAPE_SEEDS, detectors: dict | None = None) -> dict:
+    return score_generated(other_shape_series, OTHER_SHAPE_KINDS, seeds, detectors)
 
 
 BOOK_KINDS = {"spoofing": "SPOOFING", "quote_stuffing": "QUOTE_STUFFING"}
