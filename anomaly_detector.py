@@ -203,6 +203,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
         "pumps_illiquid_rules": evaluate.score_pumps(seeds, config=config),
         "pumps_illiquid_rules_and_forest": evaluate.score_pumps(seeds, config=config, model=model),
         "pumps_illiquid_wide_spreads_rules": evaluate.score_spreads(seeds, config=config),
+        "pumps_illiquid_conditions_rules": evaluate.score_conditions(seeds, config=config),
         "nab": evaluate.score_nab(Path(args.nab_dir)) if Path(args.nab_dir).is_dir() else "NAB data not found",
         "series_daily_cycles": evaluate.score_daily_cycles(),
         "series_other_shapes": evaluate.score_other_shapes(),

@@ -50,12 +50,13 @@ def per_rule(frame) -> list[dict]:
 
 def alerts_for(detection: Detection) -> list[Alert]:
     """One alert per anomaly type of the trade; inside a pump-and-dump event only the event's
-    phase alert (the other flags stay on the trade)."""
+    phase alert, and none for a price flag its move has told already (RuleDetector._tell); the
+    other flags stay on the trade."""
     t = detection.trade
     when = _utc(t.timestamp_ms)
     alerts = []
     for kind in detection.types:
-        if detection.quiet and kind != "PUMP_AND_DUMP":
+        if (detection.quiet and kind != "PUMP_AND_DUMP") or kind in detection.held:
             continue
         severity = detection.severity_of(kind)
         details = {"price": t.price, "quantity": t.quantity, "side": t.side, "score": round(detection.score, 3),

@@ -133,6 +133,62 @@ def test_one_alert_per_type_with_a_readable_message():
     assert critical.evidence["sentence"] in critical.message and critical.evidence["version"] == 1
 
 
+THIN_TICK = 1e-7
+
+
+def bounce(first, n, bid, step_ms=90_000):
+    """Trades `first`.. of a thin pair, one every 90 s, bouncing between the bid (`bid` ticks) and
+    the ask a tick above: trade i is at T0 + i·90 s, so a gap in `first` is a quiet spell."""
+    return [Trade(f"b{first + i}", "THIN-BTC", T0 + (first + i) * step_ms, round((bid + i % 2) * THIN_TICK, 12),
+                  1000.0 + (first + i) * 37 % 500, "buy" if i % 2 else "sell", "X") for i in range(n)]
+
+
+def told(trades):
+    """Each trade's detection, and the alerts a user gets (deduplicated as the detector does)."""
+    rules, dedup = RuleDetector(), Deduplicator(evaluate.ALERT_COOLDOWNS_S)
+    detections = [rules.process(t) for t in trades]
+    return detections, [a for d in detections for a in alerts_for(d) if dedup.allow(a)]
+
+
+def test_a_price_that_moved_and_stays_there_is_told_once_not_by_every_rule_every_minute():
+    """Six quiet hours, then the pair trades 5-6 % lower and stays there: the move is alerted on
+    its first trade; the next nine (each past the 5 % line until the new level is accepted) keep
+    their flags but raise no alert of their own (before: a PRICE_DROP a trade, a z-score, a band)."""
+    moved = bounce(0, 200, 156) + bounce(440, 60, 147)
+    detections, alerts = told(moved)
+    assert {a.trade_id for a in alerts} == {"b440"}, [(a.trade_id, a.alert_type) for a in alerts]
+    assert "PRICE_DROP" in {a.alert_type for a in alerts}
+    assert sum("PRICE_DROP" in d.types for d in detections[200:]) >= 9       # the flags stay on the trades
+    rules = RuleDetector()                  # the episode follows the symbol's state through a checkpoint
+    for t in moved[:202]:
+        rules.process(t)
+    restored = RuleDetector()
+    restored.restore(json.loads(json.dumps(rules.export({"THIN-BTC"}))))
+    assert not [a for t in moved[202:] for a in alerts_for(restored.process(t))]
+
+
+def test_a_price_bouncing_across_the_line_is_one_episode():
+    """The new level's bid is past the line, its ask just inside but on the far half of it: the
+    ask does not end the episode, so the bids after it are not new stories."""
+    detections, alerts = told(bounce(0, 200, 100) + bounce(200, 40, 94))
+    assert {a.trade_id for a in alerts} == {"b200"}, [(a.trade_id, a.alert_type) for a in alerts]
+    assert sum(bool(d.types) for d in detections[200:]) >= 3
+
+
+def test_an_episode_escalates_ends_and_starts_again():
+    """A drop is told; a deeper one in the same episode is told only by what is new (the breaker,
+    CRITICAL); the price back at its level ends the episode; the next drop is told again."""
+    calm = bounce(0, 200, 200)
+    later = [Trade(f"e{i}", "THIN-BTC", T0 + (200 + i) * 90_000, round(ticks * THIN_TICK, 12), 1000.0, side, "X")
+             for i, (ticks, side) in enumerate([(188, "sell"), (172, "sell"), (200, "sell"), (201, "buy"),
+                                                (188, "sell")])]
+    detections, alerts = told(calm + later)
+    got = [(a.trade_id, a.alert_type) for a in alerts]
+    assert ("e0", "PRICE_DROP") in got and ("e1", "CIRCUIT_BREAKER") in got and ("e4", "PRICE_DROP") in got, got
+    assert "PRICE_DROP" in detections[201].types and ("e1", "PRICE_DROP") not in got, got
+    assert not [a for a in alerts if a.trade_id in ("e2", "e3")]
+
+
 def test_model_train_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(2000, 10))

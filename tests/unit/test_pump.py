@@ -9,11 +9,11 @@ import math
 import orjson
 
 from tradewatch.alerts import Deduplicator, alerts_for
-from tradewatch.detect.evaluate import ALERT_COOLDOWNS_S, score_pumps
+from tradewatch.detect.evaluate import ALERT_COOLDOWNS_S, score_conditions, score_pumps
 from tradewatch.detect.pump import MAX_WINDOW
 from tradewatch.detect.rules import RuleDetector
 from tradewatch.events import Trade
-from tradewatch.market.simulator import MarketSimulator, illiquid_market
+from tradewatch.market.simulator import IlliquidProfile, MarketSimulator, illiquid_market
 
 START = 1_767_225_600_000
 TICK = 1e-7
@@ -130,6 +130,20 @@ def test_simulated_illiquid_pairs_pumps_caught_and_ordinary_days_calm():
     assert result["pumps"] == 10
     assert result["recall_5min"] >= 0.95 and result["delay_s_median"] <= 5, result
     assert result["alerts_per_symbol_day_ordinary"] <= 1.0, result
+
+
+def test_quiet_spells_of_an_illiquid_pair_end_with_the_price_elsewhere_told_once():
+    """Two quiet spells a day (2-8 hours without a trade, the price walking meanwhile): the first
+    trades after one land a few percent away and stay there. Each such move is one alert, not one
+    per rule and minute until the new level is accepted (1.7 alerts per ordinary symbol-day on
+    seeds 1-3 before, most of them PRICE_DROP, PRICE_ZSCORE and OUT_OF_RANGE repeating)."""
+    profile = IlliquidProfile(quiet_spells_per_day=2.0)
+    trades, _ = illiquid_market(symbols=4, days=2, seed=5, profile=profile)
+    one = [t.timestamp_ms for t in trades if t.symbol == "ILQ00-BTC"]
+    assert max(b - a for a, b in zip(one, one[1:])) >= 2 * 3_600_000
+    result = score_conditions([1, 2], conditions={"quiet": {"quiet_spells_per_day": 2.0}})["quiet"]
+    assert result["recall_5min"] >= 0.95, result
+    assert result["alerts_per_symbol_day_ordinary"] <= 0.5, result
 
 
 def test_the_illiquid_simulator_labels_its_pumps():

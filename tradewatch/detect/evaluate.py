@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -518,7 +519,7 @@ def score_pumps(seeds: list[int], symbols: int = 10, days: float = 2.0, pump_sym
     each event's alerts went through, and alerts per symbol-day (every type) on ordinary days —
     every day of a pump-free symbol, and the first day of the others."""
     from tradewatch.alerts import Deduplicator, alerts_for
-    caught, delays, phases, ordinary_alerts, ordinary_days, pumps_total = 0, [], Counter(), 0, 0.0, 0
+    caught, delays, phases, ordinary_alerts, ordinary_days, pumps_total = 0, [], Counter(), Counter(), 0.0, 0
     for seed in seeds:
         trades, pumps = illiquid_market(symbols, days, seed=seed, pump_symbols=pump_symbols, profile=profile)
         start = trades[0].timestamp_ms
@@ -529,7 +530,7 @@ def score_pumps(seeds: list[int], symbols: int = 10, days: float = 2.0, pump_sym
         last_day = start + int((days - 1) * 86_400_000)
         for a in alerts:
             if a.symbol not in pumped or a.timestamp_ms < last_day:
-                ordinary_alerts += 1
+                ordinary_alerts[a.alert_type] += 1
         ordinary_days += (symbols - len(pumped)) * days + len(pumped) * (days - 1)
         for p in pumps:
             pumps_total += 1
@@ -546,7 +547,29 @@ def score_pumps(seeds: list[int], symbols: int = 10, days: float = 2.0, pump_sym
             "delay_s_max": round(max(delays), 2) if delays else None,
             "phases": dict(phases.most_common()),
             "ordinary_symbol_days": ordinary_days,
-            "alerts_per_symbol_day_ordinary": round(ordinary_alerts / ordinary_days, 3) if ordinary_days else None}
+            "alerts_per_symbol_day_ordinary": round(sum(ordinary_alerts.values()) / ordinary_days, 3)
+            if ordinary_days else None,
+            "by_type_ordinary": {k: round(v / ordinary_days, 3) for k, v in ordinary_alerts.most_common()}}
+
+
+# Ordinary days unlike the ones the thresholds were set on (IlliquidProfile's defaults): what a rule
+# whose false alarms grow with the trade count, the bursts or the quiet spells would show
+CONDITIONS = {"sparse_5_trades_an_hour": {"trades_per_hour": 5.0},
+              "busy_400_trades_an_hour": {"trades_per_hour": 400.0},
+              "bursty_40_bursts_a_day": {"bursts_per_day": 40.0},
+              "quiet_spells_2_a_day": {"quiet_spells_per_day": 2.0}}
+
+
+def score_conditions(seeds: list[int], config: DetectorConfig = DetectorConfig(),
+                     conditions: dict = CONDITIONS) -> dict:
+    """`score_pumps` on illiquid pairs under each of CONDITIONS: pumps caught, and the alerts per
+    ordinary symbol-day, in all and by type."""
+    out = {}
+    for name, changes in conditions.items():
+        r = score_pumps(seeds, config=config, profile=replace(IlliquidProfile(), **changes))
+        out[name] = {k: r[k] for k in ("pumps", "recall_5min", "delay_s_median", "alerts_per_symbol_day_ordinary",
+                                       "by_type_ordinary")}
+    return out
 
 
 SPREADS_TICKS = (4, 10, 25, 50)     # spreads of 0.5–6 % on pairs of a few hundred ticks (a tick ≈ 0.12 %)

@@ -156,6 +156,8 @@ class SymbolState:
         self.spreads: deque[float] = deque(maxlen=SPREAD_WINDOW)   # observed spreads (see learn)
         self.pump = PumpWatch()
         self.band = BandWatch()
+        self.episode_side = 0                 # a price move being told: +1 up, -1 down, 0 none (RuleDetector._tell)
+        self.episode_told: str | None = None  # ... and the highest severity its alerts had
 
     def to_dict(self) -> dict:
         """The whole state as JSON-able values (floats round-trip exactly through JSON)."""
@@ -170,7 +172,8 @@ class SymbolState:
                 "run_length": self.run_length, "run_start_price": self.run_start_price,
                 "shift_streak": self.shift_streak, "tick": self.tick, "last_any": self.last_any,
                 "last_side": self.last_side, "last_change": self.last_change, "spreads": list(self.spreads),
-                "pump": self.pump.to_dict(), "band": self.band.to_dict()}
+                "pump": self.pump.to_dict(), "band": self.band.to_dict(),
+                "episode": [self.episode_side, self.episode_told]}
 
     @classmethod
     def from_dict(cls, data: dict, price_window: int, volume_window: int) -> "SymbolState":
@@ -198,6 +201,7 @@ class SymbolState:
             state.pump = PumpWatch.from_dict(data["pump"])
         if data.get("band"):                    # absent in checkpoints from before OUT_OF_RANGE
             state.band = BandWatch.from_dict(data["band"])
+        state.episode_side, state.episode_told = data.get("episode", (0, None))
         return state
 
     def learn(self, trade: Trade) -> None:
@@ -281,6 +285,7 @@ class SymbolState:
                 self.recent.clear()
                 self.price_trades.clear()
                 self.shift_streak = 0
+                self.episode_side, self.episode_told = 0, None     # and the move's story is over
                 self._take_price(trade, features)
         if volume_is_normal:
             self.quantities.push(trade.quantity)

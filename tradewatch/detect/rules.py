@@ -25,7 +25,10 @@ whichever is largest; the circuit breaker at twice that (at least `circuit_pct`)
 must add up to `run_ticks` ticks per move and `spike_spreads` spreads; the z-score's σ is at least
 half a spread. So a one-tick bounce on an illiquid pair, where a tick is 1 % of the price, is never
 a "5 % move", nor a buy that crosses a spread of 6 %. While a symbol's pump-and-dump event is open
-its other alerts are held back (their flags are kept): the event is the story.
+its other alerts are held back (their flags are kept): the event is the story. A price move is one
+story too: its first trade's alerts go out, and while the price stays away the later trades' price
+flags raise no alert unless more severe (RuleDetector._tell) — a pair that trades 6 % lower after a
+quiet spell is one PRICE_DROP, not one per rule and minute until the new level is accepted.
 
 Rules stay silent until a symbol has `min_history` normal trades. Each firing carries its
 evidence (tradewatch/detect/evidence.py): the threshold and how it was set, the baseline and the
@@ -45,6 +48,7 @@ from tradewatch.volatility import UNTRAINED, Live, scaled
 
 DETECTOR_VERSION = "rules-1"
 SEVERITY_RANK = {"LOW": 0, "MEDIUM": 1, "HIGH": 2, "CRITICAL": 3}
+MOVE_TYPES = frozenset({"PRICE_SPIKE", "PRICE_DROP", "PRICE_ZSCORE", "CIRCUIT_BREAKER", "MOMENTUM_RUN", "OUT_OF_RANGE"})
 TYPE_SEVERITY = {"CIRCUIT_BREAKER": "CRITICAL", "PRICE_SPIKE": "HIGH", "PRICE_DROP": "HIGH",
                  "VOLUME_SPIKE": "MEDIUM", "PRICE_ZSCORE": "MEDIUM", "MOMENTUM_RUN": "MEDIUM",
                  "ISOLATION_FOREST": "MEDIUM", "PUMP_AND_DUMP": "CRITICAL", "OUT_OF_RANGE": "HIGH"}
@@ -79,6 +83,7 @@ class Detection:
     evidence: dict[str, Evidence] = field(default_factory=dict)   # why each type fired
     event: dict | None = None   # the symbol's pump-and-dump event as of this trade (see pump.Event)
     phase: str | None = None    # the phase that event entered with this trade
+    held: set[str] = field(default_factory=set)    # flags whose alert its price move's first alert told
 
     @property
     def quiet(self) -> bool:
@@ -235,11 +240,32 @@ class RuleDetector:
                        phase=phase, event_id=event.event_id, gain_pct=round(event.gain_pct, 2),
                        volume_multiple=event.volume_multiple)
         price_normal = not warm or move <= spike
+        self._tell(d, state, f.deviation, spike, price_normal)
         volume_normal = "VOLUME_SPIKE" not in d.types
         state.learn(trade)
         state.update(trade, f, price_normal, volume_normal)
         state.band.fold(trade.timestamp_ms, trade.price if price_normal and priced else None, trade.quantity)
         return d
+
+    @staticmethod
+    def _tell(d: Detection, state: SymbolState, deviation: float, spike: float, price_normal: bool) -> None:
+        """One story per price move: a move's first alerts go out; while the price stays away (past
+        the line, or on its far half on the same side) the later trades' price flags are held back
+        unless they are more severe than what was told (a drop deepening into the breaker). Over
+        when the price is back on the near half, moves the other way, or is accepted as the new
+        level (SymbolState.update)."""
+        side = (deviation > 0) - (deviation < 0)
+        if state.episode_side and (side != state.episode_side or (price_normal and abs(deviation) <= spike / 2)):
+            state.episode_side, state.episode_told = 0, None
+        moves = [k for k in d.types if k in MOVE_TYPES]
+        if not moves or not side:
+            return
+        told = state.episode_told if state.episode_side == side else None
+        if told:
+            d.held = {k for k in moves if SEVERITY_RANK[d.severity_of(k)] <= SEVERITY_RANK[told]}
+        top = max((d.severity_of(k) for k in moves), key=SEVERITY_RANK.__getitem__)
+        state.episode_side = side
+        state.episode_told = max(told or top, top, key=SEVERITY_RANK.__getitem__)
 
     def _judge_band(self, d: Detection, state: SymbolState, band: Band) -> None:
         """OUT_OF_RANGE: beyond the band's line (BandWatch.outside), and more than `spike_spreads`

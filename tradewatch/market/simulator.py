@@ -230,13 +230,15 @@ class IlliquidProfile:
     """A thinly traded pair: a price of a few ticks' hundreds (one tick ≈ 1.2 % at the default),
     a spread of `spread_ticks` ticks, sparse trading (`trades_per_hour`, Poisson) with ordinary
     bursts (a market order sweeping the touch and up to two spreads past it, a handful of traders
-    at once)."""
+    at once). `quiet_spells_per_day`: spells of 2–8 hours without a trade, after which the pair
+    trades where its price would have walked meanwhile (a few percent away)."""
     start_price: float = 8.1e-6
     tick: float = 1e-7
     spread_ticks: int = 1
     trades_per_hour: float = 40.0
     bursts_per_day: float = 8.0
     median_quantity: float = 20_000.0
+    quiet_spells_per_day: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,14 @@ def illiquid_market(symbols: int = 10, days: float = 2.0, start_ms: int = 1_767_
                 continue
             if t >= end_ms:
                 break
+            spells = profile.quiet_spells_per_day
+            if spells and rng.random() < spells / (profile.trades_per_hour * 24):
+                hours = rng.uniform(2, 8)           # the level walks 8 % of trades a tick: its variance over the spell
+                t += hours * 3_600_000
+                if pump_ms is not None:
+                    t = min(t, pump_ms - 1_800_000.0)
+                level = max(level + round(rng.gauss(0, math.sqrt(0.08 * profile.trades_per_hour * hours))), 5)
+                continue
             ms = int(t)
             if rng.random() < profile.bursts_per_day / (profile.trades_per_hour * 24):
                 side = "buy" if rng.random() < 0.5 else "sell"       # an ordinary burst: a sweep, a few traders
