@@ -305,14 +305,14 @@ def _timestamp(data: dict, sent_ms: int, max_skew_ms: int) -> int:
                            " of milliseconds?")
     if value > sent_ms + max_skew_ms:
         raise InvalidTrade(
-            f"timestamp_ms {value} ({_iso(value)}) is {_duration(value - sent_ms)} ahead of the time the message was "
-            f"sent ({_iso(sent_ms)}); the clock-skew limit is {_duration(max_skew_ms)} (MAX_CLOCK_SKEW_SECONDS) — "
+            f"timestamp_ms {value} ({_iso(value)}) is {duration(value - sent_ms)} ahead of the time the message was "
+            f"sent ({_iso(sent_ms)}); the clock-skew limit is {duration(max_skew_ms)} (MAX_CLOCK_SKEW_SECONDS) — "
             "a wrong clock, or microseconds sent instead of milliseconds?"
         )
     return value
 
 
-def _duration(ms: int) -> str:
+def duration(ms: int) -> str:
     seconds = ms / 1000
     if seconds < 120:
         return f"{seconds:g} s"

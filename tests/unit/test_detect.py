@@ -189,6 +189,39 @@ def test_an_episode_escalates_ends_and_starts_again():
     assert not [a for a in alerts if a.trade_id in ("e2", "e3")]
 
 
+def walk(n, bid, seed=0):
+    """Trades 0.. of a thin pair, one every 90 s (40 an hour), bouncing between bid and ask while
+    the bid walks a tick up or down on one trade in eight."""
+    rng, trades = np.random.default_rng(seed), []
+    for i in range(n):
+        bid += int(rng.choice((-1, 1))) if rng.random() < 1 / 8 else 0
+        trades.append(Trade(f"w{i}", "THIN-BTC", T0 + i * 90_000, round((bid + i % 2) * THIN_TICK, 12),
+                            1000.0 + i * 37 % 500, "buy" if i % 2 else "sell", "X"))
+    return trades, bid
+
+
+def test_after_a_quiet_spell_the_price_lines_allow_for_the_walk_of_the_time_that_passed():
+    """A thin pair whose price walks (40 trades an hour, a tick on one in eight: 5.5 ticks, 3.5 %,
+    in six hours) is quiet for six hours, then trades 6 % lower: as far as its own walk goes in that
+    time, no alert. The same 6 % a trade after the last is a PRICE_DROP, and so is 30 % after the
+    spell, its evidence saying how the line grew with the time. (A pair whose price only bounced
+    between bid and ask did not walk: 6 % after six hours is a PRICE_DROP, the test above.)"""
+    calm, bid = walk(200, 156)
+    for share, at, alerted in ((0.06, 440, False), (0.06, 200, True), (0.30, 440, True)):
+        resumed = bounce(at, 12, round(bid * (1 - share)))
+        detections, alerts = told(calm + resumed)
+        assert {a.trade_id for a in alerts} == ({f"b{at}"} if alerted else set()), (share, at, alerts)
+        assert bool(detections[200].types) == alerted
+        assert alerted or not any(d.types for d in detections[200:]), "nor the trades after it, the window still old"
+    drop = detections[200].evidence["PRICE_DROP"].to_dict()
+    assert "6.0 h since its last" in drop["threshold_how"] and drop["extra"]["quiet_ms"] == 241 * 90_000
+    span = 49 * 90_000                      # a random walk's variance from the window's mean: quiet + span / 3
+    assert drop["extra"]["age_ms"] == pytest.approx(241 * 90_000 + span / 3, rel=0.01)
+    assert drop["extra"]["fresh_ms"] == pytest.approx(span / 3, rel=0.03)
+    assert drop["extra"]["sigma"] > 3 * drop["extra"]["window_std"]
+    assert drop["threshold"] > 5 * 100 * drop["extra"]["window_std"] / drop["baseline"]
+
+
 def test_model_train_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(2000, 10))

@@ -20,6 +20,7 @@ PRICE_Z_MIN_STD = 0.002     # the z-score's spread is at least 0.2 % of the pric
 FEATURE_NAMES = ("return_1", "return_5", "return_20", "price_z", "deviation", "volume_log_z",
                  "volume_ratio", "gap_log_ratio", "spread_bps", "signed_run")
 LEVEL_SHIFT_TRADES = 10
+WALK_MIN_AGE_MS = 1000      # a window traded within a second tells nothing of the walk per second
 SPREAD_WINDOW = 64          # the spread is the median of this many observations: a few quotes or bounces
                             # across a real move do not widen it
 
@@ -43,6 +44,22 @@ class TradeFeatures:
 
     def vector(self) -> list[float]:
         return [getattr(self, name) for name in FEATURE_NAMES]
+
+
+@dataclass(frozen=True, slots=True)
+class Walk:
+    """The price lines' σ at a time (SymbolState.walk_at), and what it was grown by."""
+    sigma: float
+    age_ms: float       # the age of the window's mean, as a random walk weighs its trades
+    fresh_ms: float     # ... right after a window traded as this one was
+    quiet_ms: int       # the time since the window's last trade
+
+
+def _mean_pair_min(ages: list[float]) -> float:
+    """The mean over all ordered pairs (i, j) of min(ages[i], ages[j]), `ages` ascending: the
+    variance, per unit of a random walk's, of a price's distance from the mean of prices that old."""
+    n = len(ages)
+    return sum(a * (2 * (n - k) + 1) for k, a in enumerate(ages, 1)) / (n * n)
 
 
 class _Rolling:
@@ -235,6 +252,26 @@ class SymbolState:
         """The symbol's usual spread in price (0 before one is seen): the median observation."""
         seen = sorted(self.spreads)
         return seen[len(seen) // 2] if seen else 0.0
+
+    def walk_at(self, ts_ms: int) -> Walk:
+        """The σ of the price lines for a trade at `ts_ms`: the window's, grown by the pair's walk
+        over the time since the window's trades. What the window's variance holds beyond the bid-ask
+        bounce ((spread / 2)²) is its walk, over the window's own spread of times S; a price strays
+        from the mean of earlier prices by the walk of their age (for a random walk: the mean over
+        pairs of trades of the younger one's age), which right after a window traded evenly is 2·S
+        (W/3 for span W); so σ² = std² + walk²·(age / 2S − 1) when the age is more, and the first
+        trades after a quiet hour are judged against how far the pair's own walk goes in an hour
+        (until new trades fill the window). A pair that only bounced between bid and ask has no
+        walk: its lines stay where they were."""
+        std, stamps = self.prices.std, self.price_trades
+        if len(stamps) < 2 or not stamps[0][1]:     # (state stored before trades were named: times unknown)
+            return Walk(std, 0.0, 0.0, 0)
+        times = sorted(ms for _, ms in stamps)
+        scatter_ms = sum(times) / len(times) - times[0] - _mean_pair_min([ms - times[0] for ms in times])
+        fresh = max(2 * scatter_ms, WALK_MIN_AGE_MS)
+        age = _mean_pair_min([max(ts_ms - ms, 0) for ms in reversed(times)])
+        walk = max(std * std - (self.spread() / 2) ** 2, 0.0)
+        return Walk(math.sqrt(std * std + walk * max(age / fresh - 1, 0.0)), age, fresh, max(ts_ms - times[-1], 0))
 
     def features(self, trade: Trade) -> TradeFeatures:
         price = trade.price

@@ -21,14 +21,16 @@
 The price thresholds respect the instrument: a move counts only beyond `spike_pct`, `spike_ticks`
 ticks (the symbol's tick, learned from its prices), `spike_sigmas` rolling standard deviations and
 `spike_spreads` spreads (the symbol's usual spread, learned from its trades: SymbolState.learn),
-whichever is largest; the circuit breaker at twice that (at least `circuit_pct`); a momentum run
-must add up to `run_ticks` ticks per move and `spike_spreads` spreads; the z-score's σ is at least
-half a spread. So a one-tick bounce on an illiquid pair, where a tick is 1 % of the price, is never
-a "5 % move", nor a buy that crosses a spread of 6 %. While a symbol's pump-and-dump event is open
-its other alerts are held back (their flags are kept): the event is the story. A price move is one
-story too: its first trade's alerts go out, and while the price stays away the later trades' price
-flags raise no alert unless more severe (RuleDetector._tell) — a pair that trades 6 % lower after a
-quiet spell is one PRICE_DROP, not one per rule and minute until the new level is accepted.
+whichever is largest — the σ grown by the pair's own walk over the time since the window's
+trades (SymbolState.walk_at: the first trade after a quiet hour is judged against how far the price
+walks in an hour); the circuit breaker at twice that (at least `circuit_pct`); a momentum run
+must add up to `run_ticks` ticks per move and `spike_spreads` spreads; the z-score's σ (grown
+likewise) is at least half a spread. So a one-tick bounce on an illiquid pair, where a tick is 1 % of
+the price, is never a "5 % move", nor a buy that crosses a spread of 6 %. While a symbol's pump-and-dump
+event is open its other alerts are held back (their flags are kept): the event is the story. A price
+move is one story too: its first trade's alerts go out, and while the price stays away the later trades'
+price flags raise no alert unless more severe (RuleDetector._tell) — a pair that trades 20 % lower
+after a quiet spell is one PRICE_DROP, not one per rule and minute until the new level is accepted.
 
 Rules stay silent until a symbol has `min_history` normal trades. Each firing carries its
 evidence (tradewatch/detect/evidence.py): the threshold and how it was set, the baseline and the
@@ -43,7 +45,7 @@ from tradewatch.detect.band import Band
 from tradewatch.detect.evidence import Evidence, num, percent, trades_named
 from tradewatch.detect.features import WHALE_WINDOW, PRICE_Z_MIN_STD, SymbolState, TradeFeatures
 from tradewatch.detect.pump import PHASE_SEVERITY
-from tradewatch.events import Trade
+from tradewatch.events import Trade, duration
 from tradewatch.volatility import UNTRAINED, Live, scaled
 
 DETECTOR_VERSION = "rules-1"
@@ -199,8 +201,9 @@ class RuleDetector:
         tick = state.tick_share()
         mean = state.prices.mean
         spike = max(c.spike_pct, c.spike_ticks * tick, c.spike_sigmas * state.prices.std / mean if mean else 0.0)
-        if warm and move > spike:           # the spread can only raise the line: looked up when it matters
-            spike = max(spike, c.spike_spreads * state.spread() / mean)
+        if warm and move > spike:           # the spread and the quiet time can only raise the line: looked up
+            spike = max(spike, c.spike_spreads * state.spread() / mean,     # when it matters
+                        c.spike_sigmas * state.walk_at(trade.timestamp_ms).sigma / mean)
         circuit = max(c.circuit_pct, 2 * spike)
         if warm:
             if move > circuit:
@@ -295,17 +298,30 @@ class RuleDetector:
         return (f"{self.config.spike_spreads:g} spreads of {num(spread)} = "
                 f"{percent(self.config.spike_spreads * spread / mean if mean else 0.0)}")
 
-    def _spike_how(self, state: SymbolState) -> str:
+    def _spike_how(self, state: SymbolState, ts_ms: int) -> str:
         c, mean, tick = self.config, state.prices.mean, state.tick or 0.0
-        sigma = state.prices.std
+        sigma = state.walk_at(ts_ms).sigma
         return (f"the largest of {percent(c.spike_pct)}, {c.spike_ticks:g} ticks of {num(tick)} = "
-                f"{percent(c.spike_ticks * state.tick_share())}, {c.spike_sigmas:g} σ of {num(sigma)} = "
-                f"{percent(c.spike_sigmas * sigma / mean if mean else 0.0)} and {self._spreads_how(state)}")
+                f"{percent(c.spike_ticks * state.tick_share())}, {c.spike_sigmas:g} σ of {num(state.prices.std)}"
+                f"{self._walk_how(state, ts_ms)} = {percent(c.spike_sigmas * sigma / mean if mean else 0.0)} and "
+                f"{self._spreads_how(state)}")
+
+    @staticmethod
+    def _walk_how(state: SymbolState, ts_ms: int) -> str:
+        """How the window's σ grew with the time since its trades (SymbolState.walk_at), if it did."""
+        w = state.walk_at(ts_ms)
+        if w.sigma <= state.prices.std * 1.001:
+            return ""
+        age, fresh = duration(round(w.age_ms)), duration(round(w.fresh_ms))
+        return (f" grown to {num(w.sigma)} by the pair's walk since the window's trades ({duration(w.quiet_ms)} "
+                f"since its last; σ² = std² + walk²·(age / fresh − 1), the window's mean {age} old as a random "
+                f"walk weighs its trades, {fresh} right after a window traded as this one; walk² its variance "
+                f"beyond the bid-ask bounce)")
 
     def _move_evidence(self, kind: str, trade: Trade, state: SymbolState, f: TradeFeatures, line: float,
                        spike: float) -> Evidence:
         c, mean, n = self.config, state.prices.mean, len(state.prices.values)
-        how = self._spike_how(state)
+        how = self._spike_how(state, trade.timestamp_ms)
         params = {"spike_pct": c.spike_pct, "spike_ticks": c.spike_ticks, "spike_sigmas": c.spike_sigmas,
                   "spike_spreads": c.spike_spreads, "price_window": c.price_window, "min_history": c.min_history}
         if kind == "CIRCUIT_BREAKER":
@@ -317,24 +333,30 @@ class RuleDetector:
                     f"the previous {n} normal trades, {num(mean)}; threshold {percent(line)} ({how})")
         return Evidence(kind, params, "price", trade.price, mean, baseline_how, f.deviation * 100, line * 100, how,
                         "%", sentence, self._window(trade, state), level=mean * (1 + line if up else 1 - line),
-                        tick=state.tick, extra={"sigma": state.prices.std, "spread": state.spread()})
+                        tick=state.tick, extra=self._sigma_extra(state, trade.timestamp_ms))
 
     @staticmethod
-    def _sigma(state: SymbolState) -> tuple[float, str]:
-        """The z-score's σ: never below 0.2 % of the mean, one tick, or half the spread (the σ of
-        prices that only bounce between bid and ask)."""
-        mean, spread = state.prices.mean, state.spread()
-        sigma = max(state.prices.std, PRICE_Z_MIN_STD * mean, state.tick or 0.0, spread / 2)
-        return sigma, (f"σ {num(sigma)}: the largest of the window's standard deviation {num(state.prices.std)}, "
-                       f"{PRICE_Z_MIN_STD * 100:g} % of the mean, one tick {num(state.tick or 0.0)} and half the "
-                       f"spread {num(spread)}")
+    def _sigma_extra(state: SymbolState, ts_ms: int) -> dict:
+        w = state.walk_at(ts_ms)
+        return {"sigma": w.sigma, "window_std": state.prices.std, "quiet_ms": w.quiet_ms, "age_ms": w.age_ms,
+                "fresh_ms": w.fresh_ms, "spread": state.spread()}
+
+    def _sigma(self, state: SymbolState, ts_ms: int) -> tuple[float, str]:
+        """The z-score's σ: the window's, grown with the time since its trades (SymbolState.walk_at),
+        never below 0.2 % of the mean, one tick, or half the spread (the σ of prices that only bounce
+        between bid and ask)."""
+        mean, spread, std = state.prices.mean, state.spread(), state.walk_at(ts_ms).sigma
+        sigma = max(std, PRICE_Z_MIN_STD * mean, state.tick or 0.0, spread / 2)
+        return sigma, (f"σ {num(sigma)}: the largest of the window's standard deviation {num(state.prices.std)}"
+                       f"{self._walk_how(state, ts_ms)}, {PRICE_Z_MIN_STD * 100:g} % of the mean, one tick "
+                       f"{num(state.tick or 0.0)} and half the spread {num(spread)}")
 
     def _zscore(self, trade: Trade, state: SymbolState) -> float:
-        return (trade.price - state.prices.mean) / self._sigma(state)[0]
+        return (trade.price - state.prices.mean) / self._sigma(state, trade.timestamp_ms)[0]
 
     def _zscore_evidence(self, trade: Trade, state: SymbolState, z: float) -> Evidence:
         c, mean, n = self.config, state.prices.mean, len(state.prices.values)
-        sigma, sigma_how = self._sigma(state)
+        sigma, sigma_how = self._sigma(state, trade.timestamp_ms)
         up = z > 0
         sentence = (f"price {num(trade.price)} is {abs(z):.1f} σ {'above' if up else 'below'} the mean of the "
                     f"previous {n} normal trades, {num(mean)} ({sigma_how}); threshold {c.zscore_threshold:g} σ")
@@ -344,7 +366,7 @@ class RuleDetector:
                         c.zscore_threshold, f"{c.zscore_threshold:g} standard deviations ({sigma_how})", "sigma",
                         sentence, self._window(trade, state),
                         level=mean + (1 if up else -1) * c.zscore_threshold * sigma, tick=state.tick,
-                        extra={"sigma": sigma, "window_std": state.prices.std, "spread": state.spread()})
+                        extra={**self._sigma_extra(state, trade.timestamp_ms), "sigma": sigma})
 
     def _whale_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures) -> Evidence:
         c, largest = self.config, state.largest
