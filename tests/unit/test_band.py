@@ -118,6 +118,54 @@ def test_a_sparse_tape_is_judged_by_the_step_between_minutes_not_by_ranges_it_ne
     assert band.sigma < 0.2 * band.step_sigma, "the band alone knows nothing of this tape's moves"
 
 
+THIN_TICK = 1e-7                # a thin pair near 1e-5: a tick is 1 % of the price, the spread one tick
+
+
+def thin_pair(minutes: int = 60, seed: int = 11) -> tuple[list[Trade], int]:
+    """A sell at the bid and a buy at the ask twice a minute, the bid (100 ticks) walking a tick one
+    minute in five; the trades and the bid at the end, in ticks."""
+    rng, bid, out = random.Random(seed), 100, []
+    for m in range(minutes):
+        if rng.random() < 0.2:
+            bid += rng.choice((-1, 1))
+        for k, (side, at) in enumerate([("sell", bid), ("buy", bid + 1)] * 2):
+            out.append(Trade(f"th{m}-{k}", "THIN-BTC", T0 + m * WINDOW_MS + k * 9_000, round(at * THIN_TICK, 12),
+                             1000.0, side, "X"))
+    return out, bid
+
+
+def sweep(minute: int, side: str, ticks: list[int]) -> list[Trade]:
+    """A market order sweeping the book at `ticks`, one print a second from the minute's 40th."""
+    return [Trade(f"sw{minute}-{i}", "THIN-BTC", T0 + minute * WINDOW_MS + 40_000 + i * 1000,
+                  round(at * THIN_TICK, 12), 1000.0, side, "X") for i, at in enumerate(ticks)]
+
+
+def test_on_a_thin_pair_a_sweep_after_a_close_on_the_far_sides_sweep_is_not_out_of_range():
+    """An ordinary market order prints up to two spreads past the touch: a minute that closes on a
+    buy sweep two ticks over the ask, then a sell sweep two ticks under the bid, are five ticks (5 %)
+    apart — beyond 5.9 σ of this pair's calm minutes, yet each print lies within three spreads of
+    the mid, and the price rules (measured from the rolling mean, an estimate of the mid) see
+    nothing. The band is centred on a print, not the mid: a move from the close counts only beyond
+    six ticks and twice three spreads, as the close and the trade each lie up to three from the mid.
+    A drop of eight ticks from the close still fires."""
+    calm, bid = thin_pair()
+    swept = calm + sweep(60, "buy", [bid + 1, bid + 2, bid + 3]) + sweep(61, "sell", [bid, bid - 1, bid - 2])
+    detector = RuleDetector()
+    detections = run(swept, detector)
+    assert not [d.types for d in detections if d.types]
+    state = detector.state_for("THIN-BTC")
+    assert state.spread() == pytest.approx(THIN_TICK) and state.tick == pytest.approx(THIN_TICK)
+    watch = state.band
+    band = watch.band(watch.window[0])
+    assert math.log((bid + 3) / (bid - 2)) > 5.88 * band.unit, "the sweeps are beyond 5.9 σ of the calm minutes"
+    dropped = calm + sweep(60, "buy", [bid + 1, bid + 2, bid + 3]) + sweep(61, "sell", [bid - 5])
+    (d,) = fired(run(dropped))
+    e = d.evidence["OUT_OF_RANGE"]
+    assert d.trade.price == pytest.approx((bid - 5) * THIN_TICK) and e.baseline == pytest.approx((bid + 3) * THIN_TICK)
+    assert "6 ticks of 1e-07 and twice 3 spreads of 1e-07" in e.threshold_how, e.threshold_how
+    assert e.threshold == pytest.approx(math.log1p(6 * THIN_TICK / e.baseline) / e.extra["sigma"])
+
+
 def test_a_print_whose_condition_sets_no_price_is_not_judged_and_moves_no_band():
     trades = gbm_day(6, minutes=60)
     odd = trades[45 * 30 + 3]

@@ -19,11 +19,13 @@ between them (a window without a trade is a price not seen, not a price that sto
 A trade fires when it lies more than `range_widths` band widths beyond the band's edge, that is when
 |ln(price / close)| > ratio·σ·√h·(1 + 2·range_widths), h the windows from that close to the end of
 the trade's (a symbol without trades for minutes may have moved meanwhile: variances add up over
-windows); and when the move is also more than `spike_spreads` spreads (crossing a wide spread is
-not a move, the instrument's own unit, as for the price rules). The default, one band width, is
-3 × 1.96 = 5.9 σ: a move Brownian motion makes in about one window in 10⁸, so what fires is a fat
-tail — a jump the recent minutes give no hint of. Once per window: a price that jumped stays outside
-the band until the window ends, and its first trade out tells it.
+windows); and when the move from the close is also more than `spike_ticks` ticks and twice
+`spike_spreads` spreads (the instrument's own units, as for the price rules; twice, as the close is
+itself a print: on a thin pair a minute may close on a sweep two spreads past the ask and the next
+trade be a sweep two spreads under the bid, five spreads apart and both ordinary). The default,
+one band width, is 3 × 1.96 = 5.9 σ: a move Brownian motion makes in about one window in 10⁸, so
+what fires is a fat tail — a jump the recent minutes give no hint of. Once per window: a price
+that jumped stays outside the band until the window ends, and its first trade out tells it.
 
 The detector's windows differ from the aggregator's in two ways, both on purpose: a trade the price
 rules flagged does not set a price (one bad print must not widen the band and blind the rule for

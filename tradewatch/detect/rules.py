@@ -24,13 +24,15 @@ ticks (the symbol's tick, learned from its prices), `spike_sigmas` rolling stand
 whichever is largest — the σ grown by the pair's own walk over the time since the window's
 trades (SymbolState.walk_at: the first trade after a quiet hour is judged against how far the price
 walks in an hour); the circuit breaker at twice that (at least `circuit_pct`); a momentum run
-must add up to `run_ticks` ticks per move and `spike_spreads` spreads; the z-score's σ (grown
-likewise) is at least half a spread. So a one-tick bounce on an illiquid pair, where a tick is 1 % of
-the price, is never a "5 % move", nor a buy that crosses a spread of 6 %. While a symbol's pump-and-dump
-event is open its other alerts are held back (their flags are kept): the event is the story. A price
-move is one story too: its first trade's alerts go out, and while the price stays away the later trades'
-price flags raise no alert unless more severe (RuleDetector._tell) — a pair that trades 20 % lower
-after a quiet spell is one PRICE_DROP, not one per rule and minute until the new level is accepted.
+must add up to `run_ticks` ticks per move and `spike_spreads` spreads; OUT_OF_RANGE's move from
+the last close (a print, not the mid) `spike_ticks` ticks and twice `spike_spreads` spreads; the
+z-score's σ (grown likewise) is at least half a spread. So a one-tick bounce on an illiquid pair,
+where a tick is 1 % of the price, is never a "5 % move", nor a buy that crosses a spread of 6 %. While
+a symbol's pump-and-dump event is open its other alerts are held back (their flags are kept): the
+event is the story. A price move is one story too: its first trade's alerts go out, and while the
+price stays away the later trades' price flags raise no alert unless more severe (RuleDetector._tell)
+— a pair that trades 20 % lower after a quiet spell is one PRICE_DROP, not one per rule and minute
+until the new level is accepted.
 
 Rules stay silent until a symbol has `min_history` normal trades. Each firing carries its
 evidence (tradewatch/detect/evidence.py): the threshold and how it was set, the baseline and the
@@ -271,18 +273,22 @@ class RuleDetector:
         state.episode_told = max(told or top, top, key=SEVERITY_RANK.__getitem__)
 
     def _judge_band(self, d: Detection, state: SymbolState, band: Band) -> None:
-        """OUT_OF_RANGE: beyond the band's line (BandWatch.outside), and more than `spike_spreads`
-        spreads from its centre."""
+        """OUT_OF_RANGE: beyond the band's line (BandWatch.outside), and beyond the instrument's floor
+        from the band's centre: `spike_ticks` ticks and twice `spike_spreads` spreads. The price
+        rules measure from the rolling mean, an estimate of the mid; the centre here is a print (the
+        last close), and the close and the trade may each lie up to `spike_spreads` spreads from the
+        mid (a sweep before the close, one the other way now)."""
         c, price = self.config, d.trade.price
         move = math.log(price) - math.log(band.close)
         line = band.ratio * band.unit * (1 + 2 * c.range_widths)
-        if abs(price - band.close) <= c.spike_spreads * state.spread():
-            return                                  # (as the price rules measure spreads: in price)
-        spreads = math.log1p(c.spike_spreads * state.spread() / band.close)
+        floor = max(c.spike_ticks * (state.tick or 0.0), 2 * c.spike_spreads * state.spread())
+        if abs(price - band.close) <= floor:
+            return                                  # (as the price rules measure ticks and spreads: in price)
+        floor = math.log1p(floor / band.close)
         state.band.fired(band.start_ms)
         unit = band.unit
-        d.flag("OUT_OF_RANGE", abs(move) / max(line, spreads),
-               self._band_evidence(d.trade, state, band, move / unit, max(line, spreads) / unit, spreads > line),
+        d.flag("OUT_OF_RANGE", abs(move) / max(line, floor),
+               self._band_evidence(d.trade, state, band, move / unit, max(line, floor) / unit, floor > line),
                band_sigmas=round(move / unit, 2))
 
     # The evidence of each rule: built only for a trade that fired, from the state it was judged on.
@@ -402,12 +408,14 @@ class RuleDetector:
                         extra={"moves": f.run_length, "spread": state.spread()})
 
     def _band_evidence(self, trade: Trade, state: SymbolState, band: Band, sigmas: float, line: float,
-                       by_spreads: bool) -> Evidence:
+                       by_floor: bool) -> Evidence:
         c, up = self.config, sigmas > 0
         minute = _hhmm(band.close_ms)
         widths = f"{c.range_widths:g} band width{'s' if c.range_widths != 1 else ''}"
-        how = (f"{self._spreads_how(state)}, more than the band's edge ±{band.ratio:g} σ plus {widths}" if by_spreads
-               else f"the band's edge ±{band.ratio:g} σ plus {widths} of {2 * band.ratio:g} σ")
+        edge = f"the band's edge ±{band.ratio:g} σ plus {widths}"
+        how = (f"{c.spike_ticks:g} ticks of {num(state.tick or 0.0)} and twice {c.spike_spreads:g} spreads of "
+               f"{num(state.spread())}, whichever is larger: {percent(math.expm1(line * band.unit))}, more than {edge}"
+               if by_floor else f"{edge} of {2 * band.ratio:g} σ")
         since = "" if band.horizon == 1 else f", per minute, × √{band.horizon} for the minutes since that close"
         sigma = (f"σ {percent(band.unit)}: the larger of the band's {percent(band.sigma)} and the step between "
                  f"minutes' closes, {percent(band.step_sigma)}{since}")
@@ -415,7 +423,8 @@ class RuleDetector:
                     f"close {num(band.close)}; the band forecast for this minute by {band.forecaster} was "
                     f"{num(band.low)}–{num(band.high)} ({sigma}); threshold {line:.1f} σ ({how})")
         return Evidence("OUT_OF_RANGE", {"range_widths": c.range_widths, "spike_spreads": c.spike_spreads,
-                                         "window_s": band.size_ms // 1000, "band_ratio": band.ratio},
+                                         "spike_ticks": c.spike_ticks, "window_s": band.size_ms // 1000,
+                                         "band_ratio": band.ratio},
                         "price", trade.price, band.close,
                         f"the close of the {minute} UTC window, the centre of the band forecast at that close",
                         sigmas, line, how, "sigma", sentence,
