@@ -16,7 +16,9 @@ TEST_WORKERS ?= 2
 test:                       ## the full test suite (starts and stops its own services)
 	@$(MAKE) --no-print-directory -j 3 venv jars system    # downloads side by side
 	@# on TEST_WORKERS workers, each with Kafka and PostgreSQL of its own, longest modules first;
-	@# then the tests whose timing budget is a promise to users, with nothing else running
+	@# then the tests whose timing budget is a promise to users, with nothing else running. One
+	@# BLAS thread per worker: two workers' BLAS threads spinning on two cores made a model fit 10x slower
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not alone" --durations=15
 	$(PY) -m pytest -m alone
 
