@@ -8,12 +8,11 @@ archive, in the order the live detector saw them (per symbol: event time, then K
 A symbol's state is its own (rolling windows, tick size, breaker, pump watch, alert cooldowns), so
 the order between symbols does not matter: an archived span is read one symbol at a time, and the
 symbols are split among processes, one per core (`--workers`), each replaying its own. Every
-symbol is warmed up on the hour before `--since` (its alerts not counted), as the live detector
-had been: its windows (the last 50 prices, the largest of the last 1,000 sizes), tick and pump
-baseline (decayed over an hour) are then the live one's, so today's settings give the stored alert
-ids over a range the live detector covered. (OUT_OF_RANGE's band is an EWMA over minutes, λ 0.94:
-after the hour, what came before it weighs 2.4 %, so an alert that crossed its line by less than
-that may differ.)
+symbol is warmed up on the day before `--since` (its alerts not counted), as the live detector
+had been: its windows (the last 50 prices, the largest of the last 1,000 sizes and of the past
+day's, the whale's reference), tick, band and pump baseline are then the live one's (up to what
+decayed before that day), so today's settings give the stored alert ids over a range the live
+detector covered.
 
 Scored against what is known: analysts' dispositions of the stored alerts (store/detections.py)
 and the simulator's injected labels on the trades (an alert on a labelled trade is a true one).
@@ -37,6 +36,7 @@ import pyarrow.parquet as pq
 from tradewatch import maintain
 from tradewatch.alerts import Deduplicator, alerts_for, precision
 from tradewatch.config import Settings
+from tradewatch.detect.features import WHALE_DAY_MS
 from tradewatch.detect.forest import ForestModel
 from tradewatch.detect.pipeline import DetectionPipeline
 from tradewatch.detect.rules import DetectorConfig
@@ -51,7 +51,7 @@ DETECTION_SETTINGS = ("zscore_window", "zscore_threshold", "breaker_cool_off_sec
 FROM_SETTINGS = {"price_window", "zscore_threshold", "cool_off_s", "range_widths"}
 RULE_PARAMETERS = tuple(f.name for f in fields(DetectorConfig) if f.name not in FROM_SETTINGS)
 BATCH = 5_000
-WARM_UP = timedelta(hours=1)
+WARM_UP = timedelta(milliseconds=WHALE_DAY_MS)     # the detector's longest memory
 
 
 class Raised(NamedTuple):
@@ -183,7 +183,7 @@ def archived_rows(conn, files: list, symbols: list[str] | None, since: datetime,
 
 def run(settings: Settings, conn, since: datetime, until: datetime, symbols: list[str] | None,
         variants: dict[str, Variant], model: ForestModel | None, workers: int = 1) -> dict:
-    """Every variant over the stored trades of [since, until), warmed up on the hour before; their
+    """Every variant over the stored trades of [since, until), warmed up on the day before; their
     alerts from `since` on, the trades read by source (warm_up, database, archive) and the labels.
     With `workers` > 1 the symbols are split into that many groups of about equal trades, each
     replayed by a process of its own: a symbol's state is its own, so the alerts are one process's."""

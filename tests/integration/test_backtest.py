@@ -71,12 +71,13 @@ def test_todays_settings_raise_the_live_alerts_again_and_write_nothing(replayed)
     spy = json.loads(run_backtest(settings, *DAY, "--symbols", "spy", "--json").stdout)
     assert spy["alert_ids"]["today"] == sorted(a for a, in query(settings, "SELECT alert_id FROM alerts"
                                                                           " WHERE symbol = 'SPY'"))
-    # from the middle of the day: warmed up on the hour before, as the live detector had been
+    # from the middle of the day: warmed up on the day before, as the live detector had been (the
+    # whales' reference is the past day's largest)
     midday = json.loads(run_backtest(settings, "--since", "2013-10-07T17:00:00Z", "--until", "2013-10-08T00:00:00Z",
                                  "--json").stdout)
     assert midday["alert_ids"]["today"] == sorted(a for a, in query(settings, "SELECT alert_id FROM alerts"
                                                                                " WHERE ts >= '2013-10-07T17:00Z'"))
-    assert midday["read"]["warm_up"] == query(settings, "SELECT count(*) FROM trades WHERE ts >= '2013-10-07T16:00Z'"
+    assert midday["read"]["warm_up"] == query(settings, "SELECT count(*) FROM trades WHERE ts >= '2013-10-06T17:00Z'"
                                                         " AND ts < '2013-10-07T17:00Z'")[0][0] > 0
     text = run_backtest(settings, *DAY, "--symbols", "ibm").stdout
     ibm = query(settings, "SELECT count(*) FROM alerts WHERE symbol = 'IBM'")[0][0]
@@ -87,10 +88,10 @@ def test_a_stricter_threshold_gives_a_subset_scored_by_the_analysts_verdicts(rep
     """Without cooldowns (one alert may silence another) a stricter whale threshold flags a subset
     of the trades; the analysts' verdicts on the stored alerts score both."""
     settings = replayed
-    out = json.loads(run_backtest(settings, *DAY, "--set", "whale_factor=4", "--json", env=NO_COOLDOWNS).stdout)
+    out = json.loads(run_backtest(settings, *DAY, "--set", "whale_factor=6", "--json", env=NO_COOLDOWNS).stdout)
     today, changed = (set(out["alert_ids"][n]) for n in ("today", "changed"))
     assert changed < today, (len(changed), len(today))
-    assert out["changes"] == {"whale_factor": {"today": 2.8, "changed": 4.0}}
+    assert out["changes"] == {"whale_factor": {"today": 2.8, "changed": 6.0}}
     stored = {a for a, in query(settings, "SELECT alert_id FROM alerts WHERE alert_type = 'VOLUME_SPIKE'")}
     gone, kept = sorted((today - changed) & stored), sorted(changed & stored)
     assert len(gone) >= 5 and len(kept) >= 5, (len(gone), len(kept))
@@ -100,7 +101,7 @@ def test_a_stricter_threshold_gives_a_subset_scored_by_the_analysts_verdicts(rep
             detections.set_disposition(engine, alert_id, "false_positive", None, "test", "api")
         for alert_id in kept[:5]:
             detections.set_disposition(engine, alert_id, "true_positive", None, "test", "api")
-        result = run_backtest(settings, *DAY, "--set", "whale_factor=4", "--json", env=NO_COOLDOWNS)
+        result = run_backtest(settings, *DAY, "--set", "whale_factor=6", "--json", env=NO_COOLDOWNS)
         (rule,) = [r for r in json.loads(result.stdout)["rules"] if r["rule"] == "VOLUME_SPIKE"]
         assert (rule["today"]["true_positive"], rule["today"]["false_positive"], rule["today"]["precision"]) == \
             (5, 5, 0.5)
@@ -108,8 +109,8 @@ def test_a_stricter_threshold_gives_a_subset_scored_by_the_analysts_verdicts(rep
             == (5, 0, 1.0)
         whales = [{a for a in ids if a.endswith(":VOLUME_SPIKE")} for ids in (today, changed)]
         assert (rule["today"]["alerts"], rule["changed"]["alerts"]) == tuple(map(len, whales))
-        text = run_backtest(settings, *DAY, "--set", "whale_factor=4", env=NO_COOLDOWNS).stdout
-        assert "changed: whale_factor 2.8 -> 4" in text and "5/5 (50%) -> 5/0 (100%)" in text, text
+        text = run_backtest(settings, *DAY, "--set", "whale_factor=6", env=NO_COOLDOWNS).stdout
+        assert "changed: whale_factor 2.8 -> 6" in text and "5/5 (50%) -> 5/0 (100%)" in text, text
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql("UPDATE alerts SET disposition = NULL")

@@ -72,6 +72,38 @@ def test_whale_rule_on_heavy_tailed_sizes():
     assert detections[-1].details["times_recent_max"] == 3.0
 
 
+def test_a_whale_is_told_only_when_it_is_a_whale_for_its_day():
+    """#26: the largest of the last 1,000 trades is an hour's on a busy pair, and a trade 2.8x that
+    comes once in a few thousand trades of heavy-tailed sizes, so whale alerts grew with the trade
+    count. The flag stays on such a trade; its alert needs 2.8x the past day's largest too (whales
+    left out, so one does not hide the next). Time, not trades: the same size that was small for
+    its day is a whale once the day's big trade is a day old. The day survives a checkpoint."""
+    rng = np.random.default_rng(5)
+
+    def trade(i, seconds, quantity):
+        return Trade(f"t{i}", "AAPL", T0 + seconds * 1000, round(100.0 + rng.normal(0, 0.02), 2), quantity, "buy", "X")
+
+    day = [trade(i, 10 * i, 60.0 if i == 100 else float(rng.integers(1, 11))) for i in range(2500)]
+    hidden, told = trade("A", 25_000, 40.0), trade("B", 25_010, 200.0)      # 7 hours in
+    rest = [trade(f"r{i}", 25_020 + 10 * i, float(rng.integers(1, 11))) for i in range(1100)]
+    next_day = trade("C", 26 * 3600, 40.0)          # the 60 was traded 25.7 hours before
+    first, detections = run(day + [hidden, told])
+    later = RuleDetector()
+    later.restore(json.loads(json.dumps(first.export({"AAPL"}))))
+    detections += [later.process(t) for t in rest + [next_day]]
+    *ordinary, a, b = detections[:2502]
+    c = detections[-1]
+    assert not any(d.is_anomaly for d in ordinary + detections[2502:-1]), "a trade of 60 early on is no whale yet"
+    assert a.types == b.types == c.types == ["VOLUME_SPIKE"]
+    assert a.details["times_recent_max"] == 4.0 and a.details["times_day_max"] == pytest.approx(40 / 60, abs=0.01)
+    assert alerts_for(a) == [] and "no alert (not a whale for its day)" in a.evidence["VOLUME_SPIKE"].sentence
+    assert "60" in a.evidence["VOLUME_SPIKE"].sentence and "t100" in a.evidence["VOLUME_SPIKE"].sentence
+    assert b.details["times_day_max"] == pytest.approx(200 / 60, abs=0.01), "the whale of 40 left out of the day"
+    assert [x.alert_type for x in alerts_for(b)] == ["VOLUME_SPIKE"]
+    assert c.details["times_day_max"] == c.details["times_recent_max"] == 4.0
+    assert [x.alert_type for x in alerts_for(c)] == ["VOLUME_SPIKE"]
+
+
 def test_zscore_window_and_threshold_are_configurable():
     trades = calm_stream() + [probe(0, 101.0)]      # 1 % move: z = 5 on the 0.2 % floor of the spread
     assert "PRICE_ZSCORE" in run(trades, DetectorConfig(zscore_threshold=4.0))[1][-1].types

@@ -91,6 +91,23 @@ def test_whales_never_compound_into_invalid_sizes():
     assert len(whales) > 30 and max(whales) < 1e6 < MAX_QUANTITY
 
 
+def test_the_simulators_whales_are_whales_for_their_day():
+    """A labelled whale is 3-6x the largest ordinary size of the past day as well as of the last
+    1,000 trades, so the rule flags it and tells it (an alert, not a flag held back as small for
+    its day) over hours of a demo; no ordinary trade is flagged."""
+    from tradewatch.alerts import alerts_for
+    from tradewatch.detect.pipeline import DetectionPipeline
+    from tradewatch.detect.rules import RuleDetector
+
+    trades = take(MarketSimulator(["AAPL", "MSFT"], rate=4.0, seed=17, anomaly_rate=0.01, start_ms=START), 60_000)
+    assert trades[-1].timestamp_ms - trades[0].timestamp_ms > 4 * 3_600_000
+    detections = DetectionPipeline(RuleDetector(), None).process(trades)
+    whales = [d for d in detections if d.trade.injected_anomaly == "volume_spike"]
+    assert len(whales) > 30
+    assert all("VOLUME_SPIKE" in [a.alert_type for a in alerts_for(d)] for d in whales)
+    assert not [d for d in detections if "VOLUME_SPIKE" in d.types and d.trade.injected_anomaly != "volume_spike"]
+
+
 def test_the_demo_first_anomaly_comes_early_once_and_is_caught():
     """`make demo` (producer --first-anomaly-after 1) at the user's 20 trades/s: one price spike within
     15 s of feed, on a symbol the rules are warm for, and the rules flag it; later anomalies

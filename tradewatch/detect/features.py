@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from tradewatch.detect.band import BandWatch
 from tradewatch.detect.pump import PumpWatch
 from tradewatch.events import Trade
+from tradewatch.extremes import RecentMax, SpanMax
 
 WHALE_WINDOW = 1000         # a whale is measured against the largest of this many previous trades
 WHALE_MIN_HISTORY = 200     # ... once the symbol has at least this many
+WHALE_DAY_MS = 86_400_000   # and is told (an alert) only when that large against the past day's trades
+                            # too, whales left out, where the day held more (RuleDetector.process)
 PRICE_Z_MIN_STD = 0.002     # the z-score's spread is at least 0.2 % of the price: a quiet tape's
                             # one-cent move is not an 8-sigma event
 FEATURE_NAMES = ("return_1", "return_5", "return_20", "price_z", "deviation", "volume_log_z",
@@ -41,6 +44,7 @@ class TradeFeatures:
     run_move: float              # relative price change over that run
     signed_run: float
     whale_ratio: float = 0.0     # quantity / largest of the previous WHALE_WINDOW trades (0 = too few)
+    whale_day_ratio: float = 0.0     # ... / the larger of that and the past day's largest but whales
 
     def vector(self) -> list[float]:
         return [getattr(self, name) for name in FEATURE_NAMES]
@@ -103,58 +107,14 @@ class _Rolling:
         return math.sqrt(max(self.total_sq / n - (self.total / n) ** 2, 0.0))
 
 
-class _RecentMax:
-    """The largest of the last n values, O(1) amortised (a monotonic queue)."""
-
-    def __init__(self, n: int):
-        self.n, self.seen = n, 0
-        self.queue: deque[tuple[int, float, str]] = deque()    # (position, value, trade id), values decreasing
-
-    def push(self, value: float, trade_id: str = "") -> None:
-        queue = self.queue
-        while queue and queue[-1][1] <= value:
-            queue.pop()
-        queue.append((self.seen, value, trade_id))
-        self.seen += 1
-        if queue[0][0] <= self.seen - 1 - self.n:
-            queue.popleft()
-
-    @property
-    def count(self) -> int:
-        return min(self.seen, self.n)
-
-    @property
-    def max(self) -> float:
-        return self.queue[0][1] if self.queue else 0.0
-
-    @property
-    def max_id(self) -> str:
-        """The trade of the largest value ("" in state restored from before ids were kept)."""
-        return self.queue[0][2] if self.queue else ""
-
-    def to_list(self) -> list:
-        return [self.seen, *[x for entry in self.queue for x in entry[:2]]]
-
-    def ids(self) -> list[str]:
-        return [entry[2] for entry in self.queue]
-
-    @classmethod
-    def from_list(cls, n: int, data: list, ids: list[str] | None = None) -> "_RecentMax":
-        recent = cls(n)
-        recent.seen = data[0]
-        pairs = [(int(data[k]), data[k + 1]) for k in range(1, len(data), 2)]
-        ids = ids if ids is not None and len(ids) == len(pairs) else [""] * len(pairs)
-        recent.queue.extend((position, value, trade_id) for (position, value), trade_id in zip(pairs, ids))
-        return recent
-
-
 class SymbolState:
     def __init__(self, price_window: int, volume_window: int):
         self.prices = _Rolling(price_window)
         self.log_quantities = _Rolling(volume_window)
         self.quantities = _Rolling(volume_window)
         self.gaps = _Rolling(volume_window)
-        self.largest = _RecentMax(WHALE_WINDOW)       # of every trade's quantity, whales included
+        self.largest = RecentMax(WHALE_WINDOW)        # of every trade's quantity, whales included
+        self.day_largest = SpanMax(WHALE_DAY_MS)      # of the quantities of the past day but whales
         self.recent: deque[float] = deque(maxlen=21)   # last normal prices, for returns
         # the trades of `prices` (id, event ms), named by the evidence of the price rules
         self.price_trades: deque[tuple[str, int]] = deque(maxlen=price_window)
@@ -182,6 +142,7 @@ class SymbolState:
         return {"prices": self.prices.to_list(), "log_quantities": self.log_quantities.to_list()[:2],
                 "quantities": self.quantities.to_list(), "gaps": self.gaps.to_list(), "recent": list(self.recent),
                 "largest": self.largest.to_list(), "largest_ids": self.largest.ids(),
+                "day_largest": self.day_largest.to_list(),
                 "price_trades": [list(t) for t in self.price_trades],
                 "last_trade": self.last_trade and list(self.last_trade),
                 "run_start_trade": self.run_start_trade and list(self.run_start_trade),
@@ -201,7 +162,9 @@ class SymbolState:
         if not state.log_quantities.values:     # stored as its sums alone (older checkpoints hold the values)
             state.log_quantities.values.extend(math.log(q) for q in state.quantities.values)
         state.recent.extend(data["recent"])
-        state.largest = _RecentMax.from_list(WHALE_WINDOW, data["largest"], data.get("largest_ids"))
+        state.largest = RecentMax.from_list(WHALE_WINDOW, data["largest"], data.get("largest_ids"))
+        # absent in checkpoints from before it: the whales of the first day after are measured as before
+        state.day_largest = SpanMax.from_list(WHALE_DAY_MS, data.get("day_largest") or [])
         # state stored before the evidence named trades: the window's trades are unknown ("", 0)
         held = len(state.prices.values)
         if held:
@@ -278,6 +241,7 @@ class SymbolState:
         mean = self.prices.mean
         std = max(self.prices.std, PRICE_Z_MIN_STD * mean, self.tick or 0.0)   # never below one tick
         recent = self.recent
+        whales_known = self.largest.count >= WHALE_MIN_HISTORY
 
         def back(k: int) -> float:
             return price / recent[-k] - 1 if len(recent) >= k else 0.0
@@ -303,7 +267,9 @@ class SymbolState:
             spread_bps=spread, run_length=run_length,
             run_move=price / run_start - 1 if run_start else 0.0,
             signed_run=float(direction * run_length),
-            whale_ratio=trade.quantity / self.largest.max if self.largest.count >= WHALE_MIN_HISTORY else 0.0,
+            whale_ratio=trade.quantity / self.largest.max if whales_known else 0.0,
+            whale_day_ratio=(trade.quantity / max(self.largest.max, self.day_largest.max_at(trade.timestamp_ms))
+                             if whales_known else 0.0),
         )
 
     def update(self, trade: Trade, features: TradeFeatures, price_is_normal: bool, volume_is_normal: bool) -> None:
@@ -325,6 +291,7 @@ class SymbolState:
                 self.episode_side, self.episode_told = 0, None     # and the move's story is over
                 self._take_price(trade, features)
         if volume_is_normal:
+            self.day_largest.push(trade.timestamp_ms, trade.quantity, trade.trade_id)
             self.quantities.push(trade.quantity)
             self.log_quantities.push(math.log(trade.quantity))
 

@@ -6,7 +6,13 @@
                                time) → CLOSED (at the first normal price; another big move re-opens)
     VOLUME_SPIKE               a whale: quantity > `whale_factor` × the largest of the symbol's
                                previous 1,000 trades (real sizes are heavy-tailed: a trade 20× the
-                               median is common, so no mean or log-normal σ) (MEDIUM)
+                               median is common, so no mean or log-normal σ) (MEDIUM); an alert only
+                               when also beyond `whale_factor` × the largest of its past day, whales
+                               left out (else the flag stays on the trade): a size that large comes
+                               about once in `whale_factor`^α × n trades, α the sizes' tail exponent
+                               and n those the reference spans, so over 1,000 trades whale alerts per
+                               day grew with the trade count (5 a day at 1,600 trades an hour), over
+                               a day they do not
     PRICE_ZSCORE               |rolling z-score of price| > `zscore_threshold` (MEDIUM)
     MOMENTUM_RUN               `run_length` same-direction moves in a row adding up to > `run_move_pct`
                                (MEDIUM)
@@ -45,7 +51,7 @@ from dataclasses import dataclass, field
 
 from tradewatch.detect.band import Band
 from tradewatch.detect.evidence import Evidence, num, percent, trades_named
-from tradewatch.detect.features import WHALE_WINDOW, PRICE_Z_MIN_STD, SymbolState, TradeFeatures
+from tradewatch.detect.features import PRICE_Z_MIN_STD, WHALE_DAY_MS, WHALE_WINDOW, SymbolState, TradeFeatures
 from tradewatch.detect.pump import PHASE_SEVERITY
 from tradewatch.events import Trade, duration
 from tradewatch.volatility import UNTRAINED, Live, scaled
@@ -87,7 +93,8 @@ class Detection:
     evidence: dict[str, Evidence] = field(default_factory=dict)   # why each type fired
     event: dict | None = None   # the symbol's pump-and-dump event as of this trade (see pump.Event)
     phase: str | None = None    # the phase that event entered with this trade
-    held: set[str] = field(default_factory=set)    # flags whose alert its price move's first alert told
+    held: set[str] = field(default_factory=set)    # flags that raise no alert: told by their price move's
+                                                   # first alert (RuleDetector._tell), a whale small for its day
 
     @property
     def quiet(self) -> bool:
@@ -218,7 +225,10 @@ class RuleDetector:
                        move_pct=round(f.deviation * 100, 3))
             if f.whale_ratio > c.whale_factor:
                 d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor, self._whale_evidence(trade, state, f),
-                       times_recent_max=round(f.whale_ratio, 2), volume_ratio=round(f.volume_ratio, 2))
+                       times_recent_max=round(f.whale_ratio, 2), times_day_max=round(f.whale_day_ratio, 2),
+                       volume_ratio=round(f.volume_ratio, 2))
+                if f.whale_day_ratio <= c.whale_factor:
+                    d.held.add("VOLUME_SPIKE")      # not a whale for its day: the flag stays, no alert
             if abs(f.price_z) > c.zscore_threshold and abs(z := self._zscore(trade, state)) > c.zscore_threshold:
                 d.flag("PRICE_ZSCORE", abs(z) / c.zscore_threshold, self._zscore_evidence(trade, state, z),
                        price_z=round(z, 2))
@@ -267,7 +277,7 @@ class RuleDetector:
             return
         told = state.episode_told if state.episode_side == side else None
         if told:
-            d.held = {k for k in moves if SEVERITY_RANK[d.severity_of(k)] <= SEVERITY_RANK[told]}
+            d.held |= {k for k in moves if SEVERITY_RANK[d.severity_of(k)] <= SEVERITY_RANK[told]}
         top = max((d.severity_of(k) for k in moves), key=SEVERITY_RANK.__getitem__)
         state.episode_side = side
         state.episode_told = max(told or top, top, key=SEVERITY_RANK.__getitem__)
@@ -380,7 +390,15 @@ class RuleDetector:
         named = f" (trade {largest.max_id})" if largest.max_id else ""
         sentence = (f"quantity {num(trade.quantity)} is {f.whale_ratio:.2f}× the largest of the symbol's previous "
                     f"{n:,} trades, {num(biggest)}{named}; threshold {c.whale_factor:g}×")
-        return Evidence("VOLUME_SPIKE", {"whale_factor": c.whale_factor, "whale_window": WHALE_WINDOW},
+        if f.whale_day_ratio < f.whale_ratio:       # the past day traded a larger one (whales left out)
+            day_ms, day_biggest, day_id = state.day_largest.first_at(trade.timestamp_ms)
+            sentence += (f"; {f.whale_day_ratio:.2f}× the largest of its past day but whales, {num(day_biggest)}"
+                         f"{f' (trade {day_id})' if day_id else ''} {duration(max(trade.timestamp_ms - day_ms, 0))}"
+                         " before")
+            if f.whale_day_ratio <= c.whale_factor:
+                sentence += ": recorded on the trade, no alert (not a whale for its day)"
+        return Evidence("VOLUME_SPIKE", {"whale_factor": c.whale_factor, "whale_window": WHALE_WINDOW,
+                                         "whale_day_ms": WHALE_DAY_MS},
                         "quantity", trade.quantity, biggest,
                         f"the largest quantity of the previous {n:,} trades (whales included)", f.whale_ratio,
                         c.whale_factor, f"{c.whale_factor:g} × that largest quantity", "x", sentence,

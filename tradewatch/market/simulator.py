@@ -8,9 +8,11 @@ they never change the underlying GBM price, so the market returns to normal afte
 Trade sizes follow a log-logistic distribution around each symbol's median (shape
 `SIZE_SHAPE`, fitted to the recorded SPY and IBM days: 90th percentile ≈ 3×, 99th ≈ 10×, 99.9th
 ≈ 32× the median — heavy-tailed like the market, tests/unit/test_simulator.py compares them).
-An injected whale is 3–6× the largest of the symbol's previous 1,000 trades, at most one per 1,000
-trades of a symbol (so whales never compound); ordinary sizes are kept below 2.5× that largest, so
-the only whales in a simulated stream are the labelled ones.
+An injected whale is 3–6× the largest ordinary size of the symbol's previous 1,000 trades or of its
+past day, whichever is larger (a whale for its day, as the rule tells one), at most one per 1,000
+trades of a symbol; ordinary sizes are kept below 2.5× the largest ordinary size of the previous
+1,000 trades, so the only whales in a simulated stream are the labelled ones and whales never
+compound (no size is measured against a whale).
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from tradewatch.events import Trade
+from tradewatch.extremes import SpanMax
 
 SECONDS_PER_YEAR = 365.25 * 24 * 3600
 SIZE_SHAPE = 2.0            # log-logistic shape β: P(size > m·x) = 1 / (1 + x^β)
-WHALE_WINDOW, NATURAL_CAP = 1000, 2.5
+WHALE_WINDOW, NATURAL_CAP, DAY_MS = 1000, 2.5, 86_400_000
 FIRST_ANOMALY_HISTORY = 22       # above the rules' min_history (20): a spike they are warm enough to see
 
 
@@ -74,7 +77,8 @@ class _SymbolState:
     price: float
     last_ms: int
     crash_steps: list[float]
-    sizes: deque = field(default_factory=lambda: deque(maxlen=WHALE_WINDOW))
+    sizes: deque = field(default_factory=lambda: deque(maxlen=WHALE_WINDOW))   # ordinary sizes, 0 for a whale
+    day_sizes: SpanMax = field(default_factory=lambda: SpanMax(DAY_MS))          # ... of the past day
     since_whale: int = WHALE_WINDOW      # trades of this symbol since its last whale
 
 
@@ -160,7 +164,7 @@ class MarketSimulator:
             elif label == "price_drop":
                 mid *= 1 - rng.uniform(0.06, 0.09)
             elif label == "volume_spike":       # a whale
-                quantity = max(state.sizes) * rng.uniform(3.0, 6.0)
+                quantity = max(max(state.sizes), state.day_sizes.max_at(now_ms)) * rng.uniform(3.0, 6.0)
             elif label == "flash_crash":
                 state.crash_steps = list(FLASH_CRASH_PATH)
                 mid *= 1 + state.crash_steps.pop(0)
@@ -178,7 +182,9 @@ class MarketSimulator:
         quantity = max(round(quantity, decimals), 10.0 ** -decimals)
         if decimals == 0:
             quantity = float(int(quantity))
-        state.sizes.append(quantity)
+        state.sizes.append(0.0 if label == "volume_spike" else quantity)
+        if label != "volume_spike":
+            state.day_sizes.push(now_ms, quantity)
         state.since_whale = 0 if label == "volume_spike" else state.since_whale + 1
         self._sequence += 1
         return Trade(
