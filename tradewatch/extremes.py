@@ -72,16 +72,17 @@ class SpanMax:
         self.queue: deque[tuple[int, float, str]] = deque()    # (event ms, value, trade id), values decreasing
 
     def push(self, ms: int, value: float, trade_id: str = "") -> None:
-        if self.latest_ms is not None:
-            if ms < self.latest_ms - self.span_ms:
+        latest, queue = self.latest_ms, self.queue
+        if latest is not None and ms < latest:
+            if ms < latest - self.span_ms:
                 return                      # out of order by more than the span: already out of it
-            ms = max(ms, self.latest_ms)    # out of order within it: counted from its arrival
-        queue = self.queue
+            ms = latest                     # out of order within it: counted from its arrival
         while queue and queue[-1][1] <= value:
             queue.pop()
         queue.append((ms, value, trade_id))
         self.latest_ms = ms
-        while queue[0][0] < ms - self.span_ms or len(queue) > self.MAX_ENTRIES:
+        since = ms - self.span_ms
+        while queue[0][0] < since or len(queue) > self.MAX_ENTRIES:
             queue.popleft()
 
     def first_at(self, ms: int) -> tuple[int, float, str] | None:

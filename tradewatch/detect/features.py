@@ -44,7 +44,6 @@ class TradeFeatures:
     run_move: float              # relative price change over that run
     signed_run: float
     whale_ratio: float = 0.0     # quantity / largest of the previous WHALE_WINDOW trades (0 = too few)
-    whale_day_ratio: float = 0.0     # ... / the larger of that and the past day's largest but whales
 
     def vector(self) -> list[float]:
         return [getattr(self, name) for name in FEATURE_NAMES]
@@ -241,7 +240,6 @@ class SymbolState:
         mean = self.prices.mean
         std = max(self.prices.std, PRICE_Z_MIN_STD * mean, self.tick or 0.0)   # never below one tick
         recent = self.recent
-        whales_known = self.largest.count >= WHALE_MIN_HISTORY
 
         def back(k: int) -> float:
             return price / recent[-k] - 1 if len(recent) >= k else 0.0
@@ -267,10 +265,13 @@ class SymbolState:
             spread_bps=spread, run_length=run_length,
             run_move=price / run_start - 1 if run_start else 0.0,
             signed_run=float(direction * run_length),
-            whale_ratio=trade.quantity / self.largest.max if whales_known else 0.0,
-            whale_day_ratio=(trade.quantity / max(self.largest.max, self.day_largest.max_at(trade.timestamp_ms))
-                             if whales_known else 0.0),
+            whale_ratio=trade.quantity / self.largest.max if self.largest.count >= WHALE_MIN_HISTORY else 0.0,
         )
+
+    def whale_day_ratio(self, trade: Trade) -> float:
+        """The quantity / the larger of the previous WHALE_WINDOW trades' largest and the past day's
+        but whales (looked up for a whale only)."""
+        return trade.quantity / max(self.largest.max, self.day_largest.max_at(trade.timestamp_ms))
 
     def update(self, trade: Trade, features: TradeFeatures, price_is_normal: bool, volume_is_normal: bool) -> None:
         """Fold the trade into the rolling state (anomalous values stay out)."""

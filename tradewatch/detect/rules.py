@@ -224,10 +224,11 @@ class RuleDetector:
                 d.flag(kind, move / spike, self._move_evidence(kind, trade, state, f, spike, spike),
                        move_pct=round(f.deviation * 100, 3))
             if f.whale_ratio > c.whale_factor:
-                d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor, self._whale_evidence(trade, state, f),
-                       times_recent_max=round(f.whale_ratio, 2), times_day_max=round(f.whale_day_ratio, 2),
+                day_ratio = state.whale_day_ratio(trade)
+                d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor, self._whale_evidence(trade, state, f, day_ratio),
+                       times_recent_max=round(f.whale_ratio, 2), times_day_max=round(day_ratio, 2),
                        volume_ratio=round(f.volume_ratio, 2))
-                if f.whale_day_ratio <= c.whale_factor:
+                if day_ratio <= c.whale_factor:
                     d.held.add("VOLUME_SPIKE")      # not a whale for its day: the flag stays, no alert
             if abs(f.price_z) > c.zscore_threshold and abs(z := self._zscore(trade, state)) > c.zscore_threshold:
                 d.flag("PRICE_ZSCORE", abs(z) / c.zscore_threshold, self._zscore_evidence(trade, state, z),
@@ -384,18 +385,18 @@ class RuleDetector:
                         level=mean + (1 if up else -1) * c.zscore_threshold * sigma, tick=state.tick,
                         extra={**self._sigma_extra(state, trade.timestamp_ms), "sigma": sigma})
 
-    def _whale_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures) -> Evidence:
+    def _whale_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures, day_ratio: float) -> Evidence:
         c, largest = self.config, state.largest
         n, biggest = largest.count, largest.max
         named = f" (trade {largest.max_id})" if largest.max_id else ""
         sentence = (f"quantity {num(trade.quantity)} is {f.whale_ratio:.2f}× the largest of the symbol's previous "
                     f"{n:,} trades, {num(biggest)}{named}; threshold {c.whale_factor:g}×")
-        if f.whale_day_ratio < f.whale_ratio:       # the past day traded a larger one (whales left out)
+        if day_ratio < f.whale_ratio:               # the past day traded a larger one (whales left out)
             day_ms, day_biggest, day_id = state.day_largest.first_at(trade.timestamp_ms)
-            sentence += (f"; {f.whale_day_ratio:.2f}× the largest of its past day but whales, {num(day_biggest)}"
+            sentence += (f"; {day_ratio:.2f}× the largest of its past day but whales, {num(day_biggest)}"
                          f"{f' (trade {day_id})' if day_id else ''} {duration(max(trade.timestamp_ms - day_ms, 0))}"
                          " before")
-            if f.whale_day_ratio <= c.whale_factor:
+            if day_ratio <= c.whale_factor:
                 sentence += ": recorded on the trade, no alert (not a whale for its day)"
         return Evidence("VOLUME_SPIKE", {"whale_factor": c.whale_factor, "whale_window": WHALE_WINDOW,
                                          "whale_day_ms": WHALE_DAY_MS},
