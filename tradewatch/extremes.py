@@ -7,8 +7,9 @@ random order).
                 `MAX_ENTRIES` kept: only a long run of ever smaller values holds more, and past that
                 the oldest goes, so the maximum can only understate
 
-The whale rule measures a trade against both (tradewatch/detect/features.py); the simulator sizes
-its whales by them (tradewatch/market/simulator.py).
+The whale rule measures a trade against both (tradewatch/detect/features.py), the pump watch a
+burst against the busiest of the day (tradewatch/detect/pump.py); the simulator sizes its whales by
+them (tradewatch/market/simulator.py).
 """
 from __future__ import annotations
 

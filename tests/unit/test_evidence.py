@@ -146,11 +146,15 @@ def test_each_pump_phase_follows_from_the_trades():
     before = [t for t in trades if t.timestamp_ms < first]
     assert last == trigger.timestamp_ms and ev["value"] == len(burst) == ev["trades"]["count"]
     assert last - first <= pump.BURST_S * 1000 and before[-1].timestamp_ms < last - pump.BURST_S * 1000
-    # the baseline: the trades before the burst, each decayed by its age, over the span they cover
+    # the baseline: no 20 s before had MIN_TRADES trades (a trade a minute), so the burst had to pass
+    # MIN_TRADES - 1; its rate of the last hour: the trades before it, each decayed by its age, over
+    # the span they cover
+    assert ev["baseline"] == pump.MIN_TRADES - 1 and ev["change"] == len(burst) / (pump.MIN_TRADES - 1)
+    assert ev["extra"]["busiest_day"] == 0
     tau, age_s = pump.BASELINE_TAU_S, (last - trades[0].timestamp_ms) / 1000 - pump.BURST_S
     decayed = sum(math.exp(-(last - t.timestamp_ms) / 1000 / tau) for t in before)
     expected = decayed / (tau * (1 - math.exp(-age_s / tau))) * pump.BURST_S
-    assert ev["baseline"] == pytest.approx(expected, rel=1e-9) and ev["change"] == pytest.approx(len(burst) / expected)
+    assert ev["extra"]["expected"] == pytest.approx(expected, rel=1e-9)
     start_price = before[-1].price
     assert ev["extra"]["start_price"] == start_price
     assert ev["extra"]["gain_pct"] == pytest.approx((trigger.price / start_price - 1) * 100)

@@ -1,16 +1,22 @@
 """Pump-and-dump detection from trade prints alone (no order book, no account ids).
 
 What studies of announced pumps measure in the prints, and what this watches per symbol:
-- a *burst*: the trades of the last `BURST_S` seconds against the symbol's own baseline rate
-  (an exponentially decayed count of the trades before the burst, time constant `BASELINE_TAU_S`);
+- a *burst*: the trades of the last `BURST_S` seconds against the symbol's own busiest `BURST_S`
+  of its past day (pump events left out) — the bar its ordinary bursts set (a market order
+  sweeping a few levels, a handful of traders at once). Those add a count on top of the pair's
+  rate, so no multiple of the rate fits every pair: 8× missed half the pumps of a simulated pair
+  trading 1,600 times an hour, 4× called the sweeps of one trading 400 times an hour pumps. The
+  rate (an exponentially decayed count of the trades before the burst, time constant
+  `BASELINE_TAU_S`) is reported: the burst's multiple of it. A window's count joins the day's
+  reference as its newest trade leaves the burst window, so a rush is never measured against itself;
 - *aggressive buying*: the taker-buy share of the burst's notional (trades with side "unknown"
   say nothing; when fewer than half the burst's trades have a side, the share is not required);
 - the *run-up*: the price against the last price before the burst, in percent, in ticks and in
   spreads (a burst that only crosses a wide spread and sweeps the levels behind it is no pump).
 A burst of at least `MIN_TRADES` trades at `MIN_DISTINCT_MS` distinct timestamps (one market order
-sweeping the book prints many trades at one instant: not a crowd) and `RATE_MULTIPLE` × the expected
-count, `MIN_BUY_SHARE` of it bought, the price up at least `MIN_GAIN`, `MIN_GAIN_TICKS` ticks and
-`MIN_GAIN_SPREADS` spreads, starts an *event*:
+sweeping the book prints many trades at one instant: not a crowd), more than in any `BURST_S` of
+the symbol's past day, `MIN_BUY_SHARE` of it bought, the price up at least `MIN_GAIN`,
+`MIN_GAIN_TICKS` ticks and `MIN_GAIN_SPREADS` spreads, starts an *event*:
 
     pump   the trigger (CRITICAL alert); the peak is followed as the price makes new highs
     peak   the price gave back `PEAK_RETRACE` of the gain, or made no new high for `PEAK_QUIET_S` (HIGH)
@@ -30,15 +36,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tradewatch.detect.evidence import Evidence, num, trades_named
+from tradewatch.extremes import SpanMax
 
 BURST_S = 20.0
+BUSIEST_SPAN_MS = 86_400_000  # a burst's reference: its busiest BURST_S of the past day, as the whale's (WHALE_DAY_MS)
 BASELINE_TAU_S = 3600.0
 MAX_WINDOW = 1000            # trades kept in the burst window: memory and checkpoint size stay bounded on a
-                             # liquid symbol (50 trades/s is its baseline, never a burst by this measure)
+                             # liquid symbol (50 trades/s fills it every 20 s: never a burst by this measure)
 WARMUP_S = 1800.0            # of the symbol's event time before a burst can count as one
 MIN_TRADES = 12
 MIN_DISTINCT_MS = 8
-RATE_MULTIPLE = 8.0
 MIN_BUY_SHARE = 0.6
 MIN_GAIN = 0.08
 MIN_GAIN_TICKS = 4
@@ -73,6 +80,7 @@ class Event:
     dump_seconds: float | None = None       # from the peak to that low
     ended_ms: int | None = None
     updated_ms: int = 0
+    busiest_day: int = 0          # the trades of the busiest BURST_S of the past day the burst outnumbered
 
     @property
     def gain_pct(self) -> float:
@@ -86,12 +94,25 @@ class Event:
         return cls(**data)
 
 
+def _steps(values) -> list[int]:
+    """Each value as the step from the one before (the first as itself): short numbers to store."""
+    values = list(values)
+    return values[:1] + [b - a for a, b in zip(values, values[1:])]
+
+
+def burst_bar(busiest_day: int) -> int:
+    """The count a burst must pass: the busiest BURST_S of the past day, or MIN_TRADES - 1."""
+    return max(busiest_day, MIN_TRADES - 1)
+
+
 class PumpWatch:
     """Per symbol: the burst window, the baseline and the open event. `observe` each trade in
     event order; it returns the phase the event entered with this trade, if any."""
 
     def __init__(self) -> None:
         self.window: deque[tuple[int, float, float, int]] = deque()   # (ms, price, quantity, side +1/-1/0)
+        self.counts: deque[int] = deque()    # the window's count as each of its trades arrived (0 inside an event)
+        self.busiest = SpanMax(BUSIEST_SPAN_MS)   # of those counts, as their trades leave the window
         self.before_price: float | None = None     # the last price before the window
         self.decayed = 0.0          # trades that left the window, decayed with BASELINE_TAU_S
         self.decayed_ms: int | None = None
@@ -101,13 +122,12 @@ class PumpWatch:
 
     def to_dict(self) -> dict:
         # The window is most of a busy symbol's checkpoint (up to MAX_WINDOW trades), so it goes by
-        # column: times as steps from the one before, quantities rather than notionals (shorter
-        # numbers; price * quantity gives the notional back bit for bit), sides as one letter each.
-        times = [w[0] for w in self.window]
-        window = {"ms_steps": times[:1] + [b - a for a, b in zip(times, times[1:])],
+        # column: times and counts as steps from the one before, quantities rather than notionals
+        # (shorter numbers; price * quantity gives the notional back bit for bit), sides as one letter each.
+        window = {"ms_steps": _steps([w[0] for w in self.window]),
                   "prices": [w[1] for w in self.window], "quantities": [w[2] for w in self.window],
-                  "sides": "".join(_SIDE_LETTER[w[3]] for w in self.window)}
-        return {"window": window, "before_price": self.before_price,
+                  "sides": "".join(_SIDE_LETTER[w[3]] for w in self.window), "count_steps": _steps(self.counts)}
+        return {"window": window, "before_price": self.before_price, "busiest": self.busiest.to_list(),
                 "decayed": self.decayed, "decayed_ms": self.decayed_ms, "first_ms": self.first_ms,
                 "event": self.event.to_dict() if self.event else None, "ended_ms": self.ended_ms}
 
@@ -121,6 +141,10 @@ class PumpWatch:
         else:
             watch.window.extend(zip(itertools.accumulate(window["ms_steps"]), window["prices"], window["quantities"],
                                     (_SIDE_OF_LETTER[c] for c in window["sides"])))
+        # stored before the busiest burst of the day was kept: its windows count as quiet ones
+        counts = window.get("count_steps") if isinstance(window, dict) else None
+        watch.counts.extend(itertools.accumulate(counts) if counts else itertools.repeat(0, len(watch.window)))
+        watch.busiest = SpanMax.from_list(BUSIEST_SPAN_MS, data.get("busiest") or [])
         watch.before_price, watch.decayed = data["before_price"], data["decayed"]
         watch.decayed_ms, watch.first_ms = data["decayed_ms"], data["first_ms"]
         watch.event = Event.from_dict(data["event"]) if data["event"] else None
@@ -143,24 +167,27 @@ class PumpWatch:
         an event)."""
         if self.first_ms is None:
             self.first_ms = ms
-        window = self.window
-        window.append((ms, price, quantity, 1 if side == "buy" else -1 if side == "sell" else 0))
-        while window and (window[0][0] < ms - BURST_S * 1000 or len(window) > MAX_WINDOW):
+        window, counts = self.window, self.counts
+        while window and (window[0][0] < ms - BURST_S * 1000 or len(window) >= MAX_WINDOW):
             old_ms, old_price, _, _ = window.popleft()
+            if (count := counts.popleft()) >= MIN_TRADES:
+                self.busiest.push(old_ms, count)
             self.before_price = old_price
             self._count_out(old_ms)
+        window.append((ms, price, quantity, 1 if side == "buy" else -1 if side == "sell" else 0))
+        counts.append(0 if self.event is not None else len(window))
         if self.event is not None:
             event = self.event
             return self._follow(ms, price), event
         if (self.before_price is None or ms - self.first_ms < WARMUP_S * 1000 or len(window) < MIN_TRADES
                 or ms - self.ended_ms < REARM_S * 1000):
             return None, None
-        expected = self.expected(ms)
-        if len(window) < RATE_MULTIPLE * expected:
-            return None, None
         gain = price / self.before_price - 1
+        if gain < MIN_GAIN:
+            return None, None
+        busiest = int(self.busiest.max_at(ms))
         ticks = (price - self.before_price) / tick if tick else math.inf
-        if gain < MIN_GAIN or ticks < MIN_GAIN_TICKS - 1e-6 or len({w[0] for w in window}) < MIN_DISTINCT_MS:
+        if len(window) <= busiest or ticks < MIN_GAIN_TICKS - 1e-6 or len({w[0] for w in window}) < MIN_DISTINCT_MS:
             return None, None
         if price - self.before_price < MIN_GAIN_SPREADS * spread():
             return None, None
@@ -172,15 +199,17 @@ class PumpWatch:
             if buy_share < MIN_BUY_SHARE:
                 return None, None
         start_ms = window[0][0]
+        counts.clear()          # the burst is the event's: none of its windows is an ordinary day's
+        counts.extend(itertools.repeat(0, len(window)))
         self.event = Event(f"{symbol}:{start_ms}", symbol, "pump", start_ms, self.before_price, ms, price,
-                           round(len(window) / max(expected, 1e-9), 2), len(window),
-                           None if buy_share is None else round(buy_share, 4), updated_ms=ms)
+                           round(len(window) / max(self.expected(ms), 1e-9), 2), len(window),
+                           None if buy_share is None else round(buy_share, 4), updated_ms=ms, busiest_day=busiest)
         return "pump", self.event
 
     def evidence(self, phase: str, e: Event, trade_id: str, ms: int, price: float, tick: float | None,
                  spread: float) -> Evidence:
         """Why the event entered `phase` with this trade (called right after `observe`)."""
-        params = {"burst_s": BURST_S, "rate_multiple": RATE_MULTIPLE, "min_trades": MIN_TRADES,
+        params = {"burst_s": BURST_S, "busiest_span_ms": BUSIEST_SPAN_MS, "min_trades": MIN_TRADES,
                   "min_gain": MIN_GAIN, "min_gain_ticks": MIN_GAIN_TICKS, "min_gain_spreads": MIN_GAIN_SPREADS,
                   "min_buy_share": MIN_BUY_SHARE,
                   "peak_retrace": PEAK_RETRACE, "peak_quiet_s": PEAK_QUIET_S, "dump_retrace": DUMP_RETRACE,
@@ -190,25 +219,31 @@ class PumpWatch:
         if phase == "pump":
             expected = self.expected(ms)
             count = len(self.window)
+            bar = burst_bar(e.busiest_day)
             gain = price / e.start_price - 1
             ticks = (price - e.start_price) / tick if tick else None
             line = max(e.start_price * (1 + MIN_GAIN), e.start_price + MIN_GAIN_TICKS * (tick or 0.0),
                        e.start_price + MIN_GAIN_SPREADS * spread)       # the price the run-up had to pass
             bought = (f"; {e.buy_share * 100:.0f} % of its notional bought (threshold {MIN_BUY_SHARE * 100:g} %)"
                       if e.buy_share is not None else "; too few trades have a side to weigh the buying")
-            sentence = (f"pump: a burst of {count} trades in {(ms - e.started_ms) / 1000:.0f} s is "
-                        f"{count / max(expected, 1e-9):.1f}× the {expected:.2f} the symbol's own baseline expects in "
-                        f"{BURST_S:g} s (threshold {RATE_MULTIPLE:g}×); price {num(price)} is {gain * 100:+.1f} %"
+            busiest = (f"more than the {e.busiest_day} of the busiest {BURST_S:g} s of the symbol's past day"
+                       if e.busiest_day else f"at least {MIN_TRADES} (no {BURST_S:g} s of the symbol's past day had "
+                                             f"as many)")
+            sentence = (f"pump: a burst of {count} trades in {(ms - e.started_ms) / 1000:.0f} s, {busiest}, "
+                        f"{count / max(expected, 1e-9):.1f}× the {expected:.2f} its rate of the last hour expects; "
+                        f"price {num(price)} is {gain * 100:+.1f} %"
                         f"{f' ({ticks:.0f} ticks)' if ticks is not None else ''} over {num(e.start_price)}, the last "
                         f"price before the burst (thresholds {MIN_GAIN * 100:g} %, {MIN_GAIN_TICKS} ticks and "
                         f"{MIN_GAIN_SPREADS} spreads of {num(spread)}){bought}")
-            return Evidence("PUMP_AND_DUMP", params, "burst", count, expected,
-                            f"the trades the symbol's decayed rate (time constant {BASELINE_TAU_S:g} s) expects in "
-                            f"{BURST_S:g} s", count / max(expected, 1e-9), RATE_MULTIPLE,
-                            f"{RATE_MULTIPLE:g} × the expected count", "x", sentence,
+            return Evidence("PUMP_AND_DUMP", params, "burst", count, bar,
+                            f"the trades of the busiest {BURST_S:g} s of the symbol's past day, pump events left out "
+                            f"({MIN_TRADES - 1} when none had {MIN_TRADES})", count / bar, 1.0,
+                            "more than that baseline", "x", sentence,
                             trades_named(trade_id, [], e.started_ms, ms, count), level=line,
                             tick=tick, extra={**extra, "gain_pct": gain * 100, "gain_ticks": ticks,
-                                              "buy_share": e.buy_share, "spread": spread})
+                                              "buy_share": e.buy_share, "spread": spread,
+                                              "busiest_day": e.busiest_day, "expected": expected,
+                                              "volume_multiple": e.volume_multiple})
         gain = e.peak_price - e.start_price
         given_back = (e.peak_price - price) / gain if gain > 0 else 1.0
         line = {"peak": PEAK_RETRACE, "dump": DUMP_RETRACE, "over": OVER_RETRACE}[phase]

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from tradewatch.detect.band import Band
 from tradewatch.detect.evidence import Evidence, num, percent, trades_named
 from tradewatch.detect.features import PRICE_Z_MIN_STD, WHALE_DAY_MS, WHALE_WINDOW, SymbolState, TradeFeatures
-from tradewatch.detect.pump import PHASE_SEVERITY
+from tradewatch.detect.pump import PHASE_SEVERITY, burst_bar
 from tradewatch.events import Trade, duration
 from tradewatch.volatility import UNTRAINED, Live, scaled
 
@@ -250,7 +250,7 @@ class RuleDetector:
         if event is not None:
             d.event, d.phase = {**event.to_dict(), "gain_pct": round(event.gain_pct, 3)}, phase
             if phase:
-                d.flag("PUMP_AND_DUMP", max(event.volume_multiple / 8, 1.0),
+                d.flag("PUMP_AND_DUMP", max(event.burst_trades / burst_bar(event.busiest_day), 1.0),
                        state.pump.evidence(phase, event, trade.trade_id, trade.timestamp_ms, trade.price, state.tick,
                                            state.spread()),
                        phase=phase, event_id=event.event_id, gain_pct=round(event.gain_pct, 2),
