@@ -82,6 +82,8 @@ class _Window:
 
 
 MAX_PERIOD = 10_000     # points per day beyond which no daily cycle is looked for (finer than ~9 s)
+RAW_CAP = 10.0          # a point's |z| counts up to this in the average; a point at it is a detection
+CAP_TAIL = 0.5 * math.erfc(RAW_CAP / math.sqrt(2))      # the normal's tail beyond it, 7.6e-24
 
 
 class Likelihood:
@@ -97,7 +99,15 @@ class Likelihood:
        once found, kept.
     2. The mean of the last `short` raw scores (a sustained change outweighs one odd point).
     3. Its tail probability under the normal fitted to that mean's last `history` values (30 days):
-       a detection when it is below `tail` — the threshold adapts to how noisy the series is.
+       a detection when it is below `tail` — the threshold adapts to how noisy the series is. A point
+       at the cap (10 σ from its baseline) is a detection by itself, its tail the normal's beyond
+       10 σ: the average is there to find changes too small to see in one point, not to hide one
+       that large. It did: once a daily cycle is found the raw scores are residuals, far smaller
+       than the z-scores of the cycle before it, while the averages' history still holds those for
+       30 days, so a spike of 60 σ every hour for a day averaged to an ordinary value and went
+       unseen (evaluate.daily_cycle_series "spike_train", 1 series of 4 found). Refilling that
+       history from the residuals when the cycle is found made it too short to be calm on noisy
+       cycles (false detections on a noisy sine; NAB 63.1 -> 62.0); the cap costs NAB 0.1.
     4. One detection per episode: after a detection, the next needs the episode to be over — the
        average back within the threshold for `short` points in a row (as long as the average
        spans) — and `refractory` points (6 hours of 5-minute points) to have passed. A change that
@@ -129,6 +139,8 @@ class Likelihood:
         if len(self.means) >= self.learning:
             mu, sigma = self.means.mean_std()
             tail = 0.5 * math.erfc((average - mu) / sigma / math.sqrt(2))
+            if raw >= RAW_CAP:
+                tail = min(tail, CAP_TAIL)
             over = self.calm >= self.short and self.position - self.last_detection > self.refractory
             self.calm = 0 if tail < self.tail else self.calm + 1
             if tail < self.tail and over:
@@ -156,7 +168,7 @@ class Likelihood:
         raw = 0.0
         if len(window) >= 20:
             mean, std = window.mean_std()
-            raw = min(abs(x - mean) / std, 10.0)
+            raw = min(abs(x - mean) / std, RAW_CAP)
         window.push(x)
         return raw
 
