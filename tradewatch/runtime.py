@@ -170,6 +170,15 @@ class Stage:
         """How many records await the next checkpoint."""
         return 0
 
+    def room(self) -> int:
+        """How many records the next poll may read (at least one)."""
+        return max(min(self.batch_size, (self.max_pending or self.batch_size) - self.pending()), 1)
+
+    def full(self) -> bool:
+        """Whether what the batch holds has reached its bound: a checkpoint falls due before the
+        flush interval (a stage with a flush interval only)."""
+        return self.max_pending is not None and self.pending() >= self.max_pending
+
     def urgent(self) -> bool:
         """Whether effects someone is waiting for (alerts) are pending: the runtime stores them
         at once with `write_urgent`, ahead of the next checkpoint."""
@@ -591,7 +600,7 @@ class Runtime:
             last_checkpoint = last_report = time.monotonic()
             batch_since = 0.0          # when the first message of the pending batch arrived
             while not self.stop():
-                room = max(min(stage.batch_size, (stage.max_pending or stage.batch_size) - stage.pending()), 1)
+                room = stage.room()
                 if stage.flush_interval_s is None:   # write as soon as a poll runs dry
                     wait_s = 0.0 if stage.pending() else 0.2
                 else:                                # never past the next checkpoint, never spinning
@@ -613,8 +622,7 @@ class Runtime:
                     due = bool(self.offsets) and (not messages or stage.pending() >= stage.batch_size
                                                   or (now - batch_since >= MAX_BATCH_AGE_S and writer_idle))
                 else:
-                    due = (now - last_checkpoint >= stage.flush_interval_s
-                           or (stage.max_pending is not None and stage.pending() >= stage.max_pending))
+                    due = now - last_checkpoint >= stage.flush_interval_s or stage.full()
                 if messages and stage.urgent():
                     self._write_urgent()             # ahead of a due checkpoint too: it takes longer
                 if due:

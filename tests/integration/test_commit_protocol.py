@@ -399,3 +399,32 @@ def test_a_stage_on_a_clock_takes_a_backlog_in_batches_of_bounded_size(settings,
     assert stage.processed == N and sum(batches) >= N
     assert max(batches) <= stage.max_pending, f"batches of {sorted(batches)[-5:]} trades"
     assert max(polls) <= stage.batch_size and len(polls) <= 4 * N / stage.batch_size, f"{len(polls)} polls"
+
+
+def test_a_backlog_of_new_symbols_is_checkpointed_before_their_states_pile_up(settings):
+    """Each new symbol's rolling state (~15 KB in memory, most of it empty windows) stays until a
+    checkpoint evicts the idle ones. A batch of 10,000 trades (`max_pending`) of new symbols held
+    ~145 MB: how much of it a part of test_bounded_state caught depended on how far behind the
+    detector was, and its RSS once grew from 276 to 343 MB in a part on CI. A checkpoint falls due
+    at 1,000 new symbols too, so the states held between checkpoints stay under that."""
+    from tests.conftest import publish_trades
+    from tradewatch.events import Trade
+    settings = settings.with_overrides(symbol_idle_evict_seconds=5.0)
+    count, t0 = 12_000, 1_767_657_600_000
+    publish_trades(settings, [Trade(f"n{k}", f"N{k:05d}", t0 + k * 90, 100.0 + k % 7, 1.0, "buy", "X")
+                              for k in range(count)])
+    held: list[int] = []
+
+    class Recorded(Detect):
+        def write(self, conn, cur) -> None:
+            held.append(len(self.pipeline.rules.symbols))
+            super().write(conn, cur)
+
+    stage = Recorded(settings)
+    rt = runtime.Runtime(settings, stage, stage.group, settings.trades_topic,
+                         lambda: stage.processed >= count and not stage.pending())
+    rt.run()
+    assert stage.processed == count
+    # at most max_new_symbols new ones a batch, beside those that traded in the last 5 s (56)
+    assert max(held) <= stage.max_new_symbols + 100, f"states held at checkpoints: {sorted(held)[-5:]}"
+    assert len(stage.pipeline.rules.symbols) <= 100, "the idle ones are evicted"

@@ -70,6 +70,10 @@ class Detect(runtime.Stage):
     # new symbols grew the detector by 60 MB a part in test_bounded_state). Catching up at ~25,000
     # trades/s that is a checkpoint every 0.4 s instead of every second.
     max_pending = 10_000
+    # and at this many new symbols: each one's state (~15 KB in memory, most of it empty windows)
+    # stays until then, so 10,000 trades of new symbols held ~145 MB, and how much of it a part of
+    # test_bounded_state caught depended on how far behind the detector was (276 -> 343 MB once)
+    max_new_symbols = 1_000
 
     def __init__(self, settings: Settings):
         super().__init__()
@@ -91,6 +95,7 @@ class Detect(runtime.Stage):
         self.events = self.pending_effects()     # pump-and-dump events, the newest snapshot of each
         self.appended_ms: dict[str, int | None] = {}   # alert_id -> Kafka append time of its trade
         self.read = 0
+        self.new_symbols = 0                 # since the last checkpoint
         self.flagged = 0
 
     def output_topics(self) -> dict[str, int]:
@@ -124,6 +129,7 @@ class Detect(runtime.Stage):
                 log.error("%s[%d]@%d skipped: %s: %s", m.topic, m.partition, m.offset, type(error).__name__, error)
         self.read += len(messages)
         for t, m in zip(trades, origins):
+            self.new_symbols += self.symbols.partition_of(t.symbol) < 0
             self.symbols.touch(m.partition, t.symbol, t.timestamp_ms)
             self.changed.add(t.symbol)
         for d, m in zip(self.pipeline.process(trades), origins):
@@ -141,6 +147,12 @@ class Detect(runtime.Stage):
 
     def pending(self) -> int:
         return self.read
+
+    def room(self) -> int:          # each record read may be a new symbol
+        return max(min(super().room(), self.max_new_symbols - self.new_symbols), 1)
+
+    def full(self) -> bool:
+        return super().full() or self.new_symbols >= self.max_new_symbols
 
     def urgent(self) -> bool:
         return bool(self.alerts_pending)
@@ -192,7 +204,7 @@ class Detect(runtime.Stage):
         self.flagged += len(self.flagged_pending)
         self.changed, self.evicted = set(), set()
         prometheus.SYMBOLS.labels("detector").set(len(self.symbols))
-        self.read = 0
+        self.read = self.new_symbols = 0
 
     def drop(self, partitions: list[int]) -> None:
         symbols = self.symbols.drop(partitions)
