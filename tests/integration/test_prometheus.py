@@ -49,12 +49,23 @@ def test_rules_run_on_the_stages_metrics_and_a_killed_stage_is_reported_down(set
     server = subprocess.Popen([str(prometheus_tool("prometheus")), f"--config.file={tmp_path / 'prometheus.yml'}",
                                f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                               stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT)
+
+    def log() -> str:
+        return (tmp_path / "prometheus.log").read_text()[-2000:]
+
+    def ready() -> bool:      # a loaded machine can take seconds to start it: wait, never assume
+        assert server.poll() is None, f"prometheus exited with {server.returncode}:\n{log()}"
+        try:
+            return urllib.request.urlopen(f"{base}/-/ready", timeout=5).status == 200
+        except OSError:       # not listening yet, or 503 while it starts
+            return False
     try:
         run_script(settings, "producer.py", "--count", "2000", "--rate", "max", "--seed", "3")
         publisher = bus.publisher(settings)
         publisher.send(settings.trades_topic, b"AAPL", b"not json")      # a dead letter: its series appears
         assert publisher.flush(30)
         publisher.close()
+        wait_for(ready, timeout=120, message="prometheus ready")
 
         # every series a rule reads, with the labels it groups by
         wait_for(lambda: len(series(base, "sum by (service, stage) (tradewatch_messages_in_total) >= 2001")) == 3,
@@ -91,7 +102,8 @@ def test_rules_run_on_the_stages_metrics_and_a_killed_stage_is_reported_down(set
         assert active == {"TradeWatchStageDown"}, active     # a healthy pipeline raises nothing else
     finally:
         server.terminate()
-        assert server.wait(timeout=30) == 0, (tmp_path / "prometheus.log").read_text()[-2000:]
+        stopped = server.wait(timeout=30)
+    assert stopped == 0, log()      # after the test's own failure, if any, so that it is the one reported
     for name in ("consumer", "aggregator"):
         running[name].send_signal(signal.SIGTERM)
         assert running[name].wait(timeout=60) == 0, name
