@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.unit.test_detect import T0, calm_stream, heavy_tailed_stream
+from tests.unit.test_detect import calm_stream, heavy_tailed_stream
 from tests.unit.test_pump import quiet_then_pump
 from tradewatch.alerts import alerts_for
 from tradewatch.detect import forest, pump
