@@ -71,21 +71,21 @@ def test_dashboard_renders_charts_and_reacts_to_controls(settings, dashboard, tm
         page.goto(dashboard)
         expect(page.get_by_text("TradeWatch — live market surveillance")).to_be_visible(timeout=60_000)
         expect(page.locator('[data-testid="stMetricValue"]').first).to_have_text(f"{trades:,}", timeout=60_000)
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 4", timeout=60_000)
-        trace_types = page.evaluate("[...document.querySelectorAll('.js-plotly-plot')].map(d => d.data[0].type)")
+        trace_types = page.wait_for_function("(() => { const plots = [...document.querySelectorAll('.js-plotly-plot')];"
+                                             " return plots.length >= 4 && plots.every(d => d.data)"
+                                             " && plots.map(d => d.data[0].type) })()", timeout=60_000).json_value()
         assert trace_types[:1] == ["candlestick"] and "pie" in trace_types
         expect(page.get_by_text("Market scanner")).to_be_visible()
         expect(page.get_by_text("Whale trades")).to_be_visible()
         expect(page.get_by_text("Last hour of data", exact=False)).to_be_visible()
         names = candle_traces(page)
         assert {"RSI 14", "MACD", "Signal", "Histogram"} <= set(names) and "EMA 12" not in names, names
-        symbol = page.evaluate(f"{CANDLE_PLOT}.data[0].name")
+        symbol = on_plot(page, CANDLE_PLOT, "p.data[0].name")
         stored = [r[0] for r in query(settings, "SELECT macd FROM indicators WHERE symbol = %s AND window_size = '1m'"
                                                 " ORDER BY window_start", (symbol,))]
-        drawn = page.evaluate(f"Array.from({CANDLE_PLOT}._fullData.find(t => t.name === 'MACD').y)")  # decoded
+        drawn = on_plot(page, CANDLE_PLOT, "Array.from(p._fullData.find(t => t.name === 'MACD').y)")  # decoded
         assert drawn == pytest.approx(stored) and stored, "the MACD panel draws the stored MACD"
-        layout = page.evaluate(f"(({{layout}}) => ({{rsi: layout.yaxis3.range, "
-                               f"bands: layout.shapes.map(s => s.y0)}}))({CANDLE_PLOT})")
+        layout = on_plot(page, CANDLE_PLOT, "({rsi: p.layout.yaxis3.range, bands: p.layout.shapes.map(s => s.y0)})")
         assert layout["rsi"] == [0, 100] and {30, 70} <= set(layout["bands"]), layout
         page.get_by_text("EMA 12/26 on the candles").click()
         page.wait_for_function(f"{CANDLE_PLOT} && {CANDLE_PLOT}.data.some(t => t.name === 'EMA 12')", timeout=30_000)
@@ -105,12 +105,20 @@ def test_dashboard_renders_charts_and_reacts_to_controls(settings, dashboard, tm
 CANDLE_PLOT = "[...document.querySelectorAll('.js-plotly-plot')].find(d => d.data && d.data[0].type === 'candlestick')"
 
 
+def on_plot(page, plot: str, read: str, timeout: float = 30_000):
+    """`read`, a JavaScript expression of the plot `p`, once `plot` finds it drawn: found and read in
+    one evaluation, as a rerun of the page can replace the plot between two (it did in CI: found,
+    then gone at the next call)."""
+    found = f"(() => {{ const p = {plot}; return p && p._fullData ? {{value: {read}}} : null }})()"
+    return page.wait_for_function(found, timeout=timeout).json_value()["value"]
+
+
 def candle_traces(page) -> list[str]:
-    return page.evaluate(f"{CANDLE_PLOT}.data.map(t => t.name)")
+    return on_plot(page, CANDLE_PLOT, "p.data.map(t => t.name)")
 
 
 def axis_span_minutes(page) -> float:
-    low, high = page.evaluate(f"{CANDLE_PLOT}.layout.xaxis.range")
+    low, high = on_plot(page, CANDLE_PLOT, "p.layout.xaxis.range")
     return (datetime.fromisoformat(high) - datetime.fromisoformat(low)).total_seconds() / 60
 
 
@@ -124,8 +132,7 @@ def test_symbol_view_is_shared_by_its_address(settings, dashboard):
         page = browser.new_page(viewport={"width": 1600, "height": 2400})
         page.goto(f"{dashboard}/?symbol={symbol}")
         expect(page.get_by_text(f"{symbol} in depth")).to_be_visible(timeout=60_000)
-        page.wait_for_function(f"{CANDLE_PLOT} !== undefined", timeout=60_000)
-        title = page.evaluate(f"{CANDLE_PLOT}.layout.title.text")
+        title = on_plot(page, CANDLE_PLOT, "p.layout.title.text", timeout=60_000)
         assert f"{symbol} 1m candles" in title, title
         assert "Anomalies" in candle_traces(page), "anomaly markers on the symbol's candles"
         expect(page.get_by_text("Flagged trades")).to_be_visible()
@@ -163,9 +170,8 @@ def test_an_alert_opens_with_why_it_fired_and_its_chart(settings, dashboard):
                                timeout=30_000)
         # the opened alert's sentence (the feed's line of the alert carries it too, without "Why:")
         expect(page.get_by_text("Why: " + evidence["sentence"][:60], exact=False)).to_be_visible(timeout=30_000)
-        page.wait_for_function(f"{ALERT_PLOT} !== undefined", timeout=30_000)
-        lines = page.evaluate(f"Object.fromEntries({ALERT_PLOT}._fullData.filter(t => t.name === 'Baseline' "
-                              "|| t.name === 'Threshold').map(t => [t.name, Array.from(t.y)]))")
+        lines = on_plot(page, ALERT_PLOT, "Object.fromEntries(p._fullData.filter(t => t.name === 'Baseline' "
+                        "|| t.name === 'Threshold').map(t => [t.name, Array.from(t.y)]))")
         assert lines == {"Baseline": [evidence["baseline"]] * 2, "Threshold": [evidence["level"]] * 2}
 
         # the analyst's verdict, recorded on the page, is what the API returns, with its history
@@ -264,9 +270,8 @@ def test_the_candles_are_drawn_inside_the_band_forecast_for_them_as_the_api_retu
         page.goto(half_hour_dashboard)
         page.wait_for_function(f"{CANDLE_PLOT} && {CANDLE_PLOT}.data.some(t => t.legendgroup === 'band')",
                                timeout=60_000)
-        symbol = page.evaluate(f"{CANDLE_PLOT}.data[0].name")
-        low, high = page.evaluate(f"{CANDLE_PLOT}._fullData.filter(t => t.legendgroup === 'band')"
-                                  ".map(t => ({name: t.name, y: Array.from(t.y)}))")
+        symbol, (low, high) = on_plot(page, CANDLE_PLOT, "[p.data[0].name, p._fullData.filter(t => t.legendgroup"
+                                      " === 'band').map(t => ({name: t.name, y: Array.from(t.y)}))]")
         browser.close()
     stored = query(settings, "SELECT lag(next_band_low) OVER w, lag(next_band_high) OVER w, low, high"
                              " FROM indicators JOIN stock_metrics USING (symbol, window_size, window_start)"
@@ -319,9 +324,8 @@ def test_the_book_on_the_page_is_the_one_the_api_serves(settings, dashboard, tmp
         browser = launch(p)
         page = browser.new_page(viewport={"width": 1600, "height": 2400})
         page.goto(f"{dashboard}/?symbol={symbol}")
-        page.wait_for_function(f"{DEPTH_PLOT} !== undefined", timeout=60_000)
-        drawn = page.evaluate(f"Object.fromEntries({DEPTH_PLOT}.data.map(t => [t.name, [Array.from(t.x), "
-                              "Array.from(t.y)]]))")
+        drawn = on_plot(page, DEPTH_PLOT, "Object.fromEntries(p.data.map(t => [t.name, [Array.from(t.x), "
+                        "Array.from(t.y)]]))", timeout=60_000)
         for side in ("bids", "asks"):
             prices, cumulative = drawn[side.capitalize()]
             assert prices == [price for price, _ in book[side]]
