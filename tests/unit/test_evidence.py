@@ -78,7 +78,7 @@ def test_price_rules_name_their_window_and_its_values_follow_from_it(price, kind
 
 
 def test_a_whale_names_the_largest_trade_it_was_measured_against():
-    stream = heavy_tailed_stream(1100)
+    stream = heavy_tailed_stream(1100, gap_ms=90_000)         # a whole day seen
     previous = stream[-1000:]
     largest = max(t.quantity for t in previous)
     named = [t for t in previous if t.quantity == largest][-1]

@@ -12,7 +12,9 @@
                                about once in `whale_factor`^α × n trades, α the sizes' tail exponent
                                and n those the reference spans, so over 1,000 trades whale alerts per
                                day grew with the trade count (5 a day at 1,600 trades an hour), over
-                               a day they do not
+                               a day they do not; on a symbol's first day, beyond `whale_factor` ×
+                               what a whole day's largest would be (SpanMax.understatement: a
+                               reference growing from a few hours raised 2–4 times a later day's)
     PRICE_ZSCORE               |rolling z-score of price| > `zscore_threshold` (MEDIUM)
     MOMENTUM_RUN               `run_length` same-direction moves in a row adding up to > `run_move_pct`
                                (MEDIUM)
@@ -54,6 +56,7 @@ from tradewatch.detect.evidence import Evidence, num, percent, trades_named
 from tradewatch.detect.features import PRICE_Z_MIN_STD, WHALE_DAY_MS, WHALE_WINDOW, SymbolState, TradeFeatures
 from tradewatch.detect.pump import PHASE_SEVERITY, burst_bar
 from tradewatch.events import Trade, duration
+from tradewatch.extremes import TAIL_EXPONENT
 from tradewatch.volatility import UNTRAINED, Live, scaled
 
 DETECTOR_VERSION = "rules-1"
@@ -225,10 +228,12 @@ class RuleDetector:
                        move_pct=round(f.deviation * 100, 3))
             if f.whale_ratio > c.whale_factor:
                 day_ratio = state.whale_day_ratio(trade)
-                d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor, self._whale_evidence(trade, state, f, day_ratio),
+                day_bar = c.whale_factor * state.day_largest.understatement(trade.timestamp_ms)
+                d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor,
+                       self._whale_evidence(trade, state, f, day_ratio, day_bar),
                        times_recent_max=round(f.whale_ratio, 2), times_day_max=round(day_ratio, 2),
                        volume_ratio=round(f.volume_ratio, 2))
-                if day_ratio <= c.whale_factor:
+                if day_ratio <= day_bar:
                     d.held.add("VOLUME_SPIKE")      # not a whale for its day: the flag stays, no alert
             if abs(f.price_z) > c.zscore_threshold and abs(z := self._zscore(trade, state)) > c.zscore_threshold:
                 d.flag("PRICE_ZSCORE", abs(z) / c.zscore_threshold, self._zscore_evidence(trade, state, z),
@@ -385,21 +390,26 @@ class RuleDetector:
                         level=mean + (1 if up else -1) * c.zscore_threshold * sigma, tick=state.tick,
                         extra={**self._sigma_extra(state, trade.timestamp_ms), "sigma": sigma})
 
-    def _whale_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures, day_ratio: float) -> Evidence:
-        c, largest = self.config, state.largest
+    def _whale_evidence(self, trade: Trade, state: SymbolState, f: TradeFeatures, day_ratio: float,
+                        day_bar: float) -> Evidence:
+        c, largest, ts = self.config, state.largest, trade.timestamp_ms
         n, biggest = largest.count, largest.max
         named = f" (trade {largest.max_id})" if largest.max_id else ""
         sentence = (f"quantity {num(trade.quantity)} is {f.whale_ratio:.2f}× the largest of the symbol's previous "
                     f"{n:,} trades, {num(biggest)}{named}; threshold {c.whale_factor:g}×")
         if day_ratio < f.whale_ratio:               # the past day traded a larger one (whales left out)
-            day_ms, day_biggest, day_id = state.day_largest.first_at(trade.timestamp_ms)
+            day_ms, day_biggest, day_id = state.day_largest.first_at(ts)
             sentence += (f"; {day_ratio:.2f}× the largest of its past day but whales, {num(day_biggest)}"
-                         f"{f' (trade {day_id})' if day_id else ''} {duration(max(trade.timestamp_ms - day_ms, 0))}"
-                         " before")
-            if day_ratio <= c.whale_factor:
-                sentence += ": recorded on the trade, no alert (not a whale for its day)"
+                         f"{f' (trade {day_id})' if day_id else ''} {duration(max(ts - day_ms, 0))} before")
+        if day_bar > c.whale_factor:                # the symbol's first day: a whole day's largest is larger
+            seen = duration(state.day_largest.seen_ms(ts) or 0)
+            sentence += (f"; only {seen} of its day seen so far: a whole day's largest would be about "
+                         f"{day_bar / c.whale_factor:.2f}× that (√(24 h / {seen}), sizes' tail x^-{TAIL_EXPONENT:g}),"
+                         f" so a whale for its day is {day_bar:.2f}× the largest so far")
+        if day_ratio <= day_bar:
+            sentence += ": recorded on the trade, no alert (not a whale for its day)"
         return Evidence("VOLUME_SPIKE", {"whale_factor": c.whale_factor, "whale_window": WHALE_WINDOW,
-                                         "whale_day_ms": WHALE_DAY_MS},
+                                         "whale_day_ms": WHALE_DAY_MS, "tail_exponent": TAIL_EXPONENT},
                         "quantity", trade.quantity, biggest,
                         f"the largest quantity of the previous {n:,} trades (whales included)", f.whale_ratio,
                         c.whale_factor, f"{c.whale_factor:g} × that largest quantity", "x", sentence,

@@ -9,10 +9,11 @@ Trade sizes follow a log-logistic distribution around each symbol's median (shap
 `SIZE_SHAPE`, fitted to the recorded SPY and IBM days: 90th percentile ≈ 3×, 99th ≈ 10×, 99.9th
 ≈ 32× the median — heavy-tailed like the market, tests/unit/test_simulator.py compares them).
 An injected whale is 3–6× the largest ordinary size of the symbol's previous 1,000 trades or of its
-past day, whichever is larger (a whale for its day, as the rule tells one), at most one per 1,000
-trades of a symbol; ordinary sizes are kept below 2.5× the largest ordinary size of the previous
-1,000 trades, so the only whales in a simulated stream are the labelled ones and whales never
-compound (no size is measured against a whale).
+past day, whichever is larger, and on its first day that many times more as a whole day's largest
+would be than the largest so far (SpanMax.understatement): a whale for its day, as the rule tells
+one. At most one per 1,000 trades of a symbol; ordinary sizes are kept below 2.5× the largest
+ordinary size of the previous 1,000 trades, so the only whales in a simulated stream are the
+labelled ones and whales never compound (no size is measured against a whale).
 """
 from __future__ import annotations
 
@@ -164,7 +165,8 @@ class MarketSimulator:
             elif label == "price_drop":
                 mid *= 1 - rng.uniform(0.06, 0.09)
             elif label == "volume_spike":       # a whale
-                quantity = max(max(state.sizes), state.day_sizes.max_at(now_ms)) * rng.uniform(3.0, 6.0)
+                quantity = (max(max(state.sizes), state.day_sizes.max_at(now_ms)) * rng.uniform(3.0, 6.0)
+                            * state.day_sizes.understatement(now_ms))
             elif label == "flash_crash":
                 state.crash_steps = list(FLASH_CRASH_PATH)
                 mid *= 1 + state.crash_steps.pop(0)
