@@ -178,11 +178,14 @@ def test_quiet_spells_of_an_illiquid_pair_end_with_the_price_elsewhere_told_once
 def test_whale_alerts_of_a_busy_illiquid_pair_do_not_grow_with_its_trade_count():
     """#26: at 1,600 trades an hour (38,400 a day) a trade 2.8x the largest of the previous 1,000
     (the last 40 minutes) came 5.1 times a symbol-day on ordinary days; measured against the past
-    day's largest as well, whale alerts are under one a symbol-day (first days, when the day is
-    still filling, included)."""
+    day's largest as well, whale alerts are under one a symbol-day, and the first day, when the day
+    is still filling, raises no more than the second (8 and 8 before a first day's whale had to be
+    one for a whole day)."""
     result = score_pumps([1, 2], symbols=5, days=2, pump_symbols=0, profile=IlliquidProfile(trades_per_hour=1600.0))
     assert result["ordinary_symbol_days"] == 20
     assert result["by_type_ordinary"].get("VOLUME_SPIKE", 0) <= 1.0, result
+    first = result["alerts_per_symbol_first_day"] * 10
+    assert first <= result["alerts_per_symbol_day_ordinary"] * 20 - first, result
 
 
 def test_pumps_of_a_busy_illiquid_pair_are_caught():

@@ -517,9 +517,11 @@ def score_pumps(seeds: list[int], symbols: int = 10, days: float = 2.0, pump_sym
     their last day, through the detection pipeline and the alert deduplication a user gets:
     recall of pumps by a PUMP_AND_DUMP alert within 5 minutes of the start, the delay, the phases
     each event's alerts went through, and alerts per symbol-day (every type) on ordinary days —
-    every day of a pump-free symbol, and the first day of the others."""
+    every day of a pump-free symbol, and the first day of the others — and on the first day alone
+    (every symbol starts cold: its references fill from its first trade)."""
     from tradewatch.alerts import Deduplicator, alerts_for
     caught, delays, phases, ordinary_alerts, ordinary_days, pumps_total = 0, [], Counter(), Counter(), 0.0, 0
+    first_alerts = first_days = 0
     for seed in seeds:
         trades, pumps = illiquid_market(symbols, days, seed=seed, pump_symbols=pump_symbols, profile=profile)
         start = trades[0].timestamp_ms
@@ -527,11 +529,13 @@ def score_pumps(seeds: list[int], symbols: int = 10, days: float = 2.0, pump_sym
         dedup = Deduplicator(ALERT_COOLDOWNS_S)
         alerts = [a for d in DetectionPipeline(RuleDetector(config), model).process(trades)
                   for a in alerts_for(d) if dedup.allow(a)]
-        last_day = start + int((days - 1) * 86_400_000)
+        last_day, first_day = start + int((days - 1) * 86_400_000), start + 86_400_000
         for a in alerts:
             if a.symbol not in pumped or a.timestamp_ms < last_day:
                 ordinary_alerts[a.alert_type] += 1
+                first_alerts += a.timestamp_ms < first_day
         ordinary_days += (symbols - len(pumped)) * days + len(pumped) * (days - 1)
+        first_days += symbols if days > 1 else symbols - len(pumped)
         for p in pumps:
             pumps_total += 1
             mine = [a for a in alerts if a.symbol == p.symbol and a.alert_type == "PUMP_AND_DUMP"
@@ -549,7 +553,8 @@ def score_pumps(seeds: list[int], symbols: int = 10, days: float = 2.0, pump_sym
             "ordinary_symbol_days": ordinary_days,
             "alerts_per_symbol_day_ordinary": round(sum(ordinary_alerts.values()) / ordinary_days, 3)
             if ordinary_days else None,
-            "by_type_ordinary": {k: round(v / ordinary_days, 3) for k, v in ordinary_alerts.most_common()}}
+            "by_type_ordinary": {k: round(v / ordinary_days, 3) for k, v in ordinary_alerts.most_common()},
+            "alerts_per_symbol_first_day": round(first_alerts / first_days, 3) if first_days else None}
 
 
 # Ordinary days unlike the ones the thresholds were set on (IlliquidProfile's defaults): what a rule
@@ -568,7 +573,7 @@ def score_conditions(seeds: list[int], config: DetectorConfig = DetectorConfig()
     for name, changes in conditions.items():
         r = score_pumps(seeds, config=config, profile=replace(IlliquidProfile(), **changes))
         out[name] = {k: r[k] for k in ("pumps", "recall_5min", "delay_s_median", "alerts_per_symbol_day_ordinary",
-                                       "by_type_ordinary")}
+                                       "by_type_ordinary", "alerts_per_symbol_first_day")}
     return out
 
 
