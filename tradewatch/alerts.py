@@ -51,7 +51,7 @@ def per_rule(frame) -> list[dict]:
 def alerts_for(detection: Detection) -> list[Alert]:
     """One alert per anomaly type of the trade; inside a pump-and-dump event only the event's
     phase alert, and none for a flag held back (Detection.held: a price flag its move has told
-    already, a whale small for its day); those flags stay on the trade."""
+    already, a whale small for its day, a print reported again); those flags stay on the trade."""
     t = detection.trade
     when = _utc(t.timestamp_ms)
     alerts = []

@@ -245,16 +245,101 @@ def test_a_price_bouncing_across_the_line_is_one_episode():
 
 def test_an_episode_escalates_ends_and_starts_again():
     """A drop is told; a deeper one in the same episode is told only by what is new (the breaker,
-    CRITICAL); the price back at its level ends the episode; the next drop is told again."""
+    CRITICAL); the price back at its level ends the episode; the next drop is told again (at a
+    price of its own: one at a told print's price is that print again, see the next test)."""
     calm = bounce(0, 200, 200)
     later = [Trade(f"e{i}", "THIN-BTC", T0 + (200 + i) * 90_000, round(ticks * THIN_TICK, 12), 1000.0, side, "X")
              for i, (ticks, side) in enumerate([(188, "sell"), (172, "sell"), (200, "sell"), (201, "buy"),
-                                                (188, "sell")])]
+                                                (187, "sell")])]
     detections, alerts = told(calm + later)
     got = [(a.trade_id, a.alert_type) for a in alerts]
     assert ("e0", "PRICE_DROP") in got and ("e1", "CIRCUIT_BREAKER") in got and ("e4", "PRICE_DROP") in got, got
     assert "PRICE_DROP" in detections[201].types and ("e1", "PRICE_DROP") not in got, got
     assert not [a for a in alerts if a.trade_id in ("e2", "e3")]
+
+
+def test_a_print_reported_again_is_one_story():
+    """#26: the recorded SPY day printed a 1,002,411-share block at 168.90 at 17:07, then again at
+    20:01 and three more at that price after hours, 1 % above the market: six alerts of one print.
+    A trade at the price of a print whose drop was told in the past day (the market back between
+    them) keeps its flags and raises no alert, its evidence naming that print. A new price, the other
+    direction or a day later are new stories; what was told survives a checkpoint."""
+    def tape(first, steps):
+        """Trades every 90 s from `first`: a print (name, ticks, side), or 20 of the market."""
+        out = []
+        for step in steps:
+            for name, ticks, side in [step] if step else [(None, 200 + i % 2, "sb"[i % 2]) for i in range(20)]:
+                out.append(Trade(name or f"m{first + len(out)}", "THIN-BTC", T0 + (first + len(out)) * 90_000,
+                                 round(ticks * THIN_TICK, 12), 1000.0, "sell" if side == "s" else "buy", "X"))
+        return out
+    calm = bounce(0, 300, 200)
+    dropped = tape(300, [("r0", 188, "s"), None])                  # a drop, then the market back
+    later = tape(321, [None, None, ("r1", 188, "s"), None,          # the drop's print again
+                       ("r2", 187, "s"), None,                      # a drop to a new price
+                       ("r3", 213, "b"), None])                     # a spike
+    detections, alerts = told(calm + dropped + later)
+    got = {(a.trade_id, a.alert_type) for a in alerts}
+    assert {("r0", "PRICE_DROP"), ("r2", "PRICE_DROP"), ("r3", "PRICE_SPIKE")} <= got, got
+    assert not [a for a in got if a[0] == "r1"], got
+    r1 = next(d for d in detections if d.trade.trade_id == "r1")
+    assert {"PRICE_DROP", "OUT_OF_RANGE"} <= set(r1.types) <= r1.held           # the flags stay
+    sentence = r1.evidence["PRICE_DROP"].sentence
+    assert sentence.endswith("; the same price as trade r0, told 91.5 min before: that print reported again, "
+                             "recorded on the trade, no alert"), sentence
+    assert r1.evidence["OUT_OF_RANGE"].extra["reported_again"] == "r0"
+
+    rules = RuleDetector()                  # what was told follows the symbol's state through a checkpoint
+    for t in calm + dropped + later[:40]:
+        rules.process(t)
+    restored = RuleDetector()
+    restored.restore(json.loads(json.dumps(rules.export({"THIN-BTC"}))))
+    r1 = restored.process(later[40])
+    assert r1.trade.trade_id == "r1" and "PRICE_DROP" in r1.types and alerts_for(r1) == []
+
+    day = tape(424, [None] * 45 + [("r4", 188, "s")])               # 25.6 h after r0
+    _, alerts = told(calm + dropped + later + day)
+    assert ("r4", "PRICE_DROP") in {(a.trade_id, a.alert_type) for a in alerts}, "a day later: a new story"
+
+
+def test_a_whale_reported_again_is_one_story():
+    """A trade at a told whale's price and size, over 1,000 trades later (so a whale again), is that
+    print reported again; the same size at another price, or another size, is a whale of its own."""
+    stream = heavy_tailed_stream(3000, gap_ms=10_000)
+    big = 30 * max(t.quantity for t in stream)
+    at = stream[-1].timestamp_ms
+
+    def whale(name, after, price, quantity=big):
+        return Trade(name, "AAPL", at + after * 10_000, price, quantity, "buy", "X")
+
+    def more(first):
+        return [Trade(f"{first}-{i}", "AAPL", at + (first + i) * 10_000, t.price, t.quantity, "buy", "X")
+                for i, t in enumerate(stream[:1100])]
+    trades = (stream + [whale("w0", 1, 100.0)] + more(2) + [whale("w1", 1102, 100.0)] + more(1103)
+              + [whale("w2", 2203, 100.01)] + more(2204) + [whale("w3", 3304, 100.0, big + 1)])
+    detections, alerts = told(trades)
+    assert [a.trade_id for a in alerts if a.trade_id.startswith("w")] == ["w0", "w2", "w3"], alerts
+    w1 = next(d for d in detections if d.trade.trade_id == "w1")
+    assert w1.types == ["VOLUME_SPIKE"] and "the same price and size as trade w0" in w1.evidence[
+        "VOLUME_SPIKE"].sentence
+
+
+def test_the_recorded_spy_days_block_printed_five_times_is_told_once_as_a_whale_and_once_off_the_market():
+    """The recorded prints: SPY's 1,002,411-share average-price block at 168.90 (17:07), printed
+    again after hours at that price (the same size at 20:01, then 501,206, 999,789 and 1,002,150
+    shares) while the market traded near 167.3: one whale alert, one OUT_OF_RANGE (before: two
+    whales and four OUT_OF_RANGE); every print keeps its flags."""
+    from tradewatch.config import Settings
+    from tradewatch.detect.pipeline import DetectionPipeline
+    from tradewatch.market import replay
+    day = replay.load(SHARED_DATA / "lean" / "spy_20131007_trades.csv.gz").trades
+    detections = DetectionPipeline(RuleDetector(excluded=Settings.load().ohlc_excluded)).process(day)
+    block = [d for d in detections if d.trade.price == 168.9 and d.trade.quantity > 400_000]
+    assert [d.trade.quantity for d in block] == [1_002_411, 1_002_411, 501_206, 999_789, 1_002_150]
+    assert all(d.types for d in block) and all("OUT_OF_RANGE" in d.types for d in block[1:])
+    told = [[a.alert_type for a in alerts_for(d)] for d in block]
+    assert told == [["VOLUME_SPIKE"], ["OUT_OF_RANGE"], [], [], []], told
+    first = block[1].trade.trade_id
+    assert all(d.evidence["OUT_OF_RANGE"].extra["reported_again"] == first for d in block[2:])
 
 
 def walk(n, bid, seed=0):

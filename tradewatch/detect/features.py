@@ -24,6 +24,7 @@ FEATURE_NAMES = ("return_1", "return_5", "return_20", "price_z", "deviation", "v
                  "volume_ratio", "gap_log_ratio", "spread_bps", "signed_run")
 LEVEL_SHIFT_TRADES = 10
 WALK_MIN_AGE_MS = 1000      # a window traded within a second tells nothing of the walk per second
+TOLD_PRINTS = 16            # told prints kept (a day's, to know one reported again; SPY's recorded day tells 12)
 SPREAD_WINDOW = 64          # the spread is the median of this many observations: a few quotes or bounces
                             # across a real move do not widen it
 
@@ -134,6 +135,9 @@ class SymbolState:
         self.band = BandWatch()
         self.episode_side = 0                 # a price move being told: +1 up, -1 down, 0 none (RuleDetector._tell)
         self.episode_told: str | None = None  # ... and the highest severity its alerts had
+        # prints whose move or whale was told (RuleDetector._once): (ms, trade id, price, quantity,
+        # the move's side or 0, whale)
+        self.told_prints: deque[tuple[int, str, float, float, int, bool]] = deque(maxlen=TOLD_PRINTS)
 
     def to_dict(self) -> dict:
         """The whole state as JSON-able values (floats round-trip exactly through JSON)."""
@@ -150,7 +154,7 @@ class SymbolState:
                 "shift_streak": self.shift_streak, "tick": self.tick, "last_any": self.last_any,
                 "last_side": self.last_side, "last_change": self.last_change, "spreads": list(self.spreads),
                 "pump": self.pump.to_dict(), "band": self.band.to_dict(),
-                "episode": [self.episode_side, self.episode_told]}
+                "episode": [self.episode_side, self.episode_told], "told_prints": [list(p) for p in self.told_prints]}
 
     @classmethod
     def from_dict(cls, data: dict, price_window: int, volume_window: int) -> "SymbolState":
@@ -181,6 +185,7 @@ class SymbolState:
         if data.get("band"):                    # absent in checkpoints from before OUT_OF_RANGE
             state.band = BandWatch.from_dict(data["band"])
         state.episode_side, state.episode_told = data.get("episode", (0, None))
+        state.told_prints.extend(tuple(p) for p in data.get("told_prints", ()))   # absent in older checkpoints
         return state
 
     def learn(self, trade: Trade) -> None:

@@ -40,7 +40,8 @@ a symbol's pump-and-dump event is open its other alerts are held back (their fla
 event is the story. A price move is one story too: its first trade's alerts go out, and while the
 price stays away the later trades' price flags raise no alert unless more severe (RuleDetector._tell)
 — a pair that trades 20 % lower after a quiet spell is one PRICE_DROP, not one per rule and minute
-until the new level is accepted.
+until the new level is accepted. So is a print: one at the price of a print told in the past day is
+that print reported again (RuleDetector._once).
 
 Rules stay silent until a symbol has `min_history` normal trades. Each firing carries its
 evidence (tradewatch/detect/evidence.py): the threshold and how it was set, the baseline and the
@@ -49,7 +50,7 @@ trades it was computed over.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tradewatch.detect.band import Band
 from tradewatch.detect.evidence import Evidence, num, percent, trades_named
@@ -97,7 +98,8 @@ class Detection:
     event: dict | None = None   # the symbol's pump-and-dump event as of this trade (see pump.Event)
     phase: str | None = None    # the phase that event entered with this trade
     held: set[str] = field(default_factory=set)    # flags that raise no alert: told by their price move's
-                                                   # first alert (RuleDetector._tell), a whale small for its day
+                                                   # first alert (RuleDetector._tell), a whale small for its day,
+                                                   # a print reported again (RuleDetector._once)
 
     @property
     def quiet(self) -> bool:
@@ -262,6 +264,7 @@ class RuleDetector:
                        volume_multiple=event.volume_multiple)
         price_normal = not warm or move <= spike
         self._tell(d, state, f.deviation, spike, price_normal)
+        self._once(d, state, f.deviation)
         volume_normal = "VOLUME_SPIKE" not in d.types
         state.learn(trade)
         state.update(trade, f, price_normal, volume_normal)
@@ -287,6 +290,42 @@ class RuleDetector:
         top = max((d.severity_of(k) for k in moves), key=SEVERITY_RANK.__getitem__)
         state.episode_side = side
         state.episode_told = max(told or top, top, key=SEVERITY_RANK.__getitem__)
+
+    @staticmethod
+    def _once(d: Detection, state: SymbolState, deviation: float) -> None:
+        """One story per print: a trade at the price of a print whose move the same way was told in
+        the past day, or at its price and size when that print was a whale told, is that print
+        reported again (an average-price print, a late report, a correction: the recorded SPY day
+        printed a block at 168.90 at 17:07, then four times after hours, 1 % above the market, each
+        a new OUT_OF_RANGE once the price between them had been back). Its flags stay on the trade,
+        no alert; the evidence names the print told."""
+        if d.quiet:
+            return
+        side = (deviation > 0) - (deviation < 0)
+        moves = [k for k in d.types if k in MOVE_TYPES and k not in d.held] if side else []
+        whale = "VOLUME_SPIKE" in d.types and "VOLUME_SPIKE" not in d.held
+        if not moves and not whale:
+            return
+        t, told = d.trade, state.told_prints
+        while told and t.timestamp_ms - told[0][0] > WHALE_DAY_MS:
+            told.popleft()
+        for ms, trade_id, price, quantity, told_side, told_whale in reversed(told):
+            if not math.isclose(t.price, price, rel_tol=1e-9):
+                continue
+            same_size = whale and told_whale and math.isclose(t.quantity, quantity, rel_tol=1e-9)
+            again = (moves if told_side == side else []) + (["VOLUME_SPIKE"] if same_size else [])
+            what = "price and size" if same_size else "price"
+            for kind in again:
+                evidence = d.evidence[kind]
+                d.evidence[kind] = replace(evidence, sentence=(
+                    f"{evidence.sentence}; the same {what} as trade {trade_id}, told "
+                    f"{duration(max(t.timestamp_ms - ms, 0))} before: that print reported again, recorded on the "
+                    f"trade, no alert"), extra={**evidence.extra, "reported_again": trade_id})
+            d.held.update(again)
+            moves = [k for k in moves if k not in again]
+            whale = whale and not same_size
+        if moves or whale:
+            told.append((t.timestamp_ms, t.trade_id, t.price, t.quantity, side if moves else 0, whale))
 
     def _judge_band(self, d: Detection, state: SymbolState, band: Band) -> None:
         """OUT_OF_RANGE: beyond the band's line (BandWatch.outside), and beyond the instrument's floor
