@@ -69,6 +69,7 @@ class Settings:
     idle_timeout_seconds: float = 10.0
     aggregator_flush_ms: int = 500
     ohlc_exclude_conditions: str = ""
+    auction_conditions: str = ""
     detector_group: str = "tradewatch-detector"
     quotes_group: str = "tradewatch-quotes"
     book_depth: int = 10                     # levels a side the simulator keeps and the snapshots store
@@ -178,6 +179,11 @@ class Settings:
     def ohlc_excluded(self) -> frozenset[str]:
         """OHLC_EXCLUDE_CONDITIONS: sale conditions whose trades set no price in a candle."""
         return frozenset(c.strip() for c in self.ohlc_exclude_conditions.split(",") if c.strip())
+
+    @property
+    def auctions(self) -> frozenset[str]:
+        """AUCTION_CONDITIONS: sale conditions of a market's opening and closing auction prints."""
+        return frozenset(c.strip() for c in self.auction_conditions.split(",") if c.strip())
 
     @property
     def window_sizes_ms(self) -> tuple[int, ...]:

@@ -140,6 +140,75 @@ def test_a_whale_on_a_symbols_first_day_is_one_for_a_whole_day():
     assert "of its day seen" not in whole.evidence["VOLUME_SPIKE"].sentence
 
 
+def test_an_auction_print_is_a_whale_only_against_the_symbols_earlier_auctions():
+    """An opening or closing auction gathers a session's orders into one print (the recorded SPY
+    close: 3,166,418 shares, 46x the largest of the 1,000 trades before it), so it was a whale alert
+    every day. A print with a sale condition of AUCTION_CONDITIONS is judged against the symbol's
+    earlier auction prints of its condition: the first has none (no flag), the next day's like-sized
+    close is ordinary, one 2.8x the largest close is a whale whose evidence names that close. Auction
+    sizes stay out of continuous trading's reference (a block just after the close is still a
+    whale), and the auctions seen survive a checkpoint."""
+    stream = heavy_tailed_stream(gap_ms=100_000)        # over a day: a whole day seen
+    largest, end = max(t.quantity for t in stream), stream[-1].timestamp_ms
+    day = 86_400_000
+
+    def auction(name, at, quantity, condition="1000000"):
+        return Trade(name, "AAPL", at, 100.0, quantity, "buy", "X", condition=condition)
+    auctions = frozenset({"1000000", "4000000"})
+    first = RuleDetector(auctions=auctions)
+    for t in stream:
+        first.process(t)
+    close1, block = first.process(auction("C1", end + 100_000, 50 * largest)), first.process(
+        Trade("b", "AAPL", end + 200_000, 100.0, 3 * largest, "buy", "X"))
+    assert close1.types == [] and block.types == ["VOLUME_SPIKE"], (close1.types, block.types)
+    plain = run(stream + [auction("C1", end + 100_000, 50 * largest)])[1][-1]
+    assert [a.alert_type for a in alerts_for(plain)] == ["VOLUME_SPIKE"], "as every trade: a whale"
+    later = RuleDetector(auctions=auctions)
+    later.restore(json.loads(json.dumps(first.export({"AAPL"}))))
+    open2 = later.process(auction("O2", end + day - 23_400_000, 20 * largest, "4000000"))
+    close2 = later.process(auction("C2", end + day, 60 * largest))
+    close3 = later.process(auction("C3", end + 2 * day, 180 * largest))
+    assert open2.types == [] and close2.types == [], "the first open; a close 1.2x the one before"
+    assert [a.alert_type for a in alerts_for(close3)] == ["VOLUME_SPIKE"]
+    evidence = close3.evidence["VOLUME_SPIKE"]
+    assert evidence.baseline == 60 * largest and evidence.change == pytest.approx(3.0)
+    assert evidence.trades["ids"] == ["C2"] and evidence.trades["count"] == 2
+    assert evidence.extra == {"auction": "1000000"}
+    assert "an auction print (sale condition 1000000)" in evidence.sentence and "(trade C2)" in evidence.sentence
+    assert "previous 2 auction prints of sale condition 1000000" in evidence.sentence, evidence.sentence
+
+
+def test_the_recorded_spy_days_auctions_raise_no_whale_alert_day_after_day():
+    """The recorded SPY day through the rules as the live detector builds them (.env's settings):
+    its opening (251,288 shares) and closing (3,166,418) auction prints raise no alert, nor do the
+    same prints a day later; a close three times the day's is a whale. Before AUCTION_CONDITIONS
+    the open was a whale alert on the first day and the close on every day."""
+    import dataclasses
+
+    from tradewatch.config import Settings
+    from tradewatch.detect.pipeline import DetectionPipeline
+    from tradewatch.market import replay
+    from tradewatch.stages.detector import rule_detector
+    settings = Settings.load()
+    day = replay.load(SHARED_DATA / "lean" / "spy_20131007_trades.csv.gz").trades
+    rules = rule_detector(settings)
+    detections = DetectionPipeline(rules).process(day)
+    auctions = [d for d in detections if d.trade.condition in settings.auctions]
+    assert [(d.trade.condition, d.trade.quantity) for d in auctions if d.trade.quantity > 100_000] == [
+        ("4000000", 251_288), ("1000000", 3_166_418)]
+    assert not any(alerts_for(d) for d in auctions)
+
+    def next_day(d, quantity=None):
+        return dataclasses.replace(d.trade, trade_id=d.trade.trade_id + "-2", timestamp_ms=d.trade.timestamp_ms
+                                   + 86_400_000, quantity=quantity or d.trade.quantity)
+    again = [rules.process(next_day(d)) for d in auctions]
+    assert not any(d.types for d in again), [(d.trade.trade_id, d.types) for d in again]
+    close = next(d for d in auctions if d.trade.quantity == 3_166_418)
+    bigger = rules.process(dataclasses.replace(next_day(close, 3 * 3_166_418), timestamp_ms=close.trade.timestamp_ms
+                                               + 2 * 86_400_000))
+    assert [a.alert_type for a in alerts_for(bigger)] == ["VOLUME_SPIKE"]
+
+
 def test_zscore_window_and_threshold_are_configurable():
     trades = calm_stream() + [probe(0, 101.0)]      # 1 % move: z = 5 on the 0.2 % floor of the spread
     assert "PRICE_ZSCORE" in run(trades, DetectorConfig(zscore_threshold=4.0))[1][-1].types

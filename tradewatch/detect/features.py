@@ -24,6 +24,7 @@ FEATURE_NAMES = ("return_1", "return_5", "return_20", "price_z", "deviation", "v
                  "volume_ratio", "gap_log_ratio", "spread_bps", "signed_run")
 LEVEL_SHIFT_TRADES = 10
 WALK_MIN_AGE_MS = 1000      # a window traded within a second tells nothing of the walk per second
+AUCTION_PRINTS = 20         # a symbol's auction prints kept per sale condition: a month of trading days
 TOLD_PRINTS = 16            # told prints kept (a day's, to know one reported again; SPY's recorded day tells 12)
 SPREAD_WINDOW = 64          # the spread is the median of this many observations: a few quotes or bounces
                             # across a real move do not widen it
@@ -138,6 +139,8 @@ class SymbolState:
         # prints whose move or whale was told (RuleDetector._once): (ms, trade id, price, quantity,
         # the move's side or 0, whale)
         self.told_prints: deque[tuple[int, str, float, float, int, bool]] = deque(maxlen=TOLD_PRINTS)
+        # the opening and closing auction prints (AUCTION_CONDITIONS) by sale condition: (quantity, trade id, ms)
+        self.auctions: dict[str, deque[tuple[float, str, int]]] = {}
 
     def to_dict(self) -> dict:
         """The whole state as JSON-able values (floats round-trip exactly through JSON)."""
@@ -154,7 +157,8 @@ class SymbolState:
                 "shift_streak": self.shift_streak, "tick": self.tick, "last_any": self.last_any,
                 "last_side": self.last_side, "last_change": self.last_change, "spreads": list(self.spreads),
                 "pump": self.pump.to_dict(), "band": self.band.to_dict(),
-                "episode": [self.episode_side, self.episode_told], "told_prints": [list(p) for p in self.told_prints]}
+                "episode": [self.episode_side, self.episode_told], "told_prints": [list(p) for p in self.told_prints],
+                "auctions": {c: [list(p) for p in prints] for c, prints in self.auctions.items()}}
 
     @classmethod
     def from_dict(cls, data: dict, price_window: int, volume_window: int) -> "SymbolState":
@@ -186,6 +190,8 @@ class SymbolState:
             state.band = BandWatch.from_dict(data["band"])
         state.episode_side, state.episode_told = data.get("episode", (0, None))
         state.told_prints.extend(tuple(p) for p in data.get("told_prints", ()))   # absent in older checkpoints
+        for condition, prints in data.get("auctions", {}).items():                 # ... and this
+            state.auctions[condition] = deque((tuple(p) for p in prints), maxlen=AUCTION_PRINTS)
         return state
 
     def learn(self, trade: Trade) -> None:
@@ -278,9 +284,15 @@ class SymbolState:
         but whales (looked up for a whale only)."""
         return trade.quantity / max(self.largest.max, self.day_largest.max_at(trade.timestamp_ms))
 
-    def update(self, trade: Trade, features: TradeFeatures, price_is_normal: bool, volume_is_normal: bool) -> None:
-        """Fold the trade into the rolling state (anomalous values stay out)."""
-        self.largest.push(trade.quantity, trade.trade_id)
+    def update(self, trade: Trade, features: TradeFeatures, price_is_normal: bool, volume_is_normal: bool,
+               auction: bool = False) -> None:
+        """Fold the trade into the rolling state (anomalous values stay out; an auction print's size
+        goes to its own kind's reference only: a closing auction is no trade of continuous trading)."""
+        if auction:
+            self.auctions.setdefault(trade.condition, deque(maxlen=AUCTION_PRINTS)).append(
+                (trade.quantity, trade.trade_id, trade.timestamp_ms))
+        else:
+            self.largest.push(trade.quantity, trade.trade_id)
         if self.last_ts is not None:
             self.gaps.push(float(max(trade.timestamp_ms - self.last_ts, 0)))
         self.last_ts = trade.timestamp_ms
@@ -296,7 +308,7 @@ class SymbolState:
                 self.shift_streak = 0
                 self.episode_side, self.episode_told = 0, None     # and the move's story is over
                 self._take_price(trade, features)
-        if volume_is_normal:
+        if volume_is_normal and not auction:
             self.day_largest.push(trade.timestamp_ms, trade.quantity, trade.trade_id)
             self.quantities.push(trade.quantity)
             self.log_quantities.push(math.log(trade.quantity))

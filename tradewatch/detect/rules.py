@@ -14,7 +14,9 @@
                                day grew with the trade count (5 a day at 1,600 trades an hour), over
                                a day they do not; on a symbol's first day, beyond `whale_factor` ×
                                what a whole day's largest would be (SpanMax.understatement: a
-                               reference growing from a few hours raised 2–4 times a later day's)
+                               reference growing from a few hours raised 2–4 times a later day's);
+                               an opening or closing auction print (AUCTION_CONDITIONS) only
+                               against the symbol's earlier auction prints of its sale condition
     PRICE_ZSCORE               |rolling z-score of price| > `zscore_threshold` (MEDIUM)
     MOMENTUM_RUN               `run_length` same-direction moves in a row adding up to > `run_move_pct`
                                (MEDIUM)
@@ -54,7 +56,8 @@ from dataclasses import dataclass, field, replace
 
 from tradewatch.detect.band import Band
 from tradewatch.detect.evidence import Evidence, num, percent, trades_named
-from tradewatch.detect.features import PRICE_Z_MIN_STD, WHALE_DAY_MS, WHALE_WINDOW, SymbolState, TradeFeatures
+from tradewatch.detect.features import (AUCTION_PRINTS, PRICE_Z_MIN_STD, WHALE_DAY_MS, WHALE_WINDOW, SymbolState,
+                                        TradeFeatures)
 from tradewatch.detect.pump import PHASE_SEVERITY, burst_bar
 from tradewatch.events import Trade, duration
 from tradewatch.extremes import TAIL_EXPONENT
@@ -156,12 +159,13 @@ class CircuitBreaker:
 class RuleDetector:
     """Feeds trades one by one (per symbol in event order) and returns a Detection for each.
     `forecaster` makes OUT_OF_RANGE's band (the aggregator's for 1-minute windows); a trade with a
-    sale condition in `excluded` is not judged by it (it sets no price in a candle)."""
+    sale condition in `excluded` is not judged by it (it sets no price in a candle); one in `auctions`
+    (an opening or closing auction print) is a whale only against the symbol's earlier auction prints."""
 
     def __init__(self, config: DetectorConfig = DetectorConfig(), forecaster: Live = UNTRAINED,
-                 excluded: frozenset[str] = frozenset()):
+                 excluded: frozenset[str] = frozenset(), auctions: frozenset[str] = frozenset()):
         self.config = config
-        self.forecaster, self.excluded = forecaster, excluded
+        self.forecaster, self.excluded, self.auctions = forecaster, excluded, auctions
         self.symbols: dict[str, SymbolState] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self.transitions: list[BreakerTransition] = []
@@ -209,6 +213,7 @@ class RuleDetector:
         d = Detection(trade, f)
         warm = f.history >= c.min_history
         priced = trade.condition not in self.excluded
+        auction = trade.condition in self.auctions
         band = state.band.outside(trade.symbol, trade.timestamp_ms, trade.price if warm and priced else None,
                                   self.forecaster, c.range_widths)
         move = abs(f.deviation)
@@ -228,7 +233,9 @@ class RuleDetector:
                 kind = "PRICE_SPIKE" if f.deviation > 0 else "PRICE_DROP"
                 d.flag(kind, move / spike, self._move_evidence(kind, trade, state, f, spike, spike),
                        move_pct=round(f.deviation * 100, 3))
-            if f.whale_ratio > c.whale_factor:
+            if auction:
+                self._judge_auction(d, state)
+            elif f.whale_ratio > c.whale_factor:
                 day_ratio = state.whale_day_ratio(trade)
                 day_bar = c.whale_factor * state.day_largest.understatement(trade.timestamp_ms)
                 d.flag("VOLUME_SPIKE", f.whale_ratio / c.whale_factor,
@@ -267,7 +274,7 @@ class RuleDetector:
         self._once(d, state, f.deviation)
         volume_normal = "VOLUME_SPIKE" not in d.types
         state.learn(trade)
-        state.update(trade, f, price_normal, volume_normal)
+        state.update(trade, f, price_normal, volume_normal, auction)
         state.band.fold(trade.timestamp_ms, trade.price if price_normal and priced else None, trade.quantity)
         return d
 
@@ -326,6 +333,32 @@ class RuleDetector:
             whale = whale and not same_size
         if moves or whale:
             told.append((t.timestamp_ms, t.trade_id, t.price, t.quantity, side if moves else 0, whale))
+
+    def _judge_auction(self, d: Detection, state: SymbolState) -> None:
+        """A whale among auction prints: an opening or closing auction gathers a session's orders
+        into one print (the recorded SPY day's close, 3,166,418 shares, was 46× the largest of the
+        1,000 trades before it, and is every day), so it is judged against the symbol's earlier
+        auction prints of its sale condition: beyond `whale_factor` × the largest of them (the last
+        AUCTION_PRINTS, a month of days). The first of its kind has none to be judged against."""
+        c, trade = self.config, d.trade
+        earlier = state.auctions.get(trade.condition)
+        if not earlier:
+            return
+        biggest, biggest_id, _ = max(earlier)
+        ratio = trade.quantity / biggest
+        if ratio <= c.whale_factor:
+            return
+        what = f"auction prints of sale condition {trade.condition}"
+        sentence = (f"an auction print (sale condition {trade.condition}): quantity {num(trade.quantity)} is "
+                    f"{ratio:.2f}× the largest of the symbol's previous {len(earlier)} {what}, {num(biggest)} "
+                    f"(trade {biggest_id}); threshold {c.whale_factor:g}×")
+        d.flag("VOLUME_SPIKE", ratio / c.whale_factor,
+               Evidence("VOLUME_SPIKE", {"whale_factor": c.whale_factor, "auction_prints": AUCTION_PRINTS},
+                        "quantity", trade.quantity, biggest, f"the largest quantity of the previous {len(earlier)} "
+                        f"{what}", ratio, c.whale_factor, f"{c.whale_factor:g} × that largest quantity", "x", sentence,
+                        trades_named(trade.trade_id, [biggest_id], earlier[0][2], earlier[-1][2], len(earlier)),
+                        level=c.whale_factor * biggest, extra={"auction": trade.condition}),
+               times_recent_max=round(ratio, 2))
 
     def _judge_band(self, d: Detection, state: SymbolState, band: Band) -> None:
         """OUT_OF_RANGE: beyond the band's line (BandWatch.outside), and beyond the instrument's floor

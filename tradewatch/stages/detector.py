@@ -40,9 +40,10 @@ def detector_config(settings: Settings) -> DetectorConfig:
 
 def rule_detector(settings: Settings, config: DetectorConfig | None = None) -> RuleDetector:
     """The rules as the live detector runs them: OUT_OF_RANGE's band made by the forecaster the
-    aggregator uses for its 1-minute candles, judging no trade whose sale condition sets no price."""
+    aggregator uses for its 1-minute candles, judging no trade whose sale condition sets no price, and
+    auction prints' sizes against earlier auctions."""
     return RuleDetector(config or detector_config(settings), volatility.load(settings.model_path)[BASE_SIZE],
-                        settings.ohlc_excluded)
+                        settings.ohlc_excluded, settings.auctions)
 
 
 def load_model(settings: Settings) -> forest.ForestModel | None:
