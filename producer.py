@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "  python producer.py --book          # and an order book: python consumer.py --quotes\n"
                "  python producer.py --replay ../shared/data/lean/spy_20131007_trades.csv.gz --speed 60\n"
                "  python producer.py --replay trades.csv --replay quotes.csv --book   # a day with its quotes\n"
+               "  python producer.py --replay BTCUSDT-trades-2025-03-01.zip --speed max   # as Binance serves it\n"
                "  python producer.py --live coinbase --symbols BTC-USD,ETH-USD --book\n"
                "  python producer.py --live binance --url ws://127.0.0.1:8765   # python -m tradewatch.market.replay_server binance",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,14 +63,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            "quote-stuffing episode, for the quotes stage's book watch to catch (default 0)")
     rep = parser.add_argument_group("replay")
     rep.add_argument("--replay", metavar="FILE", action="append",
-                     help="CSV (or .csv.gz) of trades, of 1-minute bars or of quotes (bid, bid_size, ask, ask_size, "
-                          "no price); repeat it to replay files as one, e.g. a day's trades and its quotes: each trade "
-                          "takes the quote of its moment, and its side from it (above the midpoint a buy)")
+                     help="CSV (or .csv.gz, or a .zip of one CSV) of trades, of 1-minute bars or of quotes (bid, "
+                          "bid_size, ask, ask_size, no price), or one of Binance's trade files as downloaded "
+                          "(data.binance.vision trades or aggTrades, e.g. BTCUSDT-trades-2025-03-01.zip); repeat it "
+                          "to replay files as one, e.g. a day's trades and its quotes: each trade takes the quote "
+                          "of its moment, and its side from it (above the midpoint a buy)")
     rep.add_argument("--speed", default="1", help="1 = real pace, N = N times faster, 'max' = no waiting")
     rep.add_argument("--symbol", help="symbol for files without a symbol column")
     for name, default in vars(replay.ColumnMap()).items():
         rep.add_argument(f"--{name.replace('_', '-')}-column", dest=f"{name}_column", default=default,
-                         help=f"column holding the {name.replace('_', ' ')} (default {default!r})")
+                         help=f"column holding the {name.replace('_', ' ')} (default {default!r})"
+                         if name != "buyer_maker" else f"column saying whether the buyer was the maker, where there is "
+                         f"no side column (true: the taker sold; default {default!r})")
     live = parser.add_argument_group("live (public trade and book streams, no API key)")
     live.add_argument("--live", choices=sorted(VENUES), help="the venue: coinbase (matches channel) or binance (@trade)")
     live.add_argument("--url", help="WebSocket endpoint instead of the venue's, e.g. ws://127.0.0.1:8765 "

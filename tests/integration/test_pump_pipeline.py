@@ -1,12 +1,15 @@
-"""Pump-and-dump through the real pipeline: simulated illiquid pairs published to Kafka, the
-consumer storing them, `anomaly_detector.py run` detecting: the alert within seconds of each
-pump's start, one alert per phase, the event record's phases, and calm ordinary days."""
+"""Pump-and-dump through the real pipeline: simulated illiquid pairs written as Binance's public
+trade files (data.binance.vision: a zip a pair, no header) and replayed by `producer.py --replay`
+into Kafka, the consumer storing them, `anomaly_detector.py run` detecting: the alert within
+seconds of each pump's start, one alert per phase, the event record's phases, and calm ordinary
+days."""
 from __future__ import annotations
 
 import signal
+import zipfile
 from datetime import datetime, timezone
 
-from tests.conftest import free_port, publish_trades, query, run_script, start_script, wait_for
+from tests.conftest import free_port, query, run_script, start_script, wait_for
 from tests.integration.test_api import call
 from tests.integration.test_report import markdown_table
 from tradewatch.formatting import integer, percent
@@ -18,7 +21,15 @@ def test_pumps_alerted_followed_and_ordinary_days_calm(settings, tmp_path):
     trades, pumps = illiquid_market(symbols=4, days=2, seed=5, pump_symbols=2)
     consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
     detector = start_script(settings, "anomaly_detector.py", "run", log=tmp_path / "detector.log")
-    publish_trades(settings, trades)
+    files = []
+    for symbol in sorted({t.symbol for t in trades}):
+        rows = "".join(f"{n},{t.price:.8f},{t.quantity:.8f},{t.price * t.quantity:.8f},{t.timestamp_ms * 1000},"
+                       f"{'true' if t.side == 'sell' else 'false'},true\n"
+                       for n, t in enumerate((t for t in trades if t.symbol == symbol), start=1))
+        files += ["--replay", str(tmp_path / f"{symbol}-trades-2026-01-01.zip")]
+        with zipfile.ZipFile(files[-1], "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(f"{symbol}-trades-2026-01-01.csv", rows)
+    run_script(settings, "producer.py", *files, "--speed", "max", timeout=300)
     wait_for(lambda: query(settings, "SELECT count(*) FROM trades")[0][0] == len(trades), timeout=120,
              message=f"{len(trades)} trades stored")
     wait_for(lambda: query(settings, "SELECT count(*) FROM manipulation_events WHERE state = 'over'")[0][0] == 2,
@@ -26,6 +37,11 @@ def test_pumps_alerted_followed_and_ordinary_days_calm(settings, tmp_path):
     for process in (consumer, detector):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+    sides = query(settings, "SELECT exchange, count(*) FILTER (WHERE side = 'buy'),"
+                            " count(*) FILTER (WHERE side = 'sell'),"
+                            " count(*) FILTER (WHERE trade_id LIKE 'binance:ILQ__-BTC:%%') FROM trades GROUP BY 1")
+    assert sides == [("BINANCE", sum(t.side == "buy" for t in trades), sum(t.side == "sell" for t in trades),
+                       len(trades))], "every trade with its taker's side and its Binance id"
 
     for p in pumps:
         alerts = query(settings, "SELECT details->>'phase', severity, extract(epoch FROM ts) * 1000 FROM alerts"

@@ -72,12 +72,18 @@ def bad_files(tmp_path):
     cut.write_bytes(whole[:len(whole) // 2])
     latin = tmp_path / "latin.csv"
     latin.write_bytes((header + "2013-10-07T13:30:00Z,SPY,170,1\n2013-10-07T13:30:01Z,SPÿ,170,1\n").encode("latin-1"))
-    return {"big": big, "cut": cut, "latin": latin}
+    two = tmp_path / "two.zip"
+    import zipfile
+    with zipfile.ZipFile(two, "w") as archive:
+        archive.writestr("a.csv", header)
+        archive.writestr("b.csv", header)
+    return {"big": big, "cut": cut, "latin": latin, "two": two}
 
 
 @pytest.mark.parametrize("name, message", [("big", "line 3: not readable as CSV"),
                                            ("cut", "the compressed file is cut short or damaged"),
-                                           ("latin", "line 3: not UTF-8")])
+                                           ("latin", "line 3: not UTF-8"),
+                                           ("two", "a .zip to replay holds one CSV file; this one holds 2")])
 def test_the_producer_says_it_in_one_line_and_exits_2(tmp_path, name, message):
     import os
     import subprocess
@@ -215,3 +221,55 @@ def test_a_quotes_file_needs_its_sizes_and_a_quotes_file_alone_needs_book(tmp_pa
     result = subprocess.run(run + ["--replay", str(tmp_path / "none.csv")], cwd=PROJECT_ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and f"error: cannot replay {tmp_path / 'none.csv'}: " in result.stderr
+
+
+def zipped(path, member, text):
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(member, text)
+    return path
+
+
+def test_binance_trade_files_replay_as_downloaded(tmp_path):
+    """data.binance.vision's files as they come: a spot `trades` zip without a header (times in
+    microseconds), a futures `aggTrades` file with one (milliseconds); the taker's side from
+    is_buyer_maker, the symbol from the file's name, ids as the live feed's."""
+    spot = zipped(tmp_path / "PUMPBTC-trades-2025-03-01.zip", "PUMPBTC-trades-2025-03-01.csv",
+                  "101,0.00000810,20000.00000000,0.16200000,1740787200123456,false,true\n"
+                  "102,0.00000820,5000.00000000,0.04100000,1740787200500000,true,true\n"
+                  "103,x,1.00000000,1.00000000,1740787201000000,false,true\n"
+                  "104,0.00000830,100.00000000,0.00083000,1740787202000000,maybe,true\n"
+                  "105,0.00000830,300.00000000,0.00249000,1740787203000000,false,true\n")
+    loaded = replay.load(spot)
+    assert [(t.trade_id, t.symbol, t.timestamp_ms, t.price, t.quantity, t.side, t.exchange) for t in loaded.trades] == [
+        ("binance:PUMPBTC:101", "PUMPBTC", 1740787200123, 8.1e-6, 20000.0, "buy", "BINANCE"),
+        ("binance:PUMPBTC:102", "PUMPBTC", 1740787200500, 8.2e-6, 5000.0, "sell", "BINANCE"),
+        ("binance:PUMPBTC:105", "PUMPBTC", 1740787203000, 8.3e-6, 300.0, "buy", "BINANCE")]
+    assert [row[:7] for row in loaded.skipped_rows] == ["line 3:", "line 4:"]
+    assert "'maybe' is neither true nor false" in loaded.skipped_rows[1]
+
+    futures = tmp_path / "ETHUSDT-aggTrades-2024-05.csv"
+    futures.write_text("agg_trade_id,price,quantity,first_trade_id,last_trade_id,transact_time,is_buyer_maker\n"
+                       "7,3000.10,0.5,70,72,1714521600000,true\n8,3000.20,1.5,73,73,1714521600250,false\n")
+    assert [(t.trade_id, t.symbol, t.timestamp_ms, t.quantity, t.side) for t in replay.load(futures).trades] == [
+        ("binance:ETHUSDT:a7", "ETHUSDT", 1714521600000, 0.5, "sell"),
+        ("binance:ETHUSDT:a8", "ETHUSDT", 1714521600250, 1.5, "buy")]
+
+    renamed = tmp_path / "dump.csv"
+    renamed.write_text("9,1.5,2,3,1714521600000,false,true\n")
+    with pytest.raises(ValueError, match="no 'symbol' column and no symbol in the file's name; pass --symbol"):
+        replay.load(renamed)
+    named = replay.load(renamed, symbol="xyzbtc").trades
+    assert [(t.trade_id, t.symbol) for t in named] == [("binance:XYZBTC:9", "XYZBTC")]
+
+
+def test_a_zip_holds_one_csv_or_says_why_not(tmp_path):
+    two = bad_files(tmp_path)["two"]
+    with pytest.raises(replay.ReplayError, match=r"two.zip: a .zip to replay holds one CSV file; this one holds 2"):
+        replay.load_files([two])
+    fake = tmp_path / "fake.zip"
+    fake.write_text("timestamp,price\n")
+    with pytest.raises(replay.ReplayError, match=r"fake.zip: not a readable .zip"):
+        replay.load_files([fake])
+    plain = zipped(tmp_path / "plain.zip", "day/trades.csv", "timestamp,symbol,price\n2024-01-02T10:00:00Z,abc,10\n")
+    assert [(t.symbol, t.price, t.exchange) for t in replay.load(plain).trades] == [("ABC", 10.0, "REPLAY")]

@@ -1,11 +1,16 @@
-"""Replay of recorded data: CSV files (optionally gzipped) of trades, of 1-minute bars or of quotes.
+"""Replay of recorded data: CSV files (optionally gzipped, or the one file of a .zip) of trades, of
+1-minute bars or of quotes.
 
-Trades files need a timestamp and a price column; quantity, symbol, trade id, exchange, side, sale
-condition and the bid and ask of the trade's moment are mapped by name (defaults fit
-../shared/data/lean/*_trades.csv.gz). A bars file (open, high, low, close, volume columns) becomes
-four trades per bar at the bar's open, high, low and close, splitting its volume evenly. A quotes
-file (timestamp, bid, bid_size, ask, ask_size; no price column) is the top of a book over time:
-each row a best bid and ask with their sizes, an empty or 0 price an empty side.
+Trades files need a timestamp and a price column; quantity, symbol, trade id, exchange, side (or
+whether the buyer was the maker), sale condition and the bid and ask of the trade's moment are
+mapped by name (defaults fit ../shared/data/lean/*_trades.csv.gz). Binance's public trade files
+(data.binance.vision: `trades` and `aggTrades`, spot without a header line, futures with one) replay
+as downloaded, zipped or not: their layout is known, the taker's side comes from `is_buyer_maker`,
+the symbol from the file's name, the trade id as the live feed's (`binance:<symbol>:<id>`).
+A bars file (open, high, low, close, volume columns) becomes four trades per bar at the bar's open,
+high, low and close, splitting its volume evenly. A quotes file (timestamp, bid, bid_size, ask,
+ask_size; no price column) is the top of a book over time: each row a best bid and ask with their
+sizes, an empty or 0 price an empty side.
 
 Several files replay as one (`load_files`, what `producer.py --replay A --replay B` does): a day's
 trades with its quotes. A trade without its own bid and ask takes those of its symbol's last quote
@@ -22,8 +27,12 @@ from __future__ import annotations
 import csv
 import gzip
 import heapq
+import io
+import itertools
 import logging
 import math
+import re
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +56,23 @@ class ColumnMap:
     trade_id: str = "trade_id"
     exchange: str = "exchange"
     side: str = "side"
+    buyer_maker: str = "is_buyer_maker"     # true: the buyer was the maker, so the taker sold
     condition: str = "condition"
     bid: str = "bid"
     bid_size: str = "bid_size"
     ask: str = "ask"
     ask_size: str = "ask_size"
+
+
+# Binance's trade files: spot ones come without a header; futures ones have it, without is_best_match
+BINANCE_LAYOUTS = {
+    "trades": ("id", "price", "qty", "quote_qty", "time", "is_buyer_maker", "is_best_match"),
+    "aggTrades": ("agg_trade_id", "price", "quantity", "first_trade_id", "last_trade_id", "transact_time",
+                  "is_buyer_maker", "is_best_match"),
+}
+BINANCE_COLUMNS = {"trades": ColumnMap(timestamp="time", quantity="qty", trade_id="id"),
+                   "aggTrades": ColumnMap(timestamp="transact_time", trade_id="agg_trade_id")}
+BINANCE_FILE_NAME = re.compile(r"^(?P<symbol>[A-Za-z0-9_-]+?)-(?:trades|aggTrades)-\d{4}-\d{2}(-\d{2})?\.")
 
 
 @dataclass(slots=True)
@@ -126,17 +147,31 @@ def _joined(result: ReplayFile) -> ReplayFile:
 def _load(path: str | Path, columns: ColumnMap | None, symbol: str | None, exchange: str) -> ReplayFile:
     path = Path(path)
     columns = columns or ColumnMap()
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
+    try:
+        handle = io.TextIOWrapper(_binary(path), encoding="utf-8", newline="")
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"not a readable .zip ({error})") from None
+    with handle:
+        reader = csv.DictReader(handle)     # counts the lines read (none) until the file's reader is made
         try:
-            result = _read(reader, path, columns, symbol, exchange)
+            first = next(handle, "")
+            layout, headered = _binance_layout(next(csv.reader([first]), []))
+            lines = itertools.chain([first], handle)
+            reader = csv.DictReader(lines) if headered else csv.DictReader(lines, fieldnames=layout)
+            prefix = ""
+            if layout:          # ids as the live feed's; an aggregate's apart from the trades'
+                kind = "aggTrades" if "agg_trade_id" in layout else "trades"
+                columns, exchange = BINANCE_COLUMNS[kind], "BINANCE"
+                match = BINANCE_FILE_NAME.match(path.name)
+                symbol = symbol or (match["symbol"] if match else None)
+                prefix = f"binance:{(symbol or '').upper()}:{'a' if kind == 'aggTrades' else ''}"
+            result = _read(reader, path, columns, symbol, exchange, first_line=2 if headered else 1, id_prefix=prefix)
         except csv.Error as error:         # e.g. a field over the csv module's 128 KiB limit
             raise ValueError(f"line {reader.line_num + 1}: not readable as CSV ({error})") from None
         except UnicodeDecodeError as error:
-            raise ValueError(f"line {_first_not_utf8(path, opener)}: not UTF-8 ({error.reason}); save the file as"
+            raise ValueError(f"line {_first_not_utf8(path)}: not UTF-8 ({error.reason}); save the file as"
                              " UTF-8") from None
-        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        except (EOFError, gzip.BadGzipFile, zipfile.BadZipFile, zlib.error) as error:
             raise ValueError(f"after line {reader.line_num}: the compressed file is cut short or damaged ({error})"
                              ) from None
     result.trades.sort(key=lambda t: t.timestamp_ms)
@@ -146,9 +181,37 @@ def _load(path: str | Path, columns: ColumnMap | None, symbol: str | None, excha
     return result
 
 
-def _first_not_utf8(path: Path, opener) -> int | str:
+def _binary(path: Path):
+    """The file's bytes: plain, a .gz, or the one file inside a .zip (how Binance serves its files)."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    if path.suffix != ".zip":
+        return open(path, "rb")
+    with zipfile.ZipFile(path) as archive:     # the member stays readable after the archive is closed
+        names = [name for name in archive.namelist() if not name.endswith("/")]
+        if len(names) != 1:
+            raise ValueError(f"a .zip to replay holds one CSV file; this one holds {len(names)}: {names[:3]}")
+        return archive.open(names[0])
+
+
+def _binance_layout(fields: list[str]) -> tuple[tuple[str, ...], bool]:
+    """The column names of a Binance trade file from its first row (a header or, in spot files, the
+    first trade), and whether that row is a header; ((), True) for any other file."""
+    fields = [f.strip() for f in fields]
+    for names in BINANCE_LAYOUTS.values():
+        if fields and fields == list(names[:len(fields)]) and len(fields) >= len(names) - 1:
+            return names, True
+    maker = {"trades": 5, "aggTrades": 6}
+    for kind, names in BINANCE_LAYOUTS.items():
+        if (len(names) - 1 <= len(fields) <= len(names) and fields[0].isdigit()
+                and fields[maker[kind]].lower() in ("true", "false") and fields[maker[kind] - 1].isdigit()):
+            return names[:len(fields)], False
+    return (), True
+
+
+def _first_not_utf8(path: Path) -> int | str:
     """The number of the first line that is not UTF-8 (the text reader decodes whole blocks)."""
-    with opener(path, "rb") as raw:
+    with _binary(path) as raw:
         for number, line in enumerate(raw, start=1):
             try:
                 line.decode("utf-8")
@@ -157,7 +220,8 @@ def _first_not_utf8(path: Path, opener) -> int | str:
     return "?"
 
 
-def _read(reader: csv.DictReader, path: Path, columns: ColumnMap, symbol: str | None, exchange: str) -> ReplayFile:
+def _read(reader: csv.DictReader, path: Path, columns: ColumnMap, symbol: str | None, exchange: str,
+          first_line: int = 2, id_prefix: str = "") -> ReplayFile:
     header = set(reader.fieldnames or [])
     is_bars = {"open", "high", "low", "close"} <= header and columns.price not in header
     is_quotes = {columns.bid, columns.ask} <= header and columns.price not in header
@@ -173,7 +237,8 @@ def _read(reader: csv.DictReader, path: Path, columns: ColumnMap, symbol: str | 
             raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} (columns are "
                              f"{', '.join(sorted(header))}); map them with --timestamp-column/--price-column")
     if columns.symbol not in header and not symbol:
-        raise ValueError(f"{path}: no '{columns.symbol}' column; pass --symbol to name the instrument")
+        raise ValueError(f"{path}: no '{columns.symbol}' column" + (" and no symbol in the file's name" if id_prefix
+                         else "") + "; pass --symbol to name the instrument")
     result = ReplayFile([])
     if is_quotes:
         for line, row in _quote_rows(reader, columns, symbol, exchange):
@@ -182,7 +247,8 @@ def _read(reader: csv.DictReader, path: Path, columns: ColumnMap, symbol: str | 
             else:
                 result.quotes.append(row)
         return result
-    rows = _bar_rows(reader, columns, symbol) if is_bars else _trade_rows(reader, columns, symbol, path.stem)
+    rows = _bar_rows(reader, columns, symbol) if is_bars else \
+        _trade_rows(reader, columns, symbol, path.stem, first_line, id_prefix)
     for line, row in rows:
         if isinstance(row, str):
             result.skipped_rows.append(f"line {line}: {row}")
@@ -196,17 +262,19 @@ def _read(reader: csv.DictReader, path: Path, columns: ColumnMap, symbol: str | 
 
 
 # The row readers yield (line number, event dict) or (line number, reason it cannot be read).
-def _trade_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None, stem: str):
-    for line, raw in enumerate(reader, start=2):
+def _trade_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None, stem: str, first_line: int = 2,
+                id_prefix: str = ""):
+    for line, raw in enumerate(reader, start=first_line):
         try:
             row: dict[str, object] = {
                 "schema_version": 1,
-                "trade_id": raw.get(columns.trade_id) or f"{stem}-{line}",
+                "trade_id": id_prefix + raw[columns.trade_id] if raw.get(columns.trade_id) else f"{stem}-{line}",
                 "symbol": (raw.get(columns.symbol) or symbol or "").upper(),
                 "timestamp_ms": parse_time_ms(raw[columns.timestamp]),
                 "price": _float(raw[columns.price]),
                 "quantity": _float(raw[columns.quantity]) if raw.get(columns.quantity) else 1.0,
-                "side": SIDE_WORDS.get((raw.get(columns.side) or "").strip().lower(), "unknown"),
+                "side": (SIDE_WORDS.get((raw.get(columns.side) or "").strip().lower())
+                         or _taker(raw.get(columns.buyer_maker))),
                 "condition": raw.get(columns.condition) or None,
             }
             if raw.get(columns.exchange):
@@ -255,6 +323,14 @@ def _quote_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None, 
             yield line, f"not a quote a book can hold ({error})"
             continue
         yield line, quote
+
+
+def _taker(buyer_maker: str | None) -> str:
+    """The taker's side from whether the buyer was the maker (Binance's `is_buyer_maker`)."""
+    text = (buyer_maker or "").strip().lower()
+    if text not in ("true", "false", ""):
+        raise ValueError(f"is the buyer the maker: {buyer_maker!r} is neither true nor false")
+    return {"true": "sell", "false": "buy"}.get(text, "unknown")
 
 
 def _price(text: str | None) -> float | None:
