@@ -246,10 +246,15 @@ def drop(conn, day: Day, record: dict) -> bool:
         # waits for every writer that made sure of its partitions and has not committed yet (the
         # partition it is about to write into must not go from under it), and holds new ones back
         partitions.hold_writers(cur, day.table)
-        cur.execute(f"LOCK TABLE {day.name} IN ACCESS EXCLUSIVE MODE")
+        # readers still read it (nobody writes it) while it is measured; then the table, then the
+        # partition, in the order a query takes them: the other order deadlocks with a reader that
+        # has the table and waits for the partition
+        cur.execute(f"LOCK TABLE {day.name} IN SHARE MODE")
         if measure(cur, day) != (record["rows"], record["checksum"]):
             conn.rollback()
             return False
+        cur.execute(f"LOCK TABLE ONLY {day.table} IN ACCESS EXCLUSIVE MODE")
+        cur.execute(f"LOCK TABLE {day.name} IN ACCESS EXCLUSIVE MODE")
         cur.execute(f"ALTER TABLE {day.table} DETACH PARTITION {day.name}")
         if day.table == "trades":       # a symbol whose newest trade went has none in trades any more
             cur.execute("DELETE FROM latest_trades l WHERE l.ts < %s AND NOT EXISTS"

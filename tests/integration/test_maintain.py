@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import query, scratch_database
+from tests.conftest import query, scratch_database, wait_for
 from tradewatch.alerts import alerts_for
 from tradewatch.config import PROJECT_ROOT
 from tradewatch.detect.evidence import Evidence, trades_named
@@ -528,3 +528,44 @@ def test_a_partition_a_writer_is_about_to_fill_is_not_dropped_from_under_it(arch
     maintainer.close()
     assert dropped == [False], "it saw the new row and kept the day"
     assert query(settings, "SELECT trade_id FROM trades") == [("old",)]
+
+
+def test_a_reader_of_the_table_is_never_deadlocked_by_a_drop(archive_home):
+    """CI found `SELECT min(ts) FROM trades` killed by PostgreSQL's deadlock detector while maintain
+    dropped a day: a query locks the table, then its partitions; the drop locked the partition, then
+    waited for the table. Now the drop reads the partition without shutting readers out of it and
+    takes the table first: the reader ends, then the day goes."""
+    import threading
+
+    from tradewatch import maintain as maintenance
+    from tradewatch.store import partitions
+    settings = archive_home
+    day_ms = int(START.timestamp() * 1000)
+    maintainer, reader = db.connect(settings), db.connect(settings)
+    with maintainer.cursor() as cur:                  # the day exists, empty, long expired
+        partitions.ensure(cur, "trades", [partitions.day_of(day_ms)])
+        maintainer.commit()
+        day = next(d for d in maintenance.day_partitions(cur, "trades", "ts") if d.day == START.date())
+    maintainer.commit()
+    read = reader.cursor()
+    read.execute("LOCK TABLE ONLY trades IN ACCESS SHARE MODE")  # a query between its table and its partitions
+    outcome: list = []
+
+    def drop():
+        try:
+            outcome.append(maintenance.drop(maintainer, day, {"rows": 0, "checksum": 0}))
+        except Exception as e:  # noqa: BLE001 - the outcome the test reports
+            outcome.append(e)
+    thread = threading.Thread(target=drop)
+    thread.start()
+    waiting = ("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted"
+               " AND relation = 'trades'::regclass)", (maintainer.get_backend_pid(),))
+    wait_for(lambda: query(settings, *waiting)[0][0] or outcome, timeout=30, message="the drop waits for the table")
+    read.execute("SELECT min(ts) FROM trades")       # its partitions: the expired day among them
+    assert read.fetchone() == (None,)
+    reader.commit()
+    thread.join(30)
+    reader.close()
+    maintainer.close()
+    assert outcome == [True], "the reader ended, then the day went"
+    assert f"trades_p{START:%Y%m%d}" not in partition_names(settings, "trades")
