@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --book-anomaly-rate is a chance per trade, 0..1, for a simulated --book; got "
               f"{args.book_anomaly_rate:g}" + ("" if args.book else " without --book"), file=sys.stderr)
         return 2
+    recorded_book = False       # a replay's quotes files are the book
     if args.live:
         venue = VENUES[args.live]
         symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()] if args.symbols \
@@ -133,22 +134,22 @@ def main(argv: list[str] | None = None) -> int:
         speed = _positive_or_max(args.speed, "--speed")
         columns = replay.ColumnMap(**{name: getattr(args, f"{name}_column") for name in vars(replay.ColumnMap())})
         try:
-            loaded = replay.load_files(args.replay, columns, symbol=args.symbol)
+            feed = replay.Replay(args.replay, columns, symbol=args.symbol)
         except replay.ReplayError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        if not loaded.trades and not (loaded.quotes and args.book):
+        if not feed.has("trades") and not (feed.has("quotes") and args.book):
+            feed.close()
             print("error: no trades to replay" + (": a quotes file alone is sent as a book with --book"
-                                                  if loaded.quotes else ""), file=sys.stderr)
+                                                  if feed.has("quotes") else ""), file=sys.stderr)
             return 2
-        trades: object = loaded.trades
-        if loaded.quotes and args.book:
-            trades = replay.events(loaded)      # the recorded quotes are the book: with_books is not used
-        print(f"replaying {len(loaded.trades):,} trades"
-              + (f" and {len(loaded.quotes):,} quotes" if loaded.quotes else "") + f" from {', '.join(args.replay)}"
-              + (f" ({len(loaded.skipped_rows)} unreadable rows skipped)" if loaded.skipped_rows else ""),
-              file=sys.stderr)
-        if args.book and not loaded.quotes and all(t.bid is None and t.ask is None for t in loaded.trades):
+        recorded_book = args.book and feed.has("quotes")
+        if recorded_book:
+            trades: object = replay.quote_books(feed)    # the recorded quotes are the book: with_books is not used
+        else:
+            trades = (event for event in feed if type(event) is not replay.Quote)
+        print(f"replaying {', '.join(args.replay)}", file=sys.stderr)
+        if args.book and not feed.has("quotes") and all(t.bid is None and t.ask is None for t in feed.held_trades()):
             print("note: these trades have no bid and ask and there is no quotes file, so no book is sent "
                   "(add one: --replay quotes.csv)", file=sys.stderr)
     else:
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the live part only: a simulated past (--history) has trades alone; a venue's feed brings its own book
     live = trades
-    if args.book and not args.live and not (args.replay and loaded.quotes):
+    if args.book and not args.live and not recorded_book:
         live = with_books(trades, args.book_depth or settings.book_depth, seed=args.seed,
                           anomaly_rate=args.book_anomaly_rate)
 
@@ -221,12 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     except FeedFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except replay.ReplayError as error:      # damage further into a file: what was read before it is sent
+        print(f"error: {error} (the {feed.trades:,} trades before it are sent)", file=sys.stderr)
+        return 2
     finally:                        # whatever ended the feed, what was queued is sent first
         publisher.flush()
         publisher.close()
+        if args.replay:
+            feed.close()
     print(f"done: sent {stats.sent:,} trades in {stats.elapsed_s:.1f}s ({stats.rate:,.0f}/s)"
           + (f" and {stats.book_messages:,} book messages" if stats.book_messages else "")
           + (f", injected anomalies {stats.injected}" if stats.injected else ""), file=sys.stderr)
+    if args.replay:
+        print(f"replayed {feed.trades:,} trades" + (f" and {feed.quotes:,} quotes" if feed.quotes else "")
+              + (f"; {feed.skipped:,} unreadable rows skipped (first: {feed.skipped_rows[0]})" if feed.skipped else "")
+              + (f"; {feed.late:,} came more than {replay.REORDER_ROWS:,} rows out of event-time order and were sent"
+                 " late (sort the file to replay it in order)" if feed.late else ""), file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import signal
 import time
@@ -160,6 +161,35 @@ def test_spy_replay_stores_every_trade_with_its_event_timestamp(settings, tmp_pa
     assert n == len(rows) and int(ms_sum) == expected_ms
     assert qty == sum(float(r[4]) for r in rows)
     assert first_ts.isoformat() == "2013-10-07T08:00:00.464000+00:00"
+
+
+def test_a_replay_file_damaged_further_in_sends_the_trades_before_the_damage_and_says_where(settings, tmp_path):
+    """Replay streams a file as it sends it (memory holds REORDER_ROWS rows, not the file), so damage
+    past the rows read ahead is found after sending began: the producer stops there, says where and
+    how many trades went, exits 2, and exactly those trades are stored — the first rows, in order."""
+    import subprocess
+    import sys
+
+    from tradewatch.config import PROJECT_ROOT
+    from tradewatch.market.replay import REORDER_ROWS
+    rows = "".join(f"2024-01-02T{10 + n // 3600}:{n // 60 % 60:02d}:{n % 60:02d}Z,ABC,{10 + n % 7},1\n"
+                   for n in range(3 * REORDER_ROWS))
+    whole = gzip.compress(("timestamp,symbol,price,quantity\n" + rows).encode())
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(whole[:len(whole) * 3 // 4])
+    consumer = start_script(settings, "consumer.py", log=tmp_path / "consumer.log")
+    result = subprocess.run([sys.executable, "producer.py", "--replay", str(path), "--speed", "max"], cwd=PROJECT_ROOT,
+                            env={**os.environ, **settings.as_env()}, capture_output=True, text=True, timeout=300)
+    error = result.stderr.strip().splitlines()[-1]
+    found = re.search(r"^error: cannot replay .*cut.csv.gz: after line (\d+): the compressed file is cut short or "
+                      r"damaged .*\(the ([\d,]+) trades before it are sent\)$", error)
+    assert result.returncode == 2 and found, result.stderr[-2000:]
+    line, sent = int(found[1]), int(found[2].replace(",", ""))
+    assert REORDER_ROWS < sent == line - 1 - REORDER_ROWS
+    wait_for(lambda: count(settings) == sent, timeout=120, message=f"{sent} trades stored")
+    assert stop_gracefully(consumer) == 0
+    assert {r[0] for r in query(settings, "SELECT trade_id FROM trades")} == \
+        {f"cut.csv-{n}" for n in range(2, sent + 2)}
 
 
 def test_two_consumers_in_one_group_share_the_partitions(settings, tmp_path):

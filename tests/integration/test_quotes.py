@@ -248,7 +248,7 @@ def test_a_recorded_day_and_its_quotes_replay_into_trades_with_their_quotes_and_
               start_script(settings, "consumer.py", "--quotes", log=tmp_path / "quotes.log")]
     result = run_script(settings, "producer.py", "--replay", str(tmp_path / "trades.csv"), "--replay",
                         str(tmp_path / "quotes.csv"), "--book", "--speed", "max")
-    assert f"replaying {len(trades):,} trades and {len(quotes):,} quotes from" in result.stderr
+    assert f"replayed {len(trades):,} trades and {len(quotes):,} quotes" in result.stderr
     wait_for(lambda: stored_quotes(settings) == len(quotes) and query(settings, "SELECT count(*) FROM trades")[0][0]
              == len(trades), timeout=120, message="every quote and trade stored")
     assert [stop_gracefully(stage) for stage in stages] == [0, 0]

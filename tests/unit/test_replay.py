@@ -1,4 +1,5 @@
 import gzip
+import re
 
 import pytest
 
@@ -68,7 +69,7 @@ def bad_files(tmp_path):
     big.write_text(header + "2013-10-07T13:30:00Z,SPY,170,1\n2013-10-07T13:30:01Z,SPY,170," + "9" * 200_000 + "\n")
     cut = tmp_path / "cut.csv.gz"
     whole = gzip.compress((header + "".join(f"2013-10-07T13:30:{i % 60:02d}Z,SPY,170,1\n"
-                                            for i in range(20_000))).encode())
+                                            for i in range(2_000))).encode())      # found in the rows read ahead
     cut.write_bytes(whole[:len(whole) // 2])
     latin = tmp_path / "latin.csv"
     latin.write_bytes((header + "2013-10-07T13:30:00Z,SPY,170,1\n2013-10-07T13:30:01Z,SPÿ,170,1\n").encode("latin-1"))
@@ -273,3 +274,41 @@ def test_a_zip_holds_one_csv_or_says_why_not(tmp_path):
         replay.load_files([fake])
     plain = zipped(tmp_path / "plain.zip", "day/trades.csv", "timestamp,symbol,price\n2024-01-02T10:00:00Z,abc,10\n")
     assert [(t.symbol, t.price, t.exchange) for t in replay.load(plain).trades] == [("ABC", 10.0, "REPLAY")]
+
+
+def test_a_replay_streams_holding_a_bounded_number_of_rows_and_sends_a_row_far_out_of_order_late(tmp_path):
+    """A replay reads as it sends (a month of a busy pair is tens of millions of rows): at most `hold`
+    rows a file are held, those put a row a little out of order back in event time, and a row further
+    out than that is sent when read, counted as late, not lost."""
+    rows = [(1_700_000_000_000 + 1000 * n, n) for n in range(3_000)]
+    rows[1000], rows[1040] = rows[1040], rows[1000]             # 40 rows apart: within what is held
+    rows.insert(2_500, (1_700_000_000_000 + 1000 * 100, "late"))  # 2,400 rows back: further
+    path = tmp_path / "t.csv.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write("trade_id,timestamp,symbol,price\n" + "".join(f"{n},{ms},ABC,10\n" for ms, n in rows))
+    feed = replay.Replay([path], hold=100)
+    held, taken = [], []
+    for trade in feed:
+        held.append(len(feed.files[0].held))
+        taken.append(trade.trade_id)
+    assert max(held) == 100 and sorted(taken) == sorted(str(n) for _, n in rows), "every row once, 100 held"
+    assert taken[:1041] == [str(n) for n in range(1041)], "a row 40 out of order back in its place"
+    assert taken.index("late") == 2_500 - 100 + 1, "sent as soon as read: the rows held then go after it"
+    assert (feed.trades, feed.late, feed.skipped) == (3_001, 1, 0)
+
+
+def test_damage_further_into_a_file_ends_the_replay_after_the_rows_before_it(tmp_path):
+    rows = "".join(f"2024-01-02T{10 + n // 3600}:{n // 60 % 60:02d}:{n % 60:02d}Z,ABC,{10 + n % 7}\n"
+                   for n in range(20_000))
+    whole = gzip.compress(("timestamp,symbol,price\n" + rows).encode())
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(whole[:len(whole) * 3 // 4])
+    feed = replay.Replay([path], hold=1_000)        # opens: the damage is further in than what is read ahead
+    taken = []
+    with pytest.raises(replay.ReplayError, match=r"cut.csv.gz: after line (\d+): the compressed file is cut short") \
+            as error:
+        for trade in feed:
+            taken.append(trade.trade_id)
+    line = int(re.search(r"after line (\d+)", str(error.value))[1])
+    assert 10_000 < line < 20_000 and feed.trades == len(taken) == line - 1 - 1_000
+    assert taken == [f"cut.csv-{n}" for n in range(2, line - 1_000 + 1)], "the rows before it, in order"

@@ -21,6 +21,13 @@ messages of a one-level book (tradewatch/book.py) in event time, a quote before 
 same millisecond.
 
 Rows that cannot be read are reported with their line number and skipped; the rest replays.
+
+A replay streams (`Replay`, what the producer sends from): each file is read as it is sent, so memory
+holds REORDER_ROWS rows a file, not the file — a month of a busy pair's trades is tens of millions
+of rows. Rows slightly out of event-time order come out in order (they are held that many rows);
+one further out is sent when it is read, late, and counted. A file that cannot be read at all (no
+such file, missing columns, not a CSV) is refused before anything is sent; damage found further in
+ends the replay there, after the rows before it. `load_files` reads whole files into lists, sorted.
 """
 from __future__ import annotations
 
@@ -86,11 +93,16 @@ class Quote:
     ask_size: float
 
 
+REORDER_ROWS = 10_000    # rows a file holds to put rows slightly out of order in event time (~3 MB)
+SKIPPED_KEPT = 100       # unreadable rows whose reasons are kept (all are counted)
+
+
 @dataclass
 class ReplayFile:
+    """Files read whole (load_files)."""
     trades: list[Trade]
     quotes: list[Quote] = field(default_factory=list)
-    skipped_rows: list[str] = field(default_factory=list)  # "line N: reason"
+    skipped_rows: list[str] = field(default_factory=list)  # "line N: reason", the first SKIPPED_KEPT
 
 
 def parse_time_ms(text: str) -> int:
@@ -111,47 +123,125 @@ class ReplayError(ValueError):
     """A file of a replay that cannot be read: which one, and why."""
     def __init__(self, path: str | Path, error: Exception):
         super().__init__(f"cannot replay {path}: {error}")
+        self.reason = error
 
 
-def load_files(paths: Sequence[str | Path], columns: ColumnMap | None = None, symbol: str | None = None,
-               exchange: str = "REPLAY") -> ReplayFile:
-    """Several files as one replay: their trades and quotes each sorted by event time (stable), the
-    trades given the quote of their moment and a side (the module's docstring). Raises ReplayError."""
-    parts = []
-    for path in paths:
+class Replay:
+    """Files replayed as one stream in event time, each read as it is taken (the module's docstring).
+
+    Opening reads each file's first `hold` rows (None: the whole file, sorted) and raises ReplayError
+    for a file that cannot be read; iterating raises it for damage found further in. `trades`,
+    `quotes`, `late` and `skipped` count what was taken so far; `skipped_rows` keeps the first reasons."""
+
+    def __init__(self, paths: Sequence[str | Path], columns: ColumnMap | None = None, symbol: str | None = None,
+                 exchange: str = "REPLAY", hold: int | None = REORDER_ROWS):
+        self.trades = self.quotes = self.late = self.skipped = 0
+        self.skipped_rows: list[str] = []
+        self._named = len(paths) > 1            # a reason names its file when there are several
+        self.files: list[_File] = []
         try:
-            parts.append(_load(path, columns, symbol, exchange))
+            for path in paths:
+                self.files.append(_File(Path(path), columns or ColumnMap(), symbol, exchange, hold, self))
+        except ReplayError:
+            self.close()
+            raise
+
+    def has(self, kind: str) -> bool:
+        """Whether a file of this kind ("trades" or "quotes") has rows left to replay."""
+        return any(f.kind == kind and (f.held or f.rows is not None) for f in self.files)
+
+    def held_trades(self) -> Iterator[Trade]:
+        """The trades read ahead and not yet taken (at most `hold` a file)."""
+        return (event for f in self.files if f.kind == "trades" for _, _, event in f.held)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def skip(self, path: Path, line: int, reason: str) -> None:
+        self.skipped += 1
+        if len(self.skipped_rows) < SKIPPED_KEPT:
+            self.skipped_rows.append(f"{path}: line {line}: {reason}" if self._named else f"line {line}: {reason}")
+
+    def __iter__(self) -> Iterator[Trade | Quote]:
+        """The trades, each with its quote and a side (the module's docstring), and the quotes, in
+        event time, a quote before a trade of the same millisecond."""
+        latest: dict[str, Quote] = {}
+        last_price: dict[str, float] = {}
+        last_side: dict[str, str] = {}
+        for event in heapq.merge(*self.files, key=lambda e: (e.timestamp_ms, type(e) is not Quote)):
+            if type(event) is Quote:
+                latest[event.symbol] = event
+                self.quotes += 1
+            else:
+                quote = latest.get(event.symbol)
+                if quote is not None and event.bid is None and event.ask is None:
+                    event.bid, event.ask = quote.bid, quote.ask
+                _infer_side(event, last_price, last_side)
+                self.trades += 1
+            yield event
+
+
+class _File:
+    """One file's rows as trades or quotes, read as they are taken and put in event time within the
+    `hold` rows held (a heap of (event time, row order, event))."""
+
+    def __init__(self, path: Path, columns: ColumnMap, symbol: str | None, exchange: str, hold: int | None,
+                 replay: Replay):
+        self.path, self.hold, self.replay = path, hold, replay
+        self.held: list = []
+        self.order, self.last_ms, self.skipped = 0, -math.inf, 0
+        self.handle = None
+        self.kind = "trades"
+        self.rows: Iterator | None = None
+        try:
+            try:
+                self.handle = io.TextIOWrapper(_binary(path), encoding="utf-8", newline="")
+            except zipfile.BadZipFile as error:
+                raise ValueError(f"not a readable .zip ({error})") from None
+            self.rows = self._rows(columns, symbol, exchange)
+            next(self.rows)             # the header read and checked, the kind known
+            self._fill()
         except (OSError, ValueError) as error:
-            raise ReplayError(path, error) from None
-    result = ReplayFile([t for p in parts for t in p.trades], [q for p in parts for q in p.quotes],
-                        [f"{path}: {row}" if len(paths) > 1 else row for path, p in zip(paths, parts)
-                         for row in p.skipped_rows])
-    if len(parts) > 1:
-        result.trades.sort(key=lambda t: t.timestamp_ms)
-        result.quotes.sort(key=lambda q: q.timestamp_ms)
-    return _joined(result)
+            self.close()
+            raise ReplayError(path, error) from error
 
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        self.rows = None
 
-def load(path: str | Path, columns: ColumnMap | None = None, symbol: str | None = None,
-         exchange: str = "REPLAY") -> ReplayFile:
-    """Read one trades, bars or quotes CSV (as load_files does; raises OSError or ValueError)."""
-    return _joined(_load(path, columns, symbol, exchange))
+    def __iter__(self) -> Iterator[Trade | Quote]:
+        while self.held:
+            ms, _, event = heapq.heappop(self.held)
+            try:
+                self._fill()
+            except (OSError, ValueError) as error:
+                self.close()
+                raise ReplayError(self.path, error) from error
+            if ms < self.last_ms:
+                self.replay.late += 1       # read after later rows had gone: sent now, late
+            else:
+                self.last_ms = ms
+            yield event
 
+    def _fill(self) -> None:
+        while self.rows is not None and (self.hold is None or len(self.held) < self.hold):
+            item = next(self.rows, None)
+            if item is None:
+                self.close()
+                if self.skipped:
+                    log.warning("%s: skipped %d unreadable rows", self.path, self.skipped)
+            elif isinstance(item[1], str):
+                self.skipped += 1
+                self.replay.skip(self.path, *item)
+            else:
+                heapq.heappush(self.held, (item[1].timestamp_ms, self.order, item[1]))
+                self.order += 1
 
-def _joined(result: ReplayFile) -> ReplayFile:
-    _attach_quotes(result.trades, result.quotes)
-    infer_sides(result.trades)
-    return result
-
-
-def _load(path: str | Path, columns: ColumnMap | None, symbol: str | None, exchange: str) -> ReplayFile:
-    path = Path(path)
-    columns = columns or ColumnMap()
-    try:
-        handle = io.TextIOWrapper(_binary(path), encoding="utf-8", newline="")
-    except zipfile.BadZipFile as error:
-        raise ValueError(f"not a readable .zip ({error})") from None
-    with handle:
+    def _rows(self, columns: ColumnMap, symbol: str | None, exchange: str):
+        """None once the header is checked, then each row as (line, Trade or Quote, or why it cannot be read)."""
+        handle = self.handle
         reader = csv.DictReader(handle)     # counts the lines read (none) until the file's reader is made
         try:
             first = next(handle, "")
@@ -162,23 +252,42 @@ def _load(path: str | Path, columns: ColumnMap | None, symbol: str | None, excha
             if layout:          # ids as the live feed's; an aggregate's apart from the trades'
                 kind = "aggTrades" if "agg_trade_id" in layout else "trades"
                 columns, exchange = BINANCE_COLUMNS[kind], "BINANCE"
-                match = BINANCE_FILE_NAME.match(path.name)
+                match = BINANCE_FILE_NAME.match(self.path.name)
                 symbol = symbol or (match["symbol"] if match else None)
                 prefix = f"binance:{(symbol or '').upper()}:{'a' if kind == 'aggTrades' else ''}"
-            result = _read(reader, path, columns, symbol, exchange, first_line=2 if headered else 1, id_prefix=prefix)
+            self.kind, rows = _read(reader, self.path, columns, symbol, exchange,
+                                    first_line=2 if headered else 1, id_prefix=prefix)
+            yield None
+            yield from rows
         except csv.Error as error:         # e.g. a field over the csv module's 128 KiB limit
             raise ValueError(f"line {reader.line_num + 1}: not readable as CSV ({error})") from None
         except UnicodeDecodeError as error:
-            raise ValueError(f"line {_first_not_utf8(path)}: not UTF-8 ({error.reason}); save the file as"
+            raise ValueError(f"line {_first_not_utf8(self.path)}: not UTF-8 ({error.reason}); save the file as"
                              " UTF-8") from None
         except (EOFError, gzip.BadGzipFile, zipfile.BadZipFile, zlib.error) as error:
             raise ValueError(f"after line {reader.line_num}: the compressed file is cut short or damaged ({error})"
                              ) from None
-    result.trades.sort(key=lambda t: t.timestamp_ms)
-    result.quotes.sort(key=lambda q: q.timestamp_ms)
-    if result.skipped_rows:
-        log.warning("%s: skipped %d unreadable rows, first: %s", path, len(result.skipped_rows), result.skipped_rows[0])
+
+
+def load_files(paths: Sequence[str | Path], columns: ColumnMap | None = None, symbol: str | None = None,
+               exchange: str = "REPLAY") -> ReplayFile:
+    """Several files read whole as one replay: a Replay's trades and quotes, each list in event time
+    (stable). Raises ReplayError."""
+    feed = Replay(paths, columns, symbol, exchange, hold=None)
+    result = ReplayFile([])
+    for event in feed:
+        (result.quotes if type(event) is Quote else result.trades).append(event)
+    result.skipped_rows = feed.skipped_rows
     return result
+
+
+def load(path: str | Path, columns: ColumnMap | None = None, symbol: str | None = None,
+         exchange: str = "REPLAY") -> ReplayFile:
+    """Read one trades, bars or quotes CSV whole (as load_files does; raises OSError or ValueError)."""
+    try:
+        return load_files([path], columns, symbol, exchange)
+    except ReplayError as error:
+        raise error.reason from None
 
 
 def _binary(path: Path):
@@ -221,7 +330,9 @@ def _first_not_utf8(path: Path) -> int | str:
 
 
 def _read(reader: csv.DictReader, path: Path, columns: ColumnMap, symbol: str | None, exchange: str,
-          first_line: int = 2, id_prefix: str = "") -> ReplayFile:
+          first_line: int = 2, id_prefix: str = ""):
+    """The file's kind ("trades" for trades and bars, or "quotes") and its rows as (line, Trade or
+    Quote, or why the row cannot be read); raises ValueError for a header that does not fit."""
     header = set(reader.fieldnames or [])
     is_bars = {"open", "high", "low", "close"} <= header and columns.price not in header
     is_quotes = {columns.bid, columns.ask} <= header and columns.price not in header
@@ -239,26 +350,23 @@ def _read(reader: csv.DictReader, path: Path, columns: ColumnMap, symbol: str | 
     if columns.symbol not in header and not symbol:
         raise ValueError(f"{path}: no '{columns.symbol}' column" + (" and no symbol in the file's name" if id_prefix
                          else "") + "; pass --symbol to name the instrument")
-    result = ReplayFile([])
     if is_quotes:
-        for line, row in _quote_rows(reader, columns, symbol, exchange):
-            if isinstance(row, str):
-                result.skipped_rows.append(f"line {line}: {row}")
-            else:
-                result.quotes.append(row)
-        return result
+        return "quotes", _quote_rows(reader, columns, symbol, exchange)
     rows = _bar_rows(reader, columns, symbol) if is_bars else \
         _trade_rows(reader, columns, symbol, path.stem, first_line, id_prefix)
+    return "trades", _trades(rows, exchange)
+
+
+def _trades(rows, exchange: str):
     for line, row in rows:
         if isinstance(row, str):
-            result.skipped_rows.append(f"line {line}: {row}")
+            yield line, row
             continue
         try:
             row.setdefault("exchange", exchange)
-            result.trades.append(trade_from_dict(row))
+            yield line, trade_from_dict(row)
         except (InvalidTrade, ValueError, KeyError) as error:
-            result.skipped_rows.append(f"line {line}: {error}")
-    return result
+            yield line, str(error)
 
 
 # The row readers yield (line number, event dict) or (line number, reason it cannot be read).
@@ -348,56 +456,43 @@ def _float(text: str) -> float:
     return value
 
 
-def _attach_quotes(trades: list[Trade], quotes: list[Quote]) -> None:
-    """Give each trade without a bid and ask those of its symbol's last quote at or before it (both
-    lists sorted by event time)."""
-    latest: dict[str, Quote] = {}
-    i = 0
-    for trade in trades:
-        while i < len(quotes) and quotes[i].timestamp_ms <= trade.timestamp_ms:
-            latest[quotes[i].symbol] = quotes[i]
-            i += 1
-        quote = latest.get(trade.symbol)
-        if quote is not None and trade.bid is None and trade.ask is None:
-            trade.bid, trade.ask = quote.bid, quote.ask
-
-
-def infer_sides(trades: list[Trade]) -> None:
-    """Buy or sell for trades without a side (sorted by event time): the quote rule where the trade
-    has a bid and ask and is off their midpoint, else the tick rule (uptick buy, downtick sell, zero
-    tick the previous side)."""
-    last_price: dict[str, float] = {}
-    last_side: dict[str, str] = {}
-    for trade in trades:
-        previous = last_price.get(trade.symbol)
-        mid = None if trade.bid is None or trade.ask is None else (trade.bid + trade.ask) / 2
-        if trade.side == "unknown" and mid is not None and trade.price != mid:
-            trade.side = "buy" if trade.price > mid else "sell"
-        elif trade.side == "unknown" and previous is not None:
-            if trade.price > previous:
-                trade.side = "buy"
-            elif trade.price < previous:
-                trade.side = "sell"
-            else:
-                trade.side = last_side.get(trade.symbol, "unknown")
-        last_price[trade.symbol] = trade.price
-        last_side[trade.symbol] = trade.side
+def _infer_side(trade: Trade, last_price: dict[str, float], last_side: dict[str, str]) -> None:
+    """Buy or sell for a trade without a side (trades taken in event time): the quote rule where the
+    trade has a bid and ask and is off their midpoint, else the tick rule (uptick buy, downtick sell,
+    zero tick the previous side)."""
+    previous = last_price.get(trade.symbol)
+    mid = None if trade.bid is None or trade.ask is None else (trade.bid + trade.ask) / 2
+    if trade.side == "unknown" and mid is not None and trade.price != mid:
+        trade.side = "buy" if trade.price > mid else "sell"
+    elif trade.side == "unknown" and previous is not None:
+        if trade.price > previous:
+            trade.side = "buy"
+        elif trade.price < previous:
+            trade.side = "sell"
+        else:
+            trade.side = last_side.get(trade.symbol, "unknown")
+    last_price[trade.symbol] = trade.price
+    last_side[trade.symbol] = trade.side
 
 
 def events(replayed: ReplayFile, exchange: str = "REPLAY") -> Iterator[Trade | BookMessage]:
     """The trades with their quotes as book messages, in event time (a quote first at equal times)."""
-    return heapq.merge(quote_books(replayed.quotes, exchange), replayed.trades, key=lambda e: e.timestamp_ms)
+    return quote_books(heapq.merge(replayed.quotes, replayed.trades, key=lambda e: e.timestamp_ms), exchange)
 
 
-def quote_books(quotes: Iterable[Quote], exchange: str = "REPLAY",
-                snapshot_every_ms: int = SNAPSHOT_EVERY_MS) -> Iterator[BookMessage]:
-    """Each symbol's quotes as book messages of a one-level book: a snapshot first and every
-    `snapshot_every_ms` of event time after, an update for each quote that changed the book (the old
-    level removed where the price moved), nothing for a quote that repeats the last."""
+def quote_books(events: Iterable[Quote | Trade], exchange: str = "REPLAY",
+                snapshot_every_ms: int = SNAPSHOT_EVERY_MS) -> Iterator[BookMessage | Trade]:
+    """Each symbol's quotes as book messages of a one-level book, trades passed on as they come: a
+    snapshot first and every `snapshot_every_ms` of event time after, an update for each quote that
+    changed the book (the old level removed where the price moved), nothing for a quote that repeats
+    the last."""
     last: dict[str, Quote] = {}
     seqs: dict[str, int] = {}
     due: dict[str, int] = {}
-    for quote in quotes:
+    for quote in events:
+        if type(quote) is not Quote:
+            yield quote
+            continue
         before = last.get(quote.symbol)
         snapshot = before is None or quote.timestamp_ms >= due[quote.symbol]
         if not snapshot and (before.bid, before.bid_size, before.ask, before.ask_size) == \
