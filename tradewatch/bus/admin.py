@@ -127,6 +127,17 @@ def wait_for_kafka(settings: Settings, timeout_s: float = 60.0, brokers: int = 1
         time.sleep(0.5)
 
 
+def settling(error) -> bool:
+    """Whether a KafkaError passes by itself once the cluster settles: librdkafka's own retriable
+    errors, and the broker's answers while a partition's leader or a group's coordinator is still
+    being elected or loaded (right after a broker start or a topic's creation) — librdkafka does not
+    mark those retriable when they come back from a one-off query such as a watermark read."""
+    from confluent_kafka import KafkaError
+    return error.retriable() or error.code() in (
+        KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+
+
 def group_lag(settings: Settings, group_id: str, topic: str) -> dict[int, tuple[int, int]]:
     """Per partition of `topic`: (committed offset of `group_id`, end offset). Missing commit = 0.
     Reading committed offsets does not join the group, so this never disturbs its members. Raises
@@ -149,8 +160,7 @@ def group_lag(settings: Settings, group_id: str, topic: str) -> dict[int, tuple[
                     result[tp.partition] = (max(tp.offset, 0), end)
                 return result
             except KafkaException as error:
-                if time.monotonic() > deadline or not error.args[0].retriable() and \
-                        error.args[0].code() not in (16, 14):    # NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS
+                if time.monotonic() > deadline or not settling(error.args[0]):
                     raise KafkaUnavailable(f"cannot read the offsets of group {group_id}: {error.args[0].str()}") \
                         from None
                 time.sleep(0.2)
