@@ -141,6 +141,7 @@ class _Seen:
 _symbol_ok, _exchange_ok = _Seen(_SYMBOL_PATTERN), _Seen(_EXCHANGE_PATTERN)
 _id_ok, _condition_ok = _ID.match, re.compile(_CONDITION_PATTERN).match
 _decode_wire = msgspec.json.Decoder(_Wire).decode
+_convert = msgspec.convert
 
 
 def parse_trade(raw: bytes | None, sent_ms: int | None = None, max_skew_ms: int = MAX_CLOCK_SKEW_MS) -> Trade:
@@ -163,14 +164,19 @@ def decode_trade(raw: bytes | None, sent_ms: int | None = None,
         except (msgspec.DecodeError, ValueError):
             pass    # the slow path below says why (msgspec raises UnicodeDecodeError on some bad UTF-8)
         else:
-            limit = (sent_ms if sent_ms is not None else int(time.time() * 1000)) + max_skew_ms
-            if (w.timestamp_ms <= limit and math.isfinite(w.price) and math.isfinite(w.quantity)
-                    and (w.bid is None or math.isfinite(w.bid)) and (w.ask is None or math.isfinite(w.ask))
-                    and (w.bid is None or w.ask is None or w.bid <= w.ask) and _id_ok(w.trade_id)
-                    and _symbol_ok(w.symbol) and _exchange_ok(w.exchange)
-                    and (w.condition is None or _condition_ok(w.condition))):
+            if _wire_ok(w, sent_ms, max_skew_ms):
                 return w
     return _parse_slowly(raw, sent_ms, max_skew_ms)
+
+
+def _wire_ok(w: _Wire, sent_ms: int | None, max_skew_ms: int) -> bool:
+    """What the fast paths check beyond the types and ranges msgspec checked: the rules' other checks."""
+    limit = (sent_ms if sent_ms is not None else int(time.time() * 1000)) + max_skew_ms
+    return (w.timestamp_ms <= limit and math.isfinite(w.price) and math.isfinite(w.quantity)
+            and (w.bid is None or math.isfinite(w.bid)) and (w.ask is None or math.isfinite(w.ask))
+            and (w.bid is None or w.ask is None or w.bid <= w.ask) and bool(_id_ok(w.trade_id))
+            and _symbol_ok(w.symbol) and _exchange_ok(w.exchange)
+            and (w.condition is None or bool(_condition_ok(w.condition))))
 
 
 def _parse_slowly(raw: bytes | None, sent_ms: int | None, max_skew_ms: int = MAX_CLOCK_SKEW_MS) -> Trade:
@@ -186,10 +192,26 @@ def _parse_slowly(raw: bytes | None, sent_ms: int | None, max_skew_ms: int = MAX
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise InvalidTrade(f"not JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
-    return trade_from_dict(data, sent_ms, max_skew_ms)
+    return _trade_by_the_rules(data, sent_ms, max_skew_ms)
 
 
 def trade_from_dict(data: object, sent_ms: int | None = None, max_skew_ms: int = MAX_CLOCK_SKEW_MS) -> Trade:
+    """A trade from fields already read (a replayed row): msgspec's checks and _wire_ok, as
+    decode_trade's fast path (a fifth of the time); what they refuse gets the rules' precise reason."""
+    if type(data) is dict:
+        try:
+            w = _convert(data, _Wire)
+        except (msgspec.ValidationError, OverflowError, ValueError, TypeError):
+            pass
+        else:
+            if _wire_ok(w, sent_ms, max_skew_ms):
+                return Trade(w.trade_id, w.symbol, w.timestamp_ms, w.price, w.quantity, w.side, w.exchange,
+                             w.bid, w.ask, w.condition, w.injected_anomaly, w.schema_version)
+    return _trade_by_the_rules(data, sent_ms, max_skew_ms)
+
+
+def _trade_by_the_rules(data: object, sent_ms: int | None = None, max_skew_ms: int = MAX_CLOCK_SKEW_MS) -> Trade:
+    """Every check in plain Python, one at a time, each with its reason (the definition the fast paths agree with)."""
     if not isinstance(data, dict):
         raise InvalidTrade(f"expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")

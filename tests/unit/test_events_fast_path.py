@@ -1,5 +1,6 @@
-"""The msgspec fast path of parse_trade accepts exactly what the plain-Python rules accept, and
-builds the same Trade; whatever it refuses gets the precise reason from the rules."""
+"""The msgspec fast paths of parse_trade (JSON bytes) and trade_from_dict (fields already read, a
+replayed row) accept exactly what the plain-Python rules accept, and build the same Trade; whatever
+they refuse gets the precise reason from the rules."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tradewatch.events import EARLIEST_TIMESTAMP_MS, InvalidTrade, _parse_slowly, parse_trade
+from tradewatch.events import (EARLIEST_TIMESTAMP_MS, InvalidTrade, _parse_slowly, _trade_by_the_rules, parse_trade,
+                               trade_from_dict)
 
 NOW_MS = 1_790_000_000_000
 
@@ -54,6 +56,13 @@ def outcome(parse, raw):
 @given(events())
 def test_fast_path_agrees_with_the_rules(raw):
     assert outcome(parse_trade, raw) == outcome(_parse_slowly, raw)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events())
+def test_the_fast_path_of_fields_already_read_agrees_with_the_rules(raw):
+    fields = json.loads(raw)
+    assert outcome(trade_from_dict, fields) == outcome(_trade_by_the_rules, fields)
 
 
 def test_reasons_come_from_the_rules():
