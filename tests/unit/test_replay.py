@@ -46,6 +46,24 @@ def test_column_mapping_epoch_times_sorting_and_bad_rows(tmp_path):
     assert loaded.skipped_rows[1].startswith("line 5:") and "must be > 0" in loaded.skipped_rows[1]
 
 
+def test_a_row_cut_short_is_skipped_with_its_line_and_the_rest_replays(tmp_path):
+    """A row with fewer fields than the header (a line cut short) is a bad row, in every kind of
+    file: it once stopped the replay with a Python error where its time should have been."""
+    trades, bars, quotes = tmp_path / "t.csv", tmp_path / "b.csv", tmp_path / "q.csv"
+    trades.write_text("trade_id,timestamp,symbol,price,quantity\n1,2013-10-07T08:00:00Z,SPY,10,1\n2\n"
+                      "3,2013-10-07T08:00:01Z,SPY,10.5\n")
+    bars.write_text("symbol,window_start,open,high,low,close,volume\nIBM,2013-10-07T13:30:00Z,1,2,1,2,8\nIBM\n")
+    quotes.write_text("symbol,timestamp,bid,bid_size,ask,ask_size\nSPY,2013-10-07T08:00:00Z,9,1,11,1\nSPY\n")
+    loaded = replay.load(trades)
+    assert [(t.trade_id, t.price, t.quantity) for t in loaded.trades] == [("1", 10.0, 1.0), ("3", 10.5, 1.0)]
+    assert len(loaded.skipped_rows) == 1 and loaded.skipped_rows[0].startswith("line 3: ")
+    assert "time" in loaded.skipped_rows[0]
+    for path, kept in ((bars, 4), (quotes, 1)):
+        loaded = replay.load(path)
+        assert len(loaded.trades) + len(loaded.quotes) == kept
+        assert len(loaded.skipped_rows) == 1 and loaded.skipped_rows[0].startswith("line 3: ")
+
+
 def test_bars_file_becomes_four_trades_per_bar():
     loaded = replay.load(SHARED_DATA / "lean" / "ibm_20131007_bars_1m.csv")
     assert len(loaded.trades) == 453 * 4

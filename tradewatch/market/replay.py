@@ -20,7 +20,8 @@ downtick sell, unchanged the previous side). `events` merges the trades with the
 messages of a one-level book (tradewatch/book.py) in event time, a quote before a trade of the
 same millisecond.
 
-Rows that cannot be read are reported with their line number and skipped; the rest replays.
+Rows that cannot be read (a value that is not one, a row cut short) are reported with their line
+number and skipped; the rest replays.
 
 A replay streams (`Replay`, what the producer sends from): each file is read as it is sent, so memory
 holds REORDER_ROWS rows a file, not the file — a month of a busy pair's trades is tens of millions
@@ -108,6 +109,8 @@ class ReplayFile:
 def parse_time_ms(text: str) -> int:
     """ISO-8601 (UTC when no offset) or a number: epoch seconds, milliseconds or microseconds."""
     text = text.strip()
+    if not text:
+        raise ValueError("no time")
     try:
         number = float(text)
     except ValueError:
@@ -260,13 +263,13 @@ class _File:
             yield None
             yield from rows
         except csv.Error as error:         # e.g. a field over the csv module's 128 KiB limit
-            raise ValueError(f"line {reader.line_num + 1}: not readable as CSV ({error})") from None
+            raise ValueError(f"line {reader.reader.line_num}: not readable as CSV ({error})") from None
         except UnicodeDecodeError as error:
             raise ValueError(f"line {_first_not_utf8(self.path)}: not UTF-8 ({error.reason}); save the file as"
                              " UTF-8") from None
         except (EOFError, gzip.BadGzipFile, zipfile.BadZipFile, zlib.error) as error:
-            raise ValueError(f"after line {reader.line_num}: the compressed file is cut short or damaged ({error})"
-                             ) from None
+            raise ValueError(f"after line {reader.reader.line_num}: the compressed file is cut short or damaged "
+                             f"({error})") from None
 
 
 def load_files(paths: Sequence[str | Path], columns: ColumnMap | None = None, symbol: str | None = None,
@@ -370,42 +373,64 @@ def _trades(rows, exchange: str):
 
 
 # The row readers yield (line number, event dict) or (line number, reason it cannot be read).
-def _trade_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None, stem: str, first_line: int = 2,
-                id_prefix: str = ""):
-    for line, raw in enumerate(reader, start=first_line):
-        try:
-            row: dict[str, object] = {
-                "schema_version": 1,
-                "trade_id": id_prefix + raw[columns.trade_id] if raw.get(columns.trade_id) else f"{stem}-{line}",
-                "symbol": (raw.get(columns.symbol) or symbol or "").upper(),
-                "timestamp_ms": parse_time_ms(raw[columns.timestamp]),
-                "price": _float(raw[columns.price]),
-                "quantity": _float(raw[columns.quantity]) if raw.get(columns.quantity) else 1.0,
-                "side": (SIDE_WORDS.get((raw.get(columns.side) or "").strip().lower())
-                         or _taker(raw.get(columns.buyer_maker))),
-                "condition": raw.get(columns.condition) or None,
-            }
-            if raw.get(columns.exchange):
-                row["exchange"] = raw[columns.exchange]
-            for name in ("bid", "ask"):
-                price = _price(raw.get(getattr(columns, name)))
-                if price is not None:
-                    row[name] = price
-        except (ValueError, TypeError) as error:
-            yield line, f"unreadable value ({error})"
-            continue
+def _fields(reader: csv.DictReader, first_line: int):
+    """Each row of the file as (line number, its fields), blank lines left out (as csv.DictReader does),
+    with a column absent from the header (`_column`'s -1) and those missing from a row cut short read
+    as empty."""
+    width = len(reader.fieldnames or ())
+    for line, row in enumerate(filter(None, reader.reader), start=first_line):     # its csv.reader: lists
+        if len(row) < width:
+            row += [""] * (width - len(row))
+        row.append("")
         yield line, row
 
 
-def _bar_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None):
-    time_column = columns.timestamp if columns.timestamp in (reader.fieldnames or []) else "window_start"
-    for line, raw in enumerate(reader, start=2):
+def _column(reader: csv.DictReader, name: str) -> int:
+    """Where a column is in a row of `_fields` (a repeated name: its last, as csv.DictReader); -1 when absent."""
+    return {column: i for i, column in enumerate(reader.fieldnames or ())}.get(name, -1)
+
+
+def _trade_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None, stem: str, first_line: int = 2,
+                id_prefix: str = ""):
+    (trade_id, symbol_at, timestamp, price, quantity, side, buyer_maker, condition, exchange, bid, ask) = (
+        _column(reader, getattr(columns, name)) for name in ("trade_id", "symbol", "timestamp", "price", "quantity",
+                                                            "side", "buyer_maker", "condition", "exchange", "bid",
+                                                            "ask"))
+    for line, row in _fields(reader, first_line):
         try:
-            start = parse_time_ms(raw[time_column])
-            name = (raw.get(columns.symbol) or symbol or "").upper()
-            prices = [_float(raw[k]) for k in ("open", "high", "low", "close")]
-            volume = _float(raw.get("volume") or "4") / 4
-        except (ValueError, TypeError, KeyError) as error:
+            event: dict[str, object] = {
+                "schema_version": 1,
+                "trade_id": id_prefix + row[trade_id] if row[trade_id] else f"{stem}-{line}",
+                "symbol": (row[symbol_at] or symbol or "").upper(),
+                "timestamp_ms": parse_time_ms(row[timestamp]),
+                "price": _float(row[price]),
+                "quantity": _float(row[quantity]) if row[quantity] else 1.0,
+                "side": SIDE_WORDS.get(row[side].strip().lower()) or _taker(row[buyer_maker]),
+                "condition": row[condition] or None,
+            }
+            if row[exchange]:
+                event["exchange"] = row[exchange]
+            for name, at in (("bid", bid), ("ask", ask)):
+                quoted = _price(row[at])
+                if quoted is not None:
+                    event[name] = quoted
+        except (ValueError, TypeError) as error:
+            yield line, f"unreadable value ({error})"
+            continue
+        yield line, event
+
+
+def _bar_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None):
+    time_at = _column(reader, columns.timestamp if columns.timestamp in (reader.fieldnames or []) else "window_start")
+    symbol_at, volume_at = _column(reader, columns.symbol), _column(reader, "volume")
+    price_at = [_column(reader, name) for name in ("open", "high", "low", "close")]
+    for line, row in _fields(reader, 2):
+        try:
+            start = parse_time_ms(row[time_at])
+            name = (row[symbol_at] or symbol or "").upper()
+            prices = [_float(row[at]) for at in price_at]
+            volume = _float(row[volume_at] or "4") / 4
+        except (ValueError, TypeError) as error:
             yield line, f"unreadable bar ({error})"
             continue
         for index, (offset, price) in enumerate(zip(BAR_OFFSETS_MS, prices)):
@@ -414,15 +439,17 @@ def _bar_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None):
 
 
 def _quote_rows(reader: csv.DictReader, columns: ColumnMap, symbol: str | None, exchange: str):
-    for line, raw in enumerate(reader, start=2):
+    at = {name: _column(reader, getattr(columns, name)) for name in ("timestamp", "symbol", "bid", "bid_size", "ask",
+                                                                     "ask_size")}
+    for line, row in _fields(reader, 2):
         try:
-            bid, ask = _price(raw[columns.bid]), _price(raw[columns.ask])
-            bid_size = _float(raw[columns.bid_size]) if bid is not None else 0.0
-            ask_size = _float(raw[columns.ask_size]) if ask is not None else 0.0
-            quote = Quote(parse_time_ms(raw[columns.timestamp]), (raw.get(columns.symbol) or symbol or "").upper(),
+            bid, ask = _price(row[at["bid"]]), _price(row[at["ask"]])
+            bid_size = _float(row[at["bid_size"]]) if bid is not None else 0.0
+            ask_size = _float(row[at["ask_size"]]) if ask is not None else 0.0
+            quote = Quote(parse_time_ms(row[at["timestamp"]]), (row[at["symbol"]] or symbol or "").upper(),
                           bid if bid_size else None, bid_size if bid else 0.0,
                           ask if ask_size else None, ask_size if ask else 0.0)
-        except (ValueError, TypeError, KeyError) as error:
+        except (ValueError, TypeError) as error:
             yield line, f"unreadable quote ({error})"
             continue
         try:           # what the quotes stage would refuse, refused here with its reason
