@@ -9,19 +9,25 @@ measured by the kernel (VmHWM):
 - `csv_ceiling`: the zip's rows split by the csv module and nothing else — the machine's ceiling for
   reading that file in Python;
 and, beside them, the memory of a process that only imported the replay (what any of them starts from).
-Prints JSON.
+Then, on a private stack (bench/common.py), what a user waits for: `producer.py --replay FILE --speed
+max` into a fresh topic, timed from its start until it exits (every trade acknowledged by Kafka),
+beside `producer.py --rate max` sending as many simulated trades (the same producer without a file)
+and the ceiling: the Kafka client alone sending 500,000 of the file's trades already encoded.
+`--no-kafka` leaves that out. Prints JSON.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import itertools
 import json
 import random
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -61,6 +67,41 @@ def measure(how: str, path: Path) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def producers(path: Path, rows: int) -> dict:
+    """Trades per second from a producer's start to its exit, each into a fresh topic (every trade
+    checked to be there), and this machine's ceiling: the Kafka client sending the file's trades
+    already encoded."""
+    from common import bench_settings, start_stage
+
+    from tradewatch import bus
+    settings = bench_settings()
+
+    def fresh() -> str:
+        topic = f"replay-bench-{uuid.uuid4().hex[:6]}"
+        bus.ensure_topic(settings, topic, settings.trades_partitions)
+        return topic
+    result = {}
+    for how, args in (("producer_replay", ("--replay", str(path), "--speed", "max")),
+                      ("producer_simulated", ("--rate", "max", "--count", str(rows)))):
+        run = settings.with_overrides(trades_topic=fresh())
+        started = time.perf_counter()
+        code = start_stage(run, "producer.py", *args).wait()
+        elapsed = time.perf_counter() - started
+        sent = sum(bus.end_offsets(run, run.trades_topic).values())
+        if code != 0 or sent != rows:
+            raise SystemExit(f"{how}: exit {code}, {sent} of {rows} trades in the topic")
+        result[how] = {"trades": sent, "seconds": round(elapsed, 1), "trades_per_s": round(sent / elapsed)}
+    encoded = [(t.symbol.encode(), t.to_json_bytes()) for t in itertools.islice(replay.Replay([path]), 500_000)]
+    topic, publisher = fresh(), bus.publisher(settings)
+    started = time.perf_counter()
+    for key, value in encoded:
+        publisher.send(topic, key, value)
+    publisher.flush()
+    result["ceiling_kafka_publish_per_s"] = round(len(encoded) / (time.perf_counter() - started))
+    publisher.close()
+    return result
+
+
 def peak_rss_mb() -> int:
     """This process's peak resident memory (VmHWM: ru_maxrss would keep the parent's, from before exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -72,6 +113,7 @@ def peak_rss_mb() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--no-kafka", action="store_true", help="only the reading, no producer through Kafka")
     parser.add_argument("--measure", nargs=2, metavar=("HOW", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -87,6 +129,8 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--measure", how, str(path)], capture_output=True,
                                  text=True, check=True).stdout
             result[how] = json.loads(out)
+        if not args.no_kafka:
+            result.update(producers(path, args.rows))
     print(json.dumps(result, indent=2))
 
 
