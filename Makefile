@@ -41,7 +41,7 @@ status:
 	$(PY) -m tradewatch.stack status
 
 bench: setup system         ## benchmarks; each prints JSON
-	cd bench && ../$(PY) peer.py && ../$(PY) pipeline.py && ../$(PY) latency.py && ../$(PY) ingest.py && ../$(PY) quotes.py && ../$(PY) aggregate.py && ../$(PY) detect.py && ../$(PY) nab.py && ../$(PY) dashboard.py && ../$(PY) api.py && ../$(PY) report.py && ../$(PY) scale.py && ../$(PY) flink.py && ../$(PY) demo_start.py
+	cd bench && ../$(PY) peer.py && ../$(PY) pipeline.py && ../$(PY) latency.py && ../$(PY) ingest.py && ../$(PY) replay.py && ../$(PY) quotes.py && ../$(PY) aggregate.py && ../$(PY) detect.py && ../$(PY) nab.py && ../$(PY) dashboard.py && ../$(PY) api.py && ../$(PY) report.py && ../$(PY) scale.py && ../$(PY) flink.py && ../$(PY) demo_start.py
 
 setup: venv jars
 
